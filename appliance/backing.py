@@ -1,0 +1,92 @@
+"""The store's view of its backing storage: a regular file or a block device.
+
+Everything the store persists goes through a `Backing`, so tests can put a
+crash-simulating backing (tests/crashsim.py) in its place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from typing import Protocol
+
+BLKGETSIZE64 = 0x80081272
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+class Backing(Protocol):
+    """Byte-addressed storage with explicit durability points."""
+
+    size: int
+    fd: int | None  # a real descriptor (for sendfile), or None for simulated storage
+
+    def pread_into(self, buf: memoryview, offset: int) -> None: ...
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+    def sync(self) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileBacking:
+    """A regular file (kept sparse) or a block device, opened read-write."""
+
+    def __init__(self, path: str, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.fd: int | None = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        st = os.fstat(self.fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self.size = block_device_size(self.fd) if self.is_block else st.st_size
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:  # past the end of a file that was never written there: zeros
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Give the space back where the file system can; correctness never depends on it."""
+        if self.is_block or length <= 0:
+            return
+        try:
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def block_device_size(fd: int) -> int:
+    buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+    return struct.unpack("<Q", buf)[0]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -1,0 +1,63 @@
+"""The command vocabulary every control source shares: button, fob, host serial, CLI, policy.
+
+Sources build a `Command` and hand it to a `CommandSink` (the daemon's command bus).
+The bus decides (lock mode, policy table), runs it, records it and publishes an `Event`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class Action(StrEnum):
+    SAVE = "save"
+    RESTORE = "restore"
+    UNLOCK = "unlock"
+    LOCK = "lock"
+    STATUS = "status"
+    HISTORY = "history"
+    PAIR = "pair"
+
+
+class Mode(StrEnum):
+    LOCKED = "locked"
+    UNLOCKED = "unlocked"
+
+
+@dataclass(frozen=True)
+class Command:
+    action: Action
+    source: str  # "button", "fob:<id>", "host", "cli", "policy", ...
+    authenticated: bool = True  # False for commodity fobs that cannot prove who they are
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    action: Action
+    source: str
+    reason: str = ""  # why it was refused or failed; empty when ok
+    data: dict[str, Any] = field(default_factory=dict)  # status, history, epoch, ...
+
+
+@dataclass
+class Event:
+    """Published to subscribers (LED, BLE status, `savepoint watch`).
+
+    kind: "outcome" (data = Outcome fields), "state" (data = status snapshot),
+    "progress" (SAVE/RESTORE started), "host" (connected: bool), "pairing" (open: bool),
+    "fault" (part, reason).
+    """
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class CommandSink(Protocol):
+    async def submit(self, command: Command) -> Outcome: ...
+    def subscribe(self) -> asyncio.Queue[Event]: ...
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...

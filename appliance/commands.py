@@ -7,6 +7,7 @@ The bus decides (lock mode, policy table), runs it, records it and publishes an 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -61,3 +62,37 @@ class CommandSink(Protocol):
     async def submit(self, command: Command) -> Outcome: ...
     def subscribe(self) -> asyncio.Queue[Event]: ...
     def unsubscribe(self, queue: asyncio.Queue[Event]) -> None: ...
+
+
+class PartUnavailable(Exception):
+    """A part (gadget, GPIO, BLE, serial) cannot start. The daemon reports it once and goes on.
+
+    `reason` says what is missing; `hint` says what the user can do about it.
+    """
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+class Part(Protocol):
+    """Something the daemon starts and stops: store+NBD, gadget, gpio, ble, serial."""
+
+    name: str
+
+    async def start(self) -> None: ...  # raise PartUnavailable when it cannot run here
+    async def stop(self) -> None: ...
+
+
+class StoreHooks(Protocol):
+    """Implemented by the USB gadget part; the bus calls them around SAVE and RESTORE."""
+
+    # before_save pushes host writes into the store; returns True if the host had synced.
+    async def before_save(self) -> bool: ...
+    async def around_restore(self, restore: Callable[[], Awaitable[Any]]) -> Any: ...
+
+
+# A part can extend the bus with its own commands (e.g. BLE's "fobs"): it calls
+# bus.register_handler("fobs", handler), where handler(args: dict) -> Awaitable[dict].
+PartHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]

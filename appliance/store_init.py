@@ -1,0 +1,119 @@
+"""Creating a store on a regular file (sparse) or a block device, refusing to clobber data."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import subprocess
+import time
+
+from appliance.backing import FileBacking, block_device_size
+from appliance.store_format import (
+    DEFAULT_HIST_CAP,
+    SB_OFFSETS,
+    SB_SIZE,
+    FormatError,
+    Geometry,
+    Superblock,
+    geometry_for_capacity,
+    plan_geometry,
+    unpack_superblock,
+)
+
+ZERO_CHUNK = 1 << 20
+
+
+class InitError(Exception):
+    """init refused; the message says what was found and what to do."""
+
+
+def describe_existing(path: str) -> str | None:
+    """What the target already holds (a store, partition table, file system), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        head = os.pread(fd, 2 * SB_SIZE, 0)
+    finally:
+        os.close(fd)
+    for off in SB_OFFSETS:
+        raw = head[off:off + SB_SIZE]
+        if raw[:8] == b"SAVEPNT\x00":
+            try:
+                sb = unpack_superblock(raw)
+                return (f"a Savepoint store ({sb.geometry.logical_size} bytes, "
+                        f"epoch {sb.epoch})")
+            except FormatError as e:
+                return f"a Savepoint store that cannot be read ({e})"
+    found = _blkid(path)
+    if found:
+        return found
+    if stat.S_ISREG(st.st_mode) and st.st_size and any(head):
+        return f"{st.st_size} bytes of data"
+    return None
+
+
+def _blkid(path: str) -> str | None:
+    """Ask util-linux's blkid for partition tables and file systems (low-level probe)."""
+    try:
+        out = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
+                             text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    tags = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    if "PTTYPE" in tags:
+        return f"a {tags['PTTYPE']} partition table"
+    if "TYPE" in tags:
+        return f"a {tags['TYPE']} file system" + (f" labelled {tags['LABEL']!r}"
+                                                  if "LABEL" in tags else "")
+    return None
+
+
+def create_store(path: str, size: int | None, unit: int = 4096, force: bool = False,
+                 hist_cap: int = DEFAULT_HIST_CAP, progress=None) -> Geometry:
+    """Create an empty store: every unit reads as zeros, epoch 1, no history."""
+    is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
+    existing = describe_existing(path)
+    if existing and not force:
+        raise InitError(f"{path} already holds {existing}; nothing was changed. "
+                        "Use --force to overwrite it.")
+    if is_block:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            capacity = block_device_size(fd)
+        finally:
+            os.close(fd)
+        geo = (plan_geometry(size, unit, hist_cap) if size else
+               geometry_for_capacity(capacity, unit))
+        if geo.total_size > capacity:
+            raise InitError(f"{path} has {capacity} bytes; a {size}-byte disk needs "
+                            f"{geo.total_size}")
+    else:
+        if not size:
+            raise InitError("a store on a regular file needs --size (for example --size 8G)")
+        geo = plan_geometry(size, unit, hist_cap)
+        with open(path, "wb"):
+            pass  # truncate: a fresh sparse file
+        os.truncate(path, geo.total_size)
+    backing = FileBacking(path)
+    try:
+        if is_block:  # a regular file is already all zeros; a device needs its metadata zeroed
+            _zero(backing, 0, geo.meta_off + geo.meta_len, progress)
+        sb = Superblock(geometry=geo, uuid=secrets.token_bytes(16), created_ns=time.time_ns())
+        backing.pwrite(sb.pack(), SB_OFFSETS[0])
+        backing.pwrite(bytes(SB_SIZE), SB_OFFSETS[1])
+        backing.sync()
+    finally:
+        backing.close()
+    return geo
+
+
+def _zero(backing: FileBacking, start: int, end: int, progress) -> None:
+    chunk = bytes(ZERO_CHUNK)
+    for off in range(start, end, ZERO_CHUNK):
+        backing.pwrite(chunk[:min(ZERO_CHUNK, end - off)], off)
+        if progress:
+            progress(off + ZERO_CHUNK - start, end - start)

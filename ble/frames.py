@@ -1,0 +1,235 @@
+"""Byte formats of the fob protocol: command frames, their MAC, the Status value, pairing messages.
+
+Everything here is pure (no I/O, no clocks) so a fob written in C can be checked against it.
+docs/fob-protocol.md is the byte-exact description; keep the two in step.
+All integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from appliance.commands import Action
+
+VERSION = 1
+SERVICE_UUID = "5a7e0001-8d1f-4c3a-9b6e-2f0c5e7d1a01"
+COMMAND_UUID = "5a7e0002-8d1f-4c3a-9b6e-2f0c5e7d1a01"
+STATUS_UUID = "5a7e0003-8d1f-4c3a-9b6e-2f0c5e7d1a01"
+CHALLENGE_UUID = "5a7e0004-8d1f-4c3a-9b6e-2f0c5e7d1a01"
+PAIR_UUID = "5a7e0005-8d1f-4c3a-9b6e-2f0c5e7d1a01"
+
+APPLIANCE_ID_LEN = 16
+NONCE_LEN = 16
+TAG_LEN = 12
+FRAME_LEN = 20  # fits one ATT write at the minimum MTU of 23
+MAC_LABEL = b"savepoint-cmd"
+_HEADER = struct.Struct(">BBHI")  # version, command, fob id, counter
+
+
+class Cmd(IntEnum):
+    SAVE = 0x01
+    RESTORE = 0x02
+    UNLOCK = 0x03
+    STATUS = 0x04
+    LOCK = 0x05
+
+
+# Commands that can destroy work or open the appliance need a fresh challenge nonce.
+NEEDS_NONCE = frozenset({Cmd.RESTORE, Cmd.UNLOCK})
+CMD_ACTION = {
+    Cmd.SAVE: Action.SAVE,
+    Cmd.RESTORE: Action.RESTORE,
+    Cmd.UNLOCK: Action.UNLOCK,
+    Cmd.STATUS: Action.STATUS,
+    Cmd.LOCK: Action.LOCK,
+}
+ACTION_CMD = {a: c for c, a in CMD_ACTION.items()}
+
+
+class Result(IntEnum):
+    """Result codes carried in the Status characteristic (byte 17)."""
+
+    OK = 0x00
+    BAD_FRAME = 0x01  # wrong length or version
+    UNKNOWN_COMMAND = 0x02
+    UNKNOWN_FOB = 0x03
+    REVOKED = 0x04
+    BAD_MAC = 0x05
+    REPLAY = 0x06  # counter not higher than the last accepted one
+    STALE_CHALLENGE = 0x07  # nonce missing, expired or already used
+    REFUSED = 0x08  # the command bus (policy, lock mode) said no
+    FAILED = 0x09  # the command ran and failed
+    PAIRING_CLOSED = 0x0A
+    PAIRING_FAILED = 0x0B
+    NONE = 0xFF  # nothing happened yet
+
+
+class FrameError(ValueError):
+    def __init__(self, result: Result, message: str) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class CommandFrame:
+    cmd: Cmd
+    fob_id: int
+    counter: int
+    tag: bytes
+    version: int = VERSION
+
+    @property
+    def header(self) -> bytes:
+        return _HEADER.pack(self.version, self.cmd, self.fob_id, self.counter)
+
+    def encode(self) -> bytes:
+        return self.header + self.tag
+
+
+def mac_input(appliance_id: bytes, header: bytes, nonce: bytes = b"") -> bytes:
+    return MAC_LABEL + appliance_id + header + nonce
+
+
+def compute_tag(key: bytes, appliance_id: bytes, header: bytes, nonce: bytes = b"") -> bytes:
+    digest = hmac.new(key, mac_input(appliance_id, header, nonce), hashlib.sha256).digest()
+    return digest[:TAG_LEN]
+
+
+def build_frame(
+    key: bytes, appliance_id: bytes, cmd: Cmd, fob_id: int, counter: int, nonce: bytes = b""
+) -> bytes:
+    """What a fob sends. `nonce` is the Challenge value, required for RESTORE and UNLOCK."""
+    if cmd in NEEDS_NONCE and len(nonce) != NONCE_LEN:
+        raise ValueError(f"{cmd.name} needs the {NONCE_LEN}-byte challenge nonce")
+    if not 0 < counter < 2**32 or not 0 < fob_id < 2**16:
+        raise ValueError("counter must be 1..2^32-1 and fob id 1..65535")
+    header = _HEADER.pack(VERSION, cmd, fob_id, counter)
+    return header + compute_tag(key, appliance_id, header, nonce if cmd in NEEDS_NONCE else b"")
+
+
+def parse_frame(data: bytes) -> CommandFrame:
+    """Split a frame into fields; checks only the shape, never the MAC."""
+    if len(data) != FRAME_LEN:
+        raise FrameError(Result.BAD_FRAME, f"frame is {len(data)} bytes, expected {FRAME_LEN}")
+    version, cmd, fob_id, counter = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise FrameError(Result.BAD_FRAME, f"frame version {version}, expected {VERSION}")
+    try:
+        command = Cmd(cmd)
+    except ValueError:
+        raise FrameError(Result.UNKNOWN_COMMAND, f"unknown command 0x{cmd:02x}") from None
+    return CommandFrame(command, fob_id, counter, bytes(data[_HEADER.size :]), version)
+
+
+def tag_matches(frame: CommandFrame, key: bytes, appliance_id: bytes, nonce: bytes = b"") -> bool:
+    expected = compute_tag(key, appliance_id, frame.header, nonce)
+    return hmac.compare_digest(expected, frame.tag)
+
+
+# --- Status characteristic: 20 bytes, so a notification fits the minimum MTU ---------------
+_STATUS = struct.Struct(">BBII6sBBH")
+FLAG_UNLOCKED = 0x01
+FLAG_HOST = 0x02
+FLAG_PAIRING = 0x04
+FLAG_BUSY = 0x08
+
+
+@dataclass
+class Status:
+    unlocked: bool = False
+    host_connected: bool = False
+    pairing: bool = False
+    busy: bool = False
+    epoch: int = 0
+    dirty_units: int = 0
+    dirty_bytes: int = 0
+    last_cmd: int = 0  # a Cmd value, 0 = none
+    last_result: Result = Result.NONE
+    last_fob: int = 0  # fob id of the last frame, 0 when it came from elsewhere
+
+    def encode(self) -> bytes:
+        flags = (
+            FLAG_UNLOCKED * self.unlocked
+            | FLAG_HOST * self.host_connected
+            | FLAG_PAIRING * self.pairing
+            | FLAG_BUSY * self.busy
+        )
+        return _STATUS.pack(
+            VERSION,
+            flags,
+            _u32(self.epoch),
+            _u32(self.dirty_units),
+            min(self.dirty_bytes, 2**48 - 1).to_bytes(6, "big"),
+            self.last_cmd,
+            self.last_result,
+            self.last_fob,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Status:
+        if len(data) != _STATUS.size:
+            raise FrameError(Result.BAD_FRAME, f"status is {len(data)} bytes, expected 20")
+        _v, flags, epoch, units, nbytes, cmd, result, fob = _STATUS.unpack(data)
+        return cls(
+            unlocked=bool(flags & FLAG_UNLOCKED),
+            host_connected=bool(flags & FLAG_HOST),
+            pairing=bool(flags & FLAG_PAIRING),
+            busy=bool(flags & FLAG_BUSY),
+            epoch=epoch,
+            dirty_units=units,
+            dirty_bytes=int.from_bytes(nbytes, "big"),
+            last_cmd=cmd,
+            last_result=Result(result) if result in Result._value2member_map_ else Result.NONE,
+            last_fob=fob,
+        )
+
+
+def _u32(value: int) -> int:
+    return max(0, min(int(value), 2**32 - 1))
+
+
+# --- Pairing messages (Pair characteristic) --------------------------------------------------
+PAIR_PUB0 = 0x10  # first half of the fob's X25519 public key
+PAIR_PUB1 = 0x11  # second half; the appliance answers on the next read
+PAIR_CONFIRM = 0x12  # the fob proves it derived the same key
+PUB_LEN = 32
+CONFIRM_LEN = 16
+_PAIR_REPLY = struct.Struct(">BBH32s16s16s")  # version, result, fob id, pub, appliance id, conf
+
+
+def pair_pub_writes(public_key: bytes) -> list[bytes]:
+    """The two writes carrying a 32-byte public key, 18 bytes each."""
+    half = PUB_LEN // 2
+    return [
+        bytes([VERSION, PAIR_PUB0]) + public_key[:half],
+        bytes([VERSION, PAIR_PUB1]) + public_key[half:],
+    ]
+
+
+def pair_confirm_write(fob_id: int, confirm: bytes) -> bytes:
+    return struct.pack(">BBH", VERSION, PAIR_CONFIRM, fob_id) + confirm
+
+
+@dataclass(frozen=True)
+class PairReply:
+    result: Result
+    fob_id: int = 0
+    appliance_pub: bytes = bytes(PUB_LEN)
+    appliance_id: bytes = bytes(APPLIANCE_ID_LEN)
+    confirm: bytes = bytes(CONFIRM_LEN)
+
+    def encode(self) -> bytes:
+        return _PAIR_REPLY.pack(
+            VERSION, self.result, self.fob_id, self.appliance_pub, self.appliance_id, self.confirm
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> PairReply:
+        if len(data) != _PAIR_REPLY.size:
+            raise FrameError(Result.BAD_FRAME, f"pair reply is {len(data)} bytes")
+        _v, result, fob_id, pub, app_id, confirm = _PAIR_REPLY.unpack(data)
+        return cls(Result(result), fob_id, pub, app_id, confirm)

@@ -65,10 +65,10 @@ def _blkid(path: str) -> str | None:
         return None
     tags = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     if "PTTYPE" in tags:
-        return f"a {tags['PTTYPE']} partition table"
+        return f"a partition table ({tags['PTTYPE']})"
     if "TYPE" in tags:
-        return f"a {tags['TYPE']} file system" + (f" labelled {tags['LABEL']!r}"
-                                                  if "LABEL" in tags else "")
+        label = f", label {tags['LABEL']!r}" if "LABEL" in tags else ""
+        return f"a file system ({tags['TYPE']}{label})"
     return None
 
 

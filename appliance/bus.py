@@ -1,0 +1,251 @@
+"""The command bus: every control source submits here; one place decides, runs, records, tells.
+
+Commands run one at a time (an asyncio.Lock). Each is checked against lock mode and the
+policy table (appliance/policy.py), run, logged, and published as an "outcome" Event, then
+a "state" Event with the new status snapshot. SAVE and RESTORE run the store's blocking
+calls in a thread (they wait for in-flight I/O) and go into the store's history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from appliance.commands import (
+    Action,
+    Command,
+    Event,
+    Mode,
+    Outcome,
+    PartHandler,
+    StoreHooks,
+)
+from appliance.policy import decide, default_policy
+
+log = logging.getLogger("savepoint.bus")
+
+QUEUE_DEPTH = 256  # events a slow subscriber may lag behind before old ones are dropped
+
+
+class CommandBus:
+    def __init__(self, store: Any, policy: dict[str, dict[str, str]] | None = None, *,
+                 lock_enabled: bool = True, relock_after: float = 300,
+                 pairing_window: float = 60, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.policy = policy or default_policy()
+        self.lock_enabled = lock_enabled
+        self.mode = Mode.LOCKED if lock_enabled else Mode.UNLOCKED  # LOCKED at every boot
+        self.relock_after = relock_after
+        self.pairing_window = pairing_window
+        self.clock = clock
+        self.wall = wall
+        self.hooks: StoreHooks | None = None  # the gadget, once it is up
+        self.host_connected: bool | None = None  # None: no part can tell
+        self.parts: dict[str, dict[str, str]] = {}
+        self.status_extras: list[Callable[[], dict[str, Any]]] = []
+        self.host_listeners: list[Callable[[bool], Awaitable[None]]] = []
+        self.busy = False  # a command is running (the background pass waits)
+        self.pairing_until: float | None = None  # wall-clock time the pairing window closes
+        self._pairing_deadline = 0.0  # the same on `clock`
+        self.last_outcome: dict[str, Any] | None = None
+        self._last_activity = clock()
+        self._lock = asyncio.Lock()
+        self._subscribers: list[asyncio.Queue[Event]] = []
+        self._handlers: dict[str, PartHandler] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- subscribers ---------------------------------------------------------------
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE_DEPTH)
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        if queue in self._subscribers:
+            self._subscribers.remove(queue)
+
+    def publish(self, event: Event) -> None:
+        """Deliver to every subscriber; a part may publish too ("host", "fault")."""
+        if event.kind == "host":
+            self._host_changed(bool(event.data.get("connected")))
+        for queue in list(self._subscribers):
+            if queue.full():  # never block the bus on a slow reader: drop its oldest event
+                queue.get_nowait()
+            queue.put_nowait(event)
+
+    # -- extensions ----------------------------------------------------------------
+    def register_handler(self, name: str, handler: PartHandler) -> None:
+        if name in {a.value for a in Action} or name in self._handlers:
+            raise ValueError(f"command {name!r} is already taken")
+        self._handlers[name] = handler
+
+    def handler(self, name: str) -> PartHandler | None:
+        return self._handlers.get(name)
+
+    def set_part(self, name: str, state: str, reason: str = "", hint: str = "") -> None:
+        self.parts[name] = {"state": state, "reason": reason, "hint": hint}
+        if state == "failed":
+            self.publish(Event("fault", {"part": name, "reason": reason, "hint": hint}))
+
+    def set_host_connected(self, connected: bool) -> None:
+        self.publish(Event("host", {"connected": connected}))
+
+    def _host_changed(self, connected: bool) -> None:
+        was, self.host_connected = self.host_connected, connected
+        if was is True and not connected:
+            for listener in self.host_listeners:
+                self._spawn(listener(connected))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the commands ----------------------------------------------------------------
+    async def close(self) -> None:
+        """Shutdown: let a running command finish; every later one is refused."""
+        self._closed = True
+        async with self._lock:
+            pass
+
+    async def submit(self, command: Command) -> Outcome:
+        if self._closed:
+            return Outcome(False, command.action, command.source, "the daemon is stopping")
+        async with self._lock:
+            self.busy = True
+            try:
+                outcome = await self._decide_and_run(command)
+            finally:
+                self.busy = False
+        self._record(outcome)
+        if command.action not in (Action.STATUS, Action.HISTORY):
+            self.publish(Event("state", await self.snapshot()))
+        return outcome
+
+    async def _decide_and_run(self, command: Command) -> Outcome:
+        await self.tick()
+        reason = decide(self.policy, command, self.mode)
+        if reason:
+            return Outcome(False, command.action, command.source, reason)
+        try:
+            data = await self._run(command)
+        except Exception as e:  # the store's errors say what to do; report, stay up
+            log.exception("%s from %s failed", command.action.value.upper(), command.source)
+            return Outcome(False, command.action, command.source, f"failed: {e}")
+        if command.action not in (Action.STATUS, Action.HISTORY):
+            self._last_activity = self.clock()
+        return Outcome(True, command.action, command.source, "", data)
+
+    async def _run(self, command: Command) -> dict[str, Any]:
+        action = command.action
+        if action is Action.SAVE:
+            return await self._save(command.source)
+        if action is Action.RESTORE:
+            return await self._restore(command.source)
+        if action is Action.UNLOCK:
+            self.mode = Mode.UNLOCKED
+            return {"mode": self.mode.value, "relock_after": self._relock_seconds()}
+        if action is Action.LOCK:
+            self.mode = Mode.LOCKED
+            return {"mode": self.mode.value}
+        if action is Action.STATUS:
+            return await self.snapshot()
+        if action is Action.HISTORY:
+            limit = command.args.get("limit")
+            if limit is not None and (not isinstance(limit, int) or limit < 1):
+                raise ValueError(f"history limit must be a positive integer, got {limit!r}")
+            return {"history": await asyncio.to_thread(self.store.history, limit)}
+        if action is Action.PAIR:
+            return self._open_pairing()
+        raise ValueError(f"unknown action {action!r}")
+
+    async def _save(self, source: str) -> dict[str, Any]:
+        self.publish(Event("progress", {"action": "save", "phase": "start"}))
+        try:
+            synced = None
+            if self.hooks is not None:  # the gadget pushes the host's writes into the store
+                synced = await self.hooks.before_save()
+            # store.save flushes first (in serve mode that is all the syncing there is)
+            record = await asyncio.to_thread(self.store.save, source, bool(synced))
+        finally:
+            self.publish(Event("progress", {"action": "save", "phase": "end"}))
+        return record
+
+    async def _restore(self, source: str) -> dict[str, Any]:
+        self.publish(Event("progress", {"action": "restore", "phase": "start"}))
+        try:
+            def restore() -> Awaitable[dict[str, Any]]:
+                return asyncio.to_thread(self.store.restore, source)
+
+            if self.hooks is not None:  # eject, drop caches, restore, re-insert
+                return await self.hooks.around_restore(restore)
+            return await restore()
+        finally:
+            self.publish(Event("progress", {"action": "restore", "phase": "end"}))
+
+    def _open_pairing(self) -> dict[str, Any]:
+        self.pairing_until = self.wall() + self.pairing_window
+        self._pairing_deadline = self.clock() + self.pairing_window
+        data = {"open": True, "until": self.pairing_until}
+        self.publish(Event("pairing", data))
+        return data
+
+    def _record(self, outcome: Outcome) -> None:
+        name = outcome.action.value.upper()
+        if outcome.ok:
+            if outcome.action not in (Action.STATUS, Action.HISTORY):
+                log.info("%s from %s: done %s", name, outcome.source, _brief(outcome.data))
+        else:
+            log.warning("%s from %s: refused: %s", name, outcome.source, outcome.reason)
+        self.last_outcome = {"ok": outcome.ok, "action": outcome.action.value,
+                             "source": outcome.source, "reason": outcome.reason,
+                             "time": self.wall()}
+        self.publish(Event("outcome", {"ok": outcome.ok, "action": outcome.action.value,
+                                       "source": outcome.source, "reason": outcome.reason,
+                                       "data": outcome.data}))
+
+    # -- time ------------------------------------------------------------------------
+    def _relock_seconds(self) -> float:
+        return self.relock_after if self.lock_enabled else 0
+
+    def relock_in(self) -> float | None:
+        if self.mode is not Mode.UNLOCKED or not self._relock_seconds():
+            return None
+        return max(0.0, self._last_activity + self.relock_after - self.clock())
+
+    async def tick(self) -> None:
+        """Called every second by the daemon (and before each command): re-lock, close pairing."""
+        left = self.relock_in()
+        if left is not None and left <= 0:
+            self.mode = Mode.LOCKED
+            log.info("re-locked after %g s without a command", self.relock_after)
+            self.publish(Event("outcome", {"ok": True, "action": "lock", "source": "policy",
+                                           "reason": "", "data": {"why": "idle"}}))
+            self.publish(Event("state", await self.snapshot()))
+        if self.pairing_until is not None and self.clock() >= self._pairing_deadline:
+            self.pairing_until = None
+            self.publish(Event("pairing", {"open": False}))
+
+    # -- status ----------------------------------------------------------------------
+    async def snapshot(self) -> dict[str, Any]:
+        st = dict(await asyncio.to_thread(self.store.status))
+        size = st.get("size") or 0
+        st["unsaved_fraction"] = (st.get("dirty_bytes", 0) / size) if size else 0.0
+        st.update(mode=self.mode.value, lock_enabled=self.lock_enabled,
+                  relock_in=self.relock_in(), host_connected=self.host_connected,
+                  pairing={"open": self.pairing_until is not None, "until": self.pairing_until},
+                  last_action=self.last_outcome, parts=dict(self.parts))
+        for extra in self.status_extras:
+            st.update(extra())
+        return st
+
+
+def _brief(data: dict[str, Any]) -> str:
+    keys = ("epoch", "units", "bytes", "mode", "open")
+    shown = {k: data[k] for k in keys if k in data}
+    return " ".join(f"{k}={v}" for k, v in shown.items())

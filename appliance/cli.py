@@ -1,0 +1,264 @@
+"""`savepoint`: run the daemon (serve, daemon), talk to it (save, restore, unlock, lock, status,
+history, watch, pair) and work on a store that is not served (init, inspect, history TARGET).
+
+Errors exit non-zero with a one-line reason on stderr; every talking command takes --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from appliance.config import ConfigError, default_control_path, parse_size, serve_config
+from appliance.control_socket import ControlClient, ControlError
+
+TALK = ("save", "restore", "unlock", "lock", "status", "history", "watch", "pair")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="savepoint", description="A disk with SAVE and RESTORE.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("serve", help="serve a store over NBD (creates it if missing)")
+    p.add_argument("target", help="backing file or block device")
+    p.add_argument("--size", type=_size, help="disk size when creating, e.g. 1G")
+    p.add_argument("--unit", type=_size, default=4096, help="unit size when creating (4K)")
+    p.add_argument("--socket", help="NBD Unix socket path (default: <runtime dir>/nbd.sock)")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="also serve NBD on TCP (loopback)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a non-loopback --tcp address (NBD has no authentication)")
+    p.add_argument("--control", help="control socket path (default: <runtime dir>/control.sock)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("daemon", help="run the appliance daemon from a config file")
+    p.add_argument("--config", default="/etc/savepoint/config.toml", help="TOML config")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.set_defaults(func=cmd_daemon)
+    helps = {"save": "make everything written so far the saved state",
+             "restore": "discard everything written since the last SAVE/RESTORE",
+             "unlock": "allow SAVE (the appliance starts LOCKED)", "lock": "refuse SAVE again",
+             "status": "mode, epoch, unsaved data, parts", "history": "SAVE/RESTORE history",
+             "watch": "print live events until Ctrl-C", "pair": "open the fob pairing window"}
+    for name in TALK:
+        p = sub.add_parser(name, help=helps[name])
+        p.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+        p.add_argument("--control", help="control socket (default: $SAVEPOINT_CONTROL or "
+                       "<runtime dir>/control.sock)")
+        p.set_defaults(func=cmd_talk)
+        if name == "restore":
+            p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+        if name == "history":
+            p.add_argument("target", nargs="?", help="read this store offline instead")
+            p.add_argument("--limit", type=int, help="only the last N records")
+    _add_store_commands(sub)
+    return parser
+
+
+def _add_store_commands(sub: argparse._SubParsersAction) -> None:
+    from appliance.store_cli import add_store_commands  # init, inspect (the lead's module)
+
+    add_store_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def fail(reason: str, code: int = 1) -> int:
+    print(f"savepoint: {reason}", file=sys.stderr)
+    return code
+
+
+# -- running the daemon ---------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance.daemon import run_daemon
+
+    if not os.path.exists(args.target) and args.size is None:
+        return fail(f"{args.target} does not exist; give --size to create it, e.g. "
+                    f"savepoint serve {args.target} --size 1G")
+    try:
+        cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
+                           args.tcp, args.allow_remote, args.control)
+    except ConfigError as e:
+        return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--"))
+    return run_daemon(cfg, on_ready=lambda d: print_serving(d, args))
+
+
+def print_serving(daemon: Any, args: argparse.Namespace) -> None:
+    st = daemon.store.status()
+    print(f"Savepoint: serving {args.target} ({human(st['size'])}, unit "
+          f"{human(st['unit_size'])}, epoch {st['epoch']}, {st['dirty_units']} unsaved units)")
+    for uri in daemon.nbd.uris:
+        print(f"NBD: {uri}")
+    print("Connect with:")
+    print(daemon.nbd.examples())
+    control = "" if daemon.control_socket == default_control_path() else \
+        f" --control {daemon.control_socket}"
+    print(f"Control: savepoint save|restore|status|history|watch{control}")
+    print("Stop with Ctrl-C.", flush=True)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from appliance.config import load
+    from appliance.daemon import run_daemon
+
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        return fail(f"config: {e}", 2)
+    if args.check:
+        print(f"{args.config}: OK")
+        return 0
+    return run_daemon(cfg)
+
+
+# -- talking to the daemon ---------------------------------------------------------------
+def cmd_talk(args: argparse.Namespace) -> int:
+    if args.command == "history" and args.target:
+        from appliance.store_cli import history_offline
+
+        return history_offline(args.target, args.json, args.limit)
+    path = args.control or default_control_path()
+    try:
+        with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
+            if args.command == "watch":
+                return watch(client, args.json)
+            if args.command == "restore" and not args.yes and sys.stdin.isatty():
+                if not confirm_restore(client):
+                    return fail("RESTORE cancelled; nothing changed")
+            cmd_args: dict[str, Any] = {}
+            if args.command == "history" and args.limit:
+                cmd_args["limit"] = args.limit
+            reply = client.request(args.command, cmd_args)
+    except ControlError as e:
+        return fail(str(e))
+    if args.json:
+        print(json.dumps(reply, indent=2, default=str))
+    if not reply.get("ok"):
+        return fail(reply.get("reason") or "refused")
+    if not args.json:
+        show(args.command, reply.get("data") or {})
+    return 0
+
+
+def confirm_restore(client: ControlClient) -> bool:
+    st = client.request("status").get("data") or {}
+    last = st.get("last_save")
+    since = f"the SAVE of {_when(last)}" if last else "the disk's creation"
+    answer = input(f"Discard {st.get('dirty_units', '?')} unsaved units "
+                   f"({human(st.get('dirty_bytes', 0))}) and go back to {since}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def watch(client: ControlClient, as_json: bool) -> int:
+    reply = client.request("watch")
+    if not reply.get("ok"):
+        return fail(reply.get("reason") or "watch refused")
+    while True:
+        event = client.read()
+        if as_json:
+            print(json.dumps(event), flush=True)
+        else:
+            print(f"{time.strftime('%H:%M:%S')} {describe_event(event)}", flush=True)
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    kind, data = event.get("event"), event.get("data") or {}
+    if kind == "outcome":
+        verdict = "done" if data.get("ok") else f"refused: {data.get('reason')}"
+        return f"{str(data.get('action')).upper()} from {data.get('source')}: {verdict}"
+    if kind == "state":
+        return (f"state: {data.get('mode')}, epoch {data.get('epoch')}, "
+                f"{data.get('dirty_units')} unsaved units")
+    if kind == "progress":
+        return f"{str(data.get('action')).upper()} {data.get('phase')}"
+    if kind == "host":
+        return "host connected" if data.get("connected") else "host disconnected"
+    if kind == "pairing":
+        return "pairing window open" if data.get("open") else "pairing window closed"
+    if kind == "fault":
+        return f"part {data.get('part')} failed: {data.get('reason')}"
+    return f"{kind}: {json.dumps(data)}"
+
+
+def show(command: str, data: dict[str, Any]) -> None:
+    if command == "status":
+        print_status(data)
+    elif command == "history":
+        from appliance.store_cli import print_history
+
+        print_history(data.get("history", []))
+    elif command in ("save", "restore"):
+        print(f"{command.upper()} done: now at epoch {data.get('epoch', 0) + 1}; "
+              f"{data.get('units', 0)} units ({human(data.get('bytes', 0))}) "
+              f"{'kept' if command == 'save' else 'discarded'}")
+    elif command in ("unlock", "lock"):
+        after = data.get("relock_after")
+        extra = f" (re-locks after {after:g} s without a command)" if after else ""
+        print(f"{data.get('mode', command).upper()}{extra}")
+    elif command == "pair":
+        print(f"pairing window open until {_when(data.get('until'))}")
+
+
+def print_status(st: dict[str, Any]) -> None:
+    mode = str(st.get("mode", "?")).upper()
+    if st.get("relock_in") is not None:
+        mode += f" (re-locks in {int(st['relock_in'])} s)"
+    elif not st.get("lock_enabled", True):
+        mode += " (lock mode off)"
+    frac = float(st.get("unsaved_fraction", 0.0))
+    bar = "#" * round(frac * 20) + "." * (20 - round(frac * 20))
+    rows = [
+        ("mode", mode),
+        ("epoch", str(st.get("epoch"))),
+        ("unsaved", f"{st.get('dirty_units', 0)} units, {human(st.get('dirty_bytes', 0))} "
+                    f"[{bar}] {frac:.1%} of {human(st.get('size', 0))}"),
+        ("background", "idle (map up to date)" if not st.get("pending_units") else
+         f"{st.get('background_progress', 0):.0%} ({st['pending_units']} units waiting)"),
+        ("host", {True: "connected", False: "not connected"}.get(st.get("host_connected"),
+                                                                 "unknown (no USB gadget)")),
+        ("last SAVE", _when(st.get("last_save"))),
+        ("last RESTORE", _when(st.get("last_restore"))),
+    ]
+    if st.get("pairing", {}).get("open"):
+        rows.append(("pairing", f"open until {_when(st['pairing'].get('until'))}"))
+    for uri in st.get("nbd_uris", []):
+        rows.append(("NBD", f"{uri} ({st.get('nbd_clients', 0)} clients)"))
+    for name, part in (st.get("parts") or {}).items():
+        text = part["state"]
+        if part["state"] == "failed":
+            text += f": {part['reason']}" + (f" ({part['hint']})" if part.get("hint") else "")
+        rows.append((f"part {name}", text))
+    for label, value in rows:
+        print(f"{label:<13}{value}")
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The daemon's configuration: TOML read with tomllib, validated before anything starts.
+
+Every key has a type, a default and a one-line doc (the schemas below, plus the
+CONFIG_SCHEMA each optional part exports); docs/config.md lists them all. Validation
+errors say which key, what is wrong and what to do, and the daemon refuses to start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+from appliance.policy import ACTIONS, RULES, SOURCE_CLASSES, default_policy
+
+Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str | int) -> int:
+    """'1G', '512M', '4K', '4KiB', '65536' -> bytes (binary multiples)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"size {text} is negative")
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"size {text!r} is not a size: use a number with K, M, G or T, e.g. 1G")
+    return int(m.group(1)) * _SCALE[m.group(2).lower()]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'127.0.0.1:10809', 'localhost:10809', '[::1]:10809' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:10809")
+    return host, int(port)
+
+
+def _hhmm(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError(f"time {text!r} is not HH:MM in 24-hour local time, e.g. \"03:00\"")
+    return int(m.group(1)), int(m.group(2))
+
+
+RESTORE_POLICIES = ("never", "on_boot", "on_host_disconnect", "schedule")
+
+# The sections the daemon itself owns. Part sections come from the parts' CONFIG_SCHEMA.
+CORE_SCHEMA: dict[str, Schema] = {
+    "store": {
+        "path": (str, "", "backing file or block device holding the store (required)"),
+        "create": (bool, False, "create the store at start-up when `path` holds none"),
+        "size": ((str, int), "", "disk size for `create`, e.g. \"8G\" (files only)"),
+        "unit": ((str, int), "4K", "unit size for `create`: a power of two, 4K to 1M"),
+        "background": (bool, True, "run the map normaliser while the disk is idle"),
+    },
+    "nbd": {
+        "socket": (str, "", "Unix socket path; empty = <runtime dir>/savepoint/nbd.sock"),
+        "tcp": (str, "", "also listen on HOST:PORT (loopback unless allow_remote)"),
+        "allow_remote": (bool, False, "allow a non-loopback TCP address (no TLS: no auth)"),
+        "group": (str, "savepoint", "socket mode 0660 for this group when it exists, else 0600"),
+        "export_name": (str, "savepoint", "NBD export name"),
+    },
+    "control": {
+        "socket": (str, "", "control socket; empty = <runtime dir>/savepoint/control.sock"),
+        "group": (str, "savepoint", "socket mode 0660 for this group when it exists, else 0600"),
+    },
+    "lock": {
+        "enabled": (bool, True, "start LOCKED and re-lock when idle; false: always UNLOCKED"),
+        "relock_after": ((int, float), 300, "idle seconds before re-locking; 0 = never"),
+    },
+    "restore": {
+        "policy": ((str, list), "never", "never, on_boot, on_host_disconnect, schedule, or a list"),
+        "at": (str, "03:00", "local time of day for the `schedule` policy, HH:MM"),
+    },
+    "pairing": {
+        "window": ((int, float), 60, "seconds the fob pairing window stays open after PAIR"),
+    },
+    "log": {
+        "level": (str, "info", "debug, info, warning or error"),
+    },
+}
+
+# Optional parts: section -> (module, class). Each section also takes `enabled`.
+PARTS: dict[str, tuple[str, str]] = {
+    "gadget": ("appliance.gadget", "GadgetPart"),
+    "serial": ("appliance.host_serial", "SerialPart"),
+    "gpio": ("gpio", "GpioPart"),
+    "ble": ("ble", "BlePart"),
+}
+PART_ENABLED_DOC = "start this part"
+
+
+def part_schema(section: str) -> Schema | None:
+    """The part's own CONFIG_SCHEMA, or None when its module is not installed/importable."""
+    module, _ = PARTS[section]
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # a broken or missing part must not stop the daemon; start reports it
+        return None
+    schema = getattr(mod, "CONFIG_SCHEMA", None)
+    return dict(schema) if isinstance(schema, dict) else None
+
+
+def _check_type(where: str, value: Any, types: type | tuple[type, ...]) -> None:
+    types = types if isinstance(types, tuple) else (types,)
+    if float in types and int not in types:
+        types = (*types, int)
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(value, types)
+    if not ok:
+        names = " or ".join(_type_name(t) for t in types)
+        raise ConfigError(f"{where}: expected {names}, got {_type_name(type(value))} {value!r}")
+
+
+def _type_name(t: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
+            list: "a list", dict: "a table"}.get(t, t.__name__)
+
+
+def _fill(section: str, given: dict[str, Any], schema: Schema, extra: tuple[str, ...] = ()) -> dict:
+    if not isinstance(given, dict):
+        raise ConfigError(f"[{section}] must be a table, got {given!r}")
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key in extra:
+            continue
+        if key not in schema:
+            known = ", ".join(sorted([*schema, *extra]))
+            raise ConfigError(f"[{section}] unknown key {key!r} (known keys: {known})")
+        _check_type(f"[{section}] {key}", value, schema[key][0])
+        out[key] = value
+    for key, (_, default, _) in schema.items():
+        out.setdefault(key, default)
+    return out
+
+
+def _check_store(store: dict[str, Any]) -> None:
+    for key in ("size", "unit"):
+        if store[key] == "":
+            continue
+        try:
+            store[key] = parse_size(store[key])
+        except ValueError as e:
+            raise ConfigError(f"[store] {key}: {e}") from None
+    unit = store["unit"]
+    if unit & (unit - 1) or not 4096 <= unit <= 1 << 20:
+        raise ConfigError(f"[store] unit: {unit} is not a power of two between 4K and 1M "
+                          "(e.g. \"4K\", \"64K\")")
+
+
+def _check_restore(restore: dict[str, Any]) -> None:
+    policies = restore["policy"]
+    policies = [policies] if isinstance(policies, str) else policies
+    for p in policies:
+        if p not in RESTORE_POLICIES:
+            raise ConfigError(f"[restore] policy: unknown policy {p!r} "
+                              f"(choose from {', '.join(RESTORE_POLICIES)})")
+    if "never" in policies and len(policies) > 1:
+        raise ConfigError("[restore] policy: \"never\" cannot be combined with other policies")
+    restore["policy"] = list(policies)
+    try:
+        _hhmm(restore["at"])
+    except ValueError as e:
+        raise ConfigError(f"[restore] at: {e}") from None
+
+
+def _check_policy(given: Any) -> dict[str, dict[str, str]]:
+    table = default_policy()
+    if given is None:
+        return table
+    if not isinstance(given, dict):
+        raise ConfigError("[policy] must be a table of source classes")
+    for cls, rules in given.items():
+        if cls not in SOURCE_CLASSES:
+            raise ConfigError(f"[policy] unknown source class {cls!r} "
+                              f"(known: {', '.join(SOURCE_CLASSES)})")
+        if not isinstance(rules, dict):
+            raise ConfigError(f"[policy.{cls}] must be a table of action = rule")
+        for action, rule in rules.items():
+            if action not in ACTIONS:
+                raise ConfigError(f"[policy.{cls}] unknown action {action!r} "
+                                  f"(known: {', '.join(ACTIONS)})")
+            if rule not in RULES:
+                raise ConfigError(f"[policy.{cls}] {action}: rule {rule!r} is not one of "
+                                  f"{', '.join(RULES)}")
+            table[cls][action] = rule
+    return table
+
+
+def validate(raw: dict[str, Any],
+             schema_for: Callable[[str], Schema | None] = part_schema) -> dict[str, Any]:
+    """Check a parsed TOML document and return it with every default filled in."""
+    known = [*CORE_SCHEMA, *PARTS, "policy"]
+    for section in raw:
+        if section not in known:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(known)})")
+    cfg: dict[str, Any] = {}
+    for section, schema in CORE_SCHEMA.items():
+        cfg[section] = _fill(section, raw.get(section, {}), schema)
+    _check_store(cfg["store"])
+    _check_restore(cfg["restore"])
+    if cfg["log"]["level"] not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"[log] level: {cfg['log']['level']!r} is not one of "
+                          "debug, info, warning, error")
+    for key in ("relock_after",):
+        if cfg["lock"][key] < 0:
+            raise ConfigError(f"[lock] {key}: must be 0 (never) or a number of seconds")
+    if cfg["nbd"]["tcp"]:
+        try:
+            parse_hostport(cfg["nbd"]["tcp"])
+        except ValueError as e:
+            raise ConfigError(f"[nbd] tcp: {e}") from None
+    cfg["policy"] = _check_policy(raw.get("policy"))
+    cfg["parts"] = {}
+    for section in PARTS:
+        cfg["parts"][section] = _part_section(section, raw.get(section, {}), schema_for)
+    return cfg
+
+
+def _part_section(section: str, given: Any, schema_for: Callable[[str], Schema | None]) -> dict:
+    if not isinstance(given, dict):
+        raise ConfigError(f"[{section}] must be a table, got {given!r}")
+    enabled = given.get("enabled", False)
+    _check_type(f"[{section}] enabled", enabled, bool)
+    if not given:
+        return {"enabled": False}
+    schema = schema_for(section)
+    if schema is None:  # module missing: keep the keys; starting the part reports why
+        body = {k: v for k, v in given.items() if k != "enabled"}
+    else:
+        body = _fill(section, given, schema, extra=("enabled",))
+        validator = getattr(_module_of(section), "validate_config", None)
+        if callable(validator):  # e.g. gpio checks pin numbers ("bad pin")
+            try:
+                validator(body)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"[{section}] {e}") from None
+    body["enabled"] = enabled
+    return body
+
+
+def _module_of(section: str) -> Any:
+    try:
+        return importlib.import_module(PARTS[section][0])
+    except Exception:
+        return None
+
+
+def load(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (write one from docs/config.md)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return validate(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def runtime_dir() -> str:
+    """Where sockets live: /run/savepoint for root, $XDG_RUNTIME_DIR/savepoint otherwise."""
+    if os.geteuid() == 0:
+        return "/run/savepoint"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/savepoint-{os.geteuid()}"
+    return os.path.join(base, "savepoint") if "XDG_RUNTIME_DIR" in os.environ else base
+
+
+def default_control_path() -> str:
+    return os.environ.get("SAVEPOINT_CONTROL") or os.path.join(runtime_dir(), "control.sock")
+
+
+def default_nbd_path() -> str:
+    return os.path.join(runtime_dir(), "nbd.sock")
+
+
+def serve_config(target: str, size: int | None, unit: int, socket: str | None,
+                 tcp: str | None, allow_remote: bool, control: str | None) -> dict[str, Any]:
+    """The config `savepoint serve` runs: store + NBD + control socket, nothing else."""
+    raw: dict[str, Any] = {
+        "store": {"path": target, "create": True, "unit": unit},
+        "nbd": {"socket": socket or "", "tcp": tcp or "", "allow_remote": allow_remote},
+        "control": {"socket": control or ""},
+        "lock": {"enabled": False},  # a developer's own disk: SAVE needs no unlock gesture
+    }
+    if size is not None:
+        raw["store"]["size"] = size
+    return validate(raw, schema_for=lambda _section: {})

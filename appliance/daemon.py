@@ -1,0 +1,314 @@
+"""The daemon: store + NBD server + command bus + control socket + whichever parts the config
+enables (gadget, host serial, gpio, ble), on one asyncio loop.
+
+Start order: store (created if asked) -> bus -> on_boot restore policy -> NBD -> control
+socket -> parts. A part that cannot start is reported once (status shows it failed, with
+the reason) and the rest keeps running. READY=1 goes to systemd once all enabled parts were
+tried; SIGTERM/SIGINT finish the running command and in-flight I/O, flush, and stop
+everything in reverse order. `savepoint serve` is this same daemon with serve_config().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from appliance.bus import CommandBus
+from appliance.commands import PartUnavailable
+from appliance.config import (
+    PARTS,
+    default_control_path,
+    default_nbd_path,
+    parse_hostport,
+    runtime_dir,
+)
+from appliance.control_socket import ControlServer, socket_group
+from appliance.restore_policies import RestorePolicies
+from appliance.systemd_notify import Notifier
+
+log = logging.getLogger("savepoint.daemon")
+
+TICK = 1.0  # seconds between relock/schedule/watchdog checks
+BACKGROUND_UNITS = 4096  # map units per background step: short, so I/O never waits long
+
+
+class StartupError(Exception):
+    """The daemon cannot run at all (store or NBD); the message says what to do."""
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter() if under_journald() else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def under_journald() -> bool:
+    """True when stderr is the journal stream systemd gave us (sd_journal_stream_fd docs)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+class JournalFormatter(logging.Formatter):
+    """'<prio>name: message': journald keeps the priority and adds its own timestamp."""
+
+    PRIO = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+            logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = self.PRIO.get(record.levelno, 6)
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+class Daemon:
+    def __init__(self, cfg: dict[str, Any], *, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, notifier: Notifier | None = None,
+                 on_ready: Callable[[Daemon], None] | None = None) -> None:
+        self.cfg = cfg
+        self.clock, self.wall = clock, wall
+        self.notifier = notifier or Notifier()
+        self.on_ready = on_ready
+        self.store: Any = None
+        self.nbd: Any = None
+        self.bus: CommandBus | None = None
+        self.control: ControlServer | None = None
+        self.policies: RestorePolicies | None = None
+        self.parts: list[tuple[str, Any]] = []  # started parts, in start order
+        self.nbd_socket = cfg["nbd"]["socket"] or default_nbd_path()
+        self.control_socket = cfg["control"]["socket"] or default_control_path()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+        except StartupError as e:
+            log.error("%s", e)
+            await self.shutdown()
+            return 1
+        try:
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        log.info("stopping: finishing in-flight I/O")
+        self._stop.set()
+
+    async def start(self) -> None:
+        self._prepare_runtime_dir()
+        self.store = await asyncio.to_thread(self._open_store)
+        lock = self.cfg["lock"]
+        self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
+                              relock_after=lock["relock_after"],
+                              pairing_window=self.cfg["pairing"]["window"],
+                              clock=self.clock, wall=self.wall)
+        self.bus.status_extras.append(self._nbd_status)
+        self.policies = RestorePolicies(self.bus, self.cfg["restore"]["policy"],
+                                        self.cfg["restore"]["at"], now=self.wall)
+        await self.policies.on_boot()  # before any host can read the disk
+        await self._start_nbd()
+        self.control = ControlServer(self.bus, self.control_socket, self.cfg["control"]["group"])
+        try:
+            await self.control.start()
+        except (OSError, RuntimeError) as e:
+            self.control = None
+            raise StartupError(f"control socket {self.control_socket}: {e}") from None
+        self.bus.set_part("control", "up", self.control_socket)
+        for section in PARTS:
+            await self._start_part(section)
+        self._tasks = [asyncio.create_task(self._ticker(), name="tick")]
+        if self.cfg["store"]["background"] and hasattr(self.store, "background_step"):
+            self._tasks.append(asyncio.create_task(self._background(), name="background"))
+        self.notifier.ready(await self._status_line())
+        log.info("ready: %s", await self._status_line())
+        if self.on_ready:
+            self.on_ready(self)
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.bus is not None:
+            await self.bus.close()  # waits for a running SAVE/RESTORE, refuses new ones
+        for name, part in reversed(self.parts):
+            try:
+                await part.stop()
+            except Exception:
+                log.exception("part %s did not stop cleanly", name)
+        self.parts.clear()
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
+        if self.nbd is not None:  # finishes in-flight requests, closes, flushes the store
+            await asyncio.to_thread(self.nbd.stop, True)
+            self.nbd = None
+        if self.store is not None:
+            await asyncio.to_thread(self.store.flush)
+            await asyncio.to_thread(self.store.close)
+            self.store = None
+            log.info("stopped: store flushed and closed")
+
+    # -- store and NBD -----------------------------------------------------------------
+    def _prepare_runtime_dir(self) -> None:
+        for path in (self.nbd_socket, self.control_socket):
+            folder = os.path.dirname(path)
+            if folder and not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o750 if folder.startswith(runtime_dir()) else 0o755,
+                            exist_ok=True)
+                gid = socket_group(self.cfg["control"]["group"])
+                if gid is not None and folder.startswith(runtime_dir()):
+                    os.chown(folder, -1, gid)
+
+    def _open_store(self) -> Any:
+        from appliance import store as store_mod
+
+        cfg = self.cfg["store"]
+        path = cfg["path"]
+        if not path:
+            raise StartupError("[store] path is not set: give the backing file or device")
+        if cfg["create"] and not os.path.exists(path):
+            if cfg["size"] == "":
+                raise StartupError(f"{path} does not exist: give a size to create it "
+                                   "(savepoint serve {path} --size 1G)")
+            try:
+                store_mod.create_store(path, cfg["size"], cfg["unit"])
+            except (store_mod.StoreError, store_mod.InitError, OSError, ValueError) as e:
+                raise StartupError(f"cannot create the store at {path}: {e}") from None
+            log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
+        try:
+            return store_mod.Store.open(path)
+        except (store_mod.StoreError, OSError) as e:
+            raise StartupError(f"cannot open the store at {path}: {e}") from None
+
+    async def _start_nbd(self) -> None:
+        try:
+            from appliance.nbd_server import NbdServer
+        except ImportError as e:
+            raise StartupError(f"the NBD server is not installed: {e}") from None
+        ncfg = self.cfg["nbd"]
+        gid = socket_group(ncfg["group"])
+        try:
+            tcp = parse_hostport(ncfg["tcp"]) if ncfg["tcp"] else None
+            self.nbd = NbdServer(self.store, unix_path=self.nbd_socket, tcp=tcp,
+                                 allow_remote=ncfg["allow_remote"], socket_mode=0o600,
+                                 group=ncfg["group"] if gid is not None else None,
+                                 export_name=ncfg["export_name"])
+            self.nbd.start()
+        except (OSError, ValueError, RuntimeError) as e:
+            self.nbd = None
+            raise StartupError(f"NBD server: {e}") from None
+        assert self.bus is not None
+        self.bus.set_part("nbd", "up", " ".join(self.nbd.uris))
+
+    def _nbd_status(self) -> dict[str, Any]:
+        if self.nbd is None:
+            return {}
+        info: dict[str, Any] = {"nbd_uris": list(self.nbd.uris), "inflight": self.nbd.inflight}
+        clients = getattr(self.nbd, "active_connections", None)
+        if isinstance(clients, int):
+            info["nbd_clients"] = clients
+        return info
+
+    # -- optional parts --------------------------------------------------------------------
+    async def _start_part(self, section: str) -> None:
+        assert self.bus is not None
+        pcfg = dict(self.cfg["parts"][section])
+        if not pcfg.pop("enabled", False):
+            self.bus.set_part(section, "off", "disabled in the config")
+            return
+        module, cls_name = PARTS[section]
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+            part = (cls(pcfg, self.bus, self.nbd_socket) if section == "gadget"
+                    else cls(pcfg, self.bus))
+            await part.start()
+        except PartUnavailable as e:
+            self._part_failed(section, e.reason, e.hint)
+            return
+        except (ImportError, AttributeError) as e:
+            self._part_failed(section, f"{module}.{cls_name} is not available: {e}",
+                              "install the full savepoint package")
+            return
+        except Exception as e:  # a broken part is reported, the appliance keeps working
+            log.exception("part %s crashed while starting", section)
+            self._part_failed(section, f"crashed while starting: {e}", "see the log")
+            return
+        self.parts.append((section, part))
+        self.bus.set_part(section, "up")
+        if section == "gadget":
+            self.bus.hooks = part  # SAVE syncs the NBD device, RESTORE ejects around it
+        log.info("part %s: up", section)
+
+    def _part_failed(self, section: str, reason: str, hint: str) -> None:
+        assert self.bus is not None
+        log.warning("part %s failed: %s%s", section, reason, f" ({hint})" if hint else "")
+        self.bus.set_part(section, "failed", reason, hint)
+
+    # -- loops ---------------------------------------------------------------------------
+    async def _ticker(self) -> None:
+        assert self.bus is not None and self.policies is not None
+        interval = min(TICK, self.notifier.watchdog_interval or TICK)
+        last_status = ""
+        while True:
+            self.notifier.watchdog() if self.notifier.watchdog_interval else None
+            try:
+                await self.bus.tick()
+                await self.policies.tick()
+                line = await self._status_line()
+                if line != last_status:
+                    self.notifier.status(line)
+                    last_status = line
+            except Exception:  # the loop must keep pinging: log and go on
+                log.exception("periodic check failed")
+            await asyncio.sleep(interval)
+
+    async def _background(self) -> None:
+        """The store's lazy map normaliser, only while no I/O and no command is running."""
+        assert self.bus is not None
+        while True:
+            if self.bus.busy or getattr(self.nbd, "inflight", 0):
+                await asyncio.sleep(0.05)
+                continue
+            more = await asyncio.to_thread(self.store.background_step, BACKGROUND_UNITS)
+            await asyncio.sleep(0.01 if more else TICK)
+
+    async def _status_line(self) -> str:
+        assert self.bus is not None
+        st = await self.bus.snapshot()
+        failed = [n for n, p in self.bus.parts.items() if p["state"] == "failed"]
+        text = (f"{st['mode']}, epoch {st.get('epoch')}, {st.get('dirty_units', 0)} unsaved "
+                f"units")
+        return text + (f", failed: {', '.join(failed)}" if failed else "")
+
+
+def run_daemon(cfg: dict[str, Any], on_ready: Callable[[Daemon], None] | None = None) -> int:
+    setup_logging(cfg["log"]["level"])
+    daemon = Daemon(cfg, on_ready=on_ready)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(daemon.run())
+    return 130

@@ -1,0 +1,69 @@
+"""Who may do what, in which mode: the policy table the command bus consults.
+
+A command's source ("button", "fob:<id>", "itag:<addr>", "host", "cli", "policy") falls
+in a source class; each (class, action) cell holds a rule:
+  always   - allowed in every mode
+  unlocked - allowed only while UNLOCKED
+  never    - refused
+The defaults follow issue 4; `[policy.<class>]` tables in the config override single cells.
+"""
+
+from __future__ import annotations
+
+from appliance.commands import Action, Command, Mode
+
+SOURCE_CLASSES = ("button", "fob", "commodity", "host", "cli", "policy")
+ACTIONS = tuple(a.value for a in Action)
+RULES = ("always", "unlocked", "never")
+
+_DEFAULTS: dict[str, dict[str, str]] = {
+    # the enclosure button and the local admin CLI: deliberate gestures, may do everything
+    "button": {"save": "unlocked", "restore": "always", "unlock": "always", "lock": "always",
+               "status": "always", "history": "always", "pair": "always"},
+    "cli": {"save": "unlocked", "restore": "always", "unlock": "always", "lock": "always",
+            "status": "always", "history": "always", "pair": "always"},
+    # an authenticated (paired, challenge-checked) fob: may unlock, may not open pairing
+    "fob": {"save": "unlocked", "restore": "always", "unlock": "always", "lock": "always",
+            "status": "always", "history": "always", "pair": "never"},
+    # commodity fobs (iTag etc.) cannot prove who they are: never RESTORE or UNLOCK
+    "commodity": {"save": "unlocked", "restore": "never", "unlock": "never", "lock": "always",
+                  "status": "always", "history": "always", "pair": "never"},
+    # software on the host computer: STATUS, SAVE while UNLOCKED, RESTORE; never unlock itself
+    "host": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
+             "status": "always", "history": "always", "pair": "never"},
+    # restore policies (on_boot, schedule, ...): only RESTORE and read-only queries
+    "policy": {"save": "never", "restore": "always", "unlock": "never", "lock": "always",
+               "status": "always", "history": "always", "pair": "never"},
+}
+
+
+def default_policy() -> dict[str, dict[str, str]]:
+    return {cls: dict(rules) for cls, rules in _DEFAULTS.items()}
+
+
+def source_class(command: Command) -> str | None:
+    """The policy class of a command's source, or None for a source nobody knows."""
+    kind = command.source.split(":", 1)[0]
+    if kind in ("fob", "itag"):
+        return "fob" if command.authenticated and kind == "fob" else "commodity"
+    if kind in ("button", "cli", "host", "policy"):
+        # a source that says it is unauthenticated gets the commodity rules, whatever its name
+        return kind if command.authenticated else "commodity"
+    return None
+
+
+def decide(table: dict[str, dict[str, str]], command: Command, mode: Mode) -> str:
+    """'' when the command may run, else the reason it is refused (one line, for the user)."""
+    cls = source_class(command)
+    if cls is None:
+        return f"unknown source {command.source!r}"
+    rule = table[cls].get(command.action.value, "never")
+    if rule == "always":
+        return ""
+    if rule == "unlocked":
+        if mode is Mode.UNLOCKED:
+            return ""
+        how = "press the button or use an authenticated fob or `savepoint unlock`"
+        return f"{command.action.value.upper()} refused: the appliance is LOCKED ({how} first)"
+    who = "unauthenticated fob" if cls == "commodity" else f"source {command.source!r}"
+    return f"{command.action.value.upper()} is not allowed from {who} (policy.{cls})"

@@ -1,0 +1,240 @@
+"""BlePart: serves the fob GATT service through BlueZ and keeps it registered.
+
+start() connects to D-Bus, exports the application, advertisement and agent, and registers
+them with bluetoothd on the configured adapter. When bluetoothd restarts (org.bluez changes
+owner) everything is registered again. Bus events feed the Status characteristic; the bus's
+"pairing" event opens the pairing window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from appliance.commands import CommandSink, Event, PartUnavailable
+from ble import dbus_api
+from ble.dbus_api import BLUEZ, DBusError, MessageBus, Variant
+from ble.gatt_service import (
+    ADV_PATH,
+    AGENT_PATH,
+    APP_PATH,
+    Advertisement,
+    Application,
+    PairingAgent,
+)
+from ble.keys import FobRegistry, RegistryError
+from ble.protocol import FobProtocol
+
+log = logging.getLogger(__name__)
+MAX_NAME = 8  # flags (3) + 128-bit UUID (18) + name header (2) leave 8 of 31 bytes
+
+CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
+    "adapter": (str, "hci0", "Bluetooth adapter that serves the fob service"),
+    "name": (str, "Savepnt", f"advertised name, at most {MAX_NAME} characters (legacy advert)"),
+    "registry": (str, "/var/lib/savepoint/fobs.json", "paired fobs and their keys (mode 0600)"),
+    "setup_code": (str, "", "optional code from the label that a fob must give to pair"),
+    "pairing_window": ((int, float), 60, "seconds the pairing window stays open at most"),
+    "challenge_ttl": ((int, float), 10, "seconds a RESTORE/UNLOCK challenge nonce stays valid"),
+    "bus_address": (str, "", "D-Bus address to use instead of the system bus (tests)"),
+}
+
+
+class BlePart:
+    name = "ble"
+
+    def __init__(self, cfg: dict[str, Any], bus: CommandSink) -> None:
+        self.cfg = {k: cfg.get(k, default) for k, (_t, default, _d) in CONFIG_SCHEMA.items()}
+        self.bus = bus
+        self.adapter_path = f"/org/bluez/{self.cfg['adapter']}"
+        self.proto: FobProtocol | None = None
+        self.app: Application | None = None
+        self.agent: PairingAgent | None = None
+        self.dbus: MessageBus | None = None
+        self.registered = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._queue: asyncio.Queue[Event] | None = None
+        self._unwatch = lambda: None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        name = str(self.cfg["name"])
+        if not 0 < len(name.encode()) <= MAX_NAME:
+            raise PartUnavailable(
+                f"[ble] name {name!r} does not fit a legacy advert", f"use 1-{MAX_NAME} characters"
+            )
+        try:
+            registry = FobRegistry(self.cfg["registry"])
+        except (OSError, RegistryError) as e:
+            raise PartUnavailable(
+                f"cannot open the fob registry: {e}",
+                "check [ble] registry and its folder's permissions",
+            ) from e
+        self.proto = FobProtocol(
+            registry,
+            self.bus,
+            setup_code=str(self.cfg["setup_code"]),
+            challenge_ttl=float(self.cfg["challenge_ttl"]),
+        )
+        self.dbus = await self._connect()
+        try:
+            await self._bring_up(name)
+        except BaseException:
+            self.dbus.disconnect()
+            raise
+        register = getattr(self.bus, "register_handler", None)
+        if register is not None:
+            register("fobs", self.proto.fobs_handler)
+        self._queue = self.bus.subscribe()
+        self._spawn(self._pump_events(self._queue))
+
+    async def _connect(self) -> MessageBus:
+        try:
+            return await dbus_api.connect(str(self.cfg["bus_address"]))
+        except (OSError, DBusError, ValueError) as e:
+            raise PartUnavailable(
+                f"cannot reach the system D-Bus: {e}", "is dbus running? (systemctl status dbus)"
+            ) from e
+
+    async def _bring_up(self, name: str) -> None:
+        assert self.dbus and self.proto
+        self.app = Application(self.proto)
+        self.app.export_to(self.dbus)
+        self.dbus.export(ADV_PATH, Advertisement(name))
+        self.agent = PairingAgent(lambda: bool(self.proto and self.proto.pairing_open))
+        self.dbus.export(AGENT_PATH, self.agent)
+        self.proto.on_status = self.app.status.notify
+        self._unwatch = await dbus_api.watch_name_owner(self.dbus, BLUEZ, self._owner_changed)
+        if not await dbus_api.name_has_owner(self.dbus, BLUEZ):
+            raise PartUnavailable(
+                "BlueZ (bluetoothd) is not running",
+                "apt install bluez; systemctl enable --now bluetooth",
+            )
+        await self._register()
+
+    async def stop(self) -> None:
+        self._unwatch()
+        if self._close_timer:
+            self._close_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._queue is not None:
+            self.bus.unsubscribe(self._queue)
+            self._queue = None
+        if self.dbus is not None:
+            if self.registered.is_set():
+                await self._unregister()
+            self.dbus.disconnect()
+            self.dbus = None
+
+    # --- registration with bluetoothd -----------------------------------------------------
+    async def _register(self) -> None:
+        """Register agent, application and advert; bluetoothd calls GetManagedObjects back."""
+        assert self.dbus
+        self.registered.clear()
+        objects = await dbus_api.managed_objects(self.dbus)
+        adapter = objects.get(self.adapter_path, {})
+        if "org.bluez.GattManager1" not in adapter:
+            found = [p.rsplit("/", 1)[1] for p, i in objects.items() if "org.bluez.Adapter1" in i]
+            raise PartUnavailable(
+                f"no Bluetooth LE adapter {self.cfg['adapter']} (found: {found or 'none'})",
+                "plug in or power the adapter (bluetoothctl list), or set [ble] adapter",
+            )
+        await self._bluez(
+            "/org/bluez", "AgentManager1", "RegisterAgent", "os", [AGENT_PATH, "NoInputNoOutput"]
+        )
+        await self._bluez("/org/bluez", "AgentManager1", "RequestDefaultAgent", "o", [AGENT_PATH])
+        await self._set_adapter("Powered", True)
+        await self._bluez(
+            self.adapter_path, "GattManager1", "RegisterApplication", "oa{sv}", [APP_PATH, {}]
+        )
+        await self._bluez(
+            self.adapter_path,
+            "LEAdvertisingManager1",
+            "RegisterAdvertisement",
+            "oa{sv}",
+            [ADV_PATH, {}],
+        )
+        self.registered.set()
+        log.info("fob service registered on %s", self.cfg["adapter"])
+
+    async def _unregister(self) -> None:
+        for iface, member, path in (
+            ("LEAdvertisingManager1", "UnregisterAdvertisement", ADV_PATH),
+            ("GattManager1", "UnregisterApplication", APP_PATH),
+        ):
+            with contextlib.suppress(DBusError):
+                await self._bluez(self.adapter_path, iface, member, "o", [path])
+        with contextlib.suppress(DBusError):
+            await self._bluez("/org/bluez", "AgentManager1", "UnregisterAgent", "o", [AGENT_PATH])
+        self.registered.clear()
+
+    async def _bluez(self, path: str, iface: str, member: str, sig: str, body: list[Any]) -> None:
+        assert self.dbus
+        await dbus_api.call(self.dbus, BLUEZ, path, f"org.bluez.{iface}", member, sig, body)
+
+    async def _set_adapter(self, prop: str, value: bool) -> None:
+        """Best effort: an adapter that refuses (e.g. rfkill) is reported, not fatal."""
+        try:
+            assert self.dbus
+            await dbus_api.call(
+                self.dbus,
+                BLUEZ,
+                self.adapter_path,
+                "org.freedesktop.DBus.Properties",
+                "Set",
+                "ssv",
+                ["org.bluez.Adapter1", prop, Variant("b", value)],
+            )
+        except DBusError as e:
+            log.warning("could not set %s=%s on %s: %s", prop, value, self.cfg["adapter"], e)
+
+    def _owner_changed(self, new_owner: str) -> None:
+        if not new_owner:
+            log.warning("bluetoothd went away; will register again when it is back")
+            self.registered.clear()
+            return
+        self._spawn(self._reregister())
+
+    async def _reregister(self) -> None:
+        try:
+            await self._register()
+        except (PartUnavailable, DBusError) as e:
+            log.error("could not register with the restarted bluetoothd: %s", e)
+
+    # --- bus events -----------------------------------------------------------------------
+    async def _pump_events(self, queue: asyncio.Queue[Event]) -> None:
+        while True:
+            event = await queue.get()
+            if event.kind == "pairing":
+                await self._pairing(event.data)
+            elif self.proto:
+                self.proto.on_event(event)
+
+    async def _pairing(self, data: dict[str, Any]) -> None:
+        assert self.proto
+        is_open = bool(data.get("open"))
+        if self._close_timer:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self.proto.set_pairing(is_open)
+        if is_open:
+            limit = float(self.cfg["pairing_window"])
+            until = float(data.get("until") or 0) or time.time() + limit
+            delay = max(0.0, min(until - time.time(), limit))
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(delay, self._close_window)
+        await self._set_adapter("Pairable", is_open)
+
+    def _close_window(self) -> None:
+        if self.proto:
+            self.proto.set_pairing(False)
+        self._spawn(self._set_adapter("Pairable", False))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,191 @@
+"""Ladder step 2: BlePart on a private dbus-daemon against a fake bluetoothd."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from appliance.commands import Action, Event, PartUnavailable
+from ble import BlePart, frames
+from ble.frames import Cmd, Result, Status
+from ble.keys import FobCredentials, FobPairing
+from tests.ble_helpers import RecordingSink, frame_for
+from tests.fake_bluez import DEVICE, AttError, FakeBluez, PrivateBus
+
+OTHER = "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_02"
+
+
+@pytest.fixture
+def private_bus():
+    bus = PrivateBus()
+    yield bus.address
+    bus.close()
+
+
+def run(coro: Awaitable[None], timeout: float = 10) -> None:
+    asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def with_part(
+    address: str, tmp_path, body: Callable[..., Awaitable[None]], **cfg: object
+) -> None:
+    fake = FakeBluez(address)
+    await fake.start()
+    sink = RecordingSink()
+    conf = {"bus_address": address, "registry": str(tmp_path / "fobs.json"), **cfg}
+    part = BlePart(conf, sink)
+    await part.start()
+    try:
+        await body(fake, part, sink)
+    finally:
+        await part.stop()
+        await fake.stop()
+
+
+async def pair_over_gatt(fake: FakeBluez, device: str = DEVICE) -> FobCredentials:
+    fob = FobPairing()
+    for write in fob.pub_writes():
+        await fake.write(frames.PAIR_UUID, write, device)
+    creds, confirm = fob.finish(await fake.read(frames.PAIR_UUID, device))
+    await fake.write(frames.PAIR_UUID, confirm, device)
+    return creds
+
+
+async def next_status(fake: FakeBluez) -> Status:
+    _path, value = await asyncio.wait_for(fake.notifications.get(), 2)
+    return Status.decode(value)
+
+
+def test_registers_service_advert_and_agent(private_bus, tmp_path):
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        assert fake.reg is not None
+        flags = {uuid: f for uuid, (_p, f) in fake.reg.chars.items()}
+        assert flags[frames.COMMAND_UUID] == ["encrypt-write"]
+        assert "notify" in flags[frames.STATUS_UUID]
+        assert set(flags) == {frames.COMMAND_UUID, frames.STATUS_UUID,
+                              frames.CHALLENGE_UUID, frames.PAIR_UUID}  # fmt: skip
+        [advert] = fake.reg.adverts.values()
+        assert advert["ServiceUUIDs"] == [frames.SERVICE_UUID]
+        assert advert["LocalName"] == "Savepnt" and advert["Type"] == "peripheral"
+        assert fake.reg.agent and fake.adapter["Powered"] is True
+        assert "fobs" in sink.handlers
+
+    run(with_part(private_bus, tmp_path, body))
+
+
+def test_no_bluez_or_no_adapter_is_unavailable_with_a_hint(private_bus, tmp_path):
+    async def no_daemon() -> None:
+        cfg = {"bus_address": private_bus, "registry": str(tmp_path / "f")}
+        part = BlePart(cfg, RecordingSink())
+        with pytest.raises(PartUnavailable, match="bluetoothd") as err:
+            await part.start()
+        assert "bluez" in err.value.hint
+
+    async def wrong_adapter() -> None:
+        fake = FakeBluez(private_bus)
+        await fake.start()
+        cfg = {"bus_address": private_bus, "registry": str(tmp_path / "f"), "adapter": "hci7"}
+        with pytest.raises(PartUnavailable, match=r"hci7 \(found: \['hci0'\]\)"):
+            await BlePart(cfg, RecordingSink()).start()
+        await fake.stop()
+
+    run(no_daemon())
+    run(wrong_adapter())
+
+
+def test_pairing_window_commands_and_notifications(private_bus, tmp_path):
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        # Window closed: the agent rejects bonding, the link stays unencrypted.
+        assert not await fake.pair()
+        with pytest.raises(AttError, match="Insufficient Encryption"):
+            await fake.write(frames.COMMAND_UUID, bytes(20))
+        await fake.start_notify(frames.STATUS_UUID)
+        sink.publish(Event("pairing", {"open": True}))
+        assert (await next_status(fake)).pairing
+        assert await fake.pair() and fake.adapter["Pairable"] is True
+        creds = await pair_over_gatt(fake)
+        assert creds.fob_id == 1 and (await next_status(fake)).last_result == Result.OK
+
+        await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+        assert sink.commands[-1].action == Action.SAVE
+        assert sink.commands[-1].source == "fob:1"
+        status = await next_status(fake)
+        assert (status.last_cmd, status.last_result) == (Cmd.SAVE, Result.OK)
+
+        nonce = await fake.read(frames.CHALLENGE_UUID)
+        restore = frame_for(creds, Cmd.RESTORE, nonce)
+        await fake.write(frames.COMMAND_UUID, restore)
+        assert sink.commands[-1].action == Action.RESTORE
+        with pytest.raises(AttError, match="NotAuthorized"):
+            await fake.write(frames.COMMAND_UUID, restore)  # recorded and replayed
+        last = Status.decode(await fake.read(frames.STATUS_UUID)).last_result
+        assert last == Result.STALE_CHALLENGE  # its nonce was used up
+        save = frame_for(creds, Cmd.SAVE)
+        await fake.write(frames.COMMAND_UUID, save)
+        with pytest.raises(AttError, match="NotAuthorized"):
+            await fake.write(frames.COMMAND_UUID, save)
+        assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REPLAY
+        assert [c.action for c in sink.commands] == [Action.SAVE, Action.RESTORE, Action.SAVE]
+
+        sink.publish(Event("state", {"mode": "unlocked", "epoch": 4, "dirty_units": 3,
+                                     "dirty_bytes": 12288, "host_connected": True}))  # fmt: skip
+        while (status := await next_status(fake)).epoch != 4:
+            pass
+        assert status.unlocked and status.dirty_bytes == 12288 and status.host_connected
+
+        sink.publish(Event("pairing", {"open": False}))
+        await asyncio.sleep(0.05)
+        assert not await fake.pair(OTHER)
+        with pytest.raises(AttError):
+            await fake.write(frames.PAIR_UUID, FobPairing().pub_writes()[0], DEVICE)
+
+    run(with_part(private_bus, tmp_path, body))
+
+
+def test_pairing_window_closes_by_itself(private_bus, tmp_path):
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        sink.publish(Event("pairing", {"open": True}))
+        await asyncio.sleep(0.05)
+        assert await fake.pair()
+        await asyncio.sleep(0.4)
+        assert not await fake.pair(OTHER)
+        assert fake.adapter["Pairable"] is False
+
+    run(with_part(private_bus, tmp_path, body, pairing_window=0.2))
+
+
+def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        await fake.stop()
+        await asyncio.sleep(0.05)
+        assert not part.registered.is_set()
+        await fake.start()  # a new connection: new unique name, like a new bluetoothd
+        await asyncio.wait_for(part.registered.wait(), 3)
+        assert fake.reg and len(fake.reg.chars) == 4 and fake.reg.agent
+        sink.publish(Event("pairing", {"open": True}))
+        await asyncio.sleep(0.05)
+        assert await fake.pair()
+        creds = await pair_over_gatt(fake)
+        await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.STATUS))
+        assert sink.commands[-1].action == Action.STATUS
+
+    run(with_part(private_bus, tmp_path, body))
+
+
+def test_fobs_handler_revokes_over_the_bus(private_bus, tmp_path):
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        sink.publish(Event("pairing", {"open": True}))
+        await asyncio.sleep(0.05)
+        await fake.pair()
+        creds = await pair_over_gatt(fake)
+        listed = await sink.handlers["fobs"]({"op": "list"})
+        assert [f["fob_id"] for f in listed["fobs"]] == [creds.fob_id]
+        await sink.handlers["fobs"]({"op": "revoke", "id": creds.fob_id})
+        with pytest.raises(AttError):
+            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+        assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REVOKED
+        assert sink.commands == []
+
+    run(with_part(private_bus, tmp_path, body))

@@ -1,0 +1,251 @@
+"""Turn a fresh Raspberry Pi OS (Bookworm) into a Savepoint appliance; run via install.sh.
+
+Plan every change, show it (diff-like), ask, apply, record it in the manifest. A second run
+plans nothing and says so; --dry-run stops after showing the plan; --uninstall undoes it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+from provisioning import disks, edits, system, undo
+from provisioning.changes import Change, Manifest, dir_change, file_change, on, symlink_change
+
+SRC = Path(__file__).resolve().parent.parent
+CONFIG = "/etc/savepoint/config.toml"
+UNIT = "/etc/systemd/system/savepoint.service"
+DROPIN = "/etc/systemd/system/savepoint.service.d/store.conf"
+WANTS = "/etc/systemd/system/multi-user.target.wants/savepoint.service"
+MODULES = "/etc/modules-load.d/savepoint.conf"
+DEFAULT_STORE = "/var/lib/savepoint/store.img"
+DEFAULT_SIZE = "4G"
+
+
+class InstallError(Exception):
+    """Bad input or an unusable system: the message says what to do. Nothing was changed."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="install.sh", description="Install (or --uninstall) the Savepoint appliance.")
+    p.add_argument("--root", default="/", help="install into this directory (a fake root "
+                   "or a mounted SD card): files only, no apt, no systemctl")
+    p.add_argument("--dry-run", action="store_true", help="show what would change; change "
+                   "nothing")
+    p.add_argument("--uninstall", action="store_true", help="undo every change the installer "
+                   "made; the store's data is left alone")
+    p.add_argument("--device", help="block device (or file) for the store; default: a file "
+                   f"{DEFAULT_STORE}; list disks with: python3 -m provisioning.disks")
+    p.add_argument("--size", help=f"disk size for a store file (default {DEFAULT_SIZE}); a "
+                   "block device's size is its own")
+    p.add_argument("--unit", default="4K", help="store unit, 4K to 1M (default 4K)")
+    p.add_argument("--force", action="store_true", help="use a device that holds a "
+                   "filesystem or partition table (its data is lost)")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask before changing")
+    return p.parse_args(argv)
+
+
+def _existing_store(root: Path) -> str | None:
+    try:
+        return tomllib.loads(on(root, CONFIG).read_text())["store"]["path"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _ask_device() -> str | None:
+    """Let a user at a terminal pick a disk; None keeps the store file on the SD card."""
+    found = [d for d in disks.candidates() if not d.note]
+    if not found:
+        return None
+    print("Where should the store live?")
+    print(f"  0) a file on the SD card ({DEFAULT_STORE})")
+    for i, d in enumerate(found, 1):
+        print(f"  {i}) {d.model} {disks.human(d.size)} {d.by_id or d.node}")
+    answer = input("Choose [0]: ").strip() or "0"
+    if not answer.isdigit() or int(answer) > len(found):
+        raise InstallError(f"{answer!r} is not one of the choices; run again")
+    return None if answer == "0" else (found[int(answer) - 1].by_id or found[int(answer) - 1].node)
+
+
+def choose_store(args: argparse.Namespace, root: Path) -> tuple[str, str | None]:
+    """The store path and (for a file) its size; refuses unsafe disks before anything changes."""
+    device = args.device or _existing_store(root)
+    if device is None and sys.stdin.isatty() and not (args.yes or args.dry_run):
+        device = _ask_device()
+    if device is None or not device.startswith("/dev/"):
+        store = device or DEFAULT_STORE
+        if not store.startswith("/"):
+            raise InstallError(f"--device {store}: give an absolute path")
+        size = args.size or DEFAULT_SIZE
+        if not re.fullmatch(r"\d+[KMGT]?", size, re.IGNORECASE):
+            raise InstallError(f"--size {size}: use a number with K, M, G or T, e.g. 8G")
+    else:
+        store, size = disks.stable_path(device), None
+        if args.size:
+            raise InstallError("--size is only for a store file: a disk's size is its own")
+    checked = store if store.startswith("/dev/") else str(on(root, store))
+    if args.device:  # an existing store of ours (from config.toml) is not re-checked
+        why = disks.refusal(checked, args.force)
+        if why:
+            raise InstallError(why)
+    if size and not os.path.exists(checked):
+        need = 2 * _bytes(size)  # two slots per unit: a disk of SIZE needs about 2 x SIZE
+        if _free_bytes(Path(checked).parent) < need:
+            raise InstallError(f"not enough free space for a {size} store file (it needs about "
+                               f"twice that): use a smaller --size or a USB disk (--device)")
+    return store, size
+
+
+def _bytes(size: str) -> int:
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    return int(size.rstrip("KMGTkmgt")) * scale[size[-1].upper() if size[-1].isalpha() else ""]
+
+
+def _config_text(root: Path, store: str, unit: str) -> str:
+    path = on(root, CONFIG)
+    if not path.exists():
+        return edits.render_config(store, unit)
+    text = path.read_text()  # keep the user's edits; only point it at the chosen store
+    return re.sub(r'(?m)^path\s*=\s*"[^"]*"', f'path = "{store}"', text, count=1)
+
+
+def _dropin_text(store: str) -> str:
+    lines = ["# Written by provisioning/install.sh: access to the store the user chose.",
+             "[Service]"]
+    if store.startswith("/dev/"):
+        lines.append(f"DeviceAllow={store} rw")
+    elif not store.startswith("/var/lib/savepoint/"):
+        lines.append(f"ReadWritePaths={Path(store).parent}")
+    return "\n".join(lines) + "\n"
+
+
+def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change], list[str]]:
+    """Every change still needed, in order; plus notes on what is skipped and why."""
+    live = root == Path("/")
+    store, size = choose_store(args, root)
+    notes: list[str] = []
+    firmware = edits.firmware_config(root)
+    fw_path = "/" + str(firmware.relative_to(root))
+    changes = [system.packages_change() if live else None,
+               file_change(root, fw_path, edits.add_dwc2(firmware.read_text())),
+               file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
+               system.group_change(root),
+               dir_change(root, "/etc/savepoint"),
+               dir_change(root, "/var/lib/savepoint", 0o750)]
+    if not live:
+        notes.append("skipped under --root: apt-get install " + " ".join(system.PACKAGES))
+    full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
+    changes.append(system.venv_change(root, SRC) if full else None)
+    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit)),
+                file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
+                file_change(root, DROPIN, _dropin_text(store)),
+                symlink_change(root, WANTS, UNIT)]
+    changes.append(system.store_change(m, root, store, size, args.unit, args.force)
+                   if full else None)
+    if not full:
+        notes.append(f"skipped under --root: virtualenv {system.VENV} and `savepoint init "
+                     f"{store}` (set SAVEPOINT_ROOT_FULL=1 to run them)")
+    return [c for c in changes if c is not None], notes
+
+
+def confirm(args: argparse.Namespace, what: str) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise InstallError(f"not a terminal, so cannot ask before {what}: add --yes")
+    if input(f"Go ahead and {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise InstallError("nothing changed")
+
+
+def install(args: argparse.Namespace, root: Path) -> int:
+    m = Manifest(root)
+    changes, notes = plan(args, root, m)
+    model = edits.pi_model(root)
+    for note in notes:
+        print(f"  ({note})")
+    if not changes:
+        print("Nothing to change: Savepoint is already installed as configured.")
+        return 0
+    print(f"Savepoint installer: {len(changes)} change(s) to {root}"
+          + (" (dry run: nothing will be changed)" if args.dry_run else ""))
+    for c in changes:
+        print(c.show())
+    if args.dry_run:
+        return 0
+    confirm(args, f"make these {len(changes)} change(s)")
+    for i, c in enumerate(changes, 1):
+        print(f"[{i}/{len(changes)}] {c.summary}", flush=True)
+        c.apply(m)
+    print(f"Done. Every change is recorded in {m.file} (undo: install.sh --uninstall).")
+    _finish(root, model, reboot="config.txt" in " ".join(c.summary for c in changes))
+    return 0
+
+
+def _finish(root: Path, model: str, reboot: bool) -> None:
+    if root == Path("/"):
+        system.systemctl("daemon-reload")
+        if reboot or not system.has_udc():
+            print("Reboot to turn on the USB device controller: sudo reboot")
+        else:
+            system.systemctl("restart", "savepoint.service")
+            print("Started: systemctl status savepoint")
+    print(edits.port_advice(model))
+
+
+def uninstall(args: argparse.Namespace, root: Path) -> int:
+    m = Manifest(root)
+    if not m.file.exists():
+        print(f"Nothing to undo: no install manifest at {m.file}.")
+        return 0
+    changes = [c for rec in reversed(m.records) if (c := undo.undo_change(m, rec))]
+    print(f"Savepoint uninstall: {len(changes)} change(s) to undo in {root}"
+          + (" (dry run: nothing will be changed)" if args.dry_run else ""))
+    for c in changes:
+        print(c.show())
+    stores = undo.store_paths(m) or ([s] if (s := _existing_store(root)) else [])
+    if args.dry_run:
+        return 0
+    confirm(args, "undo them")
+    if root == Path("/"):
+        system.systemctl("disable", "--now", "savepoint.service")  # clean stop first
+    for c in changes:
+        c.apply(m)
+    m.remove()
+    kept = undo.remove_dirs(m)
+    if root == Path("/"):
+        system.systemctl("daemon-reload")
+    for d in kept:
+        print(f"Kept {d}: it holds files the installer did not create.")
+    for s in stores:
+        if s.startswith("/dev/") or on(root, s).exists():
+            print(f"The store's data is untouched: {s}")
+    print("Savepoint is uninstalled.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.root).resolve()
+    try:
+        if root == Path("/") and os.geteuid() != 0 and not args.dry_run:
+            raise InstallError("run it as root: sudo provisioning/install.sh")
+        return uninstall(args, root) if args.uninstall else install(args, root)
+    except (InstallError, FileNotFoundError, ValueError) as e:
+        print(f"install.sh: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

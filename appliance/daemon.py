@@ -124,7 +124,7 @@ class Daemon:
         lock = self.cfg["lock"]
         self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
                               relock_after=lock["relock_after"],
-                              pairing_window=self.cfg["pairing"]["window"],
+                              pairing_window=self.cfg["parts"]["ble"].get("pairing_window", 60),
                               clock=self.clock, wall=self.wall)
         self.bus.status_extras.append(self._nbd_status)
         self.policies = RestorePolicies(self.bus, self.cfg["restore"]["policy"],

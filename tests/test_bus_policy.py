@@ -1,0 +1,322 @@
+"""The command bus on a real store: every policy cell, lock mode, relock timing, events."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from appliance.bus import CommandBus
+from appliance.commands import Action, Command, Mode
+from appliance.store import Store, create_store
+
+UNIT = 4096
+
+# Issue 4's defaults, written out independently of appliance/policy.py:
+# RESTORE from any authenticated source in any mode; SAVE only while UNLOCKED; the host may
+# ask STATUS and SAVE only while UNLOCKED; commodity fobs never RESTORE or UNLOCK; UNLOCK only
+# from a deliberate gesture (button, authenticated fob, local CLI).
+A, U, N = "always", "unlocked", "never"
+EXPECTED = {
+    #            save restore unlock lock status history pair
+    "button":    (U,   A,      A,     A,   A,     A,      A),
+    "fob:f1":    (U,   A,      A,     A,   A,     A,      N),
+    "itag:aa":   (U,   N,      N,     A,   A,     A,      N),
+    "host":      (U,   A,      N,     A,   A,     A,      N),
+    "cli":       (U,   A,      A,     A,   A,     A,      A),
+    "policy":    (N,   A,      N,     A,   A,     A,      N),
+}
+ORDER = [Action.SAVE, Action.RESTORE, Action.UNLOCK, Action.LOCK, Action.STATUS,
+         Action.HISTORY, Action.PAIR]
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def store(tmp_path):
+    path = str(tmp_path / "disk.img")
+    create_store(path, 1 << 20, UNIT)
+    st = Store.open(path)
+    yield st
+    st.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def cells():
+    for (source, rules), mode in itertools.product(EXPECTED.items(), Mode):
+        for action, rule in zip(ORDER, rules, strict=True):
+            yield source, action, mode, rule == A or (rule == U and mode is Mode.UNLOCKED)
+
+
+@pytest.mark.parametrize("source,action,mode,allowed", list(cells()),
+                         ids=lambda v: str(v.value if hasattr(v, "value") else v))
+def test_policy_cell(store, source, action, mode, allowed):
+    async def go():
+        bus = CommandBus(store)
+        bus.mode = mode
+        authenticated = not source.startswith("itag:")
+        outcome = await bus.submit(Command(action, source, authenticated))
+        return bus, outcome
+
+    epoch = store.epoch
+    bus, outcome = run(go())
+    assert outcome.ok is allowed, outcome.reason
+    if not allowed:
+        assert outcome.reason
+        assert store.epoch == epoch  # a refusal changes nothing
+        if mode is Mode.LOCKED and EXPECTED[source][ORDER.index(action)] == U:
+            assert "LOCKED" in outcome.reason
+    elif action in (Action.SAVE, Action.RESTORE):
+        assert store.epoch == epoch + 1
+        assert store.history()[-1]["source"] == source
+
+
+def test_unauthenticated_fob_id_is_a_commodity_fob(store):
+    async def go():
+        bus = CommandBus(store)
+        return await bus.submit(Command(Action.UNLOCK, "fob:x", authenticated=False))
+
+    outcome = run(go())
+    assert not outcome.ok and "unauthenticated" in outcome.reason
+
+
+def test_unknown_source_is_refused(store):
+    outcome = run(CommandBus(store).submit(Command(Action.STATUS, "martian")))
+    assert not outcome.ok and "unknown source" in outcome.reason
+
+
+def test_policy_table_overrides_a_cell(store):
+    from appliance.config import validate
+
+    cfg = validate({"policy": {"host": {"restore": "never", "unlock": "always"}}})
+    bus = CommandBus(store, cfg["policy"])
+
+    async def go():
+        refused = await bus.submit(Command(Action.RESTORE, "host"))
+        unlocked = await bus.submit(Command(Action.UNLOCK, "host"))
+        return refused, unlocked
+
+    refused, unlocked = run(go())
+    assert not refused.ok and "policy.host" in refused.reason
+    assert unlocked.ok and bus.mode is Mode.UNLOCKED
+
+
+def test_starts_locked_and_save_is_refused_with_a_clear_reason(store):
+    async def go():
+        bus = CommandBus(store)
+        assert bus.mode is Mode.LOCKED
+        refused = await bus.submit(Command(Action.SAVE, "button"))
+        await bus.submit(Command(Action.UNLOCK, "button"))
+        saved = await bus.submit(Command(Action.SAVE, "button"))
+        return refused, saved
+
+    refused, saved = run(go())
+    assert not refused.ok
+    assert "LOCKED" in refused.reason and "unlock" in refused.reason
+    assert saved.ok and saved.data["action"] == "save"
+
+
+def test_relocks_after_idle_time_without_sleeping(store):
+    clock = Clock()
+
+    async def go():
+        bus = CommandBus(store, relock_after=300, clock=clock)
+        events = bus.subscribe()
+        assert (await bus.submit(Command(Action.UNLOCK, "cli"))).ok
+        clock.t += 299
+        await bus.tick()
+        assert bus.mode is Mode.UNLOCKED and bus.relock_in() == pytest.approx(1)
+        assert (await bus.submit(Command(Action.SAVE, "cli"))).ok  # activity restarts the wait
+        clock.t += 200
+        await bus.tick()
+        assert bus.mode is Mode.UNLOCKED
+        clock.t += 100
+        await bus.tick()
+        assert bus.mode is Mode.LOCKED
+        kinds = []
+        while not events.empty():
+            kinds.append(events.get_nowait())
+        relock = [e for e in kinds if e.kind == "outcome" and e.data["source"] == "policy"]
+        assert relock and relock[0].data["action"] == "lock"
+        # a SAVE after the idle time is refused even if no tick ran in between
+        assert (await bus.submit(Command(Action.UNLOCK, "cli"))).ok
+        clock.t += 301
+        return await bus.submit(Command(Action.SAVE, "cli"))
+
+    late = run(go())
+    assert not late.ok and "LOCKED" in late.reason
+
+
+def test_status_queries_do_not_keep_it_unlocked(store):
+    clock = Clock()
+
+    async def go():
+        bus = CommandBus(store, relock_after=10, clock=clock)
+        await bus.submit(Command(Action.UNLOCK, "button"))
+        for _ in range(3):
+            clock.t += 4
+            await bus.submit(Command(Action.STATUS, "host"))
+        return bus.mode
+
+    assert run(go()) is Mode.LOCKED
+
+
+def test_lock_mode_off_never_relocks(store):
+    clock = Clock()
+
+    async def go():
+        bus = CommandBus(store, lock_enabled=False, relock_after=10, clock=clock)
+        clock.t += 10_000
+        await bus.tick()
+        return bus.mode, await bus.submit(Command(Action.SAVE, "cli"))
+
+    mode, outcome = run(go())
+    assert mode is Mode.UNLOCKED and outcome.ok
+
+
+def test_pairing_window_opens_and_closes(store):
+    clock = Clock()
+
+    async def go():
+        bus = CommandBus(store, pairing_window=60, clock=clock, wall=lambda: 5000.0)
+        events = bus.subscribe()
+        outcome = await bus.submit(Command(Action.PAIR, "button"))
+        clock.t += 59
+        await bus.tick()
+        opened = (await bus.snapshot())["pairing"]
+        clock.t += 1
+        await bus.tick()
+        seen = []
+        while not events.empty():
+            seen.append(events.get_nowait())
+        return outcome, opened, [e.data for e in seen if e.kind == "pairing"]
+
+    outcome, opened, pairing = run(go())
+    assert outcome.ok and outcome.data == {"open": True, "until": 5060.0}
+    assert opened == {"open": True, "until": 5060.0}
+    assert pairing == [{"open": True, "until": 5060.0}, {"open": False}]
+
+
+def test_every_outcome_is_published(store):
+    async def go():
+        bus = CommandBus(store)
+        events = bus.subscribe()
+        await bus.submit(Command(Action.SAVE, "host"))
+        await bus.submit(Command(Action.RESTORE, "host"))
+        seen = []
+        while not events.empty():
+            seen.append(events.get_nowait())
+        return seen
+
+    seen = run(go())
+    outcomes = [e.data for e in seen if e.kind == "outcome"]
+    assert [(o["action"], o["ok"]) for o in outcomes] == [("save", False), ("restore", True)]
+    assert "LOCKED" in outcomes[0]["reason"]
+    progress = [(e.data["action"], e.data["phase"]) for e in seen if e.kind == "progress"]
+    assert progress == [("restore", "start"), ("restore", "end")]
+    states = [e.data for e in seen if e.kind == "state"]
+    assert states[-1]["epoch"] == 2 and states[-1]["mode"] == "locked"
+
+
+def test_save_and_restore_change_what_the_disk_reads(store):
+    async def go():
+        bus = CommandBus(store, lock_enabled=False)
+        store.write(0, b"A" * UNIT)
+        assert (await bus.submit(Command(Action.SAVE, "cli"))).ok
+        store.write(0, b"B" * UNIT)
+        status = (await bus.submit(Command(Action.STATUS, "cli"))).data
+        assert (await bus.submit(Command(Action.RESTORE, "cli"))).ok
+        history = (await bus.submit(Command(Action.HISTORY, "cli", args={"limit": 1}))).data
+        return status, history
+
+    status, history = run(go())
+    assert store.read(0, UNIT) == b"A" * UNIT
+    assert status["dirty_units"] == 1 and status["unsaved_fraction"] == pytest.approx(1 / 256)
+    assert [(r["action"], r["source"]) for r in history["history"]] == [("restore", "cli")]
+
+
+def test_bad_history_limit_is_a_clear_error(store):
+    outcome = run(CommandBus(store).submit(Command(Action.HISTORY, "cli", args={"limit": "x"})))
+    assert not outcome.ok and "limit" in outcome.reason
+
+
+class Hooks:
+    """Stands in for the USB gadget (needs a UDC); records the order of calls."""
+
+    def __init__(self, store) -> None:
+        self.store, self.calls = store, []
+
+    async def before_save(self) -> bool:
+        self.calls.append(("before_save", self.store.epoch))
+        return True
+
+    async def around_restore(self, restore):
+        self.calls.append(("eject", self.store.epoch))
+        result = await restore()
+        self.calls.append(("reinsert", self.store.epoch))
+        return result
+
+
+def test_gadget_hooks_wrap_save_and_restore(store):
+    hooks = Hooks(store)
+
+    async def go():
+        bus = CommandBus(store, lock_enabled=False)
+        bus.hooks = hooks
+        save = await bus.submit(Command(Action.SAVE, "button"))
+        restore = await bus.submit(Command(Action.RESTORE, "button"))
+        return save, restore
+
+    save, restore = run(go())
+    assert save.ok and restore.ok
+    assert hooks.calls == [("before_save", 1), ("eject", 2), ("reinsert", 3)]
+    assert store.history()[0]["host_synced"] is True
+
+
+def test_commands_run_one_at_a_time(store):
+    async def go():
+        bus = CommandBus(store, lock_enabled=False)
+        running, peak = 0, 0
+        real_save = store.save
+
+        def slow_save(source, synced=False):
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            import time
+            time.sleep(0.02)
+            running -= 1
+            return real_save(source, synced)
+
+        store.save = slow_save
+        try:
+            outs = await asyncio.gather(*(bus.submit(Command(Action.SAVE, "cli"))
+                                          for _ in range(5)))
+        finally:
+            del store.save
+        return peak, outs
+
+    peak, outs = run(go())
+    assert peak == 1 and all(o.ok for o in outs)
+    assert [r["epoch"] for r in store.history()] == [1, 2, 3, 4, 5]
+
+
+def test_host_events_update_status(store):
+    async def go():
+        bus = CommandBus(store)
+        before = (await bus.snapshot())["host_connected"]
+        bus.set_host_connected(True)
+        after = (await bus.snapshot())["host_connected"]
+        return before, after
+
+    assert run(go()) == (None, True)

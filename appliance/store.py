@@ -17,6 +17,7 @@ Crash safety rests on three orders (docs/format.md has the proofs):
 from __future__ import annotations
 
 import fcntl
+import mmap
 import threading
 import time
 import uuid as uuidlib
@@ -135,7 +136,8 @@ class Store:
                 f"the store needs {g.total_size} bytes but its target has only {backing.size}; "
                 "it was truncated or copied incompletely")
         self.size, self.unit_size, self.epoch = g.logical_size, g.unit_size, self.sb.epoch
-        self._meta = bytearray(g.meta_len)  # calloc'd: pages cost RAM only once loaded
+        # Anonymous mmap: zero pages cost no RAM until a map page is loaded from disk.
+        self._meta = mmap.mmap(-1, g.meta_len)
         self._words = memoryview(self._meta).cast("I")
         self._loaded = bytearray(g.meta_len // PAGE)
         self._bad_sectors: set[int] = set()
@@ -153,6 +155,7 @@ class Store:
         self._pending = 0
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
         self._closed = False
+        self._unsynced = False  # data written since the last sync
         self._load_history()
 
     # ----- opening --------------------------------------------------------------------------
@@ -291,12 +294,53 @@ class Store:
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_range(offset, len(buf))
-        with self._io():
+        self._gate.enter()
+        try:
             self._read_locked(offset, buf)
+        except OSError as e:
+            raise StoreIOError(f"I/O error on the backing storage: {e}") from e
+        finally:
+            self._gate.leave()
+
+    def _uniform(self, first: int, end: int) -> int | None:
+        """The raw record shared by units first..end-1 (compared in C), or None if they differ.
+
+        Sequential I/O mostly meets runs of identical records: never written, all written in
+        one epoch, or all normalised. One comparison per map sector replaces a Python loop.
+        """
+        for page in range(first // UNITS_PER_PAGE, (end - 1) // UNITS_PER_PAGE + 1):
+            if not self._loaded[page]:
+                self._load_page(page)
+        w0 = _word(first)
+        raw = self._words[w0]
+        pattern = raw.to_bytes(4, "little")
+        unit = first
+        while unit < end:
+            n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
+            w = _word(unit) * 4
+            if self._meta[w:w + 4 * n] != pattern * n:
+                return None
+            unit += n
+        if unit // RECS_PER_SECTOR in self._bad_sectors or \
+                (first // RECS_PER_SECTOR) in self._bad_sectors:
+            return None
+        return raw
 
     def _read_locked(self, offset: int, buf: memoryview, saved: bool = False) -> None:
         """Fill buf from the visible disk, or from the saved image when saved=True."""
         us, g = self.unit_size, self.geo
+        first, end_unit = offset // us, -(-(offset + len(buf)) // us)
+        if end_unit - first > 2 and self._uniform(first, end_unit) is not None:
+            rec = self._record(first)
+            slot, has = self._route(rec)
+            if saved:
+                slot = rec >> 31
+                has = bool(rec & HAS[slot])
+            if has:
+                self._b.pread_into(buf, g.slot_off[slot] + offset)
+            else:
+                buf[:] = bytes(len(buf))
+            return
         pos, end = offset, offset + len(buf)
         run_phys, run_start = -1, 0  # coalesce reads that are contiguous on disk
         while pos < end:
@@ -335,6 +379,46 @@ class Store:
             self.flush()
 
     def _write_locked(self, offset: int, view: memoryview) -> None:
+        us = self.unit_size
+        first, end_unit = -(-offset // us), (offset + len(view)) // us
+        if end_unit - first > 2:  # whole units in the middle: try one write for all of them
+            head, tail = first * us - offset, (offset + len(view)) - end_unit * us
+            if self._write_run(first, end_unit, view[head:len(view) - tail]):
+                if head:
+                    self._write_units(offset, view[:head])
+                if tail:
+                    self._write_units(end_unit * us, view[len(view) - tail:])
+                return
+        self._write_units(offset, view)
+
+    def _write_run(self, first: int, end: int, view: memoryview) -> bool:
+        """Write whole units first..end-1 with one pwrite if their records are uniform."""
+        raw = self._uniform(first, end)
+        if raw is None:
+            return False
+        rec = self._record(first)
+        sec = (rec >> 31) ^ 1
+        self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
+        new = (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch
+        if raw == new:
+            return True
+        pattern = new.to_bytes(4, "little")
+        with self._meta_lock:  # data written first, records after: see the module docstring
+            w = raw & WEPOCH_MASK
+            if w and w < self.epoch:
+                self._pending -= end - first
+            if w != self.epoch:
+                self.dirty_units += end - first
+            unit = first
+            while unit < end:
+                n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
+                b = _word(unit) * 4
+                self._meta[b:b + 4 * n] = pattern * n
+                self._dirty.add(unit // RECS_PER_SECTOR)
+                unit += n
+        return True
+
+    def _write_units(self, offset: int, view: memoryview) -> None:
         us, g, epoch = self.unit_size, self.geo, self.epoch
         pos, end = offset, offset + len(view)
         while pos < end:
@@ -346,9 +430,14 @@ class Store:
             if fresh or not rec & HAS[sec]:
                 self._first_write(unit, within, view[pos - offset:pos - offset + n])
             else:
-                self._b.pwrite(view[pos - offset:pos - offset + n],
-                               g.slot_off[sec] + unit * us + within)
+                self._write_data(view[pos - offset:pos - offset + n],
+                                 g.slot_off[sec] + unit * us + within)
             pos += n
+
+    def _write_data(self, data: bytes | bytearray | memoryview, phys: int) -> None:
+        self._b.pwrite(data, phys)
+        # Only after the write returned: a flush that clears this flag syncs after it.
+        self._unsynced = True
 
     def _first_write(self, unit: int, within: int, chunk: memoryview) -> None:
         """Write into a secondary slot that holds nothing of this epoch yet (copy-up if partial)."""
@@ -359,7 +448,7 @@ class Store:
             current = (rec & WEPOCH_MASK) == self.epoch
             phys = self.geo.slot_off[sec] + unit * self.unit_size
             if current and rec & HAS[sec]:
-                self._b.pwrite(chunk, phys + within)
+                self._write_data(chunk, phys + within)
                 return
             if len(chunk) < self.unit_size:
                 whole = bytearray(self.unit_size)
@@ -367,9 +456,9 @@ class Store:
                     self._b.pread_into(memoryview(whole), self.geo.slot_off[prim] +
                                        unit * self.unit_size)
                 whole[within:within + len(chunk)] = chunk
-                self._b.pwrite(whole, phys)
+                self._write_data(whole, phys)
             else:
-                self._b.pwrite(chunk, phys)
+                self._write_data(chunk, phys)
             with self._meta_lock:
                 self._mark_written(unit, rec, (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch)
 
@@ -416,6 +505,7 @@ class Store:
                 sec = (rec >> 31) ^ 1
                 if punch and rec & HAS[sec]:
                     self._b.discard(g.slot_off[sec] + unit * us, us)
+                    self._unsynced = True
                 with self._meta_lock:
                     self._mark_written(unit, rec, (rec & ~WEPOCH_MASK & ~HAS[sec]) | self.epoch)
 
@@ -462,7 +552,9 @@ class Store:
                     seal_sector(self._meta, s)
                 image = {s: bytes(self._meta[s * SECTOR:(s + 1) * SECTOR]) for s in sectors}
                 counters = (self.dirty_units, self.dirty_bytes)
-            self._b.sync()  # data first: a durable record must never point at unwritten data
+            if self._unsynced:
+                self._unsynced = False
+                self._b.sync()  # data first: a durable record never points at unwritten data
             if not sectors and advance_resolved is None:
                 return
             for start, blob in _coalesce(image):

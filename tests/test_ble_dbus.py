@@ -189,3 +189,50 @@ def test_fobs_handler_revokes_over_the_bus(private_bus, tmp_path):
         assert sink.commands == []
 
     run(with_part(private_bus, tmp_path, body))
+
+
+def test_through_the_real_command_bus(private_bus, tmp_path):
+    """PAIR from the button opens the window; the bus's lock mode and policy apply to fobs."""
+    from appliance.bus import CommandBus
+    from appliance.commands import Command
+    from appliance.store import Store, create_store
+
+    create_store(str(tmp_path / "disk.img"), 1 << 20, 4096)
+    store = Store.open(str(tmp_path / "disk.img"))
+
+    async def body() -> None:
+        bus = CommandBus(store)
+        fake = FakeBluez(private_bus)
+        await fake.start()
+        part = BlePart({"bus_address": private_bus, "registry": str(tmp_path / "f.json")}, bus)
+        await part.start()
+        try:
+            await fake.start_notify(frames.STATUS_UUID)
+            assert (await bus.submit(Command(Action.PAIR, source="button"))).ok
+            while not (await next_status(fake)).pairing:
+                pass
+            assert await fake.pair()
+            creds = await pair_over_gatt(fake)
+
+            with pytest.raises(AttError):  # LOCKED at boot: SAVE is refused by the bus
+                await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+            assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REFUSED
+            nonce = await fake.read(frames.CHALLENGE_UUID)
+            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.UNLOCK, nonce))
+            epoch = (await bus.snapshot())["epoch"]
+            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+            status = Status.decode(await fake.read(frames.STATUS_UUID))
+            assert status.unlocked and status.last_result == Result.OK
+            assert status.epoch == epoch + 1
+            last = bus.last_outcome or {}
+            assert (last["action"], last["source"]) == ("save", f"fob:{creds.fob_id}")
+            fobs = await bus.handler("fobs")({"op": "list"})  # type: ignore[misc]
+            assert fobs["fobs"][0]["counter"] == creds.counter
+        finally:
+            await part.stop()
+            await fake.stop()
+
+    try:
+        run(body())
+    finally:
+        store.close()

@@ -51,7 +51,7 @@ class NbdServer:
                  socket_mode: int = 0o600, group: str | None = None,
                  export_name: str = "savepoint",
                  log: logging.Logger = LOG,
-                 workers: int = 8) -> None:
+                 workers: int = 4) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NbdServer needs a Unix socket path or a TCP (host, port) "
                              "to listen on")

@@ -6,8 +6,8 @@
 set -eu
 src=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
-if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    echo "install.sh: needs Python 3.11 or newer (Raspberry Pi OS Bookworm has it)" >&2
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "install.sh: needs $py to be Python 3.11 or newer (Raspberry Pi OS Bookworm has it)" >&2
     exit 2
 fi
 PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}" exec "$py" -m provisioning.installer "$@"

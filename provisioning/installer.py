@@ -100,12 +100,15 @@ def choose_store(args: argparse.Namespace, root: Path) -> tuple[str, str | None]
         why = disks.refusal(checked, args.force)
         if why:
             raise InstallError(why)
-    if size and not os.path.exists(checked):
-        need = 2 * _bytes(size)  # two slots per unit: a disk of SIZE needs about 2 x SIZE
-        if _free_bytes(Path(checked).parent) < need:
-            raise InstallError(f"not enough free space for a {size} store file (it needs about "
-                               f"twice that): use a smaller --size or a USB disk (--device)")
     return store, size
+
+
+def _check_space(root: Path, store: str, size: str | None) -> None:
+    """A store file of SIZE needs about 2 x SIZE: two slots per unit (saved + working)."""
+    path = on(root, store)
+    if size and not path.exists() and _free_bytes(path.parent) < 2 * _bytes(size):
+        raise InstallError(f"not enough free space for a {size} store file (it needs about "
+                           "twice that): use a smaller --size or a USB disk (--device)")
 
 
 def _bytes(size: str) -> int:
@@ -152,11 +155,17 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),
                 symlink_change(root, WANTS, UNIT)]
-    changes.append(system.store_change(m, root, store, size, args.unit, args.force)
-                   if full else None)
+    runs_init = full or "SAVEPOINT_CMD" in os.environ  # tests: init with the dev venv's CLI
+    init = system.store_change(m, root, store, size, args.unit, args.force) if runs_init else None
+    if init:
+        _check_space(root, store, size)
+    changes.append(init)
     if not full:
-        notes.append(f"skipped under --root: virtualenv {system.VENV} and `savepoint init "
-                     f"{store}` (set SAVEPOINT_ROOT_FULL=1 to run them)")
+        notes.append(f"skipped under --root: virtualenv {system.VENV} "
+                     "(set SAVEPOINT_ROOT_FULL=1 to build it)")
+    if not runs_init:
+        notes.append(f"skipped under --root: `savepoint init {store}` (set SAVEPOINT_CMD to a "
+                     "savepoint executable to run it)")
     return [c for c in changes if c is not None], notes
 
 
@@ -173,8 +182,6 @@ def install(args: argparse.Namespace, root: Path) -> int:
     m = Manifest(root)
     changes, notes = plan(args, root, m)
     model = edits.pi_model(root)
-    for note in notes:
-        print(f"  ({note})")
     if not changes:
         print("Nothing to change: Savepoint is already installed as configured.")
         return 0
@@ -182,6 +189,8 @@ def install(args: argparse.Namespace, root: Path) -> int:
           + (" (dry run: nothing will be changed)" if args.dry_run else ""))
     for c in changes:
         print(c.show())
+    for note in notes:
+        print(f"  ({note})")
     if args.dry_run:
         return 0
     confirm(args, f"make these {len(changes)} change(s)")

@@ -53,6 +53,15 @@ async def pair_over_gatt(fake: FakeBluez, device: str = DEVICE) -> FobCredential
     return creds
 
 
+async def eventually(check: Callable[[], bool], seconds: float = 3) -> bool:
+    """Poll a condition that a background D-Bus round trip makes true."""
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return True
+        await asyncio.sleep(0.02)
+    return check()
+
+
 async def next_status(fake: FakeBluez) -> Status:
     _path, value = await asyncio.wait_for(fake.notifications.get(), 2)
     return Status.decode(value)
@@ -104,7 +113,8 @@ def test_pairing_window_commands_and_notifications(private_bus, tmp_path):
         await fake.start_notify(frames.STATUS_UUID)
         sink.publish(Event("pairing", {"open": True}))
         assert (await next_status(fake)).pairing
-        assert await fake.pair() and fake.adapter["Pairable"] is True
+        assert await fake.pair()
+        assert await eventually(lambda: fake.adapter["Pairable"] is True)
         creds = await pair_over_gatt(fake)
         assert creds.fob_id == 1 and (await next_status(fake)).last_result == Result.OK
 
@@ -149,9 +159,9 @@ def test_pairing_window_closes_by_itself(private_bus, tmp_path):
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         assert await fake.pair()
-        await asyncio.sleep(0.4)
+        assert await eventually(lambda: not part.proto.pairing_open)
         assert not await fake.pair(OTHER)
-        assert fake.adapter["Pairable"] is False
+        assert await eventually(lambda: fake.adapter["Pairable"] is False)
 
     run(with_part(private_bus, tmp_path, body, pairing_window=0.2))
 

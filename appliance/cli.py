@@ -142,7 +142,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
                 if not confirm_restore(client):
                     return fail("RESTORE cancelled; nothing changed")
             cmd_args: dict[str, Any] = {}
-            if args.command == "history" and args.limit:
+            if args.command == "history" and args.limit is not None:
                 cmd_args["limit"] = args.limit
             reply = client.request(args.command, cmd_args)
     except ControlError as e:

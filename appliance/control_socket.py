@@ -3,9 +3,10 @@
 Request:  {"cmd": "save"|"restore"|"unlock"|"lock"|"status"|"history"|"pair"|"watch"|<part>,
            "args": {...}}
 Reply:    {"ok": true|false, "reason": "...", "data": {...}}
-"watch" replies once, then streams {"event": kind, "data": {...}} lines until the client
-closes. Malformed or unknown requests get {"ok": false, "reason": ...}; the connection and
-the daemon stay up. `dispatch()` is the same grammar for other channels (host serial).
+"watch" replies once, sends the current state as a "state" event, then streams
+{"event": kind, "data": {...}} lines until the client closes. Malformed or unknown
+requests get {"ok": false, "reason": ...}; the connection and the daemon stay up.
+`dispatch()` is the same grammar for other channels (host serial).
 Grammar and examples: docs/protocol.md.
 """
 
@@ -169,6 +170,9 @@ class ControlServer:
         queue = self.bus.subscribe()
         try:
             await _send(writer, {"ok": True, "reason": "", "data": {"watching": True}})
+            snapshot = getattr(self.bus, "snapshot", None)
+            if snapshot is not None:  # the current state first, then every change
+                await _send(writer, {"event": "state", "data": await snapshot()})
             closed = asyncio.ensure_future(reader.read())  # EOF: the watcher went away
             while not closed.done():
                 get = asyncio.ensure_future(queue.get())

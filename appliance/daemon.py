@@ -104,14 +104,12 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.start()
+            await self._stop.wait()
         except StartupError as e:
             log.error("%s", e)
-            await self.shutdown()
             return 1
-        try:
-            await self._stop.wait()
         finally:
-            await self.shutdown()
+            await self.shutdown()  # whatever happened: in-flight I/O done, store flushed
         return 0
 
     def request_stop(self) -> None:

@@ -1,0 +1,147 @@
+"""`savepoint serve` end to end as a subprocess, driven by qemu-io and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import signal
+import subprocess
+
+import pytest
+
+from tests.test_daemon_support import (
+    SAVEPOINT,
+    Served,
+    cli,
+    env,
+    pattern_matches,
+    qemu_io,
+    short_dir,
+    status,
+)
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(str(tmp_path / "disk.img"))
+    yield s
+    s.cleanup()
+
+
+def test_write_save_write_restore_reads_the_saved_data(served):
+    assert served.uri in served.banner
+    assert f"nbdinfo '{served.uri}'" in served.banner
+    assert "qemu-system-x86_64" in served.banner
+    qemu_io(served.uri, "write -P 0xA1 0 1M")
+    out = cli("save", control=served.control).stdout
+    assert out.startswith("SAVE done")
+    qemu_io(served.uri, "write -P 0xB2 0 1M", "write -P 0xB2 32M 4k")
+    before = status(served.control)
+    assert before["dirty_units"] == 257 and before["dirty_bytes"] == 257 * 4096
+    cli("restore", "--yes", control=served.control)
+    assert pattern_matches(served.uri, 0, 1 << 20, 0xA1)
+    assert pattern_matches(served.uri, 32 << 20, 4096, 0)
+    hist = json.loads(cli("history", "--json", control=served.control).stdout)["data"]
+    assert [(r["action"], r["source"], r["units"]) for r in hist["history"]] == [
+        ("save", "cli", 256), ("restore", "cli", 257)]
+    assert served.stop() == 0
+    assert "stopped: store flushed and closed" in served.stderr()
+    assert not os.path.exists(served.control) and not os.path.exists(served.nbd)
+
+
+def test_restart_keeps_saved_data_and_offline_history(tmp_path):
+    disk = str(tmp_path / "disk.img")
+    first = Served(disk)
+    try:
+        qemu_io(first.uri, "write -P 0xC3 4096 8k")
+        cli("save", control=first.control)
+        assert first.stop() == 0
+    finally:
+        first.cleanup()
+    offline = subprocess.run([*SAVEPOINT, "history", disk], capture_output=True, text=True,
+                             env=env(), timeout=30)
+    assert offline.returncode == 0 and "save" in offline.stdout and "cli" in offline.stdout
+    second = Served(disk, size=None)
+    try:
+        assert pattern_matches(second.uri, 4096, 8192, 0xC3)
+        assert status(second.control)["epoch"] == 2
+    finally:
+        assert second.stop() == 0
+        second.cleanup()
+
+
+def test_status_shows_mode_gauge_and_parts(served):
+    qemu_io(served.uri, "write -P 1 0 64k")
+    out = cli("status", control=served.control).stdout
+    assert "UNLOCKED (lock mode off)" in out
+    assert "16 units, 64.0 KiB" in out and "of 64.0 MiB" in out
+    assert "part nbd     up" in out and "part gadget  off" in out
+    st = status(served.control)
+    assert st["nbd_uris"] == [served.uri] and st["parts"]["nbd"]["state"] == "up"
+
+
+def test_restore_on_a_terminal_asks_first(served):
+    qemu_io(served.uri, "write -P 7 0 4k")
+    main, sub = pty.openpty()
+    try:
+        proc = subprocess.Popen([*SAVEPOINT, "restore", "--control", served.control],
+                                stdin=sub, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env(), text=True)
+        os.write(main, b"n\n")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(main)
+        os.close(sub)
+    assert proc.returncode == 1 and "cancelled" in err
+    assert "Discard 1 unsaved units" in out
+    assert pattern_matches(served.uri, 0, 4096, 7)  # nothing changed
+
+
+def test_errors_are_one_line_and_non_zero(served, tmp_path):
+    nobody = os.path.join(short_dir(), "none.sock")
+    proc = cli("status", control=nobody, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "no savepoint daemon" in proc.stderr
+    proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "new.img")], capture_output=True,
+                          text=True, env=env(), timeout=30)
+    assert proc.returncode != 0 and "--size" in proc.stderr
+    assert not (tmp_path / "new.img").exists()
+    proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "x.img"), "--size", "1G",
+                           "--tcp", "nowhere"], capture_output=True, text=True, env=env())
+    assert proc.returncode != 0 and "HOST:PORT" in proc.stderr
+    proc = cli("history", "--limit", "0", control=served.control, check=False)
+    assert proc.returncode == 1 and "limit" in proc.stderr
+
+
+def test_control_path_from_environment(served):
+    e = env()
+    e["SAVEPOINT_CONTROL"] = served.control
+    proc = subprocess.run([*SAVEPOINT, "status", "--json"], capture_output=True, text=True,
+                          env=e, timeout=30)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
+
+
+def test_watch_prints_live_events(served):
+    watcher = subprocess.Popen([*SAVEPOINT, "watch", "--json", "--control", served.control],
+                               stdout=subprocess.PIPE, text=True, env=env())
+    try:
+        assert watcher.stdout is not None
+        first = json.loads(watcher.stdout.readline())  # subscribed: the current state
+        assert first["event"] == "state" and first["data"]["epoch"] == 1
+        cli("save", control=served.control)
+        events = []
+        while not events or events[-1]["event"] != "state":
+            events.append(json.loads(watcher.stdout.readline()))
+        assert [e["event"] for e in events] == ["progress", "progress", "outcome", "state"]
+        assert events[2]["data"]["action"] == "save" and events[2]["data"]["ok"]
+        assert events[3]["data"]["epoch"] == 2
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(10)
+        watcher.stdout.close()
+
+
+def test_sigint_stops_cleanly(served):
+    qemu_io(served.uri, "write -P 9 0 4k")
+    assert served.stop(signal.SIGINT) == 0

@@ -206,7 +206,8 @@ class Store:
         """Index how each recent epoch ended; repair the newest ring record from the superblock."""
         last = unpack_history(self.sb.last_record)
         if last is not None and self._ring_record(last.epoch) != last:
-            self._ring[self._ring_off(last.epoch):][:HIST_REC] = self.sb.last_record
+            off = self._ring_off(last.epoch)
+            self._ring[off:off + HIST_REC] = self.sb.last_record  # a slice of a slice is a copy
             if not self.readonly:
                 self._b.pwrite(self.sb.last_record, self.geo.hist_off + self._ring_off(last.epoch))
                 self._b.sync()

@@ -1,0 +1,102 @@
+"""savepoint-host: talk to a Savepoint appliance from the computer it is plugged into.
+
+The appliance's CDC-ACM serial port needs no driver on Linux, macOS or Windows. The port is
+found by USB vendor/product ID (and serial number, if given) with pyserial's list_ports;
+requests use the local socket's JSON-lines grammar. The appliance decides what the host may
+do: SAVE is refused while it is LOCKED, and the host can never unlock it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import serial
+from serial.tools import list_ports
+
+DEFAULT_VID = 0x1D6B  # appliance.gadget defaults
+DEFAULT_PID = 0x0104
+COMMANDS = ("status", "save", "restore", "history", "lock")
+
+
+class HostError(Exception):
+    """Reaching the appliance failed; the message says what to check."""
+
+
+def find_port(vid: int = DEFAULT_VID, pid: int = DEFAULT_PID, serial_number: str = "") -> str:
+    """The one serial port whose USB IDs (and serial number, if given) match."""
+    found = [p for p in list_ports.comports()
+             if p.vid == vid and p.pid == pid
+             and (not serial_number or p.serial_number == serial_number)]
+    if not found:
+        raise HostError(f"no Savepoint appliance found (USB {vid:04x}:{pid:04x}"
+                        f"{' serial ' + serial_number if serial_number else ''}): "
+                        "check the cable, or give --port")
+    if len(found) > 1:
+        names = ", ".join(f"{p.device} (serial {p.serial_number})" for p in found)
+        raise HostError(f"several appliances found: {names}; choose one with --serial")
+    return found[0].device
+
+
+def request(port: str, cmd: str, args: dict[str, Any] | None = None,
+            timeout: float = 120.0) -> dict[str, Any]:
+    """Send one request line and return the reply object."""
+    line = json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n"
+    try:
+        with serial.Serial(port, 115200, timeout=timeout) as conn:
+            conn.reset_input_buffer()  # a reply to an earlier, abandoned request
+            conn.write(line)
+            conn.flush()
+            reply = conn.readline()
+    except serial.SerialException as e:
+        raise HostError(f"{port}: {e}") from None
+    if not reply.endswith(b"\n"):
+        raise HostError(f"{port}: no answer within {timeout:g} s")
+    try:
+        obj = json.loads(reply)
+    except json.JSONDecodeError:
+        raise HostError(f"{port}: garbled answer {reply[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise HostError(f"{port}: unexpected answer {obj!r}")
+    return obj
+
+
+def _hex(text: str) -> int:
+    return int(text, 16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="savepoint-host", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("--port", help="serial port (default: found by USB IDs)")
+    p.add_argument("--vid", type=_hex, default=DEFAULT_VID, help="USB vendor ID, hex")
+    p.add_argument("--pid", type=_hex, default=DEFAULT_PID, help="USB product ID, hex")
+    p.add_argument("--serial", default="", help="USB serial number of the appliance")
+    p.add_argument("--limit", type=int, help="history: only the last N records")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    p.add_argument("--json", action="store_true", help="print the appliance's JSON reply")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmd_args = {"limit": args.limit} if args.command == "history" and args.limit else {}
+    try:
+        port = args.port or find_port(args.vid, args.pid, args.serial)
+        reply = request(port, args.command, cmd_args, args.timeout)
+    except HostError as e:
+        print(f"savepoint-host: {e}", file=sys.stderr)
+        return 2
+    if args.json or reply.get("ok"):
+        print(json.dumps(reply if args.json else reply.get("data", {}), indent=2, default=str))
+    if not reply.get("ok"):
+        print(f"savepoint-host: {args.command.upper()} refused: {reply.get('reason')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -245,10 +245,10 @@ class Store:
         if not self._loaded[unit // UNITS_PER_PAGE]:
             self._load_page(unit // UNITS_PER_PAGE)
         rec = self._words[_word(unit)]
+        if self._bad_sectors and unit // RECS_PER_SECTOR in self._bad_sectors:
+            self._raise_bad(unit)  # a record that failed its checksum is never trusted
         w = rec & WEPOCH_MASK
         if w and w != self.epoch:
-            if unit // RECS_PER_SECTOR in self._bad_sectors:
-                self._raise_bad(unit)
             if self._saved_epochs[w % self.geo.hist_cap]:
                 rec ^= VSM_BIT
             rec &= ~WEPOCH_MASK
@@ -322,9 +322,9 @@ class Store:
             if self._meta[w:w + 4 * n] != pattern * n:
                 return None
             unit += n
-        if unit // RECS_PER_SECTOR in self._bad_sectors or \
-                (first // RECS_PER_SECTOR) in self._bad_sectors:
-            return None
+        if self._bad_sectors and not self._bad_sectors.isdisjoint(
+                range(first // RECS_PER_SECTOR, (end - 1) // RECS_PER_SECTOR + 1)):
+            return None  # every sector of the run, not only its ends
         return raw
 
     def _read_locked(self, offset: int, buf: memoryview, saved: bool = False) -> None:

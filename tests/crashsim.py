@@ -1,0 +1,157 @@
+"""An in-memory Backing that can lose power: the crash-testing layer for the store.
+
+`CrashBacking` behaves like a regular file behind a page cache. Every pwrite and discard
+lands at once in `image` (what reads see) but stays *volatile* until the next sync. A
+power cut (`power_cut`) keeps everything synced and treats each volatile write
+independently: lost, applied, or torn (a random subset of its 512-byte sectors applied),
+the survivors applied in random order. A sector therefore ends up holding its synced content
+or the content it had right after one of the volatile writes, exactly as writeback of a page
+cache can leave it (a sub-sector write carries the whole sector as it was in the cache).
+
+`cut_at=k` makes the k-th backing operation (pwrite, discard or sync) the moment the power
+goes: a pwrite/discard is still recorded (volatile, so the cut may keep or drop it), a sync is
+not performed, and PowerCut is raised, so the cut can land in the middle of a store command.
+Every later operation raises PowerCut too: the process is dead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from functools import lru_cache
+
+from appliance.store_format import DEFAULT_HIST_CAP
+from appliance.store_init import create_store
+
+SECTOR = 512
+Guard = Callable[[str, int, int], None]  # (kind, offset, length), called before each write
+
+
+class PowerCut(Exception):
+    """The simulated power went away; the store object that saw it must be dropped."""
+
+
+class CrashBacking:
+    """Byte-addressed storage in a bytearray with page-cache-like volatility (fd = None)."""
+
+    fd = None
+
+    def __init__(self, image: bytearray, cut_at: int | None = None,
+                 guard: Guard | None = None) -> None:
+        self.image = image
+        self.size = len(image)
+        self.cut_at = cut_at
+        self.guard = guard
+        self.ops = 0  # pwrite + discard + sync calls so far
+        self.writes = 0
+        self.syncs = 0
+        self.dead = False
+        self._base: dict[int, bytes] = {}  # sector -> synced content, for sectors touched since
+        self._pending: list[tuple[int, bytes]] = []  # (first sector, sectors right after write)
+
+    # ----- the Backing protocol ---------------------------------------------------------------
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        if self.dead:
+            raise PowerCut("read after the power cut")
+        buf[:] = self.image[offset:offset + len(buf)]
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        cut = self._tick()
+        self.writes += 1
+        if self.guard:
+            self.guard("pwrite", offset, len(data))
+        self._apply(bytes(data), offset)
+        if cut:
+            raise PowerCut(f"power cut during pwrite #{self.ops} at {offset}+{len(data)}")
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole: reads as zeros at once, durable only after a sync (like pwrite)."""
+        cut = self._tick()
+        if self.guard:
+            self.guard("discard", offset, length)
+        if length > 0:
+            self._apply(bytes(length), offset)
+        if cut:
+            raise PowerCut(f"power cut during discard #{self.ops} at {offset}+{length}")
+
+    def sync(self) -> None:
+        if self._tick():
+            raise PowerCut(f"power cut during sync #{self.ops}")
+        self.syncs += 1
+        self._base.clear()
+        self._pending.clear()
+
+    def close(self) -> None:
+        pass
+
+    # ----- crashing ---------------------------------------------------------------------------
+
+    def _tick(self) -> bool:
+        if self.dead:
+            raise PowerCut("the power is already off")
+        self.ops += 1
+        if self.cut_at is not None and self.ops >= self.cut_at:
+            self.dead = True
+            return True
+        return False
+
+    def _apply(self, data: bytes, offset: int) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise OSError(f"write at {offset}+{len(data)} beyond the {self.size}-byte backing")
+        first, end = offset // SECTOR, -(-(offset + len(data)) // SECTOR)
+        for s in range(first, end):
+            if s not in self._base:
+                self._base[s] = bytes(self.image[s * SECTOR:(s + 1) * SECTOR])
+        self.image[offset:offset + len(data)] = data
+        self._pending.append((first, bytes(self.image[first * SECTOR:end * SECTOR])))
+
+    @property
+    def volatile_writes(self) -> int:
+        return len(self._pending)
+
+    def power_cut(self, rng: random.Random) -> CrashBacking:
+        """The image a power cut leaves now, as a fresh backing with nothing volatile."""
+        image = bytearray(self.image)
+        for s, content in self._base.items():
+            image[s * SECTOR:(s + 1) * SECTOR] = content
+        pending = list(self._pending)
+        rng.shuffle(pending)
+        for first, blob in pending:
+            fate = rng.random()
+            if fate < 1 / 3:
+                continue  # lost
+            count = len(blob) // SECTOR
+            for i in range(count):
+                if fate < 2 / 3 or rng.random() < 0.5:  # applied whole, or torn
+                    s = first + i
+                    image[s * SECTOR:(s + 1) * SECTOR] = blob[i * SECTOR:(i + 1) * SECTOR]
+        return CrashBacking(image)
+
+    def durable_image(self) -> bytearray:
+        """What is guaranteed to survive: the image as of the last sync."""
+        image = bytearray(self.image)
+        for s, content in self._base.items():
+            image[s * SECTOR:(s + 1) * SECTOR] = content
+        return image
+
+
+@lru_cache(maxsize=16)
+def _template(size: int, unit: int, hist_cap: int) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "store.img")
+        create_store(path, size, unit=unit, hist_cap=hist_cap)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def new_store_image(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP) -> bytearray:
+    """A freshly initialised store (made by the real create_store) as a bytearray."""
+    return bytearray(_template(size, unit, hist_cap))
+
+
+def new_backing(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP,
+                **kwargs: object) -> CrashBacking:
+    return CrashBacking(new_store_image(size, unit, hist_cap), **kwargs)  # type: ignore[arg-type]

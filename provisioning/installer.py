@@ -66,7 +66,10 @@ def _free_bytes(path: Path) -> int:
 
 def _ask_device() -> str | None:
     """Let a user at a terminal pick a disk; None keeps the store file on the SD card."""
-    found = [d for d in disks.candidates() if not d.note]
+    try:
+        found = [d for d in disks.candidates() if not d.note]
+    except ImportError:  # pyudev arrives with the packages; until then offer the file store
+        return None
     if not found:
         return None
     print("Where should the store live?")

@@ -143,7 +143,11 @@ def refusal(path: str, force: bool) -> str | None:
 
 
 def main() -> int:
-    disks = candidates()
+    try:
+        disks = candidates()
+    except ImportError:
+        print("Listing disks needs pyudev: sudo apt-get install python3-pyudev", file=sys.stderr)
+        return 2
     if not disks:
         print("No disks found. Plug in a USB SSD or stick, or use a store file on the SD card "
               "(install.sh without --device).")

@@ -147,7 +147,7 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     changes = [system.packages_change() if live else None,
                file_change(root, fw_path, edits.add_dwc2(firmware.read_text())),
                file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
-               system.group_change(root),
+               *system.group_changes(root),
                dir_change(root, "/etc/savepoint"),
                dir_change(root, "/var/lib/savepoint", 0o750)]
     if not live:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,21 +51,27 @@ def packages_change() -> Change | None:
     return Change("+ apt-get install " + " ".join(missing), apply)
 
 
-def group_change(root: Path) -> Change | None:
+def group_changes(root: Path) -> list[Change | None]:
     """Live: groupadd (locks /etc/group properly). Under --root: edit the files directly."""
     if root != Path("/"):
         group = on(root, "/etc/group")
         text = group.read_text() if group.exists() else ""
-        return file_change(root, "/etc/group", edits.add_group(text, GROUP))
+        changes = [file_change(root, "/etc/group", edits.add_group(text, GROUP))]
+        gshadow = on(root, "/etc/gshadow")
+        if gshadow.exists() and not re.search(rf"(?m)^{GROUP}:", gshadow.read_text()):
+            text = gshadow.read_text()
+            sep = "" if not text or text.endswith("\n") else "\n"
+            changes.append(file_change(root, "/etc/gshadow", f"{text}{sep}{GROUP}:!::\n"))
+        return changes
     if subprocess.run(["getent", "group", GROUP], capture_output=True,
                       check=False).returncode == 0:
-        return None
+        return [None]
 
     def apply(manifest: Manifest) -> None:
         run(["groupadd", "--system", GROUP])
         manifest.add({"type": "group", "name": GROUP})
 
-    return Change(f"+ group {GROUP} (system group: members may use the savepoint CLI)", apply)
+    return [Change(f"+ group {GROUP} (system group: members may use the savepoint CLI)", apply)]
 
 
 def source_hash(src: Path) -> str:
@@ -93,7 +100,10 @@ def venv_change(root: Path, src: Path) -> Change | None:
         if not (venv / "bin/python").exists():
             # System site packages: gpiozero's lgpio backend comes from python3-lgpio (apt).
             run(["python3", "-m", "venv", "--system-site-packages", str(venv)])
-        run([str(venv / "bin/pip"), "install", "--upgrade", str(src)])
+        pip = str(venv / "bin/pip")
+        run([pip, "install", str(src)])  # the project and its dependencies
+        if not fresh:  # same version number, new code: pip would call it satisfied
+            run([pip, "install", "--no-deps", "--force-reinstall", str(src)])
         stamp.write_text(digest + "\n")
 
     verb = "install" if fresh else "update"

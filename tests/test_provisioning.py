@@ -91,6 +91,8 @@ def make_root(tmp: Path, model: str = "Raspberry Pi Zero 2 W Rev 1.0", firmware:
         (root / d).mkdir(parents=True)
     (root / "etc/group").write_text(GROUP)
     (root / "etc/group").chmod(0o644)
+    (root / "etc/gshadow").write_text("root:*::\nsudo:*::pi\n")
+    (root / "etc/gshadow").chmod(0o640)
     (root / "etc/modules-load.d/modules.conf").write_text("# /etc/modules\ni2c-dev\n")
     (root / "etc/hostname").write_text("raspberrypi\n")
     (root / "proc/device-tree/model").write_bytes(model.encode() + b"\0")
@@ -148,6 +150,8 @@ def test_every_edit(root: Path) -> None:
     assert group.startswith(GROUP)
     name, _, gid, members = group.splitlines()[-1].split(":")
     assert (name, members) == ("savepoint", "") and 100 <= int(gid) < 1000
+    assert (root / "etc/gshadow").read_text() == "root:*::\nsudo:*::pi\nsavepoint:!::\n"
+    assert (root / "etc/gshadow").stat().st_mode & 0o777 == 0o640  # mode kept
     unit = root / "etc/systemd/system/savepoint.service"
     assert unit.read_text() == (REPO / "systemd/savepoint.service").read_text()
     wants = root / "etc/systemd/system/multi-user.target.wants/savepoint.service"

@@ -138,11 +138,12 @@ class Daemon:
         self.bus.set_part("control", "up", self.control_socket)
         for section in PARTS:
             await self._start_part(section)
-        self._tasks = [asyncio.create_task(self._ticker(), name="tick")]
+        line = await self._status_line()
+        self.notifier.ready(line)
+        log.info("ready: %s", line)
+        self._tasks = [asyncio.create_task(self._ticker(line), name="tick")]
         if self.cfg["store"]["background"] and hasattr(self.store, "background_step"):
             self._tasks.append(asyncio.create_task(self._background(), name="background"))
-        self.notifier.ready(await self._status_line())
-        log.info("ready: %s", await self._status_line())
         if self.on_ready:
             self.on_ready(self)
 
@@ -268,10 +269,9 @@ class Daemon:
         self.bus.set_part(section, "failed", reason, hint)
 
     # -- loops ---------------------------------------------------------------------------
-    async def _ticker(self) -> None:
+    async def _ticker(self, last_status: str) -> None:
         assert self.bus is not None and self.policies is not None
         interval = min(TICK, self.notifier.watchdog_interval or TICK)
-        last_status = ""
         while True:
             self.notifier.watchdog() if self.notifier.watchdog_interval else None
             try:

@@ -172,7 +172,7 @@ def test_config_is_accepted_by_the_daemon(root: Path) -> None:
 
 
 def test_second_run_changes_nothing_and_says_so(root: Path) -> None:
-    install(root, "--yes", "--size", "64M", cmd=True)
+    install(root, "--yes", "--size", "16M", cmd=True)
     after_first = snapshot(root)
     res = install(root, "--yes", cmd=True)
     assert "Nothing to change" in res.stdout
@@ -181,7 +181,7 @@ def test_second_run_changes_nothing_and_says_so(root: Path) -> None:
 
 def test_dry_run_shows_the_changes_and_changes_nothing(root: Path) -> None:
     before = snapshot(root)
-    out = install(root, "--dry-run", "--size", "64M", cmd=True).stdout
+    out = install(root, "--dry-run", "--size", "16M", cmd=True).stdout
     assert "dry run" in out
     assert "+dtoverlay=dwc2,dr_mode=peripheral" in out  # diff-like lines
     assert "+ /etc/modules-load.d/savepoint.conf (new file)" in out
@@ -196,7 +196,7 @@ def test_dry_run_shows_the_changes_and_changes_nothing(root: Path) -> None:
 
 def test_uninstall_restores_every_file_byte_for_byte_and_keeps_the_store(root: Path) -> None:
     before = snapshot(root)
-    install(root, "--yes", "--size", "64M", cmd=True)
+    install(root, "--yes", "--size", "16M", cmd=True)
     store = root / "var/lib/savepoint/store.img"
     assert store.stat().st_size > 0
     data = store.read_bytes()

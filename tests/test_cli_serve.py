@@ -17,7 +17,6 @@ from tests.test_daemon_support import (
     env,
     pattern_matches,
     qemu_io,
-    short_dir,
     status,
 )
 
@@ -99,7 +98,7 @@ def test_restore_on_a_terminal_asks_first(served):
 
 
 def test_errors_are_one_line_and_non_zero(served, tmp_path):
-    nobody = os.path.join(short_dir(), "none.sock")
+    nobody = os.path.join(served.dir, "none.sock")
     proc = cli("status", control=nobody, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "no savepoint daemon" in proc.stderr

@@ -184,7 +184,7 @@ def test_sigkill_in_the_middle_of_a_command_keeps_the_saved_image(tmp_path, comm
             served.proc.wait()
             s.close()
             served.close()
-            served = Served(disk, size=None)
+            served = Served(disk, size=None, sockets=served.dir)
             st = status(served.control)
             hist = request(served.control, "history")
             committed = st["epoch"] == before + 1

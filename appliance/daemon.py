@@ -113,7 +113,8 @@ class Daemon:
         return 0
 
     def request_stop(self) -> None:
-        log.info("stopping: finishing in-flight I/O")
+        if not self._stop.is_set():
+            log.info("stopping: finishing in-flight I/O")
         self._stop.set()
 
     async def start(self) -> None:

@@ -7,6 +7,7 @@ import os
 import pty
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ from tests.test_daemon_support import (
     env,
     pattern_matches,
     qemu_io,
+    request,
     status,
 )
 
@@ -144,3 +146,15 @@ def test_watch_prints_live_events(served):
 def test_sigint_stops_cleanly(served):
     qemu_io(served.uri, "write -P 9 0 4k")
     assert served.stop(signal.SIGINT) == 0
+
+
+def test_background_pass_runs_while_idle(served):
+    qemu_io(served.uri, "write -P 1 0 2M", "flush")
+    assert request(served.control, "save")["ok"]
+    qemu_io(served.uri, "write -P 2 0 1M", "flush")  # units whose map bit is now out of date
+    assert request(served.control, "restore")["ok"]
+    deadline = time.monotonic() + 20
+    while (st := status(served.control))["pending_units"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert st["pending_units"] == 0 and st["background_progress"] == 1.0
+    assert pattern_matches(served.uri, 0, 2 << 20, 1)

@@ -75,10 +75,14 @@ async def dispatch(bus: CommandSink, line: bytes | str, source: str,
 
 
 def socket_group(name: str) -> int | None:
+    """The group's id when it exists and we may give files to it (root, or a member)."""
     try:
-        return grp.getgrnam(name).gr_gid if name else None
+        gid = grp.getgrnam(name).gr_gid if name else None
     except KeyError:
         return None
+    if gid is None or os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return gid
+    return None
 
 
 def secure_socket(path: str, group: str) -> int:

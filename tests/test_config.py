@@ -110,3 +110,18 @@ def test_docs_list_every_key_with_its_default():
     for name in PARTS:
         for key in part_schema(name) or {}:
             assert f"| `{key}` |" in generated, (name, key)
+
+
+def test_default_socket_paths(monkeypatch):
+    from appliance import config
+
+    monkeypatch.delenv("SAVEPOINT_CONTROL", raising=False)
+    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
+    assert config.default_control_path() == "/run/savepoint/control.sock"
+    assert config.default_nbd_path() == "/run/savepoint/nbd.sock"
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert config.default_control_path() == "/run/user/1000/savepoint/control.sock"
+    assert config.default_nbd_path() == "/run/user/1000/savepoint/nbd.sock"
+    monkeypatch.setenv("SAVEPOINT_CONTROL", "/elsewhere/c.sock")
+    assert config.default_control_path() == "/elsewhere/c.sock"

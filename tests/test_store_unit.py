@@ -379,3 +379,29 @@ def test_save_and_restore_cost_the_same_for_1_and_200_dirty_units(tmp_path, acti
     assert costs[0] == costs[1], f"{action}: {costs[0]} for 1 unit, {costs[1]} for 200"
     writes, syncs, written = costs[0]
     assert writes <= 3 and syncs <= 3 and written <= 2 * SB_SIZE + SECTOR
+
+
+# ----- known gaps, reported to the lead: strict xfails turn green when fixed --------------
+
+@pytest.mark.xfail(strict=True, reason="Store._load_history adds up the units of every "
+                   "unresolved epoch; a unit written again in a later epoch counts twice")
+def test_pending_units_are_exact_after_reopen(path) -> None:
+    with Store.open(path) as s:
+        s.write(0, b"a")
+        s.save("cli")
+        s.write(0, b"b")
+        s.save("cli")
+        assert s.status()["pending_units"] == 1  # unit 0, written in epoch 2
+    with Store.open(path) as s:
+        assert s.status()["pending_units"] == 1
+
+
+@pytest.mark.xfail(strict=True, reason="_flush_locked skips the superblock when no map "
+                   "sector changed, so bytes of in-place rewrites are lost at close")
+def test_dirty_bytes_survive_a_clean_close(path) -> None:
+    with Store.open(path) as s:
+        s.write(0, b"a" * 100, fua=True)
+        s.write(0, b"b" * 50)  # same unit, same epoch: no map change
+        assert s.status()["dirty_bytes"] == 150
+    with Store.open(path) as s:
+        assert s.status()["dirty_bytes"] == 150

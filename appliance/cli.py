@@ -91,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not os.path.exists(args.target) and args.size is None:
         return fail(f"{args.target} does not exist; give --size to create it, e.g. "
                     f"savepoint serve {args.target} --size 1G")
+    if os.path.exists(args.target) and args.size is not None:
+        print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
+              file=sys.stderr)
     try:
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
                            args.tcp, args.allow_remote, args.control)
@@ -137,7 +140,10 @@ def cmd_talk(args: argparse.Namespace) -> int:
     try:
         with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
             if args.command == "watch":
-                return watch(client, args.json)
+                try:
+                    return watch(client, args.json)
+                except KeyboardInterrupt:  # the normal way to stop watching
+                    return 0
             if args.command == "restore" and not args.yes and sys.stdin.isatty():
                 if not confirm_restore(client):
                     return fail("RESTORE cancelled; nothing changed")

@@ -124,13 +124,13 @@ class Chain:
         r = rng.random()
         if r < 0.3:
             off = rng.randrange(span // UNIT) * UNIT
-            length = rng.randint(1, 4) * UNIT
+            length = rng.randint(1, 8) * UNIT  # 3+ whole units take the one-pwrite fast path
         elif r < 0.6:
             off = rng.randrange(span // S) * S
             length = rng.randint(1, 3 * UNIT // S) * S
         else:
             off = rng.randrange(span)
-            length = rng.randint(1, 3 * UNIT)
+            length = rng.randint(1, rng.choice([3, 6]) * UNIT)
         return off, min(length, size - off)
 
     def _next_op(self) -> tuple[object, ...]:

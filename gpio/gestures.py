@@ -34,6 +34,7 @@ class Cue(StrEnum):
 
 
 Output = Action | Cue
+EPS = 1e-6  # a timer due at start + span may see now - start a hair short (float rounding)
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,19 @@ class Debounced:
         if self._raw != self.pressed:
             # events held while the level settles happened before the pending change
             out += self._timers(min(now, self._raw_t))
-            if now - self._raw_t >= self._debounce:
+            if now - self._raw_t >= self._debounce - EPS:
                 self.pressed = self._raw
                 out += self._changed(self._raw_t, self._raw)
         out += self._timers(now if self._raw == self.pressed else min(now, self._raw_t))
         return out
 
     def next_deadline(self) -> float | None:
-        times = [self._raw_t + self._debounce] if self._raw != self.pressed else []
         nxt = self._next_timer()
-        if nxt is not None:
-            times.append(nxt)
-        return min(times) if times else None
+        if self._raw == self.pressed:
+            return nxt
+        # a change is settling: timers after it wait until it is confirmed or undone
+        settle = self._raw_t + self._debounce
+        return nxt if nxt is not None and nxt <= self._raw_t else settle
 
     # subclasses: react to debounced changes and to time passing while in a state
     def _changed(self, t: float, pressed: bool) -> list[Output]:
@@ -169,7 +171,7 @@ class MainButton(Debounced):
         return Action.PAIR  # only when the timer missed it (loop stalled)
 
     def _timers(self, now: float) -> list[Output]:
-        held = now - self._since
+        held = now - self._since + EPS
         if self.state == _State.GAP and held > self.t.double_gap:
             self._enter(_State.IDLE, self._since + self.t.double_gap)
         if self.state == _State.SECOND and held >= self.t.unlock_hold:
@@ -231,7 +233,7 @@ class HoldKey(Debounced):
         return [cue]
 
     def _timers(self, now: float) -> list[Output]:
-        if self._held_since is None or now - self._held_since < self.hold:
+        if self._held_since is None or now - self._held_since + EPS < self.hold:
             return []
         self._held_since = None  # spent until released
         self.cue = Cue.IDLE

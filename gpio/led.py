@@ -65,6 +65,11 @@ class DaemonView:
         if "pairing" in snap:
             p = snap["pairing"]
             self.pairing = bool(p.get("open")) if isinstance(p, dict) else bool(p)
+        parts = snap.get("parts")
+        if isinstance(parts, dict):  # a part that came back up clears its fault
+            self.faults = {name: str(p.get("reason", "")) for name, p in parts.items()
+                           if isinstance(p, dict) and p.get("state") == "failed"
+                           and name != "gpio"}
 
     def apply(self, event: Event) -> str | None:
         """Fold one event in; returns a one-shot signal to flash ("refused", "unlocked")."""
@@ -79,6 +84,8 @@ class DaemonView:
             self.busy = d.get("phase") == "start"
         elif event.kind == "fault":
             part = str(d.get("part", "?"))
+            if part == "gpio":  # our own absence cannot be shown on our own LED
+                return None
             if d.get("cleared") or not d.get("reason"):
                 self.faults.pop(part, None)
             else:

@@ -158,3 +158,14 @@ def test_background_pass_runs_while_idle(served):
         time.sleep(0.2)
     assert st["pending_units"] == 0 and st["background_progress"] == 1.0
     assert pattern_matches(served.uri, 0, 2 << 20, 1)
+
+
+def test_lock_unlock_and_pair_from_the_cli(served):
+    assert cli("lock", control=served.control).stdout.strip() == "LOCKED"
+    refused = cli("save", control=served.control, check=False)
+    assert refused.returncode == 1 and "LOCKED" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert cli("unlock", control=served.control).stdout.startswith("UNLOCKED")
+    assert cli("save", control=served.control).returncode == 0
+    assert "pairing window open until" in cli("pair", control=served.control).stdout
+    assert status(served.control)["pairing"]["open"] is True

@@ -31,7 +31,6 @@ from appliance.store_format import WEPOCH_MASK
 from tests.crashsim import CrashBacking, PowerCut, new_backing
 
 S = 512
-UNIT = 4096
 POINTS = int(os.environ.get("SAVEPOINT_CRASH_POINTS", "2000"))
 PER_CHAIN = 25
 BATCHES = 4
@@ -41,8 +40,8 @@ BASE_SEED = 0x5A7E
 class Model:
     """What the disk may hold: saved image, written versions per sector, flush floors."""
 
-    def __init__(self, size: int, units: int) -> None:
-        self.size = size
+    def __init__(self, size: int, unit: int, units: int) -> None:
+        self.size, self.unit = size, unit
         self.saved = bytearray(size)
         self.visible = bytearray(size)
         self.versions: dict[int, list[bytes]] = {}  # sector -> [content at T0, each write]
@@ -59,7 +58,7 @@ class Model:
         for s in range(offset // S, -(-(offset + len(data)) // S)):
             v = self.versions.setdefault(s, [bytes(self.saved[s * S:(s + 1) * S])])
             v.append(bytes(self.visible[s * S:(s + 1) * S]))
-        self.dirty.update(range(offset // UNIT, (offset + len(data) - 1) // UNIT + 1))
+        self.dirty.update(range(offset // self.unit, (offset + len(data) - 1) // self.unit + 1))
 
     def acked(self, offset: int, length: int) -> None:
         """A FUA write returned: its sectors must survive."""
@@ -90,12 +89,13 @@ class Chain:
         self.seed = seed
         self.rng = random.Random(seed)
         rng = self.rng
-        self.units = rng.choice([64, 100, 256])
-        self.size = self.units * UNIT - rng.choice([0, 0, 3 * S])  # last unit may be partial
-        self.hist_cap = rng.choice([8, 13, 64])
-        self.model = Model(self.size, self.units)
+        self.unit = rng.choice([4096, 4096, 4096, 16384])
+        self.units = rng.choices([64, 100, 256, 1100], [3, 3, 3, 1 if self.unit == 4096 else 0])[0]
+        self.size = self.units * self.unit - rng.choice([0, 0, 3 * S])  # last unit may be partial
+        self.hist_cap = rng.choice([8, 13, 64, 4096])
+        self.model = Model(self.size, self.unit, self.units)
         self.log: list[tuple[object, ...]] = []
-        self.backing = new_backing(self.size, UNIT, self.hist_cap, guard=self._guard)
+        self.backing = new_backing(self.size, self.unit, self.hist_cap, guard=self._guard)
         self.store: Store | None = Store(self.backing)
         self.geo = self.store.geo
 
@@ -104,8 +104,8 @@ class Chain:
     def _guard(self, kind: str, offset: int, length: int) -> None:
         for slot in (0, 1):
             lo = self.geo.slot_off[slot]
-            a, b = max(offset, lo), min(offset + length, lo + self.units * UNIT)
-            for u in range((a - lo) // UNIT, (b - 1 - lo) // UNIT + 1) if a < b else ():
+            a, b = max(offset, lo), min(offset + length, lo + self.units * self.unit)
+            for u in range((a - lo) // self.unit, (b - 1 - lo) // self.unit + 1) if a < b else ():
                 if self.model.primary[u] == slot:
                     self.fail(f"{kind} {offset}+{length} overwrites the saved copy of unit {u} "
                               f"in slot {slot} (invariant 1)")
@@ -120,17 +120,17 @@ class Chain:
 
     def _range(self) -> tuple[int, int]:
         rng, size = self.rng, self.size
-        span = min(size, 16 * UNIT) if rng.random() < 0.6 else size  # a hot zone: overwrites
+        span = min(size, 16 * self.unit) if rng.random() < 0.6 else size  # a hot zone: overwrites
         r = rng.random()
         if r < 0.3:
-            off = rng.randrange(span // UNIT) * UNIT
-            length = rng.randint(1, 8) * UNIT  # 3+ whole units take the one-pwrite fast path
+            off = rng.randrange(span // self.unit) * self.unit
+            length = rng.randint(1, 8) * self.unit  # 3+ whole units take the one-pwrite fast path
         elif r < 0.6:
             off = rng.randrange(span // S) * S
-            length = rng.randint(1, 3 * UNIT // S) * S
+            length = rng.randint(1, 3 * self.unit // S) * S
         else:
             off = rng.randrange(span)
-            length = rng.randint(1, rng.choice([3, 6]) * UNIT)
+            length = rng.randint(1, rng.choice([3, 6]) * self.unit)
         return off, min(length, size - off)
 
     def _next_op(self) -> tuple[object, ...]:
@@ -255,7 +255,7 @@ class Chain:
             v = model.versions.get(s)
             if v is None:
                 if got != model.saved[s * S:(s + 1) * S]:
-                    self.fail(f"sector {s} (unit {s * S // UNIT}) was never written since the "
+                    self.fail(f"sector {s} (unit {s * S // self.unit}) was never written since the "
                               f"last SAVE/RESTORE but differs from the saved image")
                 continue
             floor = model.floor.get(s, 0)
@@ -264,7 +264,7 @@ class Chain:
                 older = [i for i in range(floor) if v[i] == got]
                 what = (f"an older version {older} than the flushed one {floor}" if older else
                         "content never written to it")
-                self.fail(f"sector {s} (unit {s * S // UNIT}) shows {what} after a cut "
+                self.fail(f"sector {s} (unit {s * S // self.unit}) shows {what} after a cut "
                           f"({inflight or 'no command'} in flight; {len(v) - 1} writes since T0)")
             model.floor[s] = hits[0]  # what survived is durable now, and the latest content
             if got != v[-1]:
@@ -288,7 +288,7 @@ class Chain:
     def finish(self) -> None:
         """(d) in full: the store still takes writes, a flush and a SAVE after all the cuts."""
         self.backing.cut_at = None
-        for op in [("write", 0, min(self.size, 3 * UNIT + 7), False), ("flush",), ("save",)]:
+        for op in [("write", 0, min(self.size, 3 * self.unit + 7), False), ("flush",), ("save",)]:
             self.log.append(op)
             self._run(op)
         assert self.store is not None

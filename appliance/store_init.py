@@ -98,6 +98,13 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
         with open(path, "wb"):
             pass  # truncate: a fresh sparse file
         os.truncate(path, geo.total_size)
+        fd = os.open(path, os.O_RDWR)
+        try:  # allocate superblocks and history ring now, so a SAVE never waits on allocation
+            os.posix_fallocate(fd, 0, geo.hist_off + geo.hist_cap * 64)
+        except OSError:
+            pass  # file systems without fallocate: allocation happens on first write instead
+        finally:
+            os.close(fd)
     backing = FileBacking(path)
     try:
         if is_block:  # a regular file is already all zeros; a device needs its metadata zeroed

@@ -1,0 +1,96 @@
+"""Shared by the gpio tests: gpiozero mock pins, a fake command bus, short timings, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gpiozero.pins.mock import MockPWMPin
+
+from appliance.commands import Action, Command, Event, Outcome
+
+# hold ladder in tens/hundreds of ms; each window is wide enough for a loaded 2-CPU machine
+FAST: dict[str, Any] = {
+    "button_pin": 17, "led_pin": 27, "debounce": 0.01, "save_hold": 0.25,
+    "restore_warn": 0.6, "restore_hold": 0.9, "pair_hold": 1.4, "double_gap": 0.4,
+    "unlock_hold": 0.3, "key_hold": 0.2, "led_fast": 0.02, "led_slow": 0.06,
+    "led_no_host": 0.3, "status_show": 0.4,
+}
+
+
+class HeldPin(MockPWMPin):
+    """A button wired to ground that is already pressed when the daemon starts."""
+
+    def _set_pull(self, value: str) -> None:
+        super()._set_pull(value)
+        self._change_state(False)
+
+
+class FakeSink:
+    """A CommandSink that records commands; SAVE is refused while locked, like the real bus."""
+
+    def __init__(self, locked: bool = True) -> None:
+        self.locked = locked
+        self.commands: list[Command] = []
+        self.epoch = 1
+        self.queues: list[asyncio.Queue[Event]] = []
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self.queues.append(q)
+        return q
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self.queues.remove(queue)
+
+    def publish(self, kind: str, **data: Any) -> None:
+        for q in self.queues:
+            q.put_nowait(Event(kind, data))
+
+    def actions(self) -> list[Action]:
+        return [c.action for c in self.commands]
+
+    async def submit(self, command: Command) -> Outcome:
+        self.commands.append(command)
+        a = command.action
+        ok, reason = True, ""
+        if a is Action.SAVE and self.locked:
+            ok, reason = False, "SAVE refused: the appliance is LOCKED"
+        elif a in (Action.SAVE, Action.RESTORE):
+            self.publish("progress", action=a.value, phase="start")
+            await asyncio.sleep(0.05)
+            self.epoch += 1
+            self.publish("progress", action=a.value, phase="end")
+        elif a in (Action.UNLOCK, Action.LOCK):
+            self.locked = a is Action.LOCK
+        data = {"mode": "locked" if self.locked else "unlocked", "epoch": self.epoch,
+                "dirty_units": 0, "host_connected": True}
+        self.publish("outcome", ok=ok, action=a.value, source=command.source, reason=reason,
+                     data={})
+        return Outcome(ok, a, command.source, reason, data)
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.003)
+
+
+def levels(pin: MockPWMPin, start: int = 0) -> list[float]:
+    """The LED pin's levels from states[start:], repeats collapsed."""
+    out: list[float] = []
+    for s in pin.states[start:]:
+        v = float(s.state)
+        if not out or out[-1] != v:
+            out.append(v)
+    return out
+
+
+def contains_in_order(seq: list[float], wanted: list[float]) -> bool:
+    """`wanted` appears in `seq` as a contiguous run."""
+    n = len(wanted)
+    return any(seq[i:i + n] == wanted for i in range(len(seq) - n + 1))

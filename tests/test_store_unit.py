@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
@@ -341,7 +340,7 @@ def test_a_lost_history_ring_write_is_repaired_from_the_superblock(path) -> None
 
 def test_a_foreign_file_is_not_a_store(tmp_path) -> None:
     p = tmp_path / "photo.jpg"
-    p.write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(20000))
+    p.write_bytes(b"\xff\xd8\xff\xe0" + pattern(20000, 1))
     with pytest.raises(NotAStoreError, match="not a Savepoint store"):
         Store.open(str(p))
     with pytest.raises(NotAStoreError, match="does not exist"):

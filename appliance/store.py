@@ -217,7 +217,7 @@ class Store:
                 raise CorruptStoreError(f"history record of epoch {e} is missing or damaged, and "
                                         "units still depend on it; run `savepoint inspect --check`")
             self._saved_epochs[e % self.geo.hist_cap] = rec.action == SAVE
-            self._pending += rec.units
+        self._pending = self.sb.pending_units
 
     def _ring_off(self, epoch: int) -> int:
         return (epoch % self.geo.hist_cap) * HIST_REC
@@ -552,17 +552,19 @@ class Store:
                 for s in sectors:
                     seal_sector(self._meta, s)
                 image = {s: bytes(self._meta[s * SECTOR:(s + 1) * SECTOR]) for s in sectors}
-                counters = (self.dirty_units, self.dirty_bytes)
+                counters = {"dirty_units": self.dirty_units, "dirty_bytes": self.dirty_bytes,
+                            "pending_units": max(self._pending, 0)}
             if self._unsynced:
                 self._unsynced = False
                 self._b.sync()  # data first: a durable record never points at unwritten data
-            if not sectors and advance_resolved is None:
+            stale = any(getattr(self.sb, k) != v for k, v in counters.items())
+            if not sectors and advance_resolved is None and not stale:
                 return
             for start, blob in _coalesce(image):
                 self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
             if advance_resolved is not None:
                 self._b.sync()  # normalised records durable before the ring may forget epochs
-            changes: dict[str, object] = {"dirty_units": counters[0], "dirty_bytes": counters[1]}
+            changes: dict[str, object] = dict(counters)
             if advance_resolved is not None:
                 changes["resolved_below"] = advance_resolved
             self._write_superblock(self.sb.next(**changes))
@@ -605,11 +607,12 @@ class Store:
         self._b.pwrite(raw, self.geo.hist_off + off)
         stamp = {"last_save_ns": now} if action == SAVE else {"last_restore_ns": now}
         # The superblock is the commit point; it carries the record in case the ring write tore.
+        pending = max(self._pending, 0) + self.dirty_units
         self._write_superblock(self.sb.next(epoch=self.epoch + 1, dirty_units=0, dirty_bytes=0,
-                                            last_record=raw, **stamp))
+                                            pending_units=pending, last_record=raw, **stamp))
         self._ring[off:off + HIST_REC] = raw
         self._saved_epochs[self.epoch % self.geo.hist_cap] = action == SAVE
-        self._pending += self.dirty_units
+        self._pending = pending
         self.epoch += 1
         self.dirty_units = self.dirty_bytes = 0
         return rec

@@ -46,7 +46,7 @@ FLAG_HOST_SYNCED = 1
 
 assert sys.byteorder == "little", "the in-memory map mirrors the little-endian disk format"
 
-_SB = struct.Struct("<8sIIQQQQQQQIQQQQQqq16sq64s")
+_SB = struct.Struct("<8sIIQQQQQQQIQQQQQqq16sqQ64s")
 _HIST = struct.Struct("<QqQQBB2x24s")  # + crc32c u32 = 64 bytes
 _ZERO_SECTOR = bytes(SECTOR)
 
@@ -126,6 +126,7 @@ class Superblock:
     dirty_bytes: int = 0
     last_save_ns: int = 0
     last_restore_ns: int = 0
+    pending_units: int = 0  # records still waiting for the background pass
     last_record: bytes = bytes(HIST_REC)  # the history record of epoch-1, for ring repair
 
     def pack(self) -> bytes:
@@ -134,7 +135,8 @@ class Superblock:
                         g.hist_off, g.meta_off, g.meta_len, g.slot_off[0], g.slot_off[1],
                         g.hist_cap, self.seq, self.epoch, self.resolved_below,
                         self.dirty_units, self.dirty_bytes, self.last_save_ns,
-                        self.last_restore_ns, self.uuid, self.created_ns, self.last_record)
+                        self.last_restore_ns, self.uuid, self.created_ns, self.pending_units,
+                        self.last_record)
         body += struct.pack("<I", crc32c.crc32c(body))
         return body + bytes(SB_SIZE - len(body))
 
@@ -158,7 +160,8 @@ def unpack_superblock(raw: bytes) -> Superblock:
                    meta_off=f[6], meta_len=f[7], slot_off=(f[8], f[9]), hist_cap=f[10])
     return Superblock(geometry=geo, seq=f[11], epoch=f[12], resolved_below=f[13],
                       dirty_units=f[14], dirty_bytes=f[15], last_save_ns=f[16],
-                      last_restore_ns=f[17], uuid=f[18], created_ns=f[19], last_record=f[20])
+                      last_restore_ns=f[17], uuid=f[18], created_ns=f[19], pending_units=f[20],
+                      last_record=f[21])
 
 
 @dataclass(frozen=True)

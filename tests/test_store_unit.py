@@ -380,10 +380,8 @@ def test_save_and_restore_cost_the_same_for_1_and_200_dirty_units(tmp_path, acti
     assert writes <= 3 and syncs <= 3 and written <= 2 * SB_SIZE + SECTOR
 
 
-# ----- known gaps, reported to the lead: strict xfails turn green when fixed --------------
+# ----- counters survive a reopen ----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Store._load_history adds up the units of every "
-                   "unresolved epoch; a unit written again in a later epoch counts twice")
 def test_pending_units_are_exact_after_reopen(path) -> None:
     with Store.open(path) as s:
         s.write(0, b"a")
@@ -395,8 +393,6 @@ def test_pending_units_are_exact_after_reopen(path) -> None:
         assert s.status()["pending_units"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="_flush_locked skips the superblock when no map "
-                   "sector changed, so bytes of in-place rewrites are lost at close")
 def test_dirty_bytes_survive_a_clean_close(path) -> None:
     with Store.open(path) as s:
         s.write(0, b"a" * 100, fua=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -50,39 +51,46 @@ class CrashBacking:
         self.dead = False
         self._base: dict[int, bytes] = {}  # sector -> synced content, for sectors touched since
         self._pending: list[tuple[int, bytes]] = []  # (first sector, sectors right after write)
+        self._lock = threading.Lock()  # the store issues I/O from many threads
 
     # ----- the Backing protocol ---------------------------------------------------------------
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         if self.dead:
             raise PowerCut("read after the power cut")
-        buf[:] = self.image[offset:offset + len(buf)]
+        with self._lock:
+            buf[:] = self.image[offset:offset + len(buf)]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        cut = self._tick()
-        self.writes += 1
-        if self.guard:
-            self.guard("pwrite", offset, len(data))
-        self._apply(bytes(data), offset)
+        with self._lock:
+            cut = self._tick()
+            self.writes += 1
+            if self.guard:
+                self.guard("pwrite", offset, len(data))
+            self._apply(bytes(data), offset)
         if cut:
             raise PowerCut(f"power cut during pwrite #{self.ops} at {offset}+{len(data)}")
 
     def discard(self, offset: int, length: int) -> None:
         """Punch a hole: reads as zeros at once, durable only after a sync (like pwrite)."""
-        cut = self._tick()
-        if self.guard:
-            self.guard("discard", offset, length)
-        if length > 0:
-            self._apply(bytes(length), offset)
+        with self._lock:
+            cut = self._tick()
+            if self.guard:
+                self.guard("discard", offset, length)
+            if length > 0:
+                self._apply(bytes(length), offset)
         if cut:
             raise PowerCut(f"power cut during discard #{self.ops} at {offset}+{length}")
 
     def sync(self) -> None:
-        if self._tick():
+        with self._lock:
+            cut = self._tick()
+            if not cut:
+                self.syncs += 1
+                self._base.clear()
+                self._pending.clear()
+        if cut:
             raise PowerCut(f"power cut during sync #{self.ops}")
-        self.syncs += 1
-        self._base.clear()
-        self._pending.clear()
 
     def close(self) -> None:
         pass

@@ -36,6 +36,7 @@ class FakeSink:
         self.commands: list[Command] = []
         self.epoch = 1
         self.queues: list[asyncio.Queue[Event]] = []
+        self.gate: asyncio.Event | None = None  # when set: commands wait for it to open
 
     def subscribe(self) -> asyncio.Queue[Event]:
         q: asyncio.Queue[Event] = asyncio.Queue()
@@ -54,6 +55,8 @@ class FakeSink:
 
     async def submit(self, command: Command) -> Outcome:
         self.commands.append(command)
+        if self.gate is not None:
+            await self.gate.wait()
         a = command.action
         ok, reason = True, ""
         if a is Action.SAVE and self.locked:
@@ -81,9 +84,9 @@ async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "
 
 
 def levels(pin: MockPWMPin, start: int = 0) -> list[float]:
-    """The LED pin's levels from states[start:], repeats collapsed."""
+    """The LED pin's levels from the one in force at states[start] on, repeats collapsed."""
     out: list[float] = []
-    for s in pin.states[start:]:
+    for s in pin.states[max(start - 1, 0):]:
         v = float(s.state)
         if not out or out[-1] != v:
             out.append(v)

@@ -65,19 +65,21 @@ async def settle(part: GpioPart, sink: FakeSink, n: int) -> None:
 
 def test_short_press_shows_status_and_changes_nothing(factory: MockFactory) -> None:
     async def scenario(part: GpioPart, sink: FakeSink) -> None:
-        led = factory.pin(27)
-        mark = len(led.states)
-        button = factory.pin(17)
+        led, button = factory.pin(27), factory.pin(17)
+        sink.gate = asyncio.Event()  # hold the answer until the LED has settled
         button.drive_low()
         await asyncio.sleep(0.04)
         button.drive_high()
+        await wait_for(lambda: sink.commands and part.led.current == "clean", what="release")
+        mark = len(led.states)
+        sink.gate.set()
         await settle(part, sink, 1)
         await wait_for(lambda: "locked" in part.led.history, what="the locked signal")
+        await wait_for(lambda: part.led.current == "clean", what="back to clean")
         assert sink.actions() == [Action.STATUS]
         assert sink.epoch == 1
-        # the status display: three quick blinks (locked), then the steady "clean" light
-        await asyncio.sleep(0.3)
-        assert contains_in_order(levels(led, mark), [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+        # the status display: three quick blinks (LOCKED), then the steady "clean" light
+        assert levels(led, mark) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
     run(scenario)
 
@@ -106,12 +108,12 @@ def test_the_led_warns_before_restore_then_blinks_while_it_runs(factory: MockFac
         mark = len(led.states)
         await hold_until(part, factory.pin(17), Cue.RESTORE_ARMED)
         await settle(part, sink, 1)
+        await wait_for(lambda: part.led.current == "clean", what="back to clean")
         seen = levels(led, mark)
-        # held: dark; SAVE armed: on; warning: fast blink; RESTORE armed: on; then busy blink
-        assert seen[:2] == [0.0, 1.0]
+        # clean: on; held: dark; SAVE armed: on; warning: fast blink; ...; clean: on
+        assert seen[:3] == [1.0, 0.0, 1.0]
         assert contains_in_order(seen, [1.0, 0.0, 1.0, 0.0, 1.0])
         assert seen[-1] == 1.0
-        await wait_for(lambda: part.led.current == "clean", what="back to clean")
         shown = iter(part.led.history)
         assert all(name in shown for name in  # in this order, maybe with others between
                    ["held", "save_armed", "restore_warning", "restore_armed", "busy", "clean"])
@@ -172,14 +174,17 @@ def test_a_bouncing_contact_is_one_gesture(factory: MockFactory) -> None:
 def test_refused_save_while_locked_blinks_three_times(factory: MockFactory) -> None:
     async def scenario(part: GpioPart, sink: FakeSink) -> None:
         led = factory.pin(27)
+        sink.gate = asyncio.Event()
         await hold_until(part, factory.pin(17), Cue.SAVE_ARMED)
+        await wait_for(lambda: sink.commands and part.led.current == "clean", what="release")
         mark = len(led.states)
+        sink.gate.set()
         await settle(part, sink, 1)
         await wait_for(lambda: "refused" in part.led.history, what="the refused signal")
         await wait_for(lambda: part.led.current == "clean", what="back to clean")
         assert not part.submitted[0].ok
         assert sink.epoch == 1
-        assert contains_in_order(levels(led, mark), [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+        assert levels(led, mark) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
     run(scenario, FakeSink(locked=True))
 

@@ -248,6 +248,11 @@ class Session:
             except StoreError as exc:
                 self.log.error("NBD command %d at %d+%d failed: %s", cmd, offset, length, exc)
                 error, message = (p.EPERM if "read-only" in str(exc) else p.EIO), str(exc)
+            except OSError:
+                raise  # the socket: the caller hangs up
+            except Exception as exc:  # a bug must cost one request, never a silent hang
+                self.log.exception("NBD command %d at %d+%d crashed", cmd, offset, length)
+                error, message = p.EIO, f"internal server error: {exc}"
         self._reply_error(cookie, error, message) if error else self._reply_ok(cookie)
 
     def _execute(self, flags: int, cmd: int, offset: int, length: int,

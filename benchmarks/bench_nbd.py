@@ -38,13 +38,36 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
-def serve_savepoint(path: str, sock: str) -> None:
-    """Child mode: serve an existing store until stdin closes."""
+class PlainFile:
+    """The store API over a plain file: isolates the server's own cost from the store's."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR)
+        self.size, self.unit_size, self.readonly = os.fstat(self.fd).st_size, 4096, False
+
+    def readinto(self, offset: int, buf) -> None:
+        os.preadv(self.fd, [buf], offset)
+
+    def write(self, offset: int, data, fua: bool = False) -> None:
+        os.pwritev(self.fd, [data], offset)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return [(offset, length, False)]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def serve_savepoint(path: str, sock: str, plain: bool = False) -> None:
+    """Child mode: serve an existing store (or a plain file) until stdin closes."""
     sys.path.insert(0, TOP)
     from appliance.nbd_server import NbdServer
     from appliance.store import Store
 
-    store = Store.open(path)
+    store = PlainFile(path) if plain else Store.open(path)
     srv = NbdServer(store, unix_path=sock)
     srv.start()
     print("ready", flush=True)
@@ -118,9 +141,10 @@ def main() -> None:
     ap.add_argument("--runtime", type=int, default=4, help="seconds per fio test")
     ap.add_argument("--dir", default="/var/tmp", help="directory on the disk to test")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-plain", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve:
-        return serve_savepoint(*args.serve)
+    if args.serve or args.serve_plain:
+        return serve_savepoint(*(args.serve or args.serve_plain), plain=bool(args.serve_plain))
     for tool in ("fio", "nbdcopy", "nbdkit"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install fio libnbd-bin nbdkit)")
@@ -136,30 +160,34 @@ def run(work: str, size: int, runtime: int) -> None:
     sys.path.insert(0, TOP)
     from appliance.store import create_store
 
-    src, plain, store = (os.path.join(work, n) for n in ("src", "plain", "store"))
+    src, plain, plain2, store = (os.path.join(work, n)
+                                 for n in ("src", "plain", "plain2", "store"))
     with open(src, "wb") as f:
         for _ in range(size // (1 << 20)):
             f.write(os.urandom(1 << 20))
-    with open(plain, "wb") as f:
-        f.truncate(size)
+    for name in (plain, plain2):
+        with open(name, "wb") as f:
+            f.truncate(size)
     create_store(store, size)
     servers = [
         Server("savepoint", [sys.executable, __file__, "--serve", store, work + "/sp.sock"],
                work + "/sp.sock"),
         Server("nbdkit", ["nbdkit", "-f", "-U", work + "/kit.sock", "file", f"file={plain}"],
                work + "/kit.sock"),
+        Server("server-only", [sys.executable, __file__, "--serve-plain", plain2,
+                               work + "/so.sock"], work + "/so.sock"),
     ]
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
     try:
-        for s in servers:
-            r = results.setdefault(s.name, {})
-            r["nbdcopy write"] = measure(s, lambda s=s: nbdcopy(src, s.uri, size))
-            r["nbdcopy read"] = measure(s, lambda s=s: nbdcopy(s.uri, "null:", size))
-            for name, rw, bs, qd in FIO_TESTS:
-                r[name] = measure(s, lambda s=s, rw=rw, bs=bs, qd=qd:
-                                  run_fio(s.uri, rw, bs, qd, size, runtime))
+        tests = [("nbdcopy write", lambda s: nbdcopy(src, s.uri, size)),
+                 ("nbdcopy read", lambda s: nbdcopy(s.uri, "null:", size))]
+        tests += [(name, lambda s, rw=rw, bs=bs, qd=qd: run_fio(s.uri, rw, bs, qd, size, runtime))
+                  for name, rw, bs, qd in FIO_TESTS]
+        for name, action in tests:  # servers take turns per test: background load hits all
+            for s in servers:
+                results.setdefault(s.name, {})[name] = measure(s, lambda s=s, a=action: a(s))
         report(results)
-        for s in servers:
+        for s in servers[:2]:
             for rw in ("read", "write"):
                 ipb = perf_instructions(s.proc.pid, lambda s=s, rw=rw:
                                         run_fio(s.uri, rw, "128k", 8, size, 2))
@@ -176,13 +204,17 @@ def nbdcopy(src: str, dst: str, size: int) -> int:
 
 
 def report(results: dict[str, dict[str, tuple[float, float, float]]]) -> None:
-    sp, kit = results["savepoint"], results["nbdkit"]
-    print(f"{'test':22s} {'savepoint MB/s':>15s} {'nbdkit MB/s':>12s} {'ratio':>6s} "
-          f"{'sp CPU s/GiB':>13s} {'kit CPU s/GiB':>14s}")
+    """savepoint = server + store; server-only = the same server over a plain file (no store),
+    which shows how much of the cost is the server's and how much the store's."""
+    sp, kit, so = results["savepoint"], results["nbdkit"], results["server-only"]
+    print(f"{'test':22s} {'savepoint':>10s} {'nbdkit':>8s} {'ratio':>6s} {'srv-only':>9s} "
+          f"{'ratio':>6s} | CPU s/GiB: {'sp':>6s} {'kit':>6s} {'srv-only':>8s}")
     for name in sp:
-        (a, ca, na), (b, cb, nb) = sp[name], kit[name]
-        print(f"{name:22s} {a:15.1f} {b:12.1f} {a / b:6.2f} {ca / (na / 2**30):13.2f} "
-              f"{cb / (nb / 2**30):14.2f}")
+        (a, ca, na), (b, cb, nb), (c, cc, nc) = sp[name], kit[name], so[name]
+        print(f"{name:22s} {a:10.1f} {b:8.1f} {a / b:6.2f} {c:9.1f} {c / b:6.2f} |"
+              f"{'':11s} {ca / (na / 2**30):6.2f} {cb / (nb / 2**30):6.2f} "
+              f"{cc / (nc / 2**30):8.2f}")
+    print("(MB/s; ratio = x / nbdkit; server-only = this server over a plain file, no store)")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class Gadget:
     def create(self) -> None:
         strings = self.root / "strings" / "0x409"
         config = self.root / "configs" / "c.1"
-        for d in (strings, config / "strings" / "0x409", *self._function_dirs()):
+        for d in (strings, config / "strings" / "0x409", *self._function_dirs(), self.lun(0)):
             d.mkdir(parents=True, exist_ok=True)
         if self.cfg["thaw_file"]:
             self.lun(1).mkdir(exist_ok=True)

@@ -10,7 +10,6 @@ so a restarted daemon first detaches what its predecessor left, then attaches ag
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -18,8 +17,6 @@ import time
 from pathlib import Path
 
 from appliance.commands import PartUnavailable
-
-BLKFLSBUF = 0x1261
 
 
 class NbdDeviceError(RuntimeError):
@@ -94,22 +91,22 @@ class NbdDevice:
             raise NbdDeviceError(f"{' '.join(cmd)} failed ({done.returncode}): {out}")
 
     def fsync(self) -> bool:
-        """Write the device's dirty pages to the store. True if there were none (host synced)."""
+        """Write the device's dirty pages to the store. True if there were none (host synced).
+
+        Runs in a child process (coreutils `sync FILE` = fsync): the daemon serves this very
+        device, and a daemon killed while its own thread waits in fsync could never exit,
+        so its NBD socket would never close and that I/O would wait forever.
+        """
         before = self.sectors_written()
-        fd = os.open(self.device, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._run(["sync", self.device], timeout=600)
         return self.sectors_written() == before
 
     def flush_buffers(self) -> None:
-        """BLKFLSBUF: write back dirty pages, then drop the device's page cache."""
-        fd = os.open(self.device, os.O_RDONLY)
-        try:
-            fcntl.ioctl(fd, BLKFLSBUF, 0)
-        finally:
-            os.close(fd)
+        """BLKFLSBUF: write back dirty pages, then drop the device's page cache.
+
+        In a child process (util-linux blockdev) for the same reason as fsync.
+        """
+        self._run(["blockdev", "--flushbufs", self.device], timeout=600)
 
     def sectors_written(self) -> int:
         """Sectors the device wrote (field 7 of /sys/block/nbdN/stat).

@@ -20,7 +20,9 @@ from typing import Any
 
 log = logging.getLogger("savepoint.udc")
 
-CONNECTED_STATES = ("configured",)  # the host enumerated the gadget and chose its config
+# The host enumerated the gadget and chose its configuration. "suspended" is a sleeping host
+# that is still plugged in: not a disconnect (on_host_disconnect must not RESTORE for it).
+CONNECTED_STATES = ("configured", "suspended")
 SUBSYSTEMS = ("udc", "block", "tty")
 
 HostCallback = Callable[[bool, str], None]  # (connected, raw state)

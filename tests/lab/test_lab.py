@@ -12,11 +12,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.lab.vm import CACHE, job_script, run
+from tests.lab.vm import job_script, results_dir, run
 
 pytestmark = pytest.mark.lab
 
-RESULTS = CACHE / "results"
+
 
 
 def inner_results(junit: str) -> list[tuple[str, str, str]]:
@@ -37,8 +37,8 @@ def inner_results(junit: str) -> list[tuple[str, str, str]]:
 
 def test_lab_scenarios() -> None:
     extra = shlex.split(os.environ.get("SAVEPOINT_LAB_ARGS", ""))
-    result = run(job_script(["tests/lab/inside", "-v", "--durations=0", *extra]), RESULTS,
-                 timeout=float(os.environ.get("SAVEPOINT_LAB_TIMEOUT", 900)))
+    result = run(job_script(["tests/lab/inside", "-v", "--durations=0", *extra]), results_dir(),
+                 timeout=float(os.environ.get("SAVEPOINT_LAB_TIMEOUT", 720)))
     print(result.log("job.log"))
     print(f"lab VM: {result.seconds:.1f} s under {result.accel}; logs in {result.results}")
     junit = result.log("junit.xml")

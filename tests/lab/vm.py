@@ -11,6 +11,7 @@ By hand: `python -m tests.lab.vm -- -k vfat` runs the inside scenarios matching 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import shlex
@@ -141,15 +142,17 @@ exit $rc
 
 def run(job: str, results: Path, timeout: float = 900) -> RunResult:
     """Boot once, run `job` (shell text) as root inside, wait for power-off."""
+    t0 = time.monotonic()
     kernel = fetch_kernel(CACHE)
     if shutil.which("qemu-system-x86_64") is None:
         raise LabSetupError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
-    shutil.rmtree(results, ignore_errors=True)
     results.mkdir(parents=True)
-    initrd = build_initramfs(kernel, CACHE / "initramfs.cpio")
+    initrd = build_initramfs(kernel, results / "initramfs.cpio")
     (results / "job.sh").write_text(job)
-    accel = "kvm" if kvm_usable() else "tcg"
+    accel = os.environ.get("SAVEPOINT_LAB_ACCEL") or ("kvm" if kvm_usable() else "tcg")
     started = time.monotonic()
+    print(f"lab: kernel {kernel.version} and initramfs ready in {started - t0:.1f} s; "
+          f"booting under {accel}", flush=True)
     with open(results / "qemu.log", "w") as qlog:
         proc = subprocess.Popen(qemu_command(kernel, initrd, results, accel), stdout=qlog,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -164,17 +167,33 @@ def run(job: str, results: Path, timeout: float = 900) -> RunResult:
     return RunResult(rc, seconds, accel, results)
 
 
+def results_dir() -> Path:
+    """A fresh directory per run (several sessions may run the lab at once); `last` points
+    at the newest."""
+    base = CACHE / "results"
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / time.strftime(f"%Y%m%d-%H%M%S-{os.getpid()}")
+    for old in sorted(p for p in base.iterdir() if p.is_dir() and not p.is_symlink())[:-4]:
+        shutil.rmtree(old, ignore_errors=True)  # keep the last few runs
+    last = base / "last"
+    with contextlib.suppress(FileNotFoundError):
+        last.unlink()
+    last.symlink_to(path.name)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the Savepoint lab VM once.")
     parser.add_argument("--job", help="shell command to run instead of the inside scenarios")
-    parser.add_argument("--results", default=str(CACHE / "results"), help="results directory")
+    parser.add_argument("--results", help="results directory (default: a new one under "
+                        ".lab-cache/results, linked as `last`)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
     if args.job:
         job = job_prelude() + args.job + "\n"
     else:
         job = job_script(["tests/lab/inside", *args.pytest_args])
-    result = run(job, Path(args.results))
+    result = run(job, Path(args.results) if args.results else results_dir())
     print(result.log("job.log"))
     print(f"lab: exit {result.returncode} in {result.seconds:.1f} s ({result.accel}); "
           f"logs in {result.results}")

@@ -166,15 +166,25 @@ def read_direct(dev: str, offset: int = 0, length: int | None = None) -> bytes:
         os.close(fd)
 
 
-def write_direct(dev: str, offset: int, data: bytes) -> None:
-    """Write through to the USB disk: WRITE commands, but no SYNCHRONIZE CACHE."""
+def write_direct(dev: str | int, offset: int, data: bytes) -> None:
+    """Write through to the USB disk: WRITE commands, but no SYNCHRONIZE CACHE.
+
+    Closing the host's last descriptor makes sd send ALLOW MEDIUM REMOVAL, and
+    f_mass_storage fsyncs its file on that: pass an open descriptor (open_direct) to
+    keep the writes unsynced.
+    """
     buf = mmap.mmap(-1, len(data))
     buf.write(data)
-    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    fd = dev if isinstance(dev, int) else open_direct(dev)
     try:
         assert os.pwritev(fd, [memoryview(buf)], offset) == len(data)
     finally:
-        os.close(fd)
+        if not isinstance(dev, int):
+            os.close(fd)
+
+
+def open_direct(dev: str) -> int:
+    return os.open(dev, os.O_RDWR | os.O_DIRECT)
 
 
 def digest(data: bytes) -> str:
@@ -197,3 +207,7 @@ def umount(where: Path, check: bool = True) -> None:
 
 def kernel_log(lines: int = 40) -> str:
     return sh(f"dmesg | tail -n {lines}", check=False).stdout
+
+
+def mkfs_vfat(dev: str) -> None:
+    sh(f"mkfs.vfat -n SAVEPOINT {dev}")

@@ -1,0 +1,132 @@
+"""The host command channel on a pseudo-terminal: SerialPart (the gadget's tty side) and
+savepoint-host's request/find_port (the computer's side), end to end through pyserial."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from appliance import host_client
+from appliance.commands import Action, Command, Mode, Outcome
+from appliance.host_serial import SerialPart
+
+
+class LockedBus:
+    """The policy that matters here: SAVE only while unlocked, and who asked."""
+
+    def __init__(self) -> None:
+        self.mode = Mode.LOCKED
+        self.commands: list[Command] = []
+
+    async def submit(self, command: Command) -> Outcome:
+        self.commands.append(command)
+        if command.action is Action.SAVE and self.mode is Mode.LOCKED:
+            return Outcome(False, command.action, command.source, "SAVE refused: LOCKED")
+        return Outcome(True, command.action, command.source, "", {"mode": self.mode.value})
+
+    def handler(self, name: str) -> None:
+        return None
+
+
+def serve_pty(bus: LockedBus, body: Any) -> Any:
+    """Run a SerialPart on a pty's slave side while `body(port)` talks to the master."""
+    master, slave = pty.openpty()
+    port = os.ttyname(slave)
+
+    async def main() -> Any:
+        part = SerialPart({"device": port}, bus)  # type: ignore[arg-type]
+        await part.start()
+        try:
+            return await asyncio.to_thread(body, master)
+        finally:
+            await part.stop()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def talk(master: int, line: bytes) -> bytes:
+    os.write(master, line)
+    out = b""
+    while not out.endswith(b"\n"):
+        out += os.read(master, 4096)
+    return out
+
+
+def test_serial_part_answers_json_lines_as_host() -> None:
+    bus = LockedBus()
+
+    def body(master: int) -> list[bytes]:
+        return [talk(master, b'{"cmd": "status"}\n'), talk(master, b'{"cmd": "save"}\r\n'),
+                talk(master, b"not json\n"), talk(master, b'{"cmd": "fly"}\n')]
+
+    status, save, garbage, unknown = serve_pty(bus, body)
+    assert b'"ok": true' in status and b'"mode": "locked"' in status
+    assert b'"ok": false' in save and b"LOCKED" in save
+    assert b"malformed request" in garbage
+    assert b"unknown command" in unknown
+    assert [(c.action, c.source) for c in bus.commands] == [(Action.STATUS, "host"),
+                                                            (Action.SAVE, "host")]
+
+
+def test_serial_part_needs_the_acm_tty(tmp_path: Any) -> None:
+    from appliance.commands import PartUnavailable
+
+    part = SerialPart({"device": str(tmp_path / "ttyGS0")}, LockedBus())  # type: ignore[arg-type]
+    with pytest.raises(PartUnavailable) as e:
+        asyncio.run(part.start())
+    assert "acm" in e.value.hint
+
+
+def test_host_client_request_over_a_serial_port() -> None:
+    master, slave = pty.openpty()
+    port = os.ttyname(slave)
+    received: list[bytes] = []
+
+    def appliance() -> None:
+        line = b""
+        while not line.endswith(b"\n"):
+            line += os.read(master, 4096)
+        received.append(line)
+        os.write(master, b'{"ok": true, "reason": "", "data": {"epoch": 3}}\n')
+
+    thread = threading.Thread(target=appliance)
+    thread.start()
+    try:
+        reply = host_client.request(port, "history", {"limit": 2}, timeout=10)
+    finally:
+        thread.join(5)
+        os.close(master)
+        os.close(slave)
+    assert reply == {"ok": True, "reason": "", "data": {"epoch": 3}}
+    assert received == [b'{"cmd": "history", "args": {"limit": 2}}\n']
+
+
+def test_find_port_by_usb_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    ports = [SimpleNamespace(device="/dev/ttyACM0", vid=0x1D6B, pid=0x0104, serial_number="A"),
+             SimpleNamespace(device="/dev/ttyACM1", vid=0x1D6B, pid=0x0104, serial_number="B"),
+             SimpleNamespace(device="/dev/ttyUSB0", vid=0x0403, pid=0x6001, serial_number="X")]
+    monkeypatch.setattr(host_client.list_ports, "comports", lambda: ports)
+    assert host_client.find_port(serial_number="B") == "/dev/ttyACM1"
+    with pytest.raises(host_client.HostError, match="several appliances"):
+        host_client.find_port()
+    with pytest.raises(host_client.HostError, match="no Savepoint appliance"):
+        host_client.find_port(pid=0x9999)
+
+
+def test_host_client_exit_codes(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    monkeypatch.setattr(host_client, "request", lambda *a: {"ok": False, "reason": "LOCKED"})
+    assert host_client.main(["save", "--port", "/dev/null"]) == 1
+    assert "LOCKED" in capsys.readouterr().err
+    monkeypatch.setattr(host_client.list_ports, "comports", lambda: [])
+    assert host_client.main(["status"]) == 2
+    assert "check the cable" in capsys.readouterr().err

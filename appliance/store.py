@@ -17,7 +17,6 @@ Crash safety rests on three orders (docs/format.md has the proofs):
 from __future__ import annotations
 
 import fcntl
-import mmap
 import threading
 import time
 import uuid as uuidlib
@@ -25,59 +24,42 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from appliance.backing import Backing, FileBacking
+from appliance.history_ring import HistoryRing
+from appliance.store_errors import (
+    CorruptStoreError,
+    FormatVersionError,
+    NotAStoreError,
+    OutOfRangeError,
+    StoreError,
+    StoreIOError,
+)
 from appliance.store_format import (
     FLAG_HOST_SYNCED,
     HAS0_BIT,
     HAS1_BIT,
-    HIST_REC,
     MAX_EPOCH,
-    PAGE,
     RECS_PER_SECTOR,
     RESTORE,
     SAVE,
     SB_OFFSETS,
     SB_SIZE,
     SECTOR,
-    SECTORS_PER_PAGE,
     UNITS_PER_PAGE,
     VSM_BIT,
     WEPOCH_MASK,
-    WORDS_PER_SECTOR,
     FormatError,
     HistoryRecord,
     Superblock,
-    seal_sector,
-    sector_ok,
-    unpack_history,
     unpack_superblock,
 )
+from appliance.store_init import InitError, create_store
+from appliance.unit_map import UnitMap, word_index
+
+__all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
+           "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError"]
 
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
-
-
-class StoreError(Exception):
-    """Base of every store error; the message says what happened and what to do."""
-
-
-class NotAStoreError(StoreError):
-    pass
-
-
-class FormatVersionError(StoreError):
-    pass
-
-
-class CorruptStoreError(StoreError):
-    pass
-
-
-class OutOfRangeError(StoreError):
-    pass
-
-
-class StoreIOError(StoreError):
-    pass
 
 
 class _Gate:
@@ -117,12 +99,6 @@ class _Gate:
                 self._cond.notify_all()
 
 
-def _word(unit: int) -> int:
-    """Index of a unit's record in the map viewed as u32 words (2 header words per sector)."""
-    s, i = divmod(unit, RECS_PER_SECTOR)
-    return s * WORDS_PER_SECTOR + 2 + i
-
-
 class Store:
     """A store opened for I/O. Thread-safe; see store_api in the docs for the contract."""
 
@@ -136,17 +112,9 @@ class Store:
                 f"the store needs {g.total_size} bytes but its target has only {backing.size}; "
                 "it was truncated or copied incompletely")
         self.size, self.unit_size, self.epoch = g.logical_size, g.unit_size, self.sb.epoch
-        # Anonymous mmap: zero pages cost no RAM until a map page is loaded from disk.
-        self._meta = mmap.mmap(-1, g.meta_len)
-        self._words = memoryview(self._meta).cast("I")
-        self._loaded = bytearray(g.meta_len // PAGE)
-        self._bad_sectors: set[int] = set()
-        self._dirty: set[int] = set()
-        self._ring = bytearray(g.hist_cap * HIST_REC)
-        self._b.pread_into(memoryview(self._ring), g.hist_off)
-        self._saved_epochs = bytearray(g.hist_cap)  # 1 where epoch e % cap ended with SAVE
+        self.map = UnitMap(backing, g)
+        self.ring = HistoryRing(backing, g)
         self._gate = _Gate()
-        self._meta_lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._flush_lock = threading.Lock()
         self._zero_unit = bytes(self.unit_size)
@@ -156,7 +124,9 @@ class Store:
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
         self._closed = False
         self._unsynced = False  # data written since the last sync
-        self._load_history()
+        self.ring.repair(self.sb.last_record, writable=not readonly)
+        self.ring.index(self.sb.resolved_below, self.epoch)
+        self._pending = self.sb.pending_units
 
     # ----- opening --------------------------------------------------------------------------
 
@@ -202,69 +172,20 @@ class Store:
                                 "the store cannot be trusted. `savepoint inspect --check` "
                                 "shows more")
 
-    def _load_history(self) -> None:
-        """Index how each recent epoch ended; repair the newest ring record from the superblock."""
-        last = unpack_history(self.sb.last_record)
-        if last is not None and self._ring_record(last.epoch) != last:
-            off = self._ring_off(last.epoch)
-            self._ring[off:off + HIST_REC] = self.sb.last_record  # a slice of a slice is a copy
-            if not self.readonly:
-                self._b.pwrite(self.sb.last_record, self.geo.hist_off + self._ring_off(last.epoch))
-                self._b.sync()
-        for e in range(self.sb.resolved_below, self.epoch):
-            rec = self._ring_record(e)
-            if rec is None:
-                raise CorruptStoreError(f"history record of epoch {e} is missing or damaged, and "
-                                        "units still depend on it; run `savepoint inspect --check`")
-            self._saved_epochs[e % self.geo.hist_cap] = rec.action == SAVE
-        self._pending = self.sb.pending_units
-
-    def _ring_off(self, epoch: int) -> int:
-        return (epoch % self.geo.hist_cap) * HIST_REC
-
-    def _ring_record(self, epoch: int) -> HistoryRecord | None:
-        off = self._ring_off(epoch)
-        rec = unpack_history(memoryview(self._ring)[off:off + HIST_REC])
-        return rec if rec is not None and rec.epoch == epoch else None
-
     # ----- the map ----------------------------------------------------------------------------
 
-    def _load_page(self, page: int) -> None:
-        with self._meta_lock:
-            if self._loaded[page]:
-                return
-            view = memoryview(self._meta)[page * PAGE:(page + 1) * PAGE]
-            self._b.pread_into(view, self.geo.meta_off + page * PAGE)
-            for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
-                if not sector_ok(self._meta, s):
-                    self._bad_sectors.add(s)
-            self._loaded[page] = 1
+    def _ring_record(self, epoch: int) -> HistoryRecord | None:
+        return self.ring.record(epoch)
 
     def _record(self, unit: int) -> int:
         """The unit's record, normalised to the current epoch (not written back)."""
-        if not self._loaded[unit // UNITS_PER_PAGE]:
-            self._load_page(unit // UNITS_PER_PAGE)
-        rec = self._words[_word(unit)]
-        if self._bad_sectors and unit // RECS_PER_SECTOR in self._bad_sectors:
-            self._raise_bad(unit)  # a record that failed its checksum is never trusted
+        rec = self.map.raw(unit)
         w = rec & WEPOCH_MASK
         if w and w != self.epoch:
-            if self._saved_epochs[w % self.geo.hist_cap]:
+            if self.ring.ended_by_save(w):
                 rec ^= VSM_BIT
             rec &= ~WEPOCH_MASK
         return rec
-
-    def _raise_bad(self, unit: int) -> None:
-        raise StoreIOError(f"map sector {unit // RECS_PER_SECTOR} (units of bytes from "
-                           f"{unit // RECS_PER_SECTOR * RECS_PER_SECTOR * self.unit_size}) failed "
-                           "its checksum; run `savepoint inspect --check`")
-
-    def _set_record(self, unit: int, rec: int) -> None:
-        """Caller holds _meta_lock."""
-        if unit // RECS_PER_SECTOR in self._bad_sectors:
-            self._raise_bad(unit)
-        self._words[_word(unit)] = rec
-        self._dirty.add(unit // RECS_PER_SECTOR)
 
     def _route(self, rec: int) -> tuple[int, bool]:
         """(slot to read, whether that slot holds data) for a normalised record."""
@@ -303,35 +224,11 @@ class Store:
         finally:
             self._gate.leave()
 
-    def _uniform(self, first: int, end: int) -> int | None:
-        """The raw record shared by units first..end-1 (compared in C), or None if they differ.
-
-        Sequential I/O mostly meets runs of identical records: never written, all written in
-        one epoch, or all normalised. One comparison per map sector replaces a Python loop.
-        """
-        for page in range(first // UNITS_PER_PAGE, (end - 1) // UNITS_PER_PAGE + 1):
-            if not self._loaded[page]:
-                self._load_page(page)
-        w0 = _word(first)
-        raw = self._words[w0]
-        pattern = raw.to_bytes(4, "little")
-        unit = first
-        while unit < end:
-            n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
-            w = _word(unit) * 4
-            if self._meta[w:w + 4 * n] != pattern * n:
-                return None
-            unit += n
-        if self._bad_sectors and not self._bad_sectors.isdisjoint(
-                range(first // RECS_PER_SECTOR, (end - 1) // RECS_PER_SECTOR + 1)):
-            return None  # every sector of the run, not only its ends
-        return raw
-
     def _read_locked(self, offset: int, buf: memoryview, saved: bool = False) -> None:
         """Fill buf from the visible disk, or from the saved image when saved=True."""
         us, g = self.unit_size, self.geo
         first, end_unit = offset // us, -(-(offset + len(buf)) // us)
-        if end_unit - first > 2 and self._uniform(first, end_unit) is not None:
+        if end_unit - first > 2 and self.map.uniform(first, end_unit) is not None:
             rec = self._record(first)
             slot, has = self._route(rec)
             if saved:
@@ -374,7 +271,7 @@ class Store:
         self._check_range(offset, len(view))
         with self._io():
             self._write_locked(offset, view)
-            with self._meta_lock:
+            with self.map.lock:
                 self.dirty_bytes += len(view)
         if fua:
             self.flush()
@@ -394,30 +291,40 @@ class Store:
 
     def _write_run(self, first: int, end: int, view: memoryview) -> bool:
         """Write whole units first..end-1 with one pwrite if their records are uniform."""
-        raw = self._uniform(first, end)
+        raw = self.map.uniform(first, end)
         if raw is None:
             return False
         rec = self._record(first)
         sec = (rec >> 31) ^ 1
-        self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
         new = (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch
-        if raw == new:
+        if raw == new:  # rewriting this epoch's copies: no copy-up can race with it
+            self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
             return True
-        pattern = new.to_bytes(4, "little")
-        with self._meta_lock:  # data written first, records after: see the module docstring
-            w = raw & WEPOCH_MASK
-            if w and w < self.epoch:
-                self._pending -= end - first
-            if w != self.epoch:
-                self.dirty_units += end - first
-            unit = first
-            while unit < end:
-                n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
-                b = _word(unit) * 4
-                self._meta[b:b + 4 * n] = pattern * n
-                self._dirty.add(unit // RECS_PER_SECTOR)
-                unit += n
+        with self._stripes_for(first, end):  # a partial write's copy-up must not overwrite us
+            if self.map.uniform(first, end) != raw:
+                return False
+            self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
+            with self.map.lock:  # data written first, records after: see the module docstring
+                w = raw & WEPOCH_MASK
+                if w and w < self.epoch:
+                    self._pending -= end - first
+                if w != self.epoch:
+                    self.dirty_units += end - first
+                self.map.fill(first, end, new)
         return True
+
+    @contextmanager
+    def _stripes_for(self, first: int, end: int) -> Iterator[None]:
+        """Hold the stripe locks of units first..end-1, taken in one global order."""
+        locks = self._stripes if end - first >= _STRIPES else \
+            [self._stripes[i] for i in sorted({u % _STRIPES for u in range(first, end)})]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
 
     def _write_units(self, offset: int, view: memoryview) -> None:
         us, g, epoch = self.unit_size, self.geo, self.epoch
@@ -460,17 +367,17 @@ class Store:
                 self._write_data(whole, phys)
             else:
                 self._write_data(chunk, phys)
-            with self._meta_lock:
+            with self.map.lock:
                 self._mark_written(unit, rec, (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch)
 
     def _mark_written(self, unit: int, old: int, new: int) -> None:
         """Caller holds _meta_lock. old is the normalised record the write started from."""
-        raw = self._words[_word(unit)] & WEPOCH_MASK
+        raw = self.map.raw(unit) & WEPOCH_MASK
         if raw and raw < self.epoch:
             self._pending -= 1
         if (old & WEPOCH_MASK) != self.epoch:
             self.dirty_units += 1
-        self._set_record(unit, new)
+        self.map.set(unit, new)
 
     def trim(self, offset: int, length: int) -> None:
         """Working state reads zeros until RESTORE; the saved copy is untouched."""
@@ -492,7 +399,7 @@ class Store:
                 if tail:
                     self._write_locked(end_full * us, memoryview(bytes(tail)))
                 self._zero_units(first_full, end_full, punch)
-            with self._meta_lock:
+            with self.map.lock:
                 self.dirty_bytes += length
         if fua:
             self.flush()
@@ -507,7 +414,7 @@ class Store:
                 if punch and rec & HAS[sec]:
                     self._b.discard(g.slot_off[sec] + unit * us, us)
                     self._unsynced = True
-                with self._meta_lock:
+                with self.map.lock:
                     self._mark_written(unit, rec, (rec & ~WEPOCH_MASK & ~HAS[sec]) | self.epoch)
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
@@ -546,21 +453,17 @@ class Store:
 
     def _flush_locked(self, advance_resolved: int | None = None) -> None:
         with self._flush_lock:
-            with self._meta_lock:  # snapshot: these records only describe completed writes
-                sectors = sorted(self._dirty)
-                self._dirty.clear()
-                for s in sectors:
-                    seal_sector(self._meta, s)
-                image = {s: bytes(self._meta[s * SECTOR:(s + 1) * SECTOR]) for s in sectors}
+            with self.map.lock:  # snapshot: these records only describe completed writes
+                runs = self.map.take_dirty()
                 counters = {"dirty_units": self.dirty_units, "dirty_bytes": self.dirty_bytes,
                             "pending_units": max(self._pending, 0)}
             if self._unsynced:
                 self._unsynced = False
                 self._b.sync()  # data first: a durable record never points at unwritten data
             stale = any(getattr(self.sb, k) != v for k, v in counters.items())
-            if not sectors and advance_resolved is None and not stale:
+            if not runs and advance_resolved is None and not stale:
                 return
-            for start, blob in _coalesce(image):
+            for start, blob in runs:
                 self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
             if advance_resolved is not None:
                 self._b.sync()  # normalised records durable before the ring may forget epochs
@@ -602,16 +505,13 @@ class Store:
         now = time.time_ns()
         rec = HistoryRecord(self.epoch, action, now, self.dirty_units, self.dirty_bytes,
                             source, flags)
-        raw = rec.pack()
-        off = self._ring_off(self.epoch)
-        self._b.pwrite(raw, self.geo.hist_off + off)
+        raw = self.ring.write(rec)
         stamp = {"last_save_ns": now} if action == SAVE else {"last_restore_ns": now}
         # The superblock is the commit point; it carries the record in case the ring write tore.
         pending = max(self._pending, 0) + self.dirty_units
         self._write_superblock(self.sb.next(epoch=self.epoch + 1, dirty_units=0, dirty_bytes=0,
                                             pending_units=pending, last_record=raw, **stamp))
-        self._ring[off:off + HIST_REC] = raw
-        self._saved_epochs[self.epoch % self.geo.hist_cap] = action == SAVE
+        self.ring.committed(rec, raw)
         self._pending = pending
         self.epoch += 1
         self.dirty_units = self.dirty_bytes = 0
@@ -641,14 +541,14 @@ class Store:
         while unit < count and budget > 0:
             page = unit // UNITS_PER_PAGE
             page_end = min((page + 1) * UNITS_PER_PAGE, count)
-            if not self._loaded[page]:
-                self._load_page(page)
-            with self._meta_lock:
+            if not self.map.loaded[page]:
+                self.map.load_page(page)
+            with self.map.lock:
                 for u in range(unit, page_end):
-                    raw = self._words[_word(u)]
+                    raw = self.map.words[word_index(u)]
                     w = raw & WEPOCH_MASK
-                    if w and w < epoch and u // RECS_PER_SECTOR not in self._bad_sectors:
-                        self._set_record(u, self._record(u))
+                    if w and w < epoch and u // RECS_PER_SECTOR not in self.map.bad_sectors:
+                        self.map.set(u, self._record(u))
                         self._pending -= 1
             budget -= page_end - unit
             unit = page_end
@@ -682,8 +582,7 @@ class Store:
         first = max(1, self.epoch - self.geo.hist_cap)
         if limit is not None:
             first = max(first, self.epoch - limit)
-        recs = (self._ring_record(e) for e in range(first, self.epoch))
-        return [r.as_dict() for r in recs if r is not None]
+        return [r.as_dict() for r in self.ring.records(first, self.epoch)]
 
     @property
     def io_active(self) -> int:
@@ -706,21 +605,3 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _coalesce(image: dict[int, bytes]) -> Iterator[tuple[int, bytes]]:
-    """Join consecutive sectors so a flush issues few large writes."""
-    run: list[bytes] = []
-    start = prev = -2
-    for s in sorted(image):
-        if s != prev + 1 and run:
-            yield start, b"".join(run)
-            run = []
-        if not run:
-            start = s
-        run.append(image[s])
-        prev = s
-    if run:
-        yield start, b"".join(run)
-
-from appliance.store_init import InitError, create_store  # noqa: E402,F401  (re-export)

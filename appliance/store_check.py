@@ -62,7 +62,7 @@ def check_store(path: str) -> CheckReport:
 
 def _check_history(store, report: CheckReport) -> None:
     first = max(1, store.epoch - store.geo.hist_cap)
-    missing = [e for e in range(first, store.epoch) if store._ring_record(e) is None]
+    missing = [e for e in range(first, store.epoch) if store.ring.record(e) is None]
     needed = [e for e in missing if e >= store.sb.resolved_below]
     if needed:
         report.problems.append(f"history records missing or damaged for epochs still in use: "

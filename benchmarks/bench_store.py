@@ -26,7 +26,7 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from appliance.store import Store, create_store  # noqa: E402
-from appliance.store_format import HAS0_BIT, HAS1_BIT, RECS_PER_SECTOR  # noqa: E402
+from appliance.store_format import HAS0_BIT, HAS1_BIT  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -47,14 +47,8 @@ def mark_written(st: Store, fraction: float) -> int:
         for u in rng.sample(range(st.geo.unit_count), n):
             st.write(u * st.unit_size, b"\x5a" * st.unit_size)
     else:
-        rec = HAS0_BIT | HAS1_BIT | st.epoch
-        for unit in range(0, n, RECS_PER_SECTOR):
-            st._record(unit)  # loads the page
-            sector = unit // RECS_PER_SECTOR
-            count = min(RECS_PER_SECTOR, n - unit)
-            st._words[sector * 128 + 2:sector * 128 + 2 + count] = memoryview(
-                rec.to_bytes(4, "little") * count).cast("I")
-            st._dirty.add(sector)
+        with st.map.lock:
+            st.map.fill(0, n, HAS0_BIT | HAS1_BIT | st.epoch)
         st.dirty_units = n
     st.flush()
     return n
@@ -185,8 +179,8 @@ def bench_ram(tmp: str) -> None:
         create_store(path, size, force=True)
         st = Store.open(path)
         before = rss_kib()
-        for page in range(len(st._loaded)):
-            st._load_page(page)
+        for page in range(len(st.map.loaded)):
+            st.map.load_page(page)
         used = (rss_kib() - before + st.geo.hist_cap * 64 // 1024) / 1024  # map + ring
         print(f"{size // GiB:>5} GiB disk, whole map loaded: {used:.2f} MiB RSS = "
               f"{used / (size / GiB):.3f} MiB per GiB (goal <= 1.25)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 
 import pytest
 
@@ -416,17 +417,23 @@ class RacingBacking(FileBacking):
             race()
 
 
-@pytest.mark.xfail(strict=True, reason="Store._write_run takes no stripe lock, so a partial "
-                   "write's copy-up can overwrite a concurrent whole-unit write with old data")
 def test_a_whole_unit_write_during_a_copy_up_is_not_lost(path) -> None:
     b = RacingBacking(path)
     s = Store(b)
     s.write(5 * U, pattern(4 * U, 1))
     s.save("cli")
     new = pattern(4 * U, 2)
-    b.at = s.geo.slot_off[0] + 6 * U  # the copy-up read of unit 6's saved copy
-    b.race = lambda: s.write(5 * U, new)  # units 5-8 in one request, while unit 6 copies up
+    b.at = s.geo.slot_off[1] + 6 * U  # the copy-up read of unit 6's saved copy (slot 1)
+    racer = threading.Thread(target=s.write, args=(5 * U, new))  # units 5-8 in one request
+
+    def race() -> None:  # start the whole-unit write while unit 6 copies up; it must wait
+        racer.start()
+        racer.join(0.3)
+
+    b.race = race
     s.write(6 * U + 100, b"A" * 10)
+    racer.join(10)
+    assert b.race is None, "the copy-up read was not reached: the test lost its race"
     got = s.read(6 * U, U)
     s.close()
     assert got[:100] == new[U:U + 100] and got[110:] == new[U + 110:2 * U]

@@ -66,21 +66,26 @@ class _Gate:
     """Many I/O requests at once, or one SAVE/RESTORE alone; a waiting command goes first."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self.active = 0
         self._exclusive = False
         self._waiting = 0
 
     def enter(self) -> None:
+        with self._lock:  # the common case costs one uncontended lock, not a Condition
+            if not (self._exclusive or self._waiting):
+                self.active += 1
+                return
         with self._cond:
             while self._exclusive or self._waiting:
                 self._cond.wait()
             self.active += 1
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self.active -= 1
-            if not self.active:
+            if not self.active and self._waiting:
                 self._cond.notify_all()
 
     @contextmanager
@@ -228,7 +233,8 @@ class Store:
         """Fill buf from the visible disk, or from the saved image when saved=True."""
         us, g = self.unit_size, self.geo
         first, end_unit = offset // us, -(-(offset + len(buf)) // us)
-        if end_unit - first > 2 and self.map.uniform(first, end_unit) is not None:
+        if end_unit - first == 1 or (end_unit - first > 2 and
+                                     self.map.uniform(first, end_unit) is not None):
             rec = self._record(first)
             slot, has = self._route(rec)
             if saved:

@@ -3,13 +3,10 @@
 Listening, lifecycle and the transmission phase (the hot path) live here; the wire format and
 the handshake are in `nbd_protocol`.
 
-Each connection runs a few worker threads that take turns on the socket (leader/followers):
-the worker holding the receive lock reads one whole request (header and payload, straight into
-its own page-aligned mmap buffer), lets go of the lock and serves that request, then sends the
-reply under the connection's send lock with one sendmsg. So up to `workers` requests per
-connection are served at once, replies may leave out of order (the spec allows it), and no
-request is ever copied or handed between threads. All connections share the one store, whose
-flush covers every connection: that is what makes multi-conn safe.
+Each connection is served by one blocking thread (see `nbd_session`): it reads many pipelined
+requests per recv_into into a page-aligned buffer, serves them in order and batches the replies
+into one sendmsg. All connections share the one store, whose flush covers every connection:
+that is what makes multi-conn safe.
 """
 
 from __future__ import annotations
@@ -73,7 +70,7 @@ class NbdServer:
             description="Savepoint disk: writes are provisional until SAVE",
             read_only=bool(getattr(store, "readonly", False)))
         self.log = log
-        self.workers = max(1, workers)
+        self.workers = max(1, workers)  # kept for callers; one thread per connection now
         self.stopping = False
         self._listeners: list[socket.socket] = []
         self._tcp_addr: tuple[str, int] | None = None

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import os
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -169,11 +170,11 @@ class Gadget:
 
     def bind(self, udc: str) -> None:
         if self.bound_to() != udc:
-            _write(self.root / "UDC", udc)
+            _write_in_child(self.root / "UDC", udc)
 
     def unbind(self) -> None:
         if self.bound_to():
-            _write(self.root / "UDC", "")
+            _write_in_child(self.root / "UDC", "")
 
     # -- the medium -----------------------------------------------------------------
     def file(self, n: int) -> str:
@@ -183,12 +184,12 @@ class Gadget:
             return ""
 
     def set_file(self, n: int, path: str) -> None:
-        _write(self.lun(n) / "file", path)
+        _write_in_child(self.lun(n) / "file", path)
 
     def forced_eject(self, n: int = 0) -> None:
         """Close the LUN's file even while the host holds the medium (plain eject: EBUSY)."""
         if self.lun(n).is_dir():
-            _write(self.lun(n) / "forced_eject", "1")
+            _write_in_child(self.lun(n) / "forced_eject", "1")
             if not self.real:  # the kernel empties `file` itself
                 _write(self.lun(n) / "file", "")
 
@@ -218,6 +219,20 @@ class Gadget:
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value + "\n" if value else "\n")
+
+
+def _write_in_child(path: Path, value: str) -> None:
+    """Write an attribute that can wait for the LUN's I/O, from a child process.
+
+    f_mass_storage takes the LUN's lock for file/forced_eject/UDC, and its worker holds it
+    while its I/O waits for our own NBD server. Were this process killed while one of its
+    threads waited on that lock, it could never exit: the NBD socket would stay open, the
+    I/O never fail, the lock never come free. A child can wait; the daemon can still die.
+    """
+    done = subprocess.run(["tee", str(path)], input=value + "\n", capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise OSError(f"writing {value!r} to {path}: {done.stderr.strip()}")
 
 
 def _is_configfs(root: str) -> bool:
@@ -272,8 +287,16 @@ class GadgetPart:
 
     def _setup(self, udc: str) -> None:
         self._prepare_thaw_file()
-        adopt = self.gadget.matches()
+        # A killed predecessor leaves I/O stuck on its dead socket, and f_mass_storage holds
+        # the LUN's lock while it waits: disconnecting fails that I/O, so eject can proceed.
+        # The host saw commands time out meanwhile: a fresh enumeration is the clean restart.
+        crashed = self.nbd.connected()
+        if crashed:
+            log.info("detaching %s left connected by a previous run", self.nbd.device)
+            self._detach()
+        adopt = not crashed and self.gadget.matches()
         if adopt:  # keep the host's USB connection; only the medium changes
+            log.info("adopting the gadget %s left by a previous run", self.cfg["name"])
             self.gadget.forced_eject(0)
         else:
             self.gadget.remove()
@@ -286,6 +309,12 @@ class GadgetPart:
             self.gadget.create()
         self.gadget.set_file(0, self.nbd.device)
         self.gadget.bind(udc)
+
+    def _detach(self) -> None:
+        try:
+            self.nbd.detach()
+        except NbdDeviceError as e:
+            log.warning("%s", e)
 
     def _prepare_thaw_file(self) -> None:
         path, size = self.cfg["thaw_file"], self.cfg["thaw_size"]
@@ -309,10 +338,7 @@ class GadgetPart:
 
     def _teardown(self) -> None:
         self.gadget.remove()
-        try:
-            self.nbd.detach()
-        except NbdDeviceError as e:
-            log.warning("%s", e)
+        self._detach()
 
     def _host_changed(self, connected: bool, state: str) -> None:
         self.bus.publish(Event("host", {"connected": connected, "state": state}))  # type: ignore[attr-defined]

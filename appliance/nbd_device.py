@@ -59,15 +59,26 @@ class NbdDevice:
         except (OSError, ValueError):
             return 0
 
-    def attach(self, timeout: float = 10.0) -> None:
-        """Connect the device to the socket (detaching a stale connection first)."""
+    def attach(self, timeout: float = 15.0) -> None:
+        """Connect the device to the socket (detaching a stale connection first).
+
+        The kernel frees a disconnected device's state only once its last opener closed
+        it (the LUN, a dying sync), so a busy device is retried until `timeout`.
+        """
         self.check()
         if self.connected():
             self.detach()
         cmd = [self.client, "-unix", self.socket_path, self.device, "-N", self.export_name,
                "-b", str(self.block_size)]
-        self._run(cmd, timeout)
         deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._run(cmd, timeout)
+                break
+            except NbdDeviceError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         while self.size() == 0:  # the size shows up once the kernel took the socket
             if time.monotonic() > deadline:
                 raise NbdDeviceError(f"{self.device} has no size after connecting")
@@ -76,10 +87,9 @@ class NbdDevice:
     def detach(self, timeout: float = 10.0) -> None:
         if not self._block().exists() or not self.connected():
             return
+        # The kernel fails the I/O in flight at once; the device's state itself goes only
+        # when its last opener closes it, so there is nothing to wait for here.
         self._run([self.client, "-d", self.device], timeout)
-        deadline = time.monotonic() + timeout
-        while self.connected() and time.monotonic() < deadline:
-            time.sleep(0.05)
 
     def _run(self, cmd: list[str], timeout: float) -> None:
         try:

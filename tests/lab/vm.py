@@ -123,6 +123,8 @@ mkdir -p /lib/modules && ln -sfn {CACHE}/kernel/$(uname -r)/lib/modules/$(uname 
     /lib/modules/$(uname -r)
 for m in {" ".join(modules)}; do busybox modprobe $m || echo "modprobe $m failed"; done
 mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config
+echo 30 > /proc/sys/kernel/hung_task_timeout_secs  # stuck I/O shows in console.log early
+(sleep 420; dmesg > /lab-results/dmesg-420s.log) &
 cd {REPO}
 export SAVEPOINT_LAB_GUEST=1 PYTHONDONTWRITEBYTECODE=1 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 echo "guest: $(uname -r), $(nproc) cpus, modules loaded at $(cut -d' ' -f1 /proc/uptime) s"
@@ -133,8 +135,10 @@ def job_script(pytest_args: list[str]) -> str:
     """The shell the guest runs: the prelude, then pytest on the inside scenarios."""
     quoted = " ".join(shlex.quote(a) for a in pytest_args)
     return job_prelude() + f"""{REPO}/.venv/bin/python -m pytest -p no:cacheprovider \\
-    -o addopts= -rA --strict-markers --junitxml=/lab-results/junit.xml {quoted}
+    -o addopts= -o faulthandler_timeout=150 -rA --strict-markers \\
+    --junitxml=/lab-results/junit.xml {quoted}
 rc=$?
+dmesg > /lab-results/dmesg.log
 echo "guest: pytest done at $(cut -d' ' -f1 /proc/uptime) s"
 exit $rc
 """

@@ -102,9 +102,10 @@ enabled = {str(serial).lower()}
 
     def close(self) -> None:
         self.kill(signal.SIGTERM)
-        # Whatever a killed daemon left behind must not leak into the next scenario.
-        Gadget(defaults()).remove()
+        # Whatever a killed daemon left behind must not leak into the next scenario:
+        # disconnect first (fails I/O stuck on a dead socket), then the gadget can go.
         NbdDevice("/dev/nbd0", self.nbd_socket).detach()
+        Gadget(defaults()).remove()
 
     def request(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         with ControlClient(self.control, timeout=120) as client:

@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _in_the_vm() -> None:
     assert os.environ.get("SAVEPOINT_LAB_GUEST"), "these scenarios run only inside the lab VM"
-    assert Path("/sys/class/udc").glob("*"), "no UDC: dummy_hcd is not loaded"
+    assert any(Path("/sys/class/udc").glob("*")), "no UDC: dummy_hcd is not loaded"
 
 
 @pytest.fixture

@@ -78,6 +78,7 @@ class _Replies:
         if at != self.pos:  # a gap before page-aligned data: close the current iovec
             if self.pos > self.seg:
                 self.parts.append(self.view[self.seg:self.pos])
+                self.seg = self.pos
                 if len(self.parts) >= MAX_PARTS:
                     self.send()
                     at = PAGE - head

@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--runtime", type=int, default=4, help="seconds per fio test")
     ap.add_argument("--dir", default="/var/tmp", help="directory on the disk to test")
+    ap.add_argument("--only", default="", help="run only tests whose name contains one of "
+                    "these comma-separated words (e.g. --only 4K,nbdcopy)")
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--serve-plain", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -151,12 +153,12 @@ def main() -> None:
     size = parse_size(args.size)
     work = tempfile.mkdtemp(prefix="bench-nbd-", dir=args.dir)
     try:
-        run(work, size, args.runtime)
+        run(work, size, args.runtime, [w for w in args.only.split(",") if w])
     finally:
         shutil.rmtree(work)
 
 
-def run(work: str, size: int, runtime: int) -> None:
+def run(work: str, size: int, runtime: int, only: list[str]) -> None:
     sys.path.insert(0, TOP)
     from appliance.store import create_store
 
@@ -183,11 +185,12 @@ def run(work: str, size: int, runtime: int) -> None:
                  ("nbdcopy read", lambda s: nbdcopy(s.uri, "null:", size))]
         tests += [(name, lambda s, rw=rw, bs=bs, qd=qd: run_fio(s.uri, rw, bs, qd, size, runtime))
                   for name, rw, bs, qd in FIO_TESTS]
+        tests = [t for t in tests if not only or any(w in t[0] for w in only)]
         for name, action in tests:  # servers take turns per test: background load hits all
             for s in servers:
                 results.setdefault(s.name, {})[name] = measure(s, lambda s=s, a=action: a(s))
         report(results)
-        for s in servers[:2]:
+        for s in servers[:2] if not only else []:
             for rw in ("read", "write"):
                 ipb = perf_instructions(s.proc.pid, lambda s=s, rw=rw:
                                         run_fio(s.uri, rw, "128k", 8, size, 2))

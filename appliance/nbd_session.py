@@ -19,6 +19,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from appliance import nbd_protocol as p
+from appliance import nbd_replies
+from appliance.nbd_replies import Replies, pages
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 
 if TYPE_CHECKING:
@@ -26,94 +28,10 @@ if TYPE_CHECKING:
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to finish option haggling
 RECV_SIZE = 4 << 20  # receive buffer: many pipelined requests per recv_into
-SEND_SIZE = 4 << 20  # replies (read data included) waiting for one sendmsg
-SEND_EARLY = 256 << 10  # send as soon as this much is waiting: the client can start copying
-ALIGN_FROM = 16 << 10  # reads this large get page-aligned data (fast copies)
-MAX_PARTS = 512  # iovecs per sendmsg (IOV_MAX is 1024)
-PAGE = mmap.PAGESIZE
 MAX_EXTENTS = 1 << 20
 WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
 SIZED_WRITES = (p.CMD_WRITE, p.CMD_WRITE_ZEROES)  # past the end: ENOSPC, not EINVAL
 HEAD = p.REQUEST.size
-
-
-def _pages(n: int) -> mmap.mmap:
-    """An anonymous mmap: page-aligned, zero-copy memoryviews, given back to the OS on drop."""
-    return mmap.mmap(-1, -(-n // PAGE) * PAGE)
-
-
-class _Replies:
-    """Replies laid out back to back in one buffer, sent with one sendmsg.
-
-    Contiguous replies form one iovec; a read of ALIGN_FROM bytes or more starts its data on a
-    page boundary (its header just before it), which opens a new iovec.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = _pages(SEND_SIZE)
-        self.view = memoryview(self.buf)
-        self.parts: list[memoryview] = []
-        self.seg = self.pos = 0  # current iovec: buf[seg:pos]
-
-    def header(self, n: int) -> int:
-        """Room for n bytes of reply; returns their offset in buf."""
-        at = self.pos
-        if at + n > SEND_SIZE:
-            self.send()
-            at = 0
-        self.pos = at + n
-        return at
-
-    def payload(self, head: int, length: int) -> int:
-        """Room for a header of `head` bytes and `length` bytes of read data; returns the
-        header's offset, or -1 when the data does not fit in the buffer at all."""
-        align = length >= ALIGN_FROM
-        at = -(-(self.pos + head) // PAGE) * PAGE - head if align else self.pos
-        if at + head + length > SEND_SIZE:
-            self.send()
-            at = PAGE - head if align else 0
-            if at + head + length > SEND_SIZE:
-                return -1
-        if at != self.pos:  # a gap before page-aligned data: close the current iovec
-            if self.pos > self.seg:
-                self.parts.append(self.view[self.seg:self.pos])
-                self.seg = self.pos
-                if len(self.parts) >= MAX_PARTS:
-                    self.send()
-                    at = PAGE - head
-            self.seg = at
-        self.pos = at + head + length
-        return at
-
-    def add(self, data: bytes) -> None:
-        if len(data) > SEND_SIZE:
-            self.send()
-            self.sock.sendall(data)
-        else:
-            at = self.header(len(data))
-            self.buf[at:at + len(data)] = data
-
-    def send(self) -> None:
-        if self.pos > self.seg:
-            self.parts.append(self.view[self.seg:self.pos])
-        parts = self.parts
-        self.seg = self.pos = 0
-        if not parts:
-            return
-        try:
-            if len(parts) == 1:
-                self.sock.sendall(parts[0])
-                return
-            sent, total = self.sock.sendmsg(parts), sum(map(len, parts))
-            while sent < total:  # rare: a partial send (signal, huge batch)
-                while sent >= len(parts[0]):
-                    sent -= len(parts.pop(0))
-                parts[0] = parts[0][sent:]
-                total = sum(map(len, parts))
-                sent = self.sock.sendmsg(parts)
-        finally:
-            parts.clear()
 
 
 class Session:
@@ -201,7 +119,7 @@ class Session:
     # ----- transmission -------------------------------------------------------------------------
 
     def _transmission(self) -> None:
-        out = _Replies(self.sock)
+        out = Replies(self.sock)
         try:
             self._loop(out)
             out.send()  # DISC or end of stream: the requests received get their replies
@@ -217,9 +135,9 @@ class Session:
                 self.log.warning("NBD client %s: %s; closing that connection", self.peer, exc)
             self._hangup()
 
-    def _loop(self, out: _Replies) -> None:
+    def _loop(self, out: Replies) -> None:
         """Serve requests until DISC or end of stream. Raises ProtocolError or OSError."""
-        rb = _pages(RECV_SIZE)
+        rb = pages(RECV_SIZE)
         rv = memoryview(rb)
         start = end = 0  # received, not yet parsed: rb[start:end]
         unpack, pack_reply = p.REQUEST.unpack_from, p.SIMPLE_REPLY.pack_into
@@ -287,7 +205,7 @@ class Session:
         Returns the payload and the new (start, end) of the receive buffer."""
         have = end - start
         if length > RECV_SIZE:  # larger than the receive buffer: a buffer of its own
-            big = memoryview(_pages(length))
+            big = memoryview(pages(length))
             big[:have] = rv[start:end]
             if self._fill(big, have, length) < length:
                 raise p.ProtocolError("connection closed in the middle of a write payload")
@@ -341,7 +259,7 @@ class Session:
         self.log.error("NBD command %d at %d+%d crashed", cmd, offset, length, exc_info=exc)
         return p.EIO, f"internal server error: {exc}"
 
-    def _other(self, out: _Replies, flags: int, cmd: int, cookie: bytes, offset: int,
+    def _other(self, out: Replies, flags: int, cmd: int, cookie: bytes, offset: int,
                length: int, payload: memoryview | None) -> None:
         """Everything but a valid READ or WRITE: refusals, FLUSH, TRIM, zeroes, block status."""
         out.send()  # FLUSH and friends may be slow: the replies before them go first
@@ -381,7 +299,7 @@ class Session:
                 st.write_zeroes(offset, length, fua=fua)
         # CMD_CACHE: the range was checked; the store has nothing to prefetch into.
 
-    def _read(self, out: _Replies, cookie: bytes, offset: int, length: int) -> None:
+    def _read(self, out: Replies, cookie: bytes, offset: int, length: int) -> None:
         """Read into the send buffer behind its header (one OFFSET_DATA chunk, so DF holds)."""
         structured = self.neg.structured
         if structured and not length:
@@ -401,11 +319,11 @@ class Session:
                                    p.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
         else:
             p.SIMPLE_REPLY.pack_into(out.buf, at, p.SIMPLE_REPLY_MAGIC, 0, cookie)
-        if out.pos >= SEND_EARLY:
+        if out.pos >= nbd_replies.SEND_EARLY:
             out.send()
 
-    def _read_big(self, out: _Replies, cookie: bytes, offset: int, length: int) -> None:
-        data = memoryview(_pages(length))[:length]
+    def _read_big(self, out: Replies, cookie: bytes, offset: int, length: int) -> None:
+        data = memoryview(pages(length))[:length]
         try:
             self.store.readinto(offset, data)
         except Exception as exc:  # mapped to an NBD error
@@ -415,7 +333,7 @@ class Session:
         out.send()
         self.sock.sendall(data)
 
-    def _block_status(self, out: _Replies, cookie: bytes, flags: int, offset: int,
+    def _block_status(self, out: Replies, cookie: bytes, flags: int, offset: int,
                       length: int) -> None:
         extents: list[tuple[int, int]] = []
         for _, n, zero in self.store.block_status(offset, length):
@@ -430,7 +348,7 @@ class Session:
         for cid in ids:
             out.add(p.block_status_chunk(cookie, cid, extents[:MAX_EXTENTS], cid == ids[-1]))
 
-    def _reply_error(self, out: _Replies, cookie: bytes, error: int, message: str) -> None:
+    def _reply_error(self, out: Replies, cookie: bytes, error: int, message: str) -> None:
         # A simple reply is allowed for anything but a successful READ, even when structured.
         if self.neg.structured:
             out.add(p.error_chunk(cookie, error, message))

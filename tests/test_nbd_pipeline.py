@@ -13,7 +13,7 @@ import time
 import pytest
 
 from appliance import nbd_protocol as p
-from appliance import nbd_session
+from appliance import nbd_replies, nbd_session
 from tests.nbd_helpers import MiB, RawClient, serve, wait_for
 
 SIZE = 16 * MiB
@@ -97,10 +97,10 @@ def workload(pipe: Pipeline, rnd: random.Random, model: bytearray) -> dict[bytes
 @pytest.mark.parametrize("small", [False, True])
 def test_pipelined_requests_match_the_model(tmp_path, monkeypatch, structured, pieces, small):
     if small:  # tiny buffers: every edge (payload wraps, oversized requests) is hit often
-        for name, value in [("RECV_SIZE", 64 << 10), ("SEND_SIZE", 48 << 10),
-                            ("SEND_EARLY", 40 << 10), ("MAX_PARTS", 3),
-                            ("ALIGN_FROM", 4096)]:
-            monkeypatch.setattr(nbd_session, name, value)
+        monkeypatch.setattr(nbd_session, "RECV_SIZE", 64 << 10)
+        for name, value in [("SEND_SIZE", 48 << 10), ("SEND_EARLY", 40 << 10),
+                            ("MAX_PARTS", 3), ("ALIGN_FROM", 4096)]:
+            monkeypatch.setattr(nbd_replies, name, value)
     with serve(tmp_path, size=SIZE) as s:
         model = bytearray(SIZE)
         c = RawClient(s.sock, structured=structured)

@@ -38,7 +38,7 @@ def inner_results(junit: str) -> list[tuple[str, str, str]]:
 def test_lab_scenarios() -> None:
     extra = shlex.split(os.environ.get("SAVEPOINT_LAB_ARGS", ""))
     result = run(job_script(["tests/lab/inside", "-v", "--durations=0", *extra]), results_dir(),
-                 timeout=float(os.environ.get("SAVEPOINT_LAB_TIMEOUT", 720)))
+                 timeout=float(os.environ.get("SAVEPOINT_LAB_TIMEOUT", 900)))
     print(result.log("job.log"))
     print(f"lab VM: {result.seconds:.1f} s under {result.accel}; logs in {result.results}")
     junit = result.log("junit.xml")

@@ -135,7 +135,7 @@ def job_script(pytest_args: list[str]) -> str:
     """The shell the guest runs: the prelude, then pytest on the inside scenarios."""
     quoted = " ".join(shlex.quote(a) for a in pytest_args)
     return job_prelude() + f"""{REPO}/.venv/bin/python -m pytest -p no:cacheprovider \\
-    -o addopts= -o faulthandler_timeout=150 -rA --strict-markers \\
+    -o addopts= -o faulthandler_timeout=300 -rA --strict-markers \\
     --junitxml=/lab-results/junit.xml {quoted}
 rc=$?
 dmesg > /lab-results/dmesg.log

@@ -1,5 +1,5 @@
 """`savepoint`: run the daemon (serve, daemon), talk to it (save, restore, unlock, lock, status,
-history, watch, pair) and work on a store that is not served (init, inspect, history TARGET).
+history, watch, pair, fobs) and work on a store that is not served (init, inspect, history TARGET).
 
 Errors exit non-zero with a one-line reason on stderr; every talking command takes --json.
 """
@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "history":
             p.add_argument("target", nargs="?", help="read this store offline instead")
             p.add_argument("--limit", type=int, help="only the last N records")
+    p = sub.add_parser("fobs", help="list, rename or revoke paired BLE fobs")
+    p.add_argument("op", nargs="?", default="list", choices=("list", "rename", "revoke"))
+    p.add_argument("id", nargs="?", type=int, help="fob id (rename, revoke)")
+    p.add_argument("name", nargs="?", help="new name (rename)")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+    p.add_argument("--control", help="control socket (default: $SAVEPOINT_CONTROL or "
+                   "<runtime dir>/control.sock)")
+    p.set_defaults(func=cmd_fobs)
     _add_store_commands(sub)
     return parser
 
@@ -162,6 +170,34 @@ def cmd_talk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fobs(args: argparse.Namespace) -> int:
+    if args.op != "list" and args.id is None:
+        return fail(f"fobs {args.op} needs a fob id (see `savepoint fobs`)")
+    if args.op == "rename" and not args.name:
+        return fail("fobs rename needs a new name: savepoint fobs rename ID NAME")
+    request = {"op": args.op, "id": args.id, "name": args.name}
+    try:
+        with ControlClient(args.control or default_control_path(), timeout=30) as client:
+            reply = client.request("fobs", {k: v for k, v in request.items() if v is not None})
+    except ControlError as e:
+        return fail(str(e))
+    if args.json:
+        print(json.dumps(reply, indent=2, default=str))
+    if not reply.get("ok"):
+        reason = reply.get("reason") or "refused"
+        if "unknown command" in reason:
+            reason = "BLE is off on this appliance (enable [ble] in the config)"
+        return fail(reason)
+    if not args.json:
+        data = reply.get("data") or {}
+        fobs = data.get("fobs", [data["fob"]] if "fob" in data else [])
+        if not fobs:
+            print("no fobs paired; pair one with `savepoint pair`")
+        for fob in fobs:
+            print("  ".join(f"{k}={v}" for k, v in fob.items()))
+    return 0
+
+
 def confirm_restore(client: ControlClient) -> bool:
     st = client.request("status").get("data") or {}
     last = st.get("last_save")
@@ -218,7 +254,11 @@ def show(command: str, data: dict[str, Any]) -> None:
         extra = f" (re-locks after {after:g} s without a command)" if after else ""
         print(f"{data.get('mode', command).upper()}{extra}")
     elif command == "pair":
-        print(f"pairing window open until {_when(data.get('until'))}")
+        print(f"pairing window open until {_when(data.get('until'))}.\n"
+              "On the fob (any computer with Bluetooth, or a Pi with a button), run now:\n"
+              "  savepoint-fob pair\n"
+              "It finds the appliance, pairs and stores its key; then `savepoint-fob save`, "
+              "`restore`, `unlock` or `status` work from it. `savepoint fobs` lists paired fobs.")
 
 
 def print_status(st: dict[str, Any]) -> None:

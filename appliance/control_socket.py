@@ -66,6 +66,8 @@ async def dispatch(bus: CommandSink, line: bytes | str, source: str,
         if handler is None:
             known = ", ".join(a.value for a in Action)
             return _error(f"unknown command {cmd!r} (known: {known}, watch)")
+        if source != "cli":  # part commands (fob list/rename/revoke) are for the local admin
+            return _error(f"{cmd!r} is only available on the appliance's local control socket")
         try:
             return {"ok": True, "reason": "", "data": await handler(args)}
         except Exception as e:  # a part's handler failing must not take the channel down

@@ -1,0 +1,53 @@
+"""`savepoint fobs` and who may use part commands (fob list/rename/revoke)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from appliance.commands import Action, Command, Outcome
+from appliance.control_socket import dispatch
+from tests.test_daemon_support import Served, cli
+
+
+class FakeBus:
+    """Only the parts dispatch() touches: a registered `fobs` handler that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def handler(self, name: str):
+        async def fobs(args: dict) -> dict:
+            self.calls.append(args)
+            return {"fobs": [{"id": 1, "name": "keyring"}]}
+
+        return fobs if name == "fobs" else None
+
+    async def submit(self, command: Command) -> Outcome:
+        return Outcome(True, command.action, command.source)
+
+
+def test_part_commands_only_from_the_local_control_socket() -> None:
+    bus = FakeBus()
+    line = json.dumps({"cmd": "fobs", "args": {"op": "revoke", "id": 1}})
+    host = asyncio.run(dispatch(bus, line, "host"))
+    assert not host["ok"] and "local control socket" in host["reason"]
+    assert bus.calls == []  # the host (or malware on it) cannot revoke a fob
+    local = asyncio.run(dispatch(bus, line, "cli"))
+    assert local["ok"] and bus.calls == [{"op": "revoke", "id": 1}]
+    assert asyncio.run(dispatch(bus, '{"cmd": "status"}', "host"))["ok"]
+    assert Action.STATUS.value == "status"
+
+
+def test_fobs_without_ble_says_so_and_pair_says_what_to_do(tmp_path) -> None:
+    served = Served(str(tmp_path / "disk.img"))
+    try:
+        proc = cli("fobs", control=served.control, check=False)
+        assert proc.returncode == 1 and "BLE is off" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+        proc = cli("fobs", "revoke", control=served.control, check=False)
+        assert proc.returncode == 1 and "needs a fob id" in proc.stderr
+        proc = cli("pair", control=served.control)
+        assert "savepoint-fob pair" in proc.stdout
+    finally:
+        served.cleanup()

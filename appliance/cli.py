@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -208,6 +209,8 @@ def confirm_restore(client: ControlClient) -> bool:
 
 
 def watch(client: ControlClient, as_json: bool) -> int:
+    # Ctrl-C ends watching even when started from a shell that ignores SIGINT (`watch &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reply = client.request("watch")
     if not reply.get("ok"):
         return fail(reply.get("reason") or "watch refused")

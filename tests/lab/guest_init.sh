@@ -21,7 +21,7 @@ mount -t 9p -o "$opts" results /newroot/lab-results || fail "cannot mount the re
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
 echo "lab-init: root ready"
 exec switch_root /newroot /bin/sh -c '
-    mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /run
+    mount -t tmpfs tmpfs /run  # not /tmp: the checkout under test may live there
     /bin/sh /lab-results/job.sh >/lab-results/job.log 2>&1
     echo $? >/lab-results/job.rc
     sync

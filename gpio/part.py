@@ -60,7 +60,7 @@ class GpioPart:
                 warnings.simplefilter("ignore", PinFactoryFallback)
                 self._build_inputs()
                 self._build_led()
-        except BadPinFactory as e:
+        except (BadPinFactory, ImportError) as e:  # GPIOZERO_PIN_FACTORY=lgpio without lgpio
             self._close_devices()
             raise PartUnavailable(f"no usable GPIO pin factory ({e})", NO_GPIO_HINT) from e
         except (GPIOZeroError, OSError, ValueError) as e:

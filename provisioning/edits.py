@@ -134,7 +134,7 @@ socket = ""
 group = "savepoint"
 
 [lock]
-# Start LOCKED: SAVE is refused until a deliberate UNLOCK (button hold, fob, host).
+# Start LOCKED: SAVE is refused until a deliberate UNLOCK (button, paired fob, local CLI).
 enabled = true
 # Seconds without a command before re-locking; 0 = never.
 relock_after = 300

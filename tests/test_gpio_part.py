@@ -7,6 +7,7 @@ hold on a loaded machine; assertions are on ordered states, never on exact times
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -255,3 +256,16 @@ def test_an_unusable_pin_factory_means_part_unavailable(monkeypatch: pytest.Monk
     monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "no-such-factory")
     with pytest.raises(PartUnavailable, match="pin factory"):
         asyncio.run(GpioPart({}, FakeSink()).start())
+
+
+def test_lgpio_factory_without_lgpio_means_part_unavailable(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path) -> None:
+    """What the systemd unit sets (GPIOZERO_PIN_FACTORY=lgpio) on a machine without lgpio."""
+    Device.pin_factory = None
+    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "lgpio")
+    monkeypatch.setitem(sys.modules, "lgpio", None)  # importing it fails, as when not installed
+    (tmp_path / "gpiochip0").touch()
+    monkeypatch.setattr(gpio_part, "GPIOCHIP_GLOB", str(tmp_path / "gpiochip*"))
+    with pytest.raises(PartUnavailable, match="pin factory") as info:
+        asyncio.run(GpioPart({}, FakeSink()).start())
+    assert "python3-lgpio" in info.value.hint

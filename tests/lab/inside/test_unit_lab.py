@@ -1,0 +1,112 @@
+"""Issue 8: the daemon run as systemd/savepoint.service runs it, on the real kernel.
+
+The command line, environment, group, working directory and capability bounding set all come
+from the unit file itself (setpriv stands in for systemd, which is not PID 1 in the lab). The
+daemon must reach READY=1 over $NOTIFY_SOCKET with the gadget up and the host seeing the disk,
+ping the watchdog, and on SIGTERM exit 0 with the gadget removed and /dev/nbd0 detached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from appliance.gadget import Gadget, defaults
+from appliance.nbd_device import NbdDevice
+from provisioning.edits import render_config
+from tests.lab.inside.appliance_vm import RESULTS, host_disk, sh
+
+UNIT = Path(__file__).resolve().parents[3] / "systemd" / "savepoint.service"
+VENV_BIN = Path(sys.executable).parent
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def command_line(unit: dict[str, list[str]]) -> list[str]:
+    """setpriv + the unit's ExecStart, with the lab's venv in place of /opt/savepoint/venv."""
+    exec_start = unit["ExecStart"][0].split()
+    exec_start[0] = str(VENV_BIN / Path(exec_start[0]).name)
+    caps = ",".join(f"+{c.lower().removeprefix('cap_')}"
+                    for c in unit["CapabilityBoundingSet"][0].split())
+    return ["setpriv", f"--bounding-set=-all,{caps}", "--inh-caps=-all", "--ambient-caps=-all",
+            "--no-new-privs", f"--regid={unit['Group'][0]}", "--clear-groups", *exec_start]
+
+
+def receive(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
+    """Notification messages until one contains `wanted`."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        seen.append(message)
+        if wanted in message.splitlines():
+            return seen
+    raise AssertionError(f"no {wanted} from the daemon in {timeout:g} s; got {seen}")
+
+
+def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
+    unit = unit_settings()
+    sh("getent group savepoint >/dev/null || groupadd --system savepoint")
+    state, runtime = Path("/var/lib/savepoint"), Path("/run/savepoint")
+    for d in (state, runtime):  # StateDirectory= and RuntimeDirectory= (0750, group savepoint)
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, group="savepoint")
+        d.chmod(0o750)
+    store = state / "store.img"
+    sh(f"{VENV_BIN / 'savepoint'} init {store} --size 32M --force")
+    Path("/etc/savepoint").mkdir(exist_ok=True)
+    Path("/etc/savepoint/config.toml").write_text(render_config(str(store)))
+
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "LANG": "C.UTF-8", "NOTIFY_SOCKET": notify_path,
+           "WATCHDOG_USEC": str(int(unit["WatchdogSec"][0]) * 1_000_000),
+           "RUNTIME_DIRECTORY": str(runtime), "STATE_DIRECTORY": str(state)}
+    env.update(dict(e.split("=", 1) for e in unit.get("Environment", [])))
+    log = open(RESULTS / "daemon-unit.log", "wb")
+    proc = subprocess.Popen(command_line(unit), cwd=unit["WorkingDirectory"][0], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # systemd passes the main PID for the watchdog; setpriv execs, so it is proc.pid.
+        seen = receive(notify, "READY=1", float(unit["TimeoutStartSec"][0]))
+        assert any(line.startswith("STATUS=") for m in seen for line in m.splitlines())
+        assert Path("/sys/kernel/config/usb_gadget/savepoint/UDC").read_text().strip()
+        disk = host_disk("disk")
+        assert int(Path(f"/sys/block/{Path(disk).name}/size").read_text()) * 512 == 32 << 20
+        status = subprocess.run([str(VENV_BIN / "savepoint"), "status", "--json"],
+                                capture_output=True, text=True, timeout=120)
+        assert '"locked"' in status.stdout, status.stdout + status.stderr  # LOCKED at boot
+        receive(notify, "WATCHDOG=1", 60)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(float(unit["TimeoutStopSec"][0])) == 0
+        assert not Path("/sys/kernel/config/usb_gadget/savepoint").exists()
+        assert not Path("/sys/block/nbd0/pid").exists(), "/dev/nbd0 still attached after stop"
+        assert not os.path.exists(runtime / "control.sock")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+        notify.close()
+        NbdDevice("/dev/nbd0", str(runtime / "nbd.sock")).detach()  # whatever a failure left
+        Gadget(defaults()).remove()

@@ -97,6 +97,12 @@ class Characteristic(ServiceInterface):
     def Flags(self) -> "as":
         return self.flags
 
+    # dbus-fast answers GetManagedObjects itself from these properties, and bluetoothd
+    # rejects a characteristic without its Service ("No valid service object found").
+    @dbus_property(access=PropertyAccess.READ)
+    def Service(self) -> "o":
+        return SERVICE_PATH
+
     @dbus_property(access=PropertyAccess.READ)
     def Value(self) -> "ay":
         return b""

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.lab.bluez import fetch_bluez
 from tests.lab.kernel import Kernel, LabSetupError, fetch_kernel, module_closure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +33,7 @@ BOOT_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 LAB_MODULES = [
     "configfs", "dummy_hcd", "libcomposite", "usb_f_mass_storage", "usb_f_acm",
     "usb-storage", "sd_mod", "nbd", "cdc_acm", "sg",
+    "bluetooth", "hci_vhci",  # the BLE scenario: bumble controllers as hci0/hci1
 ]  # fmt: skip
 
 
@@ -148,6 +150,7 @@ def run(job: str, results: Path, timeout: float = 900) -> RunResult:
     """Boot once, run `job` (shell text) as root inside, wait for power-off."""
     t0 = time.monotonic()
     kernel = fetch_kernel(CACHE)
+    fetch_bluez(CACHE)  # bluetoothd for the BLE scenario; the guest cannot download
     if shutil.which("qemu-system-x86_64") is None:
         raise LabSetupError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
     results.mkdir(parents=True)

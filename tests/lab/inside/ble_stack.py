@@ -1,0 +1,211 @@
+"""The BLE half of the lab VM: two bumble controllers as hci0/hci1, a private system bus and
+Debian's bluetoothd on it.
+
+`python -m tests.lab.inside.ble_stack` is the controller process: one LocalLink, two bumble
+controllers, each attached to the kernel through its own /dev/vhci fd (the kernel sees a
+real HCI adapter per fd, in open order: hci0 then hci1). BleStack (used by the scenario)
+starts that process, btmon, a dbus-daemon with BlueZ's bluetooth.conf policy and
+`bluetoothd -n`, and tears all of it down again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ble import dbus_api
+from tests.lab.bluez import BLUETOOTHD, BTMON, POLICY, cached_bluez
+from tests.lab.inside.appliance_vm import RESULTS
+from tests.lab.vm import CACHE
+
+ADDRESSES = ("00:5A:7E:00:00:01", "00:5A:7E:00:00:02")  # hci0: appliance, hci1: fob
+
+BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <!-- the deny-by-default part of Debian's system.conf; bluetooth.conf punches the holes -->
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+# --- the controller process -----------------------------------------------------------------
+def _link_class() -> type:
+    from bumble import core
+    from bumble.link import LocalLink
+
+    class PublicAddressLink(LocalLink):
+        """bumble 0.0.236's LocalLink sends LE ACL data from the sender's *random* address,
+        but the kernel connects by public address, so the receiver finds no connection.
+        Route by the connection's own address instead."""
+
+        def send_acl_data(self, sender_controller: Any, destination_address: Any,
+                          transport: Any, data: bytes) -> None:
+            if transport != core.PhysicalTransport.LE:
+                return super().send_acl_data(sender_controller, destination_address,
+                                             transport, data)
+            source = next((c.self_address for c in sender_controller.le_connections.values()
+                           if c.peer_address == destination_address),
+                          sender_controller.random_address)
+            destination = self.find_le_controller(destination_address)
+            if destination is not None:
+                asyncio.get_running_loop().call_soon(
+                    destination.on_link_acl_data, source, transport, data)
+
+    return PublicAddressLink
+
+
+def _controller_class() -> type:
+    from bumble.controller import Controller
+    from bumble.hci import LeFeatureMask
+
+    class LegacyController(Controller):
+        """With extended advertising or LL privacy in the LE features, Linux 6.1 waits for
+        an LE *Enhanced* Connection Complete, which bumble does not send: the kernel cancels
+        the connection 4 s later under BlueZ's feet. Without them it uses the legacy
+        commands and events all through (legacy adverts are what the fob service uses)."""
+
+        le_features = Controller.le_features & ~(
+            LeFeatureMask.LE_EXTENDED_ADVERTISING | LeFeatureMask.LL_PRIVACY
+            | LeFeatureMask.LE_PERIODIC_ADVERTISING)
+
+    return LegacyController
+
+
+async def run_controllers() -> None:
+    from bumble.transport import open_transport
+
+    link = _link_class()()
+    controller = _controller_class()
+    transports = []
+    for index, address in enumerate(ADDRESSES):
+        transport = await open_transport("vhci")  # sequential: hci0 first, then hci1
+        transports.append(transport)
+        controller(f"hci{index}", host_source=transport.source, host_sink=transport.sink,
+                   link=link, public_address=address)
+        print(f"controller hci{index} {address} attached", flush=True)
+    await asyncio.get_running_loop().create_future()  # until killed
+
+
+# --- the stack, as the scenario uses it -----------------------------------------------------
+class BleStack:
+    """Controllers, btmon, a private system bus and bluetoothd; close() ends them all."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        root = cached_bluez(CACHE)
+        assert root is not None, "bluez is not in .lab-cache: tests/lab/vm.py fetches it"
+        self.bluez = root
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.address = ""
+
+    def _spawn(self, cmd: list[str], log: str, **kw: Any) -> subprocess.Popen[bytes]:
+        with open(RESULTS / log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        self._spawn([str(self.bluez / BTMON)], "ble-btmon.log")
+        self._spawn([sys.executable, "-m", "tests.lab.inside.ble_stack"], "ble-controllers.log")
+        wait_for(lambda: all(Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)),
+                 30, "hci0 and hci1 (bumble controllers on /dev/vhci)")
+        self.address = self._start_bus()
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address  # the daemon and the fob
+        Path("/var/lib/bluetooth").mkdir(parents=True, exist_ok=True)
+        self._spawn([str(self.bluez / BLUETOOTHD), "-n", "-d",
+                     "-f", str(self.bluez / "etc/bluetooth/main.conf")], "ble-bluetoothd.log")
+        wait_for(lambda: run(adapters()) >= {"hci0", "hci1"}, 60, "bluetoothd's adapters")
+        # bluetoothd powers adapters itself (AutoEnable); a Set while it does so is "Busy"
+        with contextlib.suppress(dbus_api.DBusError):
+            run(set_powered("hci1"))  # the fob's adapter; the appliance powers its own
+        wait_for(lambda: run(adapters(powered=True)) >= {"hci1"}, 30, "powered hci1")
+
+    def _start_bus(self) -> str:
+        socket = self.tmp / "system_bus_socket"
+        conf = self.tmp / "system-bus.conf"
+        conf.write_text(BUS_CONFIG.format(socket=socket, policy=self.bluez / POLICY))
+        self._spawn(["dbus-daemon", "--config-file", str(conf), "--nofork", "--nopidfile"],
+                    "ble-dbus.log")
+        wait_for(socket.exists, 30, "the private system bus")
+        return f"unix:path={socket}"
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+
+
+def wait_for(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout:g} s; see {RESULTS}/ble-*.log")
+        time.sleep(0.3)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+async def adapters(powered: bool = False) -> set[str]:
+    """bluetoothd's adapters (only the powered ones when `powered`)."""
+    bus = await dbus_api.connect()
+    try:
+        objects = await dbus_api.managed_objects(bus)
+    finally:
+        bus.disconnect()
+    return {p.rsplit("/", 1)[1] for p, i in objects.items() if "org.bluez.Adapter1" in i
+            and (i["org.bluez.Adapter1"].get("Powered") or not powered)}
+
+
+async def set_powered(adapter: str) -> None:
+    bus = await dbus_api.connect()
+    try:
+        await dbus_api.call(bus, dbus_api.BLUEZ, f"/org/bluez/{adapter}",
+                            "org.freedesktop.DBus.Properties", "Set", "ssv",
+                            ["org.bluez.Adapter1", "Powered", dbus_api.Variant("b", True)])
+    finally:
+        bus.disconnect()
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+    asyncio.run(run_controllers())

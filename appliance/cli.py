@@ -14,17 +14,11 @@ import sys
 import time
 from typing import Any
 
-from appliance.config import ConfigError, default_control_path, parse_size, serve_config
+from appliance.config import ConfigError, default_control_path, serve_config
 from appliance.control_socket import ControlClient, ControlError
+from appliance.store_cli import add_store_commands, human, parse_size
 
 TALK = ("save", "restore", "unlock", "lock", "status", "history", "watch", "pair")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("serve", help="serve a store over NBD (creates it if missing)")
     p.add_argument("target", help="backing file or block device")
-    p.add_argument("--size", type=_size, help="disk size when creating, e.g. 1G")
-    p.add_argument("--unit", type=_size, default=4096, help="unit size when creating (4K)")
+    p.add_argument("--size", type=parse_size, help="disk size when creating, e.g. 1G")
+    p.add_argument("--unit", type=parse_size, default=4096, help="unit size when creating (4K)")
     p.add_argument("--socket", help="NBD Unix socket path (default: <runtime dir>/nbd.sock)")
     p.add_argument("--tcp", metavar="HOST:PORT", help="also serve NBD on TCP (loopback)")
     p.add_argument("--allow-remote", action="store_true",
@@ -68,14 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="control socket (default: $SAVEPOINT_CONTROL or "
                    "<runtime dir>/control.sock)")
     p.set_defaults(func=cmd_fobs)
-    _add_store_commands(sub)
+    add_store_commands(sub)  # init, inspect
     return parser
-
-
-def _add_store_commands(sub: argparse._SubParsersAction) -> None:
-    from appliance.store_cli import add_store_commands  # init, inspect (the lead's module)
-
-    add_store_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,14 +287,6 @@ def print_status(st: dict[str, Any]) -> None:
 
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "never"
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 if __name__ == "__main__":

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 
 from appliance.store_format import FORMAT_VERSION
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
-
 
 def parse_size(text: str) -> int:
-    """'1G', '512M', '4K', '4KiB', '1048576' -> bytes (powers of 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 8G, 512M or 4K")
-    scale = 1024 ** ("KMGTP".find(m.group(2).upper()) + 1) if m.group(2) else 1
-    return int(float(m.group(1)) * scale)
+    """The CLI's size argument: '1G', '512M', '4K' (appliance.config.parse_size)."""
+    from appliance.config import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def human(n: float) -> str:

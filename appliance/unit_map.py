@@ -110,13 +110,12 @@ class UnitMap:
 
     def take_dirty(self) -> list[tuple[int, bytes]]:
         """Seal and copy the changed sectors as (first sector, bytes) runs. Caller holds lock."""
-        runs: list[tuple[int, bytes]] = []
+        runs: list[tuple[int, int]] = []  # [first, end) sector ranges
         for s in sorted(self.dirty):
             seal_sector(self._meta, s)
-            blob = self._meta[s * SECTOR:(s + 1) * SECTOR]
-            if runs and runs[-1][0] + len(runs[-1][1]) // SECTOR == s:
-                runs[-1] = (runs[-1][0], runs[-1][1] + blob)
+            if runs and runs[-1][1] == s:
+                runs[-1] = (runs[-1][0], s + 1)
             else:
-                runs.append((s, blob))
+                runs.append((s, s + 1))
         self.dirty.clear()
-        return runs
+        return [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]

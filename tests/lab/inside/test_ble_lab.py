@@ -1,4 +1,4 @@
-"""Scenario 8: the fob over real BlueZ. Two bumble controllers on /dev/vhci are hci0 (the
+"""Scenario 9: the fob over real BlueZ. Two bumble controllers on /dev/vhci are hci0 (the
 appliance's adapter) and hci1 (the fob's); Debian's bluetoothd runs both on a private system
 bus. `savepoint-fob` pairs during the window `savepoint pair` opens, unlocks and saves; a
 bleak fob subscribed to Status sends RESTORE and gets the notification; the disk the host

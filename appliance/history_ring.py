@@ -1,4 +1,8 @@
-"""The history ring: how each epoch ended (claims 54-56), kept for the last hist_cap epochs."""
+"""The history ring: how each epoch ended (claims 54-56), kept for the last hist_cap epochs.
+
+Only one byte per ring slot stays in RAM (did that epoch end with SAVE?); the records
+themselves are read from disk when asked for, so the ring costs 64 KiB of RAM, not 4 MiB.
+"""
 
 from __future__ import annotations
 
@@ -10,36 +14,55 @@ from appliance.store_format import HIST_REC, SAVE, Geometry, HistoryRecord, unpa
 class HistoryRing:
     def __init__(self, backing: Backing, geo: Geometry) -> None:
         self._b, self._geo = backing, geo
-        self._ring = bytearray(geo.hist_cap * HIST_REC)
-        backing.pread_into(memoryview(self._ring), geo.hist_off)
         self._saved = bytearray(geo.hist_cap)  # 1 where epoch e % cap ended with SAVE
+        self._last: HistoryRecord | None = None  # the superblock's copy of the newest record
 
     def _off(self, epoch: int) -> int:
-        return (epoch % self._geo.hist_cap) * HIST_REC
+        return self._geo.hist_off + (epoch % self._geo.hist_cap) * HIST_REC
 
     def record(self, epoch: int) -> HistoryRecord | None:
-        off = self._off(epoch)
-        rec = unpack_history(memoryview(self._ring)[off:off + HIST_REC])
-        return rec if rec is not None and rec.epoch == epoch else None
+        found = self.records(epoch, epoch + 1)
+        return found[0] if found else None
+
+    def records(self, first: int, end: int) -> list[HistoryRecord]:
+        """Valid records of epochs first..end-1 (at most hist_cap of them), oldest first."""
+        cap = self._geo.hist_cap
+        first = max(first, end - cap)
+        found: list[HistoryRecord] = []
+        epoch = first
+        while epoch < end:  # at most two contiguous reads: before and after the ring wraps
+            n = min(end - epoch, cap - epoch % cap)
+            raw = bytearray(n * HIST_REC)
+            self._b.pread_into(memoryview(raw), self._off(epoch))
+            for i in range(n):
+                rec = unpack_history(memoryview(raw)[i * HIST_REC:(i + 1) * HIST_REC])
+                if rec is not None and rec.epoch == epoch + i:
+                    found.append(rec)
+            epoch += n
+        last = self._last
+        if last is not None and first <= last.epoch < end and \
+                all(r.epoch != last.epoch for r in found):  # torn ring write, read-only open
+            found = sorted([*found, last], key=lambda r: r.epoch)
+        return found
 
     def repair(self, last_raw: bytes, writable: bool) -> None:
         """The superblock carries the newest record: put it back if its ring write tore."""
         last = unpack_history(last_raw)
         if last is None or self.record(last.epoch) == last:
             return
-        self._ring[self._off(last.epoch):self._off(last.epoch) + HIST_REC] = last_raw
+        self._last = last  # served from RAM if the ring cannot be written (read-only open)
         if writable:
-            self._b.pwrite(last_raw, self._geo.hist_off + self._off(last.epoch))
+            self._b.pwrite(last_raw, self._off(last.epoch))
             self._b.sync()
 
     def index(self, first: int, end: int) -> None:
         """Learn how epochs first..end-1 ended; map records still depend on them."""
+        recs = {r.epoch: r for r in self.records(first, end)}
         for e in range(first, end):
-            rec = self.record(e)
-            if rec is None:
+            if e not in recs:
                 raise CorruptStoreError(f"history record of epoch {e} is missing or damaged, and "
                                         "units still depend on it; run `savepoint inspect --check`")
-            self._saved[e % self._geo.hist_cap] = rec.action == SAVE
+            self._saved[e % self._geo.hist_cap] = recs[e].action == SAVE
 
     def ended_by_save(self, epoch: int) -> int:
         return self._saved[epoch % self._geo.hist_cap]
@@ -47,14 +70,8 @@ class HistoryRing:
     def write(self, rec: HistoryRecord) -> bytes:
         """Write a record to its slot (not yet committed: the superblock commits it)."""
         raw = rec.pack()
-        self._b.pwrite(raw, self._geo.hist_off + self._off(rec.epoch))
+        self._b.pwrite(raw, self._off(rec.epoch))
         return raw
 
-    def committed(self, rec: HistoryRecord, raw: bytes) -> None:
-        off = self._off(rec.epoch)
-        self._ring[off:off + HIST_REC] = raw
+    def committed(self, rec: HistoryRecord) -> None:
         self._saved[rec.epoch % self._geo.hist_cap] = rec.action == SAVE
-
-    def records(self, first: int, end: int) -> list[HistoryRecord]:
-        recs = (self.record(e) for e in range(first, end))
-        return [r for r in recs if r is not None]

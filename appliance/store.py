@@ -517,7 +517,7 @@ class Store:
         pending = max(self._pending, 0) + self.dirty_units
         self._write_superblock(self.sb.next(epoch=self.epoch + 1, dirty_units=0, dirty_bytes=0,
                                             pending_units=pending, last_record=raw, **stamp))
-        self.ring.committed(rec, raw)
+        self.ring.committed(rec)
         self._pending = pending
         self.epoch += 1
         self.dirty_units = self.dirty_bytes = 0

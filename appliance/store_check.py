@@ -62,7 +62,8 @@ def check_store(path: str) -> CheckReport:
 
 def _check_history(store, report: CheckReport) -> None:
     first = max(1, store.epoch - store.geo.hist_cap)
-    missing = [e for e in range(first, store.epoch) if store.ring.record(e) is None]
+    present = {r.epoch for r in store.ring.records(first, store.epoch)}
+    missing = [e for e in range(first, store.epoch) if e not in present]
     needed = [e for e in missing if e >= store.sb.resolved_below]
     if needed:
         report.problems.append(f"history records missing or damaged for epochs still in use: "

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from appliance.bus import CommandBus
@@ -22,16 +21,6 @@ from appliance.store_init import create_store
 from gpio import GpioPart
 from gpio.gestures import Cue
 from tests.gpio_helpers import FAST, contains_in_order, levels, wait_for
-
-
-@pytest.fixture
-def factory() -> Iterator[MockFactory]:
-    Device.pin_factory = MockFactory(pin_class=MockPWMPin)
-    try:
-        yield Device.pin_factory
-    finally:
-        Device.pin_factory.reset()
-        Device.pin_factory = None
 
 
 @pytest.fixture

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
-from gpiozero import LED, PWMLED, RGBLED, Device
-from gpiozero.pins.mock import MockFactory, MockPWMPin
+from gpiozero import LED, PWMLED, RGBLED
+from gpiozero.pins.mock import MockFactory
 
 from appliance.commands import Event
 from gpio.gestures import Cue
@@ -71,16 +70,6 @@ def test_outcomes_give_one_shot_signals() -> None:
 def test_no_host_can_be_dark() -> None:
     dark = LedTimings(no_host=0)
     assert patterns(dark)["no_host"].steps == ((0.0, float("inf")),)
-
-
-@pytest.fixture
-def factory() -> Iterator[MockFactory]:
-    Device.pin_factory = MockFactory(pin_class=MockPWMPin)
-    try:
-        yield Device.pin_factory
-    finally:
-        Device.pin_factory.reset()
-        Device.pin_factory = None
 
 
 def test_player_plays_sos_then_a_signal_then_resumes(factory: MockFactory) -> None:

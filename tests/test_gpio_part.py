@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -20,17 +20,6 @@ from gpio import GpioPart
 from gpio import part as gpio_part
 from gpio.gestures import Cue
 from tests.gpio_helpers import FAST, FakeSink, HeldPin, contains_in_order, levels, wait_for
-
-
-@pytest.fixture
-def factory() -> Iterator[MockFactory]:
-    Device.pin_factory = MockFactory(pin_class=MockPWMPin)
-    try:
-        yield Device.pin_factory
-    finally:
-        Device.pin_factory.reset()
-        Device.pin_factory = None
-
 
 Scenario = Callable[[GpioPart, FakeSink], Awaitable[None]]
 

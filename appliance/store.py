@@ -179,9 +179,6 @@ class Store:
 
     # ----- the map ----------------------------------------------------------------------------
 
-    def _ring_record(self, epoch: int) -> HistoryRecord | None:
-        return self.ring.record(epoch)
-
     def _record(self, unit: int) -> int:
         """The unit's record, normalised to the current epoch (not written back)."""
         rec = self.map.raw(unit)
@@ -192,9 +189,10 @@ class Store:
             rec &= ~WEPOCH_MASK
         return rec
 
-    def _route(self, rec: int) -> tuple[int, bool]:
-        """(slot to read, whether that slot holds data) for a normalised record."""
-        slot = (rec >> 31) ^ ((rec & WEPOCH_MASK) == self.epoch)
+    def _route(self, rec: int, saved: bool = False) -> tuple[int, bool]:
+        """(slot to read, whether that slot holds data) for a normalised record: the working
+        copy if the unit was written this epoch, else (or when saved=True) the saved copy."""
+        slot = (rec >> 31) ^ (not saved and (rec & WEPOCH_MASK) == self.epoch)
         return slot, bool(rec & HAS[slot])
 
     # ----- I/O ----------------------------------------------------------------------------------
@@ -236,10 +234,7 @@ class Store:
         if end_unit - first == 1 or (end_unit - first > 2 and
                                      self.map.uniform(first, end_unit) is not None):
             rec = self._record(first)
-            slot, has = self._route(rec)
-            if saved:
-                slot = rec >> 31
-                has = bool(rec & HAS[slot])
+            slot, has = self._route(rec, saved)
             if has:
                 self._b.pread_into(buf, g.slot_off[slot] + offset)
             else:
@@ -251,10 +246,7 @@ class Store:
             unit, within = divmod(pos, us)
             n = min(us - within, end - pos)
             rec = self._record(unit)
-            slot, has = self._route(rec)
-            if saved:
-                slot = rec >> 31
-                has = bool(rec & HAS[slot])
+            slot, has = self._route(rec, saved)
             dst = pos - offset
             if has:
                 phys = g.slot_off[slot] + unit * us + within
@@ -589,10 +581,6 @@ class Store:
         if limit is not None:
             first = max(first, self.epoch - limit)
         return [r.as_dict() for r in self.ring.records(first, self.epoch)]
-
-    @property
-    def io_active(self) -> int:
-        return self._gate.active
 
     def _refuse_readonly(self) -> None:
         if self.readonly:

@@ -52,8 +52,10 @@ class FileBacking:
             done += n
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        done = os.pwrite(self.fd, data, offset)
+        if done == len(data):
+            return
         view = memoryview(data)
-        done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)
 

@@ -264,15 +264,33 @@ class Store:
             self._b.pread_into(buf[run_start:], run_phys)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        # The hot path of small random writes: no context managers, one record lookup.
         self._refuse_readonly()
-        view = memoryview(data)
-        self._check_range(offset, len(view))
-        with self._io():
-            self._write_locked(offset, view)
+        n = len(data)
+        self._check_range(offset, n)
+        unit, within = divmod(offset, self.unit_size)
+        self._gate.enter()
+        try:
+            if 0 < n and within + n <= self.unit_size:
+                self._write_in_unit(unit, within, data)
+            else:
+                self._write_locked(offset, memoryview(data))
             with self.map.lock:
-                self.dirty_bytes += len(view)
+                self.dirty_bytes += n
+        except OSError as e:
+            raise StoreIOError(f"I/O error on the backing storage: {e}") from e
+        finally:
+            self._gate.leave()
         if fua:
             self.flush()
+
+    def _write_in_unit(self, unit: int, within: int, data: bytes | bytearray | memoryview) -> None:
+        rec = self._record(unit)
+        sec = (rec >> 31) ^ 1
+        if (rec & WEPOCH_MASK) == self.epoch and rec & HAS[sec]:
+            self._write_data(data, self.geo.slot_off[sec] + unit * self.unit_size + within)
+        else:
+            self._first_write(unit, within, memoryview(data))
 
     def _write_locked(self, offset: int, view: memoryview) -> None:
         us = self.unit_size
@@ -325,19 +343,12 @@ class Store:
                 lock.release()
 
     def _write_units(self, offset: int, view: memoryview) -> None:
-        us, g, epoch = self.unit_size, self.geo, self.epoch
+        us = self.unit_size
         pos, end = offset, offset + len(view)
         while pos < end:
             unit, within = divmod(pos, us)
             n = min(us - within, end - pos)
-            rec = self._record(unit)
-            sec = (rec >> 31) ^ 1
-            fresh = (rec & WEPOCH_MASK) != epoch
-            if fresh or not rec & HAS[sec]:
-                self._first_write(unit, within, view[pos - offset:pos - offset + n])
-            else:
-                self._write_data(view[pos - offset:pos - offset + n],
-                                 g.slot_off[sec] + unit * us + within)
+            self._write_in_unit(unit, within, view[pos - offset:pos - offset + n])
             pos += n
 
     def _write_data(self, data: bytes | bytearray | memoryview, phys: int) -> None:
@@ -370,7 +381,7 @@ class Store:
 
     def _mark_written(self, unit: int, old: int, new: int) -> None:
         """Caller holds _meta_lock. old is the normalised record the write started from."""
-        raw = self.map.raw(unit) & WEPOCH_MASK
+        raw = self.map.words[word_index(unit)] & WEPOCH_MASK  # loaded: the caller read it
         if raw and raw < self.epoch:
             self._pending -= 1
         if (old & WEPOCH_MASK) != self.epoch:

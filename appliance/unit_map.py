@@ -56,9 +56,10 @@ class UnitMap:
         """The record as stored; a record whose sector failed its checksum is never trusted."""
         if not self.loaded[unit // UNITS_PER_PAGE]:
             self.load_page(unit // UNITS_PER_PAGE)
-        if self.bad_sectors and unit // RECS_PER_SECTOR in self.bad_sectors:
+        s, i = divmod(unit, RECS_PER_SECTOR)  # word_index, inlined: this is the hot path
+        if self.bad_sectors and s in self.bad_sectors:
             self.raise_bad(unit)
-        return self.words[word_index(unit)]
+        return self.words[s * WORDS_PER_SECTOR + 2 + i]
 
     def raise_bad(self, unit: int) -> None:
         sector = unit // RECS_PER_SECTOR

@@ -114,6 +114,7 @@ def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: int) -> flo
 
 def measure(server: Server, action) -> tuple[float, float, float]:
     """(MB/s, server CPU s, bytes) for one client run."""
+    os.sync()  # start clean: no server pays for writing back the previous server's dirty pages
     cpu0, t0 = server.cpu(), time.perf_counter()
     nbytes = action()
     secs, cpu = time.perf_counter() - t0, server.cpu() - cpu0

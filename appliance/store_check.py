@@ -8,13 +8,12 @@ from appliance.backing import FileBacking
 from appliance.store_format import (
     PAGE,
     RECS_PER_SECTOR,
-    SB_OFFSETS,
     SB_SIZE,
     SECTORS_PER_PAGE,
     WEPOCH_MASK,
     FormatError,
     sector_ok,
-    unpack_superblock,
+    superblock_copies,
 )
 
 CHUNK_PAGES = 256  # read the map 1 MiB at a time
@@ -37,14 +36,13 @@ def check_store(path: str) -> CheckReport:
     report = CheckReport()
     backing = FileBacking(path, readonly=True)
     try:
-        for i, off in enumerate(SB_OFFSETS):
-            raw = bytearray(SB_SIZE)
-            backing.pread_into(memoryview(raw), off)
-            try:
-                sb = unpack_superblock(bytes(raw))
-                report.notes.append(f"superblock {'AB'[i]}: valid, seq {sb.seq}, epoch {sb.epoch}")
-            except FormatError as e:
-                report.notes.append(f"superblock {'AB'[i]}: not valid ({e})")
+        head = bytearray(2 * SB_SIZE)
+        backing.pread_into(memoryview(head), 0)
+        for name, sb in zip("AB", superblock_copies(bytes(head)), strict=True):
+            if isinstance(sb, FormatError):
+                report.notes.append(f"superblock {name}: not valid ({sb})")
+            else:
+                report.notes.append(f"superblock {name}: valid, seq {sb.seq}, epoch {sb.epoch}")
     finally:
         backing.close()
     try:

@@ -164,6 +164,18 @@ def unpack_superblock(raw: bytes) -> Superblock:
                       last_record=f[21])
 
 
+def superblock_copies(head: bytes) -> list[Superblock | FormatError]:
+    """Both superblock copies from the store's first 2 * SB_SIZE bytes: each parsed, or the
+    FormatError saying what is wrong with it."""
+    copies: list[Superblock | FormatError] = []
+    for off in SB_OFFSETS:
+        try:
+            copies.append(unpack_superblock(head[off:off + SB_SIZE]))
+        except FormatError as e:
+            copies.append(e)
+    return copies
+
+
 @dataclass(frozen=True)
 class HistoryRecord:
     epoch: int  # the epoch this command ended

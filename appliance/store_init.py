@@ -18,7 +18,7 @@ from appliance.store_format import (
     Superblock,
     geometry_for_capacity,
     plan_geometry,
-    unpack_superblock,
+    superblock_copies,
 )
 
 ZERO_CHUNK = 1 << 20
@@ -39,15 +39,11 @@ def describe_existing(path: str) -> str | None:
         head = os.pread(fd, 2 * SB_SIZE, 0)
     finally:
         os.close(fd)
-    for off in SB_OFFSETS:
-        raw = head[off:off + SB_SIZE]
-        if raw[:8] == b"SAVEPNT\x00":
-            try:
-                sb = unpack_superblock(raw)
-                return (f"a Savepoint store ({sb.geometry.logical_size} bytes, "
-                        f"epoch {sb.epoch})")
-            except FormatError as e:
-                return f"a Savepoint store that cannot be read ({e})"
+    for sb in superblock_copies(head):
+        if not isinstance(sb, FormatError):
+            return f"a Savepoint store ({sb.geometry.logical_size} bytes, epoch {sb.epoch})"
+        if str(sb) != "no Savepoint magic":
+            return f"a Savepoint store that cannot be read ({sb})"
     found = _blkid(path)
     if found:
         return found

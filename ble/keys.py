@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -37,6 +38,7 @@ KEY_INFO = b"savepoint-fob-key"
 CONFIRM_APPLIANCE = b"savepoint-confirm-appliance"
 CONFIRM_FOB = b"savepoint-confirm-fob"
 MAX_FOB_ID = 0xFFFF
+_ADDRESS = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
 
 
 class RegistryError(Exception):
@@ -106,6 +108,8 @@ class FobRecord:
     revoked: bool = False
     paired_at: float = 0.0
     last_used: float = 0.0
+    device: str = ""  # the peer it paired from: BlueZ device path (bumble: its address)
+    address: str = ""  # that peer's BLE address, when known (records before 0.2 have none)
 
     def public(self) -> dict[str, Any]:
         """What `savepoint fobs list` shows: everything but the key."""
@@ -155,10 +159,13 @@ class FobRegistry:
         self._save()
         return fob_id
 
-    def add(self, fob_id: int, key: bytes, name: str = "") -> FobRecord:
+    def add(self, fob_id: int, key: bytes, name: str = "", device: str = "") -> FobRecord:
         if fob_id >= self.next_id or fob_id in self.fobs:
             raise RegistryError(f"fob id {fob_id} was not reserved or is taken")
-        record = FobRecord(fob_id, name or f"fob-{fob_id}", key.hex(), paired_at=time.time())
+        record = FobRecord(
+            fob_id, name or f"fob-{fob_id}", key.hex(), paired_at=time.time(),
+            device=device, address=address_of(device),
+        )  # fmt: skip
         self.fobs[fob_id] = record
         self._save()
         return record
@@ -197,12 +204,27 @@ class FobRegistry:
         self._save()
         return record
 
+    def sharing_address(self, record: FobRecord) -> list[int]:
+        """Other live fobs paired from the same device (one phone paired twice, say)."""
+        return [
+            r.fob_id
+            for r in self.fobs.values()
+            if r.address and r.address == record.address and r is not record and not r.revoked
+        ]
+
     def _need(self, fob_id: int) -> FobRecord:
         record = self.fobs.get(fob_id)
         if record is None:
             known = ", ".join(str(i) for i in self.fobs) or "none"
             raise RegistryError(f"no fob with id {fob_id} (known: {known})")
         return record
+
+
+def address_of(peer: str) -> str:
+    """"AA:BB:CC:DD:EE:FF" from a BlueZ device path (.../dev_AA_BB_CC_DD_EE_FF) or an address
+    (bumble's may carry a "/P" type suffix); "" when `peer` is neither."""
+    text = peer.rsplit("/dev_", 1)[-1].replace("_", ":").split("/", 1)[0].upper()
+    return text if _ADDRESS.match(text) else ""
 
 
 # --- the fob's side of the exchange -----------------------------------------------------------

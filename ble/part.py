@@ -25,7 +25,7 @@ from ble.gatt_service import (
     Application,
     PairingAgent,
 )
-from ble.keys import FobRegistry, RegistryError
+from ble.keys import FobRecord, FobRegistry, RegistryError
 from ble.protocol import FobProtocol
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class BlePart:
             setup_code=str(self.cfg["setup_code"]),
             challenge_ttl=float(self.cfg["challenge_ttl"]),
         )
+        self.proto.forget_bond = self._forget_bond
         self.dbus = await self._connect()
         try:
             await self._bring_up(name)
@@ -204,6 +205,34 @@ class BlePart:
             await self._register()
         except (PartUnavailable, DBusError) as e:
             log.error("could not register with the restarted bluetoothd: %s", e)
+
+    # --- revoke: forget the bond too ---------------------------------------------------------
+    async def _forget_bond(self, record: FobRecord) -> str:
+        """RemoveDevice for a revoked fob; the answer says what happened to the bond."""
+        assert self.proto
+        addr = record.address
+        if not addr:
+            return "unknown: no BLE address recorded for this fob (paired before 0.2)"
+        if others := self.proto.registry.sharing_address(record):
+            return f"kept: fob {others[0]} is paired from the same device {addr}"
+        by_hand = f"remove it later with `bluetoothctl remove {addr}`"
+        if self.dbus is None or not self.registered.is_set():
+            return f"kept: BlueZ is not reachable; {by_hand}"
+        path = f"{self.adapter_path}/dev_{addr.replace(':', '_')}"
+        try:
+            await asyncio.wait_for(
+                self._bluez(self.adapter_path, "Adapter1", "RemoveDevice", "o", [path]), 5
+            )
+        except TimeoutError:
+            return f"kept: BlueZ did not answer; {by_hand}"
+        except DBusError as e:
+            if e.type == "org.bluez.Error.DoesNotExist":
+                return f"already gone: {addr} is not bonded on {self.cfg['adapter']}"
+            if e.type.startswith("org.freedesktop.DBus.Error."):
+                return f"kept: BlueZ is not reachable ({e.text}); {by_hand}"
+            return f"kept: BlueZ refused ({e.type}: {e.text}); {by_hand}"
+        log.info("revoked fob %d: removed %s from %s", record.fob_id, addr, self.cfg["adapter"])
+        return f"removed: {addr} is no longer bonded on {self.cfg['adapter']}"
 
     # --- bus events -----------------------------------------------------------------------
     async def _pump_events(self, queue: asyncio.Queue[Event]) -> None:

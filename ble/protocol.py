@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from ble.frames import ACTION_CMD, CMD_ACTION, NEEDS_NONCE, Cmd, FrameError, Res
 from ble.keys import (
     CONFIRM_APPLIANCE,
     CONFIRM_FOB,
+    FobRecord,
     FobRegistry,
     RegistryError,
     confirm_tag,
@@ -62,6 +63,8 @@ class FobProtocol:
         self.status = Status()
         self.pairing_open = False
         self.on_status: Callable[[bytes], None] = lambda _value: None
+        # set by BlePart: forget a revoked fob's BLE bond; returns what happened, for the user
+        self.forget_bond: Callable[[FobRecord], Awaitable[str]] | None = None
         self._live: dict[bytes, float] = {}  # nonce -> expiry
         self._spent: deque[bytes] = deque(maxlen=64)  # used or expired: "stale", not "bad MAC"
         self._pairings: dict[str, _Pairing] = {}
@@ -193,8 +196,8 @@ class FobProtocol:
         if fob_id != state.fob_id or tag != confirm_tag(state.key, CONFIRM_FOB):
             self._finish(0, Result.PAIRING_FAILED, fob_id)
             raise FrameError(Result.PAIRING_FAILED, "fob key confirmation failed (setup code?)")
-        self.registry.add(fob_id, state.key)
-        log.info("paired fob %d", fob_id)
+        record = self.registry.add(fob_id, state.key, device=peer)
+        log.info("paired fob %d from %s", fob_id, record.address or peer or "an unknown peer")
         self._finish(0, Result.OK, fob_id)
 
     def pair_read(self, peer: str) -> bytes:
@@ -271,7 +274,9 @@ class FobProtocol:
             if op == "rename":
                 return {"fob": self.registry.rename(fob_id, str(args.get("name", ""))).public()}
             if op == "revoke":
-                return {"fob": self.registry.revoke(fob_id).public()}
+                record = self.registry.revoke(fob_id)  # stands even if the bond stays
+                bond = await self.forget_bond(record) if self.forget_bond else "not managed here"
+                return {"fob": {**record.public(), "bond": bond}}
         except (RegistryError, ValueError, TypeError) as e:
             raise ValueError(str(e)) from e
         raise ValueError(f"unknown fobs op {op!r}; use list, rename or revoke")

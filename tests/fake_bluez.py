@@ -62,7 +62,8 @@ class FakeBluez:
         self.registered = asyncio.Event()
         self.adapter = {"Address": "F0:F0:F0:F0:F0:00", "Powered": False, "Pairable": False}
         self.adapter.update(adapter_props or {})
-        self.bonded: set[str] = set()
+        self.bonded: set[str] = set()  # device paths bluetoothd keeps a bond for
+        self.removed: list[str] = []  # RemoveDevice calls that removed something
         self.notifications: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
     async def start(self) -> None:
@@ -111,7 +112,22 @@ class FakeBluez:
                 "org.bluez.LEAdvertisingManager1": {},
             },
         }
+        for device in sorted(self.bonded):
+            address = device.rsplit("/dev_", 1)[1].replace("_", ":")
+            tree[device] = {"org.bluez.Device1": {
+                "Address": Variant("s", address), "Adapter": Variant("o", ADAPTER),
+                "Paired": Variant("b", True), "Bonded": Variant("b", True),
+            }}  # fmt: skip
         return "a{oa{sa{sv}}}", [tree]
+
+    async def _m_org_bluez_Adapter1_RemoveDevice(self, msg: Message):
+        """Like bluetoothd: forget the bond (and disconnect); unknown paths are an error."""
+        device = msg.body[0]
+        if msg.path != ADAPTER or device not in self.bonded:
+            raise DBusError("org.bluez.Error.DoesNotExist", "Does Not Exist")
+        self.bonded.discard(device)
+        self.removed.append(device)
+        return "", []
 
     async def _m_org_freedesktop_DBus_Properties_Set(self, msg: Message):
         iface, prop, value = msg.body

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from appliance.commands import Action, Event, PartUnavailable
-from ble import BlePart, frames
+from ble import BlePart, dbus_api, frames
 from ble.frames import Cmd, Result, Status
 from ble.keys import FobCredentials, FobPairing
 from tests.ble_helpers import RecordingSink, frame_for
@@ -184,19 +184,63 @@ def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
     run(with_part(private_bus, tmp_path, body))
 
 
-def test_fobs_handler_revokes_over_the_bus(private_bus, tmp_path):
+def test_revoke_refuses_frames_and_removes_the_bond(private_bus, tmp_path):
     async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         await fake.pair()
         creds = await pair_over_gatt(fake)
         listed = await sink.handlers["fobs"]({"op": "list"})
-        assert [f["fob_id"] for f in listed["fobs"]] == [creds.fob_id]
-        await sink.handlers["fobs"]({"op": "revoke", "id": creds.fob_id})
+        assert [(f["fob_id"], f["address"]) for f in listed["fobs"]] == [
+            (creds.fob_id, "F0:F0:F0:F0:F0:01")]
+        sink.publish(Event("pairing", {"open": False}))
+        answer = await sink.handlers["fobs"]({"op": "revoke", "id": creds.fob_id})
+        assert answer["fob"]["revoked"]
+        assert answer["fob"]["bond"].startswith("removed: F0:F0:F0:F0:F0:01")
+        assert fake.removed == [DEVICE] and DEVICE not in fake.bonded
+        tree = await dbus_api.managed_objects(part.dbus)
+        assert DEVICE not in tree  # `bluetoothctl devices` no longer lists it
+        # the link is no longer encrypted, and the window is closed: it cannot bond again
+        with pytest.raises(AttError, match="Insufficient Encryption"):
+            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+        await asyncio.sleep(0.05)
+        assert not await fake.pair()
+        fake.bonded.add(DEVICE)  # even over a link that is still encrypted: REVOKED
         with pytest.raises(AttError):
             await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
         assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REVOKED
         assert sink.commands == []
+        again = await sink.handlers["fobs"]({"op": "revoke", "id": creds.fob_id})
+        assert again["fob"]["bond"].startswith("removed")  # a second revoke: the new bond
+        assert fake.removed == [DEVICE, DEVICE]
+
+    run(with_part(private_bus, tmp_path, body))
+
+
+def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        sink.publish(Event("pairing", {"open": True}))
+        await asyncio.sleep(0.05)
+        await fake.pair()
+        first = await pair_over_gatt(fake)
+        await fake.pair(OTHER)
+        second = await pair_over_gatt(fake, OTHER)
+        third = await pair_over_gatt(fake, OTHER)  # the same phone paired twice
+        answer = await sink.handlers["fobs"]({"op": "revoke", "id": second.fob_id})
+        assert answer["fob"]["bond"] == (
+            f"kept: fob {third.fob_id} is paired from the same device F0:F0:F0:F0:F0:02")
+        fake.bonded.discard(OTHER)  # someone ran `bluetoothctl remove` already
+        answer = await sink.handlers["fobs"]({"op": "revoke", "id": third.fob_id})
+        assert answer["fob"]["bond"].startswith("already gone: F0:F0:F0:F0:F0:02")
+        await fake.stop()
+        await asyncio.sleep(0.05)
+        answer = await sink.handlers["fobs"]({"op": "revoke", "id": first.fob_id})
+        assert answer["fob"]["revoked"]
+        assert answer["fob"]["bond"] == (
+            "kept: BlueZ is not reachable; "
+            "remove it later with `bluetoothctl remove F0:F0:F0:F0:F0:01`")
+        assert part.proto.registry.get(first.fob_id).revoked
+        assert fake.removed == []
 
     run(with_part(private_bus, tmp_path, body))
 

@@ -189,3 +189,22 @@ def test_bus_events_reach_the_status_value(env):
     assert (status.unlocked, status.epoch, status.dirty_units, status.dirty_bytes) == (
         True, 5, 2, 8192)  # fmt: skip
     assert status.host_connected and status.pairing
+
+
+def test_registry_remembers_the_peer_and_loads_older_files(tmp_path):
+    proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingSink())
+    proto.set_pairing(True)
+    pair_directly(proto, peer="/org/bluez/hci0/dev_F0_F0_F0_F0_F0_01")
+    [fob] = FobRegistry(tmp_path / "fobs.json").list()
+    assert (fob["device"], fob["address"]) == (
+        "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_01", "F0:F0:F0:F0:F0:01")
+
+    # a registry written before addresses were recorded still loads; revoke still stands
+    doc = json.loads((tmp_path / "fobs.json").read_text())
+    for record in doc["fobs"].values():
+        del record["device"], record["address"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    old = FobProtocol(FobRegistry(tmp_path / "old.json"), RecordingSink())
+    old.forget_bond = None
+    answer = run(old.fobs_handler({"op": "revoke", "id": 1}))["fob"]
+    assert answer["revoked"] and answer["address"] == ""

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from ble import fob_client, frames
+from ble import dbus_api, fob_client, frames
 from ble.frames import Cmd, Result, Status
 from tests.lab.inside.appliance_vm import MIB, Appliance, open_direct, read_direct, write_direct
-from tests.lab.inside.ble_stack import BleStack, wait_for
+from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
 
 FOB_ADAPTER = "hci1"
+FOB_DEVICE = "/org/bluez/hci0/dev_" + ADDRESSES[1].replace(":", "_")  # the fob, seen from hci0
 
 
 @pytest.fixture
@@ -63,6 +64,16 @@ async def restore_watching_status(keys: Path) -> tuple[Status, list[Status]]:
     return status, notes
 
 
+async def bluez_devices() -> set[str]:
+    """BlueZ's device objects (what `bluetoothctl devices` lists), on every adapter."""
+    bus = await dbus_api.connect()
+    try:
+        objects = await dbus_api.managed_objects(bus)
+    finally:
+        bus.disconnect()
+    return {path for path, ifaces in objects.items() if "org.bluez.Device1" in ifaces}
+
+
 def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appliance,
                                                   tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -105,3 +116,12 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     assert [(h["action"], h["source"]) for h in history[-2:]] == [
         ("save", f"fob:{fobs['fobs'][0]['fob_id']}"),
         ("restore", f"fob:{fobs['fobs'][0]['fob_id']}")]
+
+    # revoke forgets the fob: its frames are refused and hci0 drops the bond
+    assert FOB_DEVICE in run(bluez_devices())
+    fob_id = fobs["fobs"][0]["fob_id"]
+    out = appliance.cli("fobs", "revoke", str(fob_id)).stdout
+    assert f"bond=removed: {ADDRESSES[1]}" in out, out
+    assert FOB_DEVICE not in run(bluez_devices())
+    [revoked] = appliance.request("fobs", {"op": "list"})["data"]["fobs"]
+    assert revoked["revoked"] and revoked["address"] == ADDRESSES[1]

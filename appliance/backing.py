@@ -43,7 +43,7 @@ class FileBacking:
         self.size = block_device_size(self.fd) if self.is_block else st.st_size
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        done = 0
+        done = os.preadv(self.fd, [buf], offset)
         while done < len(buf):
             n = os.preadv(self.fd, [buf[done:]], offset + done)
             if n == 0:  # past the end of a file that was never written there: zeros

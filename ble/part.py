@@ -25,6 +25,7 @@ from ble.gatt_service import (
     Application,
     PairingAgent,
 )
+from ble.itag import ITag, ITagWatcher, LinkFactory, bleak_links, parse_itags
 from ble.keys import FobRecord, FobRegistry, RegistryError
 from ble.protocol import FobProtocol
 
@@ -39,6 +40,8 @@ CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
     "pairing_window": ((int, float), 60, "seconds the pairing window stays open at most"),
     "challenge_ttl": ((int, float), 10, "seconds a RESTORE/UNLOCK challenge nonce stays valid"),
     "bus_address": (str, "", "D-Bus address to use instead of the system bus (tests)"),
+    "itags": (list, [], 'iTag keyfinders as extra triggers: [{address = "AA:BB:CC:DD:EE:FF", '
+              'action = "save" or "status"}]; they can never RESTORE or UNLOCK'),
 }
 
 
@@ -58,6 +61,8 @@ class BlePart:
         self._queue: asyncio.Queue[Event] | None = None
         self._unwatch = lambda: None
         self._close_timer: asyncio.TimerHandle | None = None
+        self.itag_links: LinkFactory = bleak_links(str(self.cfg["adapter"]))
+        self.itags: list[ITagWatcher] = []
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -66,6 +71,10 @@ class BlePart:
             raise PartUnavailable(
                 f"[ble] name {name!r} does not fit a legacy advert", f"use 1-{MAX_NAME} characters"
             )
+        try:
+            tags = parse_itags(self.cfg["itags"])
+        except ValueError as e:
+            raise PartUnavailable(str(e), "fix [ble] itags in the config") from e
         try:
             registry = FobRegistry(self.cfg["registry"])
         except (OSError, RegistryError) as e:
@@ -91,6 +100,13 @@ class BlePart:
             register("fobs", self.proto.fobs_handler)
         self._queue = self.bus.subscribe()
         self._spawn(self._pump_events(self._queue))
+        self._start_itags(tags)
+
+    def _start_itags(self, tags: list[ITag]) -> None:
+        """Each iTag gets its own watcher task: a missing tag must not hold up the others."""
+        self.itags = [ITagWatcher(tag, self.bus, self.itag_links) for tag in tags]
+        for watcher in self.itags:
+            self._spawn(watcher.run())
 
     async def _connect(self) -> MessageBus:
         try:
@@ -120,8 +136,11 @@ class BlePart:
         self._unwatch()
         if self._close_timer:
             self._close_timer.cancel()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:  # the iTag watchers disconnect on the way out
+            await asyncio.wait(tasks, timeout=10)
         if self._queue is not None:
             self.bus.unsubscribe(self._queue)
             self._queue = None

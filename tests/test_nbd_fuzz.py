@@ -1,9 +1,13 @@
 """Fuzz the handshake and the request parser with hypothesis: whatever a client sends, the
 server neither crashes nor hangs, answers or hangs up, keeps serving others, and the store does
-not change (writes that would be valid are pushed past the end of the disk)."""
+not change (writes that would be valid are pushed past the end of the disk).
+
+CI runs 200 fixed inputs per test; SAVEPOINT_FUZZ_EXAMPLES=N runs N fresh random ones (a soak).
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -16,7 +20,9 @@ from tests.nbd_helpers import MiB, RawClient, serve, snapshot, wait_for
 
 SIZE = 1 * MiB
 COUNT = {"handshake": 0, "requests": 0}
-FUZZ = settings(max_examples=200, deadline=None, database=None, derandomize=True,
+EXAMPLES = int(os.environ.get("SAVEPOINT_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=EXAMPLES or 200, deadline=None, database=None,
+                derandomize=not EXAMPLES,
                 suppress_health_check=list(HealthCheck))
 
 

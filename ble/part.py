@@ -3,7 +3,8 @@
 start() connects to D-Bus, exports the application, advertisement and agent, and registers
 them with bluetoothd on the configured adapter. When bluetoothd restarts (org.bluez changes
 owner) everything is registered again. Bus events feed the Status characteristic; the bus's
-"pairing" event opens the pairing window.
+"pairing" event opens the pairing window. Configured iTags (ble/itag.py) each get a watcher
+task that connects to the tag as a central on the same adapter.
 """
 
 from __future__ import annotations

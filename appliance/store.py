@@ -339,7 +339,7 @@ class Store:
                 self._mark_written(unit, rec, (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch)
 
     def _mark_written(self, unit: int, old: int, new: int) -> None:
-        """Caller holds _meta_lock. old is the normalised record the write started from."""
+        """Caller holds map.lock. old is the normalised record the write started from."""
         raw = self.map.words[word_index(unit)] & WEPOCH_MASK  # loaded: the caller read it
         if raw and raw < self.epoch:
             self._pending -= 1

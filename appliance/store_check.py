@@ -82,7 +82,7 @@ def _check_map(store, report: CheckReport) -> None:
         words = memoryview(chunk).cast("I")
         for local in range(n * SECTORS_PER_PAGE):
             sector = first * SECTORS_PER_PAGE + local
-            if not sector_ok(chunk, local):
+            if not sector_ok(chunk, local, sector):
                 bad.append(sector)
                 continue
             units = min(RECS_PER_SECTOR, g.unit_count - sector * RECS_PER_SECTOR)

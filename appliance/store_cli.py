@@ -71,14 +71,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     "status": st.status(), "history": st.history(limit=10)}
     except (StoreError, OSError) as e:
         print(f"savepoint inspect: {e}", file=sys.stderr)
-        return 1
+        if not args.check or isinstance(e, OSError):
+            return 1
+        info = {}  # unreadable as a store: the check still says what it found
     report = check_store(args.target) if args.check else None
     if report is not None:
         info["check"] = {"ok": report.ok, "problems": report.problems, "notes": report.notes}
     if args.json:
         print(json.dumps(info, indent=2, default=list))
-    else:
+    elif "geometry" in info:
         _print_inspect(info)
+    else:
+        _print_check(info["check"])
     return 0 if report is None or report.ok else 2
 
 
@@ -94,12 +98,15 @@ def _print_inspect(info: dict) -> None:
           f"slots @{g['slot_off'][0]} and @{g['slot_off'][1]}")
     print_history(info["history"])
     if "check" in info:
-        c = info["check"]
-        for note in c["notes"]:
-            print(f"  check: {note}")
-        for problem in c["problems"]:
-            print(f"  PROBLEM: {problem}")
-        print("check: OK" if c["ok"] else f"check: {len(c['problems'])} problem(s) found")
+        _print_check(info["check"])
+
+
+def _print_check(c: dict) -> None:
+    for note in c["notes"]:
+        print(f"  check: {note}")
+    for problem in c["problems"]:
+        print(f"  PROBLEM: {problem}")
+    print("check: OK" if c["ok"] else f"check: {len(c['problems'])} problem(s) found")
 
 
 def print_history(records: list[dict], as_json: bool = False) -> None:

@@ -223,10 +223,12 @@ def seal_sector(meta: bytearray, sector: int) -> None:
     struct.pack_into("<I", meta, base, crc32c.crc32c(memoryview(meta)[base + 4:base + SECTOR]))
 
 
-def sector_ok(meta: bytes | bytearray | memoryview, sector: int) -> bool:
-    """A never-written (all zero) sector is valid and empty; any other needs a good checksum."""
+def sector_ok(meta: bytes | bytearray | memoryview, sector: int, number: int | None = None) -> bool:
+    """A never-written (all zero) sector is valid and empty; any other needs a good checksum.
+    `sector` indexes `meta`; `number` is the sector's number in the whole map (the index its
+    header must carry) when `meta` holds only part of the map."""
     raw = memoryview(meta)[sector * SECTOR:(sector + 1) * SECTOR]
     crc, index = struct.unpack_from("<II", raw)
     if crc == 0 and index == 0 and raw == _ZERO_SECTOR:
         return True
-    return index == sector and crc == crc32c.crc32c(raw[4:])
+    return index == (sector if number is None else number) and crc == crc32c.crc32c(raw[4:])

@@ -14,7 +14,12 @@ import sys
 import time
 from typing import Any
 
-from appliance.config import ConfigError, default_control_path, serve_config
+from appliance.config import (
+    ConfigError,
+    default_control_path,
+    find_control_path,
+    serve_config,
+)
 from appliance.control_socket import ControlClient, ControlError
 from appliance.store_cli import add_store_commands, human, parse_size
 
@@ -133,7 +138,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
         from appliance.store_cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
-    path = args.control or default_control_path()
+    path = args.control or find_control_path()
     try:
         with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
             if args.command == "watch":
@@ -166,7 +171,7 @@ def cmd_fobs(args: argparse.Namespace) -> int:
         return fail("fobs rename needs a new name: savepoint fobs rename ID NAME")
     request = {"op": args.op, "id": args.id, "name": args.name}
     try:
-        with ControlClient(args.control or default_control_path(), timeout=30) as client:
+        with ControlClient(args.control or find_control_path(), timeout=30) as client:
             reply = client.request("fobs", {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
         return fail(str(e))

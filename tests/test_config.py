@@ -125,3 +125,24 @@ def test_default_socket_paths(monkeypatch):
     assert config.default_nbd_path() == "/run/user/1000/savepoint/nbd.sock"
     monkeypatch.setenv("SAVEPOINT_CONTROL", "/elsewhere/c.sock")
     assert config.default_control_path() == "/elsewhere/c.sock"
+
+
+def test_the_cli_finds_its_own_daemon_then_the_system_daemon(tmp_path, monkeypatch) -> None:
+    """A `savepoint` group member (not root) reaches the installed daemon in /run/savepoint."""
+    from appliance import config
+
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.delenv("SAVEPOINT_CONTROL", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setattr(config, "SYSTEM_RUNTIME_DIR", str(tmp_path / "run"))
+    own = tmp_path / "xdg" / "savepoint" / "control.sock"
+    system = tmp_path / "run" / "control.sock"
+    assert config.find_control_path() == str(own)  # nothing runs: the error names our own
+    system.parent.mkdir()
+    system.touch()
+    assert config.find_control_path() == str(system)
+    own.parent.mkdir(parents=True)
+    own.touch()
+    assert config.find_control_path() == str(own)  # `savepoint serve` of this user wins
+    monkeypatch.setenv("SAVEPOINT_CONTROL", str(tmp_path / "mine.sock"))
+    assert config.find_control_path() == str(tmp_path / "mine.sock")

@@ -22,6 +22,7 @@ UNIT = "/etc/systemd/system/savepoint.service"
 DROPIN = "/etc/systemd/system/savepoint.service.d/store.conf"
 WANTS = "/etc/systemd/system/multi-user.target.wants/savepoint.service"
 MODULES = "/etc/modules-load.d/savepoint.conf"
+CLI_LINK = "/usr/local/bin/savepoint"  # the CLI on the PATH
 DEFAULT_STORE = "/var/lib/savepoint/store.img"
 DEFAULT_SIZE = "4G"
 
@@ -137,6 +138,16 @@ def _dropin_text(store: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cli_link(root: Path, notes: list[str]) -> Change | None:
+    """`savepoint` on the PATH, unless something of the user's already has that name."""
+    link = on(root, CLI_LINK)
+    if link.exists() and not link.is_symlink():
+        notes.append(f"{CLI_LINK} exists and is not ours: left alone; the CLI is "
+                     f"{system.VENV}/bin/savepoint")
+        return None
+    return symlink_change(root, CLI_LINK, f"{system.VENV}/bin/savepoint")
+
+
 def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change], list[str]]:
     """Every change still needed, in order; plus notes on what is skipped and why."""
     live = root == Path("/")
@@ -154,6 +165,7 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
         notes.append("skipped under --root: apt-get install " + " ".join(system.PACKAGES))
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
     changes.append(system.venv_change(root, SRC) if full else None)
+    changes.append(_cli_link(root, notes))
     changes += [file_change(root, CONFIG, _config_text(root, store, args.unit)),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),

@@ -156,12 +156,23 @@ def test_every_edit(root: Path) -> None:
     assert unit.read_text() == (REPO / "systemd/savepoint.service").read_text()
     wants = root / "etc/systemd/system/multi-user.target.wants/savepoint.service"
     assert os.readlink(wants) == "/etc/systemd/system/savepoint.service"  # = systemctl enable
+    cli = root / "usr/local/bin/savepoint"  # plain `savepoint` works after install
+    assert os.readlink(cli) == "/opt/savepoint/venv/bin/savepoint"
     config = tomllib.loads((root / "etc/savepoint/config.toml").read_text())
     assert config["store"]["path"] == "/var/lib/savepoint/store.img"
     assert all(config[part]["enabled"] for part in ("gadget", "serial", "gpio", "ble"))
     manifest = root / "var/lib/savepoint/install-manifest/manifest.json"
     assert manifest.exists() and "--uninstall" in out
     assert "micro-USB port marked USB" in out and "PWR IN" in out  # which socket to plug
+
+
+def test_a_savepoint_command_of_the_users_own_is_left_alone(root: Path) -> None:
+    mine = root / "usr/local/bin/savepoint"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("#!/bin/sh\necho mine\n")
+    out = install(root, "--yes", "--size", "64M").stdout
+    assert mine.read_text() == "#!/bin/sh\necho mine\n" and not mine.is_symlink()
+    assert "/usr/local/bin/savepoint exists and is not ours" in out
 
 
 def test_config_is_accepted_by_the_daemon(root: Path) -> None:

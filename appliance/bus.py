@@ -193,7 +193,8 @@ class CommandBus:
         self._pairing_deadline = self.clock() + self.pairing_window
         data = {"open": True, "until": self.pairing_until}
         self.publish(Event("pairing", data))
-        return data
+        # the window opens anyway (the LED shows it), but the caller should know no fob can pair
+        return {**data, "ble": self.parts.get("ble", {}).get("state", "off")}
 
     def _record(self, outcome: Outcome) -> None:
         name = outcome.action.value.upper()

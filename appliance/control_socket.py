@@ -65,7 +65,8 @@ async def dispatch(bus: CommandSink, line: bytes | str, source: str,
         handler = getattr(bus, "handler", lambda _name: None)(cmd)
         if handler is None:
             known = ", ".join(a.value for a in Action)
-            return _error(f"unknown command {cmd!r} (known: {known}, watch)")
+            also = ", watch" if source == "cli" else ""  # watch streams events: local socket only
+            return _error(f"unknown command {cmd!r} (known: {known}{also})")
         if source != "cli":  # part commands (fob list/rename/revoke) are for the local admin
             return _error(f"{cmd!r} is only available on the appliance's local control socket")
         try:

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json or reply.get("ok"):
         print(json.dumps(reply if args.json else reply.get("data", {}), indent=2, default=str))
     if not reply.get("ok"):
-        print(f"savepoint-host: {args.command.upper()} refused: {reply.get('reason')}",
+        # the reason is the appliance's own sentence ("SAVE refused: the appliance is LOCKED ...")
+        print(f"savepoint-host: {reply.get('reason') or args.command.upper() + ' refused'}",
               file=sys.stderr)
         return 1
     return 0

@@ -109,10 +109,7 @@ def _print_check(c: dict) -> None:
     print("check: OK" if c["ok"] else f"check: {len(c['problems'])} problem(s) found")
 
 
-def print_history(records: list[dict], as_json: bool = False) -> None:
-    if as_json:
-        print(json.dumps(records, indent=2))
-        return
+def print_history(records: list[dict]) -> None:
     if not records:
         print("  (no SAVE or RESTORE yet)")
     for r in records:
@@ -127,7 +124,11 @@ def history_offline(target: str, as_json: bool, limit: int | None) -> int:
 
     try:
         with Store.open(target, readonly=True) as st:
-            print_history(st.history(limit), as_json)
+            records = st.history(limit)
+        if as_json:  # the daemon's reply shape, so one parser reads both
+            print(json.dumps({"ok": True, "reason": "", "data": {"history": records}}, indent=2))
+        else:
+            print_history(records)
     except (StoreError, OSError) as e:
         print(f"savepoint history: {e}", file=sys.stderr)
         return 1

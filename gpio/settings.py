@@ -56,7 +56,8 @@ def _check_pin(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"{key}: {value!r} is not a pin; use a BCM number like 17 or \"GPIO17\"")
     if isinstance(value, int) and not 0 <= value <= 53:
-        raise ValueError(f"{key}: bad pin {value}: BCM numbers run 0-27 on a Pi header")
+        raise ValueError(f"{key}: bad pin {value}: BCM numbers run 0-53 "
+                         "(0-27 on the 40-pin header)")
     if isinstance(value, str) and not _PIN_NAME.match(value):
         raise ValueError(f"{key}: bad pin {value!r}: use a BCM number (17) or a name (\"GPIO17\")")
 

@@ -202,7 +202,7 @@ def test_pairing_window_opens_and_closes(store):
         return outcome, opened, [e.data for e in seen if e.kind == "pairing"]
 
     outcome, opened, pairing = run(go())
-    assert outcome.ok and outcome.data == {"open": True, "until": 5060.0}
+    assert outcome.ok and outcome.data == {"open": True, "until": 5060.0, "ble": "off"}
     assert opened == {"open": True, "until": 5060.0}
     assert pairing == [{"open": True, "until": 5060.0}, {"open": False}]
 

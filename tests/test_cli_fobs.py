@@ -49,5 +49,6 @@ def test_fobs_without_ble_says_so_and_pair_says_what_to_do(tmp_path) -> None:
         assert proc.returncode == 1 and "needs a fob id" in proc.stderr
         proc = cli("pair", control=served.control)
         assert "savepoint-fob pair" in proc.stdout
+        assert "BLE is off on this appliance, so no fob can pair" in proc.stderr
     finally:
         served.cleanup()

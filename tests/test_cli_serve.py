@@ -63,6 +63,11 @@ def test_restart_keeps_saved_data_and_offline_history(tmp_path):
     offline = subprocess.run([*SAVEPOINT, "history", disk], capture_output=True, text=True,
                              env=env(), timeout=30)
     assert offline.returncode == 0 and "save" in offline.stdout and "cli" in offline.stdout
+    as_json = subprocess.run([*SAVEPOINT, "history", disk, "--json"], capture_output=True,
+                             text=True, env=env(), timeout=30)
+    reply = json.loads(as_json.stdout)  # the daemon's reply shape: one parser reads both
+    assert reply["ok"] and [(r["action"], r["source"]) for r in reply["data"]["history"]] == [
+        ("save", "cli")]
     second = Served(disk, size=None)
     try:
         assert pattern_matches(second.uri, 4096, 8192, 0xC3)

@@ -188,7 +188,7 @@ def confirm(args: argparse.Namespace, what: str) -> None:
     if args.yes:
         return
     if not sys.stdin.isatty():
-        raise InstallError(f"not a terminal, so cannot ask before {what}: add --yes")
+        raise InstallError(f"not a terminal, so cannot ask whether to {what}: add --yes")
     if input(f"Go ahead and {what}? [y/N] ").strip().lower() not in ("y", "yes"):
         raise InstallError("nothing changed")
 

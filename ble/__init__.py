@@ -1,5 +1,15 @@
 """The handheld fob: a BLE GATT service on BlueZ, its protocol and crypto, the fob client."""
 
-from ble.part import CONFIG_SCHEMA, BlePart
+from typing import Any
 
 __all__ = ["BlePart", "CONFIG_SCHEMA"]
+
+
+def __getattr__(name: str) -> Any:
+    """BlePart and CONFIG_SCHEMA load ble.part (cryptography, the GATT objects) on first use,
+    so `savepoint-fob` and the lab's controller processes start without the appliance side."""
+    if name in __all__:
+        from ble import part
+
+        return getattr(part, name)
+    raise AttributeError(f"module 'ble' has no attribute {name!r}")

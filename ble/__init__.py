@@ -2,7 +2,7 @@
 
 from typing import Any
 
-__all__ = ["BlePart", "CONFIG_SCHEMA"]
+__all__ = ["BlePart", "CONFIG_SCHEMA", "validate_config"]
 
 
 def __getattr__(name: str) -> Any:

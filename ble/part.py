@@ -46,6 +46,18 @@ CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
 }
 
 
+
+def validate_config(cfg: dict[str, Any]) -> None:
+    """Checks the config loader runs (`savepoint daemon --check`), as precise as start-up's."""
+    name = cfg.get("name", "")
+    if not 0 < len(str(name).encode()) <= MAX_NAME:
+        raise ValueError(f"name {name!r} does not fit a legacy advert: use 1-{MAX_NAME} "
+                         "characters")
+    try:
+        parse_itags(cfg.get("itags", []))
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("[ble] ")) from None
+
 class BlePart:
     name = "ble"
 

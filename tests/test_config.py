@@ -51,6 +51,9 @@ def test_defaults():
     ({"gpio": {"enabled": True, "button_pin": 99}}, "bad pin 99"),
     ({"gpio": {"enabled": True, "led_pin": "PIN7"}}, "bad pin 'PIN7'"),
     ({"gadget": {"enabled": True, "udcc": "x"}}, "[gadget] unknown key 'udcc'"),
+    ({"ble": {"enabled": True, "name": "Savepoint1"}}, "[ble] name 'Savepoint1' does not fit"),
+    ({"ble": {"enabled": True, "itags": [{"address": "AA:BB:CC:DD:EE:FF", "action": "restore"}]}},
+     "[ble] itags[0]: action 'restore' is not allowed"),
 ])
 def test_precise_errors(raw, message):
     with pytest.raises(ConfigError) as err:

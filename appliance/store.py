@@ -399,10 +399,16 @@ class Store:
         self._check_range(offset, length)
         runs: list[tuple[int, int, bool]] = []
         pos, end, us = offset, offset + length, self.unit_size
+        end_unit = -(-end // us)
         with self._io():
             while pos < end:
                 unit, within = divmod(pos, us)
-                n = min(us - within, end - pos)
+                # Units of one map sector with identical records answer alike: one lookup.
+                stop = min((unit // RECS_PER_SECTOR + 1) * RECS_PER_SECTOR, end_unit)
+                if stop - unit > 1 and self.map.uniform(unit, stop) is not None:
+                    n = min(stop * us, end) - pos
+                else:
+                    n = min(us - within, end - pos)
                 zero = not self._route(self._record(unit))[1]
                 if runs and runs[-1][2] == zero:
                     runs[-1] = (runs[-1][0], runs[-1][1] + n, zero)

@@ -81,6 +81,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.dirty_bytes = 0
         self.epoch = 1
         self.wepoch = [0] * UNITS  # epoch of a unit's last write, 0 once normalised
+        self.alloc = bytearray(UNITS)  # units whose visible copy holds data (BLOCK_STATUS)
+        self.saved_alloc = bytearray(UNITS)
         self.resolved = 1  # the model's resolved_below
         self.history: list[tuple[int, str, str, int, int]] = []
         self.store = None
@@ -101,13 +103,15 @@ class StoreMachine(RuleBasedStateMachine):
     def _clip(self, offset: int, length: int) -> int:
         return min(length, SIZE - offset)
 
-    def _wrote(self, offset: int, data: bytes) -> None:
+    def _wrote(self, offset: int, data: bytes, holes: range = range(0)) -> None:
+        """`holes`: the whole units a zeroing request only marked as zero (no data)."""
         self.visible[offset:offset + len(data)] = data
         self.dirty_bytes += len(data)
         if data:
             for u in range(offset // U, (offset + len(data) - 1) // U + 1):
                 self.dirty.add(u)
                 self.wepoch[u] = self.epoch
+                self.alloc[u] = u not in holes
 
     @rule(offset=offsets, length=lengths, seed=st.integers(0, 2**16), fua=st.booleans())
     def write(self, offset: int, length: int, seed: int, fua: bool) -> None:
@@ -127,7 +131,23 @@ class StoreMachine(RuleBasedStateMachine):
             self.store.trim(offset, length)
         else:
             self.store.write_zeroes(offset, length, fua=fua)
-        self._wrote(offset, bytes(length))
+        first_full, end_full = -(-offset // U), (offset + length) // U
+        self._wrote(offset, bytes(length), range(first_full, end_full))
+
+    @rule(offset=offsets, length=lengths)
+    def block_status(self, offset: int, length: int) -> None:
+        """Runs cover the range exactly; a unit reads as a hole iff its visible copy holds no
+        data (never written, or zeroed whole), whatever path (uniform run or not) answered."""
+        length = self._clip(offset, length)
+        if not length:
+            return
+        pos = offset
+        for start, n, zero in self.store.block_status(offset, length):
+            assert start == pos and n > 0
+            for u in range(start // U, (start + n - 1) // U + 1):
+                assert zero == (not self.alloc[u]), f"unit {u}: hole={zero}"
+            pos += n
+        assert pos == offset + length
 
     @rule()
     def flush(self) -> None:
@@ -143,10 +163,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.history.append((self.epoch, action, source, len(self.dirty), self.dirty_bytes))
         if action == "save":
             self.saved[:] = self.visible
+            self.saved_alloc[:] = self.alloc
             for u in self.dirty:
                 self.primary[u] ^= 1
         else:
             self.visible[:] = self.saved
+            self.alloc[:] = self.saved_alloc
         self.dirty.clear()
         self.dirty_bytes = 0
         self.epoch += 1

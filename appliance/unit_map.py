@@ -91,6 +91,14 @@ class UnitMap:
         Sequential I/O mostly meets runs of identical records: never written, all written in
         one epoch, or all normalised. One comparison per map sector replaces a Python loop.
         """
+        s, i = divmod(first, RECS_PER_SECTOR)
+        n = end - first
+        if n <= RECS_PER_SECTOR - i and self.loaded[first // UNITS_PER_PAGE] \
+                and not self.bad_sectors:  # the common case: one sector, already loaded
+            w = (s * WORDS_PER_SECTOR + 2 + i) * 4
+            raw4 = self._meta[w:w + 4]
+            return int.from_bytes(raw4, "little") if self._meta[w:w + 4 * n] == raw4 * n \
+                else None
         for page in range(first // UNITS_PER_PAGE, (end - 1) // UNITS_PER_PAGE + 1):
             if not self.loaded[page]:
                 self.load_page(page)

@@ -15,13 +15,17 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ble import frames
 from ble.frames import NEEDS_NONCE, Cmd, Result, Status
 from ble.keys import FobCredentials, FobPairing, atomic_write
+
+T = TypeVar("T")
+CONNECT_TRIES = 3  # BLE links drop during connection set-up; nothing was sent yet, so retry
 
 
 class GattLink(Protocol):
@@ -136,30 +140,66 @@ async def _find(address: str, adapter: str, timeout: float) -> object:
     return device
 
 
-async def run_action(args: argparse.Namespace, store: KeyStore) -> str:
+async def with_retries(attempt: Callable[[], Awaitable[T]], retry_on: tuple[type, ...],
+                       tries: int = CONNECT_TRIES, delay: float = 1.0) -> T:
+    """attempt() until it succeeds, at most `tries` times; says why it tries again."""
+    for n in range(1, tries + 1):
+        try:
+            return await attempt()
+        except retry_on as e:
+            if n == tries:
+                raise
+            print(f"savepoint-fob: link lost while connecting ({e}); trying again",
+                  file=sys.stderr, flush=True)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+async def _connect(args: argparse.Namespace, address: str) -> object:
+    """Find, connect and (for pair) bond: everything before the first frame is sent."""
     from bleak import BleakClient
+
+    device = await _find(address, args.adapter, args.timeout)
+    kwargs = {"bluez": {"adapter": args.adapter}} if args.adapter else {}
+    client = BleakClient(device, timeout=args.timeout, **kwargs)
+    await client.connect()
+    if args.action == "pair":
+        try:
+            await client.pair()
+        except NotImplementedError:  # macOS pairs on first encrypted access
+            pass
+        except BaseException:
+            await client.disconnect()
+            raise
+    return client
+
+
+async def run_action(args: argparse.Namespace, store: KeyStore) -> str:
+    from bleak.exc import BleakError
 
     action = args.action
     creds = None if action == "pair" else store.pick(args.address)
     address = args.address or (creds.address if creds else "")
-    device = await _find(address, args.adapter, args.timeout)
-    kwargs = {"bluez": {"adapter": args.adapter}} if args.adapter else {}
-    async with BleakClient(device, timeout=args.timeout, **kwargs) as client:
-        link = BleakLink(client)
-        if action == "pair":
-            try:
-                await client.pair()
-            except NotImplementedError:  # macOS pairs on first encrypted access
-                pass
-            creds = await pair(link, args.setup_code)
-            creds.address = client.address
-            store.save(creds)
-            return f"paired as fob {creds.fob_id}; key saved in {store.path}"
-        assert creds is not None
-        status = await send(link, creds, Cmd[action.upper()], store)
-        if status.last_result not in (Result.OK,):
-            raise FobError(describe(status))
-        return describe(status)
+    client = await with_retries(lambda: _connect(args, address), (BleakError, TimeoutError))
+    try:
+        return await _act(args, store, client, creds)
+    finally:
+        await client.disconnect()
+
+
+async def _act(args: argparse.Namespace, store: KeyStore, client: object,
+               creds: FobCredentials | None) -> str:
+    link = BleakLink(client)
+    if args.action == "pair":
+        creds = await pair(link, args.setup_code)
+        creds.address = client.address
+        store.save(creds)
+        return f"paired as fob {creds.fob_id}; key saved in {store.path}"
+    assert creds is not None
+    status = await send(link, creds, Cmd[args.action.upper()], store)
+    if status.last_result not in (Result.OK,):
+        raise FobError(describe(status))
+    return describe(status)
 
 
 def button_loop(args: argparse.Namespace, store: KeyStore) -> None:

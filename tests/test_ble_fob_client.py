@@ -56,3 +56,33 @@ def test_key_file_is_private_and_counter_saved_before_sending(tmp_path):
 def test_unpaired_fob_says_what_to_do(tmp_path, capsys):
     assert fob_client.main(["save", "--keys", str(tmp_path / "none.json")]) == 1
     assert "press PAIR on the appliance" in capsys.readouterr().err
+
+
+def test_a_link_lost_while_connecting_is_retried_then_reported(capsys) -> None:
+    """BLE links drop during set-up; nothing was sent yet, so the fob tries again (3 times)."""
+    calls: list[int] = []
+
+    async def flaky(fail_times: int) -> str:
+        calls.append(1)
+        if len(calls) <= fail_times:
+            raise ConnectionError("failed to discover services, device disconnected")
+        return "connected"
+
+    run = asyncio.run
+    assert run(fob_client.with_retries(lambda: flaky(2), (ConnectionError,), delay=0)) \
+        == "connected"
+    assert len(calls) == 3 and capsys.readouterr().err.count("trying again") == 2
+    calls.clear()
+    try:
+        run(fob_client.with_retries(lambda: flaky(5), (ConnectionError,), delay=0))
+    except ConnectionError as e:
+        assert "device disconnected" in str(e)
+    else:
+        raise AssertionError("a link that never comes up must be reported")
+    assert len(calls) == fob_client.CONNECT_TRIES
+    calls.clear()
+    try:  # anything else is not a dropped link: no retry
+        run(fob_client.with_retries(lambda: flaky(5), (TimeoutError,), delay=0))
+    except ConnectionError:
+        pass
+    assert len(calls) == 1

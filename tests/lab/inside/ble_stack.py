@@ -117,6 +117,8 @@ async def run_controllers() -> None:
 class BleStack:
     """Controllers, btmon, a private system bus and bluetoothd; close() ends them all."""
 
+    LOG_PREFIX = "ble"  # log files are <prefix>-btmon.log etc.: each scenario keeps its own
+
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         root = cached_bluez(CACHE)
@@ -126,7 +128,7 @@ class BleStack:
         self.address = ""
 
     def _spawn(self, cmd: list[str], log: str, **kw: Any) -> subprocess.Popen[bytes]:
-        with open(RESULTS / log, "wb") as out:
+        with open(RESULTS / log.replace("ble-", f"{self.LOG_PREFIX}-", 1), "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, **kw)
         self.procs.append(proc)
         return proc
@@ -135,7 +137,7 @@ class BleStack:
         self._spawn([str(self.bluez / BTMON)], "ble-btmon.log")
         self._spawn([sys.executable, "-m", "tests.lab.inside.ble_stack"], "ble-controllers.log")
         wait_for(lambda: all(Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)),
-                 30, "hci0 and hci1 (bumble controllers on /dev/vhci)")
+                 120, "hci0 and hci1 (bumble controllers on /dev/vhci)")  # python starts slowly
         self.address = self._start_bus()
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address  # the daemon and the fob
         Path("/var/lib/bluetooth").mkdir(parents=True, exist_ok=True)

@@ -46,14 +46,22 @@ def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
 async def restore_watching_status(keys: Path) -> tuple[Status, list[Status]]:
     """A fob subscribed to Status sends RESTORE; returns its reply and the notifications."""
     from bleak import BleakClient, BleakScanner
+    from bleak.exc import BleakError
 
     store = fob_client.KeyStore(keys)
     creds = store.pick()
     bluez = {"bluez": {"adapter": FOB_ADAPTER}}
-    device = await BleakScanner.find_device_by_address(creds.address, 40, **bluez)
-    assert device is not None, f"appliance {creds.address} not found by a scan on hci1"
+
+    async def connect() -> BleakClient:  # retried as savepoint-fob does: links drop in set-up
+        device = await BleakScanner.find_device_by_address(creds.address, 40, **bluez)
+        assert device is not None, f"appliance {creds.address} not found by a scan on hci1"
+        client = BleakClient(device, timeout=40, **bluez)
+        await client.connect()
+        return client
+
     notes: list[Status] = []
-    async with BleakClient(device, timeout=40, **bluez) as client:
+    client = await fob_client.with_retries(connect, (BleakError, TimeoutError))
+    try:
         await client.start_notify(frames.STATUS_UUID,
                                   lambda _c, data: notes.append(Status.decode(bytes(data))))
         status = await fob_client.send(fob_client.BleakLink(client), creds, Cmd.RESTORE, store)
@@ -61,6 +69,8 @@ async def restore_watching_status(keys: Path) -> tuple[Status, list[Status]]:
             if any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes):
                 break
             await asyncio.sleep(0.1)
+    finally:
+        await client.disconnect()
     return status, notes
 
 

@@ -28,12 +28,14 @@ from tests.lab.inside.appliance_vm import RESULTS, Appliance, log_name
 from tests.lab.inside.ble_stack import ADDRESSES, BleStack, _controller_class, _link_class, wait_for
 
 ITAG = "00:5A:7E:00:00:03"
-CONTROLLERS_LOG = "ble-controllers.log"
+CONTROLLERS_LOG = "itag-controllers.log"
 MODULE = "tests.lab.inside.test_itag_lab"
 
 
 class ITagStack(BleStack):
     """Scenario 9's stack, with this module as the controller process (adds the iTag)."""
+
+    LOG_PREFIX = "itag"
 
     def _spawn(self, cmd: list[str], log: str, **kw: Any) -> Any:
         if cmd[-2:] != ["-m", "tests.lab.inside.ble_stack"]:

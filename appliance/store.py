@@ -183,11 +183,7 @@ class Store:
         self._gate.enter()
         try:
             if 0 < n and within + n <= self.unit_size:  # the hot path of small random reads
-                slot, has = self._route(self._record(unit))
-                if has:
-                    self._b.pread_into(buf, self.geo.slot_off[slot] + offset)
-                else:
-                    buf[:] = self._zero_unit[:n]
+                self._read_run(unit, offset, buf)
             else:
                 self._read_locked(offset, buf)
         except OSError as e:
@@ -195,19 +191,21 @@ class Store:
         finally:
             self._gate.leave()
 
+    def _read_run(self, unit: int, offset: int, buf: memoryview, saved: bool = False) -> None:
+        """Fill buf from units whose records equal `unit`'s: one slot, one contiguous read."""
+        slot, has = self._route(self._record(unit), saved)
+        if has:
+            self._b.pread_into(buf, self.geo.slot_off[slot] + offset)
+        else:
+            buf[:] = bytes(len(buf))
+
     def _read_locked(self, offset: int, buf: memoryview, saved: bool = False) -> None:
         """Fill buf from the visible disk, or from the saved image when saved=True."""
         us, g = self.unit_size, self.geo
         first, end_unit = offset // us, -(-(offset + len(buf)) // us)
         if end_unit - first == 1 or (end_unit - first > 2 and
                                      self.map.uniform(first, end_unit) is not None):
-            rec = self._record(first)
-            slot, has = self._route(rec, saved)
-            if has:
-                self._b.pread_into(buf, g.slot_off[slot] + offset)
-            else:
-                buf[:] = bytes(len(buf))
-            return
+            return self._read_run(first, offset, buf, saved)
         pos, end = offset, offset + len(buf)
         run_phys, run_start = -1, 0  # coalesce reads that are contiguous on disk
         while pos < end:

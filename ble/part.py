@@ -47,14 +47,15 @@ CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
 
 
 
-def validate_config(cfg: dict[str, Any]) -> None:
-    """Checks the config loader runs (`savepoint daemon --check`), as precise as start-up's."""
+def validate_config(cfg: dict[str, Any]) -> list[ITag]:
+    """The checks the config loader (`savepoint daemon --check`) and start-up share; returns
+    the configured iTags. ValueError names the key (without the "[ble] " the caller adds)."""
     name = cfg.get("name", "")
     if not 0 < len(str(name).encode()) <= MAX_NAME:
         raise ValueError(f"name {name!r} does not fit a legacy advert: use 1-{MAX_NAME} "
                          "characters")
     try:
-        parse_itags(cfg.get("itags", []))
+        return parse_itags(cfg.get("itags", []))
     except ValueError as e:
         raise ValueError(str(e).removeprefix("[ble] ")) from None
 
@@ -79,15 +80,11 @@ class BlePart:
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        name = str(self.cfg["name"])
-        if not 0 < len(name.encode()) <= MAX_NAME:
-            raise PartUnavailable(
-                f"[ble] name {name!r} does not fit a legacy advert", f"use 1-{MAX_NAME} characters"
-            )
         try:
-            tags = parse_itags(self.cfg["itags"])
+            tags = validate_config(self.cfg)
         except ValueError as e:
-            raise PartUnavailable(str(e), "fix [ble] itags in the config") from e
+            key = "itags" if str(e).startswith("itags") else "name"
+            raise PartUnavailable(f"[ble] {e}", f"fix [ble] {key} in the config") from e
         try:
             registry = FobRegistry(self.cfg["registry"])
         except (OSError, RegistryError) as e:
@@ -104,7 +101,7 @@ class BlePart:
         self.proto.forget_bond = self._forget_bond
         self.dbus = await self._connect()
         try:
-            await self._bring_up(name)
+            await self._bring_up(str(self.cfg["name"]))
         except BaseException:
             self.dbus.disconnect()
             raise

@@ -81,6 +81,8 @@ class Session:
             self.sock.close()
             self.server._session_ended(self)
 
+    # ----- handshake ----------------------------------------------------------------------------
+
     def _fill(self, view: memoryview, got: int, n: int) -> int:
         """Receive into view[got:n]; returns how far it got (short only at end of stream)."""
         while got < n:
@@ -89,8 +91,6 @@ class Session:
                 break
             got += k
         return got
-
-    # ----- handshake ----------------------------------------------------------------------------
 
     def _handshake(self) -> bool:
         deadline = time.monotonic() + self.server.handshake_timeout

@@ -26,7 +26,7 @@ from pathlib import Path
 NOT_REPRODUCED = ("DevicePolicy/DeviceAllow (cgroup device program)",
                   "IPAddressDeny/IPAddressAllow (cgroup socket program)",
                   "ProtectHostname (UTS namespace; sethostname is filtered anyway)",
-                  "ProtectKernelLogs (/dev/kmsg, /proc/kmsg; syslog() is filtered anyway)",
+                  "ProtectKernelLogs (/dev/kmsg, /proc/kmsg; syslog() needs CAP_SYSLOG, dropped)",
                   "LockPersonality")
 API_FS = ("/proc", "/sys", "/dev")
 CLONE_NEWNS = 0x00020000

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp", metavar="HOST:PORT", help="also serve NBD on TCP (loopback)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a non-loopback --tcp address (NBD has no authentication)")
+    p.add_argument("--max-connections", type=int, metavar="N",
+                   help="NBD clients served at once; more are refused (default 8)")
     p.add_argument("--control", help="control socket path (default: <runtime dir>/control.sock)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("daemon", help="run the appliance daemon from a config file")
@@ -98,9 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
-                           args.tcp, args.allow_remote, args.control)
+                           args.tcp, args.allow_remote, args.control, args.max_connections)
     except ConfigError as e:
-        return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--"))
+        return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
+                    .replace("--max_connections", "--max-connections"))
     return run_daemon(cfg, on_ready=lambda d: print_serving(d, args))
 
 

@@ -70,8 +70,11 @@ CORE_SCHEMA: dict[str, Schema] = {
         "socket": (str, "", "NBD Unix socket; empty = <runtime dir>/nbd.sock"),
         "tcp": (str, "", "also listen on HOST:PORT (loopback unless allow_remote)"),
         "allow_remote": (bool, False, "allow a non-loopback TCP address (no TLS: no auth)"),
-        "group": (str, "savepoint", "socket mode 0660 for this group when it exists, else 0600"),
+        "group": (str, "", "socket mode 0660 for this group (raw access to the whole disk: "
+                  "keep it empty, root only, on the appliance); empty = 0600"),
         "export_name": (str, "savepoint", "NBD export name"),
+        "max_connections": (int, 8, "NBD connections at once; more are closed at once "
+                            "(the kernel client uses 1, nbdcopy 4)"),
     },
     "control": {
         "socket": (str, "", "control socket; empty = <runtime dir>/control.sock"),
@@ -217,6 +220,9 @@ def validate(raw: dict[str, Any],
     for key in ("relock_after",):
         if cfg["lock"][key] < 0:
             raise ConfigError(f"[lock] {key}: must be 0 (never) or a number of seconds")
+    if cfg["nbd"]["max_connections"] < 1:
+        raise ConfigError(f"[nbd] max_connections: {cfg['nbd']['max_connections']} is less than "
+                          "1: give how many NBD clients may connect at once, e.g. 8")
     if cfg["nbd"]["tcp"]:
         try:
             parse_hostport(cfg["nbd"]["tcp"])
@@ -317,7 +323,8 @@ def default_nbd_path() -> str:
 
 
 def serve_config(target: str, size: int | None, unit: int, socket: str | None,
-                 tcp: str | None, allow_remote: bool, control: str | None) -> dict[str, Any]:
+                 tcp: str | None, allow_remote: bool, control: str | None,
+                 max_connections: int | None = None) -> dict[str, Any]:
     """The config `savepoint serve` runs: store + NBD + control socket, nothing else."""
     raw: dict[str, Any] = {
         "store": {"path": target, "create": True, "unit": unit},
@@ -327,6 +334,8 @@ def serve_config(target: str, size: int | None, unit: int, socket: str | None,
     }
     if size is not None:
         raw["store"]["size"] = size
+    if max_connections is not None:
+        raw["nbd"]["max_connections"] = max_connections
     return validate(raw, schema_for=lambda _section: {})
 
 

@@ -217,7 +217,8 @@ class Daemon:
             self.nbd = NbdServer(self.store, unix_path=self.nbd_socket, tcp=tcp,
                                  allow_remote=ncfg["allow_remote"], socket_mode=0o600,
                                  group=ncfg["group"] if gid is not None else None,
-                                 export_name=ncfg["export_name"])
+                                 export_name=ncfg["export_name"],
+                                 max_connections=ncfg["max_connections"])
             self.nbd.start()
         except (OSError, ValueError, RuntimeError) as e:
             self.nbd = None

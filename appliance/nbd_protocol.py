@@ -109,6 +109,10 @@ BASE_ALLOCATION_ID = 1
 MAX_PAYLOAD = 32 * 1024 * 1024  # advertised maximum payload: 2^25, the spec's portable limit
 MAX_OPTION_DATA = 64 * 1024  # larger option data is a denial of service: hard disconnect
 MAX_STRING = 4096  # the spec's hard limit for names and queries
+# Options one connection may send before it must choose an export (nbdkit's limit too). Real
+# clients send fewer than ten (nbdinfo --list about six); more is a client that never
+# finishes haggling, so it gets NBD_REP_ERR_POLICY and a hard disconnect.
+MAX_OPTIONS = 32
 
 # Structs (network byte order). REQUEST keeps the cookie opaque (8 raw bytes).
 REQUEST = struct.Struct(">IHH8sQI")  # magic, flags, type, cookie, offset, length
@@ -261,13 +265,19 @@ class Handshake:
         if client_flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
             raise ProtocolError(f"unknown client flags 0x{client_flags:x}")
         self.no_zeroes = bool(client_flags & FLAG_C_NO_ZEROES)
+        count = 0
         while True:
+            count += 1
             magic, opt, length = OPTION.unpack(self.recv_exact(OPTION.size))
             if magic != IHAVEOPT:
                 raise ProtocolError(f"bad option magic 0x{magic:x}")
             if length > MAX_OPTION_DATA:
                 raise ProtocolError(f"option {opt} carries {length} bytes of data: refused")
             data = self.recv_exact(length) if length else b""
+            if count > MAX_OPTIONS:
+                self._error(opt, REP_ERR_POLICY, f"more than {MAX_OPTIONS} options on one "
+                            "connection: choose an export (NBD_OPT_GO) sooner")
+                raise ProtocolError(f"more than {MAX_OPTIONS} options during the handshake")
             done = self._option(opt, data)
             if done is not None:
                 return done

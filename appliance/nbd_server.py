@@ -23,13 +23,16 @@ import threading
 from urllib.parse import quote
 
 from appliance import nbd_protocol as p
-from appliance.nbd_session import Session
+from appliance.nbd_session import HANDSHAKE_TIMEOUT, Session
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 
 __all__ = ["NbdServer", "OutOfRangeError", "StoreError", "StoreIOError"]
 
 LOG = logging.getLogger("savepoint.nbd")
 DRAIN_TIMEOUT = 30.0  # seconds stop(drain=True) waits for in-flight requests
+# Connections served at once (handshaking ones included); more are closed at once. The kernel
+# client uses one, nbdcopy four; each costs a thread and up to 8 MiB of buffers (docs/nbd.md).
+MAX_CONNECTIONS = 8
 
 
 def _is_loopback(host: str) -> bool:
@@ -48,7 +51,8 @@ class NbdServer:
                  socket_mode: int = 0o600, group: str | None = None,
                  export_name: str = "savepoint",
                  log: logging.Logger = LOG,
-                 workers: int = 4) -> None:
+                 workers: int = 4, max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NbdServer needs a Unix socket path or a TCP (host, port) "
                              "to listen on")
@@ -58,6 +62,8 @@ class NbdServer:
                 "no authentication, so anyone who can reach it can read and overwrite the disk. "
                 "Use a Unix socket or 127.0.0.1, or pass allow_remote (--allow-remote) to accept "
                 "the risk.")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.store = store
         self.unix_path = os.path.abspath(unix_path) if unix_path else None
         self.tcp = tcp
@@ -71,6 +77,10 @@ class NbdServer:
             read_only=bool(getattr(store, "readonly", False)))
         self.log = log
         self.workers = max(1, workers)  # kept for callers; one thread per connection now
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.refused = 0  # connections refused at the cap, in all
+        self._burst = 0  # refused since the last time a slot was free
         self.stopping = False
         self._listeners: list[socket.socket] = []
         self._tcp_addr: tuple[str, int] | None = None
@@ -267,15 +277,35 @@ class NbdServer:
         except OSError as exc:
             self.log.warning("accepting an NBD connection failed: %s", exc)
             return
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and addr else "unix"
+        with self._lock:
+            full = len(self._sessions) >= self.max_connections
+            if not full:
+                session = Session(self, conn, peer)
+                self._sessions.add(session)
+        if full:
+            return self._refuse(conn, peer)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
-        session = Session(self, conn, peer)
-        with self._lock:
-            self._sessions.add(session)
         session.start()
+
+    def _refuse(self, conn: socket.socket, peer: str) -> None:
+        """Over the cap: close at once (the client sees end of stream before the greeting)
+        rather than leave it waiting in the backlog; one log line per burst of refusals."""
+        with self._lock:
+            self.refused += 1
+            self._burst += 1
+            first = self._burst == 1
+        conn.close()
+        if first:
+            self.log.warning("NBD connection from %s refused: %d connections are open, the "
+                             "most allowed ([nbd] max_connections); further refusals are "
+                             "counted until one closes", peer, self.max_connections)
 
     def _session_ended(self, session: Session) -> None:
         with self._lock:
             self._sessions.discard(session)
-
+            burst, self._burst = self._burst, 0
+        if burst > 1:
+            self.log.warning("%d NBD connections were refused while %d were open",
+                             burst, self.max_connections)

@@ -16,6 +16,7 @@ import logging
 import mmap
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from appliance import nbd_protocol as p
@@ -26,7 +27,7 @@ from appliance.store import OutOfRangeError, StoreError, StoreIOError
 if TYPE_CHECKING:
     from appliance.nbd_server import NbdServer
 
-HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to finish option haggling
+HANDSHAKE_TIMEOUT = 30.0  # seconds from accept() to the end of option haggling, in all
 RECV_SIZE = 4 << 20  # receive buffer: many pipelined requests per recv_into
 MAX_EXTENTS = 1 << 20
 WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
@@ -82,12 +83,6 @@ class Session:
 
     # ----- handshake ----------------------------------------------------------------------------
 
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        if self._fill(memoryview(buf), 0, n) < n:
-            raise ConnectionError("client closed the connection")
-        return bytes(buf)
-
     def _fill(self, view: memoryview, got: int, n: int) -> int:
         """Receive into view[got:n]; returns how far it got (short only at end of stream)."""
         while got < n:
@@ -98,9 +93,32 @@ class Session:
         return got
 
     def _handshake(self) -> bool:
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
-        hs = p.Handshake(self.server.export, self._recv_exact, self.sock.sendall,
-                         lambda: self.server.stopping)
+        deadline = time.monotonic() + self.server.handshake_timeout
+
+        def within_deadline() -> None:
+            """One deadline for the whole handshake, not one per receive: a client that
+            trickles a byte at a time must not keep the connection (and its slot) longer."""
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            self.sock.settimeout(left)
+
+        def recv_exact(n: int) -> bytes:
+            buf = bytearray(n)
+            got = 0
+            while got < n:  # without MSG_WAITALL: each receive re-arms the remaining time
+                within_deadline()
+                k = self.sock.recv_into(memoryview(buf)[got:], n - got)
+                if k == 0:
+                    raise ConnectionError("client closed the connection")
+                got += k
+            return bytes(buf)
+
+        def send(data: bytes) -> None:
+            within_deadline()  # sendall's timeout is its total time (a client that never reads)
+            self.sock.sendall(data)
+
+        hs = p.Handshake(self.server.export, recv_exact, send, lambda: self.server.stopping)
         try:
             self.neg = hs.run()
         except p.Aborted:
@@ -109,7 +127,11 @@ class Session:
             self.log.warning("NBD client %s broke the handshake (%s); closing that connection",
                              self.peer, exc)
             return False
-        except (ConnectionError, TimeoutError, OSError) as exc:
+        except TimeoutError:
+            self.log.warning("NBD client %s did not finish the handshake within %g s; closing "
+                             "that connection", self.peer, self.server.handshake_timeout)
+            return False
+        except (ConnectionError, OSError) as exc:
             self.log.info("NBD client %s left during the handshake: %s", self.peer, exc)
             return False
         self.sock.settimeout(None)

@@ -91,10 +91,14 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
         if not size:
             raise InitError("a store on a regular file needs --size (for example --size 8G)")
         geo = plan_geometry(size, unit, hist_cap)
-        with open(path, "wb"):
-            pass  # truncate: a fresh sparse file
-        os.truncate(path, geo.total_size)
-        fd = os.open(path, os.O_RDWR)
+        # A fresh sparse file, 0600 even if an older file was readable: it holds the disk.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, geo.total_size)
+        except BaseException:
+            os.close(fd)
+            raise
         try:  # allocate superblocks and history ring now, so a SAVE never waits on allocation
             os.posix_fallocate(fd, 0, geo.hist_off + geo.hist_cap * 64)
         except OSError:

@@ -79,7 +79,7 @@ def confirm_tag(key: bytes, label: bytes) -> bytes:
 # --- files ----------------------------------------------------------------------------------
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # mode: the last folder only
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)

@@ -75,7 +75,7 @@ class Manifest:
                 missing.insert(0, {"type": "dir", "path": str(d)})
                 d = d.parent
             for rec in missing:
-                on(self.root, rec["path"]).mkdir(mode=0o750 if rec is missing[-1] else 0o755)
+                on(self.root, rec["path"]).mkdir(mode=0o700 if rec is missing[-1] else 0o755)
             self.records[:0] = missing
             self.dir.mkdir(mode=0o700)
 
@@ -108,14 +108,22 @@ def _diff(old: str, new: str) -> list[str]:
     return [line for line in lines if not line.startswith(("---", "+++"))]
 
 
-def file_change(root: Path, path: str, text: str, mode: int = 0o644) -> Change | None:
-    """Make `path` hold `text`; None when it already does."""
+def file_change(root: Path, path: str, text: str, mode: int = 0o644,
+                private: bool = False) -> Change | None:
+    """Make `path` hold `text`; None when it already does. An existing file keeps its mode;
+    `private` (a file that may hold a secret) makes it 0600, and takes group and other
+    access from an existing one."""
+    if private:
+        mode = 0o600
     target = on(root, path)
     new = text.encode()
     old = target.read_bytes() if target.exists() else None
-    if old == new:
+    loose = private and old is not None and target.stat().st_mode & 0o077
+    if old == new and not loose:
         return None
-    if old is None:
+    if old == new:
+        detail, summary = [], f"~ {path} (mode 0600: it may hold a secret)"
+    elif old is None:
         lines = text.splitlines()
         detail = ([f"+{line}" for line in lines] if len(lines) <= _SHOW_NEW_FILE_LINES
                   else [f"({len(lines)} lines)"])
@@ -127,6 +135,8 @@ def file_change(root: Path, path: str, text: str, mode: int = 0o644) -> Change |
         make_dirs(manifest, str(Path(path).parent))
         backup = manifest.backup(path) if old is not None else None
         keep = target.stat().st_mode & 0o7777 if old is not None else mode
+        if private:
+            keep &= 0o700
         tmp = target.with_name(f".{target.name}.savepoint-tmp")
         tmp.write_bytes(new)
         os.chmod(tmp, keep)

@@ -124,8 +124,11 @@ background = true
 [nbd]
 # Unix socket of the NBD server; empty = /run/savepoint/nbd.sock.
 socket = ""
-# Members of this group may use the socket (mode 0660).
-group = "savepoint"
+# Empty: the socket is mode 0600, root only (the kernel's NBD client runs as root). NBD has
+# no authentication: a group here could read and overwrite the whole disk, SAVE or not.
+group = ""
+# NBD clients served at once; more are refused.
+max_connections = 8
 
 [control]
 # Control socket for `savepoint status|save|restore|...`; empty = /run/savepoint/control.sock.

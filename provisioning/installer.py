@@ -125,7 +125,22 @@ def _config_text(root: Path, store: str, unit: str) -> str:
     if not path.exists():
         return edits.render_config(store, unit)
     text = path.read_text()  # keep the user's edits; only point it at the chosen store
-    return re.sub(r'(?m)^path\s*=\s*"[^"]*"', f'path = "{store}"', text, count=1)
+    text = re.sub(r'(?m)^path\s*=\s*"[^"]*"', f'path = "{store}"', text, count=1)
+    return _nbd_root_only(text)
+
+
+def _nbd_root_only(text: str) -> str:
+    """Older installs gave the NBD socket to the savepoint group (raw access to the whole
+    disk, past every SAVE/RESTORE rule): that line of [nbd] becomes root only."""
+    head, sep, rest = text.partition("\n[nbd]\n")
+    if not sep:
+        return text
+    body, nxt, tail = rest.partition("\n[")
+    body = re.sub(r'(?m)^# Members of this group may use the socket \(mode 0660\)\.\n'
+                  r'group\s*=\s*"savepoint"$',
+                  '# Empty: the socket is root only (0600); a group could read and overwrite '
+                  'the disk.\ngroup = ""', body)
+    return head + sep + body + nxt + tail
 
 
 def _dropin_text(store: str) -> str:
@@ -160,13 +175,13 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
                file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
                *system.group_changes(root),
                dir_change(root, "/etc/savepoint"),
-               dir_change(root, "/var/lib/savepoint", 0o750)]
+               dir_change(root, "/var/lib/savepoint", 0o700)]
     if not live:
         notes.append("skipped under --root: apt-get install " + " ".join(system.PACKAGES))
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
     changes.append(system.venv_change(root, SRC) if full else None)
     changes.append(_cli_link(root, notes))
-    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit)),
+    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit), private=True),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),
                 symlink_change(root, WANTS, UNIT)]

@@ -221,6 +221,46 @@ def test_uninstall_restores_every_file_byte_for_byte_and_keeps_the_store(root: P
     assert "Nothing to undo" in install(root, "--uninstall", "--yes").stdout
 
 
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
+def test_the_store_and_files_that_may_hold_a_secret_are_private(root: Path) -> None:
+    """config.toml may hold the fob setup code; the store is the whole disk (issue 15)."""
+    out = install(root, "--dry-run", "--size", "16M", cmd=True).stdout
+    assert "+ /etc/savepoint/config.toml (new file)" in out
+    install(root, "--yes", "--size", "16M", cmd=True)
+    assert mode(root / "etc/savepoint/config.toml") == 0o600
+    assert mode(root / "var/lib/savepoint") == 0o700
+    assert mode(root / "var/lib/savepoint/store.img") == 0o600
+    assert mode(root / "var/lib/savepoint/install-manifest") == 0o700
+    config = tomllib.loads((root / "etc/savepoint/config.toml").read_text())
+    assert config["nbd"]["group"] == ""  # nbd.sock: root only
+    assert config["control"]["group"] == "savepoint"
+
+
+def test_an_older_install_gets_a_private_config_and_a_root_only_nbd_socket(root: Path) -> None:
+    install(root, "--yes", "--size", "64M")
+    path = root / "etc/savepoint/config.toml"
+    nbd = edits.CONFIG_TOML.split("[nbd]\n", 1)[1].split("\n[", 1)[0]
+    was = nbd.replace(nbd[nbd.index("# Empty"):nbd.index("# NBD clients")],
+                      '# Members of this group may use the socket (mode 0660).\n'
+                      'group = "savepoint"\n')
+    old = edits.CONFIG_TOML.replace(nbd, was)
+    assert old != edits.CONFIG_TOML
+    path.write_text(old.format(path="/var/lib/savepoint/store.img", unit="4K"))
+    path.chmod(0o644)
+    out = install(root, "--yes").stdout
+    assert "~ /etc/savepoint/config.toml" in out
+    assert mode(path) == 0o600
+    config = tomllib.loads(path.read_text())
+    assert config["nbd"]["group"] == "" and config["control"]["group"] == "savepoint"
+    path.chmod(0o640)  # the content is right now: only the mode is tightened
+    out = install(root, "--yes").stdout
+    assert "config.toml (mode 0600: it may hold a secret)" in out and mode(path) == 0o600
+    assert "Nothing to change" in install(root, "--yes").stdout
+
+
 def test_uninstall_keeps_edits_the_user_made_after_install(root: Path) -> None:
     install(root, "--yes", "--size", "64M")
     config_txt = root / "boot/firmware/config.txt"

@@ -1,9 +1,13 @@
 """Issue 8: the daemon run as systemd/savepoint.service runs it, on the real kernel.
 
-The command line, environment, group, working directory and capability bounding set all come
-from the unit file itself (setpriv stands in for systemd, which is not PID 1 in the lab). The
-daemon must reach READY=1 over $NOTIFY_SOCKET with the gadget up and the host seeing the disk,
-ping the watchdog, and on SIGTERM exit 0 with the gadget removed and /dev/nbd0 detached.
+The command line, environment, group, working directory and the whole sandbox come from the
+unit file itself: `unit_sandbox` stands in for systemd, which is not PID 1 in the lab (a mount
+namespace for ProtectSystem & co., setpriv for the capability bounding set, NoNewPrivileges
+and Group, libseccomp for the system-call filters; what it cannot rebuild is listed in its
+NOT_REPRODUCED). The daemon must reach READY=1 over $NOTIFY_SOCKET with the gadget up and the
+host seeing the disk, ping the watchdog, and on SIGTERM exit 0 with the gadget removed and
+/dev/nbd0 detached. Issue 15: a probe in the same sandbox cannot mount, write outside the
+unit's paths, make namespaces or map writable code.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -21,29 +26,36 @@ from pathlib import Path
 from appliance.gadget import Gadget, defaults
 from appliance.nbd_device import NbdDevice
 from provisioning.edits import render_config
+from tests.lab.inside import unit_sandbox
 from tests.lab.inside.appliance_vm import RESULTS, host_disk, sh
 
 UNIT = Path(__file__).resolve().parents[3] / "systemd" / "savepoint.service"
 VENV_BIN = Path(sys.executable).parent
-
-
-def unit_settings() -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
-            key, value = line.split("=", 1)
-            settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
+CAP_SYS_ADMIN = 1 << 21
 
 
 def command_line(unit: dict[str, list[str]]) -> list[str]:
-    """setpriv + the unit's ExecStart, with the lab's venv in place of /opt/savepoint/venv."""
+    """The unit's sandbox + its ExecStart, with the lab's venv in place of /opt/savepoint/venv."""
     exec_start = unit["ExecStart"][0].split()
     exec_start[0] = str(VENV_BIN / Path(exec_start[0]).name)
-    caps = ",".join(f"+{c.lower().removeprefix('cap_')}"
-                    for c in unit["CapabilityBoundingSet"][0].split())
-    return ["setpriv", f"--bounding-set=-all,{caps}", "--inh-caps=-all", "--ambient-caps=-all",
-            "--no-new-privs", f"--regid={unit['Group'][0]}", "--clear-groups", *exec_start]
+    return unit_sandbox.command(UNIT, exec_start)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def prepare_directories() -> tuple[Path, Path]:
+    """What systemd makes for StateDirectory= and RuntimeDirectory= (group savepoint)."""
+    sh("getent group savepoint >/dev/null || groupadd --system savepoint")
+    state, runtime = Path("/var/lib/savepoint"), Path("/run/savepoint")
+    unit = unit_sandbox.settings(UNIT)
+    for d, key in ((state, "StateDirectoryMode"), (runtime, "RuntimeDirectoryMode")):
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, group="savepoint")
+        d.chmod(int(unit[key][0], 8))
+    return state, runtime
 
 
 def receive(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
@@ -73,19 +85,21 @@ def stacks(pid: int) -> str:
 
 
 def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
-    unit = unit_settings()
-    sh("getent group savepoint >/dev/null || groupadd --system savepoint")
-    state, runtime = Path("/var/lib/savepoint"), Path("/run/savepoint")
-    for d in (state, runtime):  # StateDirectory= and RuntimeDirectory= (0750, group savepoint)
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.chown(d, group="savepoint")
-        d.chmod(0o750)
+    unit = unit_sandbox.settings(UNIT)
+    state, runtime = prepare_directories()
     store = state / "store.img"
     sh(f"{VENV_BIN / 'savepoint'} init {store} --size 32M --force")
     Path("/etc/savepoint").mkdir(exist_ok=True)
-    Path("/etc/savepoint/config.toml").write_text(render_config(str(store)))
+    config = Path("/etc/savepoint/config.toml")
+    config.write_text(render_config(str(store)))
+    config.chmod(0o600)  # as the installer writes it
 
-    notify_path = str(tmp_path / "notify.sock")
+    # Not under /tmp: PrivateTmp gives the daemon a /tmp of its own (systemd's is in /run).
+    notify_dir = Path("/run/lab-notify")
+    notify_dir.mkdir(exist_ok=True)
+    notify_path = str(notify_dir / "notify.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(notify_path)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -100,6 +114,10 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
         # systemd passes the main PID for the watchdog; setpriv execs, so it is proc.pid.
         seen = receive(notify, "READY=1", float(unit["TimeoutStartSec"][0]))
         assert any(line.startswith("STATUS=") for m in seen for line in m.splitlines())
+        st = proc_status(proc.pid)  # the daemon really runs inside the unit's sandbox
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
+        assert int(st["CapBnd"], 16) == CAP_SYS_ADMIN and st["Umask"] == "0077", st
+        assert os.readlink(f"/proc/{proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
         assert Path("/sys/kernel/config/usb_gadget/savepoint/UDC").read_text().strip()
         disk = host_disk("disk")
         assert int(Path(f"/sys/block/{Path(disk).name}/size").read_text()) * 512 == 32 << 20
@@ -117,6 +135,7 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
         assert not Path("/sys/kernel/config/usb_gadget/savepoint").exists()
         assert not Path("/sys/block/nbd0/pid").exists(), "/dev/nbd0 still attached after stop"
         assert not os.path.exists(runtime / "control.sock")
+        assert stat.S_IMODE(store.stat().st_mode) == 0o600
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -125,3 +144,53 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
         notify.close()
         NbdDevice("/dev/nbd0", str(runtime / "nbd.sock")).detach()  # whatever a failure left
         Gadget(defaults()).remove()
+
+
+PROBE = r"""
+mount -t tmpfs none /mnt 2>&1; echo "mount=$?"
+touch /etc/savepoint-probe 2>&1; echo "etc=$?"
+echo x 2>&1 > /sys/kernel/mm/transparent_hugepage/enabled; echo "sys=$?"
+touch /var/lib/savepoint/probe && stat -c "state-file=%a" /var/lib/savepoint/probe
+rm -f /var/lib/savepoint/probe
+unshare -n true 2>&1; echo "unshare=$?"
+ls /sys/kernel/config/usb_gadget >/dev/null && echo configfs=ok
+"""
+PROBE_PY = """
+import mmap, socket
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("wx=allowed")
+except OSError as e:
+    print("wx=" + e.strerror)
+try:
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    print("packet=allowed")
+except OSError as e:
+    print("packet=" + e.strerror)
+import appliance.daemon, ble.part, gpio.part
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey as K
+print("x25519=%d" % len(K.generate().exchange(K.generate().public_key())))
+"""
+
+
+def test_systemd_unit_sandbox_refuses_what_the_unit_forbids() -> None:
+    """Issue 15: with CAP_SYS_ADMIN kept, the filter and the namespaces still stop a
+    compromised daemon from remounting the read-only system or leaving its paths."""
+    prepare_directories()
+    script = Path("/var/lib/savepoint/probe.sh")  # inside ReadWritePaths: visible in there
+    script.write_text(PROBE + f"{sys.executable} -c '{PROBE_PY}'\n")
+    try:
+        res = subprocess.run(unit_sandbox.command(UNIT, ["sh", str(script)]),
+                             capture_output=True, text=True, timeout=120,
+                             cwd="/", env={**os.environ, "PYTHONPATH": str(UNIT.parents[1])})
+    finally:
+        script.unlink()
+    out = res.stdout + res.stderr
+    (RESULTS / "unit-sandbox-probe.log").write_text(
+        out + "\nnot reproduced here: " + "; ".join(unit_sandbox.NOT_REPRODUCED) + "\n")
+    assert res.returncode == 0, out
+    for line in ("mount=32", "etc=1", "sys=2", "state-file=600", "unshare=1", "configfs=ok",
+                 "wx=Operation not permitted", "packet=Address family not supported by protocol",
+                 "x25519=32"):
+        assert line in out.splitlines(), f"{line!r} not in:\n{out}"
+    assert "Read-only file system" in out and "permission denied" in out.lower()

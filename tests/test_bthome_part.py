@@ -194,3 +194,17 @@ def test_only_the_local_admin_may_enrol(tmp_path, store):
         await part.stop()
 
     run(go())
+
+
+def test_a_warning_flashes_the_led_and_reads_well_in_watch():
+    from appliance.cli import describe_event
+    from appliance.commands import Event
+    from gpio.led import DaemonView, LedTimings, signals
+
+    warning = {"part": "bthome", "button": MAC, "name": "desk",
+               "reason": "battery low (12%): replace the coin cell"}
+
+    assert DaemonView().apply(Event("warning", warning)) == "warning"
+    assert signals(LedTimings())["warning"].colour == "amber"
+    assert describe_event({"event": "warning", "data": warning}) == \
+        "warning: desk: battery low (12%): replace the coin cell"

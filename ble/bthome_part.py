@@ -85,9 +85,9 @@ async def bleak_scan(adapter: str, mode: str,
         pattern = OrPattern(0, AdvertisementDataType.SERVICE_DATA_UUID16, UUID16)
         scanner = BleakScanner(seen, scanning_mode="passive",
                                bluez={"adapter": adapter, "or_patterns": [pattern]})
-    else:  # DuplicateData: BlueZ reports each advert, not only changed properties
-        scanner = BleakScanner(seen, [SERVICE_UUID], bluez={
-            "adapter": adapter, "filters": {"DuplicateData": True}})
+    else:  # no UUID filter: BlueZ matches it against service UUIDs, not service data
+        scanner = BleakScanner(seen, bluez={"adapter": adapter,
+                                            "filters": {"DuplicateData": True}})
     await scanner.start()
     return scanner.stop
 

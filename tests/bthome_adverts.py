@@ -47,10 +47,11 @@ def plain(event: str = "press", battery: int | None = 90, packet_id: int = 1) ->
     return bytes([INFO_PLAIN_TRIGGER]) + objects(packet_id, battery, event)
 
 
-def advertising_data(service_data: bytes, name: str = "SBBT-002C") -> bytes:
-    """A whole legacy advert: flags, the 0xFCD2 service data, the name (fits 31 bytes)."""
+def advertising_data(service_data: bytes, name: str = "") -> bytes:
+    """A whole legacy advert: flags, the 0xFCD2 service data, a name if it fits 31 bytes."""
     ad = bytes([2, 0x01, 0x06])
     ad += bytes([len(service_data) + 3, 0x16]) + b"\xd2\xfc" + service_data
-    ad += bytes([len(name) + 1, 0x09]) + name.encode()
+    if name:
+        ad += bytes([len(name) + 1, 0x09]) + name.encode()
     assert len(ad) <= 31, f"{len(ad)} bytes do not fit a legacy advert"
     return ad

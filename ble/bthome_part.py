@@ -121,6 +121,9 @@ class BTHomePart:
         self.scan_mode = "off"
         self._stop_scan: Callable[[], Awaitable[None]] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dbus: Any = None
+        self._unwatch: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         try:
@@ -144,6 +147,43 @@ class BTHomePart:
         if isinstance(extras, list):
             extras.append(self.status)
         self._ticker = asyncio.create_task(self._tick())
+        await self._watch_bluez()
+
+    async def _watch_bluez(self) -> None:
+        """A restarted bluetoothd forgets our advertisement monitor: scan again when it is back."""
+        from ble import dbus_api
+
+        try:
+            self._dbus = await asyncio.wait_for(dbus_api.connect(), 5)
+            self._unwatch = await dbus_api.watch_name_owner(self._dbus, dbus_api.BLUEZ,
+                                                            self.bluez_changed)
+        except (OSError, TimeoutError, dbus_api.DBusError, ValueError) as e:
+            log.warning("cannot watch bluetoothd (%s): after a restart of it, restart savepoint",
+                        e)
+
+    def bluez_changed(self, new_owner: str) -> None:
+        if not new_owner:
+            log.warning("bluetoothd went away; BTHome buttons are not heard until it is back")
+            self.scan_mode = "lost"
+            return
+        task = asyncio.get_running_loop().create_task(self._rescan())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rescan(self, attempts: int = 5, delay: float = 2.0) -> None:
+        if self._stop_scan is not None:
+            stop, self._stop_scan = self._stop_scan, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stop(), 5)
+        for _ in range(attempts):
+            try:
+                await self._start_scan()
+                return
+            except PartUnavailable as e:
+                log.warning("BTHome scan after bluetoothd's restart: %s; retrying", e.reason)
+            await asyncio.sleep(delay)
+        log.error("BTHome buttons are not heard: scanning failed %d times after bluetoothd "
+                  "restarted; restart savepoint", attempts)
 
     def _allow_unlock(self) -> None:
         """allow_unlock is the one switch: it opens the policy cell the bus checks."""
@@ -174,6 +214,12 @@ class BTHomePart:
                               "(bluetoothctl show), or set [bthome] adapter")
 
     async def stop(self) -> None:
+        self._unwatch()
+        if self._dbus is not None:
+            self._dbus.disconnect()
+            self._dbus = None
+        for task in list(self._tasks):
+            task.cancel()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -208,3 +208,21 @@ def test_a_warning_flashes_the_led_and_reads_well_in_watch():
     assert signals(LedTimings())["warning"].colour == "amber"
     assert describe_event({"event": "warning", "data": warning}) == \
         "warning: desk: battery low (12%): replace the coin cell"
+
+
+def test_a_restarted_bluetoothd_gets_the_scan_again(tmp_path, store):
+    async def go():
+        radio = FakeRadio()
+        part = BTHomePart({"registry": str(tmp_path / "b.json")}, CommandBus(store),
+                          scan=radio.scan)
+        await part.start()
+        part.bluez_changed("")
+        assert part.status()["buttons"]["scan"] == "lost"
+        part.bluez_changed(":1.42")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert radio.asked == ["hci0:passive", "hci0:passive"] and radio.stopped
+        assert part.status()["buttons"]["scan"] == "passive"
+        await part.stop()
+
+    run(go())

@@ -138,8 +138,8 @@ class BTHomePart:
                                   "check [bthome] registry and its folder's permissions") from e
         self.listener = ButtonListener(registry, self.bus, mapping,
                                        battery_low=int(self.cfg["battery_low"]), wall=self.wall)
-        self._allow_unlock()
         await self._start_scan()
+        self._allow_unlock()
         register = getattr(self.bus, "register_handler", None)
         if register is not None:
             register("buttons", self.buttons_handler)

@@ -1,4 +1,5 @@
-"""Scenario 11: an encrypted BTHome v2 button as a fob, heard by BlueZ on hci0.
+"""Scenario 11: an encrypted BTHome v2 button as a fob, heard by BlueZ on hci0 (which serves
+the fob service at the same time, as on an installed appliance).
 
 The BLE world of scenario 9 (bumble controllers as hci0/hci1, a private system bus,
 bluetoothd, here with --experimental so BlueZ offers advertisement monitors and the daemon
@@ -112,11 +113,13 @@ def test_bthome_button_saves_restores_and_ignores_replays(appliance: Appliance,
 def bthome_scenario(ble: ButtonStack, appliance: Appliance, tmp_path: Path) -> None:
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
-        cfg.write(f'[bthome]\nenabled = true\nadapter = "hci0"\n'
+        cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\n'  # as installed: fobs too
+                  f'registry = "{tmp_path / "fobs.json"}"\n'
+                  f'[bthome]\nenabled = true\nadapter = "hci0"\n'
                   f'registry = "{tmp_path / "buttons.json"}"\n')
     appliance.start()
-    wait_for(lambda: appliance.status()["parts"]["bthome"]["state"] == "up", 30,
-             "bthome part up in the daemon")
+    wait_for(lambda: {p["state"] for n, p in appliance.status()["parts"].items()
+                      if n in ("ble", "bthome")} == {"up"}, 30, "ble and bthome parts up")
     assert appliance.status()["buttons"]["scan"] == "passive", daemon_log(appliance)
     done = appliance.cli("buttons", "add", BUTTON, "--key", KEY.hex(), "--name", "desk")
     assert "enrolled" in done.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ble.bthome_frame import Rejected, check_frame, decode
 from tests import bthome_adverts as adv
@@ -89,3 +91,20 @@ def test_bthome_v1_and_oversized_data_are_rejected() -> None:
     with pytest.raises(Rejected) as e:
         check_frame(bytes([0x41]) + bytes(300))
     assert e.value.kind == "truncated"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_random_bytes_are_always_rejected_with_a_reason(data: bytes) -> None:
+    """Garbage from the air never decodes and never raises anything but Rejected."""
+    with pytest.raises(Rejected) as e:
+        decode(MAC, data, KEY)
+    assert e.value.kind in ("unencrypted", "wrong_key", "truncated", "not_bthome_v2")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(sorted(adv.EVENTS)), st.integers(0, 100))
+def test_any_counter_event_and_battery_round_trip(counter: int, event: str, battery: int):
+    advert = decode(MAC, adv.press(KEY, MAC, counter, event, battery), KEY)
+    assert (advert.counter, advert.events, advert.battery) == (
+        counter, (("button", event),), battery)

@@ -118,8 +118,8 @@ def bthome_scenario(ble: ButtonStack, appliance: Appliance, tmp_path: Path) -> N
                   f'[bthome]\nenabled = true\nadapter = "hci0"\n'
                   f'registry = "{tmp_path / "buttons.json"}"\n')
     appliance.start()
-    wait_for(lambda: {p["state"] for n, p in appliance.status()["parts"].items()
-                      if n in ("ble", "bthome")} == {"up"}, 30, "ble and bthome parts up")
+    wait_for(lambda: [appliance.status()["parts"][n]["state"] for n in ("ble", "bthome")]
+             == ["up", "up"], 30, "ble and bthome parts up")
     assert appliance.status()["buttons"]["scan"] == "passive", daemon_log(appliance)
     done = appliance.cli("buttons", "add", BUTTON, "--key", KEY.hex(), "--name", "desk")
     assert "enrolled" in done.stdout

@@ -1,5 +1,6 @@
 """`savepoint`: run the daemon (serve, daemon), talk to it (save, restore, unlock, lock, status,
-history, watch, pair, fobs) and work on a store that is not served (init, inspect, history TARGET).
+history, watch, pair, fobs, buttons) and work on a store that is not served (init, inspect,
+history TARGET).
 
 Errors exit non-zero with a one-line reason on stderr; every talking command takes --json.
 """
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="control socket (default: $SAVEPOINT_CONTROL or "
                    "<runtime dir>/control.sock)")
     p.set_defaults(func=cmd_fobs)
+    add_buttons_command(sub)
     add_store_commands(sub)  # init, inspect
     return parser
 
@@ -195,6 +197,65 @@ def cmd_fobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_buttons_command(sub: Any) -> None:
+    p = sub.add_parser("buttons", help="list, add, rename or remove BTHome buttons")
+    p.add_argument("op", nargs="?", default="list", choices=("list", "add", "rename", "remove"))
+    p.add_argument("address", nargs="?", help="the button's BLE address (add, rename, remove)")
+    p.add_argument("name", nargs="?", help="new name (rename)")
+    p.add_argument("--key", help="the button's 32-hex-digit encryption key (add)")
+    p.add_argument("--name", dest="add_name", metavar="NAME", help="a name for it (add)")
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+    p.add_argument("--control", help="control socket (default: $SAVEPOINT_CONTROL or "
+                   "<runtime dir>/control.sock)")
+    p.set_defaults(func=cmd_buttons)
+
+
+def cmd_buttons(args: argparse.Namespace) -> int:
+    if args.op != "list" and not args.address:
+        return fail(f"buttons {args.op} needs the button's address (see `savepoint buttons`)")
+    if args.op == "add" and not args.key:
+        return fail("buttons add needs --key: savepoint buttons add ADDRESS --key HEX")
+    if args.op == "rename" and not args.name:
+        return fail("buttons rename needs a new name: savepoint buttons rename ADDRESS NAME")
+    request = {"op": args.op, "address": args.address, "key": args.key,
+               "name": args.add_name if args.op == "add" else args.name}
+    try:
+        with ControlClient(args.control or find_control_path(), timeout=30) as client:
+            reply = client.request("buttons", {k: v for k, v in request.items() if v is not None})
+    except ControlError as e:
+        return fail(str(e))
+    if args.json:
+        print(json.dumps(reply, indent=2, default=str))
+    if not reply.get("ok"):
+        reason = reply.get("reason") or "refused"
+        if "unknown command" in reason:
+            reason = "BTHome buttons are off on this appliance (enable [bthome] in the config)"
+        return fail(reason)
+    if not args.json:
+        print_buttons(reply.get("data") or {})
+    return 0
+
+
+def print_buttons(data: dict[str, Any]) -> None:
+    if "button" in data:
+        b, done = data["button"], {"add": "enrolled", "rename": "renamed", "remove": "removed"}
+        print(f"{b['address']} ({b['name']}): {done.get(data.get('op', ''), 'done')}")
+        return
+    devices = data.get("devices", [])
+    if not devices:
+        print("no buttons enrolled; add one with `savepoint buttons add ADDRESS --key HEX`")
+    for b in devices:
+        battery = "?" if b.get("battery") is None else f"{b['battery']}%"
+        counter = "none yet" if b.get("counter", -1) < 0 else b["counter"]
+        line = (f"{b['address']}  {b['name']:<16} last seen {_when(b.get('last_seen'))}  "
+                f"battery {battery}  counter {counter}")
+        print(line + (f"  WARNING: {b['warning']}" if b.get("warning") else ""))
+    counts = data.get("counts") or {}
+    if counts:
+        print(f"scan: {data.get('scan')}; adverts: "
+              + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(counts.items())))
+
+
 def confirm_restore(client: ControlClient) -> bool:
     st = client.request("status").get("data") or {}
     last = st.get("last_save")
@@ -234,6 +295,10 @@ def describe_event(event: dict[str, Any]) -> str:
         return "pairing window open" if data.get("open") else "pairing window closed"
     if kind == "fault":
         return f"part {data.get('part')} failed: {data.get('reason')}"
+    if kind == "warning":
+        return f"warning: {data.get('name') or data.get('part')}: {data.get('reason')}"
+    if kind == "buttons":
+        return f"button {data.get('address')} ({data.get('name')}): {data.get('op')}"
     return f"{kind}: {json.dumps(data)}"
 
 
@@ -293,6 +358,11 @@ def print_status(st: dict[str, Any]) -> None:
         if part["state"] == "failed":
             text += f": {part['reason']}" + (f" ({part['hint']})" if part.get("hint") else "")
         rows.append((f"part {name}", text))
+    for b in (st.get("buttons") or {}).get("devices", []):
+        battery = "?" if b.get("battery") is None else f"{b['battery']}%"
+        warning = f", WARNING: {b['warning']}" if b.get("warning") else ""
+        rows.append(("button", f"{b['name']} {b['address']}: battery {battery}, last seen "
+                     f"{_when(b.get('last_seen'))}{warning}"))
     for label, value in rows:
         print(f"{label:<13}{value}")
 

@@ -99,6 +99,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "serial": ("appliance.host_serial", "SerialPart"),
     "gpio": ("gpio", "GpioPart"),
     "ble": ("ble", "BlePart"),
+    "bthome": ("ble.bthome_part", "BTHomePart"),
 }
 PART_ENABLED_DOC = "start this part"
 
@@ -349,6 +350,8 @@ def _toml(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return '""' if value == "" else f'"{value}"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 

@@ -1,6 +1,7 @@
 """Who may do what, in which mode: the policy table the command bus consults.
 
-A command's source ("button", "fob:<id>", "itag:<addr>", "host", "cli", "policy") falls
+A command's source ("button", "fob:<id>", "itag:<addr>", "bthome:<addr>", "host", "cli",
+"policy") falls
 in a source class; each (class, action) cell holds a rule:
   always   - allowed in every mode
   unlocked - allowed only while UNLOCKED
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from appliance.commands import Action, Command, Mode
 
-SOURCE_CLASSES = ("button", "fob", "commodity", "host", "cli", "policy")
+SOURCE_CLASSES = ("button", "fob", "commodity", "bthome", "host", "cli", "policy")
 ACTIONS = tuple(a.value for a in Action)
 RULES = ("always", "unlocked", "never")
 
@@ -28,6 +29,10 @@ _DEFAULTS: dict[str, dict[str, str]] = {
     # commodity fobs (iTag etc.) cannot prove who they are: never RESTORE or UNLOCK
     "commodity": {"save": "unlocked", "restore": "never", "unlock": "never", "lock": "always",
                   "status": "always", "history": "always", "pair": "never"},
+    # encrypted BTHome buttons (ble/bthome_*.py): the key proves the button, but a button cannot
+    # answer a challenge, so UNLOCK stays off unless [bthome] allow_unlock opens it
+    "bthome": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
+               "status": "always", "history": "always", "pair": "never"},
     # software on the host computer: STATUS, SAVE while UNLOCKED, RESTORE; never unlock itself
     "host": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
              "status": "always", "history": "always", "pair": "never"},
@@ -46,6 +51,8 @@ def source_class(command: Command) -> str | None:
     kind = command.source.split(":", 1)[0]
     if kind in ("fob", "itag"):
         return "fob" if command.authenticated and kind == "fob" else "commodity"
+    if kind == "bthome":
+        return "bthome" if command.authenticated else "commodity"
     if kind in ("button", "cli", "host", "policy"):
         # a source that says it is unauthenticated gets the commodity rules, whatever its name
         return kind if command.authenticated else "commodity"

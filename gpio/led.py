@@ -90,6 +90,8 @@ class DaemonView:
                 self.faults.pop(part, None)
             else:
                 self.faults[part] = str(d["reason"])
+        elif event.kind == "warning":  # a part's advice (a button's battery is low): flash it
+            return "warning"
         elif event.kind == "outcome":
             action = str(d.get("action", ""))
             if action == "save" and not d.get("ok"):
@@ -134,6 +136,8 @@ def signals(t: LedTimings) -> dict[str, Pattern]:
         "refused": Pattern("refused", ((0.0, 2 * f), *_blink(f, f) * 3, (0.0, 2 * f)), "red"),
         "locked": Pattern("locked", ((0.0, 2 * f), *_blink(f, f) * 3, (0.0, 2 * f)), "red"),
         "unlocked": Pattern("unlocked", ((0.0, 2 * f), (1.0, 2 * t.slow), (0.0, 2 * f)), "blue"),
+        "warning": Pattern("warning", ((0.0, 2 * f), *_blink(3 * f, f) * 2, (0.0, 2 * f)),
+                           "amber"),
     }
 
 

@@ -39,6 +39,9 @@ def parse_request(line: bytes | str) -> tuple[str, dict[str, Any]]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed request: not JSON ({e.msg if hasattr(e, 'msg') else e}); "
                          'send one object per line, e.g. {"cmd": "status"}') from None
+    except RecursionError:  # json's C decoder gives up on ~1,000 nested brackets
+        raise ValueError("malformed request: nested too deeply; a request is one flat object "
+                         'like {"cmd": "status"}') from None
     if not isinstance(req, dict):
         raise ValueError('malformed request: expected an object like {"cmd": "status"}')
     cmd, args = req.get("cmd"), req.get("args", {})

@@ -246,8 +246,9 @@ def show(command: str, data: dict[str, Any]) -> None:
               f"{data.get('units', 0)} units ({human(data.get('bytes', 0))}) "
               f"{'kept' if command == 'save' else 'discarded'}")
     elif command in ("unlock", "lock"):
-        after = data.get("relock_after")
-        extra = f" (re-locks after {after:g} s without a command)" if after else ""
+        after, once = data.get("relock_after"), data.get("single_use")
+        limits = ([f"for {after:g} s"] if after else []) + (["until one SAVE"] if once else [])
+        extra = f" ({', '.join(limits)})" if limits else ""
         print(f"{data.get('mode', command).upper()}{extra}")
     elif command == "pair":
         print(f"pairing window open until {_when(data.get('until'))}.\n"

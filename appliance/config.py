@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from appliance.policy import ACTIONS, RULES, SOURCE_CLASSES, default_policy
+from appliance.policy import ACTIONS, GESTURE_CLASSES, RULES, SOURCE_CLASSES, default_policy
 
 Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
 
@@ -79,7 +79,10 @@ CORE_SCHEMA: dict[str, Schema] = {
     },
     "lock": {
         "enabled": (bool, True, "start LOCKED and re-lock when idle; false: always UNLOCKED"),
-        "relock_after": ((int, float), 300, "idle seconds before re-locking; 0 = never"),
+        "relock_after": ((int, float), 300,
+                         "seconds an UNLOCK lasts, from the gesture; no command extends it; "
+                         "0 = until LOCK or a SAVE"),
+        "single_use": (bool, True, "a SAVE re-locks: every SAVE needs its own UNLOCK gesture"),
     },
     "restore": {
         "policy": ((str, list), "never", "never, on_boot, on_host_disconnect, schedule, or a list"),
@@ -195,6 +198,9 @@ def _check_policy(given: Any) -> dict[str, dict[str, str]]:
             if rule not in RULES:
                 raise ConfigError(f"[policy.{cls}] {action}: rule {rule!r} is not one of "
                                   f"{', '.join(RULES)}")
+            if action == "unlock" and rule != "never" and cls not in GESTURE_CLASSES:
+                raise ConfigError(f"[policy.{cls}] unlock: only a person's gesture may unlock "
+                                  f"({', '.join(GESTURE_CLASSES)}); {cls} stays \"never\"")
             table[cls][action] = rule
     return table
 

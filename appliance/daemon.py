@@ -122,7 +122,7 @@ class Daemon:
         self.store = await asyncio.to_thread(self._open_store)
         lock = self.cfg["lock"]
         self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
-                              relock_after=lock["relock_after"],
+                              relock_after=lock["relock_after"], single_use=lock["single_use"],
                               pairing_window=self.cfg["parts"]["ble"].get("pairing_window", 60),
                               clock=self.clock, wall=self.wall)
         self.bus.status_extras.append(self._nbd_status)

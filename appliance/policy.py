@@ -6,6 +6,9 @@ in a source class; each (class, action) cell holds a rule:
   unlocked - allowed only while UNLOCKED
   never    - refused
 The defaults follow issue 4; `[policy.<class>]` tables in the config override single cells.
+UNLOCK is a person's gesture: only the GESTURE_CLASSES may ever run it, whatever the table
+says (the config refuses a table that tries), so host software, iTags, restore policies and
+any network source can neither open nor extend an unlock.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from appliance.commands import Action, Command, Mode
 SOURCE_CLASSES = ("button", "fob", "commodity", "host", "cli", "policy")
 ACTIONS = tuple(a.value for a in Action)
 RULES = ("always", "unlocked", "never")
+GESTURE_CLASSES = ("button", "fob", "cli")  # a person's hand: the only ones that UNLOCK
 
 _DEFAULTS: dict[str, dict[str, str]] = {
     # the enclosure button and the local admin CLI: deliberate gestures, may do everything
@@ -58,6 +62,9 @@ def decide(table: dict[str, dict[str, str]], command: Command, mode: Mode) -> st
     if cls is None:
         return f"unknown source {command.source!r}"
     rule = table[cls].get(command.action.value, "never")
+    if command.action is Action.UNLOCK and cls not in GESTURE_CLASSES and rule != "never":
+        return (f"UNLOCK needs a person's gesture (button, authenticated fob or the "
+                f"appliance's admin CLI); source {command.source!r} can never unlock")
     if rule == "always":
         return ""
     if rule == "unlocked":

@@ -24,7 +24,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 def test_defaults():
     cfg = validate({})
-    assert cfg["lock"] == {"enabled": True, "relock_after": 300}
+    assert cfg["lock"] == {"enabled": True, "relock_after": 300, "single_use": True}
     assert cfg["restore"] == {"policy": ["never"], "at": "03:00"}
     assert cfg["store"]["unit"] == 4096
     assert all(not cfg["parts"][p]["enabled"] for p in PARTS)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from appliance import runtime_dirs
 from appliance.config import (
     ConfigError,
     default_control_path,
@@ -138,17 +139,17 @@ def cmd_talk(args: argparse.Namespace) -> int:
         from appliance.store_cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
-    path = args.control or find_control_path()
     try:
+        path = control_path(args)
+        if args.command == "restore" and not args.yes and sys.stdin.isatty():
+            if not confirm_restore(path):  # on its own connection: a person may take a while
+                return fail("RESTORE cancelled; nothing changed")
         with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
             if args.command == "watch":
                 try:
                     return watch(client, args.json)
                 except KeyboardInterrupt:  # the normal way to stop watching
                     return 0
-            if args.command == "restore" and not args.yes and sys.stdin.isatty():
-                if not confirm_restore(client):
-                    return fail("RESTORE cancelled; nothing changed")
             cmd_args: dict[str, Any] = {}
             if args.command == "history" and args.limit is not None:
                 cmd_args["limit"] = args.limit
@@ -171,7 +172,7 @@ def cmd_fobs(args: argparse.Namespace) -> int:
         return fail("fobs rename needs a new name: savepoint fobs rename ID NAME")
     request = {"op": args.op, "id": args.id, "name": args.name}
     try:
-        with ControlClient(args.control or find_control_path(), timeout=30) as client:
+        with ControlClient(control_path(args), timeout=30) as client:
             reply = client.request("fobs", {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
         return fail(str(e))
@@ -192,8 +193,21 @@ def cmd_fobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def confirm_restore(client: ControlClient) -> bool:
-    st = client.request("status").get("data") or {}
+def control_path(args: argparse.Namespace) -> str:
+    """--control as given; else the default, after checking nobody else made its directory."""
+    if args.control or "SAVEPOINT_CONTROL" in os.environ:
+        return args.control or os.environ["SAVEPOINT_CONTROL"]
+    path = find_control_path()
+    try:
+        runtime_dirs.check_client(os.path.dirname(path))
+    except runtime_dirs.UnsafeDir as e:
+        raise ControlError(f"refusing to talk to {path}: {e}") from None
+    return path
+
+
+def confirm_restore(path: str) -> bool:
+    with ControlClient(path, timeout=120) as client:
+        st = client.request("status").get("data") or {}
     last = st.get("last_save")
     since = f"the SAVE of {_when(last)}" if last else "the disk's creation"
     answer = input(f"Discard {st.get('dirty_units', '?')} unsaved units "

@@ -75,7 +75,19 @@ CORE_SCHEMA: dict[str, Schema] = {
     },
     "control": {
         "socket": (str, "", "control socket; empty = <runtime dir>/control.sock"),
-        "group": (str, "savepoint", "socket mode 0660 for this group when it exists, else 0600"),
+        "group": (str, "savepoint",
+                  "socket mode 0660 for this group when it exists, else 0600; members may "
+                  "only read (status, history, watch)"),
+        "admin_group": (str, "savepoint-admin",
+                        "members may also SAVE, RESTORE, UNLOCK, LOCK, PAIR and manage fobs "
+                        "(as root and the daemon's own user always may)"),
+        "max_clients": (int, 32, "connected clients at most; when full the longest-idle "
+                                 "client of the busiest user is closed, else the new one refused"),
+        "max_watchers": (int, 8, "`watch` clients at most (counted in max_clients)"),
+        "idle_timeout": ((int, float), 60, "seconds a client may wait before sending a request"),
+        "watch_stall": ((int, float), 10,
+                        "seconds a `watch` client may leave its events unread before it is "
+                        "dropped"),
     },
     "lock": {
         "enabled": (bool, True, "start LOCKED and re-lock when idle; false: always UNLOCKED"),
@@ -223,6 +235,11 @@ def validate(raw: dict[str, Any],
     for key in ("relock_after",):
         if cfg["lock"][key] < 0:
             raise ConfigError(f"[lock] {key}: must be 0 (never) or a number of seconds")
+    for key in ("max_clients", "max_watchers", "idle_timeout", "watch_stall"):
+        if cfg["control"][key] <= 0:
+            raise ConfigError(f"[control] {key}: must be more than 0")
+    if cfg["control"]["max_watchers"] > cfg["control"]["max_clients"]:
+        raise ConfigError("[control] max_watchers: cannot be more than max_clients")
     if cfg["nbd"]["tcp"]:
         try:
             parse_hostport(cfg["nbd"]["tcp"])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import stat
 
+from appliance.config import SYSTEM_RUNTIME_DIR
+
 
 class UnsafeDir(Exception):
     """The runtime directory cannot be trusted; the message says why and what to do."""
@@ -56,5 +58,6 @@ def prepare(path: str, gid: int | None = None) -> None:
 
 
 def check_client(path: str) -> None:
-    """For the CLI: the directory of the socket it is about to talk to (its own or root's)."""
-    check(path, tuple({os.geteuid(), 0}))
+    """For the CLI: the directory of the socket it is about to talk to, which must be the
+    installed daemon's (root's) or this user's own."""
+    check(path, (0,) if path == SYSTEM_RUNTIME_DIR else (os.geteuid(),))

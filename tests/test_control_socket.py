@@ -69,6 +69,8 @@ BAD = [
     (b'{"cmd": "format-disk"}\n', "unknown command 'format-disk'"),
     (b'{"cmd": "history", "args": {"limit": -1}}\n', "positive integer"),
     (b"\xff\xfe\n", "malformed request"),
+    (b"[" * 5000 + b"\n", "nested too deeply"),  # json's RecursionError, once fatal to serial
+    (b'{"cmd": "status", "args": ' + b'{"a": ' * 3000 + b"\n", "nested too deeply"),
 ]
 
 

@@ -83,10 +83,6 @@ class SerialPart:
         self.counters = {"requests": 0, "request_errors": 0, "replies_dropped": 0,
                          "overlong_lines": 0, "restarts": 0, "hangups": 0}
 
-    @property
-    def fd(self) -> int | None:  # kept for callers that ask whether the tty is open
-        return None if self._reader is None else self._reader.get_extra_info("pipe").fileno()
-
     async def start(self) -> None:
         device = self.cfg["device"]
         if not os.path.exists(device):
@@ -131,15 +127,15 @@ class SerialPart:
         loop = asyncio.get_running_loop()
         self._generation += 1
         gen = self._generation
-        out = os.dup(fd)
-        try:
-            self._reader, _ = await loop.connect_read_pipe(
-                lambda: _Pipe(self, gen), os.fdopen(fd, "rb", buffering=0))
+        pipes = [os.fdopen(fd, "rb", buffering=0), os.fdopen(os.dup(fd), "wb", buffering=0)]
+        try:  # two transports on one tty: reading can pause while writing goes on
+            self._reader, _ = await loop.connect_read_pipe(lambda: _Pipe(self, gen), pipes[0])
+            self._writer, _ = await loop.connect_write_pipe(lambda: _Pipe(self, gen), pipes[1])
         except BaseException:
-            os.close(out)
+            self._close()
+            for pipe in pipes:
+                pipe.close()
             raise
-        self._writer, _ = await loop.connect_write_pipe(
-            lambda: _Pipe(self, gen), os.fdopen(out, "wb", buffering=0))
         self._buf.clear()
         self._skipping = False
 

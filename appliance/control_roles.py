@@ -71,8 +71,8 @@ class Roles:
         self.admin_group = admin_group
 
     def is_admin(self, peer: Peer | None) -> bool:
-        if peer is None:  # no credentials to check: only the socket's mode protects
-            return True
+        if peer is None:  # the kernel would not say who it is: trust it to read, no more
+            return False
         if peer.uid in (0, os.geteuid()):
             return True
         gid = _gid(self.admin_group)  # looked up each time: the group may be made later
@@ -85,11 +85,11 @@ class Roles:
             return ""
         if self.is_admin(peer):
             return ""
-        assert peer is not None
+        who = f"uid {peer.uid}" if peer is not None else "a caller without credentials"
         what = f"{cmd} {op}" if cmd in READ_PART_OPS else cmd
         group = f"the `{self.admin_group}` group" if self.admin_group else "no admin group"
         missing = "" if _gid(self.admin_group) is not None or not self.admin_group else \
             f" (which does not exist yet: `sudo groupadd {self.admin_group}`)"
-        return (f"{what.upper()} needs root or {group}{missing}; uid {peer.uid} may only "
+        return (f"{what.upper()} needs root or {group}{missing}; {who} may only "
                 f"read (status, history, watch): run it with sudo, or ask the admin to "
                 f"add you to {group}")

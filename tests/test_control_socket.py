@@ -193,3 +193,30 @@ def test_watch_streams_state_then_events(store, sockdir):
     assert ack["ok"] and state["event"] == "state" and state["data"]["mode"] == "locked"
     assert outcome["event"] == "outcome" and outcome["data"]["action"] == "unlock"
     assert left == 0  # the watcher went away: unsubscribed
+
+
+def test_roles_by_peer_credentials():
+    from appliance.control_roles import Peer, Roles, peer_of
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        me = peer_of(a)
+    assert me is not None and (me.uid, me.gid, me.pid) == (os.geteuid(), os.getegid(),
+                                                            os.getpid())
+    assert set(os.getgroups()) <= set(me.groups)
+    admin = grp.getgrgid(os.getegid()).gr_name  # a group that surely exists
+    roles = Roles(admin)
+    stranger = Peer(4242, 54321, 54321, (54322,))
+    member = Peer(4242, 54321, 54321, (os.getegid(),))
+    assert roles.is_admin(Peer(1, 0, 0)) and roles.is_admin(Peer(1, os.geteuid(), 54321))
+    assert roles.is_admin(member) and not roles.is_admin(stranger) and not roles.is_admin(None)
+    for cmd, args in [("status", {}), ("history", {}), ("watch", {}), ("fobs", {"op": "list"}),
+                      ("fobs", {})]:
+        assert roles.refusal(stranger, cmd, args) == ""
+    for cmd, args in [("unlock", {}), ("save", {}), ("restore", {}), ("lock", {}), ("pair", {}),
+                      ("fobs", {"op": "revoke", "id": 1}), ("fobs", {"op": ["list"]})]:
+        reason = roles.refusal(stranger, cmd, args)
+        assert f"needs root or the `{admin}` group" in reason and "uid 54321" in reason
+        assert roles.refusal(member, cmd, args) == ""
+    missing = Roles("no-such-admin-group").refusal(stranger, "unlock", {})
+    assert "does not exist yet: `sudo groupadd no-such-admin-group`" in missing

@@ -316,6 +316,8 @@ def _serve_once_as(throwaway: Throwaway, work: str) -> None:
         assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == throwaway.uid
         status = throwaway.run(["status", "--json"], [])
         assert status.returncode == 0 and json.loads(status.stdout)["ok"], status.stderr
+        own = throwaway.run(["save"], [])  # the daemon's own user is its admin
+        assert own.returncode == 0 and own.stdout.startswith("SAVE done"), own.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

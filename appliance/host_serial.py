@@ -33,7 +33,7 @@ log = logging.getLogger("savepoint.serial")
 
 CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
     "device": (str, "/dev/ttyGS0", "gadget-side tty of the CDC-ACM function ([gadget] acm)"),
-    "source": (str, "host", "command source name the policy table sees"),
+    "source": (str, "host", "command source name the policy table sees: host or host:<name>"),
     "reopen_after": ((int, float), 0.5, "seconds before reopening the tty after a hang-up"),
     "queue": (int, 16, "request lines that may wait; while full the tty is not read"),
     "output_buffer": (int, 65536, "bytes of unread replies kept; later replies are dropped"),
@@ -44,6 +44,9 @@ OVERLONG = None  # queued in place of a line over MAX_LINE: the answer is an err
 
 
 def validate_config(cfg: dict[str, Any]) -> None:
+    if cfg["source"].split(":", 1)[0] != "host":  # never a gesture source such as "cli"
+        raise ValueError(f"source: {cfg['source']!r} must be \"host\" or \"host:<name>\": "
+                         "the host computer is never a person's gesture")
     if cfg["queue"] < 1:
         raise ValueError(f"queue: {cfg['queue']} must be at least 1")
     if cfg["output_buffer"] < 4096:

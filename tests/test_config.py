@@ -153,6 +153,7 @@ def test_the_cli_finds_its_own_daemon_then_the_system_daemon(tmp_path, monkeypat
 
 @pytest.mark.parametrize("raw,message", [
     ({"serial": {"enabled": True, "queue": 0}}, "[serial] queue: 0 must be at least 1"),
+    ({"serial": {"enabled": True, "source": "cli"}}, "[serial] source: 'cli' must be \"host\""),
     ({"serial": {"enabled": True, "output_buffer": 100}}, "[serial] output_buffer: 100 must be"),
     ({"control": {"max_clients": 0}}, "[control] max_clients: must be more than 0"),
     ({"control": {"idle_timeout": -1}}, "[control] idle_timeout: must be more than 0"),

@@ -112,7 +112,7 @@ def test_idle_request_clients_are_closed(daemon) -> None:
         t0 = time.monotonic()
         note = s.recv(4096)
         assert b"closed: no request for 1 s" in note and s.recv(4096) == b""
-        assert 0.8 < time.monotonic() - t0 < 3
+        assert 0.8 < time.monotonic() - t0 < 5
 
 
 def test_a_watcher_that_never_reads_is_dropped_and_the_bus_goes_on(daemon) -> None:
@@ -124,7 +124,7 @@ def test_a_watcher_that_never_reads_is_dropped_and_the_bus_goes_on(daemon) -> No
         watcher.sendall(b'{"cmd": "watch"}\n')  # then never read
         t0, worst = time.monotonic(), 0.0
         with ControlClient(control, timeout=10) as client:
-            while time.monotonic() - t0 < 6:
+            while time.monotonic() - t0 < 15:
                 for _ in range(50):  # each one publishes an event with the status in it
                     assert client.request("lock")["ok"]
                 worst = max(worst, timed_status(control))

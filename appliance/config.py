@@ -81,8 +81,9 @@ CORE_SCHEMA: dict[str, Schema] = {
         "admin_group": (str, "savepoint-admin",
                         "members may also SAVE, RESTORE, UNLOCK, LOCK, PAIR and manage fobs "
                         "(as root and the daemon's own user always may)"),
-        "max_clients": (int, 32, "connected clients at most; when full the longest-idle "
-                                 "client of the busiest user is closed, else the new one refused"),
+        "max_clients": (int, 32, "connected clients at most (a non-admin user: half of them); "
+                                 "when full the longest-idle client of the busiest user is "
+                                 "closed, else the new one refused"),
         "max_watchers": (int, 8, "`watch` clients at most (counted in max_clients)"),
         "idle_timeout": ((int, float), 60, "seconds a client may wait before sending a request"),
         "watch_stall": ((int, float), 10,

@@ -194,6 +194,13 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         client = _Client(peer_of(writer.get_extra_info("socket")), writer)
+        share = self.limits.max_clients // 2  # a reader's most: the rest stays for others
+        mine = sum(c.uid == client.uid for c in self._clients.values())
+        if mine >= max(1, share) and not self.roles.is_admin(client.peer):
+            self.counters["refused"] += 1
+            _note(writer, f"too many connections from uid {client.uid} ({mine}); close some")
+            writer.close()
+            return
         if len(self._clients) >= self.limits.max_clients and not self._evict_for(client):
             self.counters["refused"] += 1
             _note(writer, f"too many control clients ({self.limits.max_clients} connected, "

@@ -220,3 +220,32 @@ def test_roles_by_peer_credentials():
         assert roles.refusal(member, cmd, args) == ""
     missing = Roles("no-such-admin-group").refusal(stranger, "unlock", {})
     assert "does not exist yet: `sudo groupadd no-such-admin-group`" in missing
+
+
+def test_one_reader_may_hold_only_half_the_clients(store, sockdir, monkeypatch):
+    from appliance import control_socket
+    from appliance.control_roles import Peer
+    from appliance.control_socket import ControlLimits
+
+    reader = Peer(4242, 54321, 54321, ())
+    monkeypatch.setattr(control_socket, "peer_of", lambda sock: reader)  # as if another uid
+    path = os.path.join(sockdir, "c.sock")
+
+    async def go():
+        bus = CommandBus(store)
+        server = ControlServer(bus, path, limits=ControlLimits(max_clients=4, max_watchers=2))
+        await server.start()
+        try:
+            held = [await asyncio.open_unix_connection(path) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            reader_, writer = await asyncio.open_unix_connection(path)
+            third = json.loads(await reader_.readline())
+            for _, w in [*held, (reader_, writer)]:
+                w.close()
+            return third, server.counters["refused"]
+        finally:
+            await server.stop()
+
+    third, refused = asyncio.run(go())
+    assert not third["ok"] and "too many connections from uid 54321 (2)" in third["reason"]
+    assert refused == 1

@@ -4,6 +4,11 @@ Commands run one at a time (an asyncio.Lock). Each is checked against lock mode 
 policy table (appliance/policy.py), run, logged, and published as an "outcome" Event, then
 a "state" Event with the new status snapshot. SAVE and RESTORE run the store's blocking
 calls in a thread (they wait for in-flight I/O) and go into the store's history.
+
+An unlock is a deadline a person sets: only an UNLOCK from a gesture source (button,
+authenticated fob, admin CLI) opens it or moves it, to `relock_after` seconds from that
+gesture. No other command extends it, so host software that keeps busy cannot keep the
+appliance unlocked; with `single_use` (the default) the first SAVE ends it.
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ QUEUE_DEPTH = 256  # events a slow subscriber may lag behind before old ones are
 class CommandBus:
     def __init__(self, store: Any, policy: dict[str, dict[str, str]] | None = None, *,
                  lock_enabled: bool = True, relock_after: float = 300,
-                 pairing_window: float = 60, clock: Callable[[], float] = time.monotonic,
+                 single_use: bool = True, pairing_window: float = 60,
+                 clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.store = store
         self.policy = policy or default_policy()
         self.lock_enabled = lock_enabled
         self.mode = Mode.LOCKED if lock_enabled else Mode.UNLOCKED  # LOCKED at every boot
         self.relock_after = relock_after
+        self.single_use = single_use  # a SAVE re-locks: each SAVE needs its own gesture
         self.pairing_window = pairing_window
         self.clock = clock
         self.wall = wall
@@ -52,7 +59,7 @@ class CommandBus:
         self.pairing_until: float | None = None  # wall-clock time the pairing window closes
         self._pairing_deadline = 0.0  # the same on `clock`
         self.last_outcome: dict[str, Any] | None = None
-        self._last_activity = clock()
+        self._unlock_deadline: float | None = None  # on `clock`; None: until LOCK or a SAVE
         self._lock = asyncio.Lock()
         self._subscribers: list[asyncio.Queue[Event]] = []
         self._handlers: dict[str, PartHandler] = {}
@@ -137,8 +144,8 @@ class CommandBus:
         except Exception as e:  # the store's errors say what to do; report, stay up
             log.exception("%s from %s failed", command.action.value.upper(), command.source)
             return Outcome(False, command.action, command.source, f"failed: {e}")
-        if command.action not in (Action.STATUS, Action.HISTORY):
-            self._last_activity = self.clock()
+        if command.action is Action.SAVE and self.single_use and self.lock_enabled:
+            self._relock("saved")  # after the outcome is known, before anyone else runs
         return Outcome(True, command.action, command.source, "", data)
 
     async def _run(self, command: Command) -> dict[str, Any]:
@@ -147,11 +154,15 @@ class CommandBus:
             return await self._save(command.source)
         if action is Action.RESTORE:
             return await self._restore(command.source)
-        if action is Action.UNLOCK:
+        if action is Action.UNLOCK:  # policy.decide let only a gesture source get here
             self.mode = Mode.UNLOCKED
-            return {"mode": self.mode.value, "relock_after": self._relock_seconds()}
+            seconds = self._relock_seconds()
+            self._unlock_deadline = self.clock() + seconds if seconds else None
+            return {"mode": self.mode.value, "relock_after": seconds,
+                    "single_use": self.single_use and self.lock_enabled}
         if action is Action.LOCK:
             self.mode = Mode.LOCKED
+            self._unlock_deadline = None
             return {"mode": self.mode.value}
         if action is Action.STATUS:
             return await self.snapshot()
@@ -215,18 +226,23 @@ class CommandBus:
         return self.relock_after if self.lock_enabled else 0
 
     def relock_in(self) -> float | None:
-        if self.mode is not Mode.UNLOCKED or not self._relock_seconds():
+        if self.mode is not Mode.UNLOCKED or self._unlock_deadline is None:
             return None
-        return max(0.0, self._last_activity + self.relock_after - self.clock())
+        return max(0.0, self._unlock_deadline - self.clock())
+
+    def _relock(self, why: str) -> None:
+        self.mode = Mode.LOCKED
+        self._unlock_deadline = None
+        log.info("re-locked: %s", {"saved": "a SAVE used the unlock",
+                                   "deadline": f"{self.relock_after:g} s after the UNLOCK"}[why])
+        self.publish(Event("outcome", {"ok": True, "action": "lock", "source": "policy",
+                                       "reason": "", "data": {"why": why}}))
 
     async def tick(self) -> None:
         """Called every second by the daemon (and before each command): re-lock, close pairing."""
         left = self.relock_in()
         if left is not None and left <= 0:
-            self.mode = Mode.LOCKED
-            log.info("re-locked after %g s without a command", self.relock_after)
-            self.publish(Event("outcome", {"ok": True, "action": "lock", "source": "policy",
-                                           "reason": "", "data": {"why": "idle"}}))
+            self._relock("deadline")
             self.publish(Event("state", await self.snapshot()))
         if self.pairing_until is not None and self.clock() >= self._pairing_deadline:
             self.pairing_until = None
@@ -238,7 +254,8 @@ class CommandBus:
         size = st.get("size") or 0
         st["unsaved_fraction"] = (st.get("dirty_bytes", 0) / size) if size else 0.0
         st.update(mode=self.mode.value, lock_enabled=self.lock_enabled,
-                  relock_in=self.relock_in(), host_connected=self.host_connected,
+                  single_use=self.single_use and self.lock_enabled, relock_in=self.relock_in(),
+                  host_connected=self.host_connected,
                   pairing={"open": self.pairing_until is not None, "until": self.pairing_until},
                   last_action=self.last_outcome, parts=dict(self.parts))
         for extra in self.status_extras:

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from appliance import runtime_dirs
 from appliance.config import (
     ConfigError,
     default_control_path,
@@ -143,17 +144,17 @@ def cmd_talk(args: argparse.Namespace) -> int:
         from appliance.store_cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
-    path = args.control or find_control_path()
     try:
+        path = control_path(args)
+        if args.command == "restore" and not args.yes and sys.stdin.isatty():
+            if not confirm_restore(path):  # on its own connection: a person may take a while
+                return fail("RESTORE cancelled; nothing changed")
         with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
             if args.command == "watch":
                 try:
                     return watch(client, args.json)
                 except KeyboardInterrupt:  # the normal way to stop watching
                     return 0
-            if args.command == "restore" and not args.yes and sys.stdin.isatty():
-                if not confirm_restore(client):
-                    return fail("RESTORE cancelled; nothing changed")
             cmd_args: dict[str, Any] = {}
             if args.command == "history" and args.limit is not None:
                 cmd_args["limit"] = args.limit
@@ -176,7 +177,7 @@ def cmd_fobs(args: argparse.Namespace) -> int:
         return fail("fobs rename needs a new name: savepoint fobs rename ID NAME")
     request = {"op": args.op, "id": args.id, "name": args.name}
     try:
-        with ControlClient(args.control or find_control_path(), timeout=30) as client:
+        with ControlClient(control_path(args), timeout=30) as client:
             reply = client.request("fobs", {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
         return fail(str(e))
@@ -220,7 +221,7 @@ def cmd_buttons(args: argparse.Namespace) -> int:
     request = {"op": args.op, "address": args.address, "key": args.key,
                "name": args.add_name if args.op == "add" else args.name}
     try:
-        with ControlClient(args.control or find_control_path(), timeout=30) as client:
+        with ControlClient(control_path(args), timeout=30) as client:
             reply = client.request("buttons", {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
         return fail(str(e))
@@ -256,8 +257,22 @@ def print_buttons(data: dict[str, Any]) -> None:
               + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(counts.items())))
 
 
-def confirm_restore(client: ControlClient) -> bool:
-    st = client.request("status").get("data") or {}
+
+def control_path(args: argparse.Namespace) -> str:
+    """--control as given; else the default, after checking nobody else made its directory."""
+    if args.control or "SAVEPOINT_CONTROL" in os.environ:
+        return args.control or os.environ["SAVEPOINT_CONTROL"]
+    path = find_control_path()
+    try:
+        runtime_dirs.check_client(os.path.dirname(path))
+    except runtime_dirs.UnsafeDir as e:
+        raise ControlError(f"refusing to talk to {path}: {e}") from None
+    return path
+
+
+def confirm_restore(path: str) -> bool:
+    with ControlClient(path, timeout=120) as client:
+        st = client.request("status").get("data") or {}
     last = st.get("last_save")
     since = f"the SAVE of {_when(last)}" if last else "the disk's creation"
     answer = input(f"Discard {st.get('dirty_units', '?')} unsaved units "
@@ -314,8 +329,9 @@ def show(command: str, data: dict[str, Any]) -> None:
               f"{data.get('units', 0)} units ({human(data.get('bytes', 0))}) "
               f"{'kept' if command == 'save' else 'discarded'}")
     elif command in ("unlock", "lock"):
-        after = data.get("relock_after")
-        extra = f" (re-locks after {after:g} s without a command)" if after else ""
+        after, once = data.get("relock_after"), data.get("single_use")
+        limits = ([f"for {after:g} s"] if after else []) + (["until one SAVE"] if once else [])
+        extra = f" ({', '.join(limits)})" if limits else ""
         print(f"{data.get('mode', command).upper()}{extra}")
     elif command == "pair":
         print(f"pairing window open until {_when(data.get('until'))}.\n"

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from appliance.policy import ACTIONS, RULES, SOURCE_CLASSES, default_policy
+from appliance.policy import ACTIONS, GESTURE_CLASSES, RULES, SOURCE_CLASSES, default_policy
 
 Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
 
@@ -78,11 +78,27 @@ CORE_SCHEMA: dict[str, Schema] = {
     },
     "control": {
         "socket": (str, "", "control socket; empty = <runtime dir>/control.sock"),
-        "group": (str, "savepoint", "socket mode 0660 for this group when it exists, else 0600"),
+        "group": (str, "savepoint",
+                  "socket mode 0660 for this group when it exists, else 0600; members may "
+                  "only read (status, history, watch)"),
+        "admin_group": (str, "savepoint-admin",
+                        "members may also SAVE, RESTORE, UNLOCK, LOCK, PAIR and manage fobs "
+                        "(as root and the daemon's own user always may)"),
+        "max_clients": (int, 32, "connected clients at most (a non-admin user: half of them); "
+                                 "when full the longest-idle client of the busiest user is "
+                                 "closed, else the new one refused"),
+        "max_watchers": (int, 8, "`watch` clients at most (counted in max_clients)"),
+        "idle_timeout": ((int, float), 60, "seconds a client may wait before sending a request"),
+        "watch_stall": ((int, float), 10,
+                        "seconds a `watch` client may leave its events unread before it is "
+                        "dropped"),
     },
     "lock": {
         "enabled": (bool, True, "start LOCKED and re-lock when idle; false: always UNLOCKED"),
-        "relock_after": ((int, float), 300, "idle seconds before re-locking; 0 = never"),
+        "relock_after": ((int, float), 300,
+                         "seconds an UNLOCK lasts, from the gesture; no command extends it; "
+                         "0 = until LOCK or a SAVE"),
+        "single_use": (bool, True, "a SAVE re-locks: every SAVE needs its own UNLOCK gesture"),
     },
     "restore": {
         "policy": ((str, list), "never", "never, on_boot, on_host_disconnect, schedule, or a list"),
@@ -199,6 +215,9 @@ def _check_policy(given: Any) -> dict[str, dict[str, str]]:
             if rule not in RULES:
                 raise ConfigError(f"[policy.{cls}] {action}: rule {rule!r} is not one of "
                                   f"{', '.join(RULES)}")
+            if action == "unlock" and rule != "never" and cls not in GESTURE_CLASSES:
+                raise ConfigError(f"[policy.{cls}] unlock: only a person's gesture may unlock "
+                                  f"({', '.join(GESTURE_CLASSES)}); {cls} stays \"never\"")
             table[cls][action] = rule
     return table
 
@@ -224,6 +243,11 @@ def validate(raw: dict[str, Any],
     if cfg["nbd"]["max_connections"] < 1:
         raise ConfigError(f"[nbd] max_connections: {cfg['nbd']['max_connections']} is less than "
                           "1: give how many NBD clients may connect at once, e.g. 8")
+    for key in ("max_clients", "max_watchers", "idle_timeout", "watch_stall"):
+        if cfg["control"][key] <= 0:
+            raise ConfigError(f"[control] {key}: must be more than 0")
+    if cfg["control"]["max_watchers"] > cfg["control"]["max_clients"]:
+        raise ConfigError("[control] max_watchers: cannot be more than max_clients")
     if cfg["nbd"]["tcp"]:
         try:
             parse_hostport(cfg["nbd"]["tcp"])

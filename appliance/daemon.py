@@ -21,16 +21,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from appliance import runtime_dirs
 from appliance.bus import CommandBus
 from appliance.commands import PartUnavailable
 from appliance.config import (
     PARTS,
+    SYSTEM_RUNTIME_DIR,
     default_control_path,
     default_nbd_path,
     parse_hostport,
     runtime_dir,
 )
-from appliance.control_socket import ControlServer, socket_group
+from appliance.control_socket import ControlLimits, ControlServer, socket_group
 from appliance.restore_policies import RestorePolicies
 from appliance.systemd_notify import Notifier
 
@@ -122,7 +124,7 @@ class Daemon:
         self.store = await asyncio.to_thread(self._open_store)
         lock = self.cfg["lock"]
         self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
-                              relock_after=lock["relock_after"],
+                              relock_after=lock["relock_after"], single_use=lock["single_use"],
                               pairing_window=self.cfg["parts"]["ble"].get("pairing_window", 60),
                               clock=self.clock, wall=self.wall)
         self.bus.status_extras.append(self._nbd_status)
@@ -130,7 +132,9 @@ class Daemon:
                                         self.cfg["restore"]["at"], now=self.wall)
         await self.policies.on_boot()  # before any host can read the disk
         await self._start_nbd()
-        self.control = ControlServer(self.bus, self.control_socket, self.cfg["control"]["group"])
+        ccfg = self.cfg["control"]
+        self.control = ControlServer(self.bus, self.control_socket, ccfg["group"],
+                                     limits=ControlLimits.from_config(ccfg))
         try:
             await self.control.start()
         except (OSError, RuntimeError) as e:
@@ -175,14 +179,18 @@ class Daemon:
 
     # -- store and NBD -----------------------------------------------------------------
     def _prepare_runtime_dir(self) -> None:
+        """The default runtime directory is made private and checked (a spoofed one is
+        refused); a folder the config names is only created."""
         for path in (self.nbd_socket, self.control_socket):
             folder = os.path.dirname(path)
-            if folder and not os.path.isdir(folder):
-                os.makedirs(folder, mode=0o750 if folder.startswith(runtime_dir()) else 0o755,
-                            exist_ok=True)
+            if folder == runtime_dir():
                 gid = socket_group(self.cfg["control"]["group"])
-                if gid is not None and folder.startswith(runtime_dir()):
-                    os.chown(folder, -1, gid)
+                try:
+                    runtime_dirs.prepare(folder, gid if folder == SYSTEM_RUNTIME_DIR else None)
+                except (runtime_dirs.UnsafeDir, OSError) as e:
+                    raise StartupError(f"runtime directory: {e}") from None
+            elif folder and not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o755, exist_ok=True)
 
     def _open_store(self) -> Any:
         from appliance import store as store_mod

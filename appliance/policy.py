@@ -7,6 +7,9 @@ in a source class; each (class, action) cell holds a rule:
   unlocked - allowed only while UNLOCKED
   never    - refused
 The defaults follow issue 4; `[policy.<class>]` tables in the config override single cells.
+UNLOCK is a person's gesture: only the GESTURE_CLASSES may ever run it, whatever the table
+says (the config refuses a table that tries), so host software, iTags, restore policies and
+any network source can neither open nor extend an unlock.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from appliance.commands import Action, Command, Mode
 SOURCE_CLASSES = ("button", "fob", "commodity", "bthome", "host", "cli", "policy")
 ACTIONS = tuple(a.value for a in Action)
 RULES = ("always", "unlocked", "never")
+GESTURE_CLASSES = ("button", "fob", "cli")  # a person's hand: the only ones that UNLOCK
+# A keyed BTHome button's press is a person's too, but it answers no challenge: only its own
+# switch ([bthome] allow_unlock, never a [policy] table) opens its UNLOCK cell.
+UNLOCK_OPT_IN = ("bthome",)
 
 _DEFAULTS: dict[str, dict[str, str]] = {
     # the enclosure button and the local admin CLI: deliberate gestures, may do everything
@@ -65,6 +72,10 @@ def decide(table: dict[str, dict[str, str]], command: Command, mode: Mode) -> st
     if cls is None:
         return f"unknown source {command.source!r}"
     rule = table[cls].get(command.action.value, "never")
+    if command.action is Action.UNLOCK and rule != "never" and \
+            cls not in GESTURE_CLASSES + UNLOCK_OPT_IN:
+        return (f"UNLOCK needs a person's gesture (button, authenticated fob or the "
+                f"appliance's admin CLI); source {command.source!r} can never unlock")
     if rule == "always":
         return ""
     if rule == "unlocked":

@@ -276,7 +276,8 @@ def test_through_the_real_command_bus(private_bus, tmp_path):
             epoch = (await bus.snapshot())["epoch"]
             await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
             status = Status.decode(await fake.read(frames.STATUS_UUID))
-            assert status.unlocked and status.last_result == Result.OK
+            # one unlock is one SAVE ([lock] single_use): the SAVE re-locked
+            assert not status.unlocked and status.last_result == Result.OK
             assert status.epoch == epoch + 1
             last = bus.last_outcome or {}
             assert (last["action"], last["source"]) == ("save", f"fob:{creds.fob_id}")

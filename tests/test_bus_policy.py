@@ -98,17 +98,31 @@ def test_unknown_source_is_refused(store):
 def test_policy_table_overrides_a_cell(store):
     from appliance.config import validate
 
-    cfg = validate({"policy": {"host": {"restore": "never", "unlock": "always"}}})
+    cfg = validate({"policy": {"host": {"restore": "never"}, "cli": {"unlock": "never"}}})
     bus = CommandBus(store, cfg["policy"])
 
     async def go():
         refused = await bus.submit(Command(Action.RESTORE, "host"))
-        unlocked = await bus.submit(Command(Action.UNLOCK, "host"))
-        return refused, unlocked
+        unlock = await bus.submit(Command(Action.UNLOCK, "cli"))
+        return refused, unlock
 
-    refused, unlocked = run(go())
+    refused, unlock = run(go())
     assert not refused.ok and "policy.host" in refused.reason
-    assert unlocked.ok and bus.mode is Mode.UNLOCKED
+    assert not unlock.ok and "policy.cli" in unlock.reason and bus.mode is Mode.LOCKED
+
+
+@pytest.mark.parametrize("cls", ["host", "commodity", "policy"])
+def test_no_table_lets_a_non_gesture_source_unlock(store, cls):
+    from appliance.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=rf"\[policy.{cls}\] unlock: only a person's gesture"):
+        validate({"policy": {cls: {"unlock": "always"}}})
+    table = validate({})["policy"]
+    table[cls]["unlock"] = "always"  # a table built in code: the bus still refuses
+    source = {"host": "host", "commodity": "itag:aa", "policy": "policy"}[cls]
+    bus = CommandBus(store, table)
+    outcome = run(bus.submit(Command(Action.UNLOCK, source, cls != "commodity")))
+    assert not outcome.ok and "gesture" in outcome.reason and bus.mode is Mode.LOCKED
 
 
 def test_starts_locked_and_save_is_refused_with_a_clear_reason(store):
@@ -126,35 +140,89 @@ def test_starts_locked_and_save_is_refused_with_a_clear_reason(store):
     assert saved.ok and saved.data["action"] == "save"
 
 
-def test_relocks_after_idle_time_without_sleeping(store):
+def test_unlock_lasts_relock_after_from_the_gesture(store):
     clock = Clock()
 
     async def go():
-        bus = CommandBus(store, relock_after=300, clock=clock)
+        bus = CommandBus(store, relock_after=300, single_use=False, clock=clock)
         events = bus.subscribe()
-        assert (await bus.submit(Command(Action.UNLOCK, "cli"))).ok
-        clock.t += 299
+        unlocked = await bus.submit(Command(Action.UNLOCK, "cli"))
+        assert unlocked.data == {"mode": "unlocked", "relock_after": 300, "single_use": False}
+        clock.t += 200
+        assert (await bus.submit(Command(Action.SAVE, "cli"))).ok  # a command is no gesture
+        clock.t += 99
         await bus.tick()
         assert bus.mode is Mode.UNLOCKED and bus.relock_in() == pytest.approx(1)
-        assert (await bus.submit(Command(Action.SAVE, "cli"))).ok  # activity restarts the wait
-        clock.t += 200
-        await bus.tick()
-        assert bus.mode is Mode.UNLOCKED
-        clock.t += 100
+        clock.t += 1
         await bus.tick()
         assert bus.mode is Mode.LOCKED
         kinds = []
         while not events.empty():
             kinds.append(events.get_nowait())
         relock = [e for e in kinds if e.kind == "outcome" and e.data["source"] == "policy"]
-        assert relock and relock[0].data["action"] == "lock"
-        # a SAVE after the idle time is refused even if no tick ran in between
+        assert relock and relock[0].data == {"ok": True, "action": "lock", "source": "policy",
+                                             "reason": "", "data": {"why": "deadline"}}
+        # a SAVE after the deadline is refused even if no tick ran in between
         assert (await bus.submit(Command(Action.UNLOCK, "cli"))).ok
         clock.t += 301
         return await bus.submit(Command(Action.SAVE, "cli"))
 
     late = run(go())
     assert not late.ok and "LOCKED" in late.reason
+
+
+@pytest.mark.parametrize("gesture", ["button", "fob:f1", "cli"])
+def test_only_a_new_gesture_moves_the_deadline(store, gesture):
+    clock = Clock()
+
+    async def go():
+        bus = CommandBus(store, relock_after=300, single_use=False, clock=clock)
+        await bus.submit(Command(Action.UNLOCK, "button"))
+        for _ in range(5):  # host and iTag keep busy: RESTORE, SAVE, a refused UNLOCK
+            clock.t += 50
+            await bus.submit(Command(Action.RESTORE, "host"))
+            await bus.submit(Command(Action.SAVE, "itag:aa", authenticated=False))
+            await bus.submit(Command(Action.UNLOCK, "host"))
+        left = bus.relock_in()
+        await bus.submit(Command(Action.UNLOCK, gesture))  # a person again: 300 s from now
+        return left, bus.relock_in()
+
+    left, renewed = run(go())
+    assert left == pytest.approx(50) and renewed == pytest.approx(300)
+
+
+def test_a_save_ends_the_unlock_by_default(store):
+    async def go():
+        bus = CommandBus(store)
+        events = bus.subscribe()
+        await bus.submit(Command(Action.UNLOCK, "button"))
+        first = await bus.submit(Command(Action.SAVE, "host"))
+        second = await bus.submit(Command(Action.SAVE, "host"))
+        seen = []
+        while not events.empty():
+            seen.append(events.get_nowait())
+        return bus, first, second, seen
+
+    bus, first, second, seen = run(go())
+    assert first.ok and not second.ok and "LOCKED" in second.reason
+    assert bus.mode is Mode.LOCKED and bus.relock_in() is None
+    order = [(e.data["action"], e.data["source"]) for e in seen if e.kind == "outcome"]
+    assert order == [("unlock", "button"), ("lock", "policy"), ("save", "host"),
+                     ("save", "host")]
+
+
+def test_single_use_can_be_turned_off(store):
+    from appliance.config import validate
+
+    assert validate({})["lock"]["single_use"] is True
+    assert validate({"lock": {"single_use": False}})["lock"]["single_use"] is False
+
+    async def go():
+        bus = CommandBus(store, single_use=False)
+        await bus.submit(Command(Action.UNLOCK, "button"))
+        return [(await bus.submit(Command(Action.SAVE, "cli"))).ok for _ in range(3)], bus.mode
+
+    assert run(go()) == ([True, True, True], Mode.UNLOCKED)
 
 
 def test_status_queries_do_not_keep_it_unlocked(store):

@@ -24,7 +24,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
 def test_defaults():
     cfg = validate({})
-    assert cfg["lock"] == {"enabled": True, "relock_after": 300}
+    assert cfg["lock"] == {"enabled": True, "relock_after": 300, "single_use": True}
     assert cfg["restore"] == {"policy": ["never"], "at": "03:00"}
     assert cfg["store"]["unit"] == 4096
     assert all(not cfg["parts"][p]["enabled"] for p in PARTS)
@@ -149,3 +149,17 @@ def test_the_cli_finds_its_own_daemon_then_the_system_daemon(tmp_path, monkeypat
     assert config.find_control_path() == str(own)  # `savepoint serve` of this user wins
     monkeypatch.setenv("SAVEPOINT_CONTROL", str(tmp_path / "mine.sock"))
     assert config.find_control_path() == str(tmp_path / "mine.sock")
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"serial": {"enabled": True, "queue": 0}}, "[serial] queue: 0 must be at least 1"),
+    ({"serial": {"enabled": True, "source": "cli"}}, "[serial] source: 'cli' must be \"host\""),
+    ({"serial": {"enabled": True, "output_buffer": 100}}, "[serial] output_buffer: 100 must be"),
+    ({"control": {"max_clients": 0}}, "[control] max_clients: must be more than 0"),
+    ({"control": {"idle_timeout": -1}}, "[control] idle_timeout: must be more than 0"),
+    ({"control": {"max_clients": 4, "max_watchers": 5}}, "max_watchers: cannot be more than"),
+])
+def test_channel_bounds_are_checked(raw, message):
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    assert message in str(e.value)

@@ -69,6 +69,8 @@ BAD = [
     (b'{"cmd": "format-disk"}\n', "unknown command 'format-disk'"),
     (b'{"cmd": "history", "args": {"limit": -1}}\n', "positive integer"),
     (b"\xff\xfe\n", "malformed request"),
+    (b"[" * 5000 + b"\n", "nested too deeply"),  # json's RecursionError, once fatal to serial
+    (b'{"cmd": "status", "args": ' + b'{"a": ' * 3000 + b"\n", "nested too deeply"),
 ]
 
 
@@ -191,3 +193,59 @@ def test_watch_streams_state_then_events(store, sockdir):
     assert ack["ok"] and state["event"] == "state" and state["data"]["mode"] == "locked"
     assert outcome["event"] == "outcome" and outcome["data"]["action"] == "unlock"
     assert left == 0  # the watcher went away: unsubscribed
+
+
+def test_roles_by_peer_credentials():
+    from appliance.control_roles import Peer, Roles, peer_of
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        me = peer_of(a)
+    assert me is not None and (me.uid, me.gid, me.pid) == (os.geteuid(), os.getegid(),
+                                                            os.getpid())
+    assert set(os.getgroups()) <= set(me.groups)
+    admin = grp.getgrgid(os.getegid()).gr_name  # a group that surely exists
+    roles = Roles(admin)
+    stranger = Peer(4242, 54321, 54321, (54322,))
+    member = Peer(4242, 54321, 54321, (os.getegid(),))
+    assert roles.is_admin(Peer(1, 0, 0)) and roles.is_admin(Peer(1, os.geteuid(), 54321))
+    assert roles.is_admin(member) and not roles.is_admin(stranger) and not roles.is_admin(None)
+    for cmd, args in [("status", {}), ("history", {}), ("watch", {}), ("fobs", {"op": "list"}),
+                      ("fobs", {})]:
+        assert roles.refusal(stranger, cmd, args) == ""
+    for cmd, args in [("unlock", {}), ("save", {}), ("restore", {}), ("lock", {}), ("pair", {}),
+                      ("fobs", {"op": "revoke", "id": 1}), ("fobs", {"op": ["list"]})]:
+        reason = roles.refusal(stranger, cmd, args)
+        assert f"needs root or the `{admin}` group" in reason and "uid 54321" in reason
+        assert roles.refusal(member, cmd, args) == ""
+    missing = Roles("no-such-admin-group").refusal(stranger, "unlock", {})
+    assert "does not exist yet: `sudo groupadd no-such-admin-group`" in missing
+
+
+def test_one_reader_may_hold_only_half_the_clients(store, sockdir, monkeypatch):
+    from appliance import control_socket
+    from appliance.control_roles import Peer
+    from appliance.control_socket import ControlLimits
+
+    reader = Peer(4242, 54321, 54321, ())
+    monkeypatch.setattr(control_socket, "peer_of", lambda sock: reader)  # as if another uid
+    path = os.path.join(sockdir, "c.sock")
+
+    async def go():
+        bus = CommandBus(store)
+        server = ControlServer(bus, path, limits=ControlLimits(max_clients=4, max_watchers=2))
+        await server.start()
+        try:
+            held = [await asyncio.open_unix_connection(path) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            reader_, writer = await asyncio.open_unix_connection(path)
+            third = json.loads(await reader_.readline())
+            for _, w in [*held, (reader_, writer)]:
+                w.close()
+            return third, server.counters["refused"]
+        finally:
+            await server.stop()
+
+    third, refused = asyncio.run(go())
+    assert not third["ok"] and "too many connections from uid 54321 (2)" in third["reason"]
+    assert refused == 1

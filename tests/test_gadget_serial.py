@@ -130,3 +130,65 @@ def test_host_client_exit_codes(monkeypatch: pytest.MonkeyPatch, capsys: Any) ->
     monkeypatch.setattr(host_client.list_ports, "comports", lambda: [])
     assert host_client.main(["status"]) == 2
     assert "check the cable" in capsys.readouterr().err
+
+
+class FaultyBus(LockedBus):
+    """Fails one SAVE with an exception, and records what the part reports about itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.part_states: list[tuple[str, str]] = []
+        self.status_extras: list[Any] = []
+
+    async def submit(self, command: Command) -> Outcome:
+        if command.action is Action.SAVE:
+            raise RuntimeError("store on fire")
+        return await super().submit(command)
+
+    def set_part(self, name: str, state: str, reason: str = "", hint: str = "") -> None:
+        self.part_states.append((name, state))
+
+
+def test_a_request_that_fails_gets_an_error_and_the_channel_lives_on() -> None:
+    bus = FaultyBus()
+
+    def body(master: int) -> list[bytes]:
+        return [talk(master, b'{"cmd": "save"}\n'), talk(master, b'{"cmd": "status"}\n')]
+
+    failed, status = serve_pty(bus, body)
+    assert b'"ok": false' in failed and b"internal error" in failed and b"RuntimeError" in failed
+    assert b'"ok": true' in status and bus.part_states == []
+
+
+def test_a_crash_of_the_serving_task_is_a_fault_and_a_restart(monkeypatch) -> None:
+    bus = FaultyBus()
+    real_reply, crashes = SerialPart._reply, []
+
+    def reply_once_broken(self: SerialPart, reply: dict[str, Any]) -> None:
+        if not crashes:
+            crashes.append(reply)
+            raise OSError("a bug in the reply path")
+        real_reply(self, reply)
+
+    monkeypatch.setattr(SerialPart, "_reply", reply_once_broken)
+    master, slave = pty.openpty()
+
+    async def main() -> tuple[bytes, dict[str, Any]]:
+        part = SerialPart({"device": os.ttyname(slave), "restart_after": 0.05}, bus)  # type: ignore[arg-type]
+        await part.start()
+        try:
+            os.write(master, b'{"cmd": "status"}\n')  # its answer is lost in the crash
+            await asyncio.sleep(0.3)
+            answer = await asyncio.to_thread(talk, master, b'{"cmd": "status"}\n')
+            return answer, bus.status_extras[0]()
+        finally:
+            await part.stop()
+
+    try:
+        answer, status = asyncio.run(main())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert b'"ok": true' in answer
+    assert bus.part_states == [("serial", "failed"), ("serial", "up")]
+    assert status["serial"]["restarts"] == 1 and status["serial"]["requests"] == 2

@@ -99,6 +99,7 @@ def test_repeats_of_one_press_run_one_command_and_replays_none(tmp_path, store):
         press = adv.press(KEY, MAC, 10, "double_press")
         verdicts = [await w.send(press) for _ in range(5)]  # a button repeats each advert
         assert verdicts == ["accepted"] + ["repeated"] * 4 and store.epoch == epoch + 1
+        w.bus.mode = Mode.UNLOCKED  # the SAVE used the unlock up ([lock] single_use)
         assert await w.send(adv.press(KEY, MAC, 11, "double_press")) == "accepted"
         assert await w.send(press) == "old_counter"  # the recorded press, replayed later
         assert store.epoch == epoch + 2

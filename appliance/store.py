@@ -92,6 +92,9 @@ class Store:
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
         self._closed = False
         self._unsynced = False  # data written since the last sync
+        # A superblock write failed: its slot may hold a copy we did not mean (a command that
+        # may yet commit). Nothing is written until a new superblock there settled it.
+        self._unsettled = False
         self.ring.repair(self.sb.last_record, writable=not readonly)
         self.ring.index(self.sb.resolved_below, self.epoch)
         self._pending = self.sb.pending_units
@@ -237,6 +240,8 @@ class Store:
         unit, within = divmod(offset, self.unit_size)
         self._gate.enter()
         try:
+            if self._unsettled:
+                self._settle()
             if 0 < n and within + n <= self.unit_size:
                 self._write_in_unit(unit, within, data)
             else:
@@ -288,8 +293,9 @@ class Store:
             self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
             with self.map.lock:  # data written first, records after: see the module docstring
                 w = raw & WEPOCH_MASK
-                if w and w < self.epoch:
-                    self._pending -= end - first
+                if w and w < self.epoch:  # the pass may have normalised some meanwhile
+                    self._pending -= (end - first if self.map.uniform_loaded(first, end, raw)
+                                      else self.map.count_stale(first, end, self.epoch))
                 if w != self.epoch:
                     self.dirty_units += end - first
                 self.map.fill(first, end, new)
@@ -318,9 +324,10 @@ class Store:
             pos += n
 
     def _write_data(self, data: bytes | bytearray | memoryview, phys: int) -> None:
-        self._b.pwrite(data, phys)
-        # Only after the write returned: a flush that clears this flag syncs after it.
-        self._unsynced = True
+        try:
+            self._b.pwrite(data, phys)
+        finally:  # only once the write returned (or failed half-way): a flush that clears
+            self._unsynced = True  # this flag syncs after it
 
     def _first_write(self, unit: int, within: int, chunk: memoryview) -> None:
         """Write into a secondary slot that holds nothing of this epoch yet (copy-up if partial)."""
@@ -365,6 +372,8 @@ class Store:
         us = self.unit_size
         first_full, end_full = -(-offset // us), (offset + length) // us
         with self._io():
+            if self._unsettled:
+                self._settle()
             if first_full >= end_full:
                 self._write_locked(offset, memoryview(bytes(length)))
             else:
@@ -433,30 +442,62 @@ class Store:
             self._flush_locked()
 
     def _flush_locked(self, advance_resolved: int | None = None) -> None:
+        """Pending work (dirty sectors, unsynced data) is forgotten only once it is durable:
+        if any step fails, the next flush does it all again."""
         with self._flush_lock:
             with self.map.lock:  # snapshot: these records only describe completed writes
                 runs = self.map.take_dirty()
                 counters = {"dirty_units": self.dirty_units, "dirty_bytes": self.dirty_bytes,
                             "pending_units": max(self._pending, 0)}
-            if self._unsynced:
-                self._unsynced = False
+            try:
+                self._flush_runs(runs, counters, advance_resolved)
+            except BaseException:
+                with self.map.lock:
+                    self.map.redirty(runs)
+                raise
+
+    def _flush_runs(self, runs: list[tuple[int, bytes]], counters: dict[str, int],
+                    advance_resolved: int | None) -> None:
+        if self._unsynced:
+            self._unsynced = False  # cleared first: a write returning meanwhile sets it again
+            try:
                 self._b.sync()  # data first: a durable record never points at unwritten data
-            stale = any(getattr(self.sb, k) != v for k, v in counters.items())
-            if not runs and advance_resolved is None and not stale:
-                return
-            for start, blob in runs:
-                self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
-            if advance_resolved is not None:
-                self._b.sync()  # normalised records durable before the ring may forget epochs
-            changes: dict[str, object] = dict(counters)
-            if advance_resolved is not None:
-                changes["resolved_below"] = advance_resolved
-            self._write_superblock(self.sb.next(**changes))
+            except BaseException:
+                self._unsynced = True
+                raise
+        stale = self._unsettled or any(getattr(self.sb, k) != v for k, v in counters.items())
+        if not runs and advance_resolved is None and not stale:
+            return
+        for start, blob in runs:
+            self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
+        if advance_resolved is not None:
+            self._b.sync()  # normalised records durable before the ring may forget epochs
+        changes: dict[str, object] = dict(counters)
+        if advance_resolved is not None:
+            changes["resolved_below"] = advance_resolved
+        self._write_superblock(self.sb.next(**changes))
 
     def _write_superblock(self, sb: Superblock) -> None:
-        self._b.pwrite(sb.pack(), SB_OFFSETS[sb.seq % 2])
-        self._b.sync()
+        try:
+            self._b.pwrite(sb.pack(), SB_OFFSETS[sb.seq % 2])
+            self._b.sync()
+        except BaseException:
+            self._unsettled = True
+            raise
         self.sb = sb
+        self._unsettled = False
+
+    def _settle(self) -> None:
+        """Caller is inside the gate. After a failed superblock write (maybe a SAVE/RESTORE
+        that may yet commit if the power goes), write the state we are in over it before any
+        new write, so a cut can never join later writes to that command."""
+        self._gate.leave()
+        try:
+            with self._gate.exclusive():
+                if self._unsettled:
+                    self._flush_locked()
+        finally:
+            self._gate.enter()
 
     # ----- SAVE and RESTORE -------------------------------------------------------------------
 
@@ -510,8 +551,8 @@ class Store:
             self._pass_pos = self._normalise(self._pass_pos, max_units)
             if self._pass_pos < self.geo.unit_count:
                 return True
-            self._pass_pos = 0
             self._flush_locked(advance_resolved=self._pass_start)
+            self._pass_pos = 0  # only now: if the flush failed, the next step retries it
             if self.sb.resolved_below >= self.epoch:
                 self._pending = 0
             return self.sb.resolved_below < self.epoch

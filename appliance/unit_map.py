@@ -17,6 +17,7 @@ from appliance.store_format import (
     SECTOR,
     SECTORS_PER_PAGE,
     UNITS_PER_PAGE,
+    WEPOCH_MASK,
     WORDS_PER_SECTOR,
     Geometry,
     seal_sector,
@@ -117,6 +118,18 @@ class UnitMap:
             unit += n
         return raw
 
+    def uniform_loaded(self, first: int, end: int, raw: int) -> bool:
+        """Whether units first..end-1 (loaded) all hold `raw`. Lock-free: no page loads."""
+        pattern = raw.to_bytes(4, "little")
+        unit = first
+        while unit < end:
+            n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
+            w = word_index(unit) * 4
+            if self._meta[w:w + 4 * n] != pattern * n:
+                return False
+            unit += n
+        return True
+
     def take_dirty(self) -> list[tuple[int, bytes]]:
         """Seal and copy the changed sectors as (first sector, bytes) runs. Caller holds lock."""
         runs: list[tuple[int, int]] = []  # [first, end) sector ranges
@@ -128,3 +141,16 @@ class UnitMap:
                 runs.append((s, s + 1))
         self.dirty.clear()
         return [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]
+
+    def redirty(self, runs: list[tuple[int, bytes]]) -> None:
+        """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock."""
+        for first, blob in runs:
+            self.dirty.update(range(first, first + len(blob) // SECTOR))
+
+    def count_stale(self, first: int, end: int, epoch: int) -> int:
+        """Records of units first..end-1 with 0 < wepoch < epoch (loaded). Caller holds lock."""
+        n = 0
+        for u in range(first, end):
+            w = self.words[word_index(u)] & WEPOCH_MASK
+            n += 0 < w < epoch
+        return n

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import errno
 import random
+
 import pytest
 
-from appliance.store import Store, StoreIOError
+from appliance.store import NotAStoreError, Store, StoreIOError
 from appliance.store_format import (
     HIST_REC,
-    MiB,
     RESTORE,
     UNITS_PER_PAGE,
     WEPOCH_MASK,
     HistoryRecord,
+    MiB,
     geometry_for_capacity,
     plan_geometry,
 )
+from appliance.store_init import write_fresh_store
 from tests.crashsim import CrashBacking, PowerCut, new_backing
 
 U = 4096
@@ -147,3 +149,33 @@ def test_small_devices_get_the_largest_disk_that_fits(capacity: int, unit: int) 
     bigger = plan_geometry(geo.logical_size + unit, unit)
     assert bigger.total_size > capacity, (
         f"{capacity} bytes: {geo.logical_size} offered, {geo.logical_size + unit} fits")
+
+
+# ----- finding 4: init --force over a store, cut at any point --------------------------
+
+def test_init_force_over_a_store_never_serves_the_old_data_after_a_cut() -> None:
+    old = new_backing(64 * U, U, 64)
+    s = Store(old)
+    s.write(0, data(64 * U, 7))
+    s.save("test")
+    s.write(0, data(8 * U, 8))
+    s.close()
+    geo = s.geo
+    for cut in range(1, 40):
+        b = CrashBacking(bytearray(old.image), cut_at=cut)
+        try:
+            write_fresh_store(b, geo, zero_meta=True)
+        except PowerCut:
+            pass
+        else:
+            assert cut > 3, "init finished in fewer operations than it has steps"
+            break
+        for i in range(8):
+            try:
+                st = Store(b.power_cut(random.Random(i)))
+            except NotAStoreError:
+                continue  # the old store is gone and the new one not there yet: run init again
+            if st.epoch == 1:
+                assert st.read(0, 64 * U) == bytes(64 * U), f"cut {cut}: new store, old data"
+            else:
+                assert st.read_saved(0, 64 * U) == data(64 * U, 7), f"cut {cut}: old store damaged"

@@ -517,6 +517,8 @@ class Store:
                     self._finish_pass_now()  # the ring is about to forget an epoch still in use
                 if self.epoch >= MAX_EPOCH:
                     raise StoreError("the store has used every epoch number; re-create it")
+                if self._unsettled:  # one command in doubt at a time: settle the last one
+                    self._flush_locked()
                 if action == SAVE:
                     self._flush_locked()
                 return self._append_history(action, source, flags).as_dict()

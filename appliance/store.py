@@ -65,6 +65,9 @@ __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
 
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
+PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms of map work
+PASS_FLUSH_SECTORS = 2048  # the pass writes what it normalised every 1 MiB of map sectors
+PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
 
 
 class Store:
@@ -88,6 +91,8 @@ class Store:
         self._zero_unit = bytes(self.unit_size)
         self._pass_pos = 0
         self._pass_start = self.epoch
+        self._pass_lock = threading.Lock()  # one pass step at a time (daemon or a command)
+        self.waiting: str | None = None  # what a command waits for, for status
         self._pending = 0
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
         self._closed = False
@@ -511,19 +516,48 @@ class Store:
 
     def _commit(self, action: int, source: str, flags: int) -> dict[str, object]:
         self._refuse_readonly()
-        with self._gate.exclusive():
-            try:
-                if self.epoch + 1 - self.sb.resolved_below >= self.geo.hist_cap:
-                    self._finish_pass_now()  # the ring is about to forget an epoch still in use
-                if self.epoch >= MAX_EPOCH:
-                    raise StoreError("the store has used every epoch number; re-create it")
-                if self._unsettled:  # one command in doubt at a time: settle the last one
-                    self._flush_locked()
-                if action == SAVE:
-                    self._flush_locked()
-                return self._append_history(action, source, flags).as_dict()
-            except OSError as e:
-                raise StoreIOError(f"I/O error during {source} command: {e}") from e
+        while True:
+            self._wait_for_ring(action)
+            with self._gate.exclusive():
+                if not self._ring_full():  # else a pass restarted by a racing command
+                    return self._commit_locked(action, source, flags)
+
+    def ring_free(self) -> int:
+        """Commands that can commit before the background pass must have finished."""
+        return self.geo.hist_cap - 1 - (self.epoch - self.sb.resolved_below)
+
+    def pass_urgent(self) -> bool:
+        """Few history records are left: the pass should run even while I/O is going on."""
+        return self.sb.resolved_below < self.epoch and \
+            self.ring_free() <= max(1, self.geo.hist_cap // 8)
+
+    def _ring_full(self) -> bool:
+        return self.ring_free() <= 0
+
+    def _wait_for_ring(self, action: int) -> None:
+        """The next record would overwrite one that map records still need: finish the pass
+        first, in slices, with I/O flowing between them (never the whole pass under the gate)."""
+        what = "SAVE" if action == SAVE else "RESTORE"
+        try:
+            while self._ring_full():
+                self.waiting = (f"{what} waits for the background pass "
+                                f"({100 * self._pass_pos // self.geo.unit_count}% done): the "
+                                "history ring is full")
+                self.background_step(PASS_SLICE)
+        finally:
+            self.waiting = None
+
+    def _commit_locked(self, action: int, source: str, flags: int) -> dict[str, object]:
+        try:
+            if self.epoch >= MAX_EPOCH:
+                raise StoreError("the store has used every epoch number; re-create it")
+            if self._unsettled:  # one command in doubt at a time: settle the last one
+                self._flush_locked()
+            if action == SAVE:
+                self._flush_locked()
+            return self._append_history(action, source, flags).as_dict()
+        except OSError as e:
+            raise StoreIOError(f"I/O error during {source} command: {e}") from e
 
     def _append_history(self, action: int, source: str, flags: int) -> HistoryRecord:
         now = time.time_ns()
@@ -544,20 +578,34 @@ class Store:
     # ----- the background pass (claims 19-20) -------------------------------------------------
 
     def background_step(self, max_units: int = 65536) -> bool:
-        """Normalise up to max_units map records; True while work remains. Call when idle."""
+        """Normalise up to max_units map records; True while work remains. Call when idle, or
+        in a loop when pass_urgent(): I/O goes on between (and during) steps."""
         if self.readonly or self.sb.resolved_below >= self.epoch:
             return False
-        with self._io():
-            if self._pass_pos == 0:
-                self._pass_start = self.epoch
-            self._pass_pos = self._normalise(self._pass_pos, max_units)
-            if self._pass_pos < self.geo.unit_count:
-                return True
-            self._flush_locked(advance_resolved=self._pass_start)
-            self._pass_pos = 0  # only now: if the flush failed, the next step retries it
-            if self.sb.resolved_below >= self.epoch:
-                self._pending = 0
-            return self.sb.resolved_below < self.epoch
+        with self._pass_lock:
+            try:
+                with self._io():
+                    return self._pass_step(max_units)
+            finally:
+                if self.map.transient_pages() > PASS_RESIDENT_PAGES or not self._pass_pos:
+                    with self._gate.exclusive():  # no reader between check and use of a page
+                        self.map.drop_transient()
+
+    def _pass_step(self, max_units: int) -> bool:
+        if self._pass_pos == 0:
+            self._pass_start = self.epoch
+        self._pass_pos = self._normalise(self._pass_pos, max_units)
+        if self._pass_pos < self.geo.unit_count:
+            if len(self.map.dirty) >= PASS_FLUSH_SECTORS or \
+                    self.map.transient_pages() > PASS_RESIDENT_PAGES:
+                self._flush_locked()  # a bounded write now (not the whole map at the end),
+                # after which the pages the pass loaded are clean and can be dropped
+            return True
+        self._flush_locked(advance_resolved=self._pass_start)
+        self._pass_pos = 0  # only now: if the flush failed, the next step retries it
+        if self.sb.resolved_below >= self.epoch:
+            self._pending = 0
+        return self.sb.resolved_below < self.epoch
 
     def _normalise(self, unit: int, budget: int) -> int:
         """Normalise records from `unit` on; returns where to continue."""
@@ -566,7 +614,7 @@ class Store:
             page = unit // UNITS_PER_PAGE
             page_end = min((page + 1) * UNITS_PER_PAGE, count)
             if not self.map.loaded[page]:
-                self.map.load_page(page)
+                self.map.load_page(page, transient=True)
             with self.map.lock:
                 for u in range(unit, page_end):
                     raw = self.map.words[word_index(u)]
@@ -577,11 +625,6 @@ class Store:
             budget -= page_end - unit
             unit = page_end
         return unit
-
-    def _finish_pass_now(self) -> None:
-        self._pass_start, self._pass_pos = self.epoch, 0
-        self._normalise(0, self.geo.unit_count)
-        self._flush_locked(advance_resolved=self._pass_start)
 
     # ----- reporting --------------------------------------------------------------------------
 
@@ -596,6 +639,8 @@ class Store:
             "dirty_bytes": self.dirty_bytes,
             "pending_units": pending,
             "background_progress": (self._pass_pos / self.geo.unit_count) if pending else 1.0,
+            "ring_free": self.ring_free(),
+            "waiting": self.waiting,
             "last_save": self.sb.last_save_ns / 1e9 or None,
             "last_restore": self.sb.last_restore_ns / 1e9 or None,
             "uuid": str(uuidlib.UUID(bytes=self.sb.uuid)),

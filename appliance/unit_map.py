@@ -40,9 +40,11 @@ class UnitMap:
         self.loaded = bytearray(geo.meta_len // PAGE)
         self.bad_sectors: set[int] = set()
         self.dirty: set[int] = set()
+        self._transient: set[int] = set()  # pages only the background pass has loaded
         self.lock = threading.Lock()  # guards every record change and the dirty set
 
-    def load_page(self, page: int) -> None:
+    def load_page(self, page: int, transient: bool = False) -> None:
+        """transient: loaded by the background pass only, so drop_transient may unload it."""
         with self.lock:
             if self.loaded[page]:
                 return
@@ -52,6 +54,27 @@ class UnitMap:
                 if not sector_ok(self._meta, s):
                     self.bad_sectors.add(s)
             self.loaded[page] = 1
+            if transient:
+                self._transient.add(page)
+
+    def transient_pages(self) -> int:
+        return len(self._transient)
+
+    def drop_transient(self) -> None:
+        """Unload the clean pages the pass loaded (their records are on disk), so a pass over
+        the whole map keeps a bounded number resident. The caller guarantees that no request
+        is reading records (the store holds its I/O gate exclusively)."""
+        step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
+        with self.lock:
+            for group in sorted({p - p % step for p in self._transient}):
+                pages = range(group, min(group + step, len(self.loaded)))
+                if any(s in self.dirty or s in self.bad_sectors for p in pages
+                       for s in range(p * SECTORS_PER_PAGE, (p + 1) * SECTORS_PER_PAGE)):
+                    continue  # not on disk yet: a later flush writes it, and it stays loaded
+                self._meta.madvise(mmap.MADV_DONTNEED, group * PAGE, len(pages) * PAGE)
+                for p in pages:
+                    self.loaded[p] = 0
+            self._transient.clear()
 
     def raw(self, unit: int) -> int:
         """The record as stored; a record whose sector failed its checksum is never trusted."""

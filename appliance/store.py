@@ -66,7 +66,7 @@ __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
 PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms of map work
-PASS_FLUSH_SECTORS = 2048  # the pass writes what it normalised every 1 MiB of map sectors
+PASS_FLUSH_SECTORS = 16384  # the pass writes what it normalised every 8 MiB of map sectors
 PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
 
 
@@ -92,6 +92,7 @@ class Store:
         self._pass_pos = 0
         self._pass_start = self.epoch
         self._pass_lock = threading.Lock()  # one pass step at a time (daemon or a command)
+        self._pass_dirtied = 0  # map sectors the pass changed since it last flushed
         self.waiting: str | None = None  # what a command waits for, for status
         self._pending = 0
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
@@ -596,10 +597,10 @@ class Store:
             self._pass_start = self.epoch
         self._pass_pos = self._normalise(self._pass_pos, max_units)
         if self._pass_pos < self.geo.unit_count:
-            if len(self.map.dirty) >= PASS_FLUSH_SECTORS or \
+            if self._pass_dirtied >= PASS_FLUSH_SECTORS or \
                     self.map.transient_pages() > PASS_RESIDENT_PAGES:
                 self._flush_locked()  # a bounded write now (not the whole map at the end),
-                # after which the pages the pass loaded are clean and can be dropped
+                self._pass_dirtied = 0  # after which the pages the pass loaded can be dropped
             return True
         self._flush_locked(advance_resolved=self._pass_start)
         self._pass_pos = 0  # only now: if the flush failed, the next step retries it
@@ -616,15 +617,36 @@ class Store:
             if not self.map.loaded[page]:
                 self.map.load_page(page, transient=True)
             with self.map.lock:
-                for u in range(unit, page_end):
-                    raw = self.map.words[word_index(u)]
-                    w = raw & WEPOCH_MASK
-                    if w and w < epoch and u // RECS_PER_SECTOR not in self.map.bad_sectors:
-                        self.map.set(u, self._record(u))
-                        self._pending -= 1
+                self._normalise_page(unit, page_end, epoch)
             budget -= page_end - unit
             unit = page_end
         return unit
+
+    def _normalise_page(self, unit: int, end: int, epoch: int) -> None:
+        """Caller holds map.lock. A sector of identical records (the common case: written
+        together, or never) is normalised with one comparison and one fill."""
+        m = self.map
+        while unit < end:
+            s = unit // RECS_PER_SECTOR
+            stop = min((s + 1) * RECS_PER_SECTOR, end)
+            if s in m.bad_sectors:
+                unit = stop
+                continue
+            raw = m.words[word_index(unit)]
+            before = self._pending
+            if m.uniform_loaded(unit, stop, raw):
+                w = raw & WEPOCH_MASK
+                if w and w < epoch:
+                    m.fill(unit, stop, self._record(unit))
+                    self._pending -= stop - unit
+            else:
+                for u in range(unit, stop):
+                    w = m.words[word_index(u)] & WEPOCH_MASK
+                    if w and w < epoch:
+                        m.set(u, self._record(u))
+                        self._pending -= 1
+            self._pass_dirtied += self._pending != before
+            unit = stop
 
     # ----- reporting --------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ _STRIPES = 64
 PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms of map work
 PASS_FLUSH_SECTORS = 16384  # the pass writes what it normalised every 8 MiB of map sectors
 PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
+PASS_DROP_WAIT = 0.02  # seconds the pass waits for an idle moment to drop its pages
 
 
 class Store:
@@ -589,8 +590,10 @@ class Store:
                     return self._pass_step(max_units)
             finally:
                 if self.map.transient_pages() > PASS_RESIDENT_PAGES or not self._pass_pos:
-                    with self._gate.exclusive():  # no reader between check and use of a page
-                        self.map.drop_transient()
+                    # no reader between its check and use of a page; never hold I/O back
+                    with self._gate.exclusive_if_idle(PASS_DROP_WAIT) as alone:
+                        if alone:
+                            self.map.drop_transient()
 
     def _pass_step(self, max_units: int) -> bool:
         if self._pass_pos == 0:

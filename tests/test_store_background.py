@@ -35,12 +35,12 @@ def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
         await daemon.start()
         try:
             store = daemon.store
-            failures = {"left": 3}
+            failures = {"left": 1 << 30, "seen": 0}
             real_sync = store._b.sync
 
             def sync() -> None:  # the disk fails the pass's first three flushes
-                if failures["left"]:
-                    failures["left"] -= 1
+                if failures["left"]:  # until the test has seen the fault
+                    failures["seen"] += 1
                     raise OSError(errno.EIO, "Input/output error")
                 real_sync()
 
@@ -52,16 +52,15 @@ def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
             seen_fault = False
             while time.monotonic() < deadline:
                 part = daemon.bus.parts.get("background", {})
-                if part.get("state") == "failed":
-                    seen_fault = True
+                if part.get("state") == "failed" and not seen_fault and failures["seen"] >= 3:
                     assert "Input/output error" in part["reason"]
                     assert "failed: background" in await daemon._status_line()
+                    seen_fault, failures["left"] = True, 0  # the disk recovers
                 if store.sb.resolved_below == store.epoch:
                     break
                 await asyncio.sleep(0.02)
             assert seen_fault, "the failing pass was never shown as a fault"
             assert store.sb.resolved_below == store.epoch, "the pass stopped after its errors"
-            assert failures["left"] == 0
             assert daemon.bus.parts["background"]["state"] == "up"
         finally:
             await daemon.shutdown()
@@ -69,7 +68,7 @@ def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
     with caplog.at_level(logging.INFO, logger="savepoint.daemon"):
         asyncio.run(scenario())
     text = caplog.text
-    assert "background pass failed" in text and "works again after 3 failed attempts" in text
+    assert "background pass failed" in text and "works again after" in text
     with Store.open(f"{d}/disk.img") as s:
         assert s.read_saved(0, 5) == b"saved"
 

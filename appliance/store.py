@@ -94,6 +94,13 @@ class Store:
         self._pass_start = self.epoch
         self._pass_lock = threading.Lock()  # one pass step at a time (daemon or a command)
         self._pass_dirtied = 0  # map sectors the pass changed since it last flushed
+        # The pass also counts the map: behind its cursor (_c_pos, moved under map.lock) it
+        # knows the written (_c_ddm) and pending (_c_pend) units exactly, and writes behind
+        # it adjust both. At its end the counters become exact again (after a power cut they
+        # are as of the last flush), so every read-write open starts with a counting pass.
+        self._c_pos = self._c_ddm = self._c_pend = 0
+        self._c_live = False
+        self._count_due = not readonly
         self.waiting: str | None = None  # what a command waits for, for status
         self._pending = 0
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
@@ -300,11 +307,17 @@ class Store:
             self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
             with self.map.lock:  # data written first, records after: see the module docstring
                 w = raw & WEPOCH_MASK
+                behind = max(0, min(end, self._c_pos) - first)
                 if w and w < self.epoch:  # the pass may have normalised some meanwhile
-                    self._pending -= (end - first if self.map.uniform_loaded(first, end, raw)
+                    uniform = self.map.uniform_loaded(first, end, raw)
+                    self._pending -= (end - first if uniform
                                       else self.map.count_stale(first, end, self.epoch))
+                    if behind:
+                        self._c_pend -= (behind if uniform else self.map.count_stale(
+                            first, first + behind, self.epoch))
                 if w != self.epoch:
                     self.dirty_units += end - first
+                    self._c_ddm += behind
                 self.map.fill(first, end, new)
         return True
 
@@ -362,10 +375,13 @@ class Store:
     def _mark_written(self, unit: int, old: int, new: int) -> None:
         """Caller holds map.lock. old is the normalised record the write started from."""
         raw = self.map.words[word_index(unit)] & WEPOCH_MASK  # loaded: the caller read it
+        behind = unit < self._c_pos
         if raw and raw < self.epoch:
             self._pending -= 1
+            self._c_pend -= behind
         if (old & WEPOCH_MASK) != self.epoch:
             self.dirty_units += 1
+            self._c_ddm += behind
         self.map.set(unit, new)
 
     def trim(self, offset: int, length: int) -> None:
@@ -573,6 +589,7 @@ class Store:
                                             pending_units=pending, last_record=raw, **stamp))
         self.ring.committed(rec)
         self._pending = pending
+        self._c_pend, self._c_ddm = self._c_pend + self._c_ddm, 0  # behind the cursor
         self.epoch += 1
         self.dirty_units = self.dirty_bytes = 0
         return rec
@@ -582,7 +599,7 @@ class Store:
     def background_step(self, max_units: int = 65536) -> bool:
         """Normalise up to max_units map records; True while work remains. Call when idle, or
         in a loop when pass_urgent(): I/O goes on between (and during) steps."""
-        if self.readonly or self.sb.resolved_below >= self.epoch:
+        if self.readonly or (self.sb.resolved_below >= self.epoch and not self._count_due):
             return False
         with self._pass_lock:
             try:
@@ -598,6 +615,9 @@ class Store:
     def _pass_step(self, max_units: int) -> bool:
         if self._pass_pos == 0:
             self._pass_start = self.epoch
+            with self.map.lock:
+                self._c_pos = self._c_ddm = self._c_pend = 0
+                self._c_live = True
         self._pass_pos = self._normalise(self._pass_pos, max_units)
         if self._pass_pos < self.geo.unit_count:
             if self._pass_dirtied >= PASS_FLUSH_SECTORS or \
@@ -605,8 +625,13 @@ class Store:
                 self._flush_locked()  # a bounded write now (not the whole map at the end),
                 self._pass_dirtied = 0  # after which the pages the pass loaded can be dropped
             return True
+        with self.map.lock:
+            if self._c_live:  # the whole map is behind the cursor: the counts are exact
+                self.dirty_units, self._pending = self._c_ddm, self._c_pend
+                self._c_live, self._c_pos = False, 0
         self._flush_locked(advance_resolved=self._pass_start)
         self._pass_pos = 0  # only now: if the flush failed, the next step retries it
+        self._count_due = False
         if self.sb.resolved_below >= self.epoch:
             self._pending = 0
         return self.sb.resolved_below < self.epoch
@@ -649,7 +674,23 @@ class Store:
                         m.set(u, self._record(u))
                         self._pending -= 1
             self._pass_dirtied += self._pending != before
+            if stop > self._c_pos:  # count each sector once, even if a step is retried
+                self._count_sector(unit, stop, epoch)
             unit = stop
+
+    def _count_sector(self, unit: int, stop: int, epoch: int) -> None:
+        """Caller holds map.lock; units unit..stop-1 were just normalised."""
+        m, raw = self.map, self.map.words[word_index(unit)]
+        if m.uniform_loaded(unit, stop, raw):
+            w = raw & WEPOCH_MASK
+            self._c_ddm += (stop - unit) * (w == epoch)
+            self._c_pend += (stop - unit) * (0 < w < epoch)
+        else:
+            for u in range(unit, stop):
+                w = m.words[word_index(u)] & WEPOCH_MASK
+                self._c_ddm += w == epoch
+                self._c_pend += 0 < w < epoch
+        self._c_pos = stop
 
     # ----- reporting --------------------------------------------------------------------------
 

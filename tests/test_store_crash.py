@@ -399,6 +399,16 @@ class Chain:
                 self.fail(f"unit {u} is marked written though nothing wrote it this epoch")
         model.dirty = {u for u in model.dirty
                        if (store._record(u) & WEPOCH_MASK) == store.epoch}
+        if self.rng.random() < 0.3:  # the first pass after an open recounts the map exactly
+            while store.background_step(self.rng.choice([50, 10_000])):
+                pass
+            words = [store.map.raw(u) & WEPOCH_MASK for u in range(self.units)]
+            counted = (sum(w == store.epoch for w in words),
+                       sum(0 < w < store.epoch for w in words))
+            st = store.status()
+            if (st["dirty_units"], st["pending_units"]) != counted:
+                self.fail(f"after the pass: {st['dirty_units']} written and "
+                          f"{st['pending_units']} pending units, the map holds {counted}")
 
     # ----- one fault point ----------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
 PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms of map work
-PASS_FLUSH_SECTORS = 16384  # the pass writes what it normalised every 8 MiB of map sectors
+PASS_FLUSH_SECTORS = 4096  # the pass writes what it normalised every 2 MiB of map sectors
 PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
 PASS_DROP_WAIT = 0.02  # seconds the pass waits for an idle moment to drop its pages
 
@@ -468,8 +468,8 @@ class Store:
         """Pending work (dirty sectors, unsynced data) is forgotten only once it is durable:
         if any step fails, the next flush does it all again."""
         with self._flush_lock:
-            with self.map.lock:  # snapshot: these records only describe completed writes
-                runs = self.map.take_dirty()
+            runs = self.map.take_dirty()  # these records only describe completed writes
+            with self.map.lock:
                 counters = {"dirty_units": self.dirty_units, "dirty_bytes": self.dirty_bytes,
                             "pending_units": max(self._pending, 0)}
             try:

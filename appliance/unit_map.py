@@ -153,17 +153,25 @@ class UnitMap:
             unit += n
         return True
 
-    def take_dirty(self) -> list[tuple[int, bytes]]:
-        """Seal and copy the changed sectors as (first sector, bytes) runs. Caller holds lock."""
-        runs: list[tuple[int, int]] = []  # [first, end) sector ranges
-        for s in sorted(self.dirty):
-            seal_sector(self._meta, s)
-            if runs and runs[-1][1] == s:
-                runs[-1] = (runs[-1][0], s + 1)
-            else:
-                runs.append((s, s + 1))
-        self.dirty.clear()
-        return [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]
+    def take_dirty(self, chunk: int = 512) -> list[tuple[int, bytes]]:
+        """Seal and copy the changed sectors as (first sector, bytes) runs. Takes the lock
+        itself, `chunk` sectors at a time, so a flush of a large map never holds writers
+        back for long: a sector changed meanwhile is dirty again and goes in the next flush."""
+        with self.lock:
+            todo = sorted(self.dirty)
+            self.dirty.clear()
+        out: list[tuple[int, bytes]] = []
+        for i in range(0, len(todo), chunk):
+            runs: list[tuple[int, int]] = []  # [first, end) sector ranges
+            with self.lock:
+                for s in todo[i:i + chunk]:
+                    seal_sector(self._meta, s)
+                    if runs and runs[-1][1] == s:
+                        runs[-1] = (runs[-1][0], s + 1)
+                    else:
+                        runs.append((s, s + 1))
+                out += [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]
+        return out
 
     def redirty(self, runs: list[tuple[int, bytes]]) -> None:
         """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock."""

@@ -40,6 +40,8 @@ log = logging.getLogger("savepoint.daemon")
 
 TICK = 1.0  # seconds between relock/schedule/watchdog checks
 BACKGROUND_UNITS = 4096  # map units per background step: short, so I/O never waits long
+BACKGROUND_UNITS_LOADED = 1008  # one map page per step while I/O runs (a nearly full ring)
+BACKGROUND_BACKOFF, BACKGROUND_BACKOFF_MAX = 1.0, 60.0  # seconds between retries of a failed pass
 
 
 class StartupError(Exception):
@@ -296,14 +298,47 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _background(self) -> None:
-        """The store's lazy map normaliser, only while no I/O and no command is running."""
+        """The store's lazy map normaliser: while no I/O and no command is running, or, once
+        few history records are left, under load too (short steps, I/O flows between them).
+        An error is logged, shown as a fault, and retried with backoff: the pass never stops."""
         assert self.bus is not None
+        failures = 0
         while True:
-            if self.bus.busy or getattr(self.nbd, "inflight", 0):
+            urgent = bool(getattr(self.store, "pass_urgent", lambda: False)())
+            if not urgent and (self.bus.busy or getattr(self.nbd, "inflight", 0)):
                 await asyncio.sleep(0.05)
                 continue
-            more = await asyncio.to_thread(self.store.background_step, BACKGROUND_UNITS)
-            await asyncio.sleep(0.01 if more else TICK)
+            loaded = urgent and (self.bus.busy or getattr(self.nbd, "inflight", 0))
+            started = time.monotonic()
+            try:
+                more = await asyncio.to_thread(self.store.background_step,
+                                               BACKGROUND_UNITS_LOADED if loaded
+                                               else BACKGROUND_UNITS)
+            except Exception as e:  # noqa: BLE001 - the pass must survive any store error
+                failures += 1
+                delay = min(BACKGROUND_BACKOFF_MAX, BACKGROUND_BACKOFF * 2 ** (failures - 1))
+                self._background_failed(e, failures, delay)
+                await asyncio.sleep(delay)
+                continue
+            if failures:
+                log.info("background pass works again after %d failed attempts", failures)
+                self.bus.set_part("background", "up")
+                failures = 0
+            if not more:
+                await asyncio.sleep(TICK)
+            elif loaded:  # half the time to the pass, half to the I/O (one GIL for both)
+                await asyncio.sleep(max(0.002, time.monotonic() - started))
+            else:
+                await asyncio.sleep(0.01)
+
+    def _background_failed(self, error: Exception, failures: int, delay: float) -> None:
+        assert self.bus is not None
+        reason = f"background pass failed: {error}"
+        hint = (f"retrying in {delay:g} s (attempt {failures}); check the backing storage "
+                "(journalctl -k, free space); SAVE and RESTORE still work until the history "
+                "ring is full")
+        (log.exception if failures == 1 else log.warning)("%s; %s", reason, hint)
+        self.bus.set_part("background", "failed", reason, hint)
 
     async def _status_line(self) -> str:
         assert self.bus is not None
@@ -311,6 +346,8 @@ class Daemon:
         failed = [n for n, p in self.bus.parts.items() if p["state"] == "failed"]
         text = (f"{st['mode']}, epoch {st.get('epoch')}, {st.get('dirty_units', 0)} unsaved "
                 f"units")
+        if st.get("waiting"):
+            text += f", {st['waiting']}"
         return text + (f", failed: {', '.join(failed)}" if failed else "")
 
 

@@ -40,9 +40,10 @@ class HistoryRing:
                     found.append(rec)
             epoch += n
         last = self._last
-        if last is not None and first <= last.epoch < end and \
-                all(r.epoch != last.epoch for r in found):  # torn ring write, read-only open
-            found = sorted([*found, last], key=lambda r: r.epoch)
+        if last is not None and first <= last.epoch < end:  # read-only open of a torn ring:
+            # the superblock's copy wins, as repair() makes it win on a read-write open
+            found = sorted([*(r for r in found if r.epoch != last.epoch), last],
+                           key=lambda r: r.epoch)
         return found
 
     def repair(self, last_raw: bytes, writable: bool) -> None:

@@ -20,6 +20,7 @@ class IoGate:
         self.active = 0
         self._exclusive = False
         self._waiting = 0
+        self._idle_waiters = 0
 
     def enter(self) -> None:
         with self._lock:  # the common case costs one uncontended lock, not a Condition
@@ -34,7 +35,7 @@ class IoGate:
     def leave(self) -> None:
         with self._lock:
             self.active -= 1
-            if not self.active and self._waiting:
+            if not self.active and (self._waiting or self._idle_waiters):
                 self._cond.notify_all()
 
     @contextmanager
@@ -51,3 +52,24 @@ class IoGate:
             with self._cond:
                 self._exclusive = False
                 self._cond.notify_all()
+
+    @contextmanager
+    def exclusive_if_idle(self, timeout: float) -> Iterator[bool]:
+        """Alone, if a moment comes within `timeout` when no request runs; yields whether it
+        did. Unlike exclusive(), new requests are never held back while it waits."""
+        with self._cond:
+            self._idle_waiters += 1
+            try:
+                got = self._cond.wait_for(
+                    lambda: not (self._exclusive or self.active or self._waiting), timeout)
+            finally:
+                self._idle_waiters -= 1
+            if got:
+                self._exclusive = True
+        try:
+            yield got
+        finally:
+            if got:
+                with self._cond:
+                    self._exclusive = False
+                    self._cond.notify_all()

@@ -65,6 +65,10 @@ __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
 
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
+PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms of map work
+PASS_FLUSH_SECTORS = 4096  # the pass writes what it normalised every 2 MiB of map sectors
+PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
+PASS_DROP_WAIT = 0.02  # seconds the pass waits for an idle moment to drop its pages
 
 
 class Store:
@@ -88,10 +92,23 @@ class Store:
         self._zero_unit = bytes(self.unit_size)
         self._pass_pos = 0
         self._pass_start = self.epoch
+        self._pass_lock = threading.Lock()  # one pass step at a time (daemon or a command)
+        self._pass_dirtied = 0  # map sectors the pass changed since it last flushed
+        # The pass also counts the map: behind its cursor (_c_pos, moved under map.lock) it
+        # knows the written (_c_ddm) and pending (_c_pend) units exactly, and writes behind
+        # it adjust both. At its end the counters become exact again (after a power cut they
+        # are as of the last flush), so every read-write open starts with a counting pass.
+        self._c_pos = self._c_ddm = self._c_pend = 0
+        self._c_live = False
+        self._count_due = not readonly
+        self.waiting: str | None = None  # what a command waits for, for status
         self._pending = 0
         self.dirty_units, self.dirty_bytes = self.sb.dirty_units, self.sb.dirty_bytes
         self._closed = False
         self._unsynced = False  # data written since the last sync
+        # A superblock write failed: its slot may hold a copy we did not mean (a command that
+        # may yet commit). Nothing is written until a new superblock there settled it.
+        self._unsettled = False
         self.ring.repair(self.sb.last_record, writable=not readonly)
         self.ring.index(self.sb.resolved_below, self.epoch)
         self._pending = self.sb.pending_units
@@ -237,6 +254,8 @@ class Store:
         unit, within = divmod(offset, self.unit_size)
         self._gate.enter()
         try:
+            if self._unsettled:
+                self._settle()
             if 0 < n and within + n <= self.unit_size:
                 self._write_in_unit(unit, within, data)
             else:
@@ -288,10 +307,17 @@ class Store:
             self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
             with self.map.lock:  # data written first, records after: see the module docstring
                 w = raw & WEPOCH_MASK
-                if w and w < self.epoch:
-                    self._pending -= end - first
+                behind = max(0, min(end, self._c_pos) - first)
+                if w and w < self.epoch:  # the pass may have normalised some meanwhile
+                    uniform = self.map.uniform_loaded(first, end, raw)
+                    self._pending -= (end - first if uniform
+                                      else self.map.count_stale(first, end, self.epoch))
+                    if behind:
+                        self._c_pend -= (behind if uniform else self.map.count_stale(
+                            first, first + behind, self.epoch))
                 if w != self.epoch:
                     self.dirty_units += end - first
+                    self._c_ddm += behind
                 self.map.fill(first, end, new)
         return True
 
@@ -318,9 +344,10 @@ class Store:
             pos += n
 
     def _write_data(self, data: bytes | bytearray | memoryview, phys: int) -> None:
-        self._b.pwrite(data, phys)
-        # Only after the write returned: a flush that clears this flag syncs after it.
-        self._unsynced = True
+        try:
+            self._b.pwrite(data, phys)
+        finally:  # only once the write returned (or failed half-way): a flush that clears
+            self._unsynced = True  # this flag syncs after it
 
     def _first_write(self, unit: int, within: int, chunk: memoryview) -> None:
         """Write into a secondary slot that holds nothing of this epoch yet (copy-up if partial)."""
@@ -348,10 +375,13 @@ class Store:
     def _mark_written(self, unit: int, old: int, new: int) -> None:
         """Caller holds map.lock. old is the normalised record the write started from."""
         raw = self.map.words[word_index(unit)] & WEPOCH_MASK  # loaded: the caller read it
+        behind = unit < self._c_pos
         if raw and raw < self.epoch:
             self._pending -= 1
+            self._c_pend -= behind
         if (old & WEPOCH_MASK) != self.epoch:
             self.dirty_units += 1
+            self._c_ddm += behind
         self.map.set(unit, new)
 
     def trim(self, offset: int, length: int) -> None:
@@ -365,6 +395,8 @@ class Store:
         us = self.unit_size
         first_full, end_full = -(-offset // us), (offset + length) // us
         with self._io():
+            if self._unsettled:
+                self._settle()
             if first_full >= end_full:
                 self._write_locked(offset, memoryview(bytes(length)))
             else:
@@ -433,30 +465,62 @@ class Store:
             self._flush_locked()
 
     def _flush_locked(self, advance_resolved: int | None = None) -> None:
+        """Pending work (dirty sectors, unsynced data) is forgotten only once it is durable:
+        if any step fails, the next flush does it all again."""
         with self._flush_lock:
-            with self.map.lock:  # snapshot: these records only describe completed writes
-                runs = self.map.take_dirty()
+            runs = self.map.take_dirty()  # these records only describe completed writes
+            with self.map.lock:
                 counters = {"dirty_units": self.dirty_units, "dirty_bytes": self.dirty_bytes,
                             "pending_units": max(self._pending, 0)}
-            if self._unsynced:
-                self._unsynced = False
+            try:
+                self._flush_runs(runs, counters, advance_resolved)
+            except BaseException:
+                with self.map.lock:
+                    self.map.redirty(runs)
+                raise
+
+    def _flush_runs(self, runs: list[tuple[int, bytes]], counters: dict[str, int],
+                    advance_resolved: int | None) -> None:
+        if self._unsynced:
+            self._unsynced = False  # cleared first: a write returning meanwhile sets it again
+            try:
                 self._b.sync()  # data first: a durable record never points at unwritten data
-            stale = any(getattr(self.sb, k) != v for k, v in counters.items())
-            if not runs and advance_resolved is None and not stale:
-                return
-            for start, blob in runs:
-                self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
-            if advance_resolved is not None:
-                self._b.sync()  # normalised records durable before the ring may forget epochs
-            changes: dict[str, object] = dict(counters)
-            if advance_resolved is not None:
-                changes["resolved_below"] = advance_resolved
-            self._write_superblock(self.sb.next(**changes))
+            except BaseException:
+                self._unsynced = True
+                raise
+        stale = self._unsettled or any(getattr(self.sb, k) != v for k, v in counters.items())
+        if not runs and advance_resolved is None and not stale:
+            return
+        for start, blob in runs:
+            self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
+        if advance_resolved is not None:
+            self._b.sync()  # normalised records durable before the ring may forget epochs
+        changes: dict[str, object] = dict(counters)
+        if advance_resolved is not None:
+            changes["resolved_below"] = advance_resolved
+        self._write_superblock(self.sb.next(**changes))
 
     def _write_superblock(self, sb: Superblock) -> None:
-        self._b.pwrite(sb.pack(), SB_OFFSETS[sb.seq % 2])
-        self._b.sync()
+        try:
+            self._b.pwrite(sb.pack(), SB_OFFSETS[sb.seq % 2])
+            self._b.sync()
+        except BaseException:
+            self._unsettled = True
+            raise
         self.sb = sb
+        self._unsettled = False
+
+    def _settle(self) -> None:
+        """Caller is inside the gate. After a failed superblock write (maybe a SAVE/RESTORE
+        that may yet commit if the power goes), write the state we are in over it before any
+        new write, so a cut can never join later writes to that command."""
+        self._gate.leave()
+        try:
+            with self._gate.exclusive():
+                if self._unsettled:
+                    self._flush_locked()
+        finally:
+            self._gate.enter()
 
     # ----- SAVE and RESTORE -------------------------------------------------------------------
 
@@ -470,17 +534,48 @@ class Store:
 
     def _commit(self, action: int, source: str, flags: int) -> dict[str, object]:
         self._refuse_readonly()
-        with self._gate.exclusive():
-            try:
-                if self.epoch + 1 - self.sb.resolved_below >= self.geo.hist_cap:
-                    self._finish_pass_now()  # the ring is about to forget an epoch still in use
-                if self.epoch >= MAX_EPOCH:
-                    raise StoreError("the store has used every epoch number; re-create it")
-                if action == SAVE:
-                    self._flush_locked()
-                return self._append_history(action, source, flags).as_dict()
-            except OSError as e:
-                raise StoreIOError(f"I/O error during {source} command: {e}") from e
+        while True:
+            self._wait_for_ring(action)
+            with self._gate.exclusive():
+                if not self._ring_full():  # else a pass restarted by a racing command
+                    return self._commit_locked(action, source, flags)
+
+    def ring_free(self) -> int:
+        """Commands that can commit before the background pass must have finished."""
+        return self.geo.hist_cap - 1 - (self.epoch - self.sb.resolved_below)
+
+    def pass_urgent(self) -> bool:
+        """Few history records are left: the pass should run even while I/O is going on."""
+        return self.sb.resolved_below < self.epoch and \
+            self.ring_free() <= max(1, self.geo.hist_cap // 8)
+
+    def _ring_full(self) -> bool:
+        return self.ring_free() <= 0
+
+    def _wait_for_ring(self, action: int) -> None:
+        """The next record would overwrite one that map records still need: finish the pass
+        first, in slices, with I/O flowing between them (never the whole pass under the gate)."""
+        what = "SAVE" if action == SAVE else "RESTORE"
+        try:
+            while self._ring_full():
+                self.waiting = (f"{what} waits for the background pass "
+                                f"({100 * self._pass_pos // self.geo.unit_count}% done): the "
+                                "history ring is full")
+                self.background_step(PASS_SLICE)
+        finally:
+            self.waiting = None
+
+    def _commit_locked(self, action: int, source: str, flags: int) -> dict[str, object]:
+        try:
+            if self.epoch >= MAX_EPOCH:
+                raise StoreError("the store has used every epoch number; re-create it")
+            if self._unsettled:  # one command in doubt at a time: settle the last one
+                self._flush_locked()
+            if action == SAVE:
+                self._flush_locked()
+            return self._append_history(action, source, flags).as_dict()
+        except OSError as e:
+            raise StoreIOError(f"I/O error during {source} command: {e}") from e
 
     def _append_history(self, action: int, source: str, flags: int) -> HistoryRecord:
         now = time.time_ns()
@@ -494,6 +589,7 @@ class Store:
                                             pending_units=pending, last_record=raw, **stamp))
         self.ring.committed(rec)
         self._pending = pending
+        self._c_pend, self._c_ddm = self._c_pend + self._c_ddm, 0  # behind the cursor
         self.epoch += 1
         self.dirty_units = self.dirty_bytes = 0
         return rec
@@ -501,20 +597,44 @@ class Store:
     # ----- the background pass (claims 19-20) -------------------------------------------------
 
     def background_step(self, max_units: int = 65536) -> bool:
-        """Normalise up to max_units map records; True while work remains. Call when idle."""
-        if self.readonly or self.sb.resolved_below >= self.epoch:
+        """Normalise up to max_units map records; True while work remains. Call when idle, or
+        in a loop when pass_urgent(): I/O goes on between (and during) steps."""
+        if self.readonly or (self.sb.resolved_below >= self.epoch and not self._count_due):
             return False
-        with self._io():
-            if self._pass_pos == 0:
-                self._pass_start = self.epoch
-            self._pass_pos = self._normalise(self._pass_pos, max_units)
-            if self._pass_pos < self.geo.unit_count:
-                return True
-            self._pass_pos = 0
-            self._flush_locked(advance_resolved=self._pass_start)
-            if self.sb.resolved_below >= self.epoch:
-                self._pending = 0
-            return self.sb.resolved_below < self.epoch
+        with self._pass_lock:
+            try:
+                with self._io():
+                    return self._pass_step(max_units)
+            finally:
+                if self.map.transient_pages() > PASS_RESIDENT_PAGES or not self._pass_pos:
+                    # no reader between its check and use of a page; never hold I/O back
+                    with self._gate.exclusive_if_idle(PASS_DROP_WAIT) as alone:
+                        if alone:
+                            self.map.drop_transient()
+
+    def _pass_step(self, max_units: int) -> bool:
+        if self._pass_pos == 0:
+            self._pass_start = self.epoch
+            with self.map.lock:
+                self._c_pos = self._c_ddm = self._c_pend = 0
+                self._c_live = True
+        self._pass_pos = self._normalise(self._pass_pos, max_units)
+        if self._pass_pos < self.geo.unit_count:
+            if self._pass_dirtied >= PASS_FLUSH_SECTORS or \
+                    self.map.transient_pages() > PASS_RESIDENT_PAGES:
+                self._flush_locked()  # a bounded write now (not the whole map at the end),
+                self._pass_dirtied = 0  # after which the pages the pass loaded can be dropped
+            return True
+        with self.map.lock:
+            if self._c_live:  # the whole map is behind the cursor: the counts are exact
+                self.dirty_units, self._pending = self._c_ddm, self._c_pend
+                self._c_live, self._c_pos = False, 0
+        self._flush_locked(advance_resolved=self._pass_start)
+        self._pass_pos = 0  # only now: if the flush failed, the next step retries it
+        self._count_due = False
+        if self.sb.resolved_below >= self.epoch:
+            self._pending = 0
+        return self.sb.resolved_below < self.epoch
 
     def _normalise(self, unit: int, budget: int) -> int:
         """Normalise records from `unit` on; returns where to continue."""
@@ -523,22 +643,54 @@ class Store:
             page = unit // UNITS_PER_PAGE
             page_end = min((page + 1) * UNITS_PER_PAGE, count)
             if not self.map.loaded[page]:
-                self.map.load_page(page)
+                self.map.load_page(page, transient=True)
             with self.map.lock:
-                for u in range(unit, page_end):
-                    raw = self.map.words[word_index(u)]
-                    w = raw & WEPOCH_MASK
-                    if w and w < epoch and u // RECS_PER_SECTOR not in self.map.bad_sectors:
-                        self.map.set(u, self._record(u))
-                        self._pending -= 1
+                self._normalise_page(unit, page_end, epoch)
             budget -= page_end - unit
             unit = page_end
         return unit
 
-    def _finish_pass_now(self) -> None:
-        self._pass_start, self._pass_pos = self.epoch, 0
-        self._normalise(0, self.geo.unit_count)
-        self._flush_locked(advance_resolved=self._pass_start)
+    def _normalise_page(self, unit: int, end: int, epoch: int) -> None:
+        """Caller holds map.lock. A sector of identical records (the common case: written
+        together, or never) is normalised with one comparison and one fill."""
+        m = self.map
+        while unit < end:
+            s = unit // RECS_PER_SECTOR
+            stop = min((s + 1) * RECS_PER_SECTOR, end)
+            if s in m.bad_sectors:
+                unit = stop
+                continue
+            raw = m.words[word_index(unit)]
+            before = self._pending
+            if m.uniform_loaded(unit, stop, raw):
+                w = raw & WEPOCH_MASK
+                if w and w < epoch:
+                    m.fill(unit, stop, self._record(unit))
+                    self._pending -= stop - unit
+            else:
+                for u in range(unit, stop):
+                    w = m.words[word_index(u)] & WEPOCH_MASK
+                    if w and w < epoch:
+                        m.set(u, self._record(u))
+                        self._pending -= 1
+            self._pass_dirtied += self._pending != before
+            if stop > self._c_pos:  # count each sector once, even if a step is retried
+                self._count_sector(unit, stop, epoch)
+            unit = stop
+
+    def _count_sector(self, unit: int, stop: int, epoch: int) -> None:
+        """Caller holds map.lock; units unit..stop-1 were just normalised."""
+        m, raw = self.map, self.map.words[word_index(unit)]
+        if m.uniform_loaded(unit, stop, raw):
+            w = raw & WEPOCH_MASK
+            self._c_ddm += (stop - unit) * (w == epoch)
+            self._c_pend += (stop - unit) * (0 < w < epoch)
+        else:
+            for u in range(unit, stop):
+                w = m.words[word_index(u)] & WEPOCH_MASK
+                self._c_ddm += w == epoch
+                self._c_pend += 0 < w < epoch
+        self._c_pos = stop
 
     # ----- reporting --------------------------------------------------------------------------
 
@@ -553,6 +705,8 @@ class Store:
             "dirty_bytes": self.dirty_bytes,
             "pending_units": pending,
             "background_progress": (self._pass_pos / self.geo.unit_count) if pending else 1.0,
+            "ring_free": self.ring_free(),
+            "waiting": self.waiting,
             "last_save": self.sb.last_save_ns / 1e9 or None,
             "last_restore": self.sb.last_restore_ns / 1e9 or None,
             "uuid": str(uuidlib.UUID(bytes=self.sb.uuid)),

@@ -100,18 +100,22 @@ def plan_geometry(logical_size: int, unit: int, hist_cap: int = DEFAULT_HIST_CAP
                     (slot0, slot1))
 
 
-def geometry_for_capacity(capacity: int, unit: int) -> Geometry:
+def geometry_for_capacity(capacity: int, unit: int,
+                          hist_cap: int = DEFAULT_HIST_CAP) -> Geometry:
     """The largest disk whose store fits in capacity bytes (a block device)."""
     check_unit_size(unit)
-    guess = (capacity - 16 * MiB) // (2 * unit + 5) * unit
-    guess -= guess % SECTOR
-    while guess > 0:
-        geo = plan_geometry(guess, unit)
-        if geo.total_size <= capacity:
-            return geo
-        guess -= max(unit, (geo.total_size - capacity) // 2 + unit)
-        guess -= guess % unit
-    raise ValueError(f"{capacity} bytes are too small for a store with {unit}-byte units")
+    lo, hi = 0, max(capacity // (2 * unit), 0)  # in units; a disk of lo units always fits
+    while lo < hi:  # total_size grows with the disk size: bisect
+        mid = (lo + hi + 1) // 2
+        if plan_geometry(mid * unit, unit, hist_cap).total_size <= capacity:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        need = plan_geometry(unit, unit, hist_cap).total_size
+        raise ValueError(f"{capacity} bytes are too small for a store with {unit}-byte units "
+                         f"(the smallest needs {need})")
+    return plan_geometry(lo * unit, unit, hist_cap)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import stat
 import subprocess
 import time
 
-from appliance.backing import FileBacking, block_device_size
+from appliance.backing import Backing, FileBacking, block_device_size
 from appliance.store_format import (
     DEFAULT_HIST_CAP,
     SB_OFFSETS,
@@ -106,19 +106,28 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
         finally:
             os.close(fd)
     backing = FileBacking(path)
-    try:
-        if is_block:  # a regular file is already all zeros; a device needs its metadata zeroed
-            _zero(backing, 0, geo.meta_off + geo.meta_len, progress)
-        sb = Superblock(geometry=geo, uuid=secrets.token_bytes(16), created_ns=time.time_ns())
-        backing.pwrite(sb.pack(), SB_OFFSETS[0])
-        backing.pwrite(bytes(SB_SIZE), SB_OFFSETS[1])
-        backing.sync()
+    try:  # a regular file is already all zeros; a device needs its metadata zeroed
+        write_fresh_store(backing, geo, zero_meta=is_block, progress=progress)
     finally:
         backing.close()
     return geo
 
 
-def _zero(backing: FileBacking, start: int, end: int, progress) -> None:
+def write_fresh_store(backing: Backing, geo: Geometry, zero_meta: bool, progress=None) -> None:
+    """Make `backing` an empty store. Whatever it held is unreachable before the new
+    superblock can be durable: a cut at any point leaves the old store, no store, or the new
+    one, never the new superblock over the old map."""
+    backing.pwrite(bytes(2 * SB_SIZE), 0)  # the old store (if any) can no longer be opened
+    backing.sync()
+    if zero_meta:
+        _zero(backing, 2 * SB_SIZE, geo.meta_off + geo.meta_len, progress)
+        backing.sync()
+    sb = Superblock(geometry=geo, uuid=secrets.token_bytes(16), created_ns=time.time_ns())
+    backing.pwrite(sb.pack(), SB_OFFSETS[0])
+    backing.sync()
+
+
+def _zero(backing: Backing, start: int, end: int, progress) -> None:
     chunk = bytes(ZERO_CHUNK)
     for off in range(start, end, ZERO_CHUNK):
         backing.pwrite(chunk[:min(ZERO_CHUNK, end - off)], off)

@@ -17,6 +17,7 @@ from appliance.store_format import (
     SECTOR,
     SECTORS_PER_PAGE,
     UNITS_PER_PAGE,
+    WEPOCH_MASK,
     WORDS_PER_SECTOR,
     Geometry,
     seal_sector,
@@ -39,9 +40,11 @@ class UnitMap:
         self.loaded = bytearray(geo.meta_len // PAGE)
         self.bad_sectors: set[int] = set()
         self.dirty: set[int] = set()
+        self._transient: set[int] = set()  # pages only the background pass has loaded
         self.lock = threading.Lock()  # guards every record change and the dirty set
 
-    def load_page(self, page: int) -> None:
+    def load_page(self, page: int, transient: bool = False) -> None:
+        """transient: loaded by the background pass only, so drop_transient may unload it."""
         with self.lock:
             if self.loaded[page]:
                 return
@@ -51,6 +54,27 @@ class UnitMap:
                 if not sector_ok(self._meta, s):
                     self.bad_sectors.add(s)
             self.loaded[page] = 1
+            if transient:
+                self._transient.add(page)
+
+    def transient_pages(self) -> int:
+        return len(self._transient)
+
+    def drop_transient(self) -> None:
+        """Unload the clean pages the pass loaded (their records are on disk), so a pass over
+        the whole map keeps a bounded number resident. The caller guarantees that no request
+        is reading records (the store holds its I/O gate exclusively)."""
+        step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
+        with self.lock:
+            for group in sorted({p - p % step for p in self._transient}):
+                pages = range(group, min(group + step, len(self.loaded)))
+                if any(s in self.dirty or s in self.bad_sectors for p in pages
+                       for s in range(p * SECTORS_PER_PAGE, (p + 1) * SECTORS_PER_PAGE)):
+                    continue  # not on disk yet: a later flush writes it, and it stays loaded
+                self._meta.madvise(mmap.MADV_DONTNEED, group * PAGE, len(pages) * PAGE)
+                for p in pages:
+                    self.loaded[p] = 0
+            self._transient.clear()
 
     def raw(self, unit: int) -> int:
         """The record as stored; a record whose sector failed its checksum is never trusted."""
@@ -117,14 +141,47 @@ class UnitMap:
             unit += n
         return raw
 
-    def take_dirty(self) -> list[tuple[int, bytes]]:
-        """Seal and copy the changed sectors as (first sector, bytes) runs. Caller holds lock."""
-        runs: list[tuple[int, int]] = []  # [first, end) sector ranges
-        for s in sorted(self.dirty):
-            seal_sector(self._meta, s)
-            if runs and runs[-1][1] == s:
-                runs[-1] = (runs[-1][0], s + 1)
-            else:
-                runs.append((s, s + 1))
-        self.dirty.clear()
-        return [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]
+    def uniform_loaded(self, first: int, end: int, raw: int) -> bool:
+        """Whether units first..end-1 (loaded) all hold `raw`. Lock-free: no page loads."""
+        pattern = raw.to_bytes(4, "little")
+        unit = first
+        while unit < end:
+            n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
+            w = word_index(unit) * 4
+            if self._meta[w:w + 4 * n] != pattern * n:
+                return False
+            unit += n
+        return True
+
+    def take_dirty(self, chunk: int = 512) -> list[tuple[int, bytes]]:
+        """Seal and copy the changed sectors as (first sector, bytes) runs. Takes the lock
+        itself, `chunk` sectors at a time, so a flush of a large map never holds writers
+        back for long: a sector changed meanwhile is dirty again and goes in the next flush."""
+        with self.lock:
+            todo = sorted(self.dirty)
+            self.dirty.clear()
+        out: list[tuple[int, bytes]] = []
+        for i in range(0, len(todo), chunk):
+            runs: list[tuple[int, int]] = []  # [first, end) sector ranges
+            with self.lock:
+                for s in todo[i:i + chunk]:
+                    seal_sector(self._meta, s)
+                    if runs and runs[-1][1] == s:
+                        runs[-1] = (runs[-1][0], s + 1)
+                    else:
+                        runs.append((s, s + 1))
+                out += [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]
+        return out
+
+    def redirty(self, runs: list[tuple[int, bytes]]) -> None:
+        """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock."""
+        for first, blob in runs:
+            self.dirty.update(range(first, first + len(blob) // SECTOR))
+
+    def count_stale(self, first: int, end: int, epoch: int) -> int:
+        """Records of units first..end-1 with 0 < wepoch < epoch (loaded). Caller holds lock."""
+        n = 0
+        for u in range(first, end):
+            w = self.words[word_index(u)] & WEPOCH_MASK
+            n += 0 < w < epoch
+        return n

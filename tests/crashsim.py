@@ -12,15 +12,23 @@ cache can leave it (a sub-sector write carries the whole sector as it was in the
 goes: a pwrite/discard is still recorded (volatile, so the cut may keep or drop it), a sync is
 not performed, and PowerCut is raised, so the cut can land in the middle of a store command.
 Every later operation raises PowerCut too: the process is dead.
+
+`inject` makes an operation fail with an OSError (EIO, ENOSPC...) instead, once or until
+`heal`: a failed pwrite/discard leaves a random subset of its sectors applied (volatile, as a
+short write or a half-done writeback would), a failed sync makes nothing durable (the writes
+stay volatile; a later sync makes them durable), a failed pread leaves the buffer untouched.
+The process lives on: the store sees the error and the test goes on with retries.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 
 from appliance.store_format import DEFAULT_HIST_CAP
@@ -32,6 +40,31 @@ Guard = Callable[[str, int, int], None]  # (kind, offset, length), called before
 
 class PowerCut(Exception):
     """The simulated power went away; the store object that saw it must be dropped."""
+
+
+OPS = ("pread", "pwrite", "sync", "discard")
+
+
+@dataclass
+class Fault:
+    """Fail the `after`-th matching operation from now on (and every later one if persistent)."""
+
+    kinds: frozenset[str]
+    err: int = errno.EIO
+    after: int = 1
+    persistent: bool = False
+    fired: int = 0  # operations failed so far
+
+    def hits(self, kind: str) -> bool:
+        if kind not in self.kinds:
+            return False
+        if self.after > 1:
+            self.after -= 1
+            return False
+        if self.fired and not self.persistent:
+            return False
+        self.fired += 1
+        return True
 
 
 class CrashBacking:
@@ -52,6 +85,31 @@ class CrashBacking:
         self._base: dict[int, bytes] = {}  # sector -> synced content, for sectors touched since
         self._pending: list[tuple[int, bytes]] = []  # (first sector, sectors right after write)
         self._lock = threading.Lock()  # the store issues I/O from many threads
+        self.fault: Fault | None = None
+        self.rng = random.Random(0)  # which sectors of a failed write land
+
+    # ----- faults -----------------------------------------------------------------------------
+
+    def inject(self, kinds: Iterable[str] = OPS, err: int = errno.EIO, after: int = 1,
+               persistent: bool = False) -> Fault:
+        self.fault = Fault(frozenset(kinds), err, after, persistent)
+        return self.fault
+
+    def heal(self) -> None:
+        self.fault = None
+
+    def _failing(self, kind: str) -> OSError | None:
+        """Caller holds the lock."""
+        if self.fault is None or not self.fault.hits(kind):
+            return None
+        return OSError(self.fault.err, f"simulated {os.strerror(self.fault.err)} on {kind}")
+
+    def _apply_some(self, data: bytes, offset: int) -> None:
+        """A failed write: each sector of it may have landed (volatile) or not."""
+        for s in range(offset // SECTOR, -(-(offset + len(data)) // SECTOR)):
+            if self.rng.random() < 0.5:
+                a, b = max(offset, s * SECTOR), min(offset + len(data), (s + 1) * SECTOR)
+                self._apply(data[a - offset:b - offset], a)
 
     # ----- the Backing protocol ---------------------------------------------------------------
 
@@ -59,6 +117,9 @@ class CrashBacking:
         if self.dead:
             raise PowerCut("read after the power cut")
         with self._lock:
+            err = self._failing("pread")
+            if err:
+                raise err
             buf[:] = self.image[offset:offset + len(buf)]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -67,6 +128,10 @@ class CrashBacking:
             self.writes += 1
             if self.guard:
                 self.guard("pwrite", offset, len(data))
+            err = None if cut else self._failing("pwrite")
+            if err:
+                self._apply_some(bytes(data), offset)
+                raise err
             self._apply(bytes(data), offset)
         if cut:
             raise PowerCut(f"power cut during pwrite #{self.ops} at {offset}+{len(data)}")
@@ -77,6 +142,10 @@ class CrashBacking:
             cut = self._tick()
             if self.guard:
                 self.guard("discard", offset, length)
+            err = None if cut else self._failing("discard")
+            if err:
+                self._apply_some(bytes(length), offset)
+                raise err
             if length > 0:
                 self._apply(bytes(length), offset)
         if cut:
@@ -85,6 +154,9 @@ class CrashBacking:
     def sync(self) -> None:
         with self._lock:
             cut = self._tick()
+            err = None if cut else self._failing("sync")
+            if err:
+                raise err
             if not cut:
                 self.syncs += 1
                 self._base.clear()

@@ -15,12 +15,23 @@ previous cut). After every cut the store is reopened and checked against a refer
 (d) the store opens, reports status, and the chain goes on writing and saving on it.
 Invariant 1 is checked on every backing write: none may touch a unit's primary slot.
 
-SAVEPOINT_CRASH_POINTS sets the number of crash points (default 2000).
-SAVEPOINT_CRASH_SEED=<seed> replays one chain (the seed a failure prints).
+Fault points do the same with I/O errors: any backing operation (pread, pwrite, sync, discard)
+fails with EIO or ENOSPC, once or until the disk "recovers", in the middle of the same random
+workload; the chain goes on through the errors, then retries, writes, commands, background
+steps, power cuts and reopens. On top of (a)-(d): a failed write leaves each of its sectors
+old or new, a failed SAVE/RESTORE committed or not (never a mix, never with later writes),
+a retried FLUSH makes everything before it durable, a clean reopen shows exactly what was
+written, and a read-only open shows what a read-write one does (same epoch, history, saved
+and visible data).
+
+SAVEPOINT_CRASH_POINTS and SAVEPOINT_FAULT_POINTS set the number of crash and fault points
+(default 2000 each). SAVEPOINT_CRASH_SEED=<seed> replays one chain (the seed a failure prints;
+SAVEPOINT_FAULT_SEED for a fault chain).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sys
@@ -28,12 +39,13 @@ import threading
 
 import pytest
 
-from appliance.store import Store
+from appliance.store import Store, StoreError
 from appliance.store_format import WEPOCH_MASK
-from tests.crashsim import CrashBacking, PowerCut, new_backing
+from tests.crashsim import OPS, CrashBacking, PowerCut, new_backing
 
 S = 512
 POINTS = int(os.environ.get("SAVEPOINT_CRASH_POINTS", "2000"))
+FAULT_POINTS = int(os.environ.get("SAVEPOINT_FAULT_POINTS", "2000"))
 PER_CHAIN = 25
 BATCHES = 4
 BASE_SEED = 0x5A7E
@@ -100,6 +112,8 @@ class Chain:
         self.backing = new_backing(self.size, self.unit, self.hist_cap, guard=self._guard)
         self.store: Store | None = Store(self.backing)
         self.geo = self.store.geo
+        self.uncertain: str | None = None  # a SAVE/RESTORE that failed and may yet commit
+        self.replay_var = "SAVEPOINT_CRASH_SEED"
 
     # ----- invariant 1 ----------------------------------------------------------------------
 
@@ -114,7 +128,7 @@ class Chain:
 
     def fail(self, what: str) -> None:
         tail = "\n".join(f"  {op}" for op in self.log[-60:])
-        raise AssertionError(f"{what}\nseed {self.seed} (replay: SAVEPOINT_CRASH_SEED={self.seed}"
+        raise AssertionError(f"{what}\nseed {self.seed} (replay: {self.replay_var}={self.seed}"
                              f"); units {self.units}, size {self.size}, hist_cap {self.hist_cap};"
                              f" last operations:\n{tail}")
 
@@ -145,6 +159,55 @@ class Chain:
             return (kind, self.rng.choice([1, 50, 10_000]))
         return (kind,)
 
+    def _attempt(self, op: tuple[object, ...]) -> bool:
+        """Run op while faults are injected: an I/O error is an answer, not a test failure."""
+        store, model = self.store, self.model
+        assert store is not None
+        before, dirty = bytes(model.visible), set(model.dirty)
+        was_unsettled, seq = store._unsettled, store.sb.seq
+        try:
+            self._run(op)
+        except (StoreError, OSError) as e:
+            self.log.append(("failed", repr(e)))
+            if op[0] in ("write", "trim", "zero"):
+                model.visible[:] = before
+                model.dirty = dirty
+                self._settle_range(int(op[1]), int(op[2]))  # type: ignore[call-overload]
+            elif op[0] in ("save", "restore") and store._unsettled and \
+                    not (was_unsettled and store.sb.seq == seq):  # it got to its superblock
+                self.uncertain = str(op[0])
+            if store.epoch != model.epoch:
+                self.fail(f"epoch {store.epoch} after a failed {op}, model says {model.epoch}")
+            return False
+        if self.uncertain and not store._unsettled:
+            self.uncertain = None  # a later superblock settled it: the command did not commit
+        return True
+
+    def _settle_range(self, off: int, length: int) -> None:
+        """After a failed write: each sector shows its old or its new content, and the model
+        learns which (a read with the fault held back: reads change nothing)."""
+        if not length:
+            return
+        fault, self.backing.fault = self.backing.fault, None
+        try:
+            assert self.store is not None
+            lo, hi = off // S * S, -(-(off + length) // S) * S
+            got = self.store.read(lo, hi - lo)
+            for u in range(off // self.unit, (off + length - 1) // self.unit + 1):
+                if (self.store._record(u) & WEPOCH_MASK) == self.store.epoch:
+                    self.model.dirty.add(u)  # the write reached this unit's map record
+        finally:
+            self.backing.fault = fault
+        model = self.model
+        for s in range(lo // S, hi // S):
+            now = got[s * S - lo:(s + 1) * S - lo]
+            v = model.versions[s]
+            if now not in v[model.floor.get(s, 0):]:
+                self.fail(f"sector {s} shows content never written to it after a failed write")
+            if now != v[-1]:
+                v.append(now)
+            model.visible[s * S:(s + 1) * S] = now
+
     def _run(self, op: tuple[object, ...]) -> None:
         store, model, kind = self.store, self.model, op[0]
         assert store is not None
@@ -174,7 +237,16 @@ class Chain:
         elif kind == "reopen":
             store.close()
             model.flushed()
-            self.store = Store(self.backing)
+            try:
+                self.store = Store(self.backing)
+            except (StoreError, OSError) as e:
+                if self.backing.fault is None:
+                    raise
+                self.log.append(("failed", f"open: {e!r}; opened again once the disk answers"))
+                fault, self.backing.fault = self.backing.fault, None
+                self.store = Store(self.backing)
+                self.backing.fault = fault
+            self._check_exact("a clean reopen")
         if self.store.epoch != model.epoch:
             self.fail(f"epoch {self.store.epoch} after {op}, model says {model.epoch}")
 
@@ -200,26 +272,67 @@ class Chain:
         else:
             self.log.append(("cut", "between commands"))
         self._recover()
-        self._check(inflight)
+        self._check(inflight or self.uncertain)
+        self.uncertain = None
 
     def _recover(self) -> None:
-        """Power back on; sometimes the power goes again while the store opens."""
+        """Power back on; sometimes the power goes again while the store opens, or an I/O
+        error stops the open (then it is simply tried again)."""
         backing: CrashBacking = self.backing
         while True:
             backing = backing.power_cut(self.rng)
             backing.guard = self._guard
-            if self.rng.random() < 0.1:
+            readonly = self._open_readonly(backing)
+            r = self.rng.random()
+            if r < 0.1:
                 backing.cut_at = 1
+            elif r < 0.2:
+                backing.inject(self.rng.choice([OPS, ("pwrite",), ("sync",)]), after=1)
             try:
                 self.store = Store(backing)
             except PowerCut:
                 self.log.append(("cut", "while opening"))
                 continue
+            except (StoreError, OSError) as e:
+                if backing.fault is None or not backing.fault.fired:
+                    self.fail(f"the store does not open after a power cut: {e!r}")
+                self.log.append(("failed", f"open: {e!r}"))
+                backing.heal()
+                self.store = Store(backing)
             except Exception as e:  # noqa: BLE001 - report with the seed
                 self.fail(f"the store does not open after a power cut: {e!r}")
             backing.cut_at = None
+            backing.heal()
             self.backing = backing
+            self._compare(readonly, self.store)
             return
+
+    def _open_readonly(self, backing: CrashBacking) -> Store:
+        try:
+            return Store(backing, readonly=True)  # before the read-write open repairs anything
+        except Exception as e:  # noqa: BLE001 - report with the seed
+            self.fail(f"a read-only open fails after a power cut: {e!r}")
+            raise
+
+    def _compare(self, ro: Store, rw: Store) -> None:
+        """A read-only open (inspect, history, check) agrees with the read-write one."""
+        n = self.size
+        for what, a, b in [("epoch", ro.epoch, rw.epoch),
+                           ("history", ro.history(), rw.history()),
+                           ("saved image", ro.read_saved(0, n), rw.read_saved(0, n)),
+                           ("visible disk", ro.read(0, n), rw.read(0, n))]:
+            if a != b:
+                self.fail(f"a read-only open disagrees with a read-write one on the {what}")
+
+    def _check_exact(self, when: str) -> None:
+        """No cut since everything was flushed: the disk is exactly what the model holds."""
+        assert self.store is not None
+        if self.store.read_saved(0, self.size) != self.model.saved:
+            self.fail(f"the saved image differs from the last SAVE after {when}")
+        visible = self.store.read(0, self.size)
+        if visible != self.model.visible:
+            self.fail(f"the disk differs at byte {_first_diff(visible, self.model.visible)} "
+                      f"from what was written, after {when}")
 
     def _check(self, inflight: str | None) -> None:
         store, model = self.store, self.model
@@ -286,6 +399,55 @@ class Chain:
                 self.fail(f"unit {u} is marked written though nothing wrote it this epoch")
         model.dirty = {u for u in model.dirty
                        if (store._record(u) & WEPOCH_MASK) == store.epoch}
+        if self.rng.random() < 0.3:  # the first pass after an open recounts the map exactly
+            while store.background_step(self.rng.choice([50, 10_000])):
+                pass
+            words = [store.map.raw(u) & WEPOCH_MASK for u in range(self.units)]
+            counted = (sum(w == store.epoch for w in words),
+                       sum(0 < w < store.epoch for w in words))
+            st = store.status()
+            if (st["dirty_units"], st["pending_units"]) != counted:
+                self.fail(f"after the pass: {st['dirty_units']} written and "
+                          f"{st['pending_units']} pending units, the map holds {counted}")
+
+    # ----- one fault point ----------------------------------------------------------------------
+
+    def fault_point(self) -> None:
+        """I/O errors in the middle of a workload, then a power cut, or recovery and retries."""
+        rng = self.rng
+        kinds = rng.choice([OPS, ("pwrite",), ("sync",), ("pread",), ("discard",),
+                            ("pwrite", "sync")])
+        err = rng.choice([errno.EIO, errno.ENOSPC])
+        fault = self.backing.inject(kinds, err, rng.randint(1, 30), rng.random() < 0.3)
+        self.backing.rng = random.Random(rng.random())
+        self.log.append(("fault", sorted(kinds), errno.errorcode[err], fault.after,
+                         "persistent" if fault.persistent else "once"))
+        for _ in range(rng.randint(3, 30)):
+            op = self._next_op()
+            self.log.append(op)
+            self._attempt(op)
+        self.backing.heal()
+        r = rng.random()
+        if r < 0.3:  # the power goes while the disk is still failing
+            self.backing.cut_at = self.backing.ops + 1
+            self.crash_point_now()
+            return
+        self.log.append(("healed",))
+        self._run(("flush",))  # the retry must succeed and make everything before it durable
+        if self.store is not None and self.store._unsettled:
+            self.fail("a successful flush left the store unsettled")
+        self.uncertain = None
+        self._check_exact("the faults and a successful retry")
+        if r < 0.65:
+            self.crash_point()
+        else:
+            self._run(("reopen",))
+
+    def crash_point_now(self) -> None:
+        self.log.append(("cut", "during the faults"))
+        self._recover()
+        self._check(self.uncertain)
+        self.uncertain = None
 
     def finish(self) -> None:
         """(d) in full: the store still takes writes, a flush and a SAVE after all the cuts."""
@@ -302,10 +464,12 @@ def _first_diff(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return next((i for i in range(len(a)) if a[i] != b[i]), -1)
 
 
-def run_chain(seed: int, points: int) -> None:
+def run_chain(seed: int, points: int, faults: bool = False) -> None:
     chain = Chain(seed)
+    if faults:
+        chain.replay_var = "SAVEPOINT_FAULT_SEED"
     for _ in range(points):
-        chain.crash_point()
+        chain.fault_point() if faults else chain.crash_point()
     chain.finish()
 
 
@@ -323,6 +487,22 @@ def test_power_cuts_keep_the_durability_contract(batch: int) -> None:
         return
     for seed in _seeds(batch):
         run_chain(seed, PER_CHAIN)
+
+
+def _fault_seeds(batch: int) -> list[int]:
+    chains = -(-FAULT_POINTS // PER_CHAIN)
+    return [BASE_SEED * 3 + i for i in range(batch, chains, BATCHES)]
+
+
+@pytest.mark.parametrize("batch", range(BATCHES))
+def test_io_errors_keep_the_durability_contract(batch: int) -> None:
+    replay = os.environ.get("SAVEPOINT_FAULT_SEED")
+    if replay:
+        if batch == 0:
+            run_chain(int(replay), PER_CHAIN, faults=True)
+        return
+    for seed in _fault_seeds(batch):
+        run_chain(seed, PER_CHAIN, faults=True)
 
 
 def test_crashsim_power_cut_keeps_synced_data_and_tears_the_rest() -> None:
@@ -348,10 +528,58 @@ def test_crashsim_power_cut_keeps_synced_data_and_tears_the_rest() -> None:
 # ----- many requests in flight: the NBD server issues I/O from several threads ---------------
 
 THREAD_ROUNDS = max(10, POINTS // 20)
+NEVER = 1 << 62
+
+
+class History:
+    """Concurrent writes to shared sectors, ordered by a logical clock: a sector may show any
+    write to it, unless a later write to it had finished before a FLUSH that returned."""
+
+    def __init__(self, saved: bytes) -> None:
+        self.saved = saved
+        self.lock = threading.Lock()
+        self.clock = 0
+        self.writes: dict[int, list[tuple[bytes, int, int]]] = {}  # sector -> (data, start, end)
+        self.flushed = 0  # clock at the start of the latest FLUSH that returned
+
+    def tick(self) -> int:
+        with self.lock:
+            self.clock += 1
+            return self.clock
+
+    def writing(self, offset: int, data: bytes) -> list[tuple[int, int]]:
+        """Before the store sees the write (a cut may land half-way): it has no end yet."""
+        start = self.tick()
+        with self.lock:
+            keys = []
+            for i in range(0, len(data), S):
+                ws = self.writes.setdefault((offset + i) // S, [])
+                ws.append((data[i:i + S], start, NEVER))
+                keys.append(((offset + i) // S, len(ws) - 1))
+            return keys
+
+    def wrote(self, keys: list[tuple[int, int]]) -> None:
+        end = self.tick()
+        with self.lock:
+            for s, i in keys:
+                data, start, _ = self.writes[s][i]
+                self.writes[s][i] = (data, start, end)
+
+    def flush_done(self, start: int) -> None:
+        with self.lock:
+            self.flushed = max(self.flushed, start)
+
+    def allowed(self, s: int, got: bytes) -> bool:
+        ws = [(self.saved[s * S:(s + 1) * S], 0, 0), *self.writes.get(s, [])]
+        for data, _start, end in ws:
+            if data == got and not any(st > end and e < self.flushed for _d, st, e in ws):
+                return True
+        return False
 
 
 def _threaded_round(seed: int) -> None:
-    """Writers on disjoint regions (FUA, flush) and the background pass, then a power cut."""
+    """Writers sharing units (partial and whole-unit runs, flushes) and the background pass on
+    a store whose every unit is pending, then a power cut."""
     rng = random.Random(seed)
     unit, units, writers = 4096, 64, 4
     size = units * unit
@@ -359,40 +587,29 @@ def _threaded_round(seed: int) -> None:
     store = Store(backing)
     saved = rng.randbytes(size)
     store.write(0, saved)
-    store.save("test")  # every unit pending in the background pass, copy-ups read saved data
-    versions: dict[int, list[bytes]] = {}
-    floor: dict[int, int] = {}
-    lock = threading.Lock()
-    backing.cut_at = backing.ops + rng.randint(1, 200)
+    store.save("test")  # every unit pending, records uniform: whole-unit runs take one pwrite
+    hist = History(saved)
+    live = rng.random() < 0.3  # no cut while the threads run: then the live counters are checked
+    backing.cut_at = None if live else backing.ops + rng.randint(1, 300)
 
-    def writer(t: int, wrng: random.Random) -> None:
-        lo = t * units // writers * unit
-        span = units // writers * unit
-        mine = bytearray(saved[lo:lo + span])
+    def writer(wrng: random.Random) -> None:
         try:
-            for _ in range(60):
+            for _ in range(40):
                 if wrng.random() < 0.15:
-                    with lock:
-                        mark = {s: len(versions[s]) - 1 for s in range(lo // S, (lo + span) // S)
-                                if s in versions}
+                    start = hist.tick()
                     store.flush()
-                    with lock:
-                        floor.update(mark)
+                    hist.flush_done(start)
                     continue
-                off = wrng.randrange(span)
-                data = wrng.randbytes(wrng.randint(1, min(3 * unit, span - off)))
-                mine[off:off + len(data)] = data
-                sectors = range((lo + off) // S, -(-(lo + off + len(data)) // S))
-                with lock:
-                    for s in sectors:
-                        r = s * S - lo
-                        versions.setdefault(s, [saved[s * S:(s + 1) * S]]).append(
-                            bytes(mine[r:r + S]))
-                fua = wrng.random() < 0.2
-                store.write(lo + off, data, fua=fua)
-                if fua:
-                    with lock:
-                        floor.update({s: len(versions[s]) - 1 for s in sectors})
+                if wrng.random() < 0.4:  # whole units: the one-pwrite run path
+                    n = wrng.randint(3, 8)
+                    off = wrng.randrange(units - n + 1) * unit
+                    data = wrng.randbytes(n * unit)
+                else:  # sectors: copy-ups and in-place writes in units others write too
+                    off = wrng.randrange(size // S) * S
+                    data = wrng.randbytes(min(wrng.randint(1, 3 * unit // S) * S, size - off))
+                keys = hist.writing(off, data)
+                store.write(off, data)
+                hist.wrote(keys)
         except PowerCut:
             return
 
@@ -403,21 +620,27 @@ def _threaded_round(seed: int) -> None:
         except PowerCut:
             return
 
-    threads = [threading.Thread(target=writer, args=(t, random.Random(rng.random())))
-               for t in range(writers)] + [threading.Thread(target=background)]
+    threads = [threading.Thread(target=writer, args=(random.Random(rng.random()),))
+               for _ in range(writers)] + [threading.Thread(target=background)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    after = Store(backing.power_cut(rng))
     where = f"threaded round seed {seed} (replay: _threaded_round({seed}))"
+    if live:
+        epoch = store.epoch
+        pending = sum(1 for u in range(units) if 0 < store.map.raw(u) & WEPOCH_MASK < epoch)
+        ddm = sum(1 for u in range(units) if store.map.raw(u) & WEPOCH_MASK == epoch)
+        st = store.status()
+        assert (st["pending_units"], st["dirty_units"]) == (pending, ddm), (
+            f"counters {st['pending_units']}, {st['dirty_units']} but the map holds {pending} "
+            f"pending and {ddm} written units: {where}")
+    after = Store(backing.power_cut(rng))
     assert after.read_saved(0, size) == saved, f"saved image changed: {where}"
     visible = after.read(0, size)
     for s in range(size // S):
-        got, v = visible[s * S:(s + 1) * S], versions.get(s, [saved[s * S:(s + 1) * S]])
-        assert got in v[floor.get(s, 0):], (
-            f"sector {s}: {'older than its flushed version' if got in v else 'never written'}"
-            f" ({len(v) - 1} writes, floor {floor.get(s, 0)}): {where}")
+        assert hist.allowed(s, visible[s * S:(s + 1) * S]), (
+            f"sector {s}: older than a flushed write, or never written: {where}")
     after.write(0, b"still works")
     after.save("test")
     assert after.read_saved(0, 11) == b"still works"

@@ -1,0 +1,144 @@
+"""The background pass: it survives I/O errors in a real daemon, never holds I/O for the whole
+pass when the history ring is full, and keeps a bounded number of map pages loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import threading
+import time
+
+import pytest
+
+import appliance.daemon as daemon_mod
+import appliance.store as store_mod
+from appliance.config import serve_config
+from appliance.daemon import Daemon
+from appliance.store import Store
+from appliance.store_format import UNITS_PER_PAGE
+from appliance.store_init import create_store
+from tests.crashsim import new_backing
+from tests.test_daemon_support import short_dir
+
+U = 4096
+
+
+def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
+        monkeypatch, caplog) -> None:
+    monkeypatch.setattr(daemon_mod, "BACKGROUND_BACKOFF", 0.05)
+    d = short_dir()
+    cfg = serve_config(f"{d}/disk.img", 16 << 20, U, f"{d}/nbd.sock", None, False, f"{d}/c.sock")
+
+    async def scenario() -> None:
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            store = daemon.store
+            failures = {"left": 1 << 30, "seen": 0}
+            real_sync = store._b.sync
+
+            def sync() -> None:  # the disk fails the pass's first three flushes
+                if failures["left"]:  # until the test has seen the fault
+                    failures["seen"] += 1
+                    raise OSError(errno.EIO, "Input/output error")
+                real_sync()
+
+            store.write(0, b"saved")
+            store.save("test")  # unit 0 now waits for the pass
+            store._b.sync = sync
+            assert daemon.bus is not None
+            deadline = time.monotonic() + 20
+            seen_fault = False
+            while time.monotonic() < deadline:
+                part = daemon.bus.parts.get("background", {})
+                if part.get("state") == "failed" and not seen_fault and failures["seen"] >= 3:
+                    assert "Input/output error" in part["reason"]
+                    assert "failed: background" in await daemon._status_line()
+                    seen_fault, failures["left"] = True, 0  # the disk recovers
+                if store.sb.resolved_below == store.epoch:
+                    break
+                await asyncio.sleep(0.02)
+            assert seen_fault, "the failing pass was never shown as a fault"
+            assert store.sb.resolved_below == store.epoch, "the pass stopped after its errors"
+            assert daemon.bus.parts["background"]["state"] == "up"
+        finally:
+            await daemon.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="savepoint.daemon"):
+        asyncio.run(scenario())
+    text = caplog.text
+    assert "background pass failed" in text and "works again after" in text
+    with Store.open(f"{d}/disk.img") as s:
+        assert s.read_saved(0, 5) == b"saved"
+
+
+def test_a_command_on_a_full_ring_waits_for_the_pass_while_io_flows(monkeypatch) -> None:
+    units = 4 * UNITS_PER_PAGE
+    store = Store(new_backing(units * U, U, 8))
+    for i in range(7):  # 7 epochs in use, none normalised: the next command must wait
+        store.write(i * 500 * U, b"epoch %d" % i)
+        store.save("test")
+    assert store.ring_free() == 0
+    monkeypatch.setattr(store_mod, "PASS_SLICE", UNITS_PER_PAGE)  # one page per step
+    real_step, steps, hold = store._pass_step, [], threading.Event()
+
+    def step(n: int) -> bool:
+        steps.append(n)
+        if len(steps) == 2:
+            assert hold.wait(10)  # the pass pauses inside its second step
+        return real_step(n)
+
+    monkeypatch.setattr(store, "_pass_step", step)
+    result: dict = {}
+    cmd = threading.Thread(target=lambda: result.update(store.save("cli")))
+    cmd.start()
+    deadline = time.monotonic() + 10
+    while len(steps) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert "SAVE waits for the background pass" in (store.status()["waiting"] or "")
+    io = threading.Thread(target=lambda: (store.write(5, b"flowing"), store.flush()))
+    io.start()
+    io.join(5)
+    flowed = not io.is_alive()
+    hold.set()
+    cmd.join(10)
+    io.join(10)
+    assert flowed, "I/O was blocked while the command waited for the pass"
+    assert result["action"] == "save" and store.status()["waiting"] is None
+    assert store.read_saved(0, 12) == b"epochflowing"  # written while it waited: saved too
+
+
+def test_the_pass_keeps_a_bounded_number_of_map_pages_loaded(tmp_path, monkeypatch) -> None:
+    pages = 24
+    path = str(tmp_path / "s.img")
+    create_store(path, pages * UNITS_PER_PAGE * U, unit=U, hist_cap=64)
+    with Store.open(path) as s:
+        for p in range(pages):  # one pending unit in every map page
+            s.write(p * UNITS_PER_PAGE * U, b"page %d" % p)
+        s.save("test")
+    monkeypatch.setattr(store_mod, "PASS_RESIDENT_PAGES", 4)
+    with Store.open(path) as s:
+        assert sum(s.map.loaded) == 0
+        most = 0
+        while s.background_step(UNITS_PER_PAGE):
+            most = max(most, sum(s.map.loaded))
+        assert most <= 4 + 1, f"{most} map pages loaded at once"
+        assert sum(s.map.loaded) == 0 and s.status()["pending_units"] == 0
+        for p in range(pages):
+            assert s.read_saved(p * UNITS_PER_PAGE * U, 6 + (p > 9)) == b"page %d" % p
+    with Store.open(path) as s:  # what the pass wrote before dropping its pages is durable
+        assert s.sb.resolved_below == s.epoch
+        assert s.read(3 * UNITS_PER_PAGE * U, 6) == b"page 3"
+
+
+@pytest.mark.parametrize("free", [0, 1])
+def test_pass_urgent_when_few_history_records_are_left(free: int) -> None:
+    store = Store(new_backing(64 * U, U, 16))
+    for _ in range(15 - free):
+        store.write(0, b"x")
+        store.save("test")
+    assert store.ring_free() == free and store.pass_urgent()
+    while store.background_step():
+        pass
+    assert not store.pass_urgent() and store.ring_free() == 15

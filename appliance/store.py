@@ -58,10 +58,12 @@ from appliance.store_format import (
     superblock_copies,
 )
 from appliance.store_init import InitError, create_store
+from appliance.store_space import StoreFullError, StoreSpace
 from appliance.unit_map import UnitMap, word_index
 
 __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
-           "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError"]
+           "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError",
+           "StoreFullError"]
 
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
@@ -95,6 +97,7 @@ class Store:
         self.ring.repair(self.sb.last_record, writable=not readonly)
         self.ring.index(self.sb.resolved_below, self.epoch)
         self._pending = self.sb.pending_units
+        self.space = StoreSpace(backing, g, readonly)  # [space] allocation, punching, full
 
     # ----- opening --------------------------------------------------------------------------
 
@@ -167,7 +170,7 @@ class Store:
         try:
             yield
         except OSError as e:
-            raise StoreIOError(f"I/O error on the backing storage: {e}") from e
+            raise self.space.io_error(e) from e  # [space] ENOSPC: StoreFullError
         finally:
             self._gate.leave()
 
@@ -244,7 +247,7 @@ class Store:
             with self.map.lock:
                 self.dirty_bytes += n
         except OSError as e:
-            raise StoreIOError(f"I/O error on the backing storage: {e}") from e
+            raise self.space.io_error(e) from e  # [space] ENOSPC: StoreFullError
         finally:
             self._gate.leave()
         if fua:
@@ -478,9 +481,12 @@ class Store:
                     raise StoreError("the store has used every epoch number; re-create it")
                 if action == SAVE:
                     self._flush_locked()
-                return self._append_history(action, source, flags).as_dict()
+                rec = self._append_history(action, source, flags)
+                if action == RESTORE:
+                    self.space.restored()  # [space] durable now: reclaim the discarded writes
+                return rec.as_dict()
             except OSError as e:
-                raise StoreIOError(f"I/O error during {source} command: {e}") from e
+                raise self.space.io_error(e, f"I/O error during {source} command") from e
 
     def _append_history(self, action: int, source: str, flags: int) -> HistoryRecord:
         now = time.time_ns()
@@ -505,6 +511,7 @@ class Store:
         if self.readonly or self.sb.resolved_below >= self.epoch:
             return False
         with self._io():
+            self.space.reclaim_step(self, max_units)  # [space] after RESTORE: RAM pages first
             if self._pass_pos == 0:
                 self._pass_start = self.epoch
             self._pass_pos = self._normalise(self._pass_pos, max_units)
@@ -524,6 +531,7 @@ class Store:
             page_end = min((page + 1) * UNITS_PER_PAGE, count)
             if not self.map.loaded[page]:
                 self.map.load_page(page)
+            done: list[int] = []
             with self.map.lock:
                 for u in range(unit, page_end):
                     raw = self.map.words[word_index(u)]
@@ -531,6 +539,8 @@ class Store:
                     if w and w < epoch and u // RECS_PER_SECTOR not in self.map.bad_sectors:
                         self.map.set(u, self._record(u))
                         self._pending -= 1
+                        done.append(u)
+            self.space.punch_dead(self, done)  # [space] their secondary slots are dead now
             budget -= page_end - unit
             unit = page_end
         return unit
@@ -556,6 +566,7 @@ class Store:
             "last_save": self.sb.last_save_ns / 1e9 or None,
             "last_restore": self.sb.last_restore_ns / 1e9 or None,
             "uuid": str(uuidlib.UUID(bytes=self.sb.uuid)),
+            "space": self.space.status(),  # [space]
         }
 
     def history(self, limit: int | None = None) -> list[dict[str, object]]:

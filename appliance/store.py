@@ -288,7 +288,7 @@ class Store:
         with self._stripes_for(first, end):  # a partial write's copy-up must not overwrite us
             if self.map.uniform(first, end) != raw:
                 return False
-            self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
+            self._write_fresh(view, self.geo.slot_off[sec] + first * self.unit_size)
             with self.map.lock:  # data written first, records after: see the module docstring
                 w = raw & WEPOCH_MASK
                 if w and w < self.epoch:
@@ -325,6 +325,14 @@ class Store:
         # Only after the write returned: a flush that clears this flag syncs after it.
         self._unsynced = True
 
+    def _write_fresh(self, data: bytes | bytearray | memoryview, phys: int) -> None:
+        """_write_data into a slot no record names yet (caller holds its stripe locks)."""
+        try:
+            self._write_data(data, phys)
+        except OSError:
+            self.space.undo_write(phys, len(data))  # [space] a failed write keeps no blocks
+            raise
+
     def _first_write(self, unit: int, within: int, chunk: memoryview) -> None:
         """Write into a secondary slot that holds nothing of this epoch yet (copy-up if partial)."""
         with self._stripes[unit % _STRIPES]:
@@ -342,9 +350,9 @@ class Store:
                     self._b.pread_into(memoryview(whole), self.geo.slot_off[prim] +
                                        unit * self.unit_size)
                 whole[within:within + len(chunk)] = chunk
-                self._write_data(whole, phys)
+                self._write_fresh(whole, phys)
             else:
-                self._write_data(chunk, phys)
+                self._write_fresh(chunk, phys)
             with self.map.lock:
                 self._mark_written(unit, rec, (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch)
 

@@ -116,6 +116,7 @@ class StoreSpace:
         self.listeners: list[Callable[[], None]] = []  # told when the full state changes
         self._lock = threading.Lock()
         self._reclaim_page: int | None = None  # next map page to reclaim after a RESTORE
+        self._reclaiming = False  # reclaim_step punches whole pages itself
         if self.kind == "file" and not readonly:
             self._allocate_on_open()
 
@@ -194,7 +195,7 @@ class StoreSpace:
         live, so no write can land in a slot between the check and its punch. The caller is
         inside the store's I/O gate, so the epoch cannot change meanwhile either.
         """
-        if not self.punching or not units:
+        if not self.punching or not units or self._reclaiming:
             return
         for first, end in _consecutive(units):
             with store._stripes_for(first, end):
@@ -215,6 +216,18 @@ class StoreSpace:
                     self.punched_bytes += (u - run_start) * us
                 run_slot, run_start = slot, u
 
+    def undo_write(self, offset: int, length: int) -> None:
+        """Give back what a failed write into a dead slot allocated (ENOSPC half-way).
+
+        The slot is named by no record (the caller holds its stripe locks), so nothing reads it.
+        """
+        if not self.punching:
+            return
+        try:
+            self._b.discard(offset, length)
+        except OSError as e:  # the write's own error is the one to report
+            log.warning("could not give back the blocks of a failed write: %s", e)
+
     def restored(self) -> None:
         """A RESTORE committed (durably): reclaim the map pages in RAM before the full pass."""
         self._reclaim_page = 0
@@ -224,7 +237,9 @@ class StoreSpace:
 
         Every unit written since the store was opened sits in a loaded page, so this finds
         the discarded writes of a RESTORE without reading the whole map; units written before
-        the daemon started are reclaimed by the ordinary pass.
+        the daemon started are reclaimed by the ordinary pass. Every unit of such a page not
+        written this epoch gets its secondary punched, not only the ones just normalised: a
+        write that failed half-way (ENOSPC) left data in slots its records never named.
         """
         page = self._reclaim_page
         if page is None or not self.punching:
@@ -234,7 +249,13 @@ class StoreSpace:
         did = False
         while page >= 0 and budget > 0:
             first = page * UNITS_PER_PAGE
-            store._normalise(first, min(UNITS_PER_PAGE, count - first))
+            n = min(UNITS_PER_PAGE, count - first)
+            self._reclaiming = True
+            try:
+                store._normalise(first, n)
+            finally:
+                self._reclaiming = False
+            self.punch_dead(store, list(range(first, first + n)))
             budget -= UNITS_PER_PAGE
             did = True
             page = loaded.find(1, page + 1)

@@ -117,6 +117,11 @@ def _print_inspect(info: dict) -> None:
     print(f"  background  {s['pending_units']} units waiting")
     print(f"  regions     history @{g['hist_off']}, map @{g['meta_off']} ({g['meta_len']} B), "
           f"slots @{g['slot_off'][0]} and @{g['slot_off'][1]}")
+    space = s.get("space") or {}
+    if "fs_free_bytes" in space:
+        print(f"  space       {human(space['allocated_bytes'])} allocated of up to "
+              f"{human(space['full_size'])}; {human(space['fs_free_bytes'])} free on its file "
+              f"system (margin {human(space['margin_bytes'])})")
     print_history(info["history"])
     if "check" in info:
         _print_check(info["check"])

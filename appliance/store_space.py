@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.backing import Backing, fallocate
 from appliance.store_errors import StoreIOError
-from appliance.store_format import UNITS_PER_PAGE, WEPOCH_MASK, Geometry
+from appliance.store_format import RECS_PER_SECTOR, UNITS_PER_PAGE, WEPOCH_MASK, Geometry
 
 if TYPE_CHECKING:
     from appliance.store import Store
@@ -203,10 +203,16 @@ class StoreSpace:
 
     def _punch_run(self, store: Store, first: int, end: int) -> None:
         epoch, us, slot_off = store.epoch, store.unit_size, self._geo.slot_off
-        run_slot, run_start = -1, first
+        if end - first > 1 and store.map.uniform(first, end) is not None:
+            rec = store._record(first)  # identical records (sequential writes): one check
+            if (rec & WEPOCH_MASK) != epoch:
+                self._b.discard(slot_off[(rec >> 31) ^ 1] + first * us, (end - first) * us)
+                self.punched_bytes += (end - first) * us
+            return
+        run_slot, run_start, bad = -1, first, store.map.bad_sectors
         for u in range(first, end + 1):
             slot = -1
-            if u < end:
+            if u < end and not (bad and u // RECS_PER_SECTOR in bad):  # untrusted: leave it
                 rec = store._record(u)
                 if (rec & WEPOCH_MASK) != epoch:  # not written since: its secondary is dead
                     slot = (rec >> 31) ^ 1

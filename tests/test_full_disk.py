@@ -123,3 +123,25 @@ def test_a_full_file_system_never_stops_restore_and_recovers_with_it(small_fs):
         served.cleanup()
     assert "part storage failed: backing storage full" in events
     assert "part storage is up again" in events
+
+
+def test_save_and_restore_work_on_a_full_file_system(small_fs):
+    """Both commands write only what init allocated (the map too): neither meets ENOSPC."""
+    from appliance.store import Store, StoreFullError, create_store
+
+    path = os.path.join(small_fs, "s.img")
+    create_store(path, 64 * MiB, allow_overcommit=True)
+    with Store.open(path) as st:
+        written = 0
+        with pytest.raises(StoreFullError):
+            for off in range(0, 64 * MiB, MiB):
+                st.write(off, bytes([off // MiB + 1]) * MiB)
+                written = off + MiB
+        assert fs_free(small_fs) < MiB and written > 16 * MiB
+        st.save("test")  # flush (map sectors all over the map), ring record, superblock
+        st.restore("test")
+        st.save("test")
+    with Store.open(path) as st:
+        for off in range(0, written, MiB):
+            assert st.read_saved(off, MiB) == bytes([off // MiB + 1]) * MiB
+        assert st.history()[-3]["action"] == "save"

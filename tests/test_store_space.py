@@ -319,3 +319,27 @@ def test_punch_chain_would_catch_a_punched_working_copy(monkeypatch):
             chain = PunchChain(0xB0B0 + i)
             for _ in range(20):
                 chain.crash_point()
+
+
+def test_reclaim_leaves_an_untrusted_map_sector_alone(tmp_path):
+    """A page with a damaged map sector: its units stay EIO, the rest is reclaimed."""
+    from appliance.store_errors import StoreIOError
+    from appliance.store_format import RECS_PER_SECTOR, SECTOR
+
+    path = str(tmp_path / "s.img")
+    geo = create_store(path, 16 * MiB)
+    with Store.open(path) as st:
+        st.write(0, b"a" * 4096)
+        st.write(RECS_PER_SECTOR * 4096, b"b" * 4096)  # first unit of map sector 1
+        st.save("test")
+    with open(path, "r+b") as f:  # damage map sector 1
+        f.seek(geo.meta_off + SECTOR + 100)
+        f.write(b"\xff" * 8)
+    with Store.open(path) as st:
+        st.write(0, b"c" * 4096)  # loads the page, finds sector 1 bad
+        st.restore("test")
+        while st.background_step(4096):
+            pass
+        assert st.read(0, 4096) == b"a" * 4096
+        with pytest.raises(StoreIOError, match="map sector 1"):
+            st.read(RECS_PER_SECTOR * 4096, 4096)

@@ -69,6 +69,22 @@ def _blkid(path: str) -> str | None:
     return None
 
 
+def _allocate_metadata(path: str, geo: Geometry) -> None:
+    """Superblocks, ring and map get their blocks now: a full file system cannot stop a
+    command later (docs/format.md, "Allocation and punching")."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        allocate_metadata(fd, geo)
+    except OSError as e:
+        if e.errno not in NO_FALLOCATE:  # ENOSPC: not even the metadata fits
+            os.unlink(path)
+            raise InitError(f"{path}: no room for the store's {human(geo.slot_off[0])} of "
+                            f"metadata ({e}); nothing was created") from None
+        # a file system without fallocate: blocks are allocated on first write instead
+    finally:
+        os.close(fd)
+
+
 def create_store(path: str, size: int | None, unit: int = 4096, force: bool = False,
                  hist_cap: int = DEFAULT_HIST_CAP, progress=None,
                  allow_overcommit: bool = False) -> Geometry:
@@ -115,22 +131,6 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
     finally:
         backing.close()
     return geo
-
-
-def _allocate_metadata(path: str, geo: Geometry) -> None:
-    """Superblocks, ring and map get their blocks now: a full file system cannot stop a
-    command later (docs/format.md, "Allocation and punching")."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        allocate_metadata(fd, geo)
-    except OSError as e:
-        if e.errno not in NO_FALLOCATE:  # ENOSPC: not even the metadata fits
-            os.unlink(path)
-            raise InitError(f"{path}: no room for the store's {human(geo.slot_off[0])} of "
-                            f"metadata ({e}); nothing was created") from None
-        # a file system without fallocate: blocks are allocated on first write instead
-    finally:
-        os.close(fd)
 
 
 def _zero(backing: FileBacking, start: int, end: int, progress) -> None:

@@ -193,13 +193,32 @@ class StoreSpace:
         The store's stripe locks are held from the check to the punch: a unit becomes
         "written this epoch" only under its stripe lock, and only such a unit's secondary is
         live, so no write can land in a slot between the check and its punch. The caller is
-        inside the store's I/O gate, so the epoch cannot change meanwhile either.
+        inside the store's I/O gate, so the epoch cannot change meanwhile either. A stripe a
+        writer holds is skipped, never waited for (the pass must not slow I/O down, and may
+        run inside a write in tests): its unit is being written, so its slot is reused.
         """
         if not self.punching or not units or self._reclaiming:
             return
         for first, end in _consecutive(units):
-            with store._stripes_for(first, end):
-                self._punch_run(store, first, end)
+            if not self._locked_punch(store, first, end):
+                for u in range(first, end):  # one busy stripe: the others one by one
+                    self._locked_punch(store, u, u + 1)
+
+    def _locked_punch(self, store: Store, first: int, end: int) -> bool:
+        stripes = store._stripes
+        locks = stripes if end - first >= len(stripes) else \
+            [stripes[i] for i in sorted({u % len(stripes) for u in range(first, end)})]
+        taken = []
+        try:
+            for lock in locks:
+                if not lock.acquire(blocking=False):
+                    return False
+                taken.append(lock)
+            self._punch_run(store, first, end)
+            return True
+        finally:
+            for lock in reversed(taken):
+                lock.release()
 
     def _punch_run(self, store: Store, first: int, end: int) -> None:
         epoch, us, slot_off = store.epoch, store.unit_size, self._geo.slot_off

@@ -188,7 +188,9 @@ class StoreSpace:
     # ----- punching -----------------------------------------------------------------------
 
     def punch_dead(self, store: Store, units: list[int]) -> None:
-        """Give back the dead slot of each unit just normalised (ascending unit numbers).
+        """Give back the dead slots from the first to the last of `units` (ascending), the
+        units just normalised: every unit between them not written this epoch has a dead
+        secondary too, so scattered units cost few punches, not one each.
 
         The store's stripe locks are held from the check to the punch: a unit becomes
         "written this epoch" only under its stripe lock, and only such a unit's secondary is
@@ -199,10 +201,10 @@ class StoreSpace:
         """
         if not self.punching or not units or self._reclaiming:
             return
-        for first, end in _consecutive(units):
-            if not self._locked_punch(store, first, end):
-                for u in range(first, end):  # one busy stripe: the others one by one
-                    self._locked_punch(store, u, u + 1)
+        first, end = units[0], units[-1] + 1
+        if not self._locked_punch(store, first, end):
+            for u in units:  # a busy stripe: the others one by one
+                self._locked_punch(store, u, u + 1)
 
     def _locked_punch(self, store: Store, first: int, end: int) -> bool:
         stripes = store._stripes
@@ -223,18 +225,16 @@ class StoreSpace:
     def _punch_run(self, store: Store, first: int, end: int) -> None:
         epoch, us, slot_off = store.epoch, store.unit_size, self._geo.slot_off
         if end - first > 1 and store.map.uniform(first, end) is not None:
-            rec = store._record(first)  # identical records (sequential writes): one check
-            if (rec & WEPOCH_MASK) != epoch:
-                self._b.discard(slot_off[(rec >> 31) ^ 1] + first * us, (end - first) * us)
+            slot = self._dead_slot(store._record(first), epoch)  # sequential writes: one check
+            if slot >= 0:
+                self._b.discard(slot_off[slot] + first * us, (end - first) * us)
                 self.punched_bytes += (end - first) * us
             return
         run_slot, run_start, bad = -1, first, store.map.bad_sectors
         for u in range(first, end + 1):
             slot = -1
             if u < end and not (bad and u // RECS_PER_SECTOR in bad):  # untrusted: leave it
-                rec = store._record(u)
-                if (rec & WEPOCH_MASK) != epoch:  # not written since: its secondary is dead
-                    slot = (rec >> 31) ^ 1
+                slot = self._dead_slot(store._record(u), epoch)
             if slot != run_slot:
                 if run_slot >= 0:
                     self._b.discard(slot_off[run_slot] + run_start * us, (u - run_start) * us)
@@ -252,6 +252,13 @@ class StoreSpace:
             self._b.discard(offset, length)
         except OSError as e:  # the write's own error is the one to report
             log.warning("could not give back the blocks of a failed write: %s", e)
+
+    @staticmethod
+    def _dead_slot(rec: int, epoch: int) -> int:
+        """The slot of a normalised record to punch, or -1: the secondary of a unit not
+        written this epoch (whatever its "holds data" bit says: a write-zeroes or a failed
+        write leaves blocks that no bit records)."""
+        return -1 if (rec & WEPOCH_MASK) == epoch else (rec >> 31) ^ 1
 
     def restored(self) -> None:
         """A RESTORE committed (durably): reclaim the map pages in RAM before the full pass."""
@@ -280,7 +287,7 @@ class StoreSpace:
                 store._normalise(first, n)
             finally:
                 self._reclaiming = False
-            self.punch_dead(store, list(range(first, first + n)))
+            self.punch_dead(store, [first, first + n - 1])
             budget -= UNITS_PER_PAGE
             did = True
             page = loaded.find(1, page + 1)
@@ -309,17 +316,6 @@ class StoreSpace:
 FULL_HINT = ("RESTORE discards the unsaved writes and gives their space back; a SAVE gives back "
              "the old copies of what it saved once the background pass has run; or free space on "
              "the file system (or move the store to a larger one)")
-
-
-def _consecutive(units: list[int]) -> list[tuple[int, int]]:
-    """[first, end) runs of consecutive unit numbers."""
-    runs: list[tuple[int, int]] = []
-    for u in units:
-        if runs and runs[-1][1] == u:
-            runs[-1] = (runs[-1][0], u + 1)
-        else:
-            runs.append((u, u + 1))
-    return runs
 
 
 def overcommit_warning(info: dict[str, Any]) -> str | None:

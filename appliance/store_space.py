@@ -197,7 +197,8 @@ class StoreSpace:
         live, so no write can land in a slot between the check and its punch. The caller is
         inside the store's I/O gate, so the epoch cannot change meanwhile either. A stripe a
         writer holds is skipped, never waited for (the pass must not slow I/O down, and may
-        run inside a write in tests): its unit is being written, so its slot is reused.
+        run inside a write in tests): such a unit keeps its dead blocks until its next write
+        reuses them.
         """
         if not self.punching or not units or self._reclaiming:
             return

@@ -25,6 +25,7 @@ import os
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ log = logging.getLogger("savepoint.store")
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 RESUME_FREE = 16 << 20  # free bytes that end the "full" state: room for a burst of writes
 NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
+MAX_WAITING = 4096  # spans kept for a later punch while writers hold their stripes
 
 
 class StoreFullError(StoreIOError):
@@ -117,6 +119,7 @@ class StoreSpace:
         self._lock = threading.Lock()
         self._reclaim_page: int | None = None  # next map page to reclaim after a RESTORE
         self._reclaiming = False  # reclaim_step punches whole pages itself
+        self._waiting: deque[tuple[int, int]] = deque(maxlen=MAX_WAITING)  # busy spans
         if self.kind == "file" and not readonly:
             self._allocate_on_open()
 
@@ -195,17 +198,18 @@ class StoreSpace:
         The store's stripe locks are held from the check to the punch: a unit becomes
         "written this epoch" only under its stripe lock, and only such a unit's secondary is
         live, so no write can land in a slot between the check and its punch. The caller is
-        inside the store's I/O gate, so the epoch cannot change meanwhile either. A stripe a
-        writer holds is skipped, never waited for (the pass must not slow I/O down, and may
-        run inside a write in tests): such a unit keeps its dead blocks until its next write
-        reuses them.
+        inside the store's I/O gate, so the epoch cannot change meanwhile either. A span with a
+        stripe a writer holds waits for the next call, never for the lock (the pass must not
+        slow I/O down, and may run inside a write in tests); it is checked again then, at
+        whatever the epoch is by then.
         """
         if not self.punching or not units or self._reclaiming:
             return
-        first, end = units[0], units[-1] + 1
-        if not self._locked_punch(store, first, end):
-            for u in units:  # a busy stripe: the others one by one
-                self._locked_punch(store, u, u + 1)
+        self._waiting.append((units[0], units[-1] + 1))
+        for _ in range(len(self._waiting)):
+            first, end = self._waiting.popleft()
+            if not self._locked_punch(store, first, end):
+                self._waiting.append((first, end))
 
     def _locked_punch(self, store: Store, first: int, end: int) -> bool:
         stripes = store._stripes

@@ -539,16 +539,17 @@ class Store:
             page_end = min((page + 1) * UNITS_PER_PAGE, count)
             if not self.map.loaded[page]:
                 self.map.load_page(page)
-            done: list[int] = []
             with self.map.lock:
+                pending = self._pending  # [space]
                 for u in range(unit, page_end):
                     raw = self.map.words[word_index(u)]
                     w = raw & WEPOCH_MASK
                     if w and w < epoch and u // RECS_PER_SECTOR not in self.map.bad_sectors:
                         self.map.set(u, self._record(u))
                         self._pending -= 1
-                        done.append(u)
-            self.space.punch_dead(self, done)  # [space] their secondary slots are dead now
+                normalised = self._pending != pending  # [space]
+            if normalised:  # [space] give back the dead slots of the range
+                self.space.punch_dead(self, unit, page_end)
             budget -= page_end - unit
             unit = page_end
         return unit

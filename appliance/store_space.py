@@ -190,10 +190,10 @@ class StoreSpace:
 
     # ----- punching -----------------------------------------------------------------------
 
-    def punch_dead(self, store: Store, units: list[int]) -> None:
-        """Give back the dead slots from the first to the last of `units` (ascending), the
-        units just normalised: every unit between them not written this epoch has a dead
-        secondary too, so scattered units cost few punches, not one each.
+    def punch_dead(self, store: Store, first: int, end: int) -> None:
+        """Give back the dead slots of units first..end-1, a range the pass just normalised
+        records in: the secondary of every unit not written this epoch is dead (normalised
+        now or long ago), so one call covers a run of units sharing the dead slot.
 
         The store's stripe locks are held from the check to the punch: a unit becomes
         "written this epoch" only under its stripe lock, and only such a unit's secondary is
@@ -203,9 +203,9 @@ class StoreSpace:
         slow I/O down, and may run inside a write in tests); it is checked again then, at
         whatever the epoch is by then.
         """
-        if not self.punching or not units or self._reclaiming:
+        if not self.punching or first >= end or self._reclaiming:
             return
-        self._waiting.append((units[0], units[-1] + 1))
+        self._waiting.append((first, end))
         for _ in range(len(self._waiting)):
             first, end = self._waiting.popleft()
             if not self._locked_punch(store, first, end):
@@ -292,7 +292,7 @@ class StoreSpace:
                 store._normalise(first, n)
             finally:
                 self._reclaiming = False
-            self.punch_dead(store, [first, first + n - 1])
+            self.punch_dead(store, first, first + n)
             budget -= UNITS_PER_PAGE
             did = True
             page = loaded.find(1, page + 1)

@@ -338,3 +338,20 @@ def test_reclaim_leaves_an_untrusted_map_sector_alone(tmp_path):
         assert st.read(0, 4096) == b"a" * 4096
         with pytest.raises(StoreIOError, match="map sector 1"):
             st.read(RECS_PER_SECTOR * 4096, 4096)
+
+
+def test_status_shows_allocation_margin_and_the_fault_with_what_to_do(capsys):
+    from appliance.cli import print_status
+    from appliance.store_space import FULL_HINT
+
+    space = {"backing": "file", "full_size": 134 * MiB, "allocated_bytes": 40 * MiB,
+             "fs_free_bytes": 0, "margin_bytes": -94 * MiB, "full": True,
+             "full_reason": "backing storage full: 0 B free on the file system of the store"}
+    print_status({"mode": "unlocked", "space": space, "parts": {"storage": {
+        "state": "failed", "reason": space["full_reason"], "hint": FULL_HINT}}})
+    out = capsys.readouterr().out
+    assert "40.0 MiB allocated of up to 134.0 MiB; 0 B free" in out
+    assert "OVER-COMMITTED by 94.0 MiB" in out
+    assert "FAULT        backing storage full: 0 B free" in out
+    assert "what to do   RESTORE discards the unsaved writes" in out
+    assert "part storage" not in out  # shown once, in the storage rows

@@ -40,6 +40,7 @@ log = logging.getLogger("savepoint.store")
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 RESUME_FREE = 16 << 20  # free bytes that end the "full" state: room for a burst of writes
+QUIET = 2.0  # seconds without ENOSPC before the state may end (no flapping under a quota)
 NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
 MAX_WAITING = 4096  # spans kept for a later punch while writers hold their stripes
 
@@ -115,6 +116,8 @@ class StoreSpace:
         self.punched_bytes = 0  # given back since the store was opened
         self.full_reason = ""  # non-empty while the backing storage is full
         self.full_since: float | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        self._last_full = 0.0  # clock() of the last ENOSPC
         self.listeners: list[Callable[[], None]] = []  # told when the full state changes
         self._lock = threading.Lock()
         self._reclaim_page: int | None = None  # next map page to reclaim after a RESTORE
@@ -154,6 +157,7 @@ class StoreSpace:
         with self._lock:
             changed = not self.full_reason
             self.full_reason, self.full_since = reason, self.full_since or time.time()
+            self._last_full = self.clock()
         if changed:
             log.warning("%s; writes fail with ENOSPC until space is freed: %s", reason,
                         FULL_HINT)
@@ -161,15 +165,21 @@ class StoreSpace:
         return StoreFullError(f"{reason} ({e}); {FULL_HINT}")
 
     def poll(self) -> bool:
-        """End the "full" state once the file system has room again; True if it is full."""
-        if not self.full_reason:
-            return False
+        """End the "full" state once the file system has room again; True if it is full.
+
+        A file: RESUME_FREE bytes free and no ENOSPC for QUIET seconds. Anything else (a
+        thin-provisioned device, a simulator) cannot say how much is free: QUIET seconds
+        without ENOSPC end it, and the next ENOSPC starts it again.
+        """
+        if not self.full_reason or self.clock() - self._last_full < QUIET:
+            return bool(self.full_reason)
         free = self._free()
-        if free is None or free < RESUME_FREE:
+        if free is not None and free < RESUME_FREE:
             return True
         with self._lock:
             self.full_reason, self.full_since = "", None
-        log.info("backing storage has room again (%s free): writes work again", human(free))
+        log.info("backing storage has room again%s: writes work again",
+                 f" ({human(free)} free)" if free is not None else "")
         self._tell()
         return False
 

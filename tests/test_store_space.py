@@ -148,6 +148,11 @@ def test_enospc_is_store_full_until_the_file_system_has_room(tmp_path, monkeypat
         assert space["full"] and "0 B free" in space["full_reason"]
         assert st.restore("test")["action"] == "restore"  # a full disk never stops RESTORE
         st.save("test")
+        now = [0.0]
+        st.space.clock = lambda: now[0] + st.space._last_full
+        free[0] = store_space.RESUME_FREE
+        assert st.space.poll()  # room, but an ENOSPC only just now: not yet
+        now[0] = store_space.QUIET
         free[0] = store_space.RESUME_FREE - 1
         assert st.space.poll()
         free[0] = store_space.RESUME_FREE
@@ -355,3 +360,28 @@ def test_status_shows_allocation_margin_and_the_fault_with_what_to_do(capsys):
     assert "FAULT        backing storage full: 0 B free" in out
     assert "what to do   RESTORE discards the unsaved writes" in out
     assert "part storage" not in out  # shown once, in the storage rows
+
+
+def test_a_backing_that_cannot_tell_its_free_space_clears_after_a_quiet_time():
+    """A thin-provisioned device (here the simulator): QUIET seconds without ENOSPC end it."""
+    from tests.crashsim import new_backing
+
+    b = new_backing(1 * MiB)
+    st = Store(b)
+    full = [True]
+
+    def guard(kind, offset, length):
+        if kind == "pwrite" and offset >= st.geo.slot_off[0] and full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    b.guard = guard
+    now = [100.0]
+    st.space.clock = lambda: now[0]
+    with pytest.raises(StoreFullError):
+        st.write(0, b"x" * 4096)
+    assert st.status()["space"]["full"] and st.status()["space"]["backing"] == "memory"
+    now[0] += store_space.QUIET
+    full[0] = False
+    assert not st.space.poll()
+    st.write(0, b"x" * 4096)
+    assert st.read(0, 4096) == b"x" * 4096

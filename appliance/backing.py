@@ -6,11 +6,13 @@ crash-simulating backing (tests/crashsim.py) in its place.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import stat
 import struct
+from functools import cache
 from typing import Protocol
 
 BLKGETSIZE64 = 0x80081272
@@ -67,7 +69,7 @@ class FileBacking:
         if self.is_block or length <= 0:
             return
         try:
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
@@ -83,12 +85,18 @@ def block_device_size(fd: int) -> int:
     return struct.unpack("<Q", buf)[0]
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-    import ctypes.util
+@cache
+def _libc_fallocate():  # the ctypes function
+    # The process's own C library: looked up once (find_library would run ldconfig per call).
+    fn = ctypes.CDLL(None, use_errno=True).fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, mode, offset, length) != 0:
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) itself: unlike posix_fallocate it never falls back to writing the range,
+    so a file system without it says EOPNOTSUPP instead of being written over."""
+    if _libc_fallocate()(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+

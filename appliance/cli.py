@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="NBD clients served at once; more are refused (default 8)")
     p.add_argument("--control", help="control socket path (default: <runtime dir>/control.sock)")
+    p.add_argument("--allow-overcommit", action="store_true",
+                   help="when creating: allow a store file larger than the free space of its "
+                   "file system (sparse; writes fail with 'no space left' when it fills)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("daemon", help="run the appliance daemon from a config file")
     p.add_argument("--config", default="/etc/savepoint/config.toml", help="TOML config")
@@ -103,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
-                           args.tcp, args.allow_remote, args.control, args.max_connections)
+                           args.tcp, args.allow_remote, args.control, args.max_connections,
+                           args.allow_overcommit)
     except ConfigError as e:
         return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
                     .replace("--max_connections", "--max-connections"))
@@ -121,6 +125,11 @@ def print_serving(daemon: Any, args: argparse.Namespace) -> None:
     control = "" if daemon.control_socket == default_control_path() else \
         f" --control {daemon.control_socket}"
     print(f"Control: savepoint save|restore|status|history|watch{control}")
+    from appliance.store_space import overcommit_warning
+
+    warning = overcommit_warning(st.get("space") or {})
+    if warning:
+        print(f"savepoint: warning: {warning}", file=sys.stderr)
     print("Stop with Ctrl-C.", flush=True)
 
 
@@ -309,7 +318,10 @@ def describe_event(event: dict[str, Any]) -> str:
     if kind == "pairing":
         return "pairing window open" if data.get("open") else "pairing window closed"
     if kind == "fault":
-        return f"part {data.get('part')} failed: {data.get('reason')}"
+        if data.get("cleared"):
+            return f"part {data.get('part')} is up again"
+        hint = f" ({data['hint']})" if data.get("hint") else ""
+        return f"part {data.get('part')} failed: {data.get('reason')}{hint}"
     if kind == "warning":
         return f"warning: {data.get('name') or data.get('part')}: {data.get('reason')}"
     if kind == "buttons":
@@ -362,6 +374,7 @@ def print_status(st: dict[str, Any]) -> None:
          f"{st.get('background_progress', 0):.0%} ({st['pending_units']} units waiting)"),
         ("host", {True: "connected", False: "not connected"}.get(st.get("host_connected"),
                                                                  "unknown (no USB gadget)")),
+        *_storage_rows(st),
         ("last SAVE", _when(st.get("last_save"))),
         ("last RESTORE", _when(st.get("last_restore"))),
     ]
@@ -370,6 +383,8 @@ def print_status(st: dict[str, Any]) -> None:
     for uri in st.get("nbd_uris", []):
         rows.append(("NBD", f"{uri} ({st.get('nbd_clients', 0)} clients)"))
     for name, part in (st.get("parts") or {}).items():
+        if name == "storage":  # shown in the storage rows
+            continue
         text = part["state"]
         if part["state"] == "failed":
             text += f": {part['reason']}" + (f" ({part['hint']})" if part.get("hint") else "")
@@ -381,6 +396,26 @@ def print_status(st: dict[str, Any]) -> None:
                      f"{_when(b.get('last_seen'))}{warning}"))
     for label, value in rows:
         print(f"{label:<13}{value}")
+
+
+def _storage_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
+    """Allocation, free space and margin of a store file; the "full" fault with what to do."""
+    space = st.get("space") or {}
+    rows = []
+    if "fs_free_bytes" in space:
+        margin = space["margin_bytes"]
+        room = (f"margin {human(margin)}" if margin >= 0 else
+                f"OVER-COMMITTED by {human(-margin)}")
+        rows.append(("storage", f"{human(space['allocated_bytes'])} allocated of up to "
+                                f"{human(space['full_size'])}; {human(space['fs_free_bytes'])} "
+                                f"free on its file system ({room})"))
+    part = (st.get("parts") or {}).get("storage") or {}
+    if space.get("full") or part.get("state") == "failed":
+        reason = space.get("full_reason") or part.get("reason") or "backing storage full"
+        rows.append(("FAULT", reason))
+        if part.get("hint"):
+            rows.append(("what to do", part["hint"]))
+    return rows
 
 
 def _when(t: float | None) -> str:

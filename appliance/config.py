@@ -64,6 +64,8 @@ CORE_SCHEMA: dict[str, Schema] = {
         "create": (bool, False, "create the store at start-up when `path` holds none"),
         "size": ((str, int), "", "disk size for `create`, e.g. \"8G\" (files only)"),
         "unit": ((str, int), "4K", "unit size for `create`: a power of two, 4K to 1M"),
+        "allow_overcommit": (bool, False, "let `create` make a store file that can outgrow the "
+                             "free space of its file system (it is sparse)"),
         "background": (bool, True, "run the map normaliser while the disk is idle"),
     },
     "nbd": {
@@ -349,10 +351,12 @@ def default_nbd_path() -> str:
 
 def serve_config(target: str, size: int | None, unit: int, socket: str | None,
                  tcp: str | None, allow_remote: bool, control: str | None,
-                 max_connections: int | None = None) -> dict[str, Any]:
+                 max_connections: int | None = None,
+                 allow_overcommit: bool = False) -> dict[str, Any]:
     """The config `savepoint serve` runs: store + NBD + control socket, nothing else."""
     raw: dict[str, Any] = {
-        "store": {"path": target, "create": True, "unit": unit},
+        "store": {"path": target, "create": True, "unit": unit,
+                  "allow_overcommit": allow_overcommit},
         "nbd": {"socket": socket or "", "tcp": tcp or "", "allow_remote": allow_remote},
         "control": {"socket": control or ""},
         "lock": {"enabled": False},  # a developer's own disk: SAVE needs no unlock gesture

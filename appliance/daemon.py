@@ -23,7 +23,7 @@ from typing import Any
 
 from appliance import runtime_dirs
 from appliance.bus import CommandBus
-from appliance.commands import PartUnavailable
+from appliance.commands import Event, PartUnavailable
 from appliance.config import (
     PARTS,
     SYSTEM_RUNTIME_DIR,
@@ -100,6 +100,7 @@ class Daemon:
         self.control_socket = cfg["control"]["socket"] or default_control_path()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._side_tasks: set[asyncio.Task[Any]] = set()  # one-off status publications
 
     # -- lifecycle ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -130,6 +131,7 @@ class Daemon:
                               pairing_window=self.cfg["parts"]["ble"].get("pairing_window", 60),
                               clock=self.clock, wall=self.wall)
         self.bus.status_extras.append(self._nbd_status)
+        self._watch_storage()
         self.policies = RestorePolicies(self.bus, self.cfg["restore"]["policy"],
                                         self.cfg["restore"]["at"], now=self.wall)
         await self.policies.on_boot()  # before any host can read the disk
@@ -206,7 +208,8 @@ class Daemon:
                 raise StartupError(f"{path} does not exist: give a size to create it "
                                    "(savepoint serve {path} --size 1G)")
             try:
-                store_mod.create_store(path, cfg["size"], cfg["unit"])
+                store_mod.create_store(path, cfg["size"], cfg["unit"],
+                                       allow_overcommit=cfg["allow_overcommit"])
             except (store_mod.StoreError, store_mod.InitError, OSError, ValueError) as e:
                 raise StartupError(f"cannot create the store at {path}: {e}") from None
             log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
@@ -244,6 +247,45 @@ class Daemon:
         if isinstance(clients, int):
             info["nbd_clients"] = clients
         return info
+
+    # -- the backing storage's "full" fault (appliance/store_space.py) -------------------------
+    def _watch_storage(self) -> None:
+        space = getattr(self.store, "space", None)
+        if space is None:
+            return
+        from appliance.store_space import overcommit_warning
+
+        loop = asyncio.get_running_loop()
+        space.listeners.append(lambda: loop.call_soon_threadsafe(self._storage_changed))
+        warning = overcommit_warning(space.status())
+        if warning:
+            log.warning("%s", warning)
+        self._storage_changed()
+
+    def _storage_changed(self) -> None:
+        """The store entered or left the "full" state: the part row, LED and watch follow."""
+        if self.bus is None or self.store is None:
+            return
+        from appliance.store_space import FULL_HINT
+
+        space = self.store.space
+        was = self.bus.parts.get("storage", {}).get("state")
+        if space.full_reason:
+            if was != "failed":
+                self.bus.set_part("storage", "failed", space.full_reason, FULL_HINT)
+        else:
+            self.bus.set_part("storage", "up", space.kind)
+            if was == "failed":
+                self.bus.publish(Event("fault", {"part": "storage", "cleared": True,
+                                                 "reason": "", "hint": ""}))
+        if was is not None and (was == "failed") != bool(space.full_reason):
+            task = asyncio.get_running_loop().create_task(self._publish_state())
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    async def _publish_state(self) -> None:
+        if self.bus is not None:
+            self.bus.publish(Event("state", await self.bus.snapshot()))
 
     # -- optional parts --------------------------------------------------------------------
     async def _start_part(self, section: str) -> None:
@@ -287,6 +329,8 @@ class Daemon:
         while True:
             self.notifier.watchdog() if self.notifier.watchdog_interval else None
             try:
+                if self.store is not None and hasattr(self.store, "space"):
+                    self.store.space.poll()  # the "full" fault clears once there is room
                 await self.bus.tick()
                 await self.policies.tick()
                 line = await self._status_line()

@@ -23,6 +23,7 @@ from appliance import nbd_protocol as p
 from appliance import nbd_replies
 from appliance.nbd_replies import Replies, pages
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
+from appliance.store_space import StoreFullError
 
 if TYPE_CHECKING:
     from appliance.nbd_server import NbdServer
@@ -270,6 +271,8 @@ class Session:
         """The NBD error for a store call that raised; logs what the operator must see."""
         if isinstance(exc, OutOfRangeError):
             return (p.ENOSPC if cmd in SIZED_WRITES else p.EINVAL), str(exc)
+        if isinstance(exc, StoreFullError):  # logged once by the store, not per request
+            return p.ENOSPC, str(exc)  # QEMU's werror=enospc pauses the VM on this
         if isinstance(exc, StoreIOError):
             self.log.error("NBD command %d at %d+%d failed with an I/O error: %s",
                            cmd, offset, length, exc)

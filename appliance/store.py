@@ -58,10 +58,12 @@ from appliance.store_format import (
     superblock_copies,
 )
 from appliance.store_init import InitError, create_store
+from appliance.store_space import StoreFullError, StoreSpace
 from appliance.unit_map import UnitMap, word_index
 
 __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
-           "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError"]
+           "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError",
+           "StoreFullError"]
 
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
@@ -112,6 +114,7 @@ class Store:
         self.ring.repair(self.sb.last_record, writable=not readonly)
         self.ring.index(self.sb.resolved_below, self.epoch)
         self._pending = self.sb.pending_units
+        self.space = StoreSpace(backing, g, readonly)  # [space] allocation, punching, full
 
     # ----- opening --------------------------------------------------------------------------
 
@@ -184,7 +187,7 @@ class Store:
         try:
             yield
         except OSError as e:
-            raise StoreIOError(f"I/O error on the backing storage: {e}") from e
+            raise self.space.io_error(e) from e  # [space] ENOSPC: StoreFullError
         finally:
             self._gate.leave()
 
@@ -263,7 +266,7 @@ class Store:
             with self.map.lock:
                 self.dirty_bytes += n
         except OSError as e:
-            raise StoreIOError(f"I/O error on the backing storage: {e}") from e
+            raise self.space.io_error(e) from e  # [space] ENOSPC: StoreFullError
         finally:
             self._gate.leave()
         if fua:
@@ -304,7 +307,7 @@ class Store:
         with self._stripes_for(first, end):  # a partial write's copy-up must not overwrite us
             if self.map.uniform(first, end) != raw:
                 return False
-            self._write_data(view, self.geo.slot_off[sec] + first * self.unit_size)
+            self._write_fresh(view, self.geo.slot_off[sec] + first * self.unit_size)
             with self.map.lock:  # data written first, records after: see the module docstring
                 w = raw & WEPOCH_MASK
                 behind = max(0, min(end, self._c_pos) - first)
@@ -349,6 +352,14 @@ class Store:
         finally:  # only once the write returned (or failed half-way): a flush that clears
             self._unsynced = True  # this flag syncs after it
 
+    def _write_fresh(self, data: bytes | bytearray | memoryview, phys: int) -> None:
+        """_write_data into a slot no record names yet (caller holds its stripe locks)."""
+        try:
+            self._write_data(data, phys)
+        except OSError:
+            self.space.undo_write(phys, len(data))  # [space] a failed write keeps no blocks
+            raise
+
     def _first_write(self, unit: int, within: int, chunk: memoryview) -> None:
         """Write into a secondary slot that holds nothing of this epoch yet (copy-up if partial)."""
         with self._stripes[unit % _STRIPES]:
@@ -366,9 +377,9 @@ class Store:
                     self._b.pread_into(memoryview(whole), self.geo.slot_off[prim] +
                                        unit * self.unit_size)
                 whole[within:within + len(chunk)] = chunk
-                self._write_data(whole, phys)
+                self._write_fresh(whole, phys)
             else:
-                self._write_data(chunk, phys)
+                self._write_fresh(chunk, phys)
             with self.map.lock:
                 self._mark_written(unit, rec, (rec & ~WEPOCH_MASK) | HAS[sec] | self.epoch)
 
@@ -573,9 +584,12 @@ class Store:
                 self._flush_locked()
             if action == SAVE:
                 self._flush_locked()
-            return self._append_history(action, source, flags).as_dict()
+            rec = self._append_history(action, source, flags)
+            if action == RESTORE:
+                self.space.restored()  # [space] durable now: reclaim the discarded writes
+            return rec.as_dict()
         except OSError as e:
-            raise StoreIOError(f"I/O error during {source} command: {e}") from e
+            raise self.space.io_error(e, f"I/O error during {source} command") from e
 
     def _append_history(self, action: int, source: str, flags: int) -> HistoryRecord:
         now = time.time_ns()
@@ -613,6 +627,7 @@ class Store:
                             self.map.drop_transient()
 
     def _pass_step(self, max_units: int) -> bool:
+        self.space.reclaim_step(self, max_units)  # [space] after RESTORE: RAM pages first
         if self._pass_pos == 0:
             self._pass_start = self.epoch
             with self.map.lock:
@@ -645,7 +660,11 @@ class Store:
             if not self.map.loaded[page]:
                 self.map.load_page(page, transient=True)
             with self.map.lock:
+                pending = self._pending  # [space]
                 self._normalise_page(unit, page_end, epoch)
+                normalised = self._pending != pending  # [space]
+            if normalised:  # [space] give back the dead slots of the range
+                self.space.punch_dead(self, unit, page_end)
             budget -= page_end - unit
             unit = page_end
         return unit
@@ -710,6 +729,7 @@ class Store:
             "last_save": self.sb.last_save_ns / 1e9 or None,
             "last_restore": self.sb.last_restore_ns / 1e9 or None,
             "uuid": str(uuidlib.UUID(bytes=self.sb.uuid)),
+            "space": self.space.status(),  # [space]
         }
 
     def history(self, limit: int | None = None) -> list[dict[str, object]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -35,6 +36,9 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
                    "on a block device the default is the largest that fits")
     p.add_argument("--unit", type=parse_size, default=4096, help="unit size (default 4K)")
     p.add_argument("--force", action="store_true", help="overwrite whatever the target holds")
+    p.add_argument("--allow-overcommit", action="store_true",
+                   help="create a store file larger than the free space of its file system "
+                   "(sparse: writes fail with 'no space left' when it fills)")
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("inspect", help="show a store's format, geometry, epoch and history")
     p.add_argument("target")
@@ -51,14 +55,31 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"\rzeroing metadata: {min(done, total) * 100 // total}%", end="", file=sys.stderr)
 
     try:
-        geo = create_store(args.target, args.size, args.unit, args.force, progress=progress)
+        geo = create_store(args.target, args.size, args.unit, args.force, progress=progress,
+                           allow_overcommit=args.allow_overcommit)
     except (InitError, StoreError, ValueError, OSError) as e:
         print(f"savepoint init: {e}", file=sys.stderr)
         return 1
     print(f"created a Savepoint store on {args.target}: disk {human(geo.logical_size)} "
-          f"({geo.unit_count} units of {human(geo.unit_size)}); it uses "
+          f"({geo.unit_count} units of {human(geo.unit_size)}); it uses up to "
           f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)")
+    _print_space(args.target)
     return 0
+
+
+def _print_space(target: str) -> None:
+    """For a store file: what it takes now and what its file system has left."""
+    from appliance.store_space import allocated, fs_free
+
+    if not os.path.isfile(target):
+        return
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        used, free = allocated(fd), fs_free(fd)
+    finally:
+        os.close(fd)
+    print(f"  sparse file: {human(used)} allocated now (metadata), {human(free)} free on its "
+          "file system")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -96,6 +117,11 @@ def _print_inspect(info: dict) -> None:
     print(f"  background  {s['pending_units']} units waiting")
     print(f"  regions     history @{g['hist_off']}, map @{g['meta_off']} ({g['meta_len']} B), "
           f"slots @{g['slot_off'][0]} and @{g['slot_off'][1]}")
+    space = s.get("space") or {}
+    if "fs_free_bytes" in space:
+        print(f"  space       {human(space['allocated_bytes'])} allocated of up to "
+              f"{human(space['full_size'])}; {human(space['fs_free_bytes'])} free on its file "
+              f"system (margin {human(space['margin_bytes'])})")
     print_history(info["history"])
     if "check" in info:
         _print_check(info["check"])

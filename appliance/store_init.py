@@ -20,6 +20,7 @@ from appliance.store_format import (
     plan_geometry,
     superblock_copies,
 )
+from appliance.store_space import NO_FALLOCATE, allocate_metadata, human, overcommit_problem
 
 ZERO_CHUNK = 1 << 20
 
@@ -68,9 +69,30 @@ def _blkid(path: str) -> str | None:
     return None
 
 
+def _allocate_metadata(path: str, geo: Geometry) -> None:
+    """Superblocks, ring and map get their blocks now: a full file system cannot stop a
+    command later (docs/format.md, "Allocation and punching")."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        allocate_metadata(fd, geo)
+    except OSError as e:
+        if e.errno not in NO_FALLOCATE:  # ENOSPC: not even the metadata fits
+            os.unlink(path)
+            raise InitError(f"{path}: no room for the store's {human(geo.slot_off[0])} of "
+                            f"metadata ({e}); nothing was created") from None
+        # a file system without fallocate: blocks are allocated on first write instead
+    finally:
+        os.close(fd)
+
+
 def create_store(path: str, size: int | None, unit: int = 4096, force: bool = False,
-                 hist_cap: int = DEFAULT_HIST_CAP, progress=None) -> Geometry:
-    """Create an empty store: every unit reads as zeros, epoch 1, no history."""
+                 hist_cap: int = DEFAULT_HIST_CAP, progress=None,
+                 allow_overcommit: bool = False) -> Geometry:
+    """Create an empty store: every unit reads as zeros, epoch 1, no history.
+
+    On a regular file the store is sparse; it is refused when its full size exceeds the free
+    space of the file system, unless allow_overcommit (store_space.overcommit_problem).
+    """
     is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
     existing = describe_existing(path)
     if existing and not force:
@@ -91,20 +113,17 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
         if not size:
             raise InitError("a store on a regular file needs --size (for example --size 8G)")
         geo = plan_geometry(size, unit, hist_cap)
+        problem = overcommit_problem(path, geo, size)
+        if problem and not allow_overcommit:
+            raise InitError(problem)
         # A fresh sparse file, 0600 even if an older file was readable: it holds the disk.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, geo.total_size)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:  # allocate superblocks and history ring now, so a SAVE never waits on allocation
-            os.posix_fallocate(fd, 0, geo.hist_off + geo.hist_cap * 64)
-        except OSError:
-            pass  # file systems without fallocate: allocation happens on first write instead
         finally:
             os.close(fd)
+        _allocate_metadata(path, geo)
     backing = FileBacking(path)
     try:  # a regular file is already all zeros; a device needs its metadata zeroed
         write_fresh_store(backing, geo, zero_meta=is_block, progress=progress)

@@ -84,7 +84,7 @@ def bench_latency(tmp: str, sizes: list[int]) -> None:
     for size in sizes:
         for frac in (0.0, 0.01, 1.0):
             path = os.path.join(tmp, "lat.img")
-            create_store(path, size, force=True)
+            create_store(path, size, force=True, allow_overcommit=True)
             t = time.perf_counter()
             st = Store.open(path)
             t_open = time.perf_counter() - t
@@ -122,7 +122,7 @@ def bench_qemu_commit(tmp: str) -> None:
     subprocess.run(["qemu-img", "commit", "-q", top], check=True)
     t_commit = time.perf_counter() - t
     path = os.path.join(tmp, "peer.img")
-    create_store(path, GiB, force=True)
+    create_store(path, GiB, force=True, allow_overcommit=True)
     st = Store.open(path)
     buf = b"\x5a" * MiB
     for off in range(0, GiB, MiB):
@@ -156,7 +156,7 @@ def bench_throughput(tmp: str, size: int) -> None:
     print(f"\n== throughput on a {size // MiB} MiB disk: store vs plain os.pread/os.pwrite "
           "on the same file ==")
     path = os.path.join(tmp, "tp.img")
-    create_store(path, size, force=True)
+    create_store(path, size, force=True, allow_overcommit=True)
     st = Store.open(path)
     fd = st._b.fd
     base = st.geo.slot_off[1]  # where first writes of a fresh store land
@@ -187,7 +187,7 @@ def bench_ram(tmp: str) -> None:
     print("\n== map RAM and open time ==")
     path = os.path.join(tmp, "ram.img")
     for size in (GiB, 64 * GiB):
-        create_store(path, size, force=True)
+        create_store(path, size, force=True, allow_overcommit=True)
         st = Store.open(path)
         before = rss_kib()
         for page in range(len(st.map.loaded)):
@@ -198,7 +198,7 @@ def bench_ram(tmp: str) -> None:
               f"{used / (size / GiB):.3f} MiB per GiB (goal <= 1.25), plus the {ring:.0f} MiB "
               "history ring")
         st.close()
-    create_store(path, 1 << 40, force=True)
+    create_store(path, 1 << 40, force=True, allow_overcommit=True)
     t = time.perf_counter()
     st = Store.open(path)
     t_open = time.perf_counter() - t

@@ -26,6 +26,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0),
 }
 ALERT_COLOURS = ("red",)
+STORAGE = "storage"  # the daemon's part name for the backing storage (full: its own pattern)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def patterns(t: LedTimings) -> dict[str, Pattern]:
         "no_host": Pattern("no_host", no_host, "white"),
         "pairing": Pattern("pairing", (*_blink(f, f), *_blink(f, 2 * s)), "blue"),
         "fault": Pattern("fault", sos, "red"),
+        # the store's file system is full: long red flashes (RESTORE gives the space back)
+        "storage_full": Pattern("storage_full", ((1.0, 2 * s), (0.0, 2 * f)), "red"),
         # while a button is held (gpio/gestures.py Cue)
         "held": Pattern("held", ((0.0, FOREVER),)),
         "save_armed": Pattern("save_armed", ((1.0, FOREVER),), "green"),
@@ -146,6 +149,8 @@ def choose(view: DaemonView, cue: Cue, showing_status: bool, t: LedTimings) -> P
     p = patterns(t)
     if cue != Cue.IDLE:
         return p[cue.value]
+    if STORAGE in view.faults:  # the one fault a user fixes at once (RESTORE, free space)
+        return p["storage_full"]
     if view.faults:
         return p["fault"]
     if view.busy:

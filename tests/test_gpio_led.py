@@ -40,6 +40,11 @@ def state(**kw: object) -> Event:
     # a part reported failed, then back up in the next snapshot: the fault clears
     ([Event("fault", {"part": "gadget", "reason": "x"}),
       state(parts={"gadget": {"state": "up"}})], Cue.IDLE, "clean"),
+    # the store's file system is full: its own pattern, above any other fault, until cleared
+    ([state(), Event("fault", {"part": "storage", "reason": "backing storage full: 0 B free"}),
+      Event("fault", {"part": "ble", "reason": "no adapter"})], Cue.IDLE, "storage_full"),
+    ([Event("fault", {"part": "storage", "reason": "backing storage full"}),
+      Event("fault", {"part": "storage", "cleared": True})], Cue.IDLE, "clean"),
     # our own absence is not a fault we could show
     ([state(), Event("fault", {"part": "gpio", "reason": "no GPIO chip"})], Cue.IDLE, "clean"),
     # a held button outranks everything: the user needs to see what a release would do

@@ -1,0 +1,344 @@
+"""Space on the store's backing file: allocation, punching dead slots, and "storage full".
+
+A store on a regular file is sparse: its slots take space only where units were written.
+Three rules keep a full file system from breaking a promise (docs/format.md, "Allocation
+and punching"):
+
+- Everything a command writes (superblocks, history ring, unit map) is allocated when the
+  store is created, and when a store made before this rule is opened read-write. A full file
+  system then fails data writes only: SAVE and RESTORE always work.
+- A slot is *dead* when its unit's normalised record does not route to it: the secondary slot
+  of a unit not written in the current epoch. The background pass punches (gives back) the
+  dead slot of every record it normalises, so after a SAVE the old saved copies go, and after
+  a RESTORE the discarded writes go; map pages already in RAM are reclaimed first after a
+  RESTORE, so a store that filled its disk recovers with one RESTORE.
+- A data write that meets ENOSPC raises StoreFullError (NBD answers ENOSPC, not EIO) and sets
+  the "full" state, which status shows and which clears by itself once the file system has
+  room again (`poll`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from appliance.backing import Backing, fallocate
+from appliance.store_errors import StoreIOError
+from appliance.store_format import RECS_PER_SECTOR, UNITS_PER_PAGE, WEPOCH_MASK, Geometry
+
+if TYPE_CHECKING:
+    from appliance.store import Store
+
+log = logging.getLogger("savepoint.store")
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+RESUME_FREE = 16 << 20  # free bytes that end the "full" state: room for a burst of writes
+QUIET = 2.0  # seconds without ENOSPC before the state may end (no flapping under a quota)
+NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
+MAX_WAITING = 4096  # spans kept for a later punch while writers hold their stripes
+
+
+class StoreFullError(StoreIOError):
+    """A data write found no space on the backing storage (ENOSPC / EDQUOT)."""
+
+
+def human(n: float) -> str:
+    from appliance.store_cli import human as fmt
+
+    return fmt(n)
+
+
+def fs_free(fd_or_path: int | str) -> int:
+    """Bytes an unprivileged writer may still allocate on the file system."""
+    st = os.fstatvfs(fd_or_path) if isinstance(fd_or_path, int) else os.statvfs(fd_or_path)
+    return st.f_bavail * st.f_frsize
+
+
+def allocated(fd: int) -> int:
+    return os.fstat(fd).st_blocks * 512
+
+
+# ----- creating a store ---------------------------------------------------------------------
+
+def overcommit_problem(path: str, geo: Geometry, size: int) -> str | None:
+    """Why a sparse store of this geometry may not fit its file system, or None if it fits.
+
+    The free space counts what the target itself holds now, since init replaces it.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    free = fs_free(folder)
+    try:
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            free += st.st_blocks * 512
+    except FileNotFoundError:
+        pass
+    if geo.total_size <= free:
+        return None
+    return (f"{path}: the store can grow to {human(geo.total_size)} (2 x the {human(size)} "
+            f"disk + {human(geo.slot_off[0])} metadata) but its file system has only "
+            f"{human(free)} free; nothing was changed. Choose a smaller --size, free some "
+            "space, or pass --allow-overcommit (config: [store] allow_overcommit = true) to "
+            "create it sparse anyway: writes then fail with \"no space left\" when the file "
+            "system fills, and RESTORE still works and gives the space back")
+
+
+def allocate_metadata(fd: int, geo: Geometry) -> int:
+    """Allocate superblocks, history ring and map (everything a command writes).
+
+    Returns the bytes newly allocated; raises OSError (ENOSPC, or EOPNOTSUPP on a file system
+    that cannot preallocate).
+    """
+    before = allocated(fd)
+    fallocate(fd, 0, 0, geo.slot_off[0])  # mode 0 keeps the size; the file is that long already
+    return max(0, allocated(fd) - before)
+
+
+# ----- an open store ------------------------------------------------------------------------
+
+class StoreSpace:
+    """The space side of one open store: allocation report, punching, the "full" state."""
+
+    def __init__(self, backing: Backing, geo: Geometry, readonly: bool) -> None:
+        self._b, self._geo = backing, geo
+        fd = backing.fd
+        self.kind = "memory" if fd is None else (
+            "file" if stat.S_ISREG(os.fstat(fd).st_mode) else "block")
+        # Block devices have nothing to give back; simulated backings punch like files.
+        self.punching = self.kind != "block" and not readonly
+        self.punched_bytes = 0  # given back since the store was opened
+        self.full_reason = ""  # non-empty while the backing storage is full
+        self.full_since: float | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        self._last_full = 0.0  # clock() of the last ENOSPC
+        self.listeners: list[Callable[[], None]] = []  # told when the full state changes
+        self._lock = threading.Lock()
+        self._reclaim_page: int | None = None  # next map page to reclaim after a RESTORE
+        self._reclaiming = False  # reclaim_step punches whole pages itself
+        self._waiting: deque[tuple[int, int]] = deque(maxlen=MAX_WAITING)  # busy spans
+        if self.kind == "file" and not readonly:
+            self._allocate_on_open()
+
+    def _allocate_on_open(self) -> None:
+        """An in-place upgrade of a store created before metadata was preallocated."""
+        fd = self._b.fd
+        assert fd is not None
+        try:
+            grown = allocate_metadata(fd, self._geo)
+        except OSError as e:
+            if e.errno in NO_FALLOCATE:
+                log.warning("this file system cannot preallocate the store's metadata: a full "
+                            "file system could stop SAVE (RESTORE still works)")
+            else:  # never refuse to open: RESTORE is how a full disk recovers
+                log.warning("could not allocate the store's metadata (%s): SAVE may fail "
+                            "until the file system has room; RESTORE still works", e)
+            return
+        if grown:
+            log.info("allocated %s for the store's superblocks, history and map, so a full "
+                     "file system cannot stop SAVE or RESTORE (in-place upgrade of a store "
+                     "created by an older Savepoint)", human(grown))
+
+    # ----- errors -------------------------------------------------------------------------
+
+    def io_error(self, e: OSError, what: str = "I/O error on the backing storage") -> StoreIOError:
+        """The store error for an OSError; ENOSPC also enters the "full" state."""
+        if e.errno not in FULL_ERRNOS:
+            return StoreIOError(f"{what}: {e}")
+        free = self._free()
+        reason = (f"backing storage full: {human(free) if free is not None else 'no space'} "
+                  "free on the file system of the store")
+        with self._lock:
+            changed = not self.full_reason
+            self.full_reason, self.full_since = reason, self.full_since or time.time()
+            self._last_full = self.clock()
+        if changed:
+            log.warning("%s; writes fail with ENOSPC until space is freed: %s", reason,
+                        FULL_HINT)
+            self._tell()
+        return StoreFullError(f"{reason} ({e}); {FULL_HINT}")
+
+    def poll(self) -> bool:
+        """End the "full" state once the file system has room again; True if it is full.
+
+        A file: RESUME_FREE bytes free and no ENOSPC for QUIET seconds. Anything else (a
+        thin-provisioned device, a simulator) cannot say how much is free: QUIET seconds
+        without ENOSPC end it, and the next ENOSPC starts it again.
+        """
+        if not self.full_reason or self.clock() - self._last_full < QUIET:
+            return bool(self.full_reason)
+        free = self._free()
+        if free is not None and free < RESUME_FREE:
+            return True
+        with self._lock:
+            self.full_reason, self.full_since = "", None
+        log.info("backing storage has room again%s: writes work again",
+                 f" ({human(free)} free)" if free is not None else "")
+        self._tell()
+        return False
+
+    def _tell(self) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # a listener's bug must not fail the store's I/O
+                log.exception("storage listener failed")
+
+    def _free(self) -> int | None:
+        if self.kind != "file" or self._b.fd is None:
+            return None
+        try:
+            return fs_free(self._b.fd)
+        except OSError:
+            return None
+
+    # ----- punching -----------------------------------------------------------------------
+
+    def punch_dead(self, store: Store, first: int, end: int) -> None:
+        """Give back the dead slots of units first..end-1, a range the pass just normalised
+        records in: the secondary of every unit not written this epoch is dead (normalised
+        now or long ago), so one call covers a run of units sharing the dead slot.
+
+        The store's stripe locks are held from the check to the punch: a unit becomes
+        "written this epoch" only under its stripe lock, and only such a unit's secondary is
+        live, so no write can land in a slot between the check and its punch. The caller is
+        inside the store's I/O gate, so the epoch cannot change meanwhile either. A span with a
+        stripe a writer holds waits for the next call, never for the lock (the pass must not
+        slow I/O down, and may run inside a write in tests); it is checked again then, at
+        whatever the epoch is by then.
+        """
+        if not self.punching or first >= end or self._reclaiming:
+            return
+        self._waiting.append((first, end))
+        for _ in range(len(self._waiting)):
+            first, end = self._waiting.popleft()
+            if not self._locked_punch(store, first, end):
+                self._waiting.append((first, end))
+
+    def _locked_punch(self, store: Store, first: int, end: int) -> bool:
+        stripes = store._stripes
+        locks = stripes if end - first >= len(stripes) else \
+            [stripes[i] for i in sorted({u % len(stripes) for u in range(first, end)})]
+        taken = []
+        try:
+            for lock in locks:
+                if not lock.acquire(blocking=False):
+                    return False
+                taken.append(lock)
+            self._punch_run(store, first, end)
+            return True
+        finally:
+            for lock in reversed(taken):
+                lock.release()
+
+    def _punch_run(self, store: Store, first: int, end: int) -> None:
+        epoch, us, slot_off = store.epoch, store.unit_size, self._geo.slot_off
+        if end - first > 1 and store.map.uniform(first, end) is not None:
+            slot = self._dead_slot(store._record(first), epoch)  # sequential writes: one check
+            if slot >= 0:
+                self._b.discard(slot_off[slot] + first * us, (end - first) * us)
+                self.punched_bytes += (end - first) * us
+            return
+        run_slot, run_start, bad = -1, first, store.map.bad_sectors
+        for u in range(first, end + 1):
+            slot = -1
+            if u < end and not (bad and u // RECS_PER_SECTOR in bad):  # untrusted: leave it
+                slot = self._dead_slot(store._record(u), epoch)
+            if slot != run_slot:
+                if run_slot >= 0:
+                    self._b.discard(slot_off[run_slot] + run_start * us, (u - run_start) * us)
+                    self.punched_bytes += (u - run_start) * us
+                run_slot, run_start = slot, u
+
+    def undo_write(self, offset: int, length: int) -> None:
+        """Give back what a failed write into a dead slot allocated (ENOSPC half-way).
+
+        The slot is named by no record (the caller holds its stripe locks), so nothing reads it.
+        """
+        if not self.punching:
+            return
+        try:
+            self._b.discard(offset, length)
+        except OSError as e:  # the write's own error is the one to report
+            log.warning("could not give back the blocks of a failed write: %s", e)
+
+    @staticmethod
+    def _dead_slot(rec: int, epoch: int) -> int:
+        """The slot of a normalised record to punch, or -1: the secondary of a unit not
+        written this epoch (whatever its "holds data" bit says: a write-zeroes or a failed
+        write leaves blocks that no bit records)."""
+        return -1 if (rec & WEPOCH_MASK) == epoch else (rec >> 31) ^ 1
+
+    def restored(self) -> None:
+        """A RESTORE committed (durably): reclaim the map pages in RAM before the full pass."""
+        self._reclaim_page = 0
+
+    def reclaim_step(self, store: Store, budget: int) -> bool:
+        """Normalise (and so punch) about `budget` units of loaded map pages; False if none.
+
+        Every unit written since the store was opened sits in a loaded page, so this finds
+        the discarded writes of a RESTORE without reading the whole map; units written before
+        the daemon started are reclaimed by the ordinary pass. Every unit of such a page not
+        written this epoch gets its secondary punched, not only the ones just normalised: a
+        write that failed half-way (ENOSPC) left data in slots its records never named.
+        """
+        page = self._reclaim_page
+        if page is None or not self.punching:
+            return False
+        loaded, count = store.map.loaded, self._geo.unit_count
+        page = loaded.find(1, page)
+        did = False
+        while page >= 0 and budget > 0:
+            first = page * UNITS_PER_PAGE
+            n = min(UNITS_PER_PAGE, count - first)
+            self._reclaiming = True
+            try:
+                store._normalise(first, n)
+            finally:
+                self._reclaiming = False
+            self.punch_dead(store, first, first + n)
+            budget -= UNITS_PER_PAGE
+            did = True
+            page = loaded.find(1, page + 1)
+        self._reclaim_page = None if page < 0 else page
+        return did
+
+    # ----- reporting ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Allocation and free space; `margin` < 0 means the store may outgrow its file system."""
+        self.poll()
+        full = self._geo.total_size
+        info: dict[str, Any] = {"backing": self.kind, "full_size": full,
+                                "full": bool(self.full_reason), "full_reason": self.full_reason,
+                                "punched_bytes": self.punched_bytes}
+        fd = self._b.fd
+        if self.kind == "file" and fd is not None:
+            used, free = allocated(fd), fs_free(fd)
+            info.update(allocated_bytes=used, fs_free_bytes=free,
+                        margin_bytes=free - max(0, full - used))
+        elif self.kind == "block":
+            info.update(allocated_bytes=full)
+        return info
+
+
+FULL_HINT = ("RESTORE discards the unsaved writes and gives their space back; a SAVE gives back "
+             "the old copies of what it saved once the background pass has run; or free space on "
+             "the file system (or move the store to a larger one)")
+
+
+def overcommit_warning(info: dict[str, Any]) -> str | None:
+    """The start-up warning for an over-committed store on a file, or None."""
+    margin = info.get("margin_bytes")
+    if margin is None or margin >= 0:
+        return None
+    return (f"the store can grow to {human(info['full_size'])} but only "
+            f"{human(info['allocated_bytes'] + info['fs_free_bytes'])} fit on its file system "
+            f"(over-committed by {human(-margin)}): writes will fail with \"no space left\" "
+            "when it fills; RESTORE still works and gives the space back")

@@ -20,7 +20,7 @@ from appliance import nbd_protocol as p
 from appliance.nbd_server import MAX_CONNECTIONS, NbdServer
 from appliance.nbd_session import HANDSHAKE_TIMEOUT
 from tests.nbd_helpers import RawClient, run, serve, wait_for
-from tests.test_daemon_support import Served, qemu_io
+from tests.test_daemon_support import Served, qemu_io, status
 
 GREETING = 18  # NBDMAGIC, IHAVEOPT, handshake flags
 
@@ -187,6 +187,8 @@ def test_serve_flag_caps_connections_and_idle_memory_is_bounded(tmp_path) -> Non
         assert err.count("NBD connection from unix refused: 4 connections are open") == 1
         for c in idle + haggling:
             c.close()
+        # the server frees a slot when it sees the close, not when the client makes it
+        assert wait_for(lambda: status(served.control).get("nbd_clients") == 0, 30)
         qemu_io(served.uri, "read -P 0x22 0 4M")
     finally:
         served.cleanup()

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, metavar="N",
                    help="NBD clients served at once; more are refused (default 8)")
     p.add_argument("--control", help="control socket path (default: <runtime dir>/control.sock)")
+    p.add_argument("--config", help="TOML with more sections: parts such as [mqtt], [lock], "
+                   "[policy] (not [store]); the options above win")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("daemon", help="run the appliance daemon from a config file")
     p.add_argument("--config", default="/etc/savepoint/config.toml", help="TOML config")
@@ -102,12 +104,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
               file=sys.stderr)
     try:
+        extra = read_toml(args.config) if args.config else None
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
-                           args.tcp, args.allow_remote, args.control, args.max_connections)
+                           args.tcp, args.allow_remote, args.control, args.max_connections,
+                           extra)
     except ConfigError as e:
         return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
                     .replace("--max_connections", "--max-connections"))
     return run_daemon(cfg, on_ready=lambda d: print_serving(d, args))
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
 
 
 def print_serving(daemon: Any, args: argparse.Namespace) -> None:

@@ -241,6 +241,8 @@ class MqttPart:
     async def handle(self, client: aiomqtt.Client, topic: str, payload: Any,
                      retained: bool) -> None:
         body = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        if not body:  # how a retained message is cleared: nothing to answer
+            return
         if not self.limit.take():
             self.counts["rate_limited"] += 1
             if self.clock() - self._limited_reply_at >= 1.0:  # one reply a second in a flood
@@ -252,10 +254,10 @@ class MqttPart:
         source = "mqtt" if topic == self.topics.command else \
             f"mqtt:{topic.split('/')[-2]}"  # <prefix>/group/<name>/cmd
         try:
+            rid, action, args = parse_request(body, int(self.cfg["max_payload"]))
             if retained:  # a retained RESTORE would run again at every reconnect
                 raise RequestError("retained command ignored: publish commands without the "
-                                   "retain flag (and clear it: an empty retained message)")
-            rid, action, args = parse_request(body, int(self.cfg["max_payload"]))
+                                   "retain flag (and clear it: an empty retained message)", rid)
         except RequestError as e:
             self.counts["errors"] += 1
             log.warning("bad request on %s: %s", topic, e.reason)

@@ -108,6 +108,7 @@ class Broker:
 
     def __init__(self, d: Path, users: dict[str, str]) -> None:
         self.dir = d
+        d.mkdir(parents=True, exist_ok=True)
         self.pki = make_pki(d)
         self.port = free_port()
         passwd = d / "passwd"

@@ -113,9 +113,9 @@ class Broker:
         self.port = free_port()
         passwd = d / "passwd"
         passwd.touch(mode=0o600)
-        for user, password in {**dict([ADMIN]), **users}.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
-                           capture_output=True, timeout=30)
+        passwd.write_text("".join(f"{u}:{p}\n" for u, p in {**dict([ADMIN]), **users}.items()))
+        subprocess.run(["mosquitto_passwd", "-U", str(passwd)], check=True,  # hash in place
+                       capture_output=True, timeout=60)
         (d / "acl").write_text(ACL)
         (d / "acl").chmod(0o600)
         self.conf = d / "mosquitto.conf"

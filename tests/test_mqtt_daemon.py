@@ -178,6 +178,11 @@ def test_only_the_admin_may_command(broker, admin, pi1, tmp_path):
         admin.wait_reply("pi1", "evil", timeout=2)
     assert epoch(pi1) == 1
     assert admin.request("pi1", {"id": "ok", "action": "status"})["ok"]
+    late = Client(broker, subscribe=("savepoint/pi1/status",))
+    try:  # the retained status is still the appliance's own
+        assert late.wait_json("savepoint/pi1/status", timeout=10)["mode"] == "locked"
+    finally:
+        late.close()
 
 
 def test_discovery_payloads_and_clearing_them(broker, tmp_path):

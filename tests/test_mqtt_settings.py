@@ -151,3 +151,38 @@ def test_node_id_defaults_to_the_hostname(monkeypatch):
     monkeypatch.setattr(settings.socket, "gethostname", lambda: "lab pc.example.org")
     assert settings.node_id(settings.with_defaults({})) == "lab-pc"
     assert os.path.basename(settings.node_id(settings.with_defaults({"node_id": "x"}))) == "x"
+
+
+def test_serve_config_takes_part_sections_but_not_the_store():
+    from appliance.config import serve_config
+
+    extra = {"mqtt": {"enabled": True, "broker": "mqtts://b", "node_id": "vm1"},
+             "lock": {"enabled": True}, "nbd": {"max_connections": 2}}
+    cfg = serve_config("/tmp/d.img", 1 << 20, 4096, "/tmp/n.sock", None, False, None, None,
+                       extra)
+    assert cfg["parts"]["mqtt"]["node_id"] == "vm1" and cfg["parts"]["mqtt"]["rate"] == 2.0
+    assert cfg["lock"]["enabled"] is True and cfg["nbd"]["max_connections"] == 2
+    assert cfg["nbd"]["socket"] == "/tmp/n.sock" and cfg["store"]["path"] == "/tmp/d.img"
+    assert serve_config("/tmp/d.img", None, 4096, None, None, False, None)["lock"][
+        "enabled"] is False
+    with pytest.raises(ConfigError, match=r"\[store\] comes from the command line"):
+        serve_config("/tmp/d.img", None, 4096, None, None, False, None, None,
+                     {"store": {"path": "/elsewhere"}})
+    with pytest.raises(ConfigError, match="max_payload"):
+        serve_config("/tmp/d.img", None, 4096, None, None, False, None, None,
+                     {"mqtt": {"max_payload": 1}})
+
+
+def test_serve_config_file_errors_are_one_line(tmp_path):
+    import subprocess
+
+    from tests.test_daemon_support import SAVEPOINT, env
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mqtt\n")
+    for conf, words in ((tmp_path / "none.toml", "No such file"), (bad, "not valid TOML")):
+        proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "d.img"), "--size", "1M",
+                               "--config", str(conf)], capture_output=True, text=True,
+                              env=env(), timeout=60)
+        assert proc.returncode != 0 and words in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -50,8 +50,7 @@ def configs(topics: Topics, name: str, discovery_prefix: str) -> dict[str, dict[
     out: dict[str, dict[str, Any]] = {}
     for key, (component, label, extra) in ENTITIES.items():
         cfg: dict[str, Any] = {
-            "name": label, "unique_id": f"savepoint_{node}_{key}",
-            "object_id": f"savepoint_{node}_{key}", "device": device(node, name),
+            "name": label, "unique_id": f"savepoint_{node}_{key}", "device": device(node, name),
             "availability_topic": topics.availability, "payload_available": "online",
             "payload_not_available": "offline", "origin": {"name": "savepoint",
                                                           "sw_version": VERSION},

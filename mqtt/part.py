@@ -28,7 +28,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.commands import Command, CommandSink, Event, PartUnavailable
+from appliance.commands import Action, Command, CommandSink, Event, PartUnavailable
 from mqtt import discovery, settings
 from mqtt.messages import (
     RateLimit,
@@ -167,6 +167,9 @@ class MqttPart:
                 elif self._state != "failed":
                     log.warning("cannot reach the broker %s: %s", where, e)
                 self._set_state("failed", reason, f"{where}: {e}; {hint}")
+            except Exception as e:  # a bug must not end the part for good: report, retry
+                log.exception("mqtt session crashed")
+                self._set_state("failed", f"crashed: {e}", "see the log; retrying")
             finally:
                 self.client = None
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))
@@ -236,7 +239,12 @@ class MqttPart:
     # -- commands in -------------------------------------------------------------------------
     async def _commands(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            await self.handle(client, str(message.topic), message.payload, message.retain)
+            try:
+                await self.handle(client, str(message.topic), message.payload, message.retain)
+            except aiomqtt.MqttError:
+                raise
+            except Exception:  # one bad message must not end the session
+                log.exception("handling a message on %s failed", message.topic)
 
     async def handle(self, client: aiomqtt.Client, topic: str, payload: Any,
                      retained: bool) -> None:
@@ -265,12 +273,15 @@ class MqttPart:
             return
         self.counts["commands"] += 1
         outcome = await self.bus.submit(Command(action, source=source, args=args))
-        data = outcome.data
-        if action.value == "status" and outcome.ok:
+        data, reason = outcome.data, outcome.reason
+        if action is Action.UNLOCK and not outcome.ok:
+            reason += ("; UNLOCK is never possible over MQTT: it must be a person's gesture at "
+                       "the appliance (docs/fleet.md)")
+        if action is Action.STATUS and outcome.ok:
             data = status_payload(data, self.node, self.last)
         await client.publish(self.topics.reply, dumps({
             "id": rid, "node": self.node, "via": source, "ok": outcome.ok,
-            "action": action.value, "reason": outcome.reason, "data": data}), qos=1)
+            "action": action.value, "reason": reason, "data": data}), qos=1)
 
     async def _reply(self, client: aiomqtt.Client, rid: str | None, error: str) -> None:
         await client.publish(self.topics.reply, dumps({

@@ -35,8 +35,8 @@ CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
     "discovery": (bool, True, "publish Home Assistant discovery; false clears what an "
                   "earlier run published"),
     "discovery_prefix": (str, "homeassistant", "Home Assistant's discovery prefix"),
-    "status_interval": ((int, float), 1.0, "seconds between two status messages at most "
-                        "once a second (changes in between are merged)"),
+    "status_interval": ((int, float), 1.0, "least seconds between two status messages "
+                        "(changes in between go out together)"),
     "poll_interval": ((int, float), 5.0, "seconds between checks for changes no event "
                       "announces (unsaved data growing)"),
     "max_payload": (int, 4096, "bytes a command may have; longer ones get an error reply"),

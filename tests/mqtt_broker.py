@@ -94,6 +94,7 @@ topic readwrite savepoint/#
 topic readwrite homeassistant/#
 
 pattern read savepoint/%u/cmd
+# (mosquitto warns that the next pattern has no %u: expected, every appliance may read it)
 pattern read savepoint/group/+/cmd
 pattern write savepoint/%u/availability
 pattern write savepoint/%u/status

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-overcommit", action="store_true",
                    help="when creating: allow a store file larger than the free space of its "
                    "file system (sparse; writes fail with 'no space left' when it fills)")
+    p.add_argument("--config", help="TOML with more sections: parts such as [mqtt], [lock], "
+                   "[policy] (not [store]); the options above win")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("daemon", help="run the appliance daemon from a config file")
     p.add_argument("--config", default="/etc/savepoint/config.toml", help="TOML config")
@@ -105,13 +107,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
               file=sys.stderr)
     try:
+        extra = read_toml(args.config) if args.config else None
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
                            args.tcp, args.allow_remote, args.control, args.max_connections,
-                           args.allow_overcommit)
+                           allow_overcommit=args.allow_overcommit, extra=extra)
     except ConfigError as e:
         return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
                     .replace("--max_connections", "--max-connections"))
     return run_daemon(cfg, on_ready=lambda d: print_serving(d, args))
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from None
 
 
 def print_serving(daemon: Any, args: argparse.Namespace) -> None:

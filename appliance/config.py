@@ -118,6 +118,7 @@ PARTS: dict[str, tuple[str, str]] = {
     "gpio": ("gpio", "GpioPart"),
     "ble": ("ble", "BlePart"),
     "bthome": ("ble.bthome_part", "BTHomePart"),
+    "mqtt": ("mqtt", "MqttPart"),
 }
 PART_ENABLED_DOC = "start this part"
 
@@ -352,20 +353,32 @@ def default_nbd_path() -> str:
 def serve_config(target: str, size: int | None, unit: int, socket: str | None,
                  tcp: str | None, allow_remote: bool, control: str | None,
                  max_connections: int | None = None,
-                 allow_overcommit: bool = False) -> dict[str, Any]:
-    """The config `savepoint serve` runs: store + NBD + control socket, nothing else."""
-    raw: dict[str, Any] = {
-        "store": {"path": target, "create": True, "unit": unit,
-                  "allow_overcommit": allow_overcommit},
-        "nbd": {"socket": socket or "", "tcp": tcp or "", "allow_remote": allow_remote},
-        "control": {"socket": control or ""},
-        "lock": {"enabled": False},  # a developer's own disk: SAVE needs no unlock gesture
-    }
+                 allow_overcommit: bool = False,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config `savepoint serve` runs: store + NBD + control socket, and whatever else
+    `extra` (a parsed `serve --config` file: parts, [lock], [policy]...) adds; the command
+    line wins over it, and the store always comes from the command line."""
+    raw: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v
+                           for k, v in (extra or {}).items()}
+    if "store" in raw:
+        raise ConfigError("[store] comes from the command line in `savepoint serve`: remove "
+                          "it (or run `savepoint daemon --config`)")
+    for section in ("nbd", "control", "lock"):
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"[{section}] must be a table")
+    raw["store"] = {"path": target, "create": True, "unit": unit,
+                    "allow_overcommit": allow_overcommit}
+    given = {("nbd", "socket"): socket, ("nbd", "tcp"): tcp,
+             ("nbd", "allow_remote"): allow_remote or None, ("control", "socket"): control,
+             ("nbd", "max_connections"): max_connections}
+    for (section, key), value in given.items():
+        if value is not None:
+            raw[section][key] = value
+    raw["lock"].setdefault("enabled", False)  # a developer's own disk: SAVE needs no gesture
     if size is not None:
         raw["store"]["size"] = size
-    if max_connections is not None:
-        raw["nbd"]["max_connections"] = max_connections
-    return validate(raw, schema_for=lambda _section: {})
+    parts = set(extra or {}) & set(PARTS)  # import only the parts the file names
+    return validate(raw, schema_for=lambda s: part_schema(s) if s in parts else {})
 
 
 # -- docs/config.md: the key tables are generated from the schemas, so they cannot drift --

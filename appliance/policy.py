@@ -1,7 +1,7 @@
 """Who may do what, in which mode: the policy table the command bus consults.
 
 A command's source ("button", "fob:<id>", "itag:<addr>", "bthome:<addr>", "host", "cli",
-"policy") falls
+"policy", "mqtt:<topic kind>") falls
 in a source class; each (class, action) cell holds a rule:
   always   - allowed in every mode
   unlocked - allowed only while UNLOCKED
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from appliance.commands import Action, Command, Mode
 
-SOURCE_CLASSES = ("button", "fob", "commodity", "bthome", "host", "cli", "policy")
+SOURCE_CLASSES = ("button", "fob", "commodity", "bthome", "host", "cli", "policy", "mqtt")
 ACTIONS = tuple(a.value for a in Action)
 RULES = ("always", "unlocked", "never")
 GESTURE_CLASSES = ("button", "fob", "cli")  # a person's hand: the only ones that UNLOCK
@@ -46,6 +46,10 @@ _DEFAULTS: dict[str, dict[str, str]] = {
     # restore policies (on_boot, schedule, ...): only RESTORE and read-only queries
     "policy": {"save": "never", "restore": "always", "unlock": "never", "lock": "always",
                "status": "always", "history": "always", "pair": "never"},
+    # an admin over an MQTT broker (mqtt/): anyone the broker lets publish a command can be
+    # behind it, so never UNLOCK (no table may open it) and SAVE only inside a person's unlock
+    "mqtt": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
+             "status": "always", "history": "always", "pair": "never"},
 }
 
 
@@ -60,7 +64,7 @@ def source_class(command: Command) -> str | None:
         return "fob" if command.authenticated and kind == "fob" else "commodity"
     if kind == "bthome":
         return "bthome" if command.authenticated else "commodity"
-    if kind in ("button", "cli", "host", "policy"):
+    if kind in ("button", "cli", "host", "policy", "mqtt"):
         # a source that says it is unauthenticated gets the commodity rules, whatever its name
         return kind if command.authenticated else "commodity"
     return None

@@ -21,7 +21,7 @@ VENV = f"{VENV_HOME}/venv"
 STAMP = f"{VENV_HOME}/installed-source"
 SAVEPOINT = f"{VENV}/bin/savepoint"
 GROUP = "savepoint"
-_SOURCES = ("pyproject.toml", "appliance", "ble", "gpio", "provisioning")
+_SOURCES = ("pyproject.toml", "appliance", "ble", "gpio", "mqtt", "provisioning")
 
 
 def _installed(pkg: str) -> bool:

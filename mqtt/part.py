@@ -1,0 +1,305 @@
+"""The `mqtt` part: the appliance on a site's MQTT broker (aiomqtt, MQTT 5, TLS).
+
+One task keeps a connection: connect (a last will marks the appliance offline), publish
+"online", subscribe to the appliance's and its groups' command topics, publish Home Assistant
+discovery, then serve commands and publish status until the connection drops; then wait
+(1 s doubling to `reconnect_max`, with jitter so a room does not reconnect in step) and go
+again. While the broker is unreachable the part is "failed: broker unreachable" and the
+appliance goes on as before. Another task follows the bus, so SAVE/RESTORE outcomes that
+happen while offline are sent on reconnect (the last 64).
+
+Bounds: a command is at most `max_payload` bytes (larger: an error reply), packets over
+MAX_PACKET are dropped by the broker (MQTT 5 Maximum Packet Size), at most QUEUE_IN
+messages wait (more are dropped and counted), and `rate`/`burst` limit the commands run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from appliance.commands import Action, Command, CommandSink, Event, PartUnavailable
+from mqtt import discovery, settings
+from mqtt.messages import (
+    RateLimit,
+    RequestError,
+    Topics,
+    dumps,
+    event_payload,
+    iso,
+    parse_request,
+    status_payload,
+)
+
+log = logging.getLogger("savepoint.mqtt")  # not "mqtt": aiomqtt's own logger
+
+MAX_PACKET = 128 * 1024  # the broker drops anything larger before it reaches us
+QUEUE_IN = 32  # messages waiting to be handled; at most QUEUE_IN * MAX_PACKET of memory
+EVENTS_KEPT = 64  # SAVE/RESTORE outcomes kept for the event topic while offline
+
+
+class MqttPart:
+    name = "mqtt"
+
+    def __init__(self, cfg: dict[str, Any], bus: CommandSink, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.cfg = settings.with_defaults(cfg)
+        self.bus, self.clock, self.wall = bus, clock, wall
+        self.node = settings.node_id(self.cfg)
+        self.topics = Topics(self.cfg["topic_prefix"], self.node)
+        self.limit = RateLimit(float(self.cfg["rate"]), int(self.cfg["burst"]), clock)
+        self.client: aiomqtt.Client | None = None
+        self.counts = {"connects": 0, "commands": 0, "errors": 0, "rate_limited": 0,
+                       "dropped": 0}
+        self.last: dict[str, dict[str, Any]] = {}  # "save"/"restore" -> latest outcome
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        self._wake = asyncio.Event()
+        self._status_sent: bytes | None = None
+        self._limited_reply_at = -1e9
+        self._queue: asyncio.Queue[Event] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state, self._reason = "", ""
+        self.broker = settings.Broker("", 0, True)
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            settings.validate_config(self.cfg)
+            if not self.cfg["broker"]:
+                raise ValueError("broker is not set: give mqtts://HOST[:PORT]")
+            self.broker = settings.parse_broker(self.cfg["broker"])
+            self.username, self.password = settings.read_secrets(self.cfg["secrets"])
+            self.tls = settings.tls_context(self.cfg) if self.broker.tls else None
+        except settings.SecretsError as e:
+            raise PartUnavailable(str(e), "fix [mqtt] secrets") from e
+        except ValueError as e:
+            raise PartUnavailable(f"[mqtt] {e}", "fix [mqtt] in the config") from e
+        except OSError as e:  # ssl.SSLError is an OSError: a bad CA file or client key
+            raise PartUnavailable(f"[mqtt] TLS files: {e}",
+                                  "check [mqtt] ca_file, client_cert and client_key") from e
+        self._queue = self.bus.subscribe()
+        extras = getattr(self.bus, "status_extras", None)
+        if isinstance(extras, list):
+            extras.append(self.status)
+        # The tasks first run after start() returns, so the daemon's "up" comes before the
+        # connection's own state (connected, or failed: broker unreachable).
+        self._tasks = [asyncio.create_task(self._follow(self._queue), name="mqtt-follow"),
+                       asyncio.create_task(self._run(), name="mqtt")]
+
+    async def stop(self) -> None:
+        client = self.client
+        if client is not None:  # a clean disconnect sends no will: say offline ourselves
+            with contextlib.suppress(Exception):
+                await client.publish(self.topics.availability, "offline", qos=1, retain=True,
+                                     timeout=2)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._queue is not None:
+            self.bus.unsubscribe(self._queue)
+            self._queue = None
+        extras = getattr(self.bus, "status_extras", None)
+        if isinstance(extras, list) and self.status in extras:
+            extras.remove(self.status)
+
+    def status(self) -> dict[str, Any]:
+        return {"mqtt": {"connected": self.client is not None, "node": self.node,
+                         "broker": f"{self.broker.host}:{self.broker.port}", **self.counts}}
+
+    def _set_state(self, state: str, reason: str = "", hint: str = "") -> None:
+        if (state, reason) == (self._state, self._reason):
+            return  # one fault event per change, not one per retry
+        self._state, self._reason = state, reason
+        set_part = getattr(self.bus, "set_part", None)
+        if callable(set_part):
+            set_part("mqtt", state, reason, hint)
+
+    # -- the connection ----------------------------------------------------------------------
+    def _client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.MaximumPacketSize = MAX_PACKET
+        counts = self.counts
+
+        class CountingQueue(asyncio.Queue):  # aiomqtt drops on full: count what it drops
+            def put_nowait(self, item: Any) -> None:
+                if self.full():
+                    counts["dropped"] += 1
+                super().put_nowait(item)
+
+        return aiomqtt.Client(
+            self.broker.host, self.broker.port, username=self.username, password=self.password,
+            identifier=f"savepoint-{self.node}", protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(self.topics.availability, "offline", qos=1, retain=True),
+            clean_start=True, keepalive=int(self.cfg["keepalive"]), timeout=10,
+            tls_context=self.tls, properties=props, queue_type=CountingQueue,
+            max_queued_incoming_messages=QUEUE_IN, max_queued_outgoing_messages=256,
+            logger=_QUIET)
+
+    async def _run(self) -> None:
+        delay = 1.0
+        where = f"{'mqtts' if self.broker.tls else 'mqtt'}://{self.broker.host}:{self.broker.port}"
+        while True:
+            try:
+                async with self._client() as client:
+                    self.client, delay = client, 1.0
+                    self.counts["connects"] += 1
+                    log.info("connected to %s as %s", where, self.node)
+                    self._set_state("up", f"connected to {where} as {self.node}")
+                    await self._session(client)
+            except aiomqtt.MqttError as e:
+                reason, hint = _why(e)
+                if self.client is not None:
+                    log.warning("lost the broker %s: %s", where, e)
+                elif self._state != "failed":
+                    log.warning("cannot reach the broker %s: %s", where, e)
+                self._set_state("failed", reason, f"{where}: {e}; {hint}")
+            except Exception as e:  # a bug must not end the part for good: report, retry
+                log.exception("mqtt session crashed")
+                self._set_state("failed", f"crashed: {e}", "see the log; retrying")
+            finally:
+                self.client = None
+            await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, float(self.cfg["reconnect_max"]))
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.publish(self.topics.availability, "online", qos=1, retain=True)
+        subs = [(self.topics.command, 1)] + [(self.topics.group(g), 1)
+                                            for g in self.cfg["groups"]]
+        await client.subscribe(subs)
+        await self._discovery(client)
+        self._status_sent = None  # the broker may have lost it: send the status again
+        self._wake.set()
+        tasks = [asyncio.create_task(self._commands(client)),
+                 asyncio.create_task(self._publisher(client))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # re-raise the MqttError that ended the session
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _discovery(self, client: aiomqtt.Client) -> None:
+        payloads = discovery.configs(self.topics, str(self.cfg["name"]),
+                                     str(self.cfg["discovery_prefix"]))
+        for topic, payload in payloads.items():
+            body = dumps(payload) if self.cfg["discovery"] else b""  # empty: HA removes it
+            await client.publish(topic, body, qos=1, retain=True)
+
+    # -- state out -------------------------------------------------------------------------
+    async def _follow(self, queue: asyncio.Queue[Event]) -> None:
+        while True:
+            event = await queue.get()
+            action = event.data.get("action")
+            if event.kind == "outcome" and action in ("save", "restore"):
+                now = self.wall()
+                self.last[action] = {"ok": event.data.get("ok"), "source": event.data.get(
+                    "source"), "reason": event.data.get("reason", ""), "time": iso(now)}
+                self._events.append(event_payload(self.node, event.data, now))
+            if event.kind in ("outcome", "state", "host", "fault", "progress"):
+                self._wake.set()
+
+    async def _publisher(self, client: aiomqtt.Client) -> None:
+        sent_at = -1e9
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), float(self.cfg["poll_interval"]))
+            self._wake.clear()
+            await self._send_events(client)
+            wait = float(self.cfg["status_interval"]) - (self.clock() - sent_at)
+            if wait > 0:  # throttle: changes during the wait go out together
+                await asyncio.sleep(wait)
+                await self._send_events(client)
+            snap = await self.bus.snapshot() if hasattr(self.bus, "snapshot") else {}
+            body = dumps(status_payload(snap, self.node, self.last))
+            if body != self._status_sent:
+                await client.publish(self.topics.status, body, qos=1, retain=True)
+                self._status_sent, sent_at = body, self.clock()
+
+    async def _send_events(self, client: aiomqtt.Client) -> None:
+        while self._events:
+            await client.publish(self.topics.event, dumps(self._events[0]), qos=1)
+            self._events.popleft()
+
+    # -- commands in -------------------------------------------------------------------------
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                await self.handle(client, str(message.topic), message.payload, message.retain)
+            except aiomqtt.MqttError:
+                raise
+            except Exception:  # one bad message must not end the session
+                log.exception("handling a message on %s failed", message.topic)
+
+    async def handle(self, client: aiomqtt.Client, topic: str, payload: Any,
+                     retained: bool) -> None:
+        body = payload if isinstance(payload, bytes) else str(payload or "").encode()
+        if not body:  # how a retained message is cleared: nothing to answer
+            return
+        if not self.limit.take():
+            self.counts["rate_limited"] += 1
+            if self.clock() - self._limited_reply_at >= 1.0:  # one reply a second in a flood
+                self._limited_reply_at = self.clock()
+                await self._reply(client, None, f"too many commands: at most "
+                                  f"{self.cfg['rate']:g}/s after a burst of "
+                                  f"{self.cfg['burst']}; dropped, nothing ran")
+            return
+        source = "mqtt" if topic == self.topics.command else \
+            f"mqtt:{topic.split('/')[-2]}"  # <prefix>/group/<name>/cmd
+        try:
+            rid, action, args = parse_request(body, int(self.cfg["max_payload"]))
+            if retained:  # a retained RESTORE would run again at every reconnect
+                raise RequestError("retained command ignored: publish commands without the "
+                                   "retain flag (and clear it: an empty retained message)", rid)
+        except RequestError as e:
+            self.counts["errors"] += 1
+            log.warning("bad request on %s: %s", topic, e.reason)
+            await self._reply(client, e.request_id, e.reason)
+            return
+        self.counts["commands"] += 1
+        outcome = await self.bus.submit(Command(action, source=source, args=args))
+        data, reason = outcome.data, outcome.reason
+        if action is Action.UNLOCK and not outcome.ok:
+            reason += ("; UNLOCK is never possible over MQTT: it must be a person's gesture at "
+                       "the appliance (docs/fleet.md)")
+        if action is Action.STATUS and outcome.ok:
+            data = status_payload(data, self.node, self.last)
+        await client.publish(self.topics.reply, dumps({
+            "id": rid, "node": self.node, "via": source, "ok": outcome.ok,
+            "action": action.value, "reason": reason, "data": data}), qos=1)
+
+    async def _reply(self, client: aiomqtt.Client, rid: str | None, error: str) -> None:
+        await client.publish(self.topics.reply, dumps({
+            "id": rid, "node": self.node, "ok": False, "reason": error}), qos=1)
+
+
+def _why(error: aiomqtt.MqttError) -> tuple[str, str]:
+    text = str(error).lower()
+    if "not authorized" in text or "bad user name" in text or "password" in text:
+        return ("broker refused the login",
+                "check username and password in [mqtt] secrets and the broker's password file")
+    if "certificate" in text or "ssl" in text or "tls" in text:
+        return ("TLS with the broker failed",
+                "check [mqtt] ca_file (it must have signed the broker's certificate) and that "
+                "the broker's name matches its certificate")
+    return ("broker unreachable", "the appliance works on; retrying with backoff")
+
+
+# aiomqtt logs every dropped message; our own counts say it once, in status
+_QUIET = logging.getLogger("savepoint.mqtt.client")
+_QUIET.setLevel(logging.ERROR)

@@ -80,7 +80,7 @@ def test_restart_keeps_saved_data_and_offline_history(tmp_path):
 def test_status_shows_mode_gauge_and_parts(served):
     qemu_io(served.uri, "write -P 1 0 64k")
     out = cli("status", control=served.control).stdout
-    assert "UNLOCKED (lock mode off)" in out
+    assert "UNLOCKED (lock mode off: SAVE needs no unlock)" in out
     assert "16 units, 64.0 KiB" in out and "of 64.0 MiB" in out
     assert "part nbd     up" in out and "part gadget  off" in out
     st = status(served.control)

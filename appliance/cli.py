@@ -364,10 +364,6 @@ def show(command: str, data: dict[str, Any]) -> None:
               "  savepoint-fob pair\n"
               "It finds the appliance, pairs and stores its key; then `savepoint-fob save`, "
               "`restore`, `unlock` or `status` work from it. `savepoint fobs` lists paired fobs.")
-        if data.get("ble", "up") != "up":
-            print(f"savepoint: but BLE is {data['ble']} on this appliance, so no fob can pair "
-                  "now (enable [ble] in the config; `savepoint status` shows why)",
-                  file=sys.stderr)
 
 
 def print_outcome(command: str, data: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ Errors exit non-zero with a one-line reason on stderr; every talking command tak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -77,8 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SIZE_OPTIONS = ("--size", "--unit")
+
+
+def join_negative_sizes(argv: list[str]) -> list[str]:
+    """`--size -5G` -> `--size=-5G`: argparse would take -5G for an option and say only
+    "expected one argument"; joined, the size parser says what is wrong with it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in SIZE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_sizes(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -106,16 +122,67 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not os.path.exists(args.target) and args.size is None:
         return fail(f"{args.target} does not exist; give --size to create it, e.g. "
                     f"savepoint serve {args.target} --size 1G")
-    if os.path.exists(args.target) and args.size is not None:
-        print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
-              file=sys.stderr)
     try:
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
                            args.tcp, args.allow_remote, args.control, args.max_connections)
     except ConfigError as e:
         return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
                     .replace("--max_connections", "--max-connections"))
-    return run_daemon(cfg, on_ready=lambda d: print_serving(d, args))
+    busy = sockets_taken(args)
+    if busy:
+        return fail(busy)
+    created = not os.path.exists(args.target)
+    if created:
+        if create_for_serve(args):
+            return 1
+    elif args.size is not None:
+        print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
+              file=sys.stderr)
+    ready: list[bool] = []
+
+    def on_ready(daemon: Any) -> None:
+        ready.append(True)
+        print_serving(daemon, args)
+
+    code = run_daemon(cfg, on_ready=on_ready)
+    if created and not ready:  # it never served: leave nothing behind
+        with contextlib.suppress(OSError):
+            os.unlink(args.target)
+    return code
+
+
+def sockets_taken(args: argparse.Namespace) -> str:
+    """Why serve cannot start here (another daemon on these sockets), before creating a thing."""
+    from appliance.config import default_nbd_path
+    from appliance.preflight import socket_in_use
+
+    taken = [(flag, path) for flag, path in (("--socket", args.socket or default_nbd_path()),
+                                             ("--control", args.control or
+                                              default_control_path()))
+             if socket_in_use(path)]
+    if not taken:
+        return ""
+    what = " and ".join(path for _flag, path in taken)
+    return (f"another savepoint is already serving on {what}; nothing was created. Stop it, or "
+            "give this one its own sockets with --socket and --control, e.g. "
+            f"savepoint serve {args.target} --socket /tmp/sp2/nbd.sock "
+            "--control /tmp/sp2/control.sock")
+
+
+def create_for_serve(args: argparse.Namespace) -> int:
+    """Create the new store with init's checks; non-zero (after saying why) if it failed."""
+    from appliance.preflight import Refused, explain_os_error
+    from appliance.store import StoreError
+    from appliance.store_cli import create_checked
+    from appliance.store_init import InitError
+
+    try:
+        create_checked(args.target, args.size, args.unit)
+    except (InitError, StoreError, ValueError, Refused) as e:
+        return fail(f"cannot create {args.target}: {e}")
+    except OSError as e:
+        return fail(f"cannot create the store: {explain_os_error(e, args.target)}")
+    return 0
 
 
 def print_serving(daemon: Any, args: argparse.Namespace) -> None:

@@ -43,9 +43,11 @@ def _parse_text(text: str) -> int:
     sign, number, prefix, suffix = m.group(1), m.group(2), (m.group(3) or ""), m.group(4)
     if suffix and suffix.lower() == "b":  # "GB": decimal or binary? refuse to guess
         p = prefix.upper()
-        raise SizeError(f"size {text.strip()!r} is ambiguous: write {number}{p} or "
-                        f"{number}{p}iB for binary (1{p} = {_SCALE[prefix.lower()]} bytes), "
-                        "or the number of bytes")
+        power = "kmgtp".index(prefix.lower()) + 1
+        decimal = Fraction(number) * 10 ** (3 * power)
+        raise SizeError(f"size {text.strip()!r} is ambiguous: write {number}{p} (or "
+                        f"{number}{p}iB) for binary, 1{p} = {_SCALE[prefix.lower()]} bytes, "
+                        f"or {int(decimal)} bytes for decimal")
     value = Fraction(number) * _SCALE[prefix.lower()]
     if value.denominator != 1:
         raise SizeError(f"size {text.strip()!r} is not a whole number of bytes")

@@ -7,25 +7,19 @@ import json
 import sys
 import time
 
+from appliance.preflight import Refused, check_target, explain_os_error, removed_on_failure
+from appliance.sizes import human
 from appliance.store_format import FORMAT_VERSION
 
 
 def parse_size(text: str) -> int:
-    """The CLI's size argument: '1G', '512M', '4K' (appliance.config.parse_size)."""
-    from appliance.config import parse_size as parse
+    """The CLI's size argument (appliance.sizes: K/M/G/T binary, KB/GB refused, > 0)."""
+    from appliance.sizes import parse_size as parse
 
     try:
         return parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def add_store_commands(sub: argparse._SubParsersAction) -> None:
@@ -44,21 +38,34 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from appliance.store import StoreError, create_store
+    from appliance.store import StoreError
     from appliance.store_init import InitError
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rzeroing metadata: {min(done, total) * 100 // total}%", end="", file=sys.stderr)
-
     try:
-        geo = create_store(args.target, args.size, args.unit, args.force, progress=progress)
-    except (InitError, StoreError, ValueError, OSError) as e:
+        geo = create_checked(args.target, args.size, args.unit, args.force)
+    except (InitError, StoreError, ValueError, Refused) as e:
         print(f"savepoint init: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"savepoint init: {explain_os_error(e, args.target)}", file=sys.stderr)
         return 1
     print(f"created a Savepoint store on {args.target}: disk {human(geo.logical_size)} "
           f"({geo.unit_count} units of {human(geo.unit_size)}); it uses "
           f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)")
     return 0
+
+
+def create_checked(target: str, size: int | None, unit: int, force: bool = False,
+                   label: str = "zeroing metadata"):
+    """create_store after every check that needs no writing; a failure leaves no new file."""
+    from appliance.progress import Progress
+    from appliance.store import create_store
+    from appliance.store_format import plan_geometry
+
+    if size is not None:
+        check_target(target, plan_geometry(size, unit).total_size, size)
+    with removed_on_failure(target), Progress(label) as bar:
+        return create_store(target, size, unit, force, progress=bar.update)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -70,11 +77,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             info = {"format_version": FORMAT_VERSION, "geometry": st.geo.__dict__,
                     "status": st.status(), "history": st.history(limit=10)}
     except (StoreError, OSError) as e:
-        print(f"savepoint inspect: {e}", file=sys.stderr)
+        why = explain_os_error(e, args.target) if isinstance(e, OSError) else e
+        print(f"savepoint inspect: {why}", file=sys.stderr)
         if not args.check or isinstance(e, OSError):
             return 1
         info = {}  # unreadable as a store: the check still says what it found
-    report = check_store(args.target) if args.check else None
+    report = None
+    if args.check:
+        from appliance.progress import Progress
+
+        with Progress("checking the map") as bar:
+            report = check_store(args.target, progress=bar.update)
     if report is not None:
         info["check"] = {"ok": report.ok, "problems": report.problems, "notes": report.notes}
     if args.json:
@@ -130,6 +143,7 @@ def history_offline(target: str, as_json: bool, limit: int | None) -> int:
         else:
             print_history(records)
     except (StoreError, OSError) as e:
-        print(f"savepoint history: {e}", file=sys.stderr)
+        why = explain_os_error(e, target) if isinstance(e, OSError) else e
+        print(f"savepoint history: {why}", file=sys.stderr)
         return 1
     return 0

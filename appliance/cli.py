@@ -195,8 +195,22 @@ def print_serving(daemon: Any, args: argparse.Namespace) -> None:
     print(daemon.nbd.examples())
     control = "" if daemon.control_socket == default_control_path() else \
         f" --control {daemon.control_socket}"
-    print(f"Control: savepoint save|restore|status|history|watch{control}")
+    print(f"Control: {own_command()} save|restore|status|history|watch{control}")
     print("Stop with Ctrl-C.", flush=True)
+
+
+def own_command() -> str:
+    """How the user can run this CLI again: `savepoint` when that is what PATH finds, else the
+    path they used (`.venv/bin/savepoint`), else `python -m appliance.cli`."""
+    import shutil
+
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "savepoint":
+        on_path = shutil.which("savepoint")
+        if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+            return "savepoint"
+        return argv0 if os.sep in argv0 else os.path.abspath(argv0)
+    return f"{sys.executable} -m appliance.cli"
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:

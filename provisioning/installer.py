@@ -179,7 +179,11 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     if not live:
         notes.append("skipped under --root: apt-get install " + " ".join(system.PACKAGES))
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
-    changes.append(system.venv_change(root, SRC) if full else None)
+    venv = system.venv_change(root, SRC) if full else None
+    changes.append(venv)
+    if full and (venv is not None or not on(root, "/usr/local/share/man/man1/savepoint.1")
+                 .exists()):
+        changes.append(system.docs_change(root))  # regenerated with every new venv
     changes.append(_cli_link(root, notes))
     changes += [file_change(root, CONFIG, _config_text(root, store, args.unit), private=True),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),

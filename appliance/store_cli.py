@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,7 +30,22 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
                    "on a block device the default is the largest that fits")
     p.add_argument("--unit", type=parse_size, default=4096, help="unit size (default 4K)")
     p.add_argument("--force", action="store_true", help="overwrite whatever the target holds")
+    p.add_argument("--from", dest="image", metavar="IMAGE", help="make this disk image (raw, "
+                   "qcow2, or any format qemu-img reads) the saved state; --size defaults to "
+                   "its size")
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser("export", help="write the saved (or working) state to a disk image")
+    p.add_argument("target", help="the store (served or not)")
+    p.add_argument("out", help="the image file to write")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--saved", dest="working", action="store_false",
+                      help="the last saved state (default)")
+    view.add_argument("--working", action="store_true",
+                      help="what the disk holds now, unsaved writes included")
+    p.add_argument("--format", "-O", default="raw", help="image format: raw (default), qcow2...")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--control", help="the daemon's control socket, when the store is served")
+    p.set_defaults(func=cmd_export, working=False)
     p = sub.add_parser("inspect", help="show a store's format, geometry, epoch and history")
     p.add_argument("target")
     p.add_argument("--check", action="store_true", help="verify every checksum and invariant")
@@ -38,12 +54,16 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from appliance.images import ImageError
     from appliance.store import StoreError
     from appliance.store_init import InitError
 
     try:
-        geo = create_checked(args.target, args.size, args.unit, args.force)
-    except (InitError, StoreError, ValueError, Refused) as e:
+        if args.image:
+            geo = init_from_image(args)
+        else:
+            geo = create_checked(args.target, args.size, args.unit, args.force)
+    except (InitError, StoreError, ValueError, Refused, ImageError) as e:
         print(f"savepoint init: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -51,8 +71,85 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 1
     print(f"created a Savepoint store on {args.target}: disk {human(geo.logical_size)} "
           f"({geo.unit_count} units of {human(geo.unit_size)}); it uses "
-          f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)")
+          f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)"
+          + (f"; {args.image} is its saved state (epoch 1 in history)" if args.image else ""))
     return 0
+
+
+def init_from_image(args: argparse.Namespace):
+    from appliance.images import ImageError, image_info, import_image
+    from appliance.store import Store
+
+    fmt, virtual = image_info(args.image)
+    size = args.size or -(-virtual // 512) * 512
+    if size < virtual:
+        raise ImageError(f"{args.image} holds {human(virtual)}, more than --size "
+                         f"{human(size)}: leave --size out to use the image's size")
+    if os.path.abspath(args.image) == os.path.abspath(args.target):
+        raise ImageError("the image and the target are the same file: give a new target")
+    with removed_on_failure(args.target):
+        geo = create_checked(args.target, size, args.unit, args.force)
+        with Store.open(args.target) as st:
+            import_image(st, args.image, fmt, progress=sys.stderr.isatty())
+    return geo
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from appliance.images import ImageError, export_offline, is_served
+    from appliance.progress import Progress
+    from appliance.store import StoreError
+
+    if os.path.exists(args.out) and not args.force:
+        print(f"savepoint export: {args.out} exists; nothing was changed: add --force to "
+              "overwrite it", file=sys.stderr)
+        return 1
+    view = "working" if args.working else "saved"
+    try:
+        if is_served(args.target):
+            written = export_through_daemon(args)
+        else:
+            with removed_on_failure(args.out), Progress(f"exporting the {view} state") as bar:
+                written = export_offline(args.target, args.out, not args.working, args.format,
+                                         bar.update)
+    except (StoreError, ImageError) as e:
+        print(f"savepoint export: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"savepoint export: {explain_os_error(e)}", file=sys.stderr)
+        return 1
+    data = f" ({human(written)} allocated, the rest sparse)" if written is not None else ""
+    print(f"exported the {view} state of {args.target} to {args.out}{data}")
+    return 0
+
+
+def export_through_daemon(args: argparse.Namespace) -> None:
+    """A served store: read its NBD export, after checking it is this store."""
+    import uuid
+
+    from appliance.control_socket import ControlClient, ControlError
+    from appliance.images import ImageError, export_served
+    from appliance.store_format import SB_SIZE, superblock_copies
+
+    with open(args.target, "rb") as f:
+        uuids = {str(uuid.UUID(bytes=sb.uuid)) for sb in superblock_copies(f.read(2 * SB_SIZE))
+                 if not isinstance(sb, Exception)}
+    try:
+        from appliance.cli import control_path
+
+        with ControlClient(control_path(args), timeout=60) as client:
+            st = client.request("status").get("data") or {}
+    except ControlError as e:
+        raise ImageError(f"{args.target} is in use by a daemon, but: {e} (give --control)") \
+            from None
+    if str(st.get("uuid")) not in uuids or not st.get("nbd_uris"):
+        raise ImageError(f"{args.target} is served by a daemon other than the one at the "
+                         "control socket, or without NBD: give its --control")
+    if not args.working and st.get("dirty_units"):
+        raise ImageError(f"{args.target} is served and has {st['dirty_units']} unsaved units: "
+                         "the daemon exports only the working state. Use --working, or SAVE "
+                         "(or stop the daemon) first")
+    with removed_on_failure(args.out):
+        export_served(st["nbd_uris"][0], args.out, args.format)
 
 
 def create_checked(target: str, size: int | None, unit: int, force: bool = False,

@@ -11,12 +11,12 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any
 
 from appliance import __version__, runtime_dirs
+from appliance.cli_support import create_for_serve, join_negative_sizes, own_command, sockets_taken
 from appliance.config import (
     ConfigError,
     default_control_path,
@@ -78,21 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SIZE_OPTIONS = ("--size", "--unit")
-
-
-def join_negative_sizes(argv: list[str]) -> list[str]:
-    """`--size -5G` -> `--size=-5G`: argparse would take -5G for an option and say only
-    "expected one argument"; joined, the size parser says what is wrong with it."""
-    out: list[str] = []
-    for arg in argv:
-        if out and out[-1] in SIZE_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
-            out[-1] = f"{out[-1]}={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(join_negative_sizes(sys.argv[1:] if argv is None else argv))
     try:
@@ -151,40 +136,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
-def sockets_taken(args: argparse.Namespace) -> str:
-    """Why serve cannot start here (another daemon on these sockets), before creating a thing."""
-    from appliance.config import default_nbd_path
-    from appliance.preflight import socket_in_use
-
-    taken = [(flag, path) for flag, path in (("--socket", args.socket or default_nbd_path()),
-                                             ("--control", args.control or
-                                              default_control_path()))
-             if socket_in_use(path)]
-    if not taken:
-        return ""
-    what = " and ".join(path for _flag, path in taken)
-    return (f"another savepoint is already serving on {what}; nothing was created. Stop it, or "
-            "give this one its own sockets with --socket and --control, e.g. "
-            f"savepoint serve {args.target} --socket /tmp/sp2/nbd.sock "
-            "--control /tmp/sp2/control.sock")
-
-
-def create_for_serve(args: argparse.Namespace) -> int:
-    """Create the new store with init's checks; non-zero (after saying why) if it failed."""
-    from appliance.preflight import Refused, explain_os_error
-    from appliance.store import StoreError
-    from appliance.store_cli import create_checked
-    from appliance.store_init import InitError
-
-    try:
-        create_checked(args.target, args.size, args.unit)
-    except (InitError, StoreError, ValueError, Refused) as e:
-        return fail(f"cannot create {args.target}: {e}")
-    except OSError as e:
-        return fail(f"cannot create the store: {explain_os_error(e, args.target)}")
-    return 0
-
-
 def print_serving(daemon: Any, args: argparse.Namespace) -> None:
     st = daemon.store.status()
     print(f"Savepoint: serving {args.target} ({human(st['size'])}, unit "
@@ -197,20 +148,6 @@ def print_serving(daemon: Any, args: argparse.Namespace) -> None:
         f" --control {daemon.control_socket}"
     print(f"Control: {own_command()} save|restore|status|history|watch{control}")
     print("Stop with Ctrl-C.", flush=True)
-
-
-def own_command() -> str:
-    """How the user can run this CLI again: `savepoint` when that is what PATH finds, else the
-    path they used (`.venv/bin/savepoint`), else `python -m appliance.cli`."""
-    import shutil
-
-    argv0 = sys.argv[0]
-    if os.path.basename(argv0) == "savepoint":
-        on_path = shutil.which("savepoint")
-        if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
-            return "savepoint"
-        return argv0 if os.sep in argv0 else os.path.abspath(argv0)
-    return f"{sys.executable} -m appliance.cli"
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
@@ -247,8 +184,10 @@ def cmd_talk(args: argparse.Namespace) -> int:
                 return fail("RESTORE cancelled; nothing changed")
         with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
             if args.command == "watch":
+                from appliance.cli_watch import watch
+
                 try:
-                    return watch(client, args.json)
+                    return watch(client, args.json, path)
                 except KeyboardInterrupt:  # the normal way to stop watching
                     return 0
             cmd_args: dict[str, Any] = {}
@@ -388,25 +327,15 @@ def confirm_restore(path: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def watch(client: ControlClient, as_json: bool) -> int:
-    # Ctrl-C ends watching even when started from a shell that ignores SIGINT (`watch &`).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    reply = client.request("watch")
-    if not reply.get("ok"):
-        return fail(reply.get("reason") or "watch refused")
-    while True:
-        event = client.read()
-        if as_json:
-            print(json.dumps(event), flush=True)
-        else:
-            print(f"{time.strftime('%H:%M:%S')} {describe_event(event)}", flush=True)
-
-
 def describe_event(event: dict[str, Any]) -> str:
     kind, data = event.get("event"), event.get("data") or {}
     if kind == "outcome":
         verdict = "done" if data.get("ok") else f"refused: {data.get('reason')}"
         return f"{str(data.get('action')).upper()} from {data.get('source')}: {verdict}"
+    if kind == "status":
+        from appliance.cli_watch import describe_status
+
+        return describe_status(data)
     if kind == "state":
         return (f"state: {data.get('mode')}, epoch {data.get('epoch')}, "
                 f"{data.get('dirty_units')} unsaved units")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
@@ -95,3 +96,24 @@ def test_version(command):
 
     proc = run(command, "--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"{command} {__version__}"
+
+
+def test_watch_shows_unsaved_data_growing_and_clients_coming_and_going(served):
+    watcher = subprocess.Popen([str(BIN / "savepoint"), "watch", "--control", served.control],
+                               stdout=subprocess.PIPE, text=True, env=env())
+    try:
+        assert watcher.stdout is not None
+        assert "state:" in watcher.stdout.readline()
+        time.sleep(1.5)  # the poller has its first status
+        qemu_io(served.uri, "write -P 1 0 64k")
+        lines = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            lines.append(watcher.stdout.readline())
+            if "unsaved 16 units (64.0 KiB" in lines[-1]:
+                break
+        assert "unsaved 16 units (64.0 KiB, 0.1% of the disk)" in lines[-1], lines
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(10)
+        watcher.stdout.close()

@@ -138,7 +138,9 @@ def test_watch_prints_live_events(served):
         cli("save", control=served.control)
         events = []
         while not events or events[-1]["event"] != "state":
-            events.append(json.loads(watcher.stdout.readline()))
+            event = json.loads(watcher.stdout.readline())
+            if event["event"] != "status":  # the CLI's own polled changes, not the daemon's
+                events.append(event)
         assert [e["event"] for e in events] == ["progress", "progress", "outcome", "state"]
         assert events[2]["data"]["action"] == "save" and events[2]["data"]["ok"]
         assert events[3]["data"]["epoch"] == 2

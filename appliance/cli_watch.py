@@ -27,6 +27,9 @@ def watch(client: ControlClient, as_json: bool, path: str, every: float = 1.0) -
     lock = threading.Lock()
 
     def emit(event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event.get("event") == "outcome" and data.get("action") in ("status", "history"):
+            return  # queries change nothing (and the poller's own would repeat every second)
         with lock:
             if as_json:
                 print(json.dumps(event), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from types import TracebackType
 from typing import Any
@@ -22,9 +23,10 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm
 
+            size = shutil.get_terminal_size()  # a pty may report 0 x 0: this falls back
             self._bar = tqdm(total=total, desc=self.label, unit="B", unit_scale=True,
                              unit_divisor=1024, file=self.stream, leave=True,
-                             mininterval=0.25, dynamic_ncols=True)
+                             mininterval=0.25, ncols=size.columns, nrows=size.lines)
         self._bar.update(min(done, total) - self._bar.n)
 
     def close(self) -> None:

@@ -109,3 +109,30 @@ def test_export_saved_and_working_offline_and_through_the_daemon(tmp_path):
     assert sp("export", str(store), str(working), "--working").returncode == 0
     assert raw_sha(saved, "raw") == raw_sha(image, "qcow2")
     assert raw_sha(working, "raw") == raw_sha(work, "raw")
+
+
+def test_progress_shows_on_a_terminal_and_ends_its_line(tmp_path):
+    import pty
+
+    store = tmp_path / "store.img"
+    assert sp("init", str(store), "--size", "64M").returncode == 0
+    main, sub = pty.openpty()
+    try:
+        proc = subprocess.Popen([SAVEPOINT, "export", str(store), str(tmp_path / "o.raw")],
+                                stdin=sub, stdout=sub, stderr=sub, env=env())
+        os.close(sub)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(60) == 0
+    finally:
+        os.close(main)
+    text = out.decode(errors="replace")
+    assert "exporting the saved state" in text and "100%" in text
+    assert "\nexported the saved state" in text.replace("\r\n", "\n")  # on its own line

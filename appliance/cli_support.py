@@ -39,13 +39,22 @@ def own_command() -> str:
 
 def sockets_taken(args: argparse.Namespace) -> str:
     """Why serve cannot start here (another daemon on these sockets), before creating a thing."""
+    from appliance import runtime_dirs
     from appliance.config import default_nbd_path
     from appliance.preflight import socket_in_use
+
+    def probe(path: str, given: str | None) -> bool:
+        try:  # a runtime dir another user made is the daemon's to refuse: never connect there
+            if not given and os.path.isdir(os.path.dirname(path)):
+                runtime_dirs.check_client(os.path.dirname(path))
+        except (runtime_dirs.UnsafeDir, OSError):
+            return False
+        return socket_in_use(path)
 
     taken = [(flag, path) for flag, path in (("--socket", args.socket or default_nbd_path()),
                                              ("--control", args.control or
                                               default_control_path()))
-             if socket_in_use(path)]
+             if probe(path, args.socket if flag == "--socket" else args.control)]
     if not taken:
         return ""
     what = " and ".join(path for _flag, path in taken)

@@ -8,14 +8,15 @@ Errors exit non-zero with a one-line reason on stderr; every talking command tak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any
 
-from appliance import runtime_dirs
+from appliance import __version__, runtime_dirs
+from appliance.cli_support import create_for_serve, join_negative_sizes, own_command, sockets_taken
 from appliance.config import (
     ConfigError,
     default_control_path,
@@ -30,6 +31,7 @@ TALK = ("save", "restore", "unlock", "lock", "status", "history", "watch", "pair
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="savepoint", description="A disk with SAVE and RESTORE.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("serve", help="serve a store over NBD (creates it if missing)")
     p.add_argument("target", help="backing file or block device")
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_sizes(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -96,6 +98,13 @@ def fail(reason: str, code: int = 1) -> int:
     return code
 
 
+def fail_as(args: argparse.Namespace, reason: str, code: int = 1) -> int:
+    """fail(), and with --json also the daemon's reply shape on stdout for a script to read."""
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "reason": reason, "data": {}}, indent=2))
+    return fail(reason, code)
+
+
 # -- running the daemon ---------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.daemon import run_daemon
@@ -103,9 +112,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not os.path.exists(args.target) and args.size is None:
         return fail(f"{args.target} does not exist; give --size to create it, e.g. "
                     f"savepoint serve {args.target} --size 1G")
-    if os.path.exists(args.target) and args.size is not None:
-        print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
-              file=sys.stderr)
     try:
         extra = read_toml(args.config) if args.config else None
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
@@ -114,7 +120,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
                     .replace("--max_connections", "--max-connections"))
-    return run_daemon(cfg, on_ready=lambda d: print_serving(d, args))
+    busy = sockets_taken(args)
+    if busy:
+        return fail(busy)
+    created = not os.path.exists(args.target)
+    if created:
+        if create_for_serve(args):
+            return 1
+    elif args.size is not None:
+        print(f"savepoint: {args.target} exists: serving it as it is (--size ignored)",
+              file=sys.stderr)
+    ready: list[bool] = []
+
+    def on_ready(daemon: Any) -> None:
+        ready.append(True)
+        print_serving(daemon, args)
+
+    code = run_daemon(cfg, on_ready=on_ready)
+    if created and not ready:  # it never served: leave nothing behind
+        with contextlib.suppress(OSError):
+            os.unlink(args.target)
+    return code
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -139,7 +165,7 @@ def print_serving(daemon: Any, args: argparse.Namespace) -> None:
     print(daemon.nbd.examples())
     control = "" if daemon.control_socket == default_control_path() else \
         f" --control {daemon.control_socket}"
-    print(f"Control: savepoint save|restore|status|history|watch{control}")
+    print(f"Control: {own_command()} save|restore|status|history|watch{control}")
     from appliance.store_space import overcommit_warning
 
     warning = overcommit_warning(st.get("space") or {})
@@ -168,29 +194,47 @@ def cmd_talk(args: argparse.Namespace) -> int:
         from appliance.store_cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
+    if args.command == "restore" and not args.yes and not sys.stdin.isatty():
+        return fail_as(args, "RESTORE discards everything written since the last SAVE; with no "
+                       "terminal to confirm on, nothing was done: add --yes to restore anyway", 2)
+    if args.command == "history" and args.limit is not None and args.limit < 1:
+        return fail_as(args, f"--limit {args.limit}: give a positive number of records "
+                       "(leave --limit out for all of them)", 2)
+    clients = 0
     try:
         path = control_path(args)
-        if args.command == "restore" and not args.yes and sys.stdin.isatty():
+        if args.command == "restore" and not args.yes:
             if not confirm_restore(path):  # on its own connection: a person may take a while
                 return fail("RESTORE cancelled; nothing changed")
         with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
             if args.command == "watch":
+                from appliance.cli_watch import watch
+
                 try:
-                    return watch(client, args.json)
+                    return watch(client, args.json, path)
                 except KeyboardInterrupt:  # the normal way to stop watching
                     return 0
             cmd_args: dict[str, Any] = {}
             if args.command == "history" and args.limit is not None:
                 cmd_args["limit"] = args.limit
+            if args.command == "restore":  # clients connected now keep stale caches after it
+                clients = int((client.request("status").get("data") or {})
+                              .get("nbd_clients", 0))
             reply = client.request(args.command, cmd_args)
     except ControlError as e:
-        return fail(str(e))
+        return fail_as(args, str(e))
+    data = reply.get("data") or {}
+    if args.command == "restore" and reply.get("ok") and clients:
+        data["stale_clients"] = clients
+    if args.command == "pair" and reply.get("ok") and data.get("ble", "up") != "up":
+        reply = {"ok": False, "data": data, "reason": f"no fob can pair: BLE is {data['ble']} "
+                 "on this appliance (enable [ble] in the config; `savepoint status` shows why)"}
     if args.json:
         print(json.dumps(reply, indent=2, default=str))
     if not reply.get("ok"):
         return fail(reply.get("reason") or "refused")
     if not args.json:
-        show(args.command, reply.get("data") or {})
+        show(args.command, data)
     return 0
 
 
@@ -204,7 +248,7 @@ def cmd_fobs(args: argparse.Namespace) -> int:
         with ControlClient(control_path(args), timeout=30) as client:
             reply = client.request("fobs", {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
-        return fail(str(e))
+        return fail_as(args, str(e))
     if args.json:
         print(json.dumps(reply, indent=2, default=str))
     if not reply.get("ok"):
@@ -248,7 +292,7 @@ def cmd_buttons(args: argparse.Namespace) -> int:
         with ControlClient(control_path(args), timeout=30) as client:
             reply = client.request("buttons", {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
-        return fail(str(e))
+        return fail_as(args, str(e))
     if args.json:
         print(json.dumps(reply, indent=2, default=str))
     if not reply.get("ok"):
@@ -299,23 +343,12 @@ def confirm_restore(path: str) -> bool:
         st = client.request("status").get("data") or {}
     last = st.get("last_save")
     since = f"the SAVE of {_when(last)}" if last else "the disk's creation"
-    answer = input(f"Discard {st.get('dirty_units', '?')} unsaved units "
+    clients = int(st.get("nbd_clients", 0))
+    warn = (f"{clients} NBD client{'s are' if clients != 1 else ' is'} connected: "
+            "their caches will be stale after it (stop or reconnect them). " if clients else "")
+    answer = input(f"{warn}Discard {st.get('dirty_units', '?')} unsaved units "
                    f"({human(st.get('dirty_bytes', 0))}) and go back to {since}? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
-
-
-def watch(client: ControlClient, as_json: bool) -> int:
-    # Ctrl-C ends watching even when started from a shell that ignores SIGINT (`watch &`).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    reply = client.request("watch")
-    if not reply.get("ok"):
-        return fail(reply.get("reason") or "watch refused")
-    while True:
-        event = client.read()
-        if as_json:
-            print(json.dumps(event), flush=True)
-        else:
-            print(f"{time.strftime('%H:%M:%S')} {describe_event(event)}", flush=True)
 
 
 def describe_event(event: dict[str, Any]) -> str:
@@ -323,6 +356,10 @@ def describe_event(event: dict[str, Any]) -> str:
     if kind == "outcome":
         verdict = "done" if data.get("ok") else f"refused: {data.get('reason')}"
         return f"{str(data.get('action')).upper()} from {data.get('source')}: {verdict}"
+    if kind == "status":
+        from appliance.cli_watch import describe_status
+
+        return describe_status(data)
     if kind == "state":
         return (f"state: {data.get('mode')}, epoch {data.get('epoch')}, "
                 f"{data.get('dirty_units')} unsaved units")
@@ -352,9 +389,7 @@ def show(command: str, data: dict[str, Any]) -> None:
 
         print_history(data.get("history", []))
     elif command in ("save", "restore"):
-        print(f"{command.upper()} done: now at epoch {data.get('epoch', 0) + 1}; "
-              f"{data.get('units', 0)} units ({human(data.get('bytes', 0))}) "
-              f"{'kept' if command == 'save' else 'discarded'}")
+        print_outcome(command, data)
     elif command in ("unlock", "lock"):
         after, once = data.get("relock_after"), data.get("single_use")
         limits = ([f"for {after:g} s"] if after else []) + (["until one SAVE"] if once else [])
@@ -366,10 +401,24 @@ def show(command: str, data: dict[str, Any]) -> None:
               "  savepoint-fob pair\n"
               "It finds the appliance, pairs and stores its key; then `savepoint-fob save`, "
               "`restore`, `unlock` or `status` work from it. `savepoint fobs` lists paired fobs.")
-        if data.get("ble", "up") != "up":
-            print(f"savepoint: but BLE is {data['ble']} on this appliance, so no fob can pair "
-                  "now (enable [ble] in the config; `savepoint status` shows why)",
-                  file=sys.stderr)
+
+
+def print_outcome(command: str, data: dict[str, Any]) -> None:
+    """The epoch named is the one `history` lists for this record."""
+    epoch, units = data.get("epoch", 0), data.get("units", 0)
+    if not units:
+        what = ("nothing to save: no writes since the last SAVE/RESTORE, the saved state is "
+                "unchanged" if command == "save" else
+                "nothing to discard: no writes since the last SAVE/RESTORE")
+    else:
+        what = (f"{units} units ({human(data.get('bytes', 0))}) "
+                f"{'kept' if command == 'save' else 'discarded'}")
+    print(f"{command.upper()} done: epoch {epoch}, {what}")
+    clients = data.get("stale_clients")
+    if clients:
+        print(f"savepoint: {clients} NBD client{'s were' if clients != 1 else ' was'} connected "
+              "during the RESTORE: their caches are now stale; stop or reconnect them before "
+              "they read or write again", file=sys.stderr)
 
 
 def print_status(st: dict[str, Any]) -> None:
@@ -377,7 +426,8 @@ def print_status(st: dict[str, Any]) -> None:
     if st.get("relock_in") is not None:
         mode += f" (re-locks in {int(st['relock_in'])} s)"
     elif not st.get("lock_enabled", True):
-        mode += " (lock mode off)"
+        mode += (" (SAVE refused until `savepoint unlock`; lock mode off: nothing re-locks)"
+                 if mode == "LOCKED" else " (lock mode off: SAVE needs no unlock)")
     frac = float(st.get("unsaved_fraction", 0.0))
     bar = "#" * round(frac * 20) + "." * (20 - round(frac * 20))
     rows = [

@@ -23,20 +23,11 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the fix."""
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
-_SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
-
 def parse_size(text: str | int) -> int:
-    """'1G', '512M', '4K', '4KiB', '65536' -> bytes (binary multiples)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"size {text} is negative")
-        return text
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"size {text!r} is not a size: use a number with K, M, G or T, e.g. 1G")
-    return int(m.group(1)) * _SCALE[m.group(2).lower()]
+    """'1G', '512M', '4K', '4KiB', '65536' -> bytes (appliance.sizes: the one size parser)."""
+    from appliance.sizes import parse_size as parse
+
+    return parse(text)
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

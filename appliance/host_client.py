@@ -16,6 +16,8 @@ from typing import Any
 import serial
 from serial.tools import list_ports
 
+from appliance import __version__
+
 DEFAULT_VID = 0x1D6B  # appliance.gadget defaults
 DEFAULT_PID = 0x0104
 COMMANDS = ("status", "save", "restore", "history", "lock")
@@ -77,12 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="history: only the last N records")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
     p.add_argument("--json", action="store_true", help="print the appliance's JSON reply")
+    p.add_argument("--yes", "-y", action="store_true", help="restore: do not ask first")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def confirmed(args: argparse.Namespace) -> bool:
+    """RESTORE discards data: ask on a terminal, refuse without one unless --yes."""
+    if args.command != "restore" or args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print("savepoint-host: RESTORE discards everything written since the last SAVE; with "
+              "no terminal to confirm on, nothing was done: add --yes to restore anyway",
+              file=sys.stderr)
+        return False
+    answer = input("Discard everything written since the last SAVE? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cmd_args = {"limit": args.limit} if args.command == "history" and args.limit else {}
+    if not confirmed(args):
+        return 2
     try:
         port = args.port or find_port(args.vid, args.pid, args.serial)
         reply = request(port, args.command, cmd_args, args.timeout)

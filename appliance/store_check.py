@@ -29,7 +29,7 @@ class CheckReport:
         return not self.problems
 
 
-def check_store(path: str) -> CheckReport:
+def check_store(path: str, progress=None) -> CheckReport:
     """Read-only verification of superblocks, history ring and every map sector."""
     from appliance.store import Store, StoreError
 
@@ -38,8 +38,12 @@ def check_store(path: str) -> CheckReport:
     try:
         head = bytearray(2 * SB_SIZE)
         backing.pread_into(memoryview(head), 0)
-        for name, sb in zip("AB", superblock_copies(bytes(head)), strict=True):
-            if isinstance(sb, FormatError):
+        for i, sb in enumerate(superblock_copies(bytes(head))):
+            name = "AB"[i]
+            if isinstance(sb, FormatError) and not any(head[i * SB_SIZE:(i + 1) * SB_SIZE]):
+                report.notes.append(f"superblock {name}: not written yet (all zeros; the first "
+                                    "SAVE or RESTORE writes it), which is fine")
+            elif isinstance(sb, FormatError):
                 report.notes.append(f"superblock {name}: not valid ({sb})")
             else:
                 report.notes.append(f"superblock {name}: valid, seq {sb.seq}, epoch {sb.epoch}")
@@ -52,7 +56,7 @@ def check_store(path: str) -> CheckReport:
         return report
     try:
         _check_history(store, report)
-        _check_map(store, report)
+        _check_map(store, report, progress)
     finally:
         store.close()
     return report
@@ -71,12 +75,14 @@ def _check_history(store, report: CheckReport) -> None:
                             "depends on them)")
 
 
-def _check_map(store, report: CheckReport) -> None:
+def _check_map(store, report: CheckReport, progress=None) -> None:
     g, epoch = store.geo, store.epoch
     bad, future, stale, ddm = [], 0, 0, 0
     pages = g.meta_len // PAGE
     for first in range(0, pages, CHUNK_PAGES):
         n = min(CHUNK_PAGES, pages - first)
+        if progress:
+            progress(first * PAGE, pages * PAGE)
         chunk = bytearray(n * PAGE)
         store._b.pread_into(memoryview(chunk), g.meta_off + first * PAGE)
         words = memoryview(chunk).cast("I")

@@ -8,25 +8,19 @@ import os
 import sys
 import time
 
+from appliance.preflight import Refused, check_target, explain_os_error, removed_on_failure
+from appliance.sizes import human
 from appliance.store_format import FORMAT_VERSION
 
 
 def parse_size(text: str) -> int:
-    """The CLI's size argument: '1G', '512M', '4K' (appliance.config.parse_size)."""
-    from appliance.config import parse_size as parse
+    """The CLI's size argument (appliance.sizes: K/M/G/T binary, KB/GB refused, > 0)."""
+    from appliance.sizes import parse_size as parse
 
     try:
         return parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def add_store_commands(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +33,22 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-overcommit", action="store_true",
                    help="create a store file larger than the free space of its file system "
                    "(sparse: writes fail with 'no space left' when it fills)")
+    p.add_argument("--from", dest="image", metavar="IMAGE", help="make this disk image (raw, "
+                   "qcow2, or any format qemu-img reads) the saved state; --size defaults to "
+                   "its size")
     p.set_defaults(func=cmd_init)
+    p = sub.add_parser("export", help="write the saved (or working) state to a disk image")
+    p.add_argument("target", help="the store (served or not)")
+    p.add_argument("out", help="the image file to write")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--saved", dest="working", action="store_false",
+                      help="the last saved state (default)")
+    view.add_argument("--working", action="store_true",
+                      help="what the disk holds now, unsaved writes included")
+    p.add_argument("--format", "-O", default="raw", help="image format: raw (default), qcow2...")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--control", help="the daemon's control socket, when the store is served")
+    p.set_defaults(func=cmd_export, working=False)
     p = sub.add_parser("inspect", help="show a store's format, geometry, epoch and history")
     p.add_argument("target")
     p.add_argument("--check", action="store_true", help="verify every checksum and invariant")
@@ -48,21 +57,26 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from appliance.store import StoreError, create_store
+    from appliance.images import ImageError
+    from appliance.store import StoreError
     from appliance.store_init import InitError
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rzeroing metadata: {min(done, total) * 100 // total}%", end="", file=sys.stderr)
-
     try:
-        geo = create_store(args.target, args.size, args.unit, args.force, progress=progress,
-                           allow_overcommit=args.allow_overcommit)
-    except (InitError, StoreError, ValueError, OSError) as e:
+        if args.image:
+            geo = init_from_image(args)
+        else:
+            geo = create_checked(args.target, args.size, args.unit, args.force,
+                                 allow_overcommit=args.allow_overcommit)
+    except (InitError, StoreError, ValueError, Refused, ImageError) as e:
         print(f"savepoint init: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"savepoint init: {explain_os_error(e, args.target)}", file=sys.stderr)
         return 1
     print(f"created a Savepoint store on {args.target}: disk {human(geo.logical_size)} "
           f"({geo.unit_count} units of {human(geo.unit_size)}); it uses up to "
-          f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)")
+          f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)"
+          + (f"; {args.image} is its saved state (epoch 1 in history)" if args.image else ""))
     _print_space(args.target)
     return 0
 
@@ -82,6 +96,97 @@ def _print_space(target: str) -> None:
           "file system")
 
 
+def init_from_image(args: argparse.Namespace):
+    from appliance.images import ImageError, image_info, import_image
+    from appliance.store import Store
+
+    fmt, virtual = image_info(args.image)
+    size = args.size or -(-virtual // 512) * 512
+    if size < virtual:
+        raise ImageError(f"{args.image} holds {human(virtual)}, more than --size "
+                         f"{human(size)}: leave --size out to use the image's size")
+    if os.path.abspath(args.image) == os.path.abspath(args.target):
+        raise ImageError("the image and the target are the same file: give a new target")
+    with removed_on_failure(args.target):
+        geo = create_checked(args.target, size, args.unit, args.force,
+                             allow_overcommit=args.allow_overcommit)
+        with Store.open(args.target) as st:
+            import_image(st, args.image, fmt, progress=sys.stderr.isatty())
+    return geo
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from appliance.images import ImageError, export_offline, is_served
+    from appliance.progress import Progress
+    from appliance.store import StoreError
+
+    if os.path.exists(args.out) and not args.force:
+        print(f"savepoint export: {args.out} exists; nothing was changed: add --force to "
+              "overwrite it", file=sys.stderr)
+        return 1
+    view = "working" if args.working else "saved"
+    try:
+        if is_served(args.target):
+            written = export_through_daemon(args)
+        else:
+            with removed_on_failure(args.out), Progress(f"exporting the {view} state") as bar:
+                written = export_offline(args.target, args.out, not args.working, args.format,
+                                         bar.update)
+    except (StoreError, ImageError) as e:
+        print(f"savepoint export: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"savepoint export: {explain_os_error(e)}", file=sys.stderr)
+        return 1
+    data = f" ({human(written)} allocated, the rest sparse)" if written is not None else ""
+    print(f"exported the {view} state of {args.target} to {args.out}{data}")
+    return 0
+
+
+def export_through_daemon(args: argparse.Namespace) -> None:
+    """A served store: read its NBD export, after checking it is this store."""
+    import uuid
+
+    from appliance.control_socket import ControlClient, ControlError
+    from appliance.images import ImageError, export_served
+    from appliance.store_format import SB_SIZE, superblock_copies
+
+    with open(args.target, "rb") as f:
+        uuids = {str(uuid.UUID(bytes=sb.uuid)) for sb in superblock_copies(f.read(2 * SB_SIZE))
+                 if not isinstance(sb, Exception)}
+    try:
+        from appliance.cli import control_path
+
+        with ControlClient(control_path(args), timeout=60) as client:
+            st = client.request("status").get("data") or {}
+    except ControlError as e:
+        raise ImageError(f"{args.target} is in use by a daemon, but: {e} (give --control)") \
+            from None
+    if str(st.get("uuid")) not in uuids or not st.get("nbd_uris"):
+        raise ImageError(f"{args.target} is served by a daemon other than the one at the "
+                         "control socket, or without NBD: give its --control")
+    if not args.working and st.get("dirty_units"):
+        raise ImageError(f"{args.target} is served and has {st['dirty_units']} unsaved units: "
+                         "the daemon exports only the working state. Use --working, or SAVE "
+                         "(or stop the daemon) first")
+    with removed_on_failure(args.out):
+        export_served(st["nbd_uris"][0], args.out, args.format)
+
+
+def create_checked(target: str, size: int | None, unit: int, force: bool = False,
+                   label: str = "zeroing metadata", allow_overcommit: bool = False):
+    """create_store after every check that needs no writing; a failure leaves no new file."""
+    from appliance.progress import Progress
+    from appliance.store import create_store
+    from appliance.store_format import plan_geometry
+
+    if size is not None:
+        check_target(target, plan_geometry(size, unit).total_size, size)
+    with removed_on_failure(target), Progress(label) as bar:
+        return create_store(target, size, unit, force, progress=bar.update,
+                            allow_overcommit=allow_overcommit)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from appliance.store import Store, StoreError
     from appliance.store_check import check_store
@@ -91,11 +196,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             info = {"format_version": FORMAT_VERSION, "geometry": st.geo.__dict__,
                     "status": st.status(), "history": st.history(limit=10)}
     except (StoreError, OSError) as e:
-        print(f"savepoint inspect: {e}", file=sys.stderr)
+        why = explain_os_error(e, args.target) if isinstance(e, OSError) else e
+        print(f"savepoint inspect: {why}", file=sys.stderr)
         if not args.check or isinstance(e, OSError):
             return 1
         info = {}  # unreadable as a store: the check still says what it found
-    report = check_store(args.target) if args.check else None
+    report = None
+    if args.check:
+        from appliance.progress import Progress
+
+        with Progress("checking the map") as bar:
+            report = check_store(args.target, progress=bar.update)
     if report is not None:
         info["check"] = {"ok": report.ok, "problems": report.problems, "notes": report.notes}
     if args.json:
@@ -156,6 +267,7 @@ def history_offline(target: str, as_json: bool, limit: int | None) -> int:
         else:
             print_history(records)
     except (StoreError, OSError) as e:
-        print(f"savepoint history: {e}", file=sys.stderr)
+        why = explain_os_error(e, target) if isinstance(e, OSError) else e
+        print(f"savepoint history: {why}", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from appliance import __version__
 from ble import frames
 from ble.frames import NEEDS_NONCE, Cmd, Result, Status
 from ble.keys import FobCredentials, FobPairing, atomic_write
@@ -237,6 +238,7 @@ def button_loop(args: argparse.Namespace, store: KeyStore) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="savepoint-fob", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("action", nargs="?", default="status",
                    choices=["pair", "save", "restore", "unlock", "lock", "status"])  # fmt: skip
     p.add_argument("--address", default="", help="appliance BLE address (default: scan)")
@@ -262,8 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"savepoint-fob: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # bleak/BlueZ errors: say what failed, not a traceback
-        print(f"savepoint-fob: {args.action} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        why = _no_bluez(e) or f"{type(e).__name__}: {e}"
+        print(f"savepoint-fob: {args.action} failed: {why}", file=sys.stderr)
         return 2
+
+
+def _no_bluez(e: Exception) -> str:
+    """On Linux bleak needs BlueZ on the system D-Bus; say which piece is missing."""
+    text = str(e)
+    if isinstance(e, FileNotFoundError) or "system_bus_socket" in text:
+        return ("no system D-Bus to reach BlueZ through: install and start BlueZ "
+                "(Debian: apt-get install bluez dbus; systemctl start dbus bluetooth)")
+    if "org.bluez" in text or "ServiceUnknown" in text:
+        return "BlueZ (bluetoothd) is not running: systemctl start bluetooth (package bluez)"
+    if "adapter" in text.lower() and "not found" in text.lower() or "No Bluetooth" in text:
+        return f"{text}: plug in or enable a Bluetooth adapter (rfkill unblock bluetooth)"
+    return ""
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def _diff(old: str, new: str) -> list[str]:
 
 
 def file_change(root: Path, path: str, text: str, mode: int = 0o644,
-                private: bool = False) -> Change | None:
+                private: bool = False, show_all: bool = False) -> Change | None:
     """Make `path` hold `text`; None when it already does. An existing file keeps its mode;
     `private` (a file that may hold a secret) makes it 0600, and takes group and other
     access from an existing one."""
@@ -125,7 +125,7 @@ def file_change(root: Path, path: str, text: str, mode: int = 0o644,
         detail, summary = [], f"~ {path} (mode 0600: it may hold a secret)"
     elif old is None:
         lines = text.splitlines()
-        detail = ([f"+{line}" for line in lines] if len(lines) <= _SHOW_NEW_FILE_LINES
+        detail = ([f"+{line}" for line in lines] if len(lines) <= _SHOW_NEW_FILE_LINES or show_all
                   else [f"({len(lines)} lines)"])
         summary = f"+ {path} (new file)"
     else:

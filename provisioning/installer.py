@@ -13,7 +13,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from provisioning import disks, edits, system, undo
+from appliance.sizes import parse_size
+from provisioning import disks, edits, firstboot, system, undo
 from provisioning.changes import Change, Manifest, dir_change, file_change, on, symlink_change
 
 SRC = Path(__file__).resolve().parent.parent
@@ -48,7 +49,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="use a device that holds a "
                    "filesystem or partition table (its data is lost)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask before changing")
-    return p.parse_args(argv)
+    p.add_argument("--reboot", action="store_true", help="reboot at the end when the USB "
+                   "device controller needs it (a fresh Pi does)")
+    p.add_argument("--first-boot", action="store_true", help=argparse.SUPPRESS)  # the unit's
+    args = p.parse_args(argv)
+    if args.first_boot:
+        args.yes = True
+    return args
+
+
+def _store_options(args: argparse.Namespace) -> list[str]:
+    """The store choices made under --root, for the first boot to act on."""
+    out = []
+    for flag in ("device", "size", "unit"):
+        if getattr(args, flag) and (flag, getattr(args, flag)) != ("unit", "4K"):
+            out += [f"--{flag}", getattr(args, flag)]
+    return out + (["--force"] if args.force else [])
 
 
 def _existing_store(root: Path) -> str | None:
@@ -93,8 +109,10 @@ def choose_store(args: argparse.Namespace, root: Path) -> tuple[str, str | None]
         if not store.startswith("/"):
             raise InstallError(f"--device {store}: give an absolute path")
         size = args.size or DEFAULT_SIZE
-        if not re.fullmatch(r"\d+[KMGT]?", size, re.IGNORECASE):
-            raise InstallError(f"--size {size}: use a number with K, M, G or T, e.g. 8G")
+        try:
+            parse_size(size)
+        except ValueError as e:
+            raise InstallError(f"--size: {e}") from None
     else:
         store, size = disks.stable_path(device), None
         if args.size:
@@ -116,8 +134,7 @@ def _check_space(root: Path, store: str, size: str | None) -> None:
 
 
 def _bytes(size: str) -> int:
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    return int(size.rstrip("KMGTkmgt")) * scale[size[-1].upper() if size[-1].isalpha() else ""]
+    return parse_size(size)
 
 
 def _config_text(root: Path, store: str, unit: str) -> str:
@@ -176,12 +193,15 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
                *system.group_changes(root),
                dir_change(root, "/etc/savepoint"),
                dir_change(root, "/var/lib/savepoint", 0o700)]
-    if not live:
-        notes.append("skipped under --root: apt-get install " + " ".join(system.PACKAGES))
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
-    changes.append(system.venv_change(root, SRC) if full else None)
+    venv = system.venv_change(root, SRC) if full else None
+    changes.append(venv)
+    if full and (venv is not None or not on(root, "/usr/local/share/man/man1/savepoint.1")
+                 .exists()):
+        changes.append(system.docs_change(root))  # regenerated with every new venv
     changes.append(_cli_link(root, notes))
-    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit), private=True),
+    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit), private=True,
+                            show_all=True),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),
                 symlink_change(root, WANTS, UNIT)]
@@ -190,12 +210,11 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     if init:
         _check_space(root, store, size)
     changes.append(init)
-    if not full:
-        notes.append(f"skipped under --root: virtualenv {system.VENV} "
-                     "(set SAVEPOINT_ROOT_FULL=1 to build it)")
-    if not runs_init:
-        notes.append(f"skipped under --root: `savepoint init {store}` (set SAVEPOINT_CMD to a "
-                     "savepoint executable to run it)")
+    if not full and not args.first_boot:
+        changes += firstboot.changes(root, SRC, _store_options(args))
+        notes.append(f"left to the first boot on the Pi ({firstboot.UNIT}): apt packages, "
+                     f"virtualenv {system.VENV}, man pages"
+                     + ("" if runs_init else f", `savepoint init {store}`"))
     return [c for c in changes if c is not None], notes
 
 
@@ -214,6 +233,8 @@ def install(args: argparse.Namespace, root: Path) -> int:
     model = edits.pi_model(root)
     if not changes:
         print("Nothing to change: Savepoint is already installed as configured.")
+        if args.first_boot:
+            firstboot.disable(root)
         return 0
     print(f"Savepoint installer: {len(changes)} change(s) to {root}"
           + (" (dry run: nothing will be changed)" if args.dry_run else ""))
@@ -228,13 +249,26 @@ def install(args: argparse.Namespace, root: Path) -> int:
         print(f"[{i}/{len(changes)}] {c.summary}", flush=True)
         c.apply(m)
     print(f"Done. Every change is recorded in {m.file} (undo: install.sh --uninstall).")
-    _finish(root, model, reboot="config.txt" in " ".join(c.summary for c in changes))
+    if args.first_boot:  # savepoint.service is ordered after this unit: it starts next
+        firstboot.disable(root)
+        return 0
+    _finish(root, model, reboot="config.txt" in " ".join(c.summary for c in changes),
+            now=args.reboot)
     return 0
 
 
-def _finish(root: Path, model: str, reboot: bool) -> None:
+def _finish(root: Path, model: str, reboot: bool, now: bool = False) -> None:
+    if root != Path("/"):
+        print("Put the card in the Pi and power it up: its first boot finishes the install "
+              "(packages and virtualenv need the network; follow it with `journalctl -fu "
+              "savepoint-firstboot`).")
     if root == Path("/"):
         system.systemctl("daemon-reload")
+        if (reboot or not system.has_udc()) and now:
+            print(edits.port_advice(model))
+            print("Rebooting to turn on the USB device controller.", flush=True)
+            system.systemctl("reboot")
+            return
         if reboot or not system.has_udc():
             print("Reboot to turn on the USB device controller: sudo reboot")
         else:

@@ -47,8 +47,8 @@ def test_fobs_without_ble_says_so_and_pair_says_what_to_do(tmp_path) -> None:
         assert proc.stderr.count("\n") == 1
         proc = cli("fobs", "revoke", control=served.control, check=False)
         assert proc.returncode == 1 and "needs a fob id" in proc.stderr
-        proc = cli("pair", control=served.control)
-        assert "savepoint-fob pair" in proc.stdout
-        assert "BLE is off on this appliance, so no fob can pair" in proc.stderr
+        proc = cli("pair", control=served.control, check=False)
+        assert proc.returncode == 1 and "savepoint-fob pair" not in proc.stdout
+        assert "no fob can pair: BLE is off on this appliance" in proc.stderr
     finally:
         served.cleanup()

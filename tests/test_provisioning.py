@@ -356,3 +356,37 @@ def test_install_sh_needs_root_on_the_live_system() -> None:
 
 if shutil.which("mkfs.ext4") is None:  # e2fsprogs is in .ci/apt-packages.txt
     raise RuntimeError("mkfs.ext4 missing: apt-get install e2fsprogs")
+
+
+def test_a_card_prepared_with_root_finishes_on_its_first_boot(root: Path) -> None:
+    from provisioning import firstboot
+
+    dry = install(root, "--dry-run", "--size", "16M").stdout
+    assert '+path = "/var/lib/savepoint/store.img"' in dry  # config.toml in full, not "(N lines)"
+    assert "[store]" in dry and "lines)" not in dry.split("config.toml")[1].split("\n  +")[0]
+    install(root, "--yes", "--size", "16M")
+    unit = root / firstboot.UNIT.lstrip("/")
+    text = unit.read_text()
+    assert "--first-boot --size 16M" in text and "Before=savepoint.service" in text
+    assert os.readlink(root / firstboot.WANTS.lstrip("/")) == firstboot.UNIT
+    src = root / firstboot.SRC.lstrip("/")
+    for needed in ("provisioning/installer.py", "appliance/cli.py", "pyproject.toml",
+                   "README.md", "systemd/savepoint.service"):
+        assert (src / needed).is_file(), needed
+    assert not (root / "var/lib/savepoint/store.img").exists()  # left to the Pi
+    # The first boot, as the unit runs it (here against the fake root, init by the dev CLI).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAVEPOINT")}
+    env.update(PYTHONPATH=str(src), SAVEPOINT_CMD=str(SAVEPOINT))
+    argv = text.split("ExecStart=")[1].split("\n")[0].split()
+    assert argv[0] == "/usr/bin/python3"
+    res = subprocess.run([sys.executable, *argv[1:], "--root", str(root)], capture_output=True,
+                         text=True, env=env, stdin=subprocess.DEVNULL, timeout=120, cwd="/")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "savepoint-firstboot.service is now disabled" in res.stdout
+    assert not (root / firstboot.WANTS.lstrip("/")).exists()
+    assert (root / "etc/systemd/system/multi-user.target.wants/savepoint.service").is_symlink()
+    info = subprocess.run([str(SAVEPOINT), "inspect", str(root / "var/lib/savepoint/store.img")],
+                          capture_output=True, text=True)
+    assert info.returncode == 0 and "disk size   16.0 MiB" in info.stdout
+    install(root, "--uninstall", "--yes")
+    assert not (root / "opt/savepoint").exists() and not unit.exists()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ble import dbus_api, fob_client, frames
+from ble import dbus_api, fob_client
+from ble.fob_session import CommandRun, Report, Retry
 from ble.frames import Cmd, Result, Status
 from tests.lab.inside.appliance_vm import MIB, Appliance, open_direct, read_direct, write_direct
 from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
@@ -43,35 +44,16 @@ def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
     return out.out
 
 
-async def restore_watching_status(keys: Path) -> tuple[Status, list[Status]]:
-    """A fob subscribed to Status sends RESTORE; returns its reply and the notifications."""
-    from bleak import BleakClient, BleakScanner
-    from bleak.exc import BleakError
-
+async def restore_watching_status(keys: Path) -> tuple[Report, list[Status]]:
+    """A fob subscribed to Status sends RESTORE (savepoint-fob's own session, with its
+    reconnecting); returns its report and the notifications it got."""
     store = fob_client.KeyStore(keys)
     creds = store.pick()
-    bluez = {"bluez": {"adapter": FOB_ADAPTER}}
-
-    async def connect() -> BleakClient:  # retried as savepoint-fob does: links drop in set-up
-        device = await BleakScanner.find_device_by_address(creds.address, 40, **bluez)
-        assert device is not None, f"appliance {creds.address} not found by a scan on hci1"
-        client = BleakClient(device, timeout=40, **bluez)
-        await client.connect()
-        return client
-
     notes: list[Status] = []
-    client = await fob_client.with_retries(connect, (BleakError, TimeoutError))
-    try:
-        await client.start_notify(frames.STATUS_UUID,
-                                  lambda _c, data: notes.append(Status.decode(bytes(data))))
-        status = await fob_client.send(fob_client.BleakLink(client), creds, Cmd.RESTORE, store)
-        for _ in range(100):  # the outcome's notification may trail the write's reply
-            if any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await client.disconnect()
-    return status, notes
+    connect = fob_client.bleak_connect(FOB_ADAPTER, creds.address)
+    run = CommandRun(connect, creds, Cmd.RESTORE, store.save,
+                     Retry(connect_timeout=40, notify_wait=10), watch=notes.append)
+    return await run.run(), notes
 
 
 async def bluez_devices() -> set[str]:
@@ -116,8 +98,10 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
         os.close(fd)
     assert read_direct(dev, 2 * MIB, MIB) == changed
 
-    status, notes = asyncio.run(restore_watching_status(keys))
-    assert status.last_cmd == Cmd.RESTORE and status.last_result == Result.OK, status
+    report, notes = asyncio.run(restore_watching_status(keys))
+    assert report.result == Result.OK and report.notified, report
+    assert report.links == 1, f"the link dropped {report.links - 1} time(s): see ble-*.log"
+    status = report.status
     assert any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes), notes
     assert status.epoch > epoch + 1  # SAVE and RESTORE both bump it
     assert read_direct(dev, 2 * MIB, MIB) == saved

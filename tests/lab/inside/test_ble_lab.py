@@ -41,6 +41,9 @@ def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
                           "--timeout", "40"])
     out = capsys.readouterr()
     assert rc == 0, f"savepoint-fob {action} exited {rc}: {out.err}{out.out}"
+    # the fob reconnects after a dropped link (a product feature), but the lab's link must not
+    # drop: a drop here is a defect to find in ble-*.log, not something to retry past
+    assert "link lost" not in out.err, f"savepoint-fob {action}: {out.err}"
     return out.out
 
 

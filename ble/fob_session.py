@@ -102,6 +102,7 @@ class CommandRun:
     step: str = "connecting"
     links: int = 0
     _notes: list[Status] = field(default_factory=list)
+    _sent_on: int = 0  # the link the frame went out on
 
     async def run(self) -> Report:
         loop = asyncio.get_running_loop()
@@ -143,6 +144,7 @@ class CommandRun:
                                    bytes.fromhex(self.creds.appliance_id), self.cmd,
                                    self.creds.fob_id, self.creds.counter, nonce)  # fmt: skip
         self.step, self.sent, self.answered = "writing the command", self.creds.counter, None
+        self._sent_on = self.links
         try:
             await link.write(frames.COMMAND_UUID, frame)
             self.answered = Result.OK  # the write succeeds only when the command ran OK
@@ -188,17 +190,16 @@ class CommandRun:
 
     async def _report(self, link: GattLink, result: Result) -> Report:
         self.step = "reading the status"
-        if self.watch is None:
+        if self.watch is None or self.links != self._sent_on:  # a notification died with a link
             return Report(self.cmd, result, await self._status(link), self.links)
         self.step = "waiting for the status notification"
         loop = asyncio.get_running_loop()
         end = loop.time() + self.retry.notify_wait
-        while loop.time() < end:
-            note = next((n for n in self._notes if _mine(self, n) is not None), None)
-            if note is not None:
-                return Report(self.cmd, result, note, self.links, notified=True)
+        while loop.time() < end and not any(_mine(self, n) is not None for n in self._notes):
             await asyncio.sleep(0.05)
-        return Report(self.cmd, result, await self._status(link), self.links)
+        notified = any(_mine(self, n) is not None for n in self._notes)
+        self.step = "reading the status"  # the latest state: events may trail the outcome
+        return Report(self.cmd, result, await self._status(link), self.links, notified)
 
     def _noted(self, value: bytes) -> None:
         status = Status.decode(value)

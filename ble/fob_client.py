@@ -83,13 +83,29 @@ async def pair(link: GattLink, setup_code: str = "") -> FobCredentials:
 
 async def send(link: GattLink, creds: FobCredentials, cmd: Cmd, store: KeyStore | None) -> Status:
     """Send one command on this link; return the Status the appliance reports afterwards."""
-    return (await command(link, creds, cmd, store)).status
+    report = await command(link, creds, cmd, store)
+    if report.status is None:
+        raise FobError(report.describe())
+    return report.status
+
+
+class _Borrowed:
+    """The caller's link: used for one command, never closed."""
+
+    def __init__(self, link: GattLink) -> None:
+        self.link = link
+
+    async def read(self, uuid: str) -> bytes:
+        return await self.link.read(uuid)
+
+    async def write(self, uuid: str, data: bytes) -> None:
+        await self.link.write(uuid, data)
 
 
 async def command(link: GattLink, creds: FobCredentials, cmd: Cmd,
                   store: KeyStore | None) -> Report:
     async def same(_timeout: float) -> GattLink:
-        return link
+        return _Borrowed(link)
 
     save = store.save if store is not None else (lambda _c: None)
     return await CommandRun(same, creds, cmd, save, Retry(links=1)).run()

@@ -70,12 +70,14 @@ class Report:
 
     cmd: Cmd
     result: Result
-    status: Status
+    status: Status | None  # None: the link dropped for good after the answer
     links: int = 1  # how many links it took
     notified: bool = False  # the watcher got the outcome as a notification (not a read)
 
     def describe(self) -> str:
         s = self.status
+        if s is None:
+            return f"{self.cmd.name}: {self.result.name} | status unknown (the link dropped)"
         mode = "unlocked" if s.unlocked else "locked"
         return (f"{self.cmd.name}: {self.result.name} | mode {mode}, epoch {s.epoch}, "
                 f"unsaved {s.dirty_units} units ({s.dirty_bytes} bytes), "
@@ -118,6 +120,9 @@ class CommandRun:
             except (LinkLost, TimeoutError) as e:
                 left = deadline - loop.time()
                 if self.links >= self.retry.links or left <= self.retry.delay:
+                    if self.answered is not None:  # the result is known; only Status is not
+                        say(f"link lost while {self.step} ({e}); the appliance had answered")
+                        return Report(self.cmd, self.answered, None, self.links)
                     raise FobError(self._gave_up(e)) from e
                 say(f"link lost while {self.step} ({e or type(e).__name__}); reconnecting")
             finally:
@@ -150,7 +155,8 @@ class CommandRun:
             self.answered = Result.OK  # the write succeeds only when the command ran OK
         except Refused:  # a refusal: the Status value says which
             self.step = "reading the status"
-            self.answered = _mine(self, await self._status(link)) or Result.FAILED
+            mine = _mine(self, await self._status(link))
+            self.answered = Result.FAILED if mine is None else mine
         return self.answered
 
     async def _resolve(self, link: GattLink, deadline: float) -> Result | None:
@@ -209,11 +215,9 @@ class CommandRun:
 
     def _gave_up(self, e: BaseException) -> str:
         what = f"link lost while {self.step} ({e or type(e).__name__}), {self.links} link(s)"
-        if self.sent and self.answered is None:
+        if self.sent:
             return (f"{what}: {self.cmd.name} (counter {self.sent}) may have reached the "
                     "appliance; check with `savepoint-fob status` before sending it again")
-        if self.answered is not None:
-            return f"{what}; the appliance had answered {self.cmd.name}: {self.answered.name}"
         return f"{what}; {self.cmd.name} was not sent"
 
 

@@ -321,6 +321,21 @@ def test_an_answer_lost_for_good_says_the_command_may_have_run(tmp_path):
     run(body)
 
 
+def test_an_answered_command_whose_status_is_lost_for_good_still_reports_its_result(tmp_path):
+    async def body() -> None:
+        world = World(tmp_path)
+        await world.start()
+        creds = await world.pair()
+        world.cuts["status"] = 1
+        world.then = {"connect": 99}
+        report = await CommandRun(world.connect, creds, Cmd.SAVE, retry=FAST).run()
+        assert report.result == Result.OK and report.status is None
+        assert "SAVE: OK | status unknown" in report.describe()
+        assert world.commands(Action.SAVE) == 1
+
+    run(body)
+
+
 def test_an_appliance_without_outcome_is_never_sent_the_frame_twice(tmp_path):
     async def body() -> None:
         world = World(tmp_path, outcome=False)

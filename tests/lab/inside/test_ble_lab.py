@@ -105,6 +105,7 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     assert report.result == Result.OK and report.notified, report
     assert report.links == 1, f"the link dropped {report.links - 1} time(s): see ble-*.log"
     status = report.status
+    assert status is not None
     assert any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes), notes
     assert status.epoch > epoch + 1  # SAVE and RESTORE both bump it
     assert read_direct(dev, 2 * MIB, MIB) == saved

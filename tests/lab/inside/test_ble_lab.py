@@ -16,10 +16,23 @@ import pytest
 from ble import dbus_api, fob_client
 from ble.fob_session import CommandRun, Report, Retry
 from ble.frames import Cmd, Result, Status
-from tests.lab.inside.appliance_vm import MIB, Appliance, open_direct, read_direct, write_direct
+from tests.lab.inside.appliance_vm import (
+    MIB,
+    RESULTS,
+    Appliance,
+    open_direct,
+    read_direct,
+    write_direct,
+)
 from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
 
 FOB_ADAPTER = "hci1"
+# BlueZ 5.66 on Linux 6.1, on the appliance's side: when the fob has already encrypted a new
+# link with its bond by the time bluetoothd attaches its ATT socket, setsockopt(BT_SECURITY)
+# fails with EINVAL (the kernel's "security already sufficient"), bluetoothd drops the ATT
+# bearer and the fob's bluetoothd the link: "failed to discover services, device
+# disconnected". Nothing was sent yet and savepoint-fob reconnects; any other drop fails.
+KNOWN_DROP = "device_attach_att() bt_io_set: setsockopt(BT_SECURITY): Invalid argument"
 FOB_DEVICE = "/org/bluez/hci0/dev_" + ADDRESSES[1].replace(":", "_")  # the fob, seen from hci0
 
 
@@ -33,7 +46,28 @@ def ble(tmp_path: Path) -> Iterator[BleStack]:
         stack.close()
 
 
-def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
+class Drops:
+    """Every dropped link savepoint-fob reported must be the known BlueZ race at connection
+    (one KNOWN_DROP line in bluetoothd's log each): the fob survives drops by design, but in
+    the lab an unexplained drop is a defect to find in ble-*.log, not one to retry past."""
+
+    def __init__(self, ble: BleStack) -> None:
+        self.log = RESULTS / f"{ble.LOG_PREFIX}-bluetoothd.log"
+        self.seen: list[str] = []
+
+    def check(self, stderr: str, what: str) -> None:
+        drops = [line for line in stderr.splitlines() if "link lost" in line]
+        if not drops:
+            return
+        self.seen += drops
+        known = self.log.read_text(errors="replace").count(KNOWN_DROP)
+        unexplained = [d for d in self.seen if "while connecting" not in d]
+        assert not unexplained and len(self.seen) <= known, (
+            f"{what}: {len(self.seen)} dropped link(s) {self.seen}, {known} of them BlueZ's "
+            f"BT_SECURITY race; see {RESULTS}/ble-*.log")
+
+
+def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str, drops: Drops) -> str:
     """`savepoint-fob ACTION` on the fob's adapter: the CLI's own main(), in this process
     (a python start costs 10-15 s under TCG; the BLE work is the same)."""
     capsys.readouterr()
@@ -41,9 +75,7 @@ def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
                           "--timeout", "40"])
     out = capsys.readouterr()
     assert rc == 0, f"savepoint-fob {action} exited {rc}: {out.err}{out.out}"
-    # the fob reconnects after a dropped link (a product feature), but the lab's link must not
-    # drop: a drop here is a defect to find in ble-*.log, not something to retry past
-    assert "link lost" not in out.err, f"savepoint-fob {action}: {out.err}"
+    drops.check(out.err, f"savepoint-fob {action}")
     return out.out
 
 
@@ -80,14 +112,15 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,
              "ble part up in the daemon")
     keys = tmp_path / "fob.json"
+    drops = Drops(ble)
 
     appliance.cli("pair")  # the window a user opens with the button or `savepoint pair`
-    assert "paired as fob" in fob(capsys, keys, "pair")
+    assert "paired as fob" in fob(capsys, keys, "pair", drops)
     assert oct(keys.stat().st_mode & 0o777) == "0o600"
     fobs = appliance.request("fobs", {"op": "list"})["data"]
     assert len(fobs["fobs"]) == 1, fobs
 
-    assert "UNLOCK: OK" in fob(capsys, keys, "unlock")  # the daemon starts LOCKED
+    assert "UNLOCK: OK" in fob(capsys, keys, "unlock", drops)  # the daemon starts LOCKED
     assert appliance.status()["mode"] == "unlocked"
 
     saved, changed = os.urandom(MIB), os.urandom(MIB)
@@ -95,15 +128,16 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     try:
         write_direct(fd, 2 * MIB, saved)
         epoch = appliance.status()["epoch"]
-        assert "SAVE: OK" in fob(capsys, keys, "save")
+        assert "SAVE: OK" in fob(capsys, keys, "save", drops)
         write_direct(fd, 2 * MIB, changed)
     finally:
         os.close(fd)
     assert read_direct(dev, 2 * MIB, MIB) == changed
 
+    capsys.readouterr()
     report, notes = asyncio.run(restore_watching_status(keys))
     assert report.result == Result.OK and report.notified, report
-    assert report.links == 1, f"the link dropped {report.links - 1} time(s): see ble-*.log"
+    drops.check(capsys.readouterr().err, "RESTORE watching Status")
     status = report.status
     assert status is not None
     assert any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes), notes
@@ -111,7 +145,9 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     assert read_direct(dev, 2 * MIB, MIB) == saved
 
     history = appliance.request("history")["data"]["history"]
-    assert [(h["action"], h["source"]) for h in history[-2:]] == [
+    from_fob = [(h["action"], h.get("source")) for h in history
+                if str(h.get("source", "")).startswith("fob:")]
+    assert from_fob == [  # each exactly once, whatever the links did
         ("save", f"fob:{fobs['fobs'][0]['fob_id']}"),
         ("restore", f"fob:{fobs['fobs'][0]['fob_id']}")]
 

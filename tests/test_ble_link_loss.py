@@ -33,7 +33,7 @@ from tests.ble_helpers import RecordingSink
 from tests.test_ble_bumble import WindowDelegate, appliance_service
 
 logging.getLogger("bumble").setLevel(logging.CRITICAL)
-FAST = Retry(total=20, links=4, delay=0.05, connect_timeout=5, notify_wait=1)
+FAST = Retry(total=30, links=4, delay=0.05, connect_timeout=10, notify_wait=5)  # slack for load
 
 
 class SlowSink(RecordingSink):

@@ -15,29 +15,29 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any
 
 from appliance import __version__
 from ble import frames
-from ble.frames import NEEDS_NONCE, Cmd, Result, Status
-from ble.keys import FobCredentials, FobPairing, atomic_write
+from ble.fob_session import (
+    CommandRun,
+    FobError,
+    GattLink,
+    LinkLost,
+    NotSupported,
+    PairRun,
+    Refused,
+    Report,
+    Retry,
+    pair_once,
+)
+from ble.frames import Cmd, Result, Status
+from ble.keys import FobCredentials, atomic_write
 
-T = TypeVar("T")
-CONNECT_TRIES = 3  # BLE links drop during connection set-up; nothing was sent yet, so retry
-
-
-class GattLink(Protocol):
-    """What the fob needs from a connected BLE link (bleak here, bumble in the tests)."""
-
-    async def read(self, uuid: str) -> bytes: ...
-    async def write(self, uuid: str, data: bytes) -> None: ...
-
-
-class FobError(Exception):
-    pass
+__all__ = ["FobError", "GattLink", "KeyStore", "Report", "Retry", "main", "pair", "send"]
 
 
 # --- key storage ------------------------------------------------------------------------------
@@ -77,53 +77,89 @@ class KeyStore:
                        "run `savepoint-fob pair`")  # fmt: skip
 
 
-# --- the protocol over any GattLink -----------------------------------------------------------
+# --- the protocol over one GattLink (no reconnecting; see ble/fob_session.py) ----------------
 async def pair(link: GattLink, setup_code: str = "") -> FobCredentials:
-    fob = FobPairing(setup_code)
-    for write in fob.pub_writes():
-        await link.write(frames.PAIR_UUID, write)
-    try:
-        creds, confirm = fob.finish(await link.read(frames.PAIR_UUID))
-    except ValueError as e:
-        raise FobError(str(e)) from e
-    await link.write(frames.PAIR_UUID, confirm)
-    return creds
+    return await pair_once(link, setup_code)
 
 
 async def send(link: GattLink, creds: FobCredentials, cmd: Cmd, store: KeyStore | None) -> Status:
-    """Send one command; return the Status the appliance reports afterwards."""
-    nonce = await link.read(frames.CHALLENGE_UUID) if cmd in NEEDS_NONCE else b""
-    creds.counter += 1
-    if store is not None:
-        store.save(creds)  # before sending: a used counter must never be sent again
-    frame = frames.build_frame(bytes.fromhex(creds.key), bytes.fromhex(creds.appliance_id),
-                               cmd, creds.fob_id, creds.counter, nonce)  # fmt: skip
-    try:
-        await link.write(frames.COMMAND_UUID, frame)
-    except Exception:  # refusals arrive as ATT errors; the Status value says which
-        pass
-    return Status.decode(await link.read(frames.STATUS_UUID))
+    """Send one command on this link; return the Status the appliance reports afterwards."""
+    report = await command(link, creds, cmd, store)
+    if report.status is None:
+        raise FobError(report.describe())
+    return report.status
+
+
+class _Borrowed:
+    """The caller's link: used for one command, never closed."""
+
+    def __init__(self, link: GattLink) -> None:
+        self.link = link
+
+    async def read(self, uuid: str) -> bytes:
+        return await self.link.read(uuid)
+
+    async def write(self, uuid: str, data: bytes) -> None:
+        await self.link.write(uuid, data)
+
+
+async def command(link: GattLink, creds: FobCredentials, cmd: Cmd,
+                  store: KeyStore | None) -> Report:
+    async def same(_timeout: float) -> GattLink:
+        return _Borrowed(link)
+
+    save = store.save if store is not None else (lambda _c: None)
+    return await CommandRun(same, creds, cmd, save, Retry(links=1)).run()
 
 
 def describe(status: Status) -> str:
-    mode = "unlocked" if status.unlocked else "locked"
-    last = Cmd(status.last_cmd).name if status.last_cmd in Cmd._value2member_map_ else "-"
-    return (f"{last}: {status.last_result.name} | mode {mode}, epoch {status.epoch}, "
-            f"unsaved {status.dirty_units} units ({status.dirty_bytes} bytes), "
-            f"host {'connected' if status.host_connected else 'absent'}"
-            f"{', PAIRING open' if status.pairing else ''}")  # fmt: skip
+    last = Cmd(status.last_cmd) if status.last_cmd in Cmd._value2member_map_ else None
+    if last is None:
+        return Report(Cmd.STATUS, status.last_result, status).describe().replace("STATUS", "-", 1)
+    return Report(last, status.last_result, status).describe()
 
 
 # --- bleak ------------------------------------------------------------------------------------
 class BleakLink:
-    def __init__(self, client: object) -> None:
+    """GattLink over a connected BleakClient: link losses become LinkLost, ATT errors Refused."""
+
+    def __init__(self, client: Any) -> None:
         self.client = client
+        self.address = str(client.address)
 
     async def read(self, uuid: str) -> bytes:
-        return bytes(await self.client.read_gatt_char(uuid))  # type: ignore[attr-defined]
+        return bytes(await self._guard(self.client.read_gatt_char(uuid)))
 
     async def write(self, uuid: str, data: bytes) -> None:
-        await self.client.write_gatt_char(uuid, data, response=True)  # type: ignore[attr-defined]
+        await self._guard(self.client.write_gatt_char(uuid, data, response=True))
+
+    async def subscribe(self, uuid: str, callback: Callable[[bytes], None]) -> None:
+        await self._guard(self.client.start_notify(uuid, lambda _c, v: callback(bytes(v))))
+
+    async def close(self) -> None:
+        await self.client.disconnect()
+
+    async def _guard(self, call: Any) -> Any:
+        from bleak.exc import BleakCharacteristicNotFoundError, BleakError, BleakGATTProtocolError
+
+        try:
+            return await call
+        except BleakGATTProtocolError as e:
+            raise Refused(str(e)) from e
+        except BleakCharacteristicNotFoundError as e:
+            raise NotSupported(str(e)) from e
+        except (BleakError, EOFError, ConnectionError, TimeoutError) as e:
+            if lost(e, self.client):
+                raise LinkLost(str(e) or type(e).__name__) from e
+            raise
+
+
+def lost(e: BaseException, client: Any) -> bool:
+    """Whether a bleak failure is the link going away (BlueZ says "Not connected")."""
+    text = str(e).lower()
+    return (not getattr(client, "is_connected", False) or isinstance(e, (EOFError,
+            ConnectionError, TimeoutError)) or "not connected" in text
+            or "disconnected" in text)  # fmt: skip
 
 
 async def _find(address: str, adapter: str, timeout: float) -> object:
@@ -141,66 +177,58 @@ async def _find(address: str, adapter: str, timeout: float) -> object:
     return device
 
 
-async def with_retries(attempt: Callable[[], Awaitable[T]], retry_on: tuple[type, ...],
-                       tries: int = CONNECT_TRIES, delay: float = 1.0) -> T:
-    """attempt() until it succeeds, at most `tries` times; says why it tries again."""
-    for n in range(1, tries + 1):
+def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[float], Any]:
+    """A Connect for fob_session: find, connect, discover services (and bond, for pair)."""
+
+    async def connect(timeout: float) -> BleakLink:
+        from bleak import BleakClient
+        from bleak.exc import BleakError
+
+        device = await _find(address, adapter, timeout)
+        kwargs = {"bluez": {"adapter": adapter}} if adapter else {}
+        client = BleakClient(device, timeout=timeout, **kwargs)
         try:
-            return await attempt()
-        except retry_on as e:
-            if n == tries:
-                raise
-            print(f"savepoint-fob: link lost while connecting ({e}); trying again",
-                  file=sys.stderr, flush=True)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-async def _connect(args: argparse.Namespace, address: str) -> object:
-    """Find, connect and (for pair) bond: everything before the first frame is sent."""
-    from bleak import BleakClient
-
-    device = await _find(address, args.adapter, args.timeout)
-    kwargs = {"bluez": {"adapter": args.adapter}} if args.adapter else {}
-    client = BleakClient(device, timeout=args.timeout, **kwargs)
-    await client.connect()
-    if args.action == "pair":
-        try:
-            await client.pair()
-        except NotImplementedError:  # macOS pairs on first encrypted access
-            pass
+            await client.connect()
+            if bond:
+                try:
+                    await client.pair()
+                except NotImplementedError:  # macOS pairs on the first encrypted access
+                    pass
+        except (BleakError, EOFError, ConnectionError, TimeoutError) as e:
+            await _disconnect(client)
+            raise LinkLost(str(e) or type(e).__name__) from e
         except BaseException:
-            await client.disconnect()
+            await _disconnect(client)
             raise
-    return client
+        return BleakLink(client)
+
+    return connect
+
+
+async def _disconnect(client: Any) -> None:
+    try:
+        await client.disconnect()
+    except Exception:  # it never fully connected
+        pass
+
+
+def retry_of(args: argparse.Namespace) -> Retry:
+    return Retry(total=args.retry_for, connect_timeout=args.timeout)
 
 
 async def run_action(args: argparse.Namespace, store: KeyStore) -> str:
-    from bleak.exc import BleakError
-
-    action = args.action
-    creds = None if action == "pair" else store.pick(args.address)
-    address = args.address or (creds.address if creds else "")
-    client = await with_retries(lambda: _connect(args, address), (BleakError, TimeoutError))
-    try:
-        return await _act(args, store, client, creds)
-    finally:
-        await client.disconnect()
-
-
-async def _act(args: argparse.Namespace, store: KeyStore, client: object,
-               creds: FobCredentials | None) -> str:
-    link = BleakLink(client)
-    if args.action == "pair":
-        creds = await pair(link, args.setup_code)
-        creds.address = client.address
-        store.save(creds)
+    action, retry = args.action, retry_of(args)
+    if action == "pair":
+        connect = bleak_connect(args.adapter, args.address, bond=True)
+        run = PairRun(connect, args.setup_code, store.save, retry)
+        creds = await run.run()
         return f"paired as fob {creds.fob_id}; key saved in {store.path}"
-    assert creds is not None
-    status = await send(link, creds, Cmd[args.action.upper()], store)
-    if status.last_result not in (Result.OK,):
-        raise FobError(describe(status))
-    return describe(status)
+    creds = store.pick(args.address)
+    connect = bleak_connect(args.adapter, args.address or creds.address)
+    report = await CommandRun(connect, creds, Cmd[action.upper()], store.save, retry).run()
+    if report.result != Result.OK:
+        raise FobError(report.describe())
+    return report.describe()
 
 
 def button_loop(args: argparse.Namespace, store: KeyStore) -> None:
@@ -245,6 +273,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="", help="local adapter on Linux, e.g. hci1")
     p.add_argument("--setup-code", default="", help="the code on the appliance's label")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to find/connect")
+    p.add_argument("--retry-for", type=float, default=90.0, metavar="SECONDS",
+                   help="total time for reconnecting after a dropped link")  # fmt: skip
     p.add_argument("--keys", type=Path, default=None, help="credentials file")
     p.add_argument("--button", type=int, default=None, metavar="GPIO",
                    help="run as a button fob on this GPIO pin")  # fmt: skip

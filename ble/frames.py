@@ -21,6 +21,7 @@ COMMAND_UUID = "5a7e0002-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 STATUS_UUID = "5a7e0003-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 CHALLENGE_UUID = "5a7e0004-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 PAIR_UUID = "5a7e0005-8d1f-4c3a-9b6e-2f0c5e7d1a01"
+OUTCOME_UUID = "5a7e0006-8d1f-4c3a-9b6e-2f0c5e7d1a01"  # added in version 1.1: see below
 
 APPLIANCE_ID_LEN = 16
 NONCE_LEN = 16
@@ -233,3 +234,53 @@ class PairReply:
             raise FrameError(Result.BAD_FRAME, f"pair reply is {len(data)} bytes")
         _v, result, fob_id, pub, app_id, confirm = _PAIR_REPLY.unpack(data)
         return cls(Result(result), fob_id, pub, app_id, confirm)
+
+
+# --- Outcome characteristic (1.1): what became of the frame with a given counter ---------------
+# A fob whose link dropped after it wrote a frame cannot tell whether the frame arrived. It must
+# never send the command again blindly: it writes (fob id, counter) here and reads the answer.
+_OUTCOME_QUERY = struct.Struct(">BHI")  # version, fob id, counter
+_OUTCOME_REPLY = struct.Struct(">BBHIBB")  # version, state, fob id, counter, command, result
+
+
+class FrameState(IntEnum):
+    NOT_RUN = 0x00  # the appliance never accepted this counter: the command did not run
+    RUNNING = 0x01  # accepted; the command has not finished yet
+    DONE = 0x02  # accepted and finished: command and result are valid
+    UNKNOWN = 0x03  # accepted, but its outcome is forgotten (restart, or many frames since)
+    NO_QUERY = 0xFF  # read without a query written first on this link
+
+
+@dataclass(frozen=True)
+class FrameOutcome:
+    state: FrameState
+    fob_id: int = 0
+    counter: int = 0
+    cmd: int = 0
+    result: Result = Result.NONE
+
+    def encode(self) -> bytes:
+        return _OUTCOME_REPLY.pack(VERSION, self.state, self.fob_id, self.counter, self.cmd,
+                                   self.result)  # fmt: skip
+
+    @classmethod
+    def decode(cls, data: bytes) -> FrameOutcome:
+        if len(data) != _OUTCOME_REPLY.size:
+            raise FrameError(Result.BAD_FRAME, f"outcome is {len(data)} bytes")
+        _v, state, fob_id, counter, cmd, result = _OUTCOME_REPLY.unpack(data)
+        known = result in Result._value2member_map_
+        state_ok = state in FrameState._value2member_map_
+        return cls(FrameState(state) if state_ok else FrameState.UNKNOWN, fob_id, counter, cmd,
+                   Result(result) if known else Result.NONE)  # fmt: skip
+
+
+def outcome_query(fob_id: int, counter: int) -> bytes:
+    return _OUTCOME_QUERY.pack(VERSION, fob_id, counter)
+
+
+def parse_outcome_query(data: bytes) -> tuple[int, int]:
+    if len(data) != _OUTCOME_QUERY.size or data[0] != VERSION:
+        raise FrameError(Result.BAD_FRAME, f"outcome query is {len(data)} bytes, expected "
+                                           f"{_OUTCOME_QUERY.size} with version {VERSION}")
+    _v, fob_id, counter = _OUTCOME_QUERY.unpack(data)
+    return fob_id, counter

@@ -5,7 +5,8 @@ Layout on our connection (the advert and agent sit outside the application's pat
 does not mistake them for GATT objects):
   /org/savepoint/app                 ObjectManager
   /org/savepoint/app/service0        GattService1
-  /org/savepoint/app/service0/charN  GattCharacteristic1 (Command, Status, Challenge, Pair)
+  /org/savepoint/app/service0/charN  GattCharacteristic1 (Command, Status, Challenge, Pair,
+                                                         Outcome)
   /org/savepoint/adv0                LEAdvertisement1
   /org/savepoint/agent               Agent1
 """
@@ -150,7 +151,11 @@ class Application(ServiceInterface):
         self.pair = Characteristic(
             3, frames.PAIR_UUID, [enc_r, enc_w], read=self._on_pair_read, write=self._on_pair
         )
-        self.chars = [self.command, self.status, self.challenge, self.pair]
+        self.outcome = Characteristic(
+            4, frames.OUTCOME_UUID, [enc_r, enc_w], read=self._on_outcome_read,
+            write=self._on_outcome,
+        )  # fmt: skip
+        self.chars = [self.command, self.status, self.challenge, self.pair, self.outcome]
         self.service = GattServiceObject(self.chars)
 
     def export_to(self, bus: Any) -> None:
@@ -182,6 +187,15 @@ class Application(ServiceInterface):
 
     def _on_pair_read(self, opts: dict[str, Any]) -> bytes:
         return self.proto.pair_read(_peer(opts))
+
+    async def _on_outcome(self, value: bytes, opts: dict[str, Any]) -> None:
+        try:
+            self.proto.outcome_write(_peer(opts), value)
+        except FrameError as e:
+            raise att_error(e.result, str(e)) from None
+
+    def _on_outcome_read(self, opts: dict[str, Any]) -> bytes:
+        return self.proto.outcome_read(_peer(opts))
 
 
 class Advertisement(ServiceInterface):

@@ -1,8 +1,8 @@
 """The appliance side of the fob protocol, independent of the radio stack.
 
 BlueZ (gatt_service.py) and the bumble tests both call these methods from their GATT callbacks:
-read_challenge, handle_command, pair_write/pair_read, status_value. Every refusal sets a result
-code in the Status value and changes nothing else.
+read_challenge, handle_command, pair_write/pair_read, outcome_write/outcome_read, status_value.
+Every refusal sets a result code in the Status value and changes nothing else.
 """
 
 from __future__ import annotations
@@ -11,14 +11,24 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from appliance.commands import Command, CommandSink, Event, Outcome
 from ble import frames
-from ble.frames import ACTION_CMD, CMD_ACTION, NEEDS_NONCE, Cmd, FrameError, Result, Status
+from ble.frames import (
+    ACTION_CMD,
+    CMD_ACTION,
+    NEEDS_NONCE,
+    Cmd,
+    FrameError,
+    FrameOutcome,
+    FrameState,
+    Result,
+    Status,
+)
 from ble.keys import (
     CONFIRM_APPLIANCE,
     CONFIRM_FOB,
@@ -33,6 +43,8 @@ from ble.keys import (
 log = logging.getLogger(__name__)
 CHALLENGE_TTL = 10.0
 MAX_LIVE_NONCES = 8
+MAX_OUTCOMES = 32  # accepted frames whose outcome a fob can still ask for (Outcome char)
+MAX_QUERIES = 16  # peers with an Outcome query pending
 
 
 @dataclass
@@ -69,6 +81,9 @@ class FobProtocol:
         self._spent: deque[bytes] = deque(maxlen=64)  # used or expired: "stale", not "bad MAC"
         self._pairings: dict[str, _Pairing] = {}
         self._verify_lock = asyncio.Lock()
+        # (fob id, counter) of accepted frames -> (command, result; None while running)
+        self._outcomes: OrderedDict[tuple[int, int], tuple[int, Result | None]] = OrderedDict()
+        self._queries: OrderedDict[str, tuple[int, int]] = OrderedDict()  # peer -> query
 
     # --- Challenge ------------------------------------------------------------------------
     def read_challenge(self) -> bytes:
@@ -100,15 +115,18 @@ class FobProtocol:
             except FrameError as e:
                 log.warning("fob frame refused: %s", e)
                 return self._finish(cmd, e.result, fob_id)
+            self._remember(frame, None)  # accepted: RUNNING until the bus answers
         try:
             outcome = await self.bus.submit(
                 Command(CMD_ACTION[frame.cmd], source=f"fob:{frame.fob_id}", authenticated=True)
             )
         except Exception:  # the bus failing must still give the fob an answer
             log.exception("command bus failed on a fob command")
-            return self._finish(frame.cmd, Result.FAILED, frame.fob_id)
-        self._apply_outcome_data(outcome)
-        result = Result.OK if outcome.ok else Result.REFUSED
+            result = Result.FAILED
+        else:
+            self._apply_outcome_data(outcome)
+            result = Result.OK if outcome.ok else Result.REFUSED
+        self._remember(frame, result)
         return self._finish(frame.cmd, result, frame.fob_id)
 
     def _verify(self, data: bytes) -> frames.CommandFrame:
@@ -129,6 +147,7 @@ class FobProtocol:
         try:
             self.registry.accept_counter(frame.fob_id, frame.counter)
         except (OSError, RegistryError) as e:
+            self._remember(frame, Result.FAILED)  # the counter may stand in memory: say so
             raise FrameError(Result.FAILED, f"cannot persist the fob counter: {e}") from e
         return frame
 
@@ -153,6 +172,39 @@ class FobProtocol:
         self.status.last_cmd, self.status.last_result, self.status.last_fob = cmd, result, fob_id
         self._notify()
         return result
+
+    # --- Outcome (what became of one frame, for a fob whose link dropped) -----------------
+    def _remember(self, frame: frames.CommandFrame, result: Result | None) -> None:
+        key = (frame.fob_id, frame.counter)
+        self._outcomes[key] = (frame.cmd, result)
+        self._outcomes.move_to_end(key)
+        while len(self._outcomes) > MAX_OUTCOMES:
+            self._outcomes.popitem(last=False)
+
+    def frame_outcome(self, fob_id: int, counter: int) -> FrameOutcome:
+        known = self._outcomes.get((fob_id, counter))
+        if known is not None:
+            cmd, result = known
+            if result is None:
+                return FrameOutcome(FrameState.RUNNING, fob_id, counter, cmd)
+            return FrameOutcome(FrameState.DONE, fob_id, counter, cmd, result)
+        record = self.registry.get(fob_id)
+        if record is None or counter > record.counter:  # never accepted, so never ran
+            return FrameOutcome(FrameState.NOT_RUN, fob_id, counter)
+        return FrameOutcome(FrameState.UNKNOWN, fob_id, counter)
+
+    def outcome_write(self, peer: str, data: bytes) -> None:
+        """A query (fob id, counter) for the next Outcome read from this peer."""
+        self._queries[peer] = frames.parse_outcome_query(data)
+        self._queries.move_to_end(peer)
+        while len(self._queries) > MAX_QUERIES:
+            self._queries.popitem(last=False)
+
+    def outcome_read(self, peer: str) -> bytes:
+        query = self._queries.get(peer)
+        if query is None:
+            return FrameOutcome(FrameState.NO_QUERY).encode()
+        return self.frame_outcome(*query).encode()
 
     # --- Pairing --------------------------------------------------------------------------
     def pair_write(self, peer: str, data: bytes) -> None:

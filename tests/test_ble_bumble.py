@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 from bumble import gatt
 from bumble.att import ATT_Error, ErrorCode
 from bumble.core import UUID
-from bumble.device import Peer
+from bumble.device import Connection, Peer
 from bumble.pairing import PairingConfig, PairingDelegate
 from bumble.testing.test_utils import TwoDevices
 
@@ -39,13 +40,29 @@ class WindowDelegate(PairingDelegate):
         return self.proto.pairing_open
 
 
-def appliance_service(proto: FobProtocol) -> tuple[gatt.Service, gatt.Characteristic]:
+def appliance_service(
+    proto: FobProtocol, *, outcome: bool = True,
+    on_frame: Callable[[Connection, str], Awaitable[None]] | None = None,
+) -> tuple[gatt.Service, gatt.Characteristic]:
+    """The fob service as BlueZ serves it; `outcome=False` is an appliance older than the
+    Outcome characteristic. `on_frame(conn, "before"|"after")` runs around each command."""
     P, A = gatt.Characteristic.Properties, gatt.Characteristic
     enc_r, enc_w = A.READ_REQUIRES_ENCRYPTION, A.WRITE_REQUIRES_ENCRYPTION
 
-    async def on_command(_conn, value: bytes) -> None:
-        if await proto.handle_command(bytes(value)) != Result.OK:
+    async def on_command(conn, value: bytes) -> None:
+        if on_frame is not None:
+            await on_frame(conn, "before")
+        result = await proto.handle_command(bytes(value))
+        if on_frame is not None:
+            await on_frame(conn, "after")
+        if result != Result.OK:
             raise ATT_Error(0x80)  # application error; the reason is in Status
+
+    def on_outcome(conn, value: bytes) -> None:
+        try:
+            proto.outcome_write(str(conn.peer_address), bytes(value))
+        except FrameError:
+            raise ATT_Error(0x80) from None
 
     def on_pair(conn, value: bytes) -> None:
         try:
@@ -68,6 +85,10 @@ def appliance_service(proto: FobProtocol) -> tuple[gatt.Service, gatt.Characteri
                                 read=lambda c: proto.pair_read(str(c.peer_address)),
                                 write=on_pair)),
     ]  # fmt: skip
+    if outcome:
+        chars.append(gatt.Characteristic(
+            frames.OUTCOME_UUID, P.READ | P.WRITE, enc_r | enc_w, gatt.CharacteristicValue(
+                read=lambda c: proto.outcome_read(str(c.peer_address)), write=on_outcome)))
     return gatt.Service(frames.SERVICE_UUID, chars), status
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.commands import Action, Event, PartUnavailable
 from ble import BlePart, dbus_api, frames
-from ble.frames import Cmd, Result, Status
+from ble.frames import Cmd, FrameOutcome, FrameState, Result, Status
 from ble.keys import FobCredentials, FobPairing
 from tests.ble_helpers import RecordingSink, frame_for
 from tests.fake_bluez import DEVICE, AttError, FakeBluez, PrivateBus
@@ -73,8 +73,9 @@ def test_registers_service_advert_and_agent(private_bus, tmp_path):
         flags = {uuid: f for uuid, (_p, f) in fake.reg.chars.items()}
         assert flags[frames.COMMAND_UUID] == ["encrypt-write"]
         assert "notify" in flags[frames.STATUS_UUID]
-        assert set(flags) == {frames.COMMAND_UUID, frames.STATUS_UUID,
-                              frames.CHALLENGE_UUID, frames.PAIR_UUID}  # fmt: skip
+        assert set(flags) == {frames.COMMAND_UUID, frames.STATUS_UUID, frames.CHALLENGE_UUID,
+                              frames.PAIR_UUID, frames.OUTCOME_UUID}  # fmt: skip
+        assert flags[frames.OUTCOME_UUID] == ["encrypt-read", "encrypt-write"]
         [advert] = fake.reg.adverts.values()
         assert advert["ServiceUUIDs"] == [frames.SERVICE_UUID]
         assert advert["LocalName"] == "Savepnt" and advert["Type"] == "peripheral"
@@ -173,7 +174,7 @@ def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
         assert not part.registered.is_set()
         await fake.start()  # a new connection: new unique name, like a new bluetoothd
         await asyncio.wait_for(part.registered.wait(), 3)
-        assert fake.reg and len(fake.reg.chars) == 4 and fake.reg.agent
+        assert fake.reg and len(fake.reg.chars) == 5 and fake.reg.agent
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         assert await fake.pair()
@@ -291,3 +292,25 @@ def test_through_the_real_command_bus(private_bus, tmp_path):
         run(body())
     finally:
         store.close()
+
+
+def test_outcome_over_dbus(private_bus, tmp_path):
+    """The Outcome characteristic through BlueZ's D-Bus calls; a bad query is an ATT error."""
+
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        sink.publish(Event("pairing", {"open": True}))
+        await asyncio.sleep(0.05)
+        assert await fake.pair()
+        creds = await pair_over_gatt(fake)
+        await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+        await fake.write(frames.OUTCOME_UUID, frames.outcome_query(creds.fob_id, creds.counter))
+        done = FrameOutcome.decode(await fake.read(frames.OUTCOME_UUID))
+        assert (done.state, done.cmd, done.result) == (FrameState.DONE, Cmd.SAVE, Result.OK)
+        await fake.write(frames.OUTCOME_UUID, frames.outcome_query(creds.fob_id, 99))
+        later = FrameOutcome.decode(await fake.read(frames.OUTCOME_UUID))
+        assert later.state == FrameState.NOT_RUN and later.counter == 99
+        with pytest.raises(AttError):
+            await fake.write(frames.OUTCOME_UUID, b"\x01\x00")
+        assert len(sink.commands) == 1
+
+    run(with_part(private_bus, tmp_path, body))

@@ -58,31 +58,24 @@ def test_unpaired_fob_says_what_to_do(tmp_path, capsys):
     assert "press PAIR on the appliance" in capsys.readouterr().err
 
 
-def test_a_link_lost_while_connecting_is_retried_then_reported(capsys) -> None:
-    """BLE links drop during set-up; nothing was sent yet, so the fob tries again (3 times)."""
-    calls: list[int] = []
+def test_bleak_failures_that_mean_a_lost_link(tmp_path) -> None:
+    """What BlueZ says when the link went away is a LinkLost; an ATT error is the appliance
+    answering, so the link is fine."""
 
-    async def flaky(fail_times: int) -> str:
-        calls.append(1)
-        if len(calls) <= fail_times:
-            raise ConnectionError("failed to discover services, device disconnected")
-        return "connected"
+    class Client:
+        is_connected = True
 
-    run = asyncio.run
-    assert run(fob_client.with_retries(lambda: flaky(2), (ConnectionError,), delay=0)) \
-        == "connected"
-    assert len(calls) == 3 and capsys.readouterr().err.count("trying again") == 2
-    calls.clear()
-    try:
-        run(fob_client.with_retries(lambda: flaky(5), (ConnectionError,), delay=0))
-    except ConnectionError as e:
-        assert "device disconnected" in str(e)
-    else:
-        raise AssertionError("a link that never comes up must be reported")
-    assert len(calls) == fob_client.CONNECT_TRIES
-    calls.clear()
-    try:  # anything else is not a dropped link: no retry
-        run(fob_client.with_retries(lambda: flaky(5), (TimeoutError,), delay=0))
-    except ConnectionError:
-        pass
-    assert len(calls) == 1
+    up = Client()
+    assert fob_client.lost(Exception("[org.bluez.Error.Failed] Not connected"), up)
+    assert fob_client.lost(EOFError(), up) and fob_client.lost(TimeoutError(), up)
+    assert not fob_client.lost(Exception("[org.bluez.Error.NotPermitted] Write not permitted"),
+                               up)  # fmt: skip
+    down = Client()
+    down.is_connected = False
+    assert fob_client.lost(Exception("Operation failed"), down)
+
+
+def test_cli_bounds_the_retries(tmp_path) -> None:
+    args = fob_client.parser().parse_args(["save", "--timeout", "5", "--retry-for", "30"])
+    retry = fob_client.retry_of(args)
+    assert retry.total == 30 and retry.connect_timeout == 5 and retry.links >= 2

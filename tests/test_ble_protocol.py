@@ -11,9 +11,9 @@ import pytest
 
 from appliance.commands import Action, Event
 from ble import frames
-from ble.frames import Cmd, FrameError, Result, Status
+from ble.frames import Cmd, FrameError, FrameState, Result, Status
 from ble.keys import FobPairing, FobRegistry
-from ble.protocol import FobProtocol
+from ble.protocol import MAX_OUTCOMES, MAX_QUERIES, FobProtocol
 from tests.ble_helpers import RecordingSink, frame_for, pair_directly
 
 
@@ -208,3 +208,66 @@ def test_registry_remembers_the_peer_and_loads_older_files(tmp_path):
     old.forget_bond = None
     answer = run(old.fobs_handler({"op": "revoke", "id": 1}))["fob"]
     assert answer["revoked"] and answer["address"] == ""
+
+
+def outcome(proto: FobProtocol, fob_id: int, counter: int, peer: str = "dev"):
+    proto.outcome_write(peer, frames.outcome_query(fob_id, counter))
+    return frames.FrameOutcome.decode(proto.outcome_read(peer))
+
+
+def test_outcome_tells_a_frame_that_ran_from_one_that_never_did(env, tmp_path):
+    proto, sink, creds, _ = env
+    assert outcome(proto, creds.fob_id, 1).state == FrameState.NOT_RUN  # nothing sent yet
+    sink.refuse = {"save"}
+    assert run(proto.handle_command(frame_for(creds, Cmd.SAVE))) == Result.REFUSED
+    refused = outcome(proto, creds.fob_id, creds.counter)
+    assert (refused.state, refused.cmd, refused.result) == (FrameState.DONE, Cmd.SAVE,
+                                                            Result.REFUSED)  # fmt: skip
+    bad = bytearray(frame_for(creds, Cmd.SAVE))
+    bad[-1] ^= 1  # a frame refused before its counter was accepted never ran
+    assert run(proto.handle_command(bytes(bad))) == Result.BAD_MAC
+    assert outcome(proto, creds.fob_id, creds.counter).state == FrameState.NOT_RUN
+    assert outcome(proto, 77, 1).state == FrameState.NOT_RUN  # unknown fob
+    # a restarted appliance keeps the counter but not the outcome: it says so
+    again = FobProtocol(FobRegistry(tmp_path / "fobs.json"), sink)
+    assert outcome(again, creds.fob_id, creds.counter - 1).state == FrameState.UNKNOWN
+    assert len(sink.commands) == 1
+
+
+def test_outcome_is_running_until_the_bus_answers(env):
+    proto, sink, creds, _ = env
+
+    async def body() -> None:
+        gate = asyncio.Event()
+        submit = sink.submit
+
+        async def slow(command):
+            await gate.wait()
+            return await submit(command)
+
+        sink.submit = slow  # type: ignore[method-assign]
+        task = asyncio.ensure_future(proto.handle_command(frame_for(creds, Cmd.SAVE)))
+        await asyncio.sleep(0.01)
+        assert outcome(proto, creds.fob_id, creds.counter).state == FrameState.RUNNING
+        gate.set()
+        assert await task == Result.OK
+        done = outcome(proto, creds.fob_id, creds.counter)
+        assert (done.state, done.result) == (FrameState.DONE, Result.OK)
+
+    run(body())
+
+
+def test_outcome_queries_are_per_peer_and_bounded(env):
+    proto, _sink, creds, _ = env
+    assert frames.FrameOutcome.decode(proto.outcome_read("new")).state == FrameState.NO_QUERY
+    outcome(proto, creds.fob_id, 5, peer="a")
+    assert frames.FrameOutcome.decode(proto.outcome_read("b")).state == FrameState.NO_QUERY
+    for n in range(MAX_QUERIES + 5):
+        outcome(proto, creds.fob_id, 5, peer=f"p{n}")
+    assert len(proto._queries) == MAX_QUERIES
+    for _ in range(MAX_OUTCOMES + 5):
+        assert run(proto.handle_command(frame_for(creds, Cmd.STATUS))) == Result.OK
+    assert len(proto._outcomes) == MAX_OUTCOMES
+    assert outcome(proto, creds.fob_id, 1).state == FrameState.UNKNOWN  # forgotten, not "never"
+    with pytest.raises(FrameError):
+        proto.outcome_write("a", b"\x02" + bytes(6))  # wrong version

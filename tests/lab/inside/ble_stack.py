@@ -141,13 +141,25 @@ class BleStack:
         self.address = self._start_bus()
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address  # the daemon and the fob
         Path("/var/lib/bluetooth").mkdir(parents=True, exist_ok=True)
-        self._spawn([str(self.bluez / BLUETOOTHD), "-n", "-d",
-                     "-f", str(self.bluez / "etc/bluetooth/main.conf")], "ble-bluetoothd.log")
+        self._spawn([str(self.bluez / BLUETOOTHD), "-n", "-d", "-f", str(self._main_conf())],
+                    "ble-bluetoothd.log")
         wait_for(lambda: run(adapters()) >= {"hci0", "hci1"}, 60, "bluetoothd's adapters")
         # bluetoothd powers adapters itself (AutoEnable); a Set while it does so is "Busy"
         with contextlib.suppress(dbus_api.DBusError):
             run(set_powered("hci1"))  # the fob's adapter; the appliance powers its own
         wait_for(lambda: run(adapters(powered=True)) >= {"hci1"}, 30, "powered hci1")
+
+    def _main_conf(self) -> Path:
+        """Debian's main.conf with EATT off (`[GATT] Channels = 1`), as the appliance must run
+        BlueZ 5.66: with EATT, bluetoothd sometimes sends the fob's Exchange MTU over an EATT
+        channel and answers it on the *other* one; the fob's side gets "Received unexpected
+        ATT response", closes that channel and drops the whole link (reason 2, local host),
+        failing whatever GATT call is pending with "Not connected". docs/lab.md has the logs."""
+        text = (self.bluez / "etc/bluetooth/main.conf").read_text()
+        assert "#Channels = 3" in text, "bluez's main.conf changed: set [GATT] Channels = 1"
+        conf = self.tmp / "bluetooth-main.conf"
+        conf.write_text(text.replace("#Channels = 3", "Channels = 1", 1))
+        return conf
 
     def _start_bus(self) -> str:
         socket = self.tmp / "system_bus_socket"

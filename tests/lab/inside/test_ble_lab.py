@@ -13,12 +13,26 @@ from pathlib import Path
 
 import pytest
 
-from ble import dbus_api, fob_client, frames
+from ble import dbus_api, fob_client
+from ble.fob_session import CommandRun, Report, Retry
 from ble.frames import Cmd, Result, Status
-from tests.lab.inside.appliance_vm import MIB, Appliance, open_direct, read_direct, write_direct
+from tests.lab.inside.appliance_vm import (
+    MIB,
+    RESULTS,
+    Appliance,
+    open_direct,
+    read_direct,
+    write_direct,
+)
 from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
 
 FOB_ADAPTER = "hci1"
+# BlueZ 5.66 on Linux 6.1, on the appliance's side: when the fob has already encrypted a new
+# link with its bond by the time bluetoothd attaches its ATT socket, setsockopt(BT_SECURITY)
+# fails with EINVAL (the kernel's "security already sufficient"), bluetoothd drops the ATT
+# bearer and the fob's bluetoothd the link: "failed to discover services, device
+# disconnected". Nothing was sent yet and savepoint-fob reconnects; any other drop fails.
+KNOWN_DROP = "device_attach_att() bt_io_set: setsockopt(BT_SECURITY): Invalid argument"
 FOB_DEVICE = "/org/bluez/hci0/dev_" + ADDRESSES[1].replace(":", "_")  # the fob, seen from hci0
 
 
@@ -32,7 +46,32 @@ def ble(tmp_path: Path) -> Iterator[BleStack]:
         stack.close()
 
 
-def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
+class Drops:
+    """Every dropped link savepoint-fob reported, written to ble-drops.txt with whether it is
+    the known BlueZ race at connection (one KNOWN_DROP line in bluetoothd's log each). The fob
+    survives drops by design and the scenario asserts what the user notices (exit 0, each
+    command run exactly once); the drops file is where an unexplained one is to be found."""
+
+    def __init__(self, ble: BleStack) -> None:
+        self.log = RESULTS / f"{ble.LOG_PREFIX}-bluetoothd.log"
+        self.report = RESULTS / f"{ble.LOG_PREFIX}-drops.txt"
+        self.seen: list[str] = []
+
+    def check(self, stderr: str, what: str) -> None:
+        drops = [line for line in stderr.splitlines() if "link lost" in line]
+        if not drops:
+            return
+        self.seen += drops
+        known = self.log.read_text(errors="replace").count(KNOWN_DROP)
+        unexplained = [d for d in self.seen if "while connecting" not in d]
+        line = (f"{what}: {len(self.seen)} dropped link(s) so far, {known} of them BlueZ's "
+                f"BT_SECURITY race; unexplained: {unexplained or 'none'}\n")
+        with open(self.report, "a") as f:
+            f.write(line)
+        print(line, end="")
+
+
+def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str, drops: Drops) -> str:
     """`savepoint-fob ACTION` on the fob's adapter: the CLI's own main(), in this process
     (a python start costs 10-15 s under TCG; the BLE work is the same)."""
     capsys.readouterr()
@@ -40,38 +79,20 @@ def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str) -> str:
                           "--timeout", "40"])
     out = capsys.readouterr()
     assert rc == 0, f"savepoint-fob {action} exited {rc}: {out.err}{out.out}"
+    drops.check(out.err, f"savepoint-fob {action}")
     return out.out
 
 
-async def restore_watching_status(keys: Path) -> tuple[Status, list[Status]]:
-    """A fob subscribed to Status sends RESTORE; returns its reply and the notifications."""
-    from bleak import BleakClient, BleakScanner
-    from bleak.exc import BleakError
-
+async def restore_watching_status(keys: Path) -> tuple[Report, list[Status]]:
+    """A fob subscribed to Status sends RESTORE (savepoint-fob's own session, with its
+    reconnecting); returns its report and the notifications it got."""
     store = fob_client.KeyStore(keys)
     creds = store.pick()
-    bluez = {"bluez": {"adapter": FOB_ADAPTER}}
-
-    async def connect() -> BleakClient:  # retried as savepoint-fob does: links drop in set-up
-        device = await BleakScanner.find_device_by_address(creds.address, 40, **bluez)
-        assert device is not None, f"appliance {creds.address} not found by a scan on hci1"
-        client = BleakClient(device, timeout=40, **bluez)
-        await client.connect()
-        return client
-
     notes: list[Status] = []
-    client = await fob_client.with_retries(connect, (BleakError, TimeoutError))
-    try:
-        await client.start_notify(frames.STATUS_UUID,
-                                  lambda _c, data: notes.append(Status.decode(bytes(data))))
-        status = await fob_client.send(fob_client.BleakLink(client), creds, Cmd.RESTORE, store)
-        for _ in range(100):  # the outcome's notification may trail the write's reply
-            if any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await client.disconnect()
-    return status, notes
+    connect = fob_client.bleak_connect(FOB_ADAPTER, creds.address)
+    run = CommandRun(connect, creds, Cmd.RESTORE, store.save,
+                     Retry(connect_timeout=40, notify_wait=10), watch=notes.append)
+    return await run.run(), notes
 
 
 async def bluez_devices() -> set[str]:
@@ -95,14 +116,15 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,
              "ble part up in the daemon")
     keys = tmp_path / "fob.json"
+    drops = Drops(ble)
 
     appliance.cli("pair")  # the window a user opens with the button or `savepoint pair`
-    assert "paired as fob" in fob(capsys, keys, "pair")
+    assert "paired as fob" in fob(capsys, keys, "pair", drops)
     assert oct(keys.stat().st_mode & 0o777) == "0o600"
     fobs = appliance.request("fobs", {"op": "list"})["data"]
     assert len(fobs["fobs"]) == 1, fobs
 
-    assert "UNLOCK: OK" in fob(capsys, keys, "unlock")  # the daemon starts LOCKED
+    assert "UNLOCK: OK" in fob(capsys, keys, "unlock", drops)  # the daemon starts LOCKED
     assert appliance.status()["mode"] == "unlocked"
 
     saved, changed = os.urandom(MIB), os.urandom(MIB)
@@ -110,20 +132,26 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     try:
         write_direct(fd, 2 * MIB, saved)
         epoch = appliance.status()["epoch"]
-        assert "SAVE: OK" in fob(capsys, keys, "save")
+        assert "SAVE: OK" in fob(capsys, keys, "save", drops)
         write_direct(fd, 2 * MIB, changed)
     finally:
         os.close(fd)
     assert read_direct(dev, 2 * MIB, MIB) == changed
 
-    status, notes = asyncio.run(restore_watching_status(keys))
-    assert status.last_cmd == Cmd.RESTORE and status.last_result == Result.OK, status
+    capsys.readouterr()
+    report, notes = asyncio.run(restore_watching_status(keys))
+    assert report.result == Result.OK and report.notified, report
+    drops.check(capsys.readouterr().err, "RESTORE watching Status")
+    status = report.status
+    assert status is not None
     assert any(n.last_cmd == Cmd.RESTORE and n.last_result == Result.OK for n in notes), notes
     assert status.epoch > epoch + 1  # SAVE and RESTORE both bump it
     assert read_direct(dev, 2 * MIB, MIB) == saved
 
     history = appliance.request("history")["data"]["history"]
-    assert [(h["action"], h["source"]) for h in history[-2:]] == [
+    from_fob = [(h["action"], h.get("source")) for h in history
+                if str(h.get("source", "")).startswith("fob:")]
+    assert from_fob == [  # each exactly once, whatever the links did
         ("save", f"fob:{fobs['fobs'][0]['fob_id']}"),
         ("restore", f"fob:{fobs['fobs'][0]['fob_id']}")]
 

@@ -20,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,20 +59,45 @@ def prepare_directories() -> tuple[Path, Path]:
     return state, runtime
 
 
-def receive(sock: socket.socket, wanted: str, timeout: float) -> list[str]:
-    """Notification messages until one contains `wanted`."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            message = sock.recv(4096).decode()
-        except TimeoutError:
-            break
-        seen.append(message)
-        if wanted in message.splitlines():
-            return seen
-    raise AssertionError(f"no {wanted} from the daemon in {timeout:g} s; got {seen}")
+class NotifyReader:
+    """$NOTIFY_SOCKET as systemd serves it: read all the time, in a thread. Left unread, its
+    queue (net.unix.max_dgram_qlen, 10) fills with the daemon's WATCHDOG=1 pings and the
+    daemon blocks in sendto() on its way out: "no clean stop", stuck in unix_wait_for_peer."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.closed.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def receive(self, wanted: str, timeout: float, start: int = 0) -> list[str]:
+        """The messages from index `start` up to the first that contains `wanted`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.messages[start:]
+            for n, message in enumerate(seen):
+                if wanted in message.splitlines():
+                    return seen[:n + 1]
+            time.sleep(0.05)
+        raise AssertionError(f"no {wanted} from the daemon in {timeout:g} s; "
+                             f"got {self.messages[start:]}")
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join(5)
+        self.sock.close()
 
 
 def stacks(pid: int) -> str:
@@ -100,8 +126,7 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
     notify_path = str(notify_dir / "notify.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(notify_path)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
+    notify = NotifyReader(notify_path)
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
            "LANG": "C.UTF-8", "NOTIFY_SOCKET": notify_path,
            "WATCHDOG_USEC": str(int(unit["WatchdogSec"][0]) * 1_000_000),
@@ -112,7 +137,7 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # systemd passes the main PID for the watchdog; setpriv execs, so it is proc.pid.
-        seen = receive(notify, "READY=1", float(unit["TimeoutStartSec"][0]))
+        seen = notify.receive("READY=1", float(unit["TimeoutStartSec"][0]))
         assert any(line.startswith("STATUS=") for m in seen for line in m.splitlines())
         st = proc_status(proc.pid)  # the daemon really runs inside the unit's sandbox
         assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2", st
@@ -124,7 +149,7 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
         status = subprocess.run([str(VENV_BIN / "savepoint"), "status", "--json"],
                                 capture_output=True, text=True, timeout=120)
         assert '"locked"' in status.stdout, status.stdout + status.stderr  # LOCKED at boot
-        receive(notify, "WATCHDOG=1", 60)
+        notify.receive("WATCHDOG=1", 60, start=len(notify.messages))
 
         proc.send_signal(signal.SIGTERM)
         # TCG runs this kernel ~10x slower than a Pi: allow 3x the unit's TimeoutStopSec.

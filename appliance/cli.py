@@ -25,6 +25,7 @@ from appliance.config import (
 from appliance.control_socket import ControlClient, ControlError
 from appliance.store_cli import add_store_commands, human, parse_size
 
+SAVE_TIMEOUT = 660  # a SAVE may wait up to [save] max_wait (at most 600 s) for a quiet host
 TALK = ("save", "restore", "unlock", "lock", "status", "history", "watch", "pair")
 
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_talk)
         if name == "restore":
             p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+        if name == "save":
+            p.add_argument("--now", action="store_true",
+                           help="commit at once, without waiting for the host to stop writing")
         if name == "history":
             p.add_argument("target", nargs="?", help="read this store offline instead")
             p.add_argument("--limit", type=int, help="only the last N records")
@@ -149,7 +153,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         if args.command == "restore" and not args.yes and sys.stdin.isatty():
             if not confirm_restore(path):  # on its own connection: a person may take a while
                 return fail("RESTORE cancelled; nothing changed")
-        with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
+        timeout = {"watch": None, "save": SAVE_TIMEOUT}.get(args.command, 120)
+        with ControlClient(path, timeout=timeout) as client:
             if args.command == "watch":
                 try:
                     return watch(client, args.json)
@@ -158,6 +163,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
             cmd_args: dict[str, Any] = {}
             if args.command == "history" and args.limit is not None:
                 cmd_args["limit"] = args.limit
+            if args.command == "save" and args.now:
+                cmd_args["now"] = True
             reply = client.request(args.command, cmd_args)
     except ControlError as e:
         return fail(str(e))
@@ -303,6 +310,9 @@ def describe_event(event: dict[str, Any]) -> str:
         return (f"state: {data.get('mode')}, epoch {data.get('epoch')}, "
                 f"{data.get('dirty_units')} unsaved units")
     if kind == "progress":
+        if data.get("phase") == "waiting":
+            return (f"saving, waiting for the host (quiet for {data.get('settle')} s, at most "
+                    f"{data.get('max_wait')} s; press SAVE again or `savepoint save --now`)")
         return f"{str(data.get('action')).upper()} {data.get('phase')}"
     if kind == "host":
         return "host connected" if data.get("connected") else "host disconnected"
@@ -324,7 +334,13 @@ def show(command: str, data: dict[str, Any]) -> None:
         from appliance.store_cli import print_history
 
         print_history(data.get("history", []))
+    elif command == "save" and data.get("hurried"):
+        print("the waiting SAVE commits now")
     elif command in ("save", "restore"):
+        if command == "save" and data.get("quiet") is not None:
+            from appliance.store_cli import host_column
+
+            print(f"{host_column(data)}; waited {data.get('waited', 0):.1f} s")
         print(f"{command.upper()} done: now at epoch {data.get('epoch', 0) + 1}; "
               f"{data.get('units', 0)} units ({human(data.get('bytes', 0))}) "
               f"{'kept' if command == 'save' else 'discarded'}")

@@ -110,7 +110,8 @@ def describe(status: Status) -> str:
     return (f"{last}: {status.last_result.name} | mode {mode}, epoch {status.epoch}, "
             f"unsaved {status.dirty_units} units ({status.dirty_bytes} bytes), "
             f"host {'connected' if status.host_connected else 'absent'}"
-            f"{', PAIRING open' if status.pairing else ''}")  # fmt: skip
+            f"{', PAIRING open' if status.pairing else ''}"
+            f"{', saving, waiting for the host' if status.waiting else ''}")  # fmt: skip
 
 
 # --- bleak ------------------------------------------------------------------------------------

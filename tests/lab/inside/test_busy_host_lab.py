@@ -191,7 +191,7 @@ def test_busy_host_unsettled_dirty_rate(appliance: Appliance, tmp_path: Path, ki
         assert r["record"]["quiet"] is not None and r["record"]["waited"] < 1, r["record"]
 
 
-def test_host_that_never_stops_writing(appliance: Appliance) -> None:
+def test_busy_host_never_stops_writing(appliance: Appliance) -> None:
     """max_wait passes: SAVE commits anyway, marked busy; a second SAVE or --now hurries it."""
     dev = appliance.start(lock=False, extra="[save]\nsettle = 2\nmax_wait = 6\n")
     fd = open_direct(dev)

@@ -337,13 +337,13 @@ def show(command: str, data: dict[str, Any]) -> None:
     elif command == "save" and data.get("hurried"):
         print("the waiting SAVE commits now")
     elif command in ("save", "restore"):
-        if command == "save" and data.get("quiet") is not None:
-            from appliance.store_cli import host_column
-
-            print(f"{host_column(data)}; waited {data.get('waited', 0):.1f} s")
         print(f"{command.upper()} done: now at epoch {data.get('epoch', 0) + 1}; "
               f"{data.get('units', 0)} units ({human(data.get('bytes', 0))}) "
               f"{'kept' if command == 'save' else 'discarded'}")
+        if command == "save" and data.get("quiet") is not None:
+            from appliance.store_cli import host_column
+
+            print(f"  {host_column(data)}; waited {data.get('waited', 0):.1f} s")
     elif command in ("unlock", "lock"):
         after, once = data.get("relock_after"), data.get("single_use")
         limits = ([f"for {after:g} s"] if after else []) + (["until one SAVE"] if once else [])

@@ -235,3 +235,48 @@ def test_busy_host_never_stops_writing(appliance: Appliance) -> None:
     assert "BUSY (saved anyway)" in history and "forced" in history, history
     report(f"host never quiet: SAVE committed after {busy_latency:.1f} s (max_wait 6 s), "
            f"marked busy; a second press committed after {first['data']['waited']:.1f} s")
+
+
+class Served(Appliance):
+    """Off a Pi: `savepoint serve`, with the kernel's NBD client as the host (/dev/nbd1)."""
+
+    def start(self, timeout: float = 60.0, **config: Any) -> str:
+        import subprocess
+        import sys
+
+        log = open(RESULTS / "daemon-serve-busy-host.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "serve", str(self.store), "--size", SIZE,
+             "--socket", self.nbd_socket, "--control", self.control],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not Path(self.control).exists() or not Path(self.nbd_socket).exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
+        sh(f"nbd-client -unix {self.nbd_socket} /dev/nbd1 -N savepoint -b 512")
+        return "/dev/nbd1"
+
+    def close(self) -> None:
+        sh("nbd-client -d /dev/nbd1", check=False)
+        self.kill(15)
+
+
+def test_busy_host_off_a_pi_serve_vfat(tmp_path: Path) -> None:
+    """The same trial off a Pi: vfat on the kernel NBD client mounted on `savepoint serve`
+    (its default settle of 2 s); the NBD client's writes are the host's writes."""
+    served = Served(tmp_path)
+    try:
+        dev = served.start()
+        with quick_host_writeback():
+            results = [trial(served, dev, "vfat", tmp_path, n) for n in range(TRIALS)]
+    finally:
+        served.close()
+    for r in results:
+        rec = r["record"]
+        report(f"busy host off a Pi (serve, kernel NBD client), settle 2 s, vfat: SAVE latency "
+               f"{r['latency']:.1f} s (waited {rec['waited']:.1f} s), fsck: "
+               f"{'clean' if not r['problems'] else r['problems']}")
+    for r in results:
+        assert not r["problems"] and not r["missing"], r
+        assert r["record"]["quiet"] >= 2, r["record"]

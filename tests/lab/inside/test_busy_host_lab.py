@@ -40,8 +40,12 @@ FS = {
     "ext4": ("mkfs.ext4 -q -F -L savepoint {dev}", "-t ext4 -o noatime"),
 }
 # fsck.vfat -n on the image of a mounted FAT volume: these lines are the dirty bit, not damage
-FAT_BENIGN = re.compile(r"^(fsck\.fat |0x41: Dirty bit is set|\s*Automatically removing dirty "
-                        r"bit|Leaving filesystem unchanged|.*: \d+ files, \d+/\d+ clusters)")
+# (FAT32 keeps it at boot sector offset 65, so the backup boot sector differs there alone)
+FAT_BENIGN = re.compile(
+    r"^(fsck\.fat |(0x41: )?Dirty bit is set|\s*Automatically removing dirty bit|Leaving "
+    r"filesystem unchanged|.*: \d+ files, \d+/\d+ clusters|There are differences between "
+    r"boot sector and its backup|This is mostly harmless|\s+65:01/00$|\s+Not automatically "
+    r"fixing this)")
 
 
 def report(line: str) -> None:

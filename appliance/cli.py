@@ -381,6 +381,9 @@ def print_status(st: dict[str, Any]) -> None:
         ("last SAVE", _when(st.get("last_save"))),
         ("last RESTORE", _when(st.get("last_restore"))),
     ]
+    if st.get("saving"):
+        rows.append(("SAVE", f"saving, {st['saving']} (press SAVE again or `savepoint save "
+                             "--now` to commit now)"))
     if st.get("pairing", {}).get("open"):
         rows.append(("pairing", f"open until {_when(st['pairing'].get('until'))}"))
     for uri in st.get("nbd_uris", []):

@@ -284,3 +284,34 @@ def test_busy_host_off_a_pi_serve_vfat(tmp_path: Path) -> None:
     for r in results:
         assert not r["problems"] and not r["missing"], r
         assert r["record"]["quiet"] >= 2, r["record"]
+
+
+def test_busy_host_agent_flushes_before_save(appliance: Appliance, tmp_path: Path) -> None:
+    """`savepoint-host save` on the host: syncfs of the mounted Savepoint volume and an fsync
+    of the disk (SYNCHRONIZE CACHE), then SAVE: recorded as synced, nothing missing."""
+    import json
+    import subprocess
+    import sys
+
+    dev = appliance.start(lock=True)  # the real default: one unlock, one SAVE
+    sh(f"mkfs.vfat -n SAVEPOINT {dev}")
+    mnt = tmp_path / "host"
+    mnt.mkdir()
+    sh(f"mount -t vfat -o noatime {dev} {mnt}")  # no `flush`: the host keeps writes 30 s
+    data = os.urandom(700_000)
+    (mnt / "late.bin").write_bytes(data)  # in the host's page cache only
+    appliance.cli("unlock")
+    done = subprocess.run([sys.executable, "-m", "appliance.host_client", "save", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"flushed {mnt}" in done.stderr and f"flushed {dev}" in done.stderr, done.stderr
+    record = json.loads(done.stdout)["data"]
+    sh(f"umount {mnt}")
+    assert appliance.request("restore")["ok"]
+    image = tmp_path / "saved.img"
+    image.write_bytes(read_direct(dev))
+    assert fsck("vfat", image) == []
+    assert missing_files("vfat", image, tmp_path / "saved", [("late.bin", digest(data), 0)]) == []
+    assert record["host_synced"] is True and record["source"] == "host", record
+    report(f"savepoint-host save: flushed the mounted volume and the disk, SAVE recorded "
+           f"synced, quiet {record['quiet']} s, waited {record['waited']:.1f} s")

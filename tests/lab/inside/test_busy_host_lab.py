@@ -3,9 +3,10 @@ while the disk is mounted"): with [save] settle the saved filesystem is clean an
 file copied before the SAVE; without it, how often it is not (printed, not asserted); a host
 that never stops writing gets a SAVE after max_wait, marked busy.
 
-The host side mounts vfat with `flush` (what desktop Linux does for removable FAT disks) and
-writes back dirty pages after 0.5 s instead of 30 s: the appliance can wait for writes it
-sees, not for writes the host keeps in its own cache (that is `savepoint-host save`'s job).
+The host side mounts vfat with `flush` (what desktop Linux does for removable FAT disks),
+ext4 with `commit=1`, and writes back dirty pages after 0.5 s instead of 30 s: the appliance
+can wait for writes it sees, not for writes the host keeps in its own cache (that is
+`savepoint-host save`'s job).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ SETTLED = "[save]\nsettle = 2\nmax_wait = 40\n"
 UNSETTLED = "[save]\nsettle = 0\n"
 FS = {
     "vfat": ("mkfs.vfat -F 32 -s 1 -n SAVEPOINT {dev}", "-t vfat -o flush,noatime"),
-    "ext4": ("mkfs.ext4 -q -F -L savepoint {dev}", "-t ext4 -o noatime"),
+    # the journal commits every `commit` seconds (5 by default): a settle shorter than that
+    # can fall between a file's data and its metadata, so the host commits each second here
+    "ext4": ("mkfs.ext4 -q -F -L savepoint {dev}", "-t ext4 -o noatime,commit=1"),
 }
 # fsck.vfat -n on the image of a mounted FAT volume: these lines are the dirty bit, not damage
 # (FAT32 keeps it at boot sector offset 65, so the backup boot sector differs there alone)

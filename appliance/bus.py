@@ -9,11 +9,16 @@ An unlock is a deadline a person sets: only an UNLOCK from a gesture source (but
 authenticated fob, admin CLI) opens it or moves it, to `relock_after` seconds from that
 gesture. No other command extends it, so host software that keeps busy cannot keep the
 appliance unlocked; with `single_use` (the default) the first SAVE ends it.
+
+A SAVE first waits for a quiet host (appliance/host_quiet.py): while it waits, the status
+says "saving, waiting for the host", and a second SAVE (a second press) or `--now` commits
+it at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +33,9 @@ from appliance.commands import (
     PartHandler,
     StoreHooks,
 )
+from appliance.host_quiet import HostActivity, QuietReport
 from appliance.policy import decide, default_policy
+from appliance.store_format import FLAG_BUSY, FLAG_FORCED, FLAG_QUIET_KNOWN
 
 log = logging.getLogger("savepoint.bus")
 
@@ -40,8 +47,14 @@ class CommandBus:
                  lock_enabled: bool = True, relock_after: float = 300,
                  single_use: bool = True, pairing_window: float = 60,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 activity: HostActivity | None = None, settle: float = 0,
+                 max_wait: float = 60) -> None:
         self.store = store
+        self.activity = activity  # the host's writes; None: SAVE cannot tell, never waits
+        self.settle = settle  # seconds of host quiet a SAVE waits for; 0: no wait
+        self.max_wait = max_wait
+        self._hurry: asyncio.Event | None = None  # set: the waiting SAVE commits now
         self.policy = policy or default_policy()
         self.lock_enabled = lock_enabled
         self.mode = Mode.LOCKED if lock_enabled else Mode.UNLOCKED  # LOCKED at every boot
@@ -123,6 +136,13 @@ class CommandBus:
     async def submit(self, command: Command) -> Outcome:
         if self._closed:
             return Outcome(False, command.action, command.source, "the daemon is stopping")
+        if self._hurry is not None and command.action in (Action.SAVE, Action.STATUS,
+                                                           Action.HISTORY):
+            # a SAVE is waiting for the host: a second SAVE hurries it, reads do not queue
+            outcome = (self._hurry_save(command) if command.action is Action.SAVE
+                       else await self._decide_and_run(command))
+            self._record(outcome)
+            return outcome
         async with self._lock:
             self.busy = True
             try:
@@ -151,7 +171,7 @@ class CommandBus:
     async def _run(self, command: Command) -> dict[str, Any]:
         action = command.action
         if action is Action.SAVE:
-            return await self._save(command.source)
+            return await self._save(command.source, bool(command.args.get("now")))
         if action is Action.RESTORE:
             return await self._restore(command.source)
         if action is Action.UNLOCK:  # policy.decide let only a gesture source get here
@@ -175,17 +195,61 @@ class CommandBus:
             return self._open_pairing()
         raise ValueError(f"unknown action {action!r}")
 
-    async def _save(self, source: str) -> dict[str, Any]:
+    async def _save(self, source: str, now: bool = False) -> dict[str, Any]:
         self.publish(Event("progress", {"action": "save", "phase": "start"}))
         try:
-            synced = None
+            report = await self._wait_for_host(now)
+            synced = None if report is None else report.synced
             if self.hooks is not None:  # the gadget pushes the host's writes into the store
-                synced = await self.hooks.before_save()
+                with self._own_flush():
+                    fsync_clean = await self.hooks.before_save()
+                if synced is None:  # no write counter: "nothing left to sync" is the best guess
+                    synced = fsync_clean
             # store.save flushes first (in serve mode that is all the syncing there is)
-            record = await asyncio.to_thread(self.store.save, source, bool(synced))
+            settle = _settle_bits(report)
+            extra = () if settle is None else (settle,)
+            record = await asyncio.to_thread(self.store.save, source, bool(synced), *extra)
         finally:
             self.publish(Event("progress", {"action": "save", "phase": "end"}))
+        if report is not None:
+            record["waited"] = round(report.waited, 3)
         return record
+
+    async def _wait_for_host(self, now: bool) -> QuietReport | None:
+        """Wait (at most max_wait) until the host wrote nothing for `settle` seconds."""
+        if self.activity is None:
+            return None
+        hurry = asyncio.Event()
+        if now:
+            hurry.set()
+        elif self.settle > 0 and self.activity.sample() < self.settle:
+            self._hurry = hurry  # a second SAVE meanwhile sets it
+            self.publish(Event("progress", {"action": "save", "phase": "waiting",
+                                            "settle": self.settle, "max_wait": self.max_wait}))
+            self.publish(Event("state", await self.snapshot()))
+        try:
+            report = await self.activity.wait_quiet(self.settle, self.max_wait, hurry)
+        finally:
+            self._hurry = None
+        if report.busy:
+            log.warning("SAVE: the host was still writing after %g s; saving anyway",
+                        self.max_wait)
+        self.publish(Event("progress", {"action": "save", "phase": "commit"}))
+        return report
+
+    def _hurry_save(self, command: Command) -> Outcome:
+        """A SAVE while one waits for the host: the waiting one commits now (a second press)."""
+        reason = decide(self.policy, command, self.mode)
+        if reason:
+            return Outcome(False, command.action, command.source, reason)
+        assert self._hurry is not None
+        self._hurry.set()
+        log.info("SAVE from %s: the waiting SAVE commits now", command.source)
+        return Outcome(True, command.action, command.source, "",
+                       {"hurried": True, "note": "the waiting SAVE commits now"})
+
+    def _own_flush(self) -> Any:
+        return self.activity.own_flush() if self.activity else contextlib.nullcontext()
 
     async def _restore(self, source: str) -> dict[str, Any]:
         self.publish(Event("progress", {"action": "restore", "phase": "start"}))
@@ -194,7 +258,8 @@ class CommandBus:
                 return asyncio.to_thread(self.store.restore, source)
 
             if self.hooks is not None:  # eject, drop caches, restore, re-insert
-                return await self.hooks.around_restore(restore)
+                with self._own_flush():
+                    return await self.hooks.around_restore(restore)
             return await restore()
         finally:
             self.publish(Event("progress", {"action": "restore", "phase": "end"}))
@@ -257,10 +322,19 @@ class CommandBus:
                   single_use=self.single_use and self.lock_enabled, relock_in=self.relock_in(),
                   host_connected=self.host_connected,
                   pairing={"open": self.pairing_until is not None, "until": self.pairing_until},
-                  last_action=self.last_outcome, parts=dict(self.parts))
+                  last_action=self.last_outcome, parts=dict(self.parts),
+                  saving="waiting for the host" if self._hurry is not None else None)
         for extra in self.status_extras:
             st.update(extra())
         return st
+
+
+def _settle_bits(report: QuietReport | None) -> tuple[int, int] | None:
+    """The history record's flag bits and quiet deciseconds for what the SAVE knew."""
+    if report is None:
+        return None
+    bits = FLAG_QUIET_KNOWN | (FLAG_FORCED * report.forced) | (FLAG_BUSY * report.busy)
+    return bits, int(report.quiet * 10)
 
 
 def _brief(data: dict[str, Any]) -> str:

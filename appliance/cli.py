@@ -26,6 +26,7 @@ from appliance.config import (
 from appliance.control_socket import ControlClient, ControlError
 from appliance.store_cli import add_store_commands, human, parse_size
 
+SAVE_TIMEOUT = 660  # a SAVE may wait up to [save] max_wait (at most 600 s) for a quiet host
 TALK = ("save", "restore", "unlock", "lock", "status", "history", "watch", "pair")
 
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_talk)
         if name == "restore":
             p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+        if name == "save":
+            p.add_argument("--now", action="store_true",
+                           help="commit at once, without waiting for the host to stop writing")
         if name == "history":
             p.add_argument("target", nargs="?", help="read this store offline instead")
             p.add_argument("--limit", type=int, help="only the last N records")
@@ -206,7 +210,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         if args.command == "restore" and not args.yes:
             if not confirm_restore(path):  # on its own connection: a person may take a while
                 return fail("RESTORE cancelled; nothing changed")
-        with ControlClient(path, timeout=None if args.command == "watch" else 120) as client:
+        timeout = {"watch": None, "save": SAVE_TIMEOUT}.get(args.command, 120)
+        with ControlClient(path, timeout=timeout) as client:
             if args.command == "watch":
                 from appliance.cli_watch import watch
 
@@ -220,6 +225,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
             if args.command == "restore":  # clients connected now keep stale caches after it
                 clients = int((client.request("status").get("data") or {})
                               .get("nbd_clients", 0))
+            if args.command == "save" and args.now:
+                cmd_args["now"] = True
             reply = client.request(args.command, cmd_args)
     except ControlError as e:
         return fail_as(args, str(e))
@@ -364,6 +371,9 @@ def describe_event(event: dict[str, Any]) -> str:
         return (f"state: {data.get('mode')}, epoch {data.get('epoch')}, "
                 f"{data.get('dirty_units')} unsaved units")
     if kind == "progress":
+        if data.get("phase") == "waiting":
+            return (f"saving, waiting for the host (quiet for {data.get('settle')} s, at most "
+                    f"{data.get('max_wait')} s; press SAVE again or `savepoint save --now`)")
         return f"{str(data.get('action')).upper()} {data.get('phase')}"
     if kind == "host":
         return "host connected" if data.get("connected") else "host disconnected"
@@ -388,6 +398,8 @@ def show(command: str, data: dict[str, Any]) -> None:
         from appliance.store_cli import print_history
 
         print_history(data.get("history", []))
+    elif command == "save" and data.get("hurried"):
+        print("the waiting SAVE commits now")
     elif command in ("save", "restore"):
         print_outcome(command, data)
     elif command in ("unlock", "lock"):
@@ -419,6 +431,10 @@ def print_outcome(command: str, data: dict[str, Any]) -> None:
         print(f"savepoint: {clients} NBD client{'s were' if clients != 1 else ' was'} connected "
               "during the RESTORE: their caches are now stale; stop or reconnect them before "
               "they read or write again", file=sys.stderr)
+    if command == "save" and data.get("quiet") is not None:
+        from appliance.store_cli import host_column
+
+        print(f"  {host_column(data)}; waited {data.get('waited', 0):.1f} s")
 
 
 def print_status(st: dict[str, Any]) -> None:
@@ -443,6 +459,9 @@ def print_status(st: dict[str, Any]) -> None:
         ("last SAVE", _when(st.get("last_save"))),
         ("last RESTORE", _when(st.get("last_restore"))),
     ]
+    if st.get("saving"):
+        rows.append(("SAVE", f"saving, {st['saving']} (press SAVE again or `savepoint save "
+                             "--now` to commit now)"))
     if st.get("pairing", {}).get("open"):
         rows.append(("pairing", f"open until {_when(st['pairing'].get('until'))}"))
     for uri in st.get("nbd_uris", []):

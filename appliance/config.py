@@ -93,6 +93,14 @@ CORE_SCHEMA: dict[str, Schema] = {
                          "0 = until LOCK or a SAVE"),
         "single_use": (bool, True, "a SAVE re-locks: every SAVE needs its own UNLOCK gesture"),
     },
+    "save": {
+        "settle": ((int, float), 2,
+                   "seconds the host must have written nothing before a SAVE commits; "
+                   "0 = commit at once (docs/controls.md)"),
+        "max_wait": ((int, float), 60,
+                     "seconds a SAVE waits at most for a quiet host; then it commits anyway "
+                     "and its history record says the host was busy (at most 600)"),
+    },
     "restore": {
         "policy": ((str, list), "never", "never, on_boot, on_host_disconnect, schedule, or a list"),
         "at": (str, "03:00", "local time of day for the `schedule` policy, HH:MM"),
@@ -234,6 +242,10 @@ def validate(raw: dict[str, Any],
     for key in ("relock_after",):
         if cfg["lock"][key] < 0:
             raise ConfigError(f"[lock] {key}: must be 0 (never) or a number of seconds")
+    for key in ("settle", "max_wait"):
+        if not 0 <= cfg["save"][key] <= 600:
+            raise ConfigError(f"[save] {key}: {cfg['save'][key]} is not a number of seconds "
+                              "from 0 to 600")
     if cfg["nbd"]["max_connections"] < 1:
         raise ConfigError(f"[nbd] max_connections: {cfg['nbd']['max_connections']} is less than "
                           "1: give how many NBD clients may connect at once, e.g. 8")

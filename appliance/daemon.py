@@ -33,6 +33,7 @@ from appliance.config import (
     runtime_dir,
 )
 from appliance.control_socket import ControlLimits, ControlServer, socket_group
+from appliance.host_quiet import HostActivity
 from appliance.restore_policies import RestorePolicies
 from appliance.systemd_notify import Notifier
 
@@ -92,6 +93,7 @@ class Daemon:
         self.on_ready = on_ready
         self.store: Any = None
         self.nbd: Any = None
+        self.activity = HostActivity(clock)  # the host's writes, for SAVE's wait for quiet
         self.bus: CommandBus | None = None
         self.control: ControlServer | None = None
         self.policies: RestorePolicies | None = None
@@ -129,7 +131,9 @@ class Daemon:
         self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
                               relock_after=lock["relock_after"], single_use=lock["single_use"],
                               pairing_window=self.cfg["parts"]["ble"].get("pairing_window", 60),
-                              clock=self.clock, wall=self.wall)
+                              clock=self.clock, wall=self.wall, activity=self.activity,
+                              settle=self.cfg["save"]["settle"],
+                              max_wait=self.cfg["save"]["max_wait"])
         self.bus.status_extras.append(self._nbd_status)
         self._watch_storage()
         self.policies = RestorePolicies(self.bus, self.cfg["restore"]["policy"],
@@ -150,7 +154,8 @@ class Daemon:
         line = await self._status_line()
         self.notifier.ready(line)
         log.info("ready: %s", line)
-        self._tasks = [asyncio.create_task(self._ticker(line), name="tick")]
+        self._tasks = [asyncio.create_task(self._ticker(line), name="tick"),
+                       asyncio.create_task(self.activity.watch(), name="host-activity")]
         if self.cfg["store"]["background"] and hasattr(self.store, "background_step"):
             self._tasks.append(asyncio.create_task(self._background(), name="background"))
         if self.on_ready:
@@ -232,6 +237,7 @@ class Daemon:
                                  group=ncfg["group"] if gid is not None else None,
                                  export_name=ncfg["export_name"],
                                  max_connections=ncfg["max_connections"])
+            self.nbd.activity = self.activity
             self.nbd.start()
         except (OSError, ValueError, RuntimeError) as e:
             self.nbd = None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.commands import CommandSink, Event, PartUnavailable
+from appliance.host_quiet import kthread_wchar
 from appliance.nbd_device import NbdDevice, NbdDeviceError
 from appliance.udc_watch import UdcWatch
 
@@ -283,6 +284,7 @@ class GadgetPart:
         await self.watch.start()
         if hasattr(self.bus, "hooks"):
             self.bus.hooks = self  # type: ignore[attr-defined]
+        self._count_host_writes(kthread_wchar())
         log.info("gadget %s bound to %s, LUN 0 on %s", self.cfg["name"], udc, self.nbd.device)
 
     def _setup(self, udc: str) -> None:
@@ -334,7 +336,18 @@ class GadgetPart:
             self.watch = None
         if getattr(self.bus, "hooks", None) is self:
             self.bus.hooks = None  # type: ignore[attr-defined]
+        self._count_host_writes(None)
         await asyncio.to_thread(self._teardown)
+
+    def _count_host_writes(self, counter: Callable[[], int | None] | None) -> None:
+        """SAVE's wait for a quiet host watches f_mass_storage's own write count: the host's
+        writes sit in /dev/nbdN's page cache for seconds before the NBD server sees them."""
+        activity = getattr(self.bus, "activity", None)
+        if activity is not None:
+            activity.use(counter)
+            if counter is not None and counter() is None:
+                log.warning("cannot read the mass-storage thread's I/O counters (/proc/PID/io"
+                            " of file-storage): a SAVE cannot wait for a quiet host")
 
     def _teardown(self) -> None:
         self.gadget.remove()

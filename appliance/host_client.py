@@ -77,7 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=_hex, default=DEFAULT_PID, help="USB product ID, hex")
     p.add_argument("--serial", default="", help="USB serial number of the appliance")
     p.add_argument("--limit", type=int, help="history: only the last N records")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    p.add_argument("--volume", action="append", default=[],
+                   help="save: flush this mount point or drive (E:) first; default on Linux: "
+                   "every filesystem on the Savepoint disk (repeatable)")
+    p.add_argument("--no-flush", action="store_true", help="save: do not flush the host first")
+    p.add_argument("--now", action="store_true",
+                   help="save: commit at once, without waiting for the host to stop writing")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for an answer (default 120; save: 660, as a SAVE "
+                   "may wait for the host to go quiet)")
     p.add_argument("--json", action="store_true", help="print the appliance's JSON reply")
     p.add_argument("--yes", "-y", action="store_true", help="restore: do not ask first")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -99,12 +107,22 @@ def confirmed(args: argparse.Namespace) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cmd_args = {"limit": args.limit} if args.command == "history" and args.limit else {}
+    cmd_args: dict[str, Any] = {}
+    if args.command == "history" and args.limit:
+        cmd_args["limit"] = args.limit
+    if args.command == "save" and args.now:
+        cmd_args["now"] = True
+    timeout = args.timeout or (660.0 if args.command == "save" else 120.0)
     if not confirmed(args):
         return 2
     try:
         port = args.port or find_port(args.vid, args.pid, args.serial)
-        reply = request(port, args.command, cmd_args, args.timeout)
+        if args.command == "save" and not args.no_flush:
+            from appliance.host_flush import flush
+
+            for line in flush(port, args.volume):  # what is in the host's cache is not saved
+                print(f"savepoint-host: {line}", file=sys.stderr)
+        reply = request(port, args.command, cmd_args, timeout)
     except HostError as e:
         print(f"savepoint-host: {e}", file=sys.stderr)
         return 2

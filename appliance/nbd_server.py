@@ -65,6 +65,7 @@ class NbdServer:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.store = store
+        self.activity = None  # a host_quiet.HostActivity the sessions report writes to
         self.unix_path = os.path.abspath(unix_path) if unix_path else None
         self.tcp = tcp
         self.allow_remote = allow_remote

@@ -168,6 +168,7 @@ class Session:
         size = server.export.size
         writable = not server.export.read_only
         read_flags = p.CMD_FLAG_FUA | (p.CMD_FLAG_DF if self.neg.structured else 0)
+        activity = server.activity  # the host's writes, for a SAVE that waits for quiet
         READ, WRITE, FUA = p.CMD_READ, p.CMD_WRITE, p.CMD_FLAG_FUA
         while True:
             if end - start < HEAD:
@@ -207,6 +208,8 @@ class Session:
                         and not server.stopping):
                     if flags:
                         out.send()  # FUA flushes: earlier replies need not wait for it
+                    if activity is not None:
+                        activity.wrote()
                     try:
                         if length:
                             store.write(offset, payload, fua=bool(flags))
@@ -307,6 +310,9 @@ class Session:
                  payload: memoryview | None) -> None:
         fua = bool(flags & p.CMD_FLAG_FUA)
         st = self.store
+        activity = self.server.activity
+        if activity is not None and cmd != p.CMD_CACHE:
+            (activity.flushed if cmd == p.CMD_FLUSH else activity.wrote)()
         if cmd == p.CMD_WRITE:
             if length:
                 st.write(offset, payload, fua=fua)

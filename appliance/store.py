@@ -535,21 +535,24 @@ class Store:
 
     # ----- SAVE and RESTORE -------------------------------------------------------------------
 
-    def save(self, source: str, host_synced: bool = False) -> dict[str, object]:
-        """The working copies become the saved state: one history record, one epoch bump."""
-        return self._commit(SAVE, source, FLAG_HOST_SYNCED if host_synced else 0)
+    def save(self, source: str, host_synced: bool = False,
+             settle: tuple[int, int] | None = None) -> dict[str, object]:
+        """The working copies become the saved state: one history record, one epoch bump.
+        `settle` is (flag bits, quiet deciseconds) from the wait for a quiet host."""
+        bits, quiet = settle or (0, 0)
+        return self._commit(SAVE, source, bits | (FLAG_HOST_SYNCED if host_synced else 0), quiet)
 
     def restore(self, source: str) -> dict[str, object]:
         """Forget everything written since the last SAVE/RESTORE: one record, one epoch bump."""
         return self._commit(RESTORE, source, 0)
 
-    def _commit(self, action: int, source: str, flags: int) -> dict[str, object]:
+    def _commit(self, action: int, source: str, flags: int, quiet: int = 0) -> dict[str, object]:
         self._refuse_readonly()
         while True:
             self._wait_for_ring(action)
             with self._gate.exclusive():
                 if not self._ring_full():  # else a pass restarted by a racing command
-                    return self._commit_locked(action, source, flags)
+                    return self._commit_locked(action, source, flags, quiet)
 
     def ring_free(self) -> int:
         """Commands that can commit before the background pass must have finished."""
@@ -576,7 +579,8 @@ class Store:
         finally:
             self.waiting = None
 
-    def _commit_locked(self, action: int, source: str, flags: int) -> dict[str, object]:
+    def _commit_locked(self, action: int, source: str, flags: int,
+                       quiet: int = 0) -> dict[str, object]:
         try:
             if self.epoch >= MAX_EPOCH:
                 raise StoreError("the store has used every epoch number; re-create it")
@@ -584,17 +588,18 @@ class Store:
                 self._flush_locked()
             if action == SAVE:
                 self._flush_locked()
-            rec = self._append_history(action, source, flags)
+            rec = self._append_history(action, source, flags, quiet)
             if action == RESTORE:
                 self.space.restored()  # [space] durable now: reclaim the discarded writes
             return rec.as_dict()
         except OSError as e:
             raise self.space.io_error(e, f"I/O error during {source} command") from e
 
-    def _append_history(self, action: int, source: str, flags: int) -> HistoryRecord:
+    def _append_history(self, action: int, source: str, flags: int,
+                        quiet: int = 0) -> HistoryRecord:
         now = time.time_ns()
         rec = HistoryRecord(self.epoch, action, now, self.dirty_units, self.dirty_bytes,
-                            source, flags)
+                            source, flags, quiet)
         raw = self.ring.write(rec)
         stamp = {"last_save_ns": now} if action == SAVE else {"last_restore_ns": now}
         # The superblock is the commit point; it carries the record in case the ring write tore.

@@ -252,7 +252,23 @@ def print_history(records: list[dict]) -> None:
     for r in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
         print(f"  epoch {r['epoch']:>6}  {when}  {r['action']:<7}  {r['source']:<16} "
-              f"{r['units']:>8} units  {human(r['bytes']):>10}")
+              f"{r['units']:>8} units  {human(r['bytes']):>10}  {host_column(r)}".rstrip())
+
+
+def host_column(r: dict) -> str:
+    """What a SAVE knew of the host (docs/controls.md, "Saving while the disk is mounted")."""
+    if r.get("action") != "save":
+        return ""
+    synced = "synced" if r.get("host_synced") else "not synced"
+    if r.get("quiet") is None:  # a record written before the quiet time was kept
+        return f"host {synced}"
+    quiet = r["quiet"]
+    text = f"host quiet {'>6553' if quiet >= 6553.5 else f'{quiet:.1f}'} s, {synced}"
+    if r.get("host_busy"):
+        text += ", BUSY (saved anyway)"
+    elif r.get("forced"):
+        text += ", forced"
+    return text
 
 
 def history_offline(target: str, as_json: bool, limit: int | None) -> int:

@@ -42,12 +42,16 @@ MAX_EPOCH = WEPOCH_MASK
 
 SAVE, RESTORE = 1, 2
 ACTIONS = {SAVE: "save", RESTORE: "restore"}
-FLAG_HOST_SYNCED = 1
+FLAG_HOST_SYNCED = 1  # the host had sent SYNCHRONIZE CACHE (or ejected) since its last write
+FLAG_QUIET_KNOWN = 2  # the record carries `quiet` and the FORCED/BUSY bits (older ones do not)
+FLAG_FORCED = 4  # a second press or --now cut the wait for a quiet host short
+FLAG_BUSY = 8  # the host was still writing when the maximum wait ran out
+QUIET_MAX = 0xFFFF  # deciseconds; the cap reads as "at least 6553.5 s"
 
 assert sys.byteorder == "little", "the in-memory map mirrors the little-endian disk format"
 
 _SB = struct.Struct("<8sIIQQQQQQQIQQQQQqq16sqQ64s")
-_HIST = struct.Struct("<QqQQBB2x24s")  # + crc32c u32 = 64 bytes
+_HIST = struct.Struct("<QqQQBBH24s")  # + crc32c u32 = 64 bytes; H: quiet, deciseconds
 _ZERO_SECTOR = bytes(SECTOR)
 
 
@@ -189,10 +193,11 @@ class HistoryRecord:
     bytes: int  # bytes written during the epoch
     source: str
     flags: int = 0
+    quiet_ds: int = 0  # how long the host had been quiet, deciseconds (FLAG_QUIET_KNOWN)
 
     def pack(self) -> bytes:
         body = _HIST.pack(self.epoch, self.time_ns, self.units, self.bytes, self.action,
-                          self.flags, self.source.encode()[:24])
+                          self.flags, min(self.quiet_ds, QUIET_MAX), self.source.encode()[:24])
         return body + struct.pack("<I", crc32c.crc32c(body))
 
     def as_dict(self) -> dict[str, object]:
@@ -205,7 +210,15 @@ class HistoryRecord:
             "units": self.units,
             "bytes": self.bytes,
             "host_synced": bool(self.flags & FLAG_HOST_SYNCED),
+            **self.settle_info(),
         }
+
+    def settle_info(self) -> dict[str, object]:
+        """What a SAVE knew of the host; None (unknown) in records from before it was kept."""
+        if self.action != SAVE or not self.flags & FLAG_QUIET_KNOWN:
+            return {"quiet": None, "forced": None, "host_busy": None}
+        return {"quiet": self.quiet_ds / 10, "forced": bool(self.flags & FLAG_FORCED),
+                "host_busy": bool(self.flags & FLAG_BUSY)}
 
 
 def unpack_history(raw: bytes | memoryview) -> HistoryRecord | None:
@@ -213,11 +226,11 @@ def unpack_history(raw: bytes | memoryview) -> HistoryRecord | None:
     body = bytes(raw[:_HIST.size])
     if struct.unpack_from("<I", raw, _HIST.size)[0] != crc32c.crc32c(body):
         return None
-    e, t, units, nbytes, action, flags, source = _HIST.unpack(body)
+    e, t, units, nbytes, action, flags, quiet, source = _HIST.unpack(body)
     if action not in ACTIONS or e == 0:
         return None
     return HistoryRecord(e, action, t, units, nbytes, source.rstrip(b"\0").decode(errors="replace"),
-                         flags)
+                         flags, quiet)
 
 
 def seal_sector(meta: bytearray, sector: int) -> None:

@@ -82,7 +82,8 @@ class Report:
         return (f"{self.cmd.name}: {self.result.name} | mode {mode}, epoch {s.epoch}, "
                 f"unsaved {s.dirty_units} units ({s.dirty_bytes} bytes), "
                 f"host {'connected' if s.host_connected else 'absent'}"
-                f"{', PAIRING open' if s.pairing else ''}")  # fmt: skip
+                f"{', PAIRING open' if s.pairing else ''}"
+                f"{', saving, waiting for the host' if s.waiting else ''}")  # fmt: skip
 
 
 def say(text: str) -> None:

@@ -137,6 +137,7 @@ FLAG_UNLOCKED = 0x01
 FLAG_HOST = 0x02
 FLAG_PAIRING = 0x04
 FLAG_BUSY = 0x08
+FLAG_WAITING = 0x10  # a SAVE is waiting for the host to stop writing
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Status:
     host_connected: bool = False
     pairing: bool = False
     busy: bool = False
+    waiting: bool = False
     epoch: int = 0
     dirty_units: int = 0
     dirty_bytes: int = 0
@@ -158,6 +160,7 @@ class Status:
             | FLAG_HOST * self.host_connected
             | FLAG_PAIRING * self.pairing
             | FLAG_BUSY * self.busy
+            | FLAG_WAITING * self.waiting
         )
         return _STATUS.pack(
             VERSION,
@@ -180,6 +183,7 @@ class Status:
             host_connected=bool(flags & FLAG_HOST),
             pairing=bool(flags & FLAG_PAIRING),
             busy=bool(flags & FLAG_BUSY),
+            waiting=bool(flags & FLAG_WAITING),
             epoch=epoch,
             dirty_units=units,
             dirty_bytes=int.from_bytes(nbytes, "big"),

@@ -272,7 +272,8 @@ class FobProtocol:
             self.set_pairing(bool(data.get("open")))
             return
         elif event.kind == "progress":
-            self.status.busy = data.get("phase") == "start"
+            self.status.busy = data.get("phase") in ("start", "waiting", "commit")
+            self.status.waiting = data.get("phase") == "waiting"
         elif event.kind == "host":
             self.status.host_connected = bool(data.get("connected"))
         elif event.kind == "outcome":

@@ -52,6 +52,7 @@ class DaemonView:
     dirty: bool = False
     locked: bool = True
     busy: bool = False  # SAVE or RESTORE in progress
+    waiting: bool = False  # a SAVE waits for the host to stop writing
     pairing: bool = False
     faults: dict[str, str] = field(default_factory=dict)
 
@@ -82,7 +83,8 @@ class DaemonView:
         elif event.kind == "pairing":
             self.pairing = bool(d.get("open"))
         elif event.kind == "progress":
-            self.busy = d.get("phase") == "start"
+            self.busy = d.get("phase") in ("start", "commit")
+            self.waiting = d.get("phase") == "waiting"
         elif event.kind == "fault":
             part = str(d.get("part", "?"))
             if part == "gpio":  # our own absence cannot be shown on our own LED
@@ -119,6 +121,7 @@ def patterns(t: LedTimings) -> dict[str, Pattern]:
         "clean": Pattern("clean", ((1.0, FOREVER),), "green"),
         "unsaved": Pattern("unsaved", _blink(s, s), "amber"),
         "busy": Pattern("busy", _blink(f, f), "white"),
+        "waiting": Pattern("waiting", _blink(f, 5 * f), "green"),
         "no_host": Pattern("no_host", no_host, "white"),
         "pairing": Pattern("pairing", (*_blink(f, f), *_blink(f, 2 * s)), "blue"),
         "fault": Pattern("fault", sos, "red"),
@@ -153,6 +156,8 @@ def choose(view: DaemonView, cue: Cue, showing_status: bool, t: LedTimings) -> P
         return p["storage_full"]
     if view.faults:
         return p["fault"]
+    if view.waiting:
+        return p["waiting"]
     if view.busy:
         return p["busy"]
     if view.pairing:

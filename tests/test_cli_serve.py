@@ -141,9 +141,17 @@ def test_watch_prints_live_events(served):
             event = json.loads(watcher.stdout.readline())
             if event["event"] != "status":  # the CLI's own polled changes, not the daemon's
                 events.append(event)
-        assert [e["event"] for e in events] == ["progress", "progress", "outcome", "state"]
-        assert events[2]["data"]["action"] == "save" and events[2]["data"]["ok"]
-        assert events[3]["data"]["epoch"] == 2
+        while events[-1]["data"].get("saving"):  # the SAVE waits for a quiet host first
+            events.append(json.loads(watcher.stdout.readline()))
+            while events[-1]["event"] != "state":
+                event = json.loads(watcher.stdout.readline())
+                if event["event"] != "status":
+                    events.append(event)
+        phases = [e["data"]["phase"] for e in events if e["event"] == "progress"]
+        assert phases[0] == "start" and phases[-1] == "end", phases
+        assert [e["event"] for e in events][-2:] == ["outcome", "state"]
+        assert events[-2]["data"]["action"] == "save" and events[-2]["data"]["ok"]
+        assert events[-1]["data"]["epoch"] == 2
     finally:
         watcher.send_signal(signal.SIGINT)
         watcher.wait(10)

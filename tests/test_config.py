@@ -27,6 +27,7 @@ def test_defaults():
     assert cfg["lock"] == {"enabled": True, "relock_after": 300, "single_use": True}
     assert cfg["restore"] == {"policy": ["never"], "at": "03:00"}
     assert cfg["store"]["unit"] == 4096
+    assert cfg["save"] == {"settle": 2, "max_wait": 60}
     assert all(not cfg["parts"][p]["enabled"] for p in PARTS)
     assert cfg["policy"]["host"]["save"] == "unlocked"
 
@@ -43,6 +44,8 @@ def test_defaults():
     ({"restore": {"at": "25:00"}}, "[restore] at: time '25:00' is not HH:MM"),
     ({"nbd": {"tcp": "localhost"}}, "[nbd] tcp: 'localhost' is not HOST:PORT"),
     ({"log": {"level": "loud"}}, "[log] level"),
+    ({"save": {"settle": -1}}, "[save] settle: -1 is not a number of seconds from 0 to 600"),
+    ({"save": {"max_wait": 3601}}, "[save] max_wait: 3601 is not a number of seconds"),
     ({"bogus": {}}, "unknown section [bogus]"),
     ({"policy": {"martians": {}}}, "[policy] unknown source class 'martians'"),
     ({"policy": {"host": {"explode": "always"}}}, "[policy.host] unknown action 'explode'"),

@@ -135,7 +135,8 @@ def test_save_and_restore_under_heavy_io_lose_and_mix_nothing(tmp_path):
         while any(c.poll() is None for c in clients):
             action = rng.choice(["save", "restore", "save"])
             sent = time.monotonic()
-            reply = request(served.control, action)
+            # SAVE in the middle of the writes, on purpose: --now skips the wait for quiet
+            reply = request(served.control, action, **({"now": True} if action == "save" else {}))
             commands.append((action, sent, time.monotonic()))
             assert reply["ok"], reply
             time.sleep(rng.uniform(0.0, 0.08))

@@ -34,6 +34,13 @@ def state(**kw: object) -> Event:
     ([state(host_connected=False)], Cue.IDLE, "no_host"),  # short blink every few s
     ([state(), Event("host", {"connected": False})], Cue.IDLE, "no_host"),
     ([state(), Event("progress", {"action": "save", "phase": "start"})], Cue.IDLE, "busy"),
+    # a SAVE waiting for the host to stop writing, then committing, then done
+    ([state(), Event("progress", {"action": "save", "phase": "start"}),
+      Event("progress", {"action": "save", "phase": "waiting"})], Cue.IDLE, "waiting"),
+    ([state(), Event("progress", {"action": "save", "phase": "waiting"}),
+      Event("progress", {"action": "save", "phase": "commit"})], Cue.IDLE, "busy"),
+    ([state(), Event("progress", {"action": "save", "phase": "waiting"}),
+      Event("progress", {"action": "save", "phase": "end"})], Cue.IDLE, "clean"),
     ([state(), Event("pairing", {"open": True, "until": 1.0})], Cue.IDLE, "pairing"),
     ([state(pairing={"open": True, "until": 1.0})], Cue.IDLE, "pairing"),
     ([state(), Event("fault", {"part": "gadget", "reason": "UDC gone"})], Cue.IDLE, "fault"),

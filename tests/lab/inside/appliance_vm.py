@@ -43,7 +43,7 @@ class Appliance:
         self.starts = 0
 
     def write_config(self, lock: bool = True, serial: bool = True, thaw: str = "",
-                     thaw_size: str = "") -> None:
+                     thaw_size: str = "", extra: str = "") -> None:
         thaw_lines = f'thaw_file = "{thaw}"\nthaw_size = "{thaw_size}"\n' if thaw else ""
         self.config.write_text(f"""
 [store]
@@ -64,7 +64,7 @@ enabled = true
 poll_interval = 0.5
 {thaw_lines}[serial]
 enabled = {str(serial).lower()}
-""")
+{extra}""")
 
     # -- the daemon ----------------------------------------------------------------
     def start(self, timeout: float = 60.0, **config: Any) -> str:

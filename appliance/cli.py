@@ -245,24 +245,32 @@ def cmd_talk(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fobs(args: argparse.Namespace) -> int:
-    if args.op != "list" and args.id is None:
-        return fail(f"fobs {args.op} needs a fob id (see `savepoint fobs`)")
-    if args.op == "rename" and not args.name:
-        return fail("fobs rename needs a new name: savepoint fobs rename ID NAME")
-    request = {"op": args.op, "id": args.id, "name": args.name}
+def part_request(args: argparse.Namespace, command: str, request: dict[str, Any],
+                 when_off: str) -> dict[str, Any] | int:
+    """A part command's reply (printed as JSON with --json), or the exit code of its failure;
+    `when_off` replaces 'unknown command' (the part is not running)."""
     try:
         with ControlClient(control_path(args), timeout=30) as client:
-            reply = client.request("fobs", {k: v for k, v in request.items() if v is not None})
+            reply = client.request(command, {k: v for k, v in request.items() if v is not None})
     except ControlError as e:
         return fail_as(args, str(e))
     if args.json:
         print(json.dumps(reply, indent=2, default=str))
     if not reply.get("ok"):
         reason = reply.get("reason") or "refused"
-        if "unknown command" in reason:
-            reason = "BLE is off on this appliance (enable [ble] in the config)"
-        return fail(reason)
+        return fail(when_off if "unknown command" in reason else reason)
+    return reply
+
+
+def cmd_fobs(args: argparse.Namespace) -> int:
+    if args.op != "list" and args.id is None:
+        return fail(f"fobs {args.op} needs a fob id (see `savepoint fobs`)")
+    if args.op == "rename" and not args.name:
+        return fail("fobs rename needs a new name: savepoint fobs rename ID NAME")
+    reply = part_request(args, "fobs", {"op": args.op, "id": args.id, "name": args.name},
+                         "BLE is off on this appliance (enable [ble] in the config)")
+    if isinstance(reply, int):
+        return reply
     if not args.json:
         data = reply.get("data") or {}
         fobs = data.get("fobs", [data["fob"]] if "fob" in data else [])
@@ -295,18 +303,10 @@ def cmd_buttons(args: argparse.Namespace) -> int:
         return fail("buttons rename needs a new name: savepoint buttons rename ADDRESS NAME")
     request = {"op": args.op, "address": args.address, "key": args.key,
                "name": args.add_name if args.op == "add" else args.name}
-    try:
-        with ControlClient(control_path(args), timeout=30) as client:
-            reply = client.request("buttons", {k: v for k, v in request.items() if v is not None})
-    except ControlError as e:
-        return fail_as(args, str(e))
-    if args.json:
-        print(json.dumps(reply, indent=2, default=str))
-    if not reply.get("ok"):
-        reason = reply.get("reason") or "refused"
-        if "unknown command" in reason:
-            reason = "BTHome buttons are off on this appliance (enable [bthome] in the config)"
-        return fail(reason)
+    reply = part_request(args, "buttons", request, "BTHome buttons are off on this appliance "
+                         "(enable [bthome] in the config)")
+    if isinstance(reply, int):
+        return reply
     if not args.json:
         print_buttons(reply.get("data") or {})
     return 0

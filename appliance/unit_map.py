@@ -131,15 +131,7 @@ class UnitMap:
                                           (end - 1) // RECS_PER_SECTOR + 1)):
             return None
         raw = self.words[word_index(first)]
-        pattern = raw.to_bytes(4, "little")
-        unit = first
-        while unit < end:
-            n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
-            w = word_index(unit) * 4
-            if self._meta[w:w + 4 * n] != pattern * n:
-                return None
-            unit += n
-        return raw
+        return raw if self.uniform_loaded(first, end, raw) else None
 
     def uniform_loaded(self, first: int, end: int, raw: int) -> bool:
         """Whether units first..end-1 (loaded) all hold `raw`. Lock-free: no page loads."""

@@ -24,6 +24,7 @@ DROPIN = "/etc/systemd/system/savepoint.service.d/store.conf"
 WANTS = "/etc/systemd/system/multi-user.target.wants/savepoint.service"
 MODULES = "/etc/modules-load.d/savepoint.conf"
 CLI_LINK = "/usr/local/bin/savepoint"  # the CLI on the PATH
+BT_MAIN = "/etc/bluetooth/main.conf"  # BlueZ's; ours to edit only for [GATT] Channels
 DEFAULT_STORE = "/var/lib/savepoint/store.img"
 DEFAULT_SIZE = "4G"
 
@@ -180,6 +181,25 @@ def _cli_link(root: Path, notes: list[str]) -> Change | None:
     return symlink_change(root, CLI_LINK, f"{system.VENV}/bin/savepoint")
 
 
+def _enabled(config_text: str, section: str, default: bool) -> bool:
+    try:
+        return bool(tomllib.loads(config_text).get(section, {}).get("enabled", default))
+    except tomllib.TOMLDecodeError:
+        return default  # the daemon's own check reports a broken config
+
+
+def _bluetooth_changes(root: Path, config_text: str, notes: list[str]) -> list[Change | None]:
+    """EATT off in BlueZ's main.conf when the fob service runs ([ble] enabled)."""
+    if not _enabled(config_text, "ble", True):
+        return []
+    main = on(root, BT_MAIN)
+    if not main.is_file():
+        notes.append(f"{BT_MAIN} not found (BlueZ not installed yet?): left alone; fobs need "
+                     "`[GATT] Channels = 1` in it, so run the installer again once bluez is in")
+        return []
+    return [file_change(root, BT_MAIN, edits.eatt_off(main.read_text()))]
+
+
 def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change], list[str]]:
     """Every change still needed, in order; plus notes on what is skipped and why."""
     live = root == Path("/")
@@ -200,8 +220,9 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
                  .exists()):
         changes.append(system.docs_change(root))  # regenerated with every new venv
     changes.append(_cli_link(root, notes))
-    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit), private=True,
-                            show_all=True),
+    config = _config_text(root, store, args.unit)
+    changes += _bluetooth_changes(root, config, notes)
+    changes += [file_change(root, CONFIG, config, private=True, show_all=True),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),
                 symlink_change(root, WANTS, UNIT)]
@@ -252,8 +273,11 @@ def install(args: argparse.Namespace, root: Path) -> int:
     if args.first_boot:  # savepoint.service is ordered after this unit: it starts next
         firstboot.disable(root)
         return 0
-    _finish(root, model, reboot="config.txt" in " ".join(c.summary for c in changes),
-            now=args.reboot)
+    done = " ".join(c.summary for c in changes)
+    if root == Path("/") and "bluetooth" in done:  # main.conf or its drop-in changed
+        system.systemctl("daemon-reload")
+        system.systemctl("try-restart", "bluetooth.service")
+    _finish(root, model, reboot="config.txt" in done, now=args.reboot)
     return 0
 
 
@@ -299,6 +323,8 @@ def uninstall(args: argparse.Namespace, root: Path) -> int:
     kept = undo.remove_dirs(m)
     if root == Path("/"):
         system.systemctl("daemon-reload")
+        if any("bluetooth" in c.summary for c in changes):
+            system.systemctl("try-restart", "bluetooth.service")
     for d in kept:
         print(f"Kept {d}: it holds files the installer did not create.")
     for s in stores:

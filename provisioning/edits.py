@@ -1,7 +1,8 @@
 """The text edits the installer makes, as pure functions: easy to test, nothing touched here.
 
 - the firmware config.txt gets `dtoverlay=dwc2,dr_mode=peripheral` under [all];
-- /etc/group gets a `savepoint` system group (only under --root; a live system uses groupadd);
+- /etc/group gets the `savepoint` and `savepoint-admin` system groups (only under --root; a
+  live system uses groupadd);
 - /etc/savepoint/config.toml is rendered with documented defaults;
 - BlueZ's /etc/bluetooth/main.conf gets `[GATT] Channels = 1` (EATT off, see eatt_off);
 - the Pi model (from the device tree) decides which port the user must plug in.
@@ -170,8 +171,10 @@ max_connections = 8
 [control]
 # Control socket for `savepoint status|save|restore|...`; empty = /run/savepoint/control.sock.
 socket = ""
-# Members of this group may run savepoint commands without sudo.
+# Members of this group may run `savepoint status`, `history` and `watch` (read only).
 group = "savepoint"
+# Members of this group may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and manage fobs.
+admin_group = "savepoint-admin"
 
 [lock]
 # Start LOCKED: SAVE is refused until a deliberate UNLOCK (button, paired fob, local CLI).

@@ -181,6 +181,11 @@ def _cli_link(root: Path, notes: list[str]) -> Change | None:
     return symlink_change(root, CLI_LINK, f"{system.VENV}/bin/savepoint")
 
 
+_GROUPS_NOTE = ("groups: `savepoint` members may run savepoint status, history and watch; "
+                "`savepoint-admin` members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and "
+                "manage fobs (sudo usermod -aG savepoint-admin USER)")
+
+
 def _enabled(config_text: str, section: str, default: bool) -> bool:
     try:
         return bool(tomllib.loads(config_text).get(section, {}).get("enabled", default))
@@ -210,9 +215,11 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     changes = [system.packages_change() if live else None,
                file_change(root, fw_path, edits.add_dwc2(firmware.read_text())),
                file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
-               *system.group_changes(root),
+               *(groups := system.group_changes(root)),
                dir_change(root, "/etc/savepoint"),
                dir_change(root, "/var/lib/savepoint", 0o700)]
+    if any(groups):
+        notes.append(_GROUPS_NOTE)
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
     venv = system.venv_change(root, SRC) if full else None
     changes.append(venv)

@@ -167,9 +167,12 @@ def test_every_edit(root: Path) -> None:
     assert [m for m in modules if m and not m.startswith("#")] == ["libcomposite", "dwc2", "nbd"]
     group = (root / "etc/group").read_text()
     assert group.startswith(GROUP)
-    name, _, gid, members = group.splitlines()[-1].split(":")
-    assert (name, members) == ("savepoint", "") and 100 <= int(gid) < 1000
-    assert (root / "etc/gshadow").read_text() == "root:*::\nsudo:*::pi\nsavepoint:!::\n"
+    for line, want in zip(group.splitlines()[-2:], ("savepoint", "savepoint-admin"),
+                          strict=True):
+        name, _, gid, members = line.split(":")
+        assert (name, members) == (want, "") and 100 <= int(gid) < 1000
+    assert (root / "etc/gshadow").read_text() == ("root:*::\nsudo:*::pi\nsavepoint:!::\n"
+                                                  "savepoint-admin:!::\n")
     assert (root / "etc/gshadow").stat().st_mode & 0o777 == 0o640  # mode kept
     unit = root / "etc/systemd/system/savepoint.service"
     assert unit.read_text() == (REPO / "systemd/savepoint.service").read_text()
@@ -226,6 +229,32 @@ def test_main_conf_is_left_alone_without_ble(root: Path) -> None:
     assert tomllib.loads(config.read_text())["ble"]["enabled"] is False
     install(root, "--yes", "--size", "64M")
     assert (root / "etc/bluetooth/main.conf").read_text() == MAIN_CONF
+
+
+def test_the_admin_group_is_created_said_and_removed(root: Path) -> None:
+    """Only savepoint-admin may UNLOCK/SAVE/RESTORE (appliance/control_roles.py): the
+    installer makes it, says what each group may do, and --uninstall takes it away."""
+    out = install(root, "--dry-run", "--size", "64M").stdout
+    assert "+savepoint-admin:x:" in out
+    assert "`savepoint` members may run savepoint status, history and watch" in out
+    assert "`savepoint-admin` members may also UNLOCK, SAVE, RESTORE" in out
+    install(root, "--yes", "--size", "64M")
+    config = tomllib.loads((root / "etc/savepoint/config.toml").read_text())
+    assert config["control"]["admin_group"] == "savepoint-admin"
+    names = [ln.split(":")[0] for ln in (root / "etc/group").read_text().splitlines()]
+    assert names.count("savepoint-admin") == 1
+    assert "Nothing to change" in install(root, "--yes").stdout
+    install(root, "--uninstall", "--yes")
+    assert (root / "etc/group").read_text() == GROUP
+
+
+def test_an_admin_group_of_the_sites_own_is_kept_on_uninstall(root: Path) -> None:
+    (root / "etc/group").write_text(GROUP + "savepoint-admin:x:990:alice\n")
+    install(root, "--yes", "--size", "64M")
+    group = (root / "etc/group").read_text()
+    assert group.count("savepoint-admin:") == 1 and "savepoint:x:" in group
+    install(root, "--uninstall", "--yes")
+    assert (root / "etc/group").read_text() == GROUP + "savepoint-admin:x:990:alice\n"
 
 
 def test_a_savepoint_command_of_the_users_own_is_left_alone(root: Path) -> None:

@@ -25,6 +25,14 @@ WANTS = "/etc/systemd/system/multi-user.target.wants/savepoint.service"
 MODULES = "/etc/modules-load.d/savepoint.conf"
 CLI_LINK = "/usr/local/bin/savepoint"  # the CLI on the PATH
 BT_MAIN = "/etc/bluetooth/main.conf"  # BlueZ's; ours to edit only for [GATT] Channels
+BT_DROPIN = "/etc/systemd/system/bluetooth.service.d/savepoint.conf"
+BT_EXPERIMENTAL = """\
+# Written by provisioning/install.sh: bluetoothd --experimental offers advertisement monitors,
+# which BTHome buttons need for passive scanning ([bthome], docs/buttons.md).
+[Service]
+ExecStart=
+ExecStart=/usr/libexec/bluetooth/bluetoothd --experimental
+"""
 DEFAULT_STORE = "/var/lib/savepoint/store.img"
 DEFAULT_SIZE = "4G"
 
@@ -52,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask before changing")
     p.add_argument("--reboot", action="store_true", help="reboot at the end when the USB "
                    "device controller needs it (a fresh Pi does)")
+    p.add_argument("--bthome-passive", action="store_true", help="run bluetoothd "
+                   "--experimental, for passive BTHome scanning (done anyway when config.toml "
+                   "enables [bthome])")
     p.add_argument("--first-boot", action="store_true", help=argparse.SUPPRESS)  # the unit's
     args = p.parse_args(argv)
     if args.first_boot:
@@ -186,23 +197,33 @@ _GROUPS_NOTE = ("groups: `savepoint` members may run savepoint status, history a
                 "manage fobs (sudo usermod -aG savepoint-admin USER)")
 
 
-def _enabled(config_text: str, section: str, default: bool) -> bool:
+def _section(config_text: str, name: str) -> dict:
     try:
-        return bool(tomllib.loads(config_text).get(section, {}).get("enabled", default))
+        return tomllib.loads(config_text).get(name, {})
     except tomllib.TOMLDecodeError:
-        return default  # the daemon's own check reports a broken config
+        return {}  # the daemon's own check reports a broken config
 
 
-def _bluetooth_changes(root: Path, config_text: str, notes: list[str]) -> list[Change | None]:
-    """EATT off in BlueZ's main.conf when the fob service runs ([ble] enabled)."""
-    if not _enabled(config_text, "ble", True):
-        return []
+def _passive_scan(config_text: str, asked: bool) -> bool:
+    """BTHome buttons scanned passively: [bthome] on (and not scan = "active"), or the flag."""
+    bthome = _section(config_text, "bthome")
+    return asked or (bool(bthome.get("enabled", False)) and bthome.get("scan") != "active")
+
+
+def _bluetooth_changes(root: Path, config_text: str, args: argparse.Namespace,
+                       notes: list[str]) -> list[Change | None]:
+    """EATT off in BlueZ's main.conf when the fob service runs ([ble] enabled); bluetoothd
+    --experimental when BTHome buttons are scanned passively."""
+    out = ([file_change(root, BT_DROPIN, BT_EXPERIMENTAL)]
+           if _passive_scan(config_text, args.bthome_passive) else [])
+    if not _section(config_text, "ble").get("enabled", True):
+        return out
     main = on(root, BT_MAIN)
     if not main.is_file():
         notes.append(f"{BT_MAIN} not found (BlueZ not installed yet?): left alone; fobs need "
                      "`[GATT] Channels = 1` in it, so run the installer again once bluez is in")
-        return []
-    return [file_change(root, BT_MAIN, edits.eatt_off(main.read_text()))]
+        return out
+    return [file_change(root, BT_MAIN, edits.eatt_off(main.read_text())), *out]
 
 
 def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change], list[str]]:
@@ -228,7 +249,7 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
         changes.append(system.docs_change(root))  # regenerated with every new venv
     changes.append(_cli_link(root, notes))
     config = _config_text(root, store, args.unit)
-    changes += _bluetooth_changes(root, config, notes)
+    changes += _bluetooth_changes(root, config, args, notes)
     changes += [file_change(root, CONFIG, config, private=True, show_all=True),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),

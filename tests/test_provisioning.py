@@ -257,6 +257,40 @@ def test_an_admin_group_of_the_sites_own_is_kept_on_uninstall(root: Path) -> Non
     assert (root / "etc/group").read_text() == GROUP + "savepoint-admin:x:990:alice\n"
 
 
+BT_DROPIN = "etc/systemd/system/bluetooth.service.d/savepoint.conf"
+
+
+def exec_start(dropin: Path) -> list[str]:
+    return [ln for ln in dropin.read_text().splitlines() if ln.startswith("ExecStart=")]
+
+
+def test_bluetoothd_experimental_only_when_asked(root: Path) -> None:
+    """BTHome's passive scan needs `bluetoothd --experimental` (docs/buttons.md)."""
+    install(root, "--yes", "--size", "64M")
+    assert not (root / BT_DROPIN).exists()  # [bthome] is off by default
+    install(root, "--uninstall", "--yes")
+    out = install(root, "--yes", "--size", "64M", "--bthome-passive").stdout
+    assert f"+ /{BT_DROPIN} (new file)" in out
+    assert exec_start(root / BT_DROPIN) == [
+        "ExecStart=", "ExecStart=/usr/libexec/bluetooth/bluetoothd --experimental"]
+    install(root, "--uninstall", "--yes")
+    assert not (root / BT_DROPIN).parent.exists()
+
+
+@pytest.mark.parametrize("bthome, written", [
+    ("[bthome]\nenabled = true\n", True),
+    ('[bthome]\nenabled = true\nscan = "active"\n', False),
+    ("[bthome]\nenabled = false\n", False),
+])
+def test_bluetoothd_experimental_follows_the_config(root: Path, bthome: str,
+                                                    written: bool) -> None:
+    config = root / "etc/savepoint/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(edits.render_config("/var/lib/savepoint/store.img") + "\n" + bthome)
+    install(root, "--yes", "--size", "64M")
+    assert (root / BT_DROPIN).exists() == written
+
+
 def test_a_savepoint_command_of_the_users_own_is_left_alone(root: Path) -> None:
     mine = root / "usr/local/bin/savepoint"
     mine.parent.mkdir(parents=True)

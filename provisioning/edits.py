@@ -1,8 +1,10 @@
 """The text edits the installer makes, as pure functions: easy to test, nothing touched here.
 
 - the firmware config.txt gets `dtoverlay=dwc2,dr_mode=peripheral` under [all];
-- /etc/group gets a `savepoint` system group (only under --root; a live system uses groupadd);
+- /etc/group gets the `savepoint` and `savepoint-admin` system groups (only under --root; a
+  live system uses groupadd);
 - /etc/savepoint/config.toml is rendered with documented defaults;
+- BlueZ's /etc/bluetooth/main.conf gets `[GATT] Channels = 1` (EATT off, see eatt_off);
 - the Pi model (from the device tree) decides which port the user must plug in.
 """
 
@@ -60,6 +62,42 @@ def add_dwc2(text: str) -> str:
         if sections and sections[-1] != "all":
             lines.append("\n[all]\n")
         lines += [DWC2_COMMENT + "\n", DWC2_LINE + "\n"]
+    return "".join(lines)
+
+
+EATT_LINE = "Channels = 1"
+EATT_COMMENT = "# Savepoint: EATT off (BlueZ 5.66's EATT drops fob links; docs/install.md)"
+_CHANNELS = re.compile(r"^\s*#?\s*Channels\s*=")
+
+
+def eatt_off(text: str) -> str:
+    """main.conf with `Channels = 1` active under [GATT]; unchanged if already so.
+
+    BlueZ 5.66 with EATT (Channels > 1) sometimes answers the fob's Exchange MTU on the other
+    EATT channel and the fob drops the link (docs/lab.md). The first Channels line in [GATT],
+    commented or not, becomes ours; other active ones there are commented out.
+    """
+    lines = text.splitlines(keepends=True)
+    sections = _sections(lines)
+    found = [i for i, line in enumerate(lines)
+             if sections[i] == "gatt" and _CHANNELS.match(line)]
+    active = [i for i in found if not lines[i].lstrip().startswith("#")]
+    if [lines[i].strip() for i in active] == [EATT_LINE]:
+        return text
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    if found:
+        first = found[0]
+        for i in active:
+            if i != first:
+                lines[i] = "#" + lines[i]
+        lines[first] = f"{EATT_COMMENT}\n{EATT_LINE}\n"
+        return "".join(lines)
+    gatt = [i for i, s in enumerate(sections) if s == "gatt"]
+    if gatt:  # no Channels line at all: ours goes right after the header
+        lines.insert(gatt[0] + 1, f"{EATT_COMMENT}\n{EATT_LINE}\n")
+    else:
+        lines.append(f"\n[GATT]\n{EATT_COMMENT}\n{EATT_LINE}\n")
     return "".join(lines)
 
 
@@ -133,8 +171,10 @@ max_connections = 8
 [control]
 # Control socket for `savepoint status|save|restore|...`; empty = /run/savepoint/control.sock.
 socket = ""
-# Members of this group may run savepoint commands without sudo.
+# Members of this group may run `savepoint status`, `history` and `watch` (read only).
 group = "savepoint"
+# Members of this group may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and manage fobs.
+admin_group = "savepoint-admin"
 
 [lock]
 # Start LOCKED: SAVE is refused until a deliberate UNLOCK (button, paired fob, local CLI).

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Savepoint installer: sudo provisioning/install.sh [--root DIR] [--dry-run] [--uninstall]
-#   [--device PATH] [--size SIZE] [--unit UNIT] [--force] [--yes]
+#   [--device PATH] [--size SIZE] [--unit UNIT] [--force] [--yes] [--bthome-passive]
 # The work is done by provisioning/installer.py with the system Python (3.11 on Bookworm),
 # so it runs before the project's virtualenv exists. See docs/install.md.
 set -eu

@@ -24,6 +24,15 @@ DROPIN = "/etc/systemd/system/savepoint.service.d/store.conf"
 WANTS = "/etc/systemd/system/multi-user.target.wants/savepoint.service"
 MODULES = "/etc/modules-load.d/savepoint.conf"
 CLI_LINK = "/usr/local/bin/savepoint"  # the CLI on the PATH
+BT_MAIN = "/etc/bluetooth/main.conf"  # BlueZ's; ours to edit only for [GATT] Channels
+BT_DROPIN = "/etc/systemd/system/bluetooth.service.d/savepoint.conf"
+BT_EXPERIMENTAL = """\
+# Written by provisioning/install.sh: bluetoothd --experimental offers advertisement monitors,
+# which BTHome buttons need for passive scanning ([bthome], docs/buttons.md).
+[Service]
+ExecStart=
+ExecStart=/usr/libexec/bluetooth/bluetoothd --experimental
+"""
 DEFAULT_STORE = "/var/lib/savepoint/store.img"
 DEFAULT_SIZE = "4G"
 
@@ -51,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask before changing")
     p.add_argument("--reboot", action="store_true", help="reboot at the end when the USB "
                    "device controller needs it (a fresh Pi does)")
+    p.add_argument("--bthome-passive", action="store_true", help="run bluetoothd "
+                   "--experimental, for passive BTHome scanning (done anyway when config.toml "
+                   "enables [bthome])")
     p.add_argument("--first-boot", action="store_true", help=argparse.SUPPRESS)  # the unit's
     args = p.parse_args(argv)
     if args.first_boot:
@@ -180,6 +192,40 @@ def _cli_link(root: Path, notes: list[str]) -> Change | None:
     return symlink_change(root, CLI_LINK, f"{system.VENV}/bin/savepoint")
 
 
+_GROUPS_NOTE = ("groups: `savepoint` members may run savepoint status, history and watch; "
+                "`savepoint-admin` members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and "
+                "manage fobs (sudo usermod -aG savepoint-admin USER)")
+
+
+def _section(config_text: str, name: str) -> dict:
+    try:
+        return tomllib.loads(config_text).get(name, {})
+    except tomllib.TOMLDecodeError:
+        return {}  # the daemon's own check reports a broken config
+
+
+def _passive_scan(config_text: str, asked: bool) -> bool:
+    """BTHome buttons scanned passively: [bthome] on (and not scan = "active"), or the flag."""
+    bthome = _section(config_text, "bthome")
+    return asked or (bool(bthome.get("enabled", False)) and bthome.get("scan") != "active")
+
+
+def _bluetooth_changes(root: Path, config_text: str, args: argparse.Namespace,
+                       notes: list[str]) -> list[Change | None]:
+    """EATT off in BlueZ's main.conf when the fob service runs ([ble] enabled); bluetoothd
+    --experimental when BTHome buttons are scanned passively."""
+    out = ([file_change(root, BT_DROPIN, BT_EXPERIMENTAL)]
+           if _passive_scan(config_text, args.bthome_passive) else [])
+    if not _section(config_text, "ble").get("enabled", True):
+        return out
+    main = on(root, BT_MAIN)
+    if not main.is_file():
+        notes.append(f"{BT_MAIN} not found (BlueZ not installed yet?): left alone; fobs need "
+                     "`[GATT] Channels = 1` in it, so run the installer again once bluez is in")
+        return out
+    return [file_change(root, BT_MAIN, edits.eatt_off(main.read_text())), *out]
+
+
 def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change], list[str]]:
     """Every change still needed, in order; plus notes on what is skipped and why."""
     live = root == Path("/")
@@ -190,9 +236,11 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     changes = [system.packages_change() if live else None,
                file_change(root, fw_path, edits.add_dwc2(firmware.read_text())),
                file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
-               *system.group_changes(root),
+               *(groups := system.group_changes(root)),
                dir_change(root, "/etc/savepoint"),
                dir_change(root, "/var/lib/savepoint", 0o700)]
+    if any(groups):
+        notes.append(_GROUPS_NOTE)
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
     venv = system.venv_change(root, SRC) if full else None
     changes.append(venv)
@@ -200,8 +248,9 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
                  .exists()):
         changes.append(system.docs_change(root))  # regenerated with every new venv
     changes.append(_cli_link(root, notes))
-    changes += [file_change(root, CONFIG, _config_text(root, store, args.unit), private=True,
-                            show_all=True),
+    config = _config_text(root, store, args.unit)
+    changes += _bluetooth_changes(root, config, args, notes)
+    changes += [file_change(root, CONFIG, config, private=True, show_all=True),
                 file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
                 file_change(root, DROPIN, _dropin_text(store)),
                 symlink_change(root, WANTS, UNIT)]
@@ -252,8 +301,11 @@ def install(args: argparse.Namespace, root: Path) -> int:
     if args.first_boot:  # savepoint.service is ordered after this unit: it starts next
         firstboot.disable(root)
         return 0
-    _finish(root, model, reboot="config.txt" in " ".join(c.summary for c in changes),
-            now=args.reboot)
+    done = " ".join(c.summary for c in changes)
+    if root == Path("/") and "bluetooth" in done:  # main.conf or its drop-in changed
+        system.systemctl("daemon-reload")
+        system.systemctl("try-restart", "bluetooth.service")
+    _finish(root, model, reboot="config.txt" in done, now=args.reboot)
     return 0
 
 
@@ -299,6 +351,8 @@ def uninstall(args: argparse.Namespace, root: Path) -> int:
     kept = undo.remove_dirs(m)
     if root == Path("/"):
         system.systemctl("daemon-reload")
+        if any("bluetooth" in c.summary for c in changes):
+            system.systemctl("try-restart", "bluetooth.service")
     for d in kept:
         print(f"Kept {d}: it holds files the installer did not create.")
     for s in stores:

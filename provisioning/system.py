@@ -21,6 +21,9 @@ VENV = f"{VENV_HOME}/venv"
 STAMP = f"{VENV_HOME}/installed-source"
 SAVEPOINT = f"{VENV}/bin/savepoint"
 GROUP = "savepoint"
+ADMIN_GROUP = "savepoint-admin"  # [control] admin_group's default (appliance/control_roles.py)
+GROUPS = {GROUP: "members may run savepoint status, history and watch",
+          ADMIN_GROUP: "members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and manage fobs"}
 _SOURCES = ("pyproject.toml", "appliance", "ble", "gpio", "mqtt", "provisioning")
 
 
@@ -56,22 +59,32 @@ def group_changes(root: Path) -> list[Change | None]:
     if root != Path("/"):
         group = on(root, "/etc/group")
         text = group.read_text() if group.exists() else ""
-        changes = [file_change(root, "/etc/group", edits.add_group(text, GROUP))]
+        for name in GROUPS:
+            text = edits.add_group(text, name)
+        changes = [file_change(root, "/etc/group", text)]
         gshadow = on(root, "/etc/gshadow")
-        if gshadow.exists() and not re.search(rf"(?m)^{GROUP}:", gshadow.read_text()):
-            text = gshadow.read_text()
-            sep = "" if not text or text.endswith("\n") else "\n"
-            changes.append(file_change(root, "/etc/gshadow", f"{text}{sep}{GROUP}:!::\n"))
+        if gshadow.exists():
+            text = old = gshadow.read_text()
+            for name in GROUPS:
+                if not re.search(rf"(?m)^{name}:", text):
+                    sep = "" if not text or text.endswith("\n") else "\n"
+                    text = f"{text}{sep}{name}:!::\n"
+            if text != old:
+                changes.append(file_change(root, "/etc/gshadow", text))
         return changes
-    if subprocess.run(["getent", "group", GROUP], capture_output=True,
+    return [_groupadd(name, why) for name, why in GROUPS.items()]
+
+
+def _groupadd(name: str, why: str) -> Change | None:
+    if subprocess.run(["getent", "group", name], capture_output=True,
                       check=False).returncode == 0:
-        return [None]
+        return None
 
     def apply(manifest: Manifest) -> None:
-        run(["groupadd", "--system", GROUP])
-        manifest.add({"type": "group", "name": GROUP})
+        run(["groupadd", "--system", name])
+        manifest.add({"type": "group", "name": name})
 
-    return [Change(f"+ group {GROUP} (system group: members may use the savepoint CLI)", apply)]
+    return Change(f"+ group {name} (system group: {why})", apply)
 
 
 def source_hash(src: Path) -> str:

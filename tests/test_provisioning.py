@@ -73,6 +73,23 @@ dtoverlay=dwc2,dr_mode=host
 """
 CMDLINE = ("console=serial0,115200 console=tty1 root=PARTUUID=4e639091-02 rootfstype=ext4 "
            "fsck.repair=yes rootwait quiet init=/usr/lib/raspberrypi-sys-mods/firstboot\n")
+# The [GATT] part of Bookworm's bluez 5.66 /etc/bluetooth/main.conf, between other sections.
+MAIN_CONF = """\
+[General]
+#Name = BlueZ
+
+[GATT]
+# GATT attribute cache.
+#Cache = always
+
+# Number of ATT channels
+# Possible values: 1-5 (1 disables EATT)
+# Default to 3
+#Channels = 3
+
+[AVDTP]
+#SessionMode = basic
+"""
 GROUP = "root:x:0:\nsudo:x:27:pi\ngpio:x:997:pi\nbluetooth:x:112:\npi:x:1000:\n"
 
 
@@ -95,6 +112,8 @@ def make_root(tmp: Path, model: str = "Raspberry Pi Zero 2 W Rev 1.0", firmware:
     (root / "etc/gshadow").chmod(0o640)
     (root / "etc/modules-load.d/modules.conf").write_text("# /etc/modules\ni2c-dev\n")
     (root / "etc/hostname").write_text("raspberrypi\n")
+    (root / "etc/bluetooth").mkdir()
+    (root / "etc/bluetooth/main.conf").write_text(MAIN_CONF)
     (root / "proc/device-tree/model").write_bytes(model.encode() + b"\0")
     return root
 
@@ -148,9 +167,12 @@ def test_every_edit(root: Path) -> None:
     assert [m for m in modules if m and not m.startswith("#")] == ["libcomposite", "dwc2", "nbd"]
     group = (root / "etc/group").read_text()
     assert group.startswith(GROUP)
-    name, _, gid, members = group.splitlines()[-1].split(":")
-    assert (name, members) == ("savepoint", "") and 100 <= int(gid) < 1000
-    assert (root / "etc/gshadow").read_text() == "root:*::\nsudo:*::pi\nsavepoint:!::\n"
+    for line, want in zip(group.splitlines()[-2:], ("savepoint", "savepoint-admin"),
+                          strict=True):
+        name, _, gid, members = line.split(":")
+        assert (name, members) == (want, "") and 100 <= int(gid) < 1000
+    assert (root / "etc/gshadow").read_text() == ("root:*::\nsudo:*::pi\nsavepoint:!::\n"
+                                                  "savepoint-admin:!::\n")
     assert (root / "etc/gshadow").stat().st_mode & 0o777 == 0o640  # mode kept
     unit = root / "etc/systemd/system/savepoint.service"
     assert unit.read_text() == (REPO / "systemd/savepoint.service").read_text()
@@ -164,6 +186,109 @@ def test_every_edit(root: Path) -> None:
     manifest = root / "var/lib/savepoint/install-manifest/manifest.json"
     assert manifest.exists() and "--uninstall" in out
     assert "micro-USB port marked USB" in out and "PWR IN" in out  # which socket to plug
+
+
+def gatt_channels(root: Path) -> list[str]:
+    """The active Channels lines of [GATT], as bluetoothd reads them."""
+    text = (root / "etc/bluetooth/main.conf").read_text()
+    gatt = text.split("[GATT]\n", 1)[1].split("\n[", 1)[0]
+    return [ln for ln in gatt.splitlines() if ln.startswith("Channels")]
+
+
+def test_bluez_runs_without_eatt_and_uninstall_gives_main_conf_back(root: Path) -> None:
+    out = install(root, "--dry-run", "--size", "64M").stdout
+    assert "~ /etc/bluetooth/main.conf" in out and "+Channels = 1" in out
+    install(root, "--yes", "--size", "64M")
+    assert gatt_channels(root) == ["Channels = 1"]
+    text = (root / "etc/bluetooth/main.conf").read_text()
+    assert "[General]\n#Name = BlueZ\n" in text and "[AVDTP]\n#SessionMode = basic\n" in text
+    assert "Nothing to change" in install(root, "--yes").stdout
+    install(root, "--uninstall", "--yes")
+    assert (root / "etc/bluetooth/main.conf").read_text() == MAIN_CONF
+
+
+@pytest.mark.parametrize("conf, channels", [
+    ("[GATT]\nChannels = 3\n", ["Channels = 1"]),
+    ("[General]\nName = pi", ["Channels = 1"]),  # no [GATT] at all, no final newline
+    ("[GATT]\nChannels = 2\n[LE]\nChannels = 9\n", ["Channels = 1"]),  # [LE]'s is not ours
+])
+def test_eatt_edit_rules(conf: str, channels: list[str]) -> None:
+    new = edits.eatt_off(conf)
+    gatt = new.split("[GATT]\n", 1)[1].split("\n[", 1)[0]
+    assert [ln for ln in gatt.splitlines() if ln.startswith("Channels")] == channels
+    assert edits.eatt_off(new) == new
+    assert "Channels = 9" in new or "Channels = 9" not in conf
+
+
+def test_main_conf_is_left_alone_without_ble(root: Path) -> None:
+    config = root / "etc/savepoint/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(edits.render_config("/var/lib/savepoint/store.img").replace(
+        "[ble]\n# The Bluetooth LE service for paired fobs.\nenabled = true",
+        "[ble]\nenabled = false"))
+    assert tomllib.loads(config.read_text())["ble"]["enabled"] is False
+    install(root, "--yes", "--size", "64M")
+    assert (root / "etc/bluetooth/main.conf").read_text() == MAIN_CONF
+
+
+def test_the_admin_group_is_created_said_and_removed(root: Path) -> None:
+    """Only savepoint-admin may UNLOCK/SAVE/RESTORE (appliance/control_roles.py): the
+    installer makes it, says what each group may do, and --uninstall takes it away."""
+    out = install(root, "--dry-run", "--size", "64M").stdout
+    assert "+savepoint-admin:x:" in out
+    assert "`savepoint` members may run savepoint status, history and watch" in out
+    assert "`savepoint-admin` members may also UNLOCK, SAVE, RESTORE" in out
+    install(root, "--yes", "--size", "64M")
+    config = tomllib.loads((root / "etc/savepoint/config.toml").read_text())
+    assert config["control"]["admin_group"] == "savepoint-admin"
+    names = [ln.split(":")[0] for ln in (root / "etc/group").read_text().splitlines()]
+    assert names.count("savepoint-admin") == 1
+    assert "Nothing to change" in install(root, "--yes").stdout
+    install(root, "--uninstall", "--yes")
+    assert (root / "etc/group").read_text() == GROUP
+
+
+def test_an_admin_group_of_the_sites_own_is_kept_on_uninstall(root: Path) -> None:
+    (root / "etc/group").write_text(GROUP + "savepoint-admin:x:990:alice\n")
+    install(root, "--yes", "--size", "64M")
+    group = (root / "etc/group").read_text()
+    assert group.count("savepoint-admin:") == 1 and "savepoint:x:" in group
+    install(root, "--uninstall", "--yes")
+    assert (root / "etc/group").read_text() == GROUP + "savepoint-admin:x:990:alice\n"
+
+
+BT_DROPIN = "etc/systemd/system/bluetooth.service.d/savepoint.conf"
+
+
+def exec_start(dropin: Path) -> list[str]:
+    return [ln for ln in dropin.read_text().splitlines() if ln.startswith("ExecStart=")]
+
+
+def test_bluetoothd_experimental_only_when_asked(root: Path) -> None:
+    """BTHome's passive scan needs `bluetoothd --experimental` (docs/buttons.md)."""
+    install(root, "--yes", "--size", "64M")
+    assert not (root / BT_DROPIN).exists()  # [bthome] is off by default
+    install(root, "--uninstall", "--yes")
+    out = install(root, "--yes", "--size", "64M", "--bthome-passive").stdout
+    assert f"+ /{BT_DROPIN} (new file)" in out
+    assert exec_start(root / BT_DROPIN) == [
+        "ExecStart=", "ExecStart=/usr/libexec/bluetooth/bluetoothd --experimental"]
+    install(root, "--uninstall", "--yes")
+    assert not (root / BT_DROPIN).parent.exists()
+
+
+@pytest.mark.parametrize("bthome, written", [
+    ("[bthome]\nenabled = true\n", True),
+    ('[bthome]\nenabled = true\nscan = "active"\n', False),
+    ("[bthome]\nenabled = false\n", False),
+])
+def test_bluetoothd_experimental_follows_the_config(root: Path, bthome: str,
+                                                    written: bool) -> None:
+    config = root / "etc/savepoint/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(edits.render_config("/var/lib/savepoint/store.img") + "\n" + bthome)
+    install(root, "--yes", "--size", "64M")
+    assert (root / BT_DROPIN).exists() == written
 
 
 def test_a_savepoint_command_of_the_users_own_is_left_alone(root: Path) -> None:

@@ -190,9 +190,9 @@ class Status:
 
     @classmethod
     def decode(cls, data: bytes) -> Status:
-        if len(data) != _STATUS.size:
-            raise FrameError(Result.BAD_FRAME, f"status is {len(data)} bytes, expected 20")
-        _v, flags, epoch, units, nbytes, cmd, result, fob = _STATUS.unpack(data)
+        if len(data) not in (_STATUS.size, _STATUS.size + STATUS_TAG_LEN):  # tag: verify_status
+            raise FrameError(Result.BAD_FRAME, f"status is {len(data)} bytes, expected 20 or 32")
+        _v, flags, epoch, units, nbytes, cmd, result, fob = _STATUS.unpack_from(data)
         return cls(
             unlocked=bool(flags & FLAG_UNLOCKED),
             host_connected=bool(flags & FLAG_HOST),

@@ -99,6 +99,7 @@ class BlePart:
             challenge_ttl=float(self.cfg["challenge_ttl"]),
         )
         self.proto.forget_bond = self._forget_bond
+        self.proto.on_window_closed = self._window_closed_by_protocol
         self.dbus = await self._connect()
         try:
             await self._bring_up(str(self.cfg["name"]))
@@ -279,6 +280,10 @@ class BlePart:
             self._close_timer.cancel()
             self._close_timer = None
         self.proto.set_pairing(is_open)
+        if is_open and self.agent is not None:
+            self._window_start = len(self.agent.decisions)
+        if not is_open:
+            self._spawn(self._drop_unfinished_bonds())
         if is_open:
             limit = float(self.cfg["pairing_window"])
             until = float(data.get("until") or 0) or time.time() + limit
@@ -291,6 +296,33 @@ class BlePart:
         if self.proto:
             self.proto.set_pairing(False)
         self._spawn(self._set_adapter("Pairable", False))
+        self._spawn(self._drop_unfinished_bonds())
+
+    def _window_closed_by_protocol(self, why: str) -> None:
+        """One gesture, one fob: a pairing (or too many wrong codes) ends the window now."""
+        log.info("pairing window closed: %s", why)
+        if self._close_timer:
+            self._close_timer.cancel()
+            self._close_timer = None
+        close = getattr(self.bus, "close_pairing", None)
+        if close is not None:  # the bus tells the LED, the CLI and the other parts
+            close(why)
+        self._close_window()
+
+    async def _drop_unfinished_bonds(self) -> None:
+        """Bonds BlueZ made during the window for devices that never finished app pairing."""
+        if self.agent is None or self.proto is None:
+            return
+        decisions = list(self.agent.decisions)[getattr(self, "_window_start", 0):]
+        self._window_start = len(self.agent.decisions)
+        paired = {r.device for r in self.proto.registry.fobs.values() if not r.revoked}
+        for device in {d for d, allowed in decisions if allowed} - paired:
+            try:
+                await asyncio.wait_for(
+                    self._bluez(self.adapter_path, "Adapter1", "RemoveDevice", "o", [device]), 5)
+                log.info("removed the unfinished bond of %s", device)
+            except (TimeoutError, DBusError) as e:
+                log.warning("could not remove the unfinished bond of %s: %s", device, e)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -139,6 +139,7 @@ class FobProtocol:
                 frame, session = self._verify(data, peer)
             except FrameError as e:
                 log.warning("fob frame refused: %s", e)
+                self._sessions.pop(peer, None)  # its Status read shows this refusal, unMACed
                 return self._finish(cmd, e.result, fob_id)
             self._remember(frame, None)  # accepted: RUNNING until the bus answers
             self._sessions[peer] = session

@@ -22,8 +22,8 @@ class DirectLink:
     async def read(self, uuid: str) -> bytes:
         from ble import frames
 
-        return {frames.CHALLENGE_UUID: self.proto.read_challenge,
-                frames.STATUS_UUID: self.proto.status_value,
+        return {frames.CHALLENGE_UUID: lambda: self.proto.read_challenge("fob"),
+                frames.STATUS_UUID: lambda: self.proto.status_read("fob"),
                 frames.PAIR_UUID: lambda: self.proto.pair_read("fob")}[uuid]()  # fmt: skip
 
     async def write(self, uuid: str, data: bytes) -> None:
@@ -31,7 +31,7 @@ class DirectLink:
 
         if uuid == frames.PAIR_UUID:
             self.proto.pair_write("fob", data)
-        elif await self.proto.handle_command(data) != Result.OK:
+        elif await self.proto.handle_command(data, "fob") != Result.OK:
             raise RuntimeError("ATT error")
 
 

@@ -259,7 +259,7 @@ def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
             "kept: BlueZ is not reachable; "
             "remove it later with `bluetoothctl remove F0:F0:F0:F0:F0:01`")
         assert part.proto.registry.get(first.fob_id).revoked
-        assert fake.removed == []
+        assert fake.removed == [], fake.removed
 
     run(with_part(private_bus, tmp_path, body))
 
@@ -330,5 +330,22 @@ def test_outcome_over_dbus(private_bus, tmp_path):
         with pytest.raises(AttError):
             await fake.write(frames.OUTCOME_UUID, b"\x01\x00")
         assert len(sink.commands) == 1
+
+    run(with_part(private_bus, tmp_path, body))
+
+
+def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
+    """A device that bonds during the window but never finishes pairing loses its bond when
+    the window closes; the window closes at the first pairing, so a second one is refused."""
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        await reopen(sink)
+        assert await fake.pair(OTHER)  # the attacker bonds, then only reads Status
+        assert await fake.pair()
+        await pair_over_gatt(fake)
+        assert await eventually(lambda: fake.removed == [OTHER])
+        assert fake.adapter["Pairable"] is False and not part.proto.pairing_open
+        with pytest.raises(AttError):
+            await pair_over_gatt(fake, OTHER)
+        assert [f["fob_id"] for f in part.proto.registry.list()] == [1]
 
     run(with_part(private_bus, tmp_path, body))

@@ -68,6 +68,13 @@ class KeyStore:
         doc = {"appliances": [asdict(c) for c in [creds, *others]]}
         atomic_write(self.path, json.dumps(doc, indent=1).encode(), mode=0o600)
 
+    def restore(self, content: bytes | None) -> None:
+        """Put back the file as it was before a pairing that did not finish."""
+        if content is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            atomic_write(self.path, content, mode=0o600)
+
     def pick(self, address: str = "") -> FobCredentials:
         entries = self.load()
         for creds in entries:
@@ -221,7 +228,12 @@ async def run_action(args: argparse.Namespace, store: KeyStore) -> str:
     if action == "pair":
         connect = bleak_connect(args.adapter, args.address, bond=True)
         run = PairRun(connect, args.setup_code, store.save, retry)
-        creds = await run.run()
+        before = store.path.read_bytes() if store.path.exists() else None
+        try:
+            creds = await run.run()
+        except BaseException:  # a refused pairing must not replace a good key
+            store.restore(before)
+            raise
         return f"paired as fob {creds.fob_id}; key saved in {store.path}"
     creds = store.pick(args.address)
     connect = bleak_connect(args.adapter, args.address or creds.address)

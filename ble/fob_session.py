@@ -262,7 +262,11 @@ async def pair_once(link: GattLink, setup_code: str = "",
         raise FobError(str(e)) from e
     if save is not None:
         save(creds)
-    await link.write(frames.PAIR_UUID, confirm)
+    try:
+        await link.write(frames.PAIR_UUID, confirm)
+    except Refused:
+        raise FobError("the appliance refused the key confirmation: wrong setup code? "
+                       "After 3 wrong codes the window closes; press PAIR again") from None
     try:  # the appliance confirms only now, after we proved the code
         fob.check_appliance(await link.read(frames.PAIR_UUID))
     except ValueError as e:

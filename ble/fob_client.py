@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -185,7 +186,10 @@ async def _find(address: str, adapter: str, timeout: float) -> object:
 
 
 def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[float], Any]:
-    """A Connect for fob_session: find, connect, discover services (and bond, for pair)."""
+    """A Connect for fob_session: find, connect, discover services (and bond, for pair).
+    For pair, the first link first drops any old local bond with the appliance: the appliance
+    removes bonds of pairings that did not finish, and a stale key would fail encryption."""
+    stale = [bond]
 
     async def connect(timeout: float) -> BleakLink:
         from bleak import BleakClient
@@ -193,6 +197,11 @@ def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[f
 
         device = await _find(address, adapter, timeout)
         kwargs = {"bluez": {"adapter": adapter}} if adapter else {}
+        if stale[0]:
+            stale[0] = False
+            with contextlib.suppress(Exception):  # not bonded, or not BlueZ: nothing to drop
+                await BleakClient(device, **kwargs).unpair()
+                device = await _find(getattr(device, "address", address), adapter, timeout)
         client = BleakClient(device, timeout=timeout, **kwargs)
         try:
             await client.connect()

@@ -22,7 +22,7 @@ COMMAND_UUID = "5a7e0002-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 STATUS_UUID = "5a7e0003-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 CHALLENGE_UUID = "5a7e0004-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 PAIR_UUID = "5a7e0005-8d1f-4c3a-9b6e-2f0c5e7d1a01"
-OUTCOME_UUID = "5a7e0006-8d1f-4c3a-9b6e-2f0c5e7d1a01"  # added in version 1.1: see below
+OUTCOME_UUID = "5a7e0006-8d1f-4c3a-9b6e-2f0c5e7d1a01"  # what became of a frame: see below
 
 APPLIANCE_ID_LEN = 16
 NONCE_LEN = 16

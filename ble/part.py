@@ -37,9 +37,12 @@ CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
     "adapter": (str, "hci0", "Bluetooth adapter that serves the fob service"),
     "name": (str, "Savepnt", f"advertised name, at most {MAX_NAME} characters (legacy advert)"),
     "registry": (str, "/var/lib/savepoint/fobs.json", "paired fobs and their keys (mode 0600)"),
-    "setup_code": (str, "", "optional code from the label that a fob must give to pair"),
+    "setup_code": (str, "", "code from the label that a fob must give to pair (SPAKE2: 3 wrong "
+                   "codes close the window); empty: Just Works, the PAIR gesture is the only "
+                   "gate (docs/fob-protocol.md)"),
     "pairing_window": ((int, float), 60, "seconds the pairing window stays open at most"),
-    "challenge_ttl": ((int, float), 10, "seconds a RESTORE/UNLOCK challenge nonce stays valid"),
+    "challenge_ttl": ((int, float), 10,
+                      "seconds a challenge nonce stays valid (every fob command needs one)"),
     "bus_address": (str, "", "D-Bus address to use instead of the system bus (tests)"),
     "itags": (list, [], 'iTag keyfinders as extra triggers: [{address = "AA:BB:CC:DD:EE:FF", '
               'action = "save" or "status"}]; they can never RESTORE or UNLOCK'),

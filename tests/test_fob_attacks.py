@@ -196,3 +196,26 @@ def test_constant_time_compares_only(world):
         source = inspect.getsource(module)
         for needle in ("tag !=", "tag ==", "confirm !=", "confirm ==", "!= confirm", "== confirm"):
             assert needle not in source, f"{module.__name__} compares secrets with {needle!r}"
+
+
+def test_protocol_1_fobs_are_told_to_pair_again(world, tmp_path):
+    """A registry entry written by protocol 1 (no `protocol` field) and v1 messages: OLD_PROTOCOL."""
+    import json
+
+    proto, _ = world
+    proto.set_pairing(True)
+    creds = pair_directly(proto, "owner", CODE)
+    doc = json.loads(proto.registry.path.read_text())
+    del doc["fobs"]["1"]["protocol"]  # what a protocol 1 appliance wrote
+    proto.registry.path.write_text(json.dumps(doc))
+    old = FobProtocol(FobRegistry(proto.registry.path), RecordingSink(), setup_code=CODE)
+    assert old.registry.list()[0]["protocol"] == 1
+    frame = frame_for(creds, Cmd.SAVE, old.read_challenge("owner"))
+    assert run(old.handle_command(frame, "owner")) == Result.OLD_PROTOCOL
+    v1_frame = bytes([1]) + frame[1:]
+    assert run(old.handle_command(v1_frame, "owner")) == Result.OLD_PROTOCOL
+    old.set_pairing(True)
+    with pytest.raises(frames.FrameError) as e:
+        old.pair_write("owner", bytes([1, 0x10]) + bytes(16))
+    assert e.value.result == Result.OLD_PROTOCOL
+    assert old.bus.commands == []

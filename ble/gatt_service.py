@@ -223,13 +223,15 @@ class Advertisement(ServiceInterface):
 class PairingAgent(ServiceInterface):
     """Default agent: accepts Just Works pairing only while the pairing window is open."""
 
-    def __init__(self, is_open: Callable[[], bool]) -> None:
+    def __init__(self, is_open: Callable[[], bool],
+                 admit: Callable[[str], bool] = lambda _device: True) -> None:
         super().__init__("org.bluez.Agent1")
         self.is_open = is_open
+        self.admit = admit  # False: this window has bonded enough devices already
         self.decisions: deque[tuple[str, bool]] = deque(maxlen=256)  # bounded: radio input
 
     def _gate(self, device: str) -> None:
-        allowed = self.is_open()
+        allowed = self.is_open() and self.admit(device)
         self.decisions.append((device, allowed))
         if not allowed:
             log.warning("refused pairing from %s: pairing window closed", device)

@@ -62,6 +62,9 @@ def validate_config(cfg: dict[str, Any]) -> list[ITag]:
     except ValueError as e:
         raise ValueError(str(e).removeprefix("[ble] ")) from None
 
+MAX_WINDOW_BONDS = 8  # devices one pairing window may bond (one of them becomes the fob)
+
+
 class BlePart:
     name = "ble"
 
@@ -78,6 +81,7 @@ class BlePart:
         self._queue: asyncio.Queue[Event] | None = None
         self._unwatch = lambda: None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._window_devices: set[str] = set()  # bonded by the agent in this window
         self.itag_links: LinkFactory = bleak_links(str(self.cfg["adapter"]))
         self.itags: list[ITagWatcher] = []
 
@@ -103,6 +107,7 @@ class BlePart:
         )
         self.proto.forget_bond = self._forget_bond
         self.proto.on_window_closed = self._window_closed_by_protocol
+        self.proto.on_pair_failed = lambda peer: self._spawn(self._drop_bonds({peer}))
         self.dbus = await self._connect()
         try:
             await self._bring_up(str(self.cfg["name"]))
@@ -135,7 +140,8 @@ class BlePart:
         self.app = Application(self.proto)
         self.app.export_to(self.dbus)
         self.dbus.export(ADV_PATH, Advertisement(name))
-        self.agent = PairingAgent(lambda: bool(self.proto and self.proto.pairing_open))
+        self.agent = PairingAgent(lambda: bool(self.proto and self.proto.pairing_open),
+                                  self._admit_bond)
         self.dbus.export(AGENT_PATH, self.agent)
         self.proto.on_status = self.app.status.notify
         self._unwatch = await dbus_api.watch_name_owner(self.dbus, BLUEZ, self._owner_changed)
@@ -283,8 +289,8 @@ class BlePart:
             self._close_timer.cancel()
             self._close_timer = None
         self.proto.set_pairing(is_open)
-        if is_open and self.agent is not None:
-            self._window_start = len(self.agent.decisions)
+        if is_open:
+            self._window_devices.clear()
         if not is_open:
             self._spawn(self._drop_unfinished_bonds())
         if is_open:
@@ -312,14 +318,33 @@ class BlePart:
             close(why)
         self._close_window()
 
+    def _admit_bond(self, device: str) -> bool:
+        """The agent bonds at most MAX_WINDOW_BONDS devices per window: each is remembered,
+        so its bond can be removed at close if it did not finish pairing."""
+        if not device.startswith(self.adapter_path + "/"):
+            return True  # another adapter's pairing (the default agent answers for all)
+        if device not in self._window_devices and len(self._window_devices) >= MAX_WINDOW_BONDS:
+            log.warning("refused bonding %s: %d devices bonded in this window already",
+                        device, MAX_WINDOW_BONDS)
+            return False
+        self._window_devices.add(device)
+        return True
+
     async def _drop_unfinished_bonds(self) -> None:
         """Bonds BlueZ made during the window for devices that never finished app pairing."""
         if self.agent is None or self.proto is None:
             return
-        decisions = list(self.agent.decisions)[getattr(self, "_window_start", 0):]
-        self._window_start = len(self.agent.decisions)
+        bonded, self._window_devices = self._window_devices, set()
+        await self._drop_bonds(bonded)
+
+    async def _drop_bonds(self, devices: set[str]) -> None:
+        """RemoveDevice for bonds of devices that are not a live fob (a wrong setup code
+        drops the bond at once, so the next attempt starts clean on both sides)."""
+        assert self.proto is not None
         paired = {r.device for r in self.proto.registry.fobs.values() if not r.revoked}
-        for device in {d for d, allowed in decisions if allowed} - paired:
+        for device in devices - paired:
+            if not device.startswith(self.adapter_path + "/"):
+                continue
             try:
                 await asyncio.wait_for(
                     self._bluez(self.adapter_path, "Adapter1", "RemoveDevice", "o", [device]), 5)

@@ -95,6 +95,7 @@ class FobProtocol:
         self.forget_bond: Callable[[FobRecord], Awaitable[str]] | None = None
         # set by BlePart: the protocol closed the window (a fob paired, or too many failures)
         self.on_window_closed: Callable[[str], None] = lambda _why: None
+        self.on_pair_failed: Callable[[str], None] = lambda _peer: None  # BlePart: drop its bond
         self._live: OrderedDict[str, dict[bytes, float]] = OrderedDict()  # peer -> nonce -> exp
         self._spent: deque[bytes] = deque(maxlen=64)  # used or expired: "stale", not "bad MAC"
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -292,6 +293,7 @@ class FobProtocol:
             log.warning("pairing from %s failed: wrong setup code (%d attempt(s) left)",
                         peer or "a peer", max(left, 0))  # fmt: skip
             self._finish(0, Result.PAIRING_FAILED, fob_id)
+            self.on_pair_failed(peer)
             if left <= 0:
                 self._close_window(f"{MAX_PAIR_FAILURES} wrong setup codes")
             raise FrameError(Result.PAIRING_FAILED, "fob key confirmation failed (setup code?)")

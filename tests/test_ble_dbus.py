@@ -44,8 +44,8 @@ async def with_part(
         await fake.stop()
 
 
-async def pair_over_gatt(fake: FakeBluez, device: str = DEVICE) -> FobCredentials:
-    fob = FobPairing()
+async def pair_over_gatt(fake: FakeBluez, device: str = DEVICE, code: str = "") -> FobCredentials:
+    fob = FobPairing(code)
     for write in fob.pub_writes():
         await fake.write(frames.PAIR_UUID, write, device)
     creds, confirm = fob.finish(await fake.read(frames.PAIR_UUID, device))
@@ -349,3 +349,19 @@ def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
         assert [f["fob_id"] for f in part.proto.registry.list()] == [1]
 
     run(with_part(private_bus, tmp_path, body))
+
+
+def test_a_wrong_setup_code_loses_its_bond_at_once(private_bus, tmp_path):
+    """So the next attempt starts clean on both sides; the third closes the window."""
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        await reopen(sink)
+        for attempt in range(3):
+            assert await fake.pair(OTHER)
+            with pytest.raises(AttError):
+                await pair_over_gatt(fake, OTHER, code="0000")
+            assert await eventually(lambda n=attempt: fake.removed == [OTHER] * (n + 1))
+        assert not part.proto.pairing_open
+        assert await eventually(lambda: fake.adapter["Pairable"] is False)
+        assert part.proto.registry.list() == []
+
+    run(with_part(private_bus, tmp_path, body, setup_code="4829"))

@@ -199,7 +199,7 @@ def test_constant_time_compares_only(world):
 
 
 def test_protocol_1_fobs_are_told_to_pair_again(world, tmp_path):
-    """A registry entry written by protocol 1 (no `protocol` field) and v1 messages: OLD_PROTOCOL."""
+    """Entries written by protocol 1 (no `protocol` field) and v1 messages: OLD_PROTOCOL."""
     import json
 
     proto, _ = world

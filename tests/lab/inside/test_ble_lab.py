@@ -117,6 +117,7 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
         cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\nsetup_code = "{SETUP_CODE}"\n'
+                  "pairing_window = 600\n"  # TCG: four pairings take more than 60 s
                   f'registry = "{tmp_path / "fobs.json"}"\n')
     dev = appliance.start()
     wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,

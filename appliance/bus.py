@@ -61,6 +61,7 @@ class CommandBus:
         self.relock_after = relock_after
         self.single_use = single_use  # a SAVE re-locks: each SAVE needs its own gesture
         self.pairing_window = pairing_window
+        self.pairing_closed_by: str | None = None  # why the last window ended early
         self.clock = clock
         self.wall = wall
         self.hooks: StoreHooks | None = None  # the gadget, once it is up
@@ -266,11 +267,20 @@ class CommandBus:
 
     def _open_pairing(self) -> dict[str, Any]:
         self.pairing_until = self.wall() + self.pairing_window
+        self.pairing_closed_by = None
         self._pairing_deadline = self.clock() + self.pairing_window
         data = {"open": True, "until": self.pairing_until}
         self.publish(Event("pairing", data))
         # the window opens anyway (the LED shows it), but the caller should know no fob can pair
         return {**data, "ble": self.parts.get("ble", {}).get("state", "off")}
+
+    def close_pairing(self, why: str) -> None:
+        """The BLE part ended the window early (a fob paired, or wrong setup codes)."""
+        if self.pairing_until is None:
+            return
+        self.pairing_until = None
+        self.pairing_closed_by = why
+        self.publish(Event("pairing", {"open": False, "why": why}))
 
     def _record(self, outcome: Outcome) -> None:
         name = outcome.action.value.upper()
@@ -321,7 +331,8 @@ class CommandBus:
         st.update(mode=self.mode.value, lock_enabled=self.lock_enabled,
                   single_use=self.single_use and self.lock_enabled, relock_in=self.relock_in(),
                   host_connected=self.host_connected,
-                  pairing={"open": self.pairing_until is not None, "until": self.pairing_until},
+                  pairing={"open": self.pairing_until is not None, "until": self.pairing_until,
+                           "closed_by": self.pairing_closed_by},
                   last_action=self.last_outcome, parts=dict(self.parts),
                   saving="waiting for the host" if self._hurry is not None else None)
         for extra in self.status_extras:

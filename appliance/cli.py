@@ -378,7 +378,10 @@ def describe_event(event: dict[str, Any]) -> str:
     if kind == "host":
         return "host connected" if data.get("connected") else "host disconnected"
     if kind == "pairing":
-        return "pairing window open" if data.get("open") else "pairing window closed"
+        if data.get("open"):
+            return "pairing window open"
+        return f"pairing window closed ({data['why']})" if data.get("why") else \
+            "pairing window closed"
     if kind == "fault":
         if data.get("cleared"):
             return f"part {data.get('part')} is up again"

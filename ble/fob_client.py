@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -67,6 +68,13 @@ class KeyStore:
         others = [c for c in self.load() if c.appliance_id != creds.appliance_id]
         doc = {"appliances": [asdict(c) for c in [creds, *others]]}
         atomic_write(self.path, json.dumps(doc, indent=1).encode(), mode=0o600)
+
+    def restore(self, content: bytes | None) -> None:
+        """Put back the file as it was before a pairing that did not finish."""
+        if content is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            atomic_write(self.path, content, mode=0o600)
 
     def pick(self, address: str = "") -> FobCredentials:
         entries = self.load()
@@ -178,7 +186,10 @@ async def _find(address: str, adapter: str, timeout: float) -> object:
 
 
 def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[float], Any]:
-    """A Connect for fob_session: find, connect, discover services (and bond, for pair)."""
+    """A Connect for fob_session: find, connect, discover services (and bond, for pair).
+    For pair, the first link first drops any old local bond with the appliance: the appliance
+    removes bonds of pairings that did not finish, and a stale key would fail encryption."""
+    stale = [bond]
 
     async def connect(timeout: float) -> BleakLink:
         from bleak import BleakClient
@@ -186,6 +197,11 @@ def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[f
 
         device = await _find(address, adapter, timeout)
         kwargs = {"bluez": {"adapter": adapter}} if adapter else {}
+        if stale[0]:
+            stale[0] = False
+            with contextlib.suppress(Exception):  # not bonded, or not BlueZ: nothing to drop
+                await BleakClient(device, **kwargs).unpair()
+                device = await _find(getattr(device, "address", address), adapter, timeout)
         client = BleakClient(device, timeout=timeout, **kwargs)
         try:
             await client.connect()
@@ -221,7 +237,12 @@ async def run_action(args: argparse.Namespace, store: KeyStore) -> str:
     if action == "pair":
         connect = bleak_connect(args.adapter, args.address, bond=True)
         run = PairRun(connect, args.setup_code, store.save, retry)
-        creds = await run.run()
+        before = store.path.read_bytes() if store.path.exists() else None
+        try:
+            creds = await run.run()
+        except BaseException:  # a refused pairing must not replace a good key
+            store.restore(before)
+            raise
         return f"paired as fob {creds.fob_id}; key saved in {store.path}"
     creds = store.pick(args.address)
     connect = bleak_connect(args.adapter, args.address or creds.address)

@@ -106,6 +106,7 @@ class CommandRun:
     links: int = 0
     _notes: list[Status] = field(default_factory=list)
     _sent_on: int = 0  # the link the frame went out on
+    _nonce: bytes = b""  # the challenge of the frame sent: the appliance's Status MAC binds it
 
     async def run(self) -> Report:
         loop = asyncio.get_running_loop()
@@ -144,6 +145,7 @@ class CommandRun:
     async def _send(self, link: GattLink) -> Result:
         self.step = "reading the challenge"
         nonce = await link.read(frames.CHALLENGE_UUID) if self.cmd in NEEDS_NONCE else b""
+        self._nonce = nonce
         self.creds.counter += 1
         self.save(self.creds)  # before sending: a used counter must never be sent again
         frame = frames.build_frame(bytes.fromhex(self.creds.key),
@@ -193,7 +195,16 @@ class CommandRun:
                            "check with `savepoint-fob status` before sending it again") from None
 
     async def _status(self, link: GattLink) -> Status:
-        return Status.decode(await link.read(frames.STATUS_UUID))
+        """Status, checked: after a frame the appliance ran, only a MAC with our key counts."""
+        value = await link.read(frames.STATUS_UUID)
+        if len(value) == frames.FRAME_LEN and self.answered != Result.OK:
+            return Status.decode(value)  # a refusal: the appliance had no session to MAC with
+        try:
+            return frames.verify_status(value, bytes.fromhex(self.creds.key),
+                                        bytes.fromhex(self.creds.appliance_id), self._nonce)
+        except frames.FrameError as e:
+            raise FobError(f"{e}; {self.cmd.name} may have reached an impostor, "
+                           "check with `savepoint-fob status` near the appliance") from None
 
     async def _report(self, link: GattLink, result: Result) -> Report:
         self.step = "reading the status"
@@ -251,7 +262,15 @@ async def pair_once(link: GattLink, setup_code: str = "",
         raise FobError(str(e)) from e
     if save is not None:
         save(creds)
-    await link.write(frames.PAIR_UUID, confirm)
+    try:
+        await link.write(frames.PAIR_UUID, confirm)
+    except Refused:
+        raise FobError("the appliance refused the key confirmation: wrong setup code? "
+                       "After 3 wrong codes the window closes; press PAIR again") from None
+    try:  # the appliance confirms only now, after we proved the code
+        fob.check_appliance(await link.read(frames.PAIR_UUID))
+    except ValueError as e:
+        raise FobError(str(e)) from e
     return creds
 
 

@@ -15,19 +15,23 @@ from enum import IntEnum
 
 from appliance.commands import Action
 
-VERSION = 1
+VERSION = 2  # protocol 2: SPAKE2 pairing, a challenge in every frame, MACed replies
+V1 = 1
 SERVICE_UUID = "5a7e0001-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 COMMAND_UUID = "5a7e0002-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 STATUS_UUID = "5a7e0003-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 CHALLENGE_UUID = "5a7e0004-8d1f-4c3a-9b6e-2f0c5e7d1a01"
 PAIR_UUID = "5a7e0005-8d1f-4c3a-9b6e-2f0c5e7d1a01"
-OUTCOME_UUID = "5a7e0006-8d1f-4c3a-9b6e-2f0c5e7d1a01"  # added in version 1.1: see below
+OUTCOME_UUID = "5a7e0006-8d1f-4c3a-9b6e-2f0c5e7d1a01"  # what became of a frame: see below
 
 APPLIANCE_ID_LEN = 16
 NONCE_LEN = 16
 TAG_LEN = 12
 FRAME_LEN = 20  # fits one ATT write at the minimum MTU of 23
 MAC_LABEL = b"savepoint-cmd"
+STATUS_LABEL = b"savepoint-status"
+MSG_LEN = 33  # a SPAKE2 message (Ed25519 group): side byte + 32-byte element
+STATUS_TAG_LEN = 12
 _HEADER = struct.Struct(">BBHI")  # version, command, fob id, counter
 
 
@@ -39,8 +43,8 @@ class Cmd(IntEnum):
     LOCK = 0x05
 
 
-# Commands that can destroy work or open the appliance need a fresh challenge nonce.
-NEEDS_NONCE = frozenset({Cmd.RESTORE, Cmd.UNLOCK})
+# Protocol 2: every command binds a fresh challenge nonce, so a withheld frame expires.
+NEEDS_NONCE = frozenset(Cmd)
 CMD_ACTION = {
     Cmd.SAVE: Action.SAVE,
     Cmd.RESTORE: Action.RESTORE,
@@ -66,6 +70,8 @@ class Result(IntEnum):
     FAILED = 0x09  # the command ran and failed
     PAIRING_CLOSED = 0x0A
     PAIRING_FAILED = 0x0B
+    COUNTER_JUMP = 0x0C  # counter implausibly far ahead of the last accepted one
+    OLD_PROTOCOL = 0x0D  # a protocol 1 frame or a fob paired with protocol 1: pair it again
     NONE = 0xFF  # nothing happened yet
 
 
@@ -109,7 +115,14 @@ def build_frame(
     if not 0 < counter < 2**32 or not 0 < fob_id < 2**16:
         raise ValueError("counter must be 1..2^32-1 and fob id 1..65535")
     header = _HEADER.pack(VERSION, cmd, fob_id, counter)
-    return header + compute_tag(key, appliance_id, header, nonce if cmd in NEEDS_NONCE else b"")
+    return header + compute_tag(key, appliance_id, header, nonce)
+
+
+def header_only_frame(key: bytes, appliance_id: bytes, cmd: Cmd, fob_id: int,
+                      counter: int) -> bytes:
+    """A frame whose MAC binds no challenge (what protocol 1 allowed): for tests and attackers."""
+    header = _HEADER.pack(VERSION, cmd, fob_id, counter)
+    return header + compute_tag(key, appliance_id, header)
 
 
 def parse_frame(data: bytes) -> CommandFrame:
@@ -117,6 +130,8 @@ def parse_frame(data: bytes) -> CommandFrame:
     if len(data) != FRAME_LEN:
         raise FrameError(Result.BAD_FRAME, f"frame is {len(data)} bytes, expected {FRAME_LEN}")
     version, cmd, fob_id, counter = _HEADER.unpack_from(data)
+    if version == V1:
+        raise FrameError(Result.OLD_PROTOCOL, "protocol 1 frame: this fob must be paired again")
     if version != VERSION:
         raise FrameError(Result.BAD_FRAME, f"frame version {version}, expected {VERSION}")
     try:
@@ -175,9 +190,9 @@ class Status:
 
     @classmethod
     def decode(cls, data: bytes) -> Status:
-        if len(data) != _STATUS.size:
-            raise FrameError(Result.BAD_FRAME, f"status is {len(data)} bytes, expected 20")
-        _v, flags, epoch, units, nbytes, cmd, result, fob = _STATUS.unpack(data)
+        if len(data) not in (_STATUS.size, _STATUS.size + STATUS_TAG_LEN):  # tag: verify_status
+            raise FrameError(Result.BAD_FRAME, f"status is {len(data)} bytes, expected 20 or 32")
+        _v, flags, epoch, units, nbytes, cmd, result, fob = _STATUS.unpack_from(data)
         return cls(
             unlocked=bool(flags & FLAG_UNLOCKED),
             host_connected=bool(flags & FLAG_HOST),
@@ -197,22 +212,23 @@ def _u32(value: int) -> int:
     return max(0, min(int(value), 2**32 - 1))
 
 
-# --- Pairing messages (Pair characteristic) --------------------------------------------------
-PAIR_PUB0 = 0x10  # first half of the fob's X25519 public key
-PAIR_PUB1 = 0x11  # second half; the appliance answers on the next read
-PAIR_CONFIRM = 0x12  # the fob proves it derived the same key
-PUB_LEN = 32
+# --- Pairing messages (Pair characteristic), protocol 2: SPAKE2 ---------------------------------
+PAIR_MSG0 = 0x10  # bytes 0..16 of the fob's SPAKE2 message
+PAIR_MSG1 = 0x11  # bytes 17..32; the appliance answers on the next read
+PAIR_CONFIRM = 0x12  # the fob proves it derived the same key (it goes first)
+MSG_SPLIT = 17
 CONFIRM_LEN = 16
-_PAIR_REPLY = struct.Struct(">BBH32s16s16s")  # version, result, fob id, pub, appliance id, conf
+# version, result, fob id, appliance id, appliance's SPAKE2 message, its confirmation (zero
+# until the fob's confirmation verified: nothing derived from the key leaves before that)
+_PAIR_REPLY = struct.Struct(">BBH16s33s16s")
 
 
-def pair_pub_writes(public_key: bytes) -> list[bytes]:
-    """The two writes carrying a 32-byte public key, 18 bytes each."""
-    half = PUB_LEN // 2
-    return [
-        bytes([VERSION, PAIR_PUB0]) + public_key[:half],
-        bytes([VERSION, PAIR_PUB1]) + public_key[half:],
-    ]
+def pair_msg_writes(message: bytes) -> list[bytes]:
+    """The two writes carrying the fob's 33-byte SPAKE2 message (19 and 18 bytes)."""
+    if len(message) != MSG_LEN:
+        raise ValueError(f"a SPAKE2 message is {MSG_LEN} bytes")
+    return [bytes([VERSION, PAIR_MSG0]) + message[:MSG_SPLIT],
+            bytes([VERSION, PAIR_MSG1]) + message[MSG_SPLIT:]]  # fmt: skip
 
 
 def pair_confirm_write(fob_id: int, confirm: bytes) -> bytes:
@@ -223,21 +239,42 @@ def pair_confirm_write(fob_id: int, confirm: bytes) -> bytes:
 class PairReply:
     result: Result
     fob_id: int = 0
-    appliance_pub: bytes = bytes(PUB_LEN)
     appliance_id: bytes = bytes(APPLIANCE_ID_LEN)
+    appliance_msg: bytes = bytes(MSG_LEN)
     confirm: bytes = bytes(CONFIRM_LEN)
 
     def encode(self) -> bytes:
-        return _PAIR_REPLY.pack(
-            VERSION, self.result, self.fob_id, self.appliance_pub, self.appliance_id, self.confirm
-        )
+        return _PAIR_REPLY.pack(VERSION, self.result, self.fob_id, self.appliance_id,
+                                self.appliance_msg, self.confirm)  # fmt: skip
 
     @classmethod
     def decode(cls, data: bytes) -> PairReply:
-        if len(data) != _PAIR_REPLY.size:
-            raise FrameError(Result.BAD_FRAME, f"pair reply is {len(data)} bytes")
-        _v, result, fob_id, pub, app_id, confirm = _PAIR_REPLY.unpack(data)
-        return cls(Result(result), fob_id, pub, app_id, confirm)
+        if len(data) != _PAIR_REPLY.size or data[0] != VERSION:
+            raise FrameError(Result.OLD_PROTOCOL if data[:1] == bytes([V1]) else Result.BAD_FRAME,
+                             f"pair reply is {len(data)} bytes, version {data[:1].hex()}; "
+                             f"expected {_PAIR_REPLY.size} bytes, version {VERSION}")  # fmt: skip
+        _v, result, fob_id, app_id, msg, confirm = _PAIR_REPLY.unpack(data)
+        known = result in Result._value2member_map_
+        return cls(Result(result) if known else Result.NONE, fob_id, app_id, msg, confirm)
+
+
+# --- Status with a MAC: what a fob reads after its own frame ----------------------------------
+def status_tag(key: bytes, appliance_id: bytes, nonce: bytes, status: bytes) -> bytes:
+    """Binds the 20-byte Status to the fob's key and the challenge of its last frame."""
+    digest = hmac.new(key, STATUS_LABEL + appliance_id + nonce + status, hashlib.sha256).digest()
+    return digest[:STATUS_TAG_LEN]
+
+
+def verify_status(value: bytes, key: bytes, appliance_id: bytes, nonce: bytes) -> Status:
+    """The Status in a 32-byte read, after checking its MAC; FrameError when it fails."""
+    if len(value) != _STATUS.size + STATUS_TAG_LEN:
+        raise FrameError(Result.BAD_MAC, f"status without a MAC ({len(value)} bytes): "
+                                         "not the appliance this fob paired with?")  # fmt: skip
+    body, tag = value[: _STATUS.size], value[_STATUS.size :]
+    if not hmac.compare_digest(status_tag(key, appliance_id, nonce, body), tag):
+        raise FrameError(Result.BAD_MAC, "status MAC is wrong: not the appliance this fob "
+                                         "paired with")  # fmt: skip
+    return Status.decode(body)
 
 
 # --- Outcome characteristic (1.1): what became of the frame with a given counter ---------------

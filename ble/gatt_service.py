@@ -12,6 +12,7 @@ does not mistake them for GATT objects):
 """
 
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -143,10 +144,10 @@ class Application(ServiceInterface):
         enc_w, enc_r = "encrypt-write", "encrypt-read"
         self.command = Characteristic(0, frames.COMMAND_UUID, [enc_w], write=self._on_command)
         self.status = Characteristic(
-            1, frames.STATUS_UUID, [enc_r, "notify"], read=lambda _o: proto.status_value()
+            1, frames.STATUS_UUID, [enc_r, "notify"], read=lambda o: proto.status_read(_peer(o))
         )
         self.challenge = Characteristic(
-            2, frames.CHALLENGE_UUID, [enc_r], read=lambda _o: self._on_challenge()
+            2, frames.CHALLENGE_UUID, [enc_r], read=lambda o: proto.read_challenge(_peer(o))
         )
         self.pair = Characteristic(
             3, frames.PAIR_UUID, [enc_r, enc_w], read=self._on_pair_read, write=self._on_pair
@@ -171,13 +172,10 @@ class Application(ServiceInterface):
             tree[char.path] = {char.name: char.props()}
         return tree
 
-    async def _on_command(self, value: bytes, _opts: dict[str, Any]) -> None:
-        result = await self.proto.handle_command(value)
+    async def _on_command(self, value: bytes, opts: dict[str, Any]) -> None:
+        result = await self.proto.handle_command(value, _peer(opts))
         if result != Result.OK:
             raise att_error(result, "see the Status characteristic")
-
-    def _on_challenge(self) -> bytes:
-        return self.proto.read_challenge()
 
     async def _on_pair(self, value: bytes, opts: dict[str, Any]) -> None:
         try:
@@ -225,13 +223,15 @@ class Advertisement(ServiceInterface):
 class PairingAgent(ServiceInterface):
     """Default agent: accepts Just Works pairing only while the pairing window is open."""
 
-    def __init__(self, is_open: Callable[[], bool]) -> None:
+    def __init__(self, is_open: Callable[[], bool],
+                 admit: Callable[[str], bool] = lambda _device: True) -> None:
         super().__init__("org.bluez.Agent1")
         self.is_open = is_open
-        self.decisions: list[tuple[str, bool]] = []
+        self.admit = admit  # False: this window has bonded enough devices already
+        self.decisions: deque[tuple[str, bool]] = deque(maxlen=256)  # bounded: radio input
 
     def _gate(self, device: str) -> None:
-        allowed = self.is_open()
+        allowed = self.is_open() and self.admit(device)
         self.decisions.append((device, allowed))
         if not allowed:
             log.warning("refused pairing from %s: pairing window closed", device)

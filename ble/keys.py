@@ -1,4 +1,4 @@
-"""Per-fob keys: the X25519 pairing exchange and the appliance's fob registry on disk.
+"""Per-fob keys: the SPAKE2 pairing exchange (protocol 2) and the appliance's fob registry.
 
 The registry file is the allow-list. It holds the appliance id, each fob's key, name and last
 accepted counter. It is rewritten atomically (temp file, fsync, rename, fsync of the folder)
@@ -15,65 +15,70 @@ import re
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.spake2 import SPAKEError
 
 from ble.frames import (
     APPLIANCE_ID_LEN,
     CONFIRM_LEN,
-    PUB_LEN,
+    VERSION,
     PairReply,
     Result,
     pair_confirm_write,
-    pair_pub_writes,
+    pair_msg_writes,
 )
 
-KEY_INFO = b"savepoint-fob-key"
+KEY_INFO = b"savepoint-fob-key-v2"
 CONFIRM_APPLIANCE = b"savepoint-confirm-appliance"
 CONFIRM_FOB = b"savepoint-confirm-fob"
+ID_FOB = b"savepoint-fob"  # SPAKE2 identities: the fob is side A, the appliance side B
+ID_APPLIANCE = b"savepoint-appliance"
 MAX_FOB_ID = 0xFFFF
 _ADDRESS = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
+Entropy = Callable[[int], bytes]
 
 
 class RegistryError(Exception):
     """A registry operation named a fob that is not there, or the file is unreadable."""
 
 
-# --- X25519 ---------------------------------------------------------------------------------
-def new_keypair() -> tuple[X25519PrivateKey, bytes]:
-    private = X25519PrivateKey.generate()
-    return private, private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+# --- SPAKE2 (python-spake2: Ed25519 group, its M and N, SHA-256 transcript hash) --------------
+def spake_ids() -> tuple[bytes, bytes]:
+    return ID_FOB, ID_APPLIANCE
 
 
-def derive_key(
-    private: X25519PrivateKey,
-    peer_pub: bytes,
-    *,
-    fob_pub: bytes,
-    appliance_pub: bytes,
-    appliance_id: bytes,
-    fob_id: int,
-    setup_code: str = "",
-) -> bytes:
-    """The 32-byte fob key both sides compute. The setup code (if any) is the HKDF salt."""
-    if len(peer_pub) != PUB_LEN:
-        raise ValueError(f"public key must be {PUB_LEN} bytes")
-    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_pub))
-    if shared == bytes(32):
-        raise ValueError("peer public key is a low-order point")
-    info = KEY_INFO + appliance_id + fob_id.to_bytes(2, "big") + fob_pub + appliance_pub
-    salt = setup_code.encode() or None
-    return HKDF(algorithm=SHA256(), length=32, salt=salt, info=info).derive(shared)
+def derive_fob_key(shared: bytes, appliance_id: bytes, fob_id: int) -> bytes:
+    """The 32-byte fob key from the SPAKE2 key (which already binds code and transcript)."""
+    info = KEY_INFO + appliance_id + fob_id.to_bytes(2, "big")
+    return HKDF(algorithm=SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
 def confirm_tag(key: bytes, label: bytes) -> bytes:
     return hmac.new(key, label, hashlib.sha256).digest()[:CONFIRM_LEN]
+
+
+class ApplianceExchange:
+    """The appliance's half of one SPAKE2 run (side B). The setup code is the password."""
+
+    def __init__(self, setup_code: str, entropy: Entropy = os.urandom) -> None:
+        self._spake = SPAKE2_B(setup_code.encode(), idA=ID_FOB, idB=ID_APPLIANCE,
+                               entropy_f=entropy)  # fmt: skip
+        self.message = self._spake.start()
+
+    def key(self, fob_msg: bytes, appliance_id: bytes, fob_id: int) -> bytes:
+        """The fob key; ValueError for a message that is not a valid SPAKE2 side-A element."""
+        try:
+            shared = self._spake.finish(fob_msg)
+        except (SPAKEError, ValueError, AssertionError) as e:
+            raise ValueError(f"bad SPAKE2 message from the fob: {e}") from e
+        return derive_fob_key(shared, appliance_id, fob_id)
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -110,6 +115,7 @@ class FobRecord:
     last_used: float = 0.0
     device: str = ""  # the peer it paired from: BlueZ device path (bumble: its address)
     address: str = ""  # that peer's BLE address, when known (records before 0.2 have none)
+    protocol: int = 1  # records written before protocol 2 have none: those fobs must re-pair
 
     def public(self) -> dict[str, Any]:
         """What `savepoint fobs list` shows: everything but the key."""
@@ -150,23 +156,21 @@ class FobRegistry:
         }
         atomic_write(self.path, json.dumps(doc, indent=1).encode())
 
-    def reserve_id(self) -> int:
-        """A fob id never handed out before: ids of failed pairings and revoked fobs are burnt."""
+    def peek_id(self) -> int:
+        """The id the next pairing gets; taken (and written) only when that pairing finishes."""
         if self.next_id > MAX_FOB_ID:
             raise RegistryError("all 65535 fob ids are used up; reset the registry")
-        fob_id = self.next_id
-        self.next_id += 1
-        self._save()
-        return fob_id
+        return self.next_id
 
     def add(self, fob_id: int, key: bytes, name: str = "", device: str = "") -> FobRecord:
-        if fob_id >= self.next_id or fob_id in self.fobs:
-            raise RegistryError(f"fob id {fob_id} was not reserved or is taken")
+        if fob_id != self.peek_id() or fob_id in self.fobs:
+            raise RegistryError(f"fob id {fob_id} is not the next free id {self.next_id}")
         record = FobRecord(
             fob_id, name or f"fob-{fob_id}", key.hex(), paired_at=time.time(),
-            device=device, address=address_of(device),
+            device=device, address=address_of(device), protocol=VERSION,
         )  # fmt: skip
         self.fobs[fob_id] = record
+        self.next_id = fob_id + 1
         self._save()
         return record
 
@@ -240,26 +244,38 @@ class FobCredentials:
 
 
 class FobPairing:
-    """The fob half of the exchange: send pub_writes(), read the reply, send finish()'s write."""
+    """The fob half: send pub_writes(), read the reply, send finish()'s write, then read the
+    reply again and check_appliance() it (the appliance confirms only after the fob did)."""
 
-    def __init__(self, setup_code: str = "") -> None:
+    def __init__(self, setup_code: str = "", entropy: Entropy = os.urandom) -> None:
         self.setup_code = setup_code
-        self._private, self.public = new_keypair()
+        self._spake = SPAKE2_A(setup_code.encode(), idA=ID_FOB, idB=ID_APPLIANCE,
+                               entropy_f=entropy)  # fmt: skip
+        self.message = self._spake.start()
+        self._key = b""
 
     def pub_writes(self) -> list[bytes]:
-        return pair_pub_writes(self.public)
+        return pair_msg_writes(self.message)
 
     def finish(self, reply_bytes: bytes) -> tuple[FobCredentials, bytes]:
-        """Check the appliance's reply; return the credentials and the confirm write."""
+        """Derive the key from the appliance's reply; return the credentials and the confirm
+        write. Nothing here can tell a wrong setup code yet: check_appliance() does."""
         reply = PairReply.decode(reply_bytes)
         if reply.result != Result.OK:
             raise ValueError(f"appliance refused pairing: {reply.result.name}")
-        key = derive_key(
-            self._private, reply.appliance_pub, fob_pub=self.public,
-            appliance_pub=reply.appliance_pub, appliance_id=reply.appliance_id,
-            fob_id=reply.fob_id, setup_code=self.setup_code,
-        )  # fmt: skip
-        if not hmac.compare_digest(confirm_tag(key, CONFIRM_APPLIANCE), reply.confirm):
-            raise ValueError("appliance key confirmation failed: wrong setup code?")
-        creds = FobCredentials(reply.appliance_id.hex(), reply.fob_id, key.hex())
-        return creds, pair_confirm_write(reply.fob_id, confirm_tag(key, CONFIRM_FOB))
+        try:
+            shared = self._spake.finish(reply.appliance_msg)
+        except (SPAKEError, ValueError, AssertionError) as e:
+            raise ValueError(f"bad SPAKE2 message from the appliance: {e}") from e
+        self._key = derive_fob_key(shared, reply.appliance_id, reply.fob_id)
+        creds = FobCredentials(reply.appliance_id.hex(), reply.fob_id, self._key.hex())
+        return creds, pair_confirm_write(reply.fob_id, confirm_tag(self._key, CONFIRM_FOB))
+
+    def check_appliance(self, reply_bytes: bytes) -> None:
+        """The appliance's confirmation, read after ours: proves it knew the same code."""
+        reply = PairReply.decode(reply_bytes)
+        if reply.result != Result.OK or not self._key or not hmac.compare_digest(
+            confirm_tag(self._key, CONFIRM_APPLIANCE), reply.confirm
+        ):
+            raise ValueError(f"the appliance did not confirm the key ({reply.result.name}): "
+                             "wrong setup code, or not your appliance")  # fmt: skip

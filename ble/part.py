@@ -37,9 +37,12 @@ CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
     "adapter": (str, "hci0", "Bluetooth adapter that serves the fob service"),
     "name": (str, "Savepnt", f"advertised name, at most {MAX_NAME} characters (legacy advert)"),
     "registry": (str, "/var/lib/savepoint/fobs.json", "paired fobs and their keys (mode 0600)"),
-    "setup_code": (str, "", "optional code from the label that a fob must give to pair"),
+    "setup_code": (str, "", "code from the label that a fob must give to pair (SPAKE2: 3 wrong "
+                   "codes close the window); empty: Just Works, the PAIR gesture is the only "
+                   "gate (docs/fob-protocol.md)"),
     "pairing_window": ((int, float), 60, "seconds the pairing window stays open at most"),
-    "challenge_ttl": ((int, float), 10, "seconds a RESTORE/UNLOCK challenge nonce stays valid"),
+    "challenge_ttl": ((int, float), 10,
+                      "seconds a challenge nonce stays valid (every fob command needs one)"),
     "bus_address": (str, "", "D-Bus address to use instead of the system bus (tests)"),
     "itags": (list, [], 'iTag keyfinders as extra triggers: [{address = "AA:BB:CC:DD:EE:FF", '
               'action = "save" or "status"}]; they can never RESTORE or UNLOCK'),
@@ -59,6 +62,9 @@ def validate_config(cfg: dict[str, Any]) -> list[ITag]:
     except ValueError as e:
         raise ValueError(str(e).removeprefix("[ble] ")) from None
 
+MAX_WINDOW_BONDS = 8  # devices one pairing window may bond (one of them becomes the fob)
+
+
 class BlePart:
     name = "ble"
 
@@ -75,6 +81,7 @@ class BlePart:
         self._queue: asyncio.Queue[Event] | None = None
         self._unwatch = lambda: None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._window_devices: set[str] = set()  # bonded by the agent in this window
         self.itag_links: LinkFactory = bleak_links(str(self.cfg["adapter"]))
         self.itags: list[ITagWatcher] = []
 
@@ -99,6 +106,8 @@ class BlePart:
             challenge_ttl=float(self.cfg["challenge_ttl"]),
         )
         self.proto.forget_bond = self._forget_bond
+        self.proto.on_window_closed = self._window_closed_by_protocol
+        self.proto.on_pair_failed = lambda peer: self._spawn(self._drop_bonds({peer}))
         self.dbus = await self._connect()
         try:
             await self._bring_up(str(self.cfg["name"]))
@@ -131,7 +140,8 @@ class BlePart:
         self.app = Application(self.proto)
         self.app.export_to(self.dbus)
         self.dbus.export(ADV_PATH, Advertisement(name))
-        self.agent = PairingAgent(lambda: bool(self.proto and self.proto.pairing_open))
+        self.agent = PairingAgent(lambda: bool(self.proto and self.proto.pairing_open),
+                                  self._admit_bond)
         self.dbus.export(AGENT_PATH, self.agent)
         self.proto.on_status = self.app.status.notify
         self._unwatch = await dbus_api.watch_name_owner(self.dbus, BLUEZ, self._owner_changed)
@@ -280,6 +290,10 @@ class BlePart:
             self._close_timer = None
         self.proto.set_pairing(is_open)
         if is_open:
+            self._window_devices.clear()
+        if not is_open:
+            self._spawn(self._drop_unfinished_bonds())
+        if is_open:
             limit = float(self.cfg["pairing_window"])
             until = float(data.get("until") or 0) or time.time() + limit
             delay = max(0.0, min(until - time.time(), limit))
@@ -291,6 +305,52 @@ class BlePart:
         if self.proto:
             self.proto.set_pairing(False)
         self._spawn(self._set_adapter("Pairable", False))
+        self._spawn(self._drop_unfinished_bonds())
+
+    def _window_closed_by_protocol(self, why: str) -> None:
+        """One gesture, one fob: a pairing (or too many wrong codes) ends the window now."""
+        log.info("pairing window closed: %s", why)
+        if self._close_timer:
+            self._close_timer.cancel()
+            self._close_timer = None
+        close = getattr(self.bus, "close_pairing", None)
+        if close is not None:  # the bus tells the LED, the CLI and the other parts
+            close(why)
+        self._close_window()
+
+    def _admit_bond(self, device: str) -> bool:
+        """The agent bonds at most MAX_WINDOW_BONDS devices per window: each is remembered,
+        so its bond can be removed at close if it did not finish pairing."""
+        if not device.startswith(self.adapter_path + "/"):
+            return True  # another adapter's pairing (the default agent answers for all)
+        if device not in self._window_devices and len(self._window_devices) >= MAX_WINDOW_BONDS:
+            log.warning("refused bonding %s: %d devices bonded in this window already",
+                        device, MAX_WINDOW_BONDS)
+            return False
+        self._window_devices.add(device)
+        return True
+
+    async def _drop_unfinished_bonds(self) -> None:
+        """Bonds BlueZ made during the window for devices that never finished app pairing."""
+        if self.agent is None or self.proto is None:
+            return
+        bonded, self._window_devices = self._window_devices, set()
+        await self._drop_bonds(bonded)
+
+    async def _drop_bonds(self, devices: set[str]) -> None:
+        """RemoveDevice for bonds of devices that are not a live fob (a wrong setup code
+        drops the bond at once, so the next attempt starts clean on both sides)."""
+        assert self.proto is not None
+        paired = {r.device for r in self.proto.registry.fobs.values() if not r.revoked}
+        for device in devices - paired:
+            if not device.startswith(self.adapter_path + "/"):
+                continue
+            try:
+                await asyncio.wait_for(
+                    self._bluez(self.adapter_path, "Adapter1", "RemoveDevice", "o", [device]), 5)
+                log.info("removed the unfinished bond of %s", device)
+            except (TimeoutError, DBusError) as e:
+                log.warning("could not remove the unfinished bond of %s: %s", device, e)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

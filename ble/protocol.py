@@ -1,13 +1,16 @@
 """The appliance side of the fob protocol, independent of the radio stack.
 
 BlueZ (gatt_service.py) and the bumble tests both call these methods from their GATT callbacks:
-read_challenge, handle_command, pair_write/pair_read, outcome_write/outcome_read, status_value.
-Every refusal sets a result code in the Status value and changes nothing else.
+read_challenge, handle_command, pair_write/pair_read, outcome_write/outcome_read, status_read.
+Every refusal sets a result code in the Status value and changes nothing else. Each takes the
+BLE peer (BlueZ's `device` option): challenges, pairings and MACed Status are per peer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hmac
 import logging
 import secrets
 import time
@@ -21,8 +24,7 @@ from ble import frames
 from ble.frames import (
     ACTION_CMD,
     CMD_ACTION,
-    NEEDS_NONCE,
-    Cmd,
+        Cmd,
     FrameError,
     FrameOutcome,
     FrameState,
@@ -32,17 +34,20 @@ from ble.frames import (
 from ble.keys import (
     CONFIRM_APPLIANCE,
     CONFIRM_FOB,
+    ApplianceExchange,
     FobRecord,
     FobRegistry,
     RegistryError,
     confirm_tag,
-    derive_key,
-    new_keypair,
 )
 
 log = logging.getLogger(__name__)
 CHALLENGE_TTL = 10.0
-MAX_LIVE_NONCES = 8
+NONCES_PER_PEER = 4  # live challenges per peer: one device can only push out its own
+MAX_PEERS = 32  # peers with live challenges or a Status session (least recent dropped)
+MAX_PAIR_FAILURES = 3  # wrong confirmations per window; then the window closes
+MAX_PENDING_PAIRINGS = 8  # exchanges started but not confirmed (they reveal nothing)
+MAX_COUNTER_JUMP = 2**16  # a counter further ahead than this is refused, not accepted
 MAX_OUTCOMES = 32  # accepted frames whose outcome a fob can still ask for (Outcome char)
 MAX_QUERIES = 16  # peers with an Outcome query pending
 
@@ -51,10 +56,21 @@ MAX_QUERIES = 16  # peers with an Outcome query pending
 class _Pairing:
     """One fob's key exchange in progress, keyed by its BLE peer (device path or address)."""
 
-    pub0: bytes = b""
+    msg0: bytes = b""
     fob_id: int = 0
     key: bytes = b""
     reply: frames.PairReply | None = None
+
+
+@dataclass
+class _Session:
+    """The last verified frame from one peer: its Status reads carry a MAC with that key."""
+
+    fob_id: int
+    key: bytes
+    nonce: bytes
+    cmd: int = 0
+    result: Result = Result.NONE
 
 
 class FobProtocol:
@@ -77,45 +93,60 @@ class FobProtocol:
         self.on_status: Callable[[bytes], None] = lambda _value: None
         # set by BlePart: forget a revoked fob's BLE bond; returns what happened, for the user
         self.forget_bond: Callable[[FobRecord], Awaitable[str]] | None = None
-        self._live: dict[bytes, float] = {}  # nonce -> expiry
+        # set by BlePart: the protocol closed the window (a fob paired, or too many failures)
+        self.on_window_closed: Callable[[str], None] = lambda _why: None
+        self.on_pair_failed: Callable[[str], None] = lambda _peer: None  # BlePart: drop its bond
+        self._live: OrderedDict[str, dict[bytes, float]] = OrderedDict()  # peer -> nonce -> exp
         self._spent: deque[bytes] = deque(maxlen=64)  # used or expired: "stale", not "bad MAC"
-        self._pairings: dict[str, _Pairing] = {}
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._pairings: OrderedDict[str, _Pairing] = OrderedDict()
+        self._finished: dict[str, frames.PairReply] = {}  # this window's pairing, for its read
+        self._failures = 0
         self._verify_lock = asyncio.Lock()
         # (fob id, counter) of accepted frames -> (command, result; None while running)
         self._outcomes: OrderedDict[tuple[int, int], tuple[int, Result | None]] = OrderedDict()
         self._queries: OrderedDict[str, tuple[int, int]] = OrderedDict()  # peer -> query
 
     # --- Challenge ------------------------------------------------------------------------
-    def read_challenge(self) -> bytes:
-        """A fresh nonce, valid challenge_ttl seconds and for one RESTORE or UNLOCK."""
-        self._expire_nonces()
-        while len(self._live) >= MAX_LIVE_NONCES:
-            oldest = min(self._live, key=self._live.__getitem__)
-            self._spend(oldest)
+    def read_challenge(self, peer: str = "") -> bytes:
+        """A fresh nonce for this peer, valid challenge_ttl seconds and for one frame."""
+        live = self._peer_nonces(peer)
+        while len(live) >= NONCES_PER_PEER:
+            self._spend(live, next(iter(live)))
         nonce = secrets.token_bytes(frames.NONCE_LEN)
-        self._live[nonce] = self.clock() + self.challenge_ttl
+        live[nonce] = self.clock() + self.challenge_ttl
         return nonce
 
-    def _expire_nonces(self) -> None:
+    def _peer_nonces(self, peer: str) -> dict[bytes, float]:
+        live = self._live.setdefault(peer, {})
+        self._live.move_to_end(peer)
+        while len(self._live) > MAX_PEERS:
+            self._live.popitem(last=False)
         now = self.clock()
-        for nonce in [n for n, exp in self._live.items() if exp <= now]:
-            self._spend(nonce)
+        for nonce in [n for n, exp in live.items() if exp <= now]:
+            self._spend(live, nonce)
+        return live
 
-    def _spend(self, nonce: bytes) -> None:
-        self._live.pop(nonce, None)
+    def _spend(self, live: dict[bytes, float], nonce: bytes) -> None:
+        live.pop(nonce, None)
         self._spent.append(nonce)
 
     # --- Command --------------------------------------------------------------------------
-    async def handle_command(self, data: bytes) -> Result:
+    async def handle_command(self, data: bytes, peer: str = "") -> Result:
         """Verify a frame, persist its counter, run it through the bus; return the result."""
         fob_id, cmd = _peek(data)
         async with self._verify_lock:
             try:
-                frame = self._verify(data)
+                frame, session = self._verify(data, peer)
             except FrameError as e:
                 log.warning("fob frame refused: %s", e)
+                self._sessions.pop(peer, None)  # its Status read shows this refusal, unMACed
                 return self._finish(cmd, e.result, fob_id)
             self._remember(frame, None)  # accepted: RUNNING until the bus answers
+            self._sessions[peer] = session
+            self._sessions.move_to_end(peer)
+            while len(self._sessions) > MAX_PEERS:
+                self._sessions.popitem(last=False)
         try:
             outcome = await self.bus.submit(
                 Command(CMD_ACTION[frame.cmd], source=f"fob:{frame.fob_id}", authenticated=True)
@@ -127,45 +158,49 @@ class FobProtocol:
             self._apply_outcome_data(outcome)
             result = Result.OK if outcome.ok else Result.REFUSED
         self._remember(frame, result)
+        session.cmd, session.result = frame.cmd, result
         return self._finish(frame.cmd, result, frame.fob_id)
 
-    def _verify(self, data: bytes) -> frames.CommandFrame:
+    def _verify(self, data: bytes, peer: str) -> tuple[frames.CommandFrame, _Session]:
         frame = frames.parse_frame(data)
         record = self.registry.get(frame.fob_id)
         if record is None:
             raise FrameError(Result.UNKNOWN_FOB, f"fob {frame.fob_id} is not paired")
         if record.revoked:
             raise FrameError(Result.REVOKED, f"fob {frame.fob_id} was revoked")
+        if record.protocol < frames.VERSION:
+            raise FrameError(Result.OLD_PROTOCOL, f"fob {frame.fob_id} paired with protocol "
+                                                  f"{record.protocol}: pair it again")  # fmt: skip
         key = bytes.fromhex(record.key)
-        nonce = self._check_tag(frame, key)
+        nonce = self._check_tag(frame, key, peer)
         if frame.counter <= record.counter:
             raise FrameError(
                 Result.REPLAY, f"counter {frame.counter} not above {record.counter} (replay)"
             )
-        if nonce:
-            self._spend(nonce)
+        if frame.counter - record.counter > MAX_COUNTER_JUMP:
+            raise FrameError(Result.COUNTER_JUMP, f"counter {frame.counter} is more than "
+                                                  f"{MAX_COUNTER_JUMP} ahead of {record.counter}")
+        self._spend(self._peer_nonces(peer), nonce)
         try:
             self.registry.accept_counter(frame.fob_id, frame.counter)
         except (OSError, RegistryError) as e:
             self._remember(frame, Result.FAILED)  # the counter may stand in memory: say so
             raise FrameError(Result.FAILED, f"cannot persist the fob counter: {e}") from e
-        return frame
+        return frame, _Session(frame.fob_id, key, nonce)
 
-    def _check_tag(self, frame: frames.CommandFrame, key: bytes) -> bytes:
-        """Return the nonce the tag was made with (b"" for commands that need none)."""
+    def _check_tag(self, frame: frames.CommandFrame, key: bytes, peer: str) -> bytes:
+        """Return this peer's nonce the tag was made with (protocol 2: every frame has one)."""
         appliance_id = self.registry.appliance_id
-        if frame.cmd not in NEEDS_NONCE:
-            if frames.tag_matches(frame, key, appliance_id):
-                return b""
-            raise FrameError(Result.BAD_MAC, f"bad MAC from fob {frame.fob_id}")
-        self._expire_nonces()
-        for nonce in self._live:
+        for nonce in list(self._peer_nonces(peer)):
             if frames.tag_matches(frame, key, appliance_id, nonce):
                 return nonce
         if any(frames.tag_matches(frame, key, appliance_id, n) for n in self._spent):
             raise FrameError(Result.STALE_CHALLENGE, "challenge nonce expired or already used")
         if frames.tag_matches(frame, key, appliance_id):
             raise FrameError(Result.STALE_CHALLENGE, f"{frame.cmd.name} needs a challenge nonce")
+        if any(frames.tag_matches(frame, key, appliance_id, n)
+               for link in self._live.values() for n in link):  # fmt: skip
+            raise FrameError(Result.STALE_CHALLENGE, "challenge read on another link")
         raise FrameError(Result.BAD_MAC, f"bad MAC from fob {frame.fob_id}")
 
     def _finish(self, cmd: int, result: Result, fob_id: int) -> Result:
@@ -206,7 +241,7 @@ class FobProtocol:
             return FrameOutcome(FrameState.NO_QUERY).encode()
         return self.frame_outcome(*query).encode()
 
-    # --- Pairing --------------------------------------------------------------------------
+    # --- Pairing (SPAKE2; the fob confirms first; one fob per window) ------------------------
     def pair_write(self, peer: str, data: bytes) -> None:
         """One write to the Pair characteristic; raises FrameError when refused."""
         if not self.pairing_open:
@@ -214,45 +249,74 @@ class FobProtocol:
             self._finish(0, Result.PAIRING_CLOSED, 0)
             raise FrameError(Result.PAIRING_CLOSED, "pairing window is closed; press PAIR first")
         if len(data) < 2 or data[0] != frames.VERSION:
-            raise FrameError(Result.BAD_FRAME, "pair message has a wrong length or version")
+            result = Result.OLD_PROTOCOL if data[:1] == bytes([frames.V1]) else Result.BAD_FRAME
+            raise FrameError(result, "pair message has a wrong length or version "
+                                     f"(protocol {frames.VERSION} expected)")  # fmt: skip
         op, body = data[1], bytes(data[2:])
-        state = self._pairings.setdefault(peer, _Pairing())
-        if op == frames.PAIR_PUB0 and len(body) == frames.PUB_LEN // 2:
-            self._pairings[peer] = _Pairing(pub0=body)
-        elif op == frames.PAIR_PUB1 and len(body) == frames.PUB_LEN // 2 and state.pub0:
-            self._answer(peer, state.pub0 + body)
+        state = self._pairings.get(peer, _Pairing())
+        if op == frames.PAIR_MSG0 and len(body) == frames.MSG_SPLIT:
+            self._pending(peer, _Pairing(msg0=body))
+        elif op == frames.PAIR_MSG1 and len(body) == frames.MSG_LEN - frames.MSG_SPLIT \
+                and state.msg0:  # fmt: skip
+            self._answer(peer, state.msg0 + body)
         elif op == frames.PAIR_CONFIRM and len(body) == 2 + frames.CONFIRM_LEN and state.key:
             self._confirm(peer, state, int.from_bytes(body[:2], "big"), body[2:])
         else:
             self._pairings.pop(peer, None)
             raise FrameError(Result.BAD_FRAME, f"unexpected pair message 0x{op:02x}")
 
-    def _answer(self, peer: str, fob_pub: bytes) -> None:
-        private, app_pub = new_keypair()
-        fob_id = self.registry.reserve_id()
+    def _pending(self, peer: str, state: _Pairing) -> None:
+        self._pairings[peer] = state
+        self._pairings.move_to_end(peer)
+        while len(self._pairings) > MAX_PENDING_PAIRINGS:
+            self._pairings.popitem(last=False)
+
+    def _answer(self, peer: str, fob_msg: bytes) -> None:
+        """The appliance's SPAKE2 message; no confirmation yet (that would allow guessing)."""
+        exchange = ApplianceExchange(self.setup_code)
         appliance_id = self.registry.appliance_id
         try:
-            key = derive_key(
-                private, fob_pub, fob_pub=fob_pub, appliance_pub=app_pub,
-                appliance_id=appliance_id, fob_id=fob_id, setup_code=self.setup_code,
-            )  # fmt: skip
-        except ValueError as e:
+            fob_id = self.registry.peek_id()
+            key = exchange.key(fob_msg, appliance_id, fob_id)
+        except (ValueError, RegistryError) as e:
             self._pairings.pop(peer, None)
-            raise FrameError(Result.PAIRING_FAILED, f"bad fob public key: {e}") from e
-        confirm = confirm_tag(key, CONFIRM_APPLIANCE)
-        reply = frames.PairReply(Result.OK, fob_id, app_pub, appliance_id, confirm)
-        self._pairings[peer] = _Pairing(fob_id=fob_id, key=key, reply=reply)
+            raise FrameError(Result.PAIRING_FAILED, str(e)) from e
+        reply = frames.PairReply(Result.OK, fob_id, appliance_id, exchange.message)
+        self._pending(peer, _Pairing(fob_id=fob_id, key=key, reply=reply))
 
     def _confirm(self, peer: str, state: _Pairing, fob_id: int, tag: bytes) -> None:
         del self._pairings[peer]
-        if fob_id != state.fob_id or tag != confirm_tag(state.key, CONFIRM_FOB):
+        good = hmac.compare_digest(tag, confirm_tag(state.key, CONFIRM_FOB))
+        if fob_id != state.fob_id or not good:
+            self._failures += 1
+            left = MAX_PAIR_FAILURES - self._failures
+            log.warning("pairing from %s failed: wrong setup code (%d attempt(s) left)",
+                        peer or "a peer", max(left, 0))  # fmt: skip
             self._finish(0, Result.PAIRING_FAILED, fob_id)
+            self.on_pair_failed(peer)
+            if left <= 0:
+                self._close_window(f"{MAX_PAIR_FAILURES} wrong setup codes")
             raise FrameError(Result.PAIRING_FAILED, "fob key confirmation failed (setup code?)")
-        record = self.registry.add(fob_id, state.key, device=peer)
+        try:
+            record = self.registry.add(fob_id, state.key, device=peer)
+        except (OSError, RegistryError) as e:  # another pairing took the id: try again
+            raise FrameError(Result.PAIRING_FAILED, f"cannot store the fob: {e}") from e
         log.info("paired fob %d from %s", fob_id, record.address or peer or "an unknown peer")
+        assert state.reply is not None
+        self._finished[peer] = frames.PairReply(
+            Result.OK, fob_id, state.reply.appliance_id, state.reply.appliance_msg,
+            confirm_tag(state.key, CONFIRM_APPLIANCE),
+        )  # fmt: skip
         self._finish(0, Result.OK, fob_id)
+        self._close_window(f"fob {fob_id} paired")
+
+    def _close_window(self, why: str) -> None:
+        self.set_pairing(False)
+        self.on_window_closed(why)
 
     def pair_read(self, peer: str) -> bytes:
+        if peer in self._finished:
+            return self._finished[peer].encode()
         state = self._pairings.get(peer)
         if state and state.reply:
             return state.reply.encode()
@@ -261,7 +325,20 @@ class FobProtocol:
 
     # --- Status ---------------------------------------------------------------------------
     def status_value(self) -> bytes:
+        """The 20-byte Status everyone may read and gets notified (a hint, not proof)."""
         return self.status.encode()
+
+    def status_read(self, peer: str = "") -> bytes:
+        """What `peer` reads: after a verified frame from it, that frame's result in the last
+        fields and a MAC with its fob's key over the challenge, so the fob can trust it."""
+        session = self._sessions.get(peer)
+        if session is None:
+            return self.status.encode()
+        mine = dataclasses.replace(self.status, last_cmd=session.cmd, last_fob=session.fob_id,
+                                   last_result=session.result)  # fmt: skip
+        body = mine.encode()
+        tag = frames.status_tag(session.key, self.registry.appliance_id, session.nonce, body)
+        return body + tag
 
     def on_event(self, event: Event) -> None:
         """Fold a bus event into the Status value and notify subscribers."""
@@ -288,6 +365,9 @@ class FobProtocol:
         self._notify()
 
     def set_pairing(self, open_: bool) -> None:
+        if open_ and not self.pairing_open:  # a new gesture: a fresh count, a fresh id
+            self._failures = 0
+            self._finished.clear()
         self.pairing_open = self.status.pairing = open_
         if not open_:
             self._pairings.clear()

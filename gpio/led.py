@@ -82,6 +82,11 @@ class DaemonView:
             self.host_connected = bool(d.get("connected"))
         elif event.kind == "pairing":
             self.pairing = bool(d.get("open"))
+            why = str(d.get("why", ""))  # the BLE part ended the window early
+            if "setup code" in why:
+                return "refused"  # wrong setup codes closed it: red, like a refusal
+            if "paired" in why:
+                return "paired"
         elif event.kind == "progress":
             self.busy = d.get("phase") in ("start", "commit")
             self.waiting = d.get("phase") == "waiting"
@@ -142,6 +147,7 @@ def signals(t: LedTimings) -> dict[str, Pattern]:
         "refused": Pattern("refused", ((0.0, 2 * f), *_blink(f, f) * 3, (0.0, 2 * f)), "red"),
         "locked": Pattern("locked", ((0.0, 2 * f), *_blink(f, f) * 3, (0.0, 2 * f)), "red"),
         "unlocked": Pattern("unlocked", ((0.0, 2 * f), (1.0, 2 * t.slow), (0.0, 2 * f)), "blue"),
+        "paired": Pattern("paired", ((0.0, 2 * f), (1.0, 2 * t.slow), (0.0, 2 * f)), "blue"),
         "warning": Pattern("warning", ((0.0, 2 * f), *_blink(3 * f, f) * 2, (0.0, 2 * f)),
                            "amber"),
     }

@@ -52,6 +52,7 @@ def pair_directly(proto: FobProtocol, peer: str = "dev", setup_code: str = "") -
         proto.pair_write(peer, write)
     creds, confirm = fob.finish(proto.pair_read(peer))
     proto.pair_write(peer, confirm)
+    fob.check_appliance(proto.pair_read(peer))
     return creds
 
 

@@ -52,7 +52,7 @@ def appliance_service(
     async def on_command(conn, value: bytes) -> None:
         if on_frame is not None:
             await on_frame(conn, "before")
-        result = await proto.handle_command(bytes(value))
+        result = await proto.handle_command(bytes(value), str(conn.peer_address))
         if on_frame is not None:
             await on_frame(conn, "after")
         if result != Result.OK:
@@ -72,14 +72,15 @@ def appliance_service(
 
     status = gatt.Characteristic(
         frames.STATUS_UUID, P.READ | P.NOTIFY, enc_r,
-        gatt.CharacteristicValue(read=lambda _c: proto.status_value()),
+        gatt.CharacteristicValue(read=lambda c: proto.status_read(str(c.peer_address))),
     )  # fmt: skip
     chars = [
         gatt.Characteristic(frames.COMMAND_UUID, P.WRITE, enc_w,
                             gatt.CharacteristicValue(write=on_command)),
         status,
         gatt.Characteristic(frames.CHALLENGE_UUID, P.READ, enc_r,
-                            gatt.CharacteristicValue(read=lambda _c: proto.read_challenge())),
+                            gatt.CharacteristicValue(
+                                read=lambda c: proto.read_challenge(str(c.peer_address)))),
         gatt.Characteristic(frames.PAIR_UUID, P.READ | P.WRITE, enc_r | enc_w,
                             gatt.CharacteristicValue(
                                 read=lambda c: proto.pair_read(str(c.peer_address)),
@@ -177,11 +178,12 @@ def test_secure_connections_bonding_then_fob_protocol(tmp_path):
         assert status.last_result == Result.OK and sink.commands[-1].action == Action.RESTORE
 
         # a recorded frame sent again over the air is refused and changes nothing
+        nonce = await link.read(frames.CHALLENGE_UUID)
         replay = frames.build_frame(bytes.fromhex(creds.key), bytes.fromhex(creds.appliance_id),
-                                    Cmd.SAVE, creds.fob_id, creds.counter)  # fmt: skip
+                                    Cmd.SAVE, creds.fob_id, creds.counter, nonce)  # fmt: skip
         with pytest.raises(ATT_Error):
             await link.write(frames.COMMAND_UUID, replay)
-        assert Status.decode(await link.read(frames.STATUS_UUID)).last_result == Result.REPLAY
+        assert proto.status.last_result == Result.REPLAY
         assert len(sink.commands) == 2
 
         proto.on_event(Event("state", {"mode": "unlocked", "epoch": 7, "dirty_units": 1}))

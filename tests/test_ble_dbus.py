@@ -44,13 +44,25 @@ async def with_part(
         await fake.stop()
 
 
-async def pair_over_gatt(fake: FakeBluez, device: str = DEVICE) -> FobCredentials:
-    fob = FobPairing()
+async def pair_over_gatt(fake: FakeBluez, device: str = DEVICE, code: str = "") -> FobCredentials:
+    fob = FobPairing(code)
     for write in fob.pub_writes():
         await fake.write(frames.PAIR_UUID, write, device)
     creds, confirm = fob.finish(await fake.read(frames.PAIR_UUID, device))
     await fake.write(frames.PAIR_UUID, confirm, device)
+    fob.check_appliance(await fake.read(frames.PAIR_UUID, device))
     return creds
+
+
+async def fresh(fake: FakeBluez, creds: FobCredentials, cmd: Cmd) -> bytes:
+    """The fob's next frame, with a challenge read on its link (protocol 2: every frame)."""
+    return frame_for(creds, cmd, await fake.read(frames.CHALLENGE_UUID))
+
+
+async def reopen(sink: RecordingSink) -> None:
+    """A new gesture: protocol 2 closes the window at the first pairing."""
+    sink.publish(Event("pairing", {"open": True}))
+    await asyncio.sleep(0.05)
 
 
 async def eventually(check: Callable[[], bool], seconds: float = 3) -> bool:
@@ -118,11 +130,14 @@ def test_pairing_window_commands_and_notifications(private_bus, tmp_path):
         assert await eventually(lambda: fake.adapter["Pairable"] is True)
         creds = await pair_over_gatt(fake)
         assert creds.fob_id == 1 and (await next_status(fake)).last_result == Result.OK
+        assert not (await next_status(fake)).pairing  # one gesture, one fob
 
-        await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+        await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.SAVE))
         assert sink.commands[-1].action == Action.SAVE
         assert sink.commands[-1].source == "fob:1"
         status = await next_status(fake)
+        while status.last_cmd == 0:  # the window's closing may still be queued
+            status = await next_status(fake)
         assert (status.last_cmd, status.last_result) == (Cmd.SAVE, Result.OK)
 
         nonce = await fake.read(frames.CHALLENGE_UUID)
@@ -133,11 +148,12 @@ def test_pairing_window_commands_and_notifications(private_bus, tmp_path):
             await fake.write(frames.COMMAND_UUID, restore)  # recorded and replayed
         last = Status.decode(await fake.read(frames.STATUS_UUID)).last_result
         assert last == Result.STALE_CHALLENGE  # its nonce was used up
-        save = frame_for(creds, Cmd.SAVE)
+        save = await fresh(fake, creds, Cmd.SAVE)
         await fake.write(frames.COMMAND_UUID, save)
         with pytest.raises(AttError, match="NotAuthorized"):
             await fake.write(frames.COMMAND_UUID, save)
-        assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REPLAY
+        status = Status.decode(await fake.read(frames.STATUS_UUID))
+        assert status.last_result == Result.STALE_CHALLENGE
         assert [c.action for c in sink.commands] == [Action.SAVE, Action.RESTORE, Action.SAVE]
 
         sink.publish(Event("state", {"mode": "unlocked", "epoch": 4, "dirty_units": 3,
@@ -179,7 +195,7 @@ def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
         await asyncio.sleep(0.05)
         assert await fake.pair()
         creds = await pair_over_gatt(fake)
-        await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.STATUS))
+        await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.STATUS))
         assert sink.commands[-1].action == Action.STATUS
 
     run(with_part(private_bus, tmp_path, body))
@@ -203,12 +219,12 @@ def test_revoke_refuses_frames_and_removes_the_bond(private_bus, tmp_path):
         assert DEVICE not in tree  # `bluetoothctl devices` no longer lists it
         # the link is no longer encrypted, and the window is closed: it cannot bond again
         with pytest.raises(AttError, match="Insufficient Encryption"):
-            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+            await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.SAVE))
         await asyncio.sleep(0.05)
         assert not await fake.pair()
         fake.bonded.add(DEVICE)  # even over a link that is still encrypted: REVOKED
         with pytest.raises(AttError):
-            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+            await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.SAVE))
         assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REVOKED
         assert sink.commands == []
         again = await sink.handlers["fobs"]({"op": "revoke", "id": creds.fob_id})
@@ -224,8 +240,10 @@ def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
         await asyncio.sleep(0.05)
         await fake.pair()
         first = await pair_over_gatt(fake)
+        await reopen(sink)
         await fake.pair(OTHER)
         second = await pair_over_gatt(fake, OTHER)
+        await reopen(sink)
         third = await pair_over_gatt(fake, OTHER)  # the same phone paired twice
         answer = await sink.handlers["fobs"]({"op": "revoke", "id": second.fob_id})
         assert answer["fob"]["bond"] == (
@@ -241,7 +259,7 @@ def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
             "kept: BlueZ is not reachable; "
             "remove it later with `bluetoothctl remove F0:F0:F0:F0:F0:01`")
         assert part.proto.registry.get(first.fob_id).revoked
-        assert fake.removed == []
+        assert fake.removed == [], fake.removed
 
     run(with_part(private_bus, tmp_path, body))
 
@@ -270,12 +288,12 @@ def test_through_the_real_command_bus(private_bus, tmp_path):
             creds = await pair_over_gatt(fake)
 
             with pytest.raises(AttError):  # LOCKED at boot: SAVE is refused by the bus
-                await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+                await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.SAVE))
             assert Status.decode(await fake.read(frames.STATUS_UUID)).last_result == Result.REFUSED
             nonce = await fake.read(frames.CHALLENGE_UUID)
             await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.UNLOCK, nonce))
             epoch = (await bus.snapshot())["epoch"]
-            await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+            await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.SAVE))
             status = Status.decode(await fake.read(frames.STATUS_UUID))
             # one unlock is one SAVE ([lock] single_use): the SAVE re-locked
             assert not status.unlocked and status.last_result == Result.OK
@@ -302,7 +320,7 @@ def test_outcome_over_dbus(private_bus, tmp_path):
         await asyncio.sleep(0.05)
         assert await fake.pair()
         creds = await pair_over_gatt(fake)
-        await fake.write(frames.COMMAND_UUID, frame_for(creds, Cmd.SAVE))
+        await fake.write(frames.COMMAND_UUID, await fresh(fake, creds, Cmd.SAVE))
         await fake.write(frames.OUTCOME_UUID, frames.outcome_query(creds.fob_id, creds.counter))
         done = FrameOutcome.decode(await fake.read(frames.OUTCOME_UUID))
         assert (done.state, done.cmd, done.result) == (FrameState.DONE, Cmd.SAVE, Result.OK)
@@ -314,3 +332,36 @@ def test_outcome_over_dbus(private_bus, tmp_path):
         assert len(sink.commands) == 1
 
     run(with_part(private_bus, tmp_path, body))
+
+
+def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
+    """A device that bonds during the window but never finishes pairing loses its bond when
+    the window closes; the window closes at the first pairing, so a second one is refused."""
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        await reopen(sink)
+        assert await fake.pair(OTHER)  # the attacker bonds, then only reads Status
+        assert await fake.pair()
+        await pair_over_gatt(fake)
+        assert await eventually(lambda: fake.removed == [OTHER])
+        assert fake.adapter["Pairable"] is False and not part.proto.pairing_open
+        with pytest.raises(AttError):
+            await pair_over_gatt(fake, OTHER)
+        assert [f["fob_id"] for f in part.proto.registry.list()] == [1]
+
+    run(with_part(private_bus, tmp_path, body))
+
+
+def test_a_wrong_setup_code_loses_its_bond_at_once(private_bus, tmp_path):
+    """So the next attempt starts clean on both sides; the third closes the window."""
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+        await reopen(sink)
+        for attempt in range(3):
+            assert await fake.pair(OTHER)
+            with pytest.raises(AttError):
+                await pair_over_gatt(fake, OTHER, code="0000")
+            assert await eventually(lambda n=attempt: fake.removed == [OTHER] * (n + 1))
+        assert not part.proto.pairing_open
+        assert await eventually(lambda: fake.adapter["Pairable"] is False)
+        assert part.proto.registry.list() == []
+
+    run(with_part(private_bus, tmp_path, body, setup_code="4829"))

@@ -22,8 +22,8 @@ class DirectLink:
     async def read(self, uuid: str) -> bytes:
         from ble import frames
 
-        return {frames.CHALLENGE_UUID: self.proto.read_challenge,
-                frames.STATUS_UUID: self.proto.status_value,
+        return {frames.CHALLENGE_UUID: lambda: self.proto.read_challenge("fob"),
+                frames.STATUS_UUID: lambda: self.proto.status_read("fob"),
                 frames.PAIR_UUID: lambda: self.proto.pair_read("fob")}[uuid]()  # fmt: skip
 
     async def write(self, uuid: str, data: bytes) -> None:
@@ -31,7 +31,7 @@ class DirectLink:
 
         if uuid == frames.PAIR_UUID:
             self.proto.pair_write("fob", data)
-        elif await self.proto.handle_command(data) != Result.OK:
+        elif await self.proto.handle_command(data, "fob") != Result.OK:
             raise RuntimeError("ATT error")
 
 
@@ -79,3 +79,40 @@ def test_cli_bounds_the_retries(tmp_path) -> None:
     args = fob_client.parser().parse_args(["save", "--timeout", "5", "--retry-for", "30"])
     retry = fob_client.retry_of(args)
     assert retry.total == 30 and retry.connect_timeout == 5 and retry.links >= 2
+
+
+class RefusingLink(DirectLink):
+    """DirectLink whose refusals are ATT errors, as the real link reports them."""
+
+    async def write(self, uuid: str, data: bytes) -> None:
+        from ble.fob_session import Refused
+
+        try:
+            await super().write(uuid, data)
+        except ValueError as e:
+            raise Refused(str(e)) from e
+
+
+def test_wrong_setup_code_says_so_and_keeps_the_old_key(tmp_path):
+    import pytest
+
+    from ble.fob_session import FobError, PairRun
+
+    proto = FobProtocol(FobRegistry(tmp_path / "app.json"), RecordingSink(), setup_code="4829")
+    store = fob_client.KeyStore(tmp_path / "fob.json")
+
+    async def connect(_timeout: float) -> RefusingLink:
+        return RefusingLink(proto)
+
+    async def body() -> None:
+        proto.set_pairing(True)
+        good = await PairRun(connect, "4829", store.save).run()
+        proto.set_pairing(False)
+        proto.set_pairing(True)  # a new window; someone types the code wrong
+        before = store.path.read_bytes()
+        with pytest.raises(FobError, match="wrong setup code"):
+            await PairRun(connect, "0000", store.save).run()
+        store.restore(before)  # what `savepoint-fob pair` does when pairing fails
+        assert store.pick().key == good.key
+
+    asyncio.run(body())

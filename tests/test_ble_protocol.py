@@ -40,14 +40,21 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def fresh(proto: FobProtocol, creds, cmd: Cmd) -> bytes:
+    """The fob's next frame with a fresh challenge (protocol 2 binds one into every frame)."""
+    return frame_for(creds, cmd, proto.read_challenge())
+
+
 def test_frame_is_20_bytes_and_round_trips():
-    key, app = bytes(range(32)), bytes(16)
-    data = frames.build_frame(key, app, Cmd.SAVE, 7, 42)
+    key, app, nonce = bytes(range(32)), bytes(16), bytes(range(16))
+    data = frames.build_frame(key, app, Cmd.SAVE, 7, 42, nonce)
     assert len(data) == 20
     frame = frames.parse_frame(data)
     assert (frame.cmd, frame.fob_id, frame.counter) == (Cmd.SAVE, 7, 42)
-    assert frames.tag_matches(frame, key, app)
-    assert not frames.tag_matches(frame, key, bytes([1]) + bytes(15))  # other appliance
+    assert frames.tag_matches(frame, key, app, nonce)
+    assert not frames.tag_matches(frame, key, bytes([1]) + bytes(15), nonce)  # other appliance
+    with pytest.raises(ValueError, match="challenge"):  # protocol 2: no frame without one
+        frames.build_frame(key, app, Cmd.SAVE, 7, 42)
 
 
 def test_known_answer_vector():
@@ -55,15 +62,17 @@ def test_known_answer_vector():
     key, app = bytes(range(32)), bytes(range(16))
     nonce = bytes(range(16, 32))
     data = frames.build_frame(key, app, Cmd.RESTORE, 0x0102, 0x03040506, nonce)
-    assert data[:8].hex() == "0102010203040506"
-    assert data.hex() == "0102010203040506" + frames.compute_tag(key, app, data[:8], nonce).hex()
-    assert data[8:].hex() == "e01d33fe70ee25fecd03bc2c"
+    assert data[:8].hex() == "0202010203040506"
+    assert data[8:].hex() == "870076d3ad0b1f970a5e2a13"
+    assert data.hex() == "0202010203040506" + frames.compute_tag(key, app, data[:8], nonce).hex()
 
 
 @pytest.mark.parametrize(
     ("data", "result"),
-    [(b"\x01\x01", Result.BAD_FRAME), (bytes([2, 1]) + bytes(18), Result.BAD_FRAME),
-     (bytes([1, 0x7F]) + bytes(18), Result.UNKNOWN_COMMAND)],
+    [(b"\x02\x01", Result.BAD_FRAME),
+     (bytes([2, 0x7F]) + bytes(18), Result.UNKNOWN_COMMAND),
+     (bytes([3, 1]) + bytes(18), Result.BAD_FRAME),
+     (bytes([1, 1]) + bytes(18), Result.OLD_PROTOCOL)],
 )  # fmt: skip
 def test_malformed_frames_get_a_code(data, result):
     with pytest.raises(FrameError) as err:
@@ -80,7 +89,7 @@ def test_status_round_trip_fits_a_notification():
 
 def test_save_goes_through_the_bus_as_the_fob(env):
     proto, sink, creds, _ = env
-    assert run(proto.handle_command(frame_for(creds, Cmd.SAVE))) == Result.OK
+    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == Result.OK
     cmd = sink.commands[-1]
     assert (cmd.action, cmd.source, cmd.authenticated) == (Action.SAVE, "fob:1", True)
     status = Status.decode(proto.status_value())
@@ -89,9 +98,12 @@ def test_save_goes_through_the_bus_as_the_fob(env):
 
 def test_replayed_frame_is_refused_and_changes_nothing(env):
     proto, sink, creds, _ = env
-    data = frame_for(creds, Cmd.SAVE)
+    data = fresh(proto, creds, Cmd.SAVE)
     assert run(proto.handle_command(data)) == Result.OK
-    assert run(proto.handle_command(data)) == Result.REPLAY
+    assert run(proto.handle_command(data)) == Result.STALE_CHALLENGE  # its nonce is used up
+    creds.counter -= 1  # a fresh challenge with a used counter: only a broken fob sends that
+    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == \
+        Result.REPLAY
     assert len(sink.commands) == 1
     assert Status.decode(proto.status_value()).last_result == Result.REPLAY
 
@@ -106,12 +118,15 @@ def test_counter_is_persisted_before_the_command_runs(env, tmp_path):
         return await original(command)
 
     sink.submit = submit
-    data = frame_for(creds, Cmd.SAVE)
+    data = fresh(proto, creds, Cmd.SAVE)
     run(proto.handle_command(data))
     assert seen == [creds.counter]
     # A restart (new registry from the file) still refuses the recorded frame.
     again = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingSink())
-    assert run(again.handle_command(data)) == Result.REPLAY
+    assert run(again.handle_command(data)) == Result.BAD_MAC  # no such challenge any more
+    creds.counter -= 1
+    assert run(again.handle_command(frame_for(creds, Cmd.SAVE, again.read_challenge()))) == \
+        Result.REPLAY
 
 
 def test_restore_needs_a_fresh_single_use_challenge(env):
@@ -132,12 +147,13 @@ def test_restore_needs_a_fresh_single_use_challenge(env):
 
 def test_wrong_key_unknown_and_revoked_fobs(env, tmp_path):
     proto, sink, creds, _ = env
-    forged = frames.build_frame(bytes(32), bytes.fromhex(creds.appliance_id), Cmd.SAVE, 1, 99)
+    forged = frames.build_frame(bytes(32), bytes.fromhex(creds.appliance_id), Cmd.SAVE, 1, 99,
+                                proto.read_challenge())  # fmt: skip
     assert run(proto.handle_command(forged)) == Result.BAD_MAC
-    unknown = frames.build_frame(bytes(32), bytes(16), Cmd.SAVE, 77, 1)
+    unknown = frames.build_frame(bytes(32), bytes(16), Cmd.SAVE, 77, 1, bytes(16))
     assert run(proto.handle_command(unknown)) == Result.UNKNOWN_FOB
     run(proto.fobs_handler({"op": "revoke", "id": 1}))
-    assert run(proto.handle_command(frame_for(creds, Cmd.SAVE))) == Result.REVOKED
+    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == Result.REVOKED
     assert sink.commands == []
     assert "key" not in json.dumps(run(proto.fobs_handler({"op": "list"})))
     assert json.loads((tmp_path / "fobs.json").read_text())["fobs"]["1"]["key"] == ""
@@ -146,7 +162,7 @@ def test_wrong_key_unknown_and_revoked_fobs(env, tmp_path):
 def test_bus_refusal_is_reported(env):
     proto, sink, creds, _ = env
     sink.refuse = {"save"}
-    assert run(proto.handle_command(frame_for(creds, Cmd.SAVE))) == Result.REFUSED
+    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == Result.REFUSED
 
 
 def test_pairing_only_inside_the_window(tmp_path):
@@ -219,11 +235,11 @@ def test_outcome_tells_a_frame_that_ran_from_one_that_never_did(env, tmp_path):
     proto, sink, creds, _ = env
     assert outcome(proto, creds.fob_id, 1).state == FrameState.NOT_RUN  # nothing sent yet
     sink.refuse = {"save"}
-    assert run(proto.handle_command(frame_for(creds, Cmd.SAVE))) == Result.REFUSED
+    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == Result.REFUSED
     refused = outcome(proto, creds.fob_id, creds.counter)
     assert (refused.state, refused.cmd, refused.result) == (FrameState.DONE, Cmd.SAVE,
                                                             Result.REFUSED)  # fmt: skip
-    bad = bytearray(frame_for(creds, Cmd.SAVE))
+    bad = bytearray(fresh(proto, creds, Cmd.SAVE))
     bad[-1] ^= 1  # a frame refused before its counter was accepted never ran
     assert run(proto.handle_command(bytes(bad))) == Result.BAD_MAC
     assert outcome(proto, creds.fob_id, creds.counter).state == FrameState.NOT_RUN
@@ -246,7 +262,7 @@ def test_outcome_is_running_until_the_bus_answers(env):
             return await submit(command)
 
         sink.submit = slow  # type: ignore[method-assign]
-        task = asyncio.ensure_future(proto.handle_command(frame_for(creds, Cmd.SAVE)))
+        task = asyncio.ensure_future(proto.handle_command(fresh(proto, creds, Cmd.SAVE)))
         await asyncio.sleep(0.01)
         assert outcome(proto, creds.fob_id, creds.counter).state == FrameState.RUNNING
         gate.set()
@@ -266,8 +282,8 @@ def test_outcome_queries_are_per_peer_and_bounded(env):
         outcome(proto, creds.fob_id, 5, peer=f"p{n}")
     assert len(proto._queries) == MAX_QUERIES
     for _ in range(MAX_OUTCOMES + 5):
-        assert run(proto.handle_command(frame_for(creds, Cmd.STATUS))) == Result.OK
+        assert run(proto.handle_command(fresh(proto, creds, Cmd.STATUS))) == Result.OK
     assert len(proto._outcomes) == MAX_OUTCOMES
     assert outcome(proto, creds.fob_id, 1).state == FrameState.UNKNOWN  # forgotten, not "never"
     with pytest.raises(FrameError):
-        proto.outcome_write("a", b"\x02" + bytes(6))  # wrong version
+        proto.outcome_write("a", b"\x09" + bytes(6))  # wrong version

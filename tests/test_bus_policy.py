@@ -271,8 +271,26 @@ def test_pairing_window_opens_and_closes(store):
 
     outcome, opened, pairing = run(go())
     assert outcome.ok and outcome.data == {"open": True, "until": 5060.0, "ble": "off"}
-    assert opened == {"open": True, "until": 5060.0}
+    assert opened == {"open": True, "until": 5060.0, "closed_by": None}
     assert pairing == [{"open": True, "until": 5060.0}, {"open": False}]
+
+
+def test_the_ble_part_closes_the_window_early_and_status_says_why(store):
+    async def go():
+        bus = CommandBus(store, pairing_window=60, clock=Clock(), wall=lambda: 5000.0)
+        await bus.submit(Command(Action.PAIR, "button"))
+        events = bus.subscribe()
+        bus.close_pairing("3 wrong setup codes")
+        bus.close_pairing("again")  # already closed: nothing more
+        closed = (await bus.snapshot())["pairing"]
+        await bus.submit(Command(Action.PAIR, "button"))
+        reopened = (await bus.snapshot())["pairing"]
+        return closed, reopened, events.get_nowait().data, events.qsize()
+
+    closed, reopened, event, more = run(go())
+    assert closed == {"open": False, "until": None, "closed_by": "3 wrong setup codes"}
+    assert event == {"open": False, "why": "3 wrong setup codes"} and more >= 1
+    assert reopened["open"] and reopened["closed_by"] is None
 
 
 def test_every_outcome_is_published(store):

@@ -84,6 +84,15 @@ def test_no_host_can_be_dark() -> None:
     assert patterns(dark)["no_host"].steps == ((0.0, float("inf")),)
 
 
+def test_a_pairing_window_closed_early_says_why() -> None:
+    v = DaemonView()
+    assert v.apply(Event("pairing", {"open": True})) is None and v.pairing
+    assert v.apply(Event("pairing", {"open": False, "why": "3 wrong setup codes"})) == "refused"
+    assert not v.pairing
+    assert v.apply(Event("pairing", {"open": False, "why": "fob 2 paired"})) == "paired"
+    assert v.apply(Event("pairing", {"open": False})) is None  # the 60 s ran out
+
+
 def test_player_plays_sos_then_a_signal_then_resumes(factory: MockFactory) -> None:
     led = PWMLED(27)
     pin = factory.pin(27)

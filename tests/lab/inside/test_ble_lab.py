@@ -71,14 +71,20 @@ class Drops:
         print(line, end="")
 
 
-def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str, drops: Drops) -> str:
+SETUP_CODE = "482913"
+
+
+def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str, drops: Drops,
+        *extra: str, rc_wanted: int = 0) -> str:
     """`savepoint-fob ACTION` on the fob's adapter: the CLI's own main(), in this process
     (a python start costs 10-15 s under TCG; the BLE work is the same)."""
     capsys.readouterr()
     rc = fob_client.main([action, "--adapter", FOB_ADAPTER, "--keys", str(keys),
-                          "--timeout", "40"])
+                          "--timeout", "40", *extra])
     out = capsys.readouterr()
-    assert rc == 0, f"savepoint-fob {action} exited {rc}: {out.err}{out.out}"
+    assert rc == rc_wanted, f"savepoint-fob {action} exited {rc}: {out.err}{out.out}"
+    if rc:
+        return out.err
     drops.check(out.err, f"savepoint-fob {action}")
     return out.out
 
@@ -110,7 +116,8 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
-        cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\n'
+        cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\nsetup_code = "{SETUP_CODE}"\n'
+                  "pairing_window = 600\n"  # TCG: four pairings take more than 60 s
                   f'registry = "{tmp_path / "fobs.json"}"\n')
     dev = appliance.start()
     wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,
@@ -119,7 +126,16 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     drops = Drops(ble)
 
     appliance.cli("pair")  # the window a user opens with the button or `savepoint pair`
-    assert "paired as fob" in fob(capsys, keys, "pair", drops)
+    for attempt in range(3):  # SPAKE2: one online guess each; the third closes the window
+        err = fob(capsys, keys, "pair", drops, "--setup-code", f"00000{attempt}", rc_wanted=1)
+        assert "wrong setup code" in err, err
+    pairing = appliance.status()["pairing"]
+    assert not pairing["open"] and pairing["closed_by"] == "3 wrong setup codes", pairing
+    assert not keys.exists()  # nothing kept from the refused pairings
+    appliance.cli("pair")
+    assert "paired as fob" in fob(capsys, keys, "pair", drops, "--setup-code", SETUP_CODE)
+    pairing = appliance.status()["pairing"]
+    assert not pairing["open"] and pairing["closed_by"] == "fob 1 paired", pairing  # one fob
     assert oct(keys.stat().st_mode & 0o777) == "0o600"
     fobs = appliance.request("fobs", {"op": "list"})["data"]
     assert len(fobs["fobs"]) == 1, fobs

@@ -97,6 +97,7 @@ class Store:
         self._gate = IoGate()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._flush_lock = threading.Lock()
+        self._shrink_lock = threading.Lock()  # one request makes room in the map cache
         self._zero_unit = bytes(self.unit_size)
         self._pass_pos = 0
         self._pass_start = self.epoch
@@ -548,23 +549,34 @@ class Store:
             self._gate.enter()
 
     def _shrink(self) -> None:
-        """The map cache is over its budget: unload clean pages, least recently used first.
-        Dirty pages are pinned; when they alone keep it over, flush (data synced, then the
-        map sectors: flush's own order) and unload again. Alone in the gate: no request is
-        between its check of a page and its use."""
-        m, m_cache = self.map, self.map.cache
-        with self._gate.exclusive():
-            if not m_cache.over() or m.evict(m_cache.low) <= m_cache.low:
+        """The map cache is over its high-water mark: unload clean pages, least recently used
+        first. Dirty pages are pinned; when they keep it over, flush (data synced, then the
+        map sectors: flush's own order, with requests going on as during FLUSH) and unload
+        again. Unloading is done alone in the gate: no request is between its check of a
+        page and its use. One request makes room at a time; the others go on unless the
+        cache is at its hard limit, where they wait for it."""
+        m, cache = self.map, self.map.cache
+        if not self._shrink_lock.acquire(blocking=len(cache) > cache.limit):
+            return
+        try:
+            if not cache.over():
                 return
-            if self.readonly or not m.dirty:
-                return  # damaged sectors pin their pages: a few, until `inspect --check`
+            with self._gate.exclusive():
+                if m.evict(cache.low) <= cache.low or self.readonly or not m.dirty:
+                    return  # (damaged sectors pin their pages: a few, until a check)
+            self._gate.enter()
             try:
                 self._flush_locked()
-            except OSError as e:  # the write that got here succeeded: do not fail it
-                log.warning("map cache over its budget and the flush that would make room "
-                            "failed (%s); retrying at the next request", e)
+            except OSError as e:  # the request that got here succeeded: do not fail it
+                log.warning("the map cache is over its budget and the flush that would make "
+                            "room failed (%s); retrying at the next request", e)
                 return
-            m.evict(m_cache.low)
+            finally:
+                self._gate.leave()
+            with self._gate.exclusive():
+                m.evict(cache.low)
+        finally:
+            self._shrink_lock.release()
 
     # ----- SAVE and RESTORE -------------------------------------------------------------------
 

@@ -21,13 +21,16 @@ MIN_GROUPS = 1  # the tests run with one: eviction (and the flushes it forces) a
 
 
 class MapCache:
-    """Resident map memory groups, coldest first; `budget` bytes at most between requests."""
+    """Resident map memory groups, coldest first; `budget` bytes at most between requests
+    (a request that loads many pages, a BLOCK_STATUS or a pass step, may pass it briefly)."""
 
     def __init__(self, budget: int, group_bytes: int) -> None:
         self.budget, self.group_bytes = budget, group_bytes
-        self.limit = max(MIN_GROUPS, budget // group_bytes)
-        # Evict down to `low` so one forced flush and eviction serves many requests.
-        self.low = self.limit - max(1, self.limit // 8)
+        self.limit = max(MIN_GROUPS, budget // group_bytes)  # requests wait above it
+        # Room is made from `high` on, down to `low`, while requests go on: one forced flush
+        # and eviction serves many of them, and the cache stays under `limit` meanwhile.
+        margin = self.limit // 8
+        self.high, self.low = self.limit - margin, self.limit - 2 * margin
         self._lru: OrderedDict[int, None] = OrderedDict()
         self.hits = self.misses = self.evictions = 0
         # The hot path: a lookup of a resident page moves it to the warm end (C, no lock: the
@@ -41,7 +44,7 @@ class MapCache:
         return len(self._lru)
 
     def over(self) -> bool:
-        return len(self._lru) > self.limit
+        return len(self._lru) > self.high
 
     def add(self, group: int, cold: bool = False) -> None:
         """A group became resident. cold: loaded by the background pass, so evicted first."""

@@ -27,6 +27,8 @@ from appliance.store_format import (
     sector_ok,
 )
 
+_ZERO_PAGE = bytes(PAGE)
+
 
 def word_index(unit: int) -> int:
     """Index of a unit's record in the map viewed as u32 words (2 header words per sector)."""
@@ -47,17 +49,19 @@ class UnitMap:
         self.lock = threading.Lock()  # guards every record change and the dirty set
         self._step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
         self.cache = MapCache(budget, self._step * PAGE)
+        self._scratch = bytearray(PAGE)  # a page read lands here first (under lock)
 
     def load_page(self, page: int, transient: bool = False) -> None:
         """transient: loaded by the background pass only, so drop_transient may unload it."""
         with self.lock:
             if self.loaded[page]:
                 return
-            view = memoryview(self._meta)[page * PAGE:(page + 1) * PAGE]
-            self._b.pread_into(view, self._geo.meta_off + page * PAGE)
-            for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
-                if not sector_ok(self._meta, s):
-                    self.bad_sectors.add(s)
+            self._b.pread_into(self._scratch, self._geo.meta_off + page * PAGE)
+            if self._scratch != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
+                self._meta[page * PAGE:(page + 1) * PAGE] = self._scratch
+                for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
+                    if not sector_ok(self._meta, s):
+                        self.bad_sectors.add(s)
             group = page // self._step
             if group in self.cache:
                 self.cache.touch(group)
@@ -99,7 +103,7 @@ class UnitMap:
         """Caller holds lock. A page whose records are not on disk (or not trusted) stays."""
         pages = self._pages(group)
         sectors = range(pages.start * SECTORS_PER_PAGE, pages.stop * SECTORS_PER_PAGE)
-        return any(s in self.dirty or s in self.bad_sectors for s in sectors)
+        return not (self.dirty.isdisjoint(sectors) and self.bad_sectors.isdisjoint(sectors))
 
     def _unload(self, group: int) -> None:
         """Caller holds lock. Give the memory back; the next use reads the page again."""

@@ -90,11 +90,59 @@ def run_one(work: str, size: int, writes: int, budget: int) -> dict[str, float]:
     return res
 
 
+def unit_tradeoff(work: str, writes: int) -> None:
+    """Per unit size: the whole map of a 1 TiB disk, SAVE after `writes` random 4 KiB writes
+    (flushes their map sectors), the background pass after it, and the 4 KiB first writes
+    after a SAVE over saved data (each copies up the rest of its unit)."""
+    import random
+
+    sys.path.insert(0, TOP)
+    from appliance.store import Store, create_store
+    from appliance.store_format import plan_geometry
+
+    size = 64 * GiB
+    print(f"\n== unit size: map RAM, SAVE and pass vs copy-up ({writes} random 4 KiB writes "
+          "over 64 GiB) ==")
+    print(f"{'unit':>5} {'map/TiB':>8} {'SAVE ms':>8} {'pass s':>7} {'1st-write/s':>12} "
+          f"{'rewrite/s':>10}")
+    for unit in (4096, 16384, 65536):
+        path = f"{work}/u{unit}.img"
+        create_store(path, size, unit=unit, allow_overcommit=True)
+        rng = random.Random(unit)
+        offs = [rng.randrange(size // 4096) * 4096 for _ in range(writes)]
+        block = rng.randbytes(4096)
+        with Store.open(path) as st:
+            for o in offs:  # saved data under every later write
+                st.write(o, block)
+            st.flush()
+            t0 = time.perf_counter()
+            st.save("bench")
+            save_ms = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            while st.background_step():
+                pass
+            pass_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for o in offs:
+                st.write(o + 512 if unit > 4096 else o, block[:3584] if unit > 4096 else block)
+            first = writes / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for o in offs:
+                st.write(o, block)
+            again = writes / (time.perf_counter() - t0)
+        meta = plan_geometry(1 << 40, unit).meta_len
+        print(f"{unit >> 10:4}K {meta / (1 << 20):7.0f}M {save_ms:8.1f} {pass_s:7.2f} "
+              f"{first:12.0f} {again:10.0f}")
+        os.unlink(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--writes", type=int, default=100_000)
     ap.add_argument("--budget", default="32M", help="[store] map_cache for both stores")
     ap.add_argument("--dir", default=None, help="where to put the sparse files")
+    ap.add_argument("--units", action="store_true",
+                    help="only the unit-size trade-off (in-process, no NBD)")
     ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -106,6 +154,11 @@ def main() -> None:
 
     budget = parse_size(args.budget)
     work = tempfile.mkdtemp(prefix="bench-map-cache-", dir=args.dir)
+    if args.units:
+        try:
+            return unit_tradeoff(work, min(args.writes, 20_000))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     try:
         small = run_one(work, GiB, args.writes, budget)
         big = run_one(work, 1 << 40, args.writes, budget)

@@ -29,7 +29,7 @@ class MapCache:
         self.limit = max(MIN_GROUPS, budget // group_bytes)  # requests wait above it
         # Room is made from `high` on, down to `low`, while requests go on: one forced flush
         # and eviction serves many of them, and the cache stays under `limit` meanwhile.
-        margin = self.limit // 8
+        margin = self.limit // 4  # writes that go on during the flush that makes room
         self.high, self.low = self.limit - margin, self.limit - 2 * margin
         self._lru: OrderedDict[int, None] = OrderedDict()
         self.hits = self.misses = self.evictions = 0

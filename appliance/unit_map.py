@@ -40,7 +40,8 @@ class UnitMap:
     def __init__(self, backing: Backing, geo: Geometry, budget: int = DEFAULT_BUDGET) -> None:
         self._b, self._geo = backing, geo
         # Anonymous mmap: zero pages cost no RAM until a map page is loaded from disk.
-        self._meta = mmap.mmap(-1, geo.meta_len)
+        # Private: madvise(MADV_DONTNEED) then frees a page and it reads as zeros again.
+        self._meta = mmap.mmap(-1, geo.meta_len, flags=mmap.MAP_PRIVATE)
         self.words = memoryview(self._meta).cast("I")
         self.loaded = bytearray(geo.meta_len // PAGE)
         self.bad_sectors: set[int] = set()

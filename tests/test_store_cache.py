@@ -118,3 +118,18 @@ def test_the_budget_is_a_config_key_with_a_clear_error(tmp_path) -> None:
         parsed('"4K"')
     with pytest.raises(ConfigError, match="map_cache"):
         parsed('"lots"')
+
+
+def test_a_save_waiting_for_a_full_ring_runs_the_pass_within_the_budget(tmp_path) -> None:
+    path = str(tmp_path / "ring.img")
+    create_store(path, PAGES * UNITS_PER_PAGE * U, unit=U, hist_cap=8)
+    rng = random.Random(4)
+    with Store.open(path, map_cache=BUDGET) as st:
+        last: dict[int, bytes] = {}
+        for _ in range(12):  # the ring holds 8: later SAVEs wait for the pass over every page
+            last.update(_spread_writes(st, rng, 8))
+            st.save("test")
+            _within_budget(st)
+        assert st.sb.resolved_below > 1  # the pass did finish, within the budget
+        for unit, data in last.items():
+            assert st.read_saved(unit * U, U) == data

@@ -456,6 +456,7 @@ def print_status(st: dict[str, Any]) -> None:
                     f"[{bar}] {frac:.1%} of {human(st.get('size', 0))}"),
         ("background", "idle (map up to date)" if not st.get("pending_units") else
          f"{st.get('background_progress', 0):.0%} ({st['pending_units']} units waiting)"),
+        *_cache_rows(st),
         ("host", {True: "connected", False: "not connected"}.get(st.get("host_connected"),
                                                                  "unknown (no USB gadget)")),
         *_storage_rows(st),
@@ -503,6 +504,15 @@ def _storage_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
         if part.get("hint"):
             rows.append(("what to do", part["hint"]))
     return rows
+
+
+def _cache_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
+    """The map cache: RAM in use against its budget ([store] map_cache) and its hit rate."""
+    c = st.get("map_cache")
+    if not c:
+        return []
+    return [("map cache", f"{human(c['size'])} of {human(c['budget'])} budget, "
+                          f"{c['hit_rate']:.1%} hits, {c['evictions']} pages evicted")]
 
 
 def _when(t: float | None) -> str:

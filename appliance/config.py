@@ -46,6 +46,8 @@ def _hhmm(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+MIN_MAP_CACHE = 64 << 10  # 16 map pages: a request spanning a few never thrashes
+
 RESTORE_POLICIES = ("never", "on_boot", "on_host_disconnect", "schedule")
 
 # The sections the daemon itself owns. Part sections come from the parts' CONFIG_SCHEMA.
@@ -58,6 +60,9 @@ CORE_SCHEMA: dict[str, Schema] = {
         "allow_overcommit": (bool, False, "let `create` make a store file that can outgrow the "
                              "free space of its file system (it is sparse)"),
         "background": (bool, True, "run the map normaliser while the disk is idle"),
+        "map_cache": ((str, int), "32M", "RAM for the unit map, whatever the disk size (at "
+                      "least 64K): clean map pages beyond it are dropped, least recently used "
+                      "first (docs/config.md: how to choose)"),
     },
     "nbd": {
         "socket": (str, "", "NBD Unix socket; empty = <runtime dir>/nbd.sock"),
@@ -176,6 +181,14 @@ def _check_store(store: dict[str, Any]) -> None:
             store[key] = parse_size(store[key])
         except ValueError as e:
             raise ConfigError(f"[store] {key}: {e}") from None
+    try:
+        store["map_cache"] = parse_size(store["map_cache"])
+    except ValueError as e:
+        raise ConfigError(f"[store] map_cache: {e}") from None
+    if store["map_cache"] < MIN_MAP_CACHE:
+        raise ConfigError(f"[store] map_cache: {store['map_cache']} bytes is too small for "
+                          "the map to work in; give at least \"64K\" (\"32M\" suits any "
+                          "Raspberry Pi)")
     unit = store["unit"]
     if unit & (unit - 1) or not 4096 <= unit <= 1 << 20:
         raise ConfigError(f"[store] unit: {unit} is not a power of two between 4K and 1M "

@@ -219,7 +219,7 @@ class Daemon:
                 raise StartupError(f"cannot create the store at {path}: {e}") from None
             log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
         try:
-            return store_mod.Store.open(path)
+            return store_mod.Store.open(path, map_cache=cfg["map_cache"])
         except (store_mod.StoreError, OSError) as e:
             raise StartupError(f"cannot open the store at {path}: {e}") from None
 

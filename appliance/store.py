@@ -22,12 +22,14 @@ and the format (store_format) live apart.
 from __future__ import annotations
 
 import fcntl
+import logging
 import threading
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from appliance import store_cache
 from appliance.backing import Backing, FileBacking
 from appliance.history_ring import HistoryRing
 from appliance.io_gate import IoGate
@@ -71,12 +73,15 @@ PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms 
 PASS_FLUSH_SECTORS = 4096  # the pass writes what it normalised every 2 MiB of map sectors
 PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
 PASS_DROP_WAIT = 0.02  # seconds the pass waits for an idle moment to drop its pages
+log = logging.getLogger("savepoint.store")
 
 
 class Store:
     """A store opened for I/O. Thread-safe; see store_api in the docs for the contract."""
 
-    def __init__(self, backing: Backing, readonly: bool = False) -> None:
+    def __init__(self, backing: Backing, readonly: bool = False,
+                 map_cache: int | None = None) -> None:
+        """map_cache: the map cache's budget in bytes (None: store_cache.DEFAULT_BUDGET)."""
         self._b = backing
         self.readonly = readonly
         self.sb = self._read_superblock()
@@ -86,11 +91,13 @@ class Store:
                 f"the store needs {g.total_size} bytes but its target has only {backing.size}; "
                 "it was truncated or copied incompletely")
         self.size, self.unit_size, self.epoch = g.logical_size, g.unit_size, self.sb.epoch
-        self.map = UnitMap(backing, g)
+        self.map = UnitMap(backing, g, store_cache.DEFAULT_BUDGET if map_cache is None
+                           else map_cache)
         self.ring = HistoryRing(backing, g)
         self._gate = IoGate()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
         self._flush_lock = threading.Lock()
+        self._shrink_lock = threading.Lock()  # one request makes room in the map cache
         self._zero_unit = bytes(self.unit_size)
         self._pass_pos = 0
         self._pass_start = self.epoch
@@ -119,7 +126,7 @@ class Store:
     # ----- opening --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, readonly: bool = False) -> Store:
+    def open(cls, path: str, readonly: bool = False, map_cache: int | None = None) -> Store:
         try:
             backing = FileBacking(path, readonly=readonly)
         except FileNotFoundError:
@@ -133,7 +140,7 @@ class Store:
                 raise StoreError(f"{path} is in use by another Savepoint process; stop it "
                                  "first (or talk to it with the savepoint CLI)") from None
         try:
-            return cls(backing, readonly=readonly)
+            return cls(backing, readonly=readonly, map_cache=map_cache)
         except BaseException:
             backing.close()
             raise
@@ -190,6 +197,8 @@ class Store:
             raise self.space.io_error(e) from e  # [space] ENOSPC: StoreFullError
         finally:
             self._gate.leave()
+        if self.map.cache.over():
+            self._shrink()
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -210,6 +219,8 @@ class Store:
             raise StoreIOError(f"I/O error on the backing storage: {e}") from e
         finally:
             self._gate.leave()
+        if self.map.cache.over():
+            self._shrink()
 
     def _read_run(self, unit: int, offset: int, buf: memoryview, saved: bool = False) -> None:
         """Fill buf from units whose records equal `unit`'s: one slot, one contiguous read."""
@@ -269,6 +280,8 @@ class Store:
             raise self.space.io_error(e) from e  # [space] ENOSPC: StoreFullError
         finally:
             self._gate.leave()
+        if self.map.cache.over():
+            self._shrink()
         if fua:
             self.flush()
 
@@ -456,6 +469,8 @@ class Store:
                 else:
                     runs.append((pos, n, zero))
                 pos += n
+                if self.map.cache.over() and pos < end:
+                    break  # a shorter answer is allowed: the cache stays within its budget
         return runs
 
     def read_saved(self, offset: int, length: int) -> bytes:
@@ -532,6 +547,36 @@ class Store:
                     self._flush_locked()
         finally:
             self._gate.enter()
+
+    def _shrink(self) -> None:
+        """The map cache is over its high-water mark: unload clean pages, least recently used
+        first. Dirty pages are pinned; when they keep it over, flush (data synced, then the
+        map sectors: flush's own order, with requests going on as during FLUSH) and unload
+        again. Unloading is done alone in the gate: no request is between its check of a
+        page and its use. One request makes room at a time; the others go on unless the
+        cache is at its hard limit, where they wait for it."""
+        m, cache = self.map, self.map.cache
+        if not self._shrink_lock.acquire(blocking=len(cache) > cache.limit):
+            return
+        try:
+            if not cache.over():
+                return
+            with self._gate.exclusive():
+                if m.evict(cache.low) <= cache.low or self.readonly or not m.dirty:
+                    return  # (damaged sectors pin their pages: a few, until a check)
+            self._gate.enter()
+            try:
+                self._flush_locked()
+            except OSError as e:  # the request that got here succeeded: do not fail it
+                log.warning("the map cache is over its budget and the flush that would make "
+                            "room failed (%s); retrying at the next request", e)
+                return
+            finally:
+                self._gate.leave()
+            with self._gate.exclusive():
+                m.evict(cache.low)
+        finally:
+            self._shrink_lock.release()
 
     # ----- SAVE and RESTORE -------------------------------------------------------------------
 
@@ -638,7 +683,7 @@ class Store:
             with self.map.lock:
                 self._c_pos = self._c_ddm = self._c_pend = 0
                 self._c_live = True
-        self._pass_pos = self._normalise(self._pass_pos, max_units)
+        self._pass_pos = self._normalise(self._pass_pos, max_units)  # may stop early: cache
         if self._pass_pos < self.geo.unit_count:
             if self._pass_dirtied >= PASS_FLUSH_SECTORS or \
                     self.map.transient_pages() > PASS_RESIDENT_PAGES:
@@ -672,6 +717,8 @@ class Store:
                 self.space.punch_dead(self, unit, page_end)
             budget -= page_end - unit
             unit = page_end
+            if self.map.cache.over():
+                break  # background_step makes room (flushing if it must) before the next
         return unit
 
     def _normalise_page(self, unit: int, end: int, epoch: int) -> None:
@@ -735,6 +782,7 @@ class Store:
             "last_restore": self.sb.last_restore_ns / 1e9 or None,
             "uuid": str(uuidlib.UUID(bytes=self.sb.uuid)),
             "space": self.space.status(),  # [space]
+            "map_cache": self.map.cache.status(),
         }
 
     def history(self, limit: int | None = None) -> list[dict[str, object]]:

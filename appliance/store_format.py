@@ -246,6 +246,6 @@ def sector_ok(meta: bytes | bytearray | memoryview, sector: int, number: int | N
     header must carry) when `meta` holds only part of the map."""
     raw = memoryview(meta)[sector * SECTOR:(sector + 1) * SECTOR]
     crc, index = struct.unpack_from("<II", raw)
-    if crc == 0 and index == 0 and raw == _ZERO_SECTOR:
+    if crc == 0 and index == 0 and raw.tobytes() == _ZERO_SECTOR:  # memcmp, not per item
         return True
     return index == (sector if number is None else number) and crc == crc32c.crc32c(raw[4:])

@@ -1,7 +1,9 @@
 """The unit map in RAM: one u32 record per unit, mirroring the on-disk map sectors.
 
 Pages are loaded from disk on first use, so opening a 1 TiB store reads nothing but its
-superblock and history. Changed sectors are remembered and written out by flush.
+superblock and history. Changed sectors are remembered and written out by flush. Clean pages
+are unloaded again, least recently used first, when the map cache (store_cache) is over its
+budget; dirty ones stay until a flush wrote them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import mmap
 import threading
 
 from appliance.backing import Backing
+from appliance.store_cache import DEFAULT_BUDGET, MapCache
 from appliance.store_errors import StoreIOError
 from appliance.store_format import (
     PAGE,
@@ -24,6 +27,8 @@ from appliance.store_format import (
     sector_ok,
 )
 
+_ZERO_PAGE = bytes(PAGE)
+
 
 def word_index(unit: int) -> int:
     """Index of a unit's record in the map viewed as u32 words (2 header words per sector)."""
@@ -32,28 +37,38 @@ def word_index(unit: int) -> int:
 
 
 class UnitMap:
-    def __init__(self, backing: Backing, geo: Geometry) -> None:
+    def __init__(self, backing: Backing, geo: Geometry, budget: int = DEFAULT_BUDGET) -> None:
         self._b, self._geo = backing, geo
         # Anonymous mmap: zero pages cost no RAM until a map page is loaded from disk.
-        self._meta = mmap.mmap(-1, geo.meta_len)
+        # Private: madvise(MADV_DONTNEED) then frees a page and it reads as zeros again.
+        self._meta = mmap.mmap(-1, geo.meta_len, flags=mmap.MAP_PRIVATE)
         self.words = memoryview(self._meta).cast("I")
         self.loaded = bytearray(geo.meta_len // PAGE)
         self.bad_sectors: set[int] = set()
         self.dirty: set[int] = set()
         self._transient: set[int] = set()  # pages only the background pass has loaded
         self.lock = threading.Lock()  # guards every record change and the dirty set
+        self._step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
+        self.cache = MapCache(budget, self._step * PAGE)
+        self._scratch = bytearray(PAGE)  # a page read lands here first (under lock)
 
     def load_page(self, page: int, transient: bool = False) -> None:
         """transient: loaded by the background pass only, so drop_transient may unload it."""
         with self.lock:
             if self.loaded[page]:
                 return
-            view = memoryview(self._meta)[page * PAGE:(page + 1) * PAGE]
-            self._b.pread_into(view, self._geo.meta_off + page * PAGE)
-            for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
-                if not sector_ok(self._meta, s):
-                    self.bad_sectors.add(s)
-            self.loaded[page] = 1
+            self._b.pread_into(self._scratch, self._geo.meta_off + page * PAGE)
+            if self._scratch != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
+                self._meta[page * PAGE:(page + 1) * PAGE] = self._scratch
+                for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
+                    if not sector_ok(self._meta, s):
+                        self.bad_sectors.add(s)
+            group = page // self._step
+            if group in self.cache:
+                self.cache.touch(group)
+            else:
+                self.cache.add(group, cold=transient)
+            self.loaded[page] = 1  # after the cache knows it: a lock-free reader touches it
             if transient:
                 self._transient.add(page)
 
@@ -64,22 +79,49 @@ class UnitMap:
         """Unload the clean pages the pass loaded (their records are on disk), so a pass over
         the whole map keeps a bounded number resident. The caller guarantees that no request
         is reading records (the store holds its I/O gate exclusively)."""
-        step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
         with self.lock:
-            for group in sorted({p - p % step for p in self._transient}):
-                pages = range(group, min(group + step, len(self.loaded)))
-                if any(s in self.dirty or s in self.bad_sectors for p in pages
-                       for s in range(p * SECTORS_PER_PAGE, (p + 1) * SECTORS_PER_PAGE)):
-                    continue  # not on disk yet: a later flush writes it, and it stays loaded
-                self._meta.madvise(mmap.MADV_DONTNEED, group * PAGE, len(pages) * PAGE)
-                for p in pages:
-                    self.loaded[p] = 0
+            for group in sorted({p // self._step for p in self._transient}):
+                if not self._pinned(group):
+                    self._unload(group)  # else not on disk yet: a later flush writes it
             self._transient.clear()
+
+    def evict(self, keep: int) -> int:
+        """Unload clean groups, least recently used first, until at most `keep` are resident;
+        returns how many remain. Dirty and damaged pages stay. The caller guarantees that no
+        request is reading records (the store holds its I/O gate exclusively)."""
+        with self.lock:
+            for group in self.cache.coldest():
+                if len(self.cache) <= keep:
+                    break
+                if not self._pinned(group):
+                    self._unload(group)
+            return len(self.cache)
+
+    def _pages(self, group: int) -> range:
+        return range(group * self._step, min((group + 1) * self._step, len(self.loaded)))
+
+    def _pinned(self, group: int) -> bool:
+        """Caller holds lock. A page whose records are not on disk (or not trusted) stays."""
+        pages = self._pages(group)
+        sectors = range(pages.start * SECTORS_PER_PAGE, pages.stop * SECTORS_PER_PAGE)
+        return not (self.dirty.isdisjoint(sectors) and self.bad_sectors.isdisjoint(sectors))
+
+    def _unload(self, group: int) -> None:
+        """Caller holds lock. Give the memory back; the next use reads the page again."""
+        pages = self._pages(group)
+        for p in pages:
+            self.loaded[p] = 0
+        self._meta.madvise(mmap.MADV_DONTNEED, pages.start * PAGE, len(pages) * PAGE)
+        self.cache.forget(group)
 
     def raw(self, unit: int) -> int:
         """The record as stored; a record whose sector failed its checksum is never trusted."""
-        if not self.loaded[unit // UNITS_PER_PAGE]:
-            self.load_page(unit // UNITS_PER_PAGE)
+        page = unit // UNITS_PER_PAGE
+        if self.loaded[page]:
+            self.cache.hits += 1  # unlocked: a lost count only blurs the hit rate
+            self.cache.touch(page // self._step)
+        else:
+            self.load_page(page)
         s, i = divmod(unit, RECS_PER_SECTOR)  # word_index, inlined: this is the hot path
         if self.bad_sectors and s in self.bad_sectors:
             self.raise_bad(unit)
@@ -119,6 +161,8 @@ class UnitMap:
         n = end - first
         if n <= RECS_PER_SECTOR - i and self.loaded[first // UNITS_PER_PAGE] \
                 and not self.bad_sectors:  # the common case: one sector, already loaded
+            self.cache.hits += 1
+            self.cache.touch(first // UNITS_PER_PAGE // self._step)
             w = (s * WORDS_PER_SECTOR + 2 + i) * 4
             raw4 = self._meta[w:w + 4]
             return int.from_bytes(raw4, "little") if self._meta[w:w + 4 * n] == raw4 * n \
@@ -126,6 +170,8 @@ class UnitMap:
         for page in range(first // UNITS_PER_PAGE, (end - 1) // UNITS_PER_PAGE + 1):
             if not self.loaded[page]:
                 self.load_page(page)
+            else:
+                self.cache.touch(page // self._step)
         if self.bad_sectors and any(s in self.bad_sectors for s in
                                     range(first // RECS_PER_SECTOR,
                                           (end - 1) // RECS_PER_SECTOR + 1)):

@@ -83,6 +83,7 @@ def test_status_shows_mode_gauge_and_parts(served):
     assert "UNLOCKED (lock mode off: SAVE needs no unlock)" in out
     assert "16 units, 64.0 KiB" in out and "of 64.0 MiB" in out
     assert "part nbd     up" in out and "part gadget  off" in out
+    assert "of 32.0 MiB budget" in out and "hits" in out  # the map cache
     st = status(served.control)
     assert st["nbd_uris"] == [served.uri] and st["parts"]["nbd"]["state"] == "up"
 

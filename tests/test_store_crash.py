@@ -40,12 +40,13 @@ import threading
 import pytest
 
 from appliance.store import Store, StoreError
-from appliance.store_format import WEPOCH_MASK
+from appliance.store_format import PAGE, WEPOCH_MASK
 from tests.crashsim import OPS, CrashBacking, PowerCut, new_backing
 
 S = 512
 POINTS = int(os.environ.get("SAVEPOINT_CRASH_POINTS", "2000"))
 FAULT_POINTS = int(os.environ.get("SAVEPOINT_FAULT_POINTS", "2000"))
+TINY_CACHE = PAGE  # one map page: every request touching another one evicts (and flushes)
 PER_CHAIN = 25
 BATCHES = 4
 BASE_SEED = 0x5A7E
@@ -105,12 +106,16 @@ class Chain:
         rng = self.rng
         self.unit = rng.choice([4096, 4096, 4096, 16384])
         self.units = rng.choices([64, 100, 256, 1100], [3, 3, 3, 1 if self.unit == 4096 else 0])[0]
+        # A third of the chains run with a map cache of one page over a map of two or three.
+        self.cache = None if self.unit != 4096 or rng.random() < 0.67 else TINY_CACHE
+        if self.cache:
+            self.units = rng.choice([1100, 2100])
         self.size = self.units * self.unit - rng.choice([0, 0, 3 * S])  # last unit may be partial
         self.hist_cap = rng.choice([8, 13, 64, 4096])
         self.model = Model(self.size, self.unit, self.units)
         self.log: list[tuple[object, ...]] = []
         self.backing = new_backing(self.size, self.unit, self.hist_cap, guard=self._guard)
-        self.store: Store | None = Store(self.backing)
+        self.store: Store | None = Store(self.backing, map_cache=self.cache)
         self.geo = self.store.geo
         self.uncertain: str | None = None  # a SAVE/RESTORE that failed and may yet commit
         self.replay_var = "SAVEPOINT_CRASH_SEED"
@@ -238,13 +243,13 @@ class Chain:
             store.close()
             model.flushed()
             try:
-                self.store = Store(self.backing)
+                self.store = Store(self.backing, map_cache=self.cache)
             except (StoreError, OSError) as e:
                 if self.backing.fault is None:
                     raise
                 self.log.append(("failed", f"open: {e!r}; opened again once the disk answers"))
                 fault, self.backing.fault = self.backing.fault, None
-                self.store = Store(self.backing)
+                self.store = Store(self.backing, map_cache=self.cache)
                 self.backing.fault = fault
             self._check_exact("a clean reopen")
         if self.store.epoch != model.epoch:
@@ -289,7 +294,7 @@ class Chain:
             elif r < 0.2:
                 backing.inject(self.rng.choice([OPS, ("pwrite",), ("sync",)]), after=1)
             try:
-                self.store = Store(backing)
+                self.store = Store(backing, map_cache=self.cache)
             except PowerCut:
                 self.log.append(("cut", "while opening"))
                 continue
@@ -298,7 +303,7 @@ class Chain:
                     self.fail(f"the store does not open after a power cut: {e!r}")
                 self.log.append(("failed", f"open: {e!r}"))
                 backing.heal()
-                self.store = Store(backing)
+                self.store = Store(backing, map_cache=self.cache)
             except Exception as e:  # noqa: BLE001 - report with the seed
                 self.fail(f"the store does not open after a power cut: {e!r}")
             backing.cut_at = None
@@ -309,7 +314,8 @@ class Chain:
 
     def _open_readonly(self, backing: CrashBacking) -> Store:
         try:
-            return Store(backing, readonly=True)  # before the read-write open repairs anything
+            # before the read-write open repairs anything
+            return Store(backing, readonly=True, map_cache=self.cache)
         except Exception as e:  # noqa: BLE001 - report with the seed
             self.fail(f"a read-only open fails after a power cut: {e!r}")
             raise
@@ -582,9 +588,12 @@ def _threaded_round(seed: int) -> None:
     a store whose every unit is pending, then a power cut."""
     rng = random.Random(seed)
     unit, units, writers = 4096, 64, 4
+    cache = TINY_CACHE if seed % 2 else None  # half the rounds evict all the time
+    if cache:
+        units = 1100  # two map pages for a cache of one
     size = units * unit
     backing = new_backing(size, unit, 64)
-    store = Store(backing)
+    store = Store(backing, map_cache=cache)
     saved = rng.randbytes(size)
     store.write(0, saved)
     store.save("test")  # every unit pending, records uniform: whole-unit runs take one pwrite

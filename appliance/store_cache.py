@@ -1,0 +1,67 @@
+"""The map cache's bookkeeping: which map memory is resident, in least-recently-used order.
+
+The unit map (unit_map) keeps its records in an anonymous mmap the size of the whole on-disk
+map; only the pages loaded from disk cost RAM. This module decides how many may stay: a fixed
+budget in bytes, whatever the disk size, so a 2 TB disk behind a Pi Zero 2 W (512 MiB) never
+grows the daemon past it. The cache counts memory pages (`group` = one `mmap.PAGESIZE` page,
+holding one or more 4 KiB map pages), since that is what madvise gives back.
+
+Eviction itself (unit_map.UnitMap.evict) skips dirty pages: they are pinned until a flush makes
+them clean. The store forces that flush when pinned pages keep the cache over its budget
+(store.Store._shrink), so eviction never writes a map sector out of flush's order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+DEFAULT_BUDGET = 32 << 20  # bytes: fits a Pi Zero 2 W (512 MiB) whatever the disk size
+MIN_GROUPS = 1  # the tests run with one: eviction (and the flushes it forces) all the time
+
+
+class MapCache:
+    """Resident map memory groups, coldest first; `budget` bytes at most between requests
+    (a request that loads many pages, a BLOCK_STATUS or a pass step, may pass it briefly)."""
+
+    def __init__(self, budget: int, group_bytes: int) -> None:
+        self.budget, self.group_bytes = budget, group_bytes
+        self.limit = max(MIN_GROUPS, budget // group_bytes)  # requests wait above it
+        # Room is made from `high` on, down to `low`, while requests go on: one forced flush
+        # and eviction serves many of them, and the cache stays under `limit` meanwhile.
+        margin = self.limit // 4  # writes that go on during the flush that makes room
+        self.high, self.low = self.limit - margin, self.limit - 2 * margin
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+        # The hot path: a lookup of a resident page moves it to the warm end (C, no lock: the
+        # GIL makes it atomic, and a group is only ever removed with the store's gate held).
+        self.touch = self._lru.move_to_end
+
+    def __contains__(self, group: int) -> bool:
+        return group in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def over(self) -> bool:
+        return len(self._lru) > self.high
+
+    def add(self, group: int, cold: bool = False) -> None:
+        """A group became resident. cold: loaded by the background pass, so evicted first."""
+        self.misses += 1
+        self._lru[group] = None
+        self._lru.move_to_end(group, last=not cold)
+
+    def forget(self, group: int) -> None:
+        if self._lru.pop(group, 0) is None:
+            self.evictions += 1
+
+    def coldest(self) -> Iterator[int]:
+        """Resident groups, least recently used first (a copy: callers forget as they go)."""
+        return iter(list(self._lru))
+
+    def status(self) -> dict[str, object]:
+        looked = self.hits + self.misses
+        return {"size": len(self._lru) * self.group_bytes, "budget": self.budget,
+                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                "hit_rate": self.hits / looked if looked else 1.0}

@@ -1,0 +1,188 @@
+"""The map cache on a large disk: RSS and 4 KiB random-write IOPS over NBD on a 1 TiB store
+against the same workload on a 1 GiB store (whose whole map fits in the cache).
+
+    .venv/bin/python benchmarks/bench_map_cache.py [--writes 100000] [--budget 32M] [--dir D]
+
+Each store is served by a child process (the daemon's NBD server over the store, as
+bench_nbd.py runs it), and fio (nbd engine, QD16) writes `--writes` random 4 KiB blocks over
+the whole disk. Prints the time to open each store, its RSS at rest, IOPS, RSS and peak RSS
+after the writes, the map cache's hit rate, and the 1 TiB / 1 GiB ratios. The stores are
+sparse files (about 1 GiB of map is allocated for the 1 TiB one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 1 << 30
+
+
+def rss(pid: int | str = "self") -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes."""
+    vals = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                vals[key] = int(rest.split()[0]) * 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def serve(path: str, sock: str, budget: int) -> None:
+    """Child mode: open the store (timed), report, serve until stdin closes, report again."""
+    sys.path.insert(0, TOP)
+    from appliance.host_quiet import HostActivity
+    from appliance.nbd_server import NbdServer
+    from appliance.store import Store
+
+    t0 = time.perf_counter()
+    store = Store.open(path, map_cache=budget)
+    opened = time.perf_counter() - t0
+    srv = NbdServer(store, unix_path=sock)
+    srv.activity = HostActivity()
+    srv.start()
+    print(json.dumps({"open_s": opened, "rss_rest": rss()[0]}), flush=True)
+    sys.stdin.readline()
+    print(json.dumps(store.status()["map_cache"]), flush=True)
+    sys.stdin.read()
+    srv.stop()
+    store.close()
+
+
+def fio_randwrite(uri: str, size: int, writes: int) -> float:
+    out = subprocess.run(
+        ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=16", f"--size={size}", f"--io_size={writes * 4096}", "--norandommap",
+         "--randrepeat=0", "--output-format=json"],
+        check=True, capture_output=True, text=True).stdout
+    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+
+
+def run_one(work: str, size: int, writes: int, budget: int) -> dict[str, float]:
+    sys.path.insert(0, TOP)
+    from appliance.store import create_store
+
+    path, sock = f"{work}/s{size}.img", f"{work}/s{size}.sock"
+    create_store(path, size, unit=4096, allow_overcommit=True)
+    child = subprocess.Popen([sys.executable, __file__, "--serve", path, sock, str(budget)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout and child.stdin
+        res = json.loads(child.stdout.readline())
+        res["iops"] = fio_randwrite(f"nbd+unix:///?socket={sock}", size, writes)
+        res["rss_after"], res["rss_peak"] = rss(child.pid)
+        child.stdin.write("status\n")
+        child.stdin.flush()
+        res["cache"] = json.loads(child.stdout.readline())
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        child.wait(120)
+    return res
+
+
+def unit_tradeoff(work: str, writes: int) -> None:
+    """Per unit size: the whole map of a 1 TiB disk, SAVE after `writes` random 4 KiB writes
+    (flushes their map sectors), the background pass after it, and the 4 KiB first writes
+    after a SAVE over saved data (each copies up the rest of its unit)."""
+    import random
+
+    sys.path.insert(0, TOP)
+    from appliance.store import Store, create_store
+    from appliance.store_format import plan_geometry
+
+    size = 64 * GiB
+    print(f"\n== unit size: map RAM, SAVE and pass vs copy-up ({writes} random 4 KiB writes "
+          "over 64 GiB) ==")
+    print(f"{'unit':>5} {'map/TiB':>8} {'SAVE ms':>8} {'pass s':>7} {'1st-write/s':>12} "
+          f"{'rewrite/s':>10}")
+    for unit in (4096, 16384, 65536):
+        path = f"{work}/u{unit}.img"
+        create_store(path, size, unit=unit, allow_overcommit=True)
+        rng = random.Random(unit)
+        offs = [rng.randrange(size // 4096) * 4096 for _ in range(writes)]
+        block = rng.randbytes(4096)
+        with Store.open(path) as st:
+            for o in offs:  # saved data under every later write
+                st.write(o, block)
+            st.flush()
+            t0 = time.perf_counter()
+            st.save("bench")
+            save_ms = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            while st.background_step():
+                pass
+            pass_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for o in offs:
+                st.write(o + 512 if unit > 4096 else o, block[:3584] if unit > 4096 else block)
+            first = writes / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for o in offs:
+                st.write(o, block)
+            again = writes / (time.perf_counter() - t0)
+        meta = plan_geometry(1 << 40, unit).meta_len
+        print(f"{unit >> 10:4}K {meta / (1 << 20):7.0f}M {save_ms:8.1f} {pass_s:7.2f} "
+              f"{first:12.0f} {again:10.0f}")
+        os.unlink(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--writes", type=int, default=100_000)
+    ap.add_argument("--budget", default="32M", help="[store] map_cache for both stores")
+    ap.add_argument("--dir", default=None, help="where to put the sparse files")
+    ap.add_argument("--units", action="store_true",
+                    help="only the unit-size trade-off (in-process, no NBD)")
+    ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        return serve(args.serve[0], args.serve[1], int(args.serve[2]))
+    if not shutil.which("fio"):
+        sys.exit("fio is not installed (apt-get install fio)")
+    sys.path.insert(0, TOP)
+    from appliance.sizes import parse_size
+
+    budget = parse_size(args.budget)
+    work = tempfile.mkdtemp(prefix="bench-map-cache-", dir=args.dir)
+    if args.units:
+        try:
+            return unit_tradeoff(work, min(args.writes, 20_000))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    try:
+        small = run_one(work, GiB, args.writes, budget)
+        big = run_one(work, 1 << 40, args.writes, budget)
+        report(args.writes, budget, small, big)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # slow where deleting discards (ext4 on SSD)
+
+
+def report(writes: int, budget: int, small: dict, big: dict) -> None:
+    mib = 1 << 20
+    print(f"== {writes} random 4 KiB writes over NBD (fio QD16), map cache "
+          f"{budget / mib:.0f} MiB ==")
+    print(f"{'disk':>6} {'open s':>8} {'RSS rest':>9} {'IOPS':>8} {'RSS after':>10} "
+          f"{'RSS peak':>9} {'cache':>8} {'hits':>6}")
+    for name, r in (("1 GiB", small), ("1 TiB", big)):
+        print(f"{name:>6} {r['open_s']:8.3f} {r['rss_rest'] / mib:8.1f}M {r['iops']:8.0f} "
+              f"{r['rss_after'] / mib:9.1f}M {r['rss_peak'] / mib:8.1f}M "
+              f"{r['cache']['size'] / mib:7.1f}M {r['cache']['hit_rate']:6.1%}")
+    print(f"IOPS 1 TiB / 1 GiB: {big['iops'] / small['iops']:.2f}x (goal: at least 0.7x)")
+    extra = (big["rss_peak"] - small["rss_peak"]) / mib
+    print(f"peak RSS 1 TiB - 1 GiB: {extra:.1f} MiB (goal: within the {budget / mib:.0f} MiB "
+          "budget)")
+    print(f"open: 1 TiB {big['open_s'] * 1e3:.1f} ms, 1 GiB {small['open_s'] * 1e3:.1f} ms; "
+          f"RSS at rest {big['rss_rest'] / mib:.1f} vs {small['rss_rest'] / mib:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

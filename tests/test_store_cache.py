@@ -1,0 +1,135 @@
+"""The map cache: a store whose map is many times the budget keeps its RAM within it, and
+reads, writes, BLOCK_STATUS, SAVE, RESTORE, the background pass and a power cut all behave as
+with the whole map in RAM."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from appliance.config import ConfigError, load
+from appliance.store import Store
+from appliance.store_format import PAGE, UNITS_PER_PAGE
+from appliance.store_init import create_store
+from tests.crashsim import new_backing
+
+U = 4096
+PAGES = 24  # map pages of the test store: six times the budget
+BUDGET = 4 * PAGE
+
+
+def _within_budget(st: Store) -> None:
+    cache = st.map.cache
+    assert len(cache) * cache.group_bytes <= cache.budget, cache.status()
+    assert sum(st.map.loaded) <= cache.budget // PAGE
+
+
+def _spread_writes(st: Store, rng: random.Random, n: int) -> dict[int, bytes]:
+    """n 4 KiB writes, each in a random map page: every one misses the cache."""
+    written: dict[int, bytes] = {}
+    for _ in range(n):
+        unit = rng.randrange(PAGES * UNITS_PER_PAGE)
+        data = rng.randbytes(U)
+        st.write(unit * U, data)
+        written[unit] = data
+        _within_budget(st)
+    return written
+
+
+@pytest.fixture
+def store_path(tmp_path) -> str:
+    path = str(tmp_path / "disk.img")
+    create_store(path, PAGES * UNITS_PER_PAGE * U, unit=U, hist_cap=64)
+    return path
+
+
+def test_random_writes_over_a_large_map_stay_within_the_budget_and_read_back(
+        store_path: str) -> None:
+    rng = random.Random(1)
+    with Store.open(store_path, map_cache=BUDGET) as st:
+        written = _spread_writes(st, rng, 200)
+        for unit, data in written.items():
+            assert st.read(unit * U, U) == data
+            _within_budget(st)
+        status = st.status()["map_cache"]
+        assert status["budget"] == BUDGET and status["size"] <= BUDGET
+        assert status["evictions"] > 0 and 0 <= status["hit_rate"] < 1
+    with Store.open(store_path, map_cache=BUDGET) as st:  # the forced flushes wrote it all
+        for unit, data in written.items():
+            assert st.read(unit * U, U) == data
+
+
+def test_block_status_and_uniform_runs_work_on_an_evicting_cache(store_path: str) -> None:
+    with Store.open(store_path, map_cache=BUDGET) as st:
+        units = [p * UNITS_PER_PAGE + 5 for p in range(0, PAGES, 2)]
+        for unit in units:
+            st.write(unit * U, b"x" * (3 * U))  # three whole units: the one-pwrite run path
+        data_at = set()
+        pos = 0
+        while pos < st.size:  # a shorter answer is allowed: ask again from where it ended
+            for off, n, zero in st.block_status(pos, st.size - pos):
+                if not zero:
+                    data_at.update(range(off // U, (off + n) // U))
+                pos = off + n
+            _within_budget(st)
+        assert data_at == {u + i for u in units for i in range(3)}
+        assert st.read(units[-1] * U, 3 * U) == b"x" * (3 * U)
+
+
+def test_save_restore_and_a_full_pass_keep_to_the_budget(store_path: str) -> None:
+    rng = random.Random(2)
+    with Store.open(store_path, map_cache=BUDGET) as st:
+        saved = _spread_writes(st, rng, 60)
+        st.save("test")
+        _spread_writes(st, rng, 60)
+        st.restore("test")
+        while st.background_step(UNITS_PER_PAGE * 3):  # the pass reads every map page
+            _within_budget(st)
+        _within_budget(st)
+        assert st.status()["pending_units"] == 0
+        for unit, data in saved.items():
+            assert st.read(unit * U, U) == data
+
+
+def test_a_power_cut_after_forced_flushes_keeps_what_flush_acknowledged() -> None:
+    rng = random.Random(3)
+    backing = new_backing(PAGES * UNITS_PER_PAGE * U, U, 64)
+    st = Store(backing, map_cache=BUDGET)
+    written = _spread_writes(st, rng, 100)
+    st.flush()
+    extra = _spread_writes(st, rng, 30)  # some of these forced flushes, some did not
+    after = Store(backing.power_cut(rng), map_cache=BUDGET)
+    for unit, data in written.items():
+        got = after.read(unit * U, U)
+        assert got == data or (unit in extra and got == extra[unit]), unit
+    for unit, data in extra.items():
+        assert after.read(unit * U, U) in (data, written.get(unit, bytes(U)))
+
+
+def test_the_budget_is_a_config_key_with_a_clear_error(tmp_path) -> None:
+    def parsed(value: str) -> dict:
+        p = tmp_path / "c.toml"
+        p.write_text(f'[store]\npath = "/x"\nmap_cache = {value}\n')
+        return load(str(p))
+
+    assert parsed('"8M"')["store"]["map_cache"] == 8 << 20
+    with pytest.raises(ConfigError, match=r"map_cache: .*at least \"64K\""):
+        parsed('"4K"')
+    with pytest.raises(ConfigError, match="map_cache"):
+        parsed('"lots"')
+
+
+def test_a_save_waiting_for_a_full_ring_runs_the_pass_within_the_budget(tmp_path) -> None:
+    path = str(tmp_path / "ring.img")
+    create_store(path, PAGES * UNITS_PER_PAGE * U, unit=U, hist_cap=8)
+    rng = random.Random(4)
+    with Store.open(path, map_cache=BUDGET) as st:
+        last: dict[int, bytes] = {}
+        for _ in range(12):  # the ring holds 8: later SAVEs wait for the pass over every page
+            last.update(_spread_writes(st, rng, 8))
+            st.save("test")
+            _within_budget(st)
+        assert st.sb.resolved_below > 1  # the pass did finish, within the budget
+        for unit, data in last.items():
+            assert st.read_saved(unit * U, U) == data

@@ -28,7 +28,7 @@ from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
 
 FOB_ADAPTER = "hci1"
 # The two BlueZ 5.66 races a fob's link meets at connection, before any frame is sent
-# (docs/lab.md, "Dropped links"), each by the line it leaves in bluetoothd's log:
+# (docs/lab.md, "The BLE scenario"), each by the line it leaves in bluetoothd's log:
 CAUSES = {
     # the appliance's side: the link is already encrypted with the bond when bluetoothd
     # attaches its ATT socket; the kernel refuses BT_SECURITY, bluetoothd drops the bearer

@@ -16,6 +16,7 @@ import pytest
 from ble import dbus_api, fob_client
 from ble.fob_session import CommandRun, Report, Retry
 from ble.frames import Cmd, Result, Status
+from tests.lab import drops as causes
 from tests.lab.inside.appliance_vm import (
     MIB,
     RESULTS,
@@ -27,19 +28,6 @@ from tests.lab.inside.appliance_vm import (
 from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
 
 FOB_ADAPTER = "hci1"
-# The two BlueZ 5.66 races a fob's link meets at connection, before any frame is sent
-# (docs/lab.md, "The BLE scenario"), each by the line it leaves in bluetoothd's log:
-CAUSES = {
-    # the appliance's side: the link is already encrypted with the bond when bluetoothd
-    # attaches its ATT socket; the kernel refuses BT_SECURITY, bluetoothd drops the bearer
-    "BT_SECURITY race": "device_attach_att() bt_io_set: setsockopt(BT_SECURITY): Invalid "
-                        "argument",
-    # the fob's side: its ATT connect callback runs before the mgmt Device Connected event,
-    # so Connected is never signalled true; bleak reads "disconnected" and disconnects
-    "Connected never signalled": f"device_add_connection() Device {ADDRESSES[0]} is already "
-                                 "connected",
-}
-FOB_CONNECT = f"device_connect_le() Connection attempt to: {ADDRESSES[0]}"  # one per link
 FOB_DEVICE = "/org/bluez/hci0/dev_" + ADDRESSES[1].replace(":", "_")  # the fob, seen from hci0
 
 
@@ -54,33 +42,25 @@ def ble(tmp_path: Path) -> Iterator[BleStack]:
 
 
 class Drops:
-    """Every dropped link savepoint-fob reported, written to ble-drops.txt with its cause.
-    The fob survives drops by design and the scenario asserts what the user notices (exit 0,
-    each command run exactly once); a drop is explained when it came while connecting on a
-    link whose part of bluetoothd's log holds one of CAUSES' lines. Any other drop fails the
-    scenario: a new cause is to be found, not retried away."""
+    """Every dropped link savepoint-fob reported, written to ble-drops.txt with its cause
+    (tests/lab/drops.py). The fob survives drops by design and the scenario asserts what the
+    user notices (exit 0, each command run exactly once); a drop no known BlueZ race explains
+    fails it: a new cause is to be found, not retried away."""
 
     def __init__(self, ble: BleStack) -> None:
         self.log = RESULTS / f"{ble.LOG_PREFIX}-bluetoothd.log"
         self.report = RESULTS / f"{ble.LOG_PREFIX}-drops.txt"
         self.seen: list[str] = []
 
-    def causes(self) -> list[str]:
-        """The cause of each fob link that met a known race, in order."""
-        links = self.log.read_text(errors="replace").split(FOB_CONNECT)[1:]
-        found = ([c for c, line in CAUSES.items() if line in link] for link in links)
-        return [" and ".join(c) for c in found if c]
-
     def check(self, stderr: str, what: str) -> None:
         drops = [line for line in stderr.splitlines() if "link lost" in line]
         if not drops:
             return
         self.seen += drops
-        causes = self.causes()
-        connecting = [d for d in self.seen if "while connecting" in d]
-        unexplained = [d for d in self.seen if d not in connecting] + connecting[len(causes):]
+        log = self.log.read_text(errors="replace")
+        unexplained = causes.unexplained(self.seen, log)
         line = (f"{what}: {len(self.seen)} dropped link(s) so far; causes: "
-                f"{causes or 'none'}; unexplained: {unexplained or 'none'}\n")
+                f"{causes.causes(log) or 'none'}; unexplained: {unexplained or 'none'}\n")
         with open(self.report, "a") as f:
             f.write(line)
         print(line, end="")

@@ -205,7 +205,7 @@ def cmd_talk(args: argparse.Namespace) -> int:
         from appliance.store_cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
-    if restore_needs_yes(args.command, args.yes):
+    if restore_needs_yes(args.command, getattr(args, "yes", False)):  # only restore has it
         return fail_as(args, RESTORE_NEEDS_YES, 2)
     if args.command == "history" and args.limit is not None and args.limit < 1:
         return fail_as(args, f"--limit {args.limit}: give a positive number of records "

@@ -16,7 +16,14 @@ import time
 from typing import Any
 
 from appliance import __version__, runtime_dirs
-from appliance.cli_support import create_for_serve, join_negative_sizes, own_command, sockets_taken
+from appliance.cli_support import (
+    RESTORE_NEEDS_YES,
+    create_for_serve,
+    join_negative_sizes,
+    own_command,
+    restore_needs_yes,
+    sockets_taken,
+)
 from appliance.config import (
     ConfigError,
     default_control_path,
@@ -198,9 +205,8 @@ def cmd_talk(args: argparse.Namespace) -> int:
         from appliance.store_cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
-    if args.command == "restore" and not args.yes and not sys.stdin.isatty():
-        return fail_as(args, "RESTORE discards everything written since the last SAVE; with no "
-                       "terminal to confirm on, nothing was done: add --yes to restore anyway", 2)
+    if restore_needs_yes(args.command, getattr(args, "yes", False)):  # only restore has it
+        return fail_as(args, RESTORE_NEEDS_YES, 2)
     if args.command == "history" and args.limit is not None and args.limit < 1:
         return fail_as(args, f"--limit {args.limit}: give a positive number of records "
                        "(leave --limit out for all of them)", 2)

@@ -23,6 +23,16 @@ def join_negative_sizes(argv: list[str]) -> list[str]:
     return out
 
 
+RESTORE_NEEDS_YES = ("RESTORE discards everything written since the last SAVE; with no "
+                     "terminal to confirm on, nothing was done: add --yes to restore anyway")
+
+
+def restore_needs_yes(action: str, yes: bool) -> bool:
+    """True when a RESTORE must be refused: nobody at a terminal to confirm (cron, a pipe,
+    a script) and no --yes. Every CLI that can RESTORE says RESTORE_NEEDS_YES then."""
+    return action == "restore" and not yes and not sys.stdin.isatty()
+
+
 def own_command() -> str:
     """How the user can run this CLI again: `savepoint` when that is what PATH finds, else the
     path they used (`.venv/bin/savepoint`), else `python -m appliance.cli`."""

@@ -1,7 +1,7 @@
 """`savepoint-fob`: a laptop, phone-less PC or second Pi as the appliance's BLE fob (bleak).
 
   savepoint-fob pair [--setup-code CODE]      (press PAIR on the appliance first)
-  savepoint-fob save | restore | unlock | lock | status
+  savepoint-fob save | restore [--yes] | unlock | lock | status
   savepoint-fob --button 17                   (a Pi with a button: press = SAVE, hold = RESTORE)
 
 The fob's key lives in the user's config folder (mode 0600). The counter is saved before each
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.cli_support import RESTORE_NEEDS_YES, restore_needs_yes
 from ble import frames
 from ble.fob_session import (
     CommandRun,
@@ -299,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=Path, default=None, help="credentials file")
     p.add_argument("--button", type=int, default=None, metavar="GPIO",
                    help="run as a button fob on this GPIO pin")  # fmt: skip
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="restore: do not ask first (needed without a terminal)")
     return p
 
 
@@ -309,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.button is not None:
             button_loop(args, store)
             return 0
+        if restore_needs_yes(args.action, args.yes):
+            print(f"savepoint-fob: {RESTORE_NEEDS_YES}", file=sys.stderr)
+            return 2
+        if args.action == "restore" and not args.yes and input(
+                "Discard everything written since the last SAVE? [y/N] ").strip().lower() \
+                not in ("y", "yes"):
+            print("savepoint-fob: RESTORE cancelled; nothing changed", file=sys.stderr)
+            return 1
         print(asyncio.run(run_action(args, store)))
         return 0
     except FobError as e:

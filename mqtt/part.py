@@ -46,6 +46,8 @@ log = logging.getLogger("savepoint.mqtt")  # not "mqtt": aiomqtt's own logger
 MAX_PACKET = 128 * 1024  # the broker drops anything larger before it reaches us
 QUEUE_IN = 32  # messages waiting to be handled; at most QUEUE_IN * MAX_PACKET of memory
 EVENTS_KEPT = 64  # SAVE/RESTORE outcomes kept for the event topic while offline
+ACK_WAIT = 5.0  # seconds to wait for a PUBACK; a lost one is counted, not fatal
+REPLIES_WAITING = 32  # replies waiting for their PUBACK; more and the consumer waits
 
 
 class MqttPart:
@@ -61,7 +63,7 @@ class MqttPart:
         self.limit = RateLimit(float(self.cfg["rate"]), int(self.cfg["burst"]), clock)
         self.client: aiomqtt.Client | None = None
         self.counts = {"connects": 0, "commands": 0, "errors": 0, "rate_limited": 0,
-                       "dropped": 0}
+                       "dropped": 0, "unacked": 0}
         self.last: dict[str, dict[str, Any]] = {}  # "save"/"restore" -> latest outcome
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self._wake = asyncio.Event()
@@ -69,6 +71,8 @@ class MqttPart:
         self._limited_reply_at = -1e9
         self._queue: asyncio.Queue[Event] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._replies = asyncio.Semaphore(REPLIES_WAITING)
+        self._sending: set[asyncio.Task[None]] = set()
         self._state, self._reason = "", ""
         self.broker = settings.Broker("", 0, True)
 
@@ -180,9 +184,10 @@ class MqttPart:
         subs = [(self.topics.command, 1)] + [(self.topics.group(g), 1)
                                             for g in self.cfg["groups"]]
         await client.subscribe(subs)
-        await self._discovery(client)
         self._status_sent = None  # the broker may have lost it: send the status again
         self._wake.set()
+        # Commands are read from the first moment: messages that wait behind discovery
+        # would fill the queue and be dropped.
         tasks = [asyncio.create_task(self._commands(client)),
                  asyncio.create_task(self._publisher(client))]
         try:
@@ -199,7 +204,23 @@ class MqttPart:
                                      str(self.cfg["discovery_prefix"]))
         for topic, payload in payloads.items():
             body = dumps(payload) if self.cfg["discovery"] else b""  # empty: HA removes it
-            await client.publish(topic, body, qos=1, retain=True)
+            await self._publish(client, topic, body, retain=True)
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, body: bytes | str, *,
+                       retain: bool = False) -> None:
+        """QoS 1, but a PUBACK that does not come within ACK_WAIT is counted, not fatal.
+
+        Under a flood to this client, mosquitto 2.0.11 logs "Sending PUBACK" for our
+        publish and the client never reads it (docs/fleet.md); waiting for it with
+        aiomqtt's timeout ended the session and lost every command acknowledged meanwhile.
+        A connection that is really gone still ends the session: the message iterator
+        raises and paho's keepalive notices."""
+        try:
+            await client.publish(topic, body, qos=1, retain=retain, timeout=ACK_WAIT)
+        except aiomqtt.MqttCodeError:  # not queued at all: the connection is gone
+            raise
+        except aiomqtt.MqttError:  # only "Operation timed out" is left
+            self.counts["unacked"] += 1
 
     # -- state out -------------------------------------------------------------------------
     async def _follow(self, queue: asyncio.Queue[Event]) -> None:
@@ -215,6 +236,7 @@ class MqttPart:
                 self._wake.set()
 
     async def _publisher(self, client: aiomqtt.Client) -> None:
+        await self._discovery(client)
         sent_at = -1e9
         while True:
             with contextlib.suppress(TimeoutError):
@@ -228,23 +250,50 @@ class MqttPart:
             snap = await self.bus.snapshot() if hasattr(self.bus, "snapshot") else {}
             body = dumps(status_payload(snap, self.node, self.last))
             if body != self._status_sent:
-                await client.publish(self.topics.status, body, qos=1, retain=True)
+                await self._publish(client, self.topics.status, body, retain=True)
                 self._status_sent, sent_at = body, self.clock()
 
     async def _send_events(self, client: aiomqtt.Client) -> None:
         while self._events:
-            await client.publish(self.topics.event, dumps(self._events[0]), qos=1)
+            await self._publish(client, self.topics.event, dumps(self._events[0]))
             self._events.popleft()
 
     # -- commands in -------------------------------------------------------------------------
     async def _commands(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
+        self._replies = asyncio.Semaphore(REPLIES_WAITING)  # a new session starts afresh
+        self._sending = set()
+        try:
+            async for message in client.messages:
+                try:
+                    await self.handle(client, str(message.topic), message.payload,
+                                      message.retain)
+                except aiomqtt.MqttError:
+                    raise
+                except Exception:  # one bad message must not end the session
+                    log.exception("handling a message on %s failed", message.topic)
+        finally:
+            for task in self._sending:
+                task.cancel()
+
+    async def _send_reply(self, client: aiomqtt.Client, body: bytes) -> None:
+        """Send without waiting for its PUBACK, so the next command is read meanwhile;
+        at most REPLIES_WAITING wait, then the consumer waits too."""
+        await self._replies.acquire()
+
+        async def send() -> None:
             try:
-                await self.handle(client, str(message.topic), message.payload, message.retain)
-            except aiomqtt.MqttError:
-                raise
-            except Exception:  # one bad message must not end the session
-                log.exception("handling a message on %s failed", message.topic)
+                await self._publish(client, self.topics.reply, body)
+            finally:
+                self._replies.release()
+
+        task = asyncio.create_task(send())
+        self._sending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a reply was not sent: %s", task.exception())
 
     async def handle(self, client: aiomqtt.Client, topic: str, payload: Any,
                      retained: bool) -> None:
@@ -279,13 +328,13 @@ class MqttPart:
                        "the appliance (docs/fleet.md)")
         if action is Action.STATUS and outcome.ok:
             data = status_payload(data, self.node, self.last)
-        await client.publish(self.topics.reply, dumps({
+        await self._send_reply(client, dumps({
             "id": rid, "node": self.node, "via": source, "ok": outcome.ok,
-            "action": action.value, "reason": reason, "data": data}), qos=1)
+            "action": action.value, "reason": reason, "data": data}))
 
     async def _reply(self, client: aiomqtt.Client, rid: str | None, error: str) -> None:
-        await client.publish(self.topics.reply, dumps({
-            "id": rid, "node": self.node, "ok": False, "reason": error}), qos=1)
+        await self._send_reply(client, dumps({
+            "id": rid, "node": self.node, "ok": False, "reason": error}))
 
 
 def _why(error: aiomqtt.MqttError) -> tuple[str, str]:

@@ -47,6 +47,18 @@ def test_host_client_restore_refuses_without_a_terminal():
     assert proc.returncode == 2 and "--yes" in proc.stderr
 
 
+def test_fob_restore_refuses_without_a_terminal_unless_yes(tmp_path):
+    keys = ["--keys", str(tmp_path / "fob.json"), "--timeout", "1", "--retry-for", "0"]
+    for stdin in (subprocess.DEVNULL, subprocess.PIPE):  # cron, a pipe
+        proc = run("savepoint-fob", "restore", *keys, stdin=stdin)
+        assert proc.returncode == 2 and "--yes" in proc.stderr and "nothing was done" in proc.stderr
+        assert "restore failed" not in proc.stderr  # refused before any Bluetooth was tried
+    proc = run("savepoint-fob", "restore", "--yes", *keys)
+    assert "nothing was done" not in proc.stderr and "not paired" in proc.stderr  # it went on
+    proc = run("savepoint-fob", "save", *keys)  # SAVE discards nothing: no --yes needed
+    assert "--yes" not in proc.stderr and "not paired" in proc.stderr
+
+
 def test_restore_names_connected_clients_and_stale_caches(served):
     qemu_io(served.uri, "write -P 3 0 4k")
     holder = subprocess.Popen(["qemu-io", "-f", "raw", served.uri],  # a VM, as far as we care

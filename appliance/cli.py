@@ -30,8 +30,8 @@ from appliance.config import (
     find_control_path,
     serve_config,
 )
-from appliance.control_socket import ControlClient, ControlError
-from appliance.store_cli import add_store_commands, human, parse_size
+from appliance.control.socket import ControlClient, ControlError
+from appliance.store.cli import add_store_commands, human, parse_size
 
 SAVE_TIMEOUT = 660  # a SAVE may wait up to [save] max_wait (at most 600 s) for a quiet host
 TALK = ("save", "restore", "unlock", "lock", "status", "history", "watch", "pair")
@@ -177,7 +177,7 @@ def print_serving(daemon: Any, args: argparse.Namespace) -> None:
     control = "" if daemon.control_socket == default_control_path() else \
         f" --control {daemon.control_socket}"
     print(f"Control: {own_command()} save|restore|status|history|watch{control}")
-    from appliance.store_space import overcommit_warning
+    from appliance.store.space import overcommit_warning
 
     warning = overcommit_warning(st.get("space") or {})
     if warning:
@@ -202,7 +202,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 # -- talking to the daemon ---------------------------------------------------------------
 def cmd_talk(args: argparse.Namespace) -> int:
     if args.command == "history" and args.target:
-        from appliance.store_cli import history_offline
+        from appliance.store.cli import history_offline
 
         return history_offline(args.target, args.json, args.limit)
     if restore_needs_yes(args.command, getattr(args, "yes", False)):  # only restore has it
@@ -404,7 +404,7 @@ def show(command: str, data: dict[str, Any]) -> None:
     if command == "status":
         print_status(data)
     elif command == "history":
-        from appliance.store_cli import print_history
+        from appliance.store.cli import print_history
 
         print_history(data.get("history", []))
     elif command == "save" and data.get("hurried"):
@@ -441,7 +441,7 @@ def print_outcome(command: str, data: dict[str, Any]) -> None:
               "during the RESTORE: their caches are now stale; stop or reconnect them before "
               "they read or write again", file=sys.stderr)
     if command == "save" and data.get("quiet") is not None:
-        from appliance.store_cli import host_column
+        from appliance.store.cli import host_column
 
         print(f"  {host_column(data)}; waited {data.get('waited', 0):.1f} s")
 

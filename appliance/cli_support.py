@@ -78,8 +78,8 @@ def create_for_serve(args: argparse.Namespace) -> int:
     """Create the new store with init's checks; non-zero (after saying why) if it failed."""
     from appliance.preflight import Refused, explain_os_error
     from appliance.store import StoreError
-    from appliance.store_cli import create_checked
-    from appliance.store_init import InitError
+    from appliance.store.cli import create_checked
+    from appliance.store.init import InitError
 
     def fail(reason: str) -> int:
         print(f"savepoint: {reason}", file=sys.stderr)

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Callable
 from typing import Any
 
-from appliance.policy import ACTIONS, GESTURE_CLASSES, RULES, SOURCE_CLASSES, default_policy
+from appliance.control.policy import ACTIONS, GESTURE_CLASSES, RULES, SOURCE_CLASSES, default_policy
 
 Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
 
@@ -117,8 +117,8 @@ CORE_SCHEMA: dict[str, Schema] = {
 
 # Optional parts: section -> (module, class). Each section also takes `enabled`.
 PARTS: dict[str, tuple[str, str]] = {
-    "gadget": ("appliance.gadget", "GadgetPart"),
-    "serial": ("appliance.host_serial", "SerialPart"),
+    "gadget": ("appliance.usb.gadget", "GadgetPart"),
+    "serial": ("appliance.usb.host_serial", "SerialPart"),
     "gpio": ("gpio", "GpioPart"),
     "ble": ("ble", "BlePart"),
     "bthome": ("ble.bthome_part", "BTHomePart"),

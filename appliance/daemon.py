@@ -22,8 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance import runtime_dirs
-from appliance.bus import CommandBus
-from appliance.commands import Event, PartUnavailable
 from appliance.config import (
     PARTS,
     SYSTEM_RUNTIME_DIR,
@@ -32,9 +30,11 @@ from appliance.config import (
     parse_hostport,
     runtime_dir,
 )
-from appliance.control_socket import ControlLimits, ControlServer, socket_group
-from appliance.host_quiet import HostActivity
-from appliance.restore_policies import RestorePolicies
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Event, PartUnavailable
+from appliance.control.host_quiet import HostActivity
+from appliance.control.restore_policies import RestorePolicies
+from appliance.control.socket import ControlLimits, ControlServer, socket_group
 from appliance.systemd_notify import Notifier
 
 log = logging.getLogger("savepoint.daemon")
@@ -202,7 +202,7 @@ class Daemon:
                 os.makedirs(folder, mode=0o755, exist_ok=True)
 
     def _open_store(self) -> Any:
-        from appliance import store as store_mod
+        from appliance.store import core as store_mod
 
         cfg = self.cfg["store"]
         path = cfg["path"]
@@ -225,7 +225,7 @@ class Daemon:
 
     async def _start_nbd(self) -> None:
         try:
-            from appliance.nbd_server import NbdServer
+            from appliance.nbd.server import NbdServer
         except ImportError as e:
             raise StartupError(f"the NBD server is not installed: {e}") from None
         ncfg = self.cfg["nbd"]
@@ -254,12 +254,12 @@ class Daemon:
             info["nbd_clients"] = clients
         return info
 
-    # -- the backing storage's "full" fault (appliance/store_space.py) -------------------------
+    # -- the backing storage's "full" fault (appliance/store/space.py) -------------------------
     def _watch_storage(self) -> None:
         space = getattr(self.store, "space", None)
         if space is None:
             return
-        from appliance.store_space import overcommit_warning
+        from appliance.store.space import overcommit_warning
 
         loop = asyncio.get_running_loop()
         space.listeners.append(lambda: loop.call_soon_threadsafe(self._storage_changed))
@@ -272,7 +272,7 @@ class Daemon:
         """The store entered or left the "full" state: the part row, LED and watch follow."""
         if self.bus is None or self.store is None:
             return
-        from appliance.store_space import FULL_HINT
+        from appliance.store.space import FULL_HINT
 
         space = self.store.space
         was = self.bus.parts.get("storage", {}).get("state")

@@ -19,7 +19,7 @@ from appliance import __version__
 
 def parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from appliance.cli import build_parser
-    from appliance.host_client import build_parser as host_parser
+    from appliance.usb.host_client import build_parser as host_parser
     from ble.fob_client import parser as fob_parser
 
     return {"savepoint": build_parser, "savepoint-host": host_parser,

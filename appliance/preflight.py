@@ -64,7 +64,7 @@ def check_target(path: str, total_size: int, disk_size: int) -> None:
 
 
 def _check_device(path: str, total_size: int, disk_size: int) -> None:
-    from appliance.backing import block_device_size
+    from appliance.store.backing import block_device_size
 
     try:
         fd = os.open(path, os.O_RDONLY)

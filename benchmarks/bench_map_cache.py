@@ -39,8 +39,8 @@ def rss(pid: int | str = "self") -> tuple[int, int]:
 def serve(path: str, sock: str, budget: int) -> None:
     """Child mode: open the store (timed), report, serve until stdin closes, report again."""
     sys.path.insert(0, TOP)
-    from appliance.host_quiet import HostActivity
-    from appliance.nbd_server import NbdServer
+    from appliance.control.host_quiet import HostActivity
+    from appliance.nbd.server import NbdServer
     from appliance.store import Store
 
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def unit_tradeoff(work: str, writes: int) -> None:
 
     sys.path.insert(0, TOP)
     from appliance.store import Store, create_store
-    from appliance.store_format import plan_geometry
+    from appliance.store.format import plan_geometry
 
     size = 64 * GiB
     print(f"\n== unit size: map RAM, SAVE and pass vs copy-up ({writes} random 4 KiB writes "

@@ -64,13 +64,13 @@ class PlainFile:
 def serve_savepoint(path: str, sock: str, plain: bool = False) -> None:
     """Child mode: serve an existing store (or a plain file) until stdin closes."""
     sys.path.insert(0, TOP)
-    from appliance.nbd_server import NbdServer
+    from appliance.nbd.server import NbdServer
     from appliance.store import Store
 
     store = PlainFile(path) if plain else Store.open(path)
     srv = NbdServer(store, unix_path=sock)
     if not plain:  # as the daemon runs it: every write is counted for SAVE's settle wait
-        from appliance.host_quiet import HostActivity
+        from appliance.control.host_quiet import HostActivity
 
         srv.activity = HostActivity()
     srv.start()

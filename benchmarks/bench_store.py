@@ -26,7 +26,7 @@ from functools import partial
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from appliance.store import Store, create_store  # noqa: E402
-from appliance.store_format import HAS0_BIT, HAS1_BIT, UNITS_PER_PAGE  # noqa: E402
+from appliance.store.format import HAS0_BIT, HAS1_BIT, UNITS_PER_PAGE  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 

@@ -12,7 +12,7 @@ Every advertisement the scanner hands over is judged once and counted under one 
   accepted     authenticated and newer: the counter (and battery, last seen) is persisted
                first, then each button event runs the command its gesture maps to.
 Commands go to the bus as source "bthome:<address>", authenticated (the key proves the
-button), in their own policy class (appliance/policy.py "bthome").
+button), in their own policy class (appliance/control/policy.py "bthome").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from appliance.commands import Action, Command, CommandSink, Event
+from appliance.control.commands import Action, Command, CommandSink, Event
 from ble.bthome_frame import Rejected, check_frame, decode
 from ble.bthome_registry import ButtonRegistry, RegistryError
 

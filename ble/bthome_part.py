@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appliance.commands import CommandSink, Event, PartUnavailable
+from appliance.control.commands import CommandSink, Event, PartUnavailable
 from ble.bthome_frame import SERVICE_UUID, UUID16
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from appliance.commands import Action
+from appliance.control.commands import Action
 
 VERSION = 2  # protocol 2: SPAKE2 pairing, a challenge in every frame, MACed replies
 V1 = 1

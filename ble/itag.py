@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from appliance.commands import Action, Command, CommandSink
+from appliance.control.commands import Action, Command, CommandSink
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from appliance.commands import CommandSink, Event, PartUnavailable
+from appliance.control.commands import CommandSink, Event, PartUnavailable
 from ble import dbus_api
 from ble.dbus_api import BLUEZ, DBusError, MessageBus, Variant
 from ble.gatt_service import (

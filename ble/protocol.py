@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.commands import Command, CommandSink, Event, Outcome
+from appliance.control.commands import Command, CommandSink, Event, Outcome
 from ble import frames
 from ble.frames import (
     ACTION_CMD,

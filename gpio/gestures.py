@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from appliance.commands import Action
+from appliance.control.commands import Action
 
 
 class Cue(StrEnum):

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.commands import Event
+from appliance.control.commands import Event
 from gpio.gestures import Cue
 
 FOREVER = math.inf

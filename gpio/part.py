@@ -18,7 +18,7 @@ from typing import Any
 from gpiozero import LED, PWMLED, RGBLED, Device
 from gpiozero.exc import BadPinFactory, GPIOZeroError, PinFactoryFallback
 
-from appliance.commands import Action, Command, CommandSink, Event, Outcome, PartUnavailable
+from appliance.control.commands import Action, Command, CommandSink, Event, Outcome, PartUnavailable
 from gpio import settings
 from gpio.button import ButtonInput
 from gpio.gestures import Cue, HoldKey, KeySwitch, MainButton, Output

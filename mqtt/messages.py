@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from appliance.commands import Action
+from appliance.control.commands import Action
 
 ID_MAX = 64  # characters in a request id
 HISTORY_DEFAULT, HISTORY_MAX = 20, 200  # records a HISTORY reply carries

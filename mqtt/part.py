@@ -28,7 +28,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from appliance.commands import Action, Command, CommandSink, Event, PartUnavailable
+from appliance.control.commands import Action, Command, CommandSink, Event, PartUnavailable
 from mqtt import discovery, settings
 from mqtt.messages import (
     RateLimit,

@@ -21,7 +21,7 @@ VENV = f"{VENV_HOME}/venv"
 STAMP = f"{VENV_HOME}/installed-source"
 SAVEPOINT = f"{VENV}/bin/savepoint"
 GROUP = "savepoint"
-ADMIN_GROUP = "savepoint-admin"  # [control] admin_group's default (appliance/control_roles.py)
+ADMIN_GROUP = "savepoint-admin"  # [control] admin_group's default (appliance/control/roles.py)
 GROUPS = {GROUP: "members may run savepoint status, history and watch",
           ADMIN_GROUP: "members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and manage fobs"}
 _SOURCES = ("pyproject.toml", "appliance", "ble", "gpio", "mqtt", "provisioning")

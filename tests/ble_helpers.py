@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from appliance.commands import Command, Event, Outcome
+from appliance.control.commands import Command, Event, Outcome
 from ble import frames
 from ble.frames import Cmd
 from ble.keys import FobCredentials, FobPairing

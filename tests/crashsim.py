@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from appliance.store_format import DEFAULT_HIST_CAP
-from appliance.store_init import create_store
+from appliance.store.format import DEFAULT_HIST_CAP
+from appliance.store.init import create_store
 
 SECTOR = 512
 Guard = Callable[[str, int, int], None]  # (kind, offset, length), called before each write

@@ -9,7 +9,7 @@ from typing import Any
 
 from gpiozero.pins.mock import MockPWMPin
 
-from appliance.commands import Action, Command, Event, Outcome
+from appliance.control.commands import Action, Command, Event, Outcome
 
 # hold ladder in tens/hundreds of ms; each window is wide enough for a loaded 2-CPU machine
 FAST: dict[str, Any] = {

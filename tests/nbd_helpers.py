@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from appliance.nbd_server import NbdServer
+from appliance.nbd.server import NbdServer
 from appliance.store import Store, create_store
 
 MiB = 1 << 20
@@ -85,7 +85,7 @@ class RawClient:
         import socket
         import struct
 
-        from appliance import nbd_protocol as p
+        from appliance.nbd import protocol as p
 
         self.p, self.struct = p, struct
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -19,7 +19,7 @@ from bumble.device import Connection, Peer
 from bumble.pairing import PairingConfig, PairingDelegate
 from bumble.testing.test_utils import TwoDevices
 
-from appliance.commands import Action, Event
+from appliance.control.commands import Action, Event
 from ble import fob_client, frames
 from ble.frames import Cmd, FrameError, Result, Status
 from ble.keys import FobRegistry

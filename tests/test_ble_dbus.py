@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from appliance.commands import Action, Event, PartUnavailable
+from appliance.control.commands import Action, Event, PartUnavailable
 from ble import BlePart, dbus_api, frames
 from ble.frames import Cmd, FrameOutcome, FrameState, Result, Status
 from ble.keys import FobCredentials, FobPairing
@@ -266,8 +266,8 @@ def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
 
 def test_through_the_real_command_bus(private_bus, tmp_path):
     """PAIR from the button opens the window; the bus's lock mode and policy apply to fobs."""
-    from appliance.bus import CommandBus
-    from appliance.commands import Command
+    from appliance.control.bus import CommandBus
+    from appliance.control.commands import Command
     from appliance.store import Store, create_store
 
     create_store(str(tmp_path / "disk.img"), 1 << 20, 4096)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from appliance.commands import Action, Command, PartUnavailable
+from appliance.control.commands import Action, Command, PartUnavailable
 from ble import BlePart
 from ble.itag import BUTTON_UUID, ITag, ITagWatcher, parse_itags
 from tests.ble_helpers import RecordingSink
@@ -148,7 +148,7 @@ def test_missing_tag_is_logged_once_and_reconnects_with_backoff(caplog) -> None:
 
 
 def test_the_real_bus_refuses_restore_and_unlock_from_an_itag(tmp_path) -> None:
-    from appliance.bus import CommandBus
+    from appliance.control.bus import CommandBus
     from appliance.store import Store, create_store
 
     create_store(str(tmp_path / "disk.img"), 1 << 20, 4096)

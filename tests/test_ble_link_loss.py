@@ -23,7 +23,7 @@ from bumble.device import Connection, Peer
 from bumble.pairing import PairingConfig
 from bumble.testing.test_utils import TwoDevices
 
-from appliance.commands import Action, Command, Outcome
+from appliance.control.commands import Action, Command, Outcome
 from ble import fob_session, frames
 from ble.fob_session import CommandRun, FobError, LinkLost, NotSupported, PairRun, Refused, Retry
 from ble.frames import Cmd, Result

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from appliance.commands import Action, Event
+from appliance.control.commands import Action, Event
 from ble import frames
 from ble.frames import Cmd, FrameError, FrameState, Result, Status
 from ble.keys import FobPairing, FobRegistry

@@ -10,9 +10,9 @@ import stat
 
 import pytest
 
-from appliance.bus import CommandBus
-from appliance.commands import Action, Command, Event, Mode
-from appliance.policy import default_policy
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Action, Command, Event, Mode
+from appliance.control.policy import default_policy
 from appliance.store import Store, create_store
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError

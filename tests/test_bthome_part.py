@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from appliance.bus import CommandBus
-from appliance.commands import Action, Command, PartUnavailable
 from appliance.config import ConfigError, validate
-from appliance.control_socket import ControlServer
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Action, Command, PartUnavailable
+from appliance.control.socket import ControlServer
 from appliance.store import Store, create_store
 from ble.bthome_part import BTHomePart
 from tests import bthome_adverts as adv
@@ -177,7 +177,7 @@ def test_buttons_cli_enrols_lists_renames_removes(tmp_path, store):
 
 
 def test_only_the_local_admin_may_enrol(tmp_path, store):
-    from appliance.control_socket import dispatch
+    from appliance.control.socket import dispatch
 
     async def go():
         bus = CommandBus(store)
@@ -198,7 +198,7 @@ def test_only_the_local_admin_may_enrol(tmp_path, store):
 
 def test_a_warning_flashes_the_led_and_reads_well_in_watch():
     from appliance.cli import describe_event
-    from appliance.commands import Event
+    from appliance.control.commands import Event
     from gpio.led import DaemonView, LedTimings, signals
 
     warning = {"part": "bthome", "button": MAC, "name": "desk",

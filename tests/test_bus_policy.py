@@ -7,13 +7,13 @@ import itertools
 
 import pytest
 
-from appliance.bus import CommandBus
-from appliance.commands import Action, Command, Mode
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Action, Command, Mode
 from appliance.store import Store, create_store
 
 UNIT = 4096
 
-# Issue 4's defaults, written out independently of appliance/policy.py:
+# Issue 4's defaults, written out independently of appliance/control/policy.py:
 # RESTORE from any authenticated source in any mode; SAVE only while UNLOCKED; the host may
 # ask STATUS and SAVE only while UNLOCKED; commodity fobs never RESTORE or UNLOCK; UNLOCK only
 # from a deliberate gesture (button, authenticated fob, local CLI).

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from appliance.bus import CommandBus
-from appliance.restore_policies import RestorePolicies, next_daily
+from appliance.control.bus import CommandBus
+from appliance.control.restore_policies import RestorePolicies, next_daily
 from appliance.store import Store, create_store
 
 UNIT = 4096

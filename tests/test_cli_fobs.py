@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from appliance.commands import Action, Command, Outcome
-from appliance.control_socket import dispatch
+from appliance.control.commands import Action, Command, Outcome
+from appliance.control.socket import dispatch
 from tests.test_daemon_support import Served, cli
 
 

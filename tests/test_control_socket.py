@@ -12,8 +12,8 @@ import stat
 
 import pytest
 
-from appliance.bus import CommandBus
-from appliance.control_socket import ControlServer, dispatch
+from appliance.control.bus import CommandBus
+from appliance.control.socket import ControlServer, dispatch
 from appliance.store import Store, create_store
 from tests.test_daemon_support import short_dir
 
@@ -196,7 +196,7 @@ def test_watch_streams_state_then_events(store, sockdir):
 
 
 def test_roles_by_peer_credentials():
-    from appliance.control_roles import Peer, Roles, peer_of
+    from appliance.control.roles import Peer, Roles, peer_of
 
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
@@ -223,9 +223,9 @@ def test_roles_by_peer_credentials():
 
 
 def test_one_reader_may_hold_only_half_the_clients(store, sockdir, monkeypatch):
-    from appliance import control_socket
-    from appliance.control_roles import Peer
-    from appliance.control_socket import ControlLimits
+    from appliance.control import socket as control_socket
+    from appliance.control.roles import Peer
+    from appliance.control.socket import ControlLimits
 
     reader = Peer(4242, 54321, 54321, ())
     monkeypatch.setattr(control_socket, "peer_of", lambda sock: reader)  # as if another uid

@@ -39,7 +39,7 @@ def cli(*args: str, control: str, check: bool = True, timeout: float = 60,
 
 def request(control: str, cmd: str, **args: object) -> dict:
     """One request over the control socket, in process (a CLI subprocess costs a second)."""
-    from appliance.control_socket import ControlClient, ControlError
+    from appliance.control.socket import ControlClient, ControlError
 
     try:
         with ControlClient(control, timeout=60) as client:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance.store_space import fs_free
+from appliance.store.space import fs_free
 from gpio.gestures import Cue
 from gpio.led import DaemonView, LedTimings, choose
 from tests.test_daemon_support import (

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from appliance.commands import Event, PartUnavailable
-from appliance.gadget import ACM, MS, Gadget, GadgetPart, defaults, inquiry_string
-from appliance.udc_watch import UdcWatch
+from appliance.control.commands import Event, PartUnavailable
+from appliance.usb.gadget import ACM, MS, Gadget, GadgetPart, defaults, inquiry_string
+from appliance.usb.udc_watch import UdcWatch
 
 
 @pytest.fixture

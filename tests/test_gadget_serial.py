@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from appliance import host_client
-from appliance.commands import Action, Command, Mode, Outcome
-from appliance.host_serial import SerialPart
+from appliance.control.commands import Action, Command, Mode, Outcome
+from appliance.usb import host_client
+from appliance.usb.host_serial import SerialPart
 
 
 class LockedBus:
@@ -79,7 +79,7 @@ def test_serial_part_answers_json_lines_as_host() -> None:
 
 
 def test_serial_part_needs_the_acm_tty(tmp_path: Any) -> None:
-    from appliance.commands import PartUnavailable
+    from appliance.control.commands import PartUnavailable
 
     part = SerialPart({"device": str(tmp_path / "ttyGS0")}, LockedBus())  # type: ignore[arg-type]
     with pytest.raises(PartUnavailable) as e:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
-from appliance.bus import CommandBus
-from appliance.commands import Action, Mode
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Action, Mode
 from appliance.store import Store
-from appliance.store_init import create_store
+from appliance.store.init import create_store
 from gpio import GpioPart
 from gpio.gestures import Cue
 from tests.gpio_helpers import FAST, contains_in_order, levels, wait_for

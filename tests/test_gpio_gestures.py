@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.commands import Action
+from appliance.control.commands import Action
 from gpio import CONFIG_SCHEMA, validate_config
 from gpio.gestures import Cue, Debounced, HoldKey, KeySwitch, MainButton, Output, Timings
 from gpio.settings import timings

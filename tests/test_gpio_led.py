@@ -8,7 +8,7 @@ import pytest
 from gpiozero import LED, PWMLED, RGBLED
 from gpiozero.pins.mock import MockFactory
 
-from appliance.commands import Event
+from appliance.control.commands import Event
 from gpio.gestures import Cue
 from gpio.led import DaemonView, LedTimings, Output, Player, choose, patterns, signals
 from tests.gpio_helpers import levels, wait_for

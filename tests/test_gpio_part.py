@@ -15,7 +15,7 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
-from appliance.commands import Action, PartUnavailable
+from appliance.control.commands import Action, PartUnavailable
 from gpio import GpioPart
 from gpio import part as gpio_part
 from gpio.gestures import Cue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance import host_client, host_flush
+from appliance.usb import host_client, host_flush
 
 
 def fake_sysfs(root: Path) -> None:

@@ -10,12 +10,12 @@ import time
 import crc32c
 import pytest
 
-from appliance.bus import CommandBus
-from appliance.commands import Action, Command
-from appliance.host_quiet import HostActivity, kthread_wchar
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Action, Command
+from appliance.control.host_quiet import HostActivity, kthread_wchar
 from appliance.store import Store, create_store
-from appliance.store_cli import host_column, print_history
-from appliance.store_format import HIST_REC, HistoryRecord, unpack_history
+from appliance.store.cli import host_column, print_history
+from appliance.store.format import HIST_REC, HistoryRecord, unpack_history
 from tests.nbd_helpers import libnbd, serve
 
 

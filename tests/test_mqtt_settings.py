@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from appliance.commands import Action, Command, Mode
 from appliance.config import ConfigError, validate
-from appliance.policy import decide, default_policy
+from appliance.control.commands import Action, Command, Mode
+from appliance.control.policy import decide, default_policy
 from mqtt import discovery, settings
 from mqtt.messages import RateLimit, RequestError, Topics, parse_request, status_payload
 

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from appliance import nbd_protocol as p
+from appliance.nbd import protocol as p
 from appliance.store import Store
 from tests.nbd_helpers import MiB, RawClient, libnbd, serve, snapshot
 
@@ -191,7 +191,7 @@ def test_read_only_store_refuses_writes_with_eperm(tmp_path):
     with serve(tmp_path, size=SIZE) as s:
         s.store.write(0, b"data")
     store = Store.open(s.path, readonly=True)
-    from appliance.nbd_server import NbdServer
+    from appliance.nbd.server import NbdServer
 
     srv = NbdServer(store, unix_path=str(tmp_path / "ro.sock"))
     srv.start()

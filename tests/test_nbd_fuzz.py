@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance import nbd_protocol as p
+from appliance.nbd import protocol as p
 from tests.nbd_helpers import MiB, RawClient, serve, snapshot, wait_for
 
 SIZE = 1 * MiB

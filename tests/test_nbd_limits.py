@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from appliance import nbd_protocol as p
-from appliance.nbd_server import MAX_CONNECTIONS, NbdServer
-from appliance.nbd_session import HANDSHAKE_TIMEOUT
+from appliance.nbd import protocol as p
+from appliance.nbd.server import MAX_CONNECTIONS, NbdServer
+from appliance.nbd.session import HANDSHAKE_TIMEOUT
 from tests.nbd_helpers import RawClient, run, serve, wait_for
 from tests.test_daemon_support import Served, qemu_io, status
 

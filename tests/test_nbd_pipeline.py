@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from appliance import nbd_protocol as p
-from appliance import nbd_replies, nbd_session
+from appliance.nbd import protocol as p
+from appliance.nbd import replies as nbd_replies
+from appliance.nbd import session as nbd_session
 from tests.nbd_helpers import MiB, RawClient, serve, wait_for
 
 SIZE = 16 * MiB

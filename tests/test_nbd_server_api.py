@@ -11,8 +11,8 @@ import threading
 
 import pytest
 
-from appliance import nbd_protocol as p
-from appliance.nbd_server import NbdServer
+from appliance.nbd import protocol as p
+from appliance.nbd.server import NbdServer
 from appliance.store import Store, create_store
 from tests.nbd_helpers import MiB, RawClient, run, serve, wait_for
 

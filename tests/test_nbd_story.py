@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.nbd_server import NbdServer
+from appliance.nbd.server import NbdServer
 from appliance.store import Store
 from tests.nbd_helpers import ENV, MiB, run, serve
 

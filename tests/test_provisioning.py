@@ -232,7 +232,7 @@ def test_main_conf_is_left_alone_without_ble(root: Path) -> None:
 
 
 def test_the_admin_group_is_created_said_and_removed(root: Path) -> None:
-    """Only savepoint-admin may UNLOCK/SAVE/RESTORE (appliance/control_roles.py): the
+    """Only savepoint-admin may UNLOCK/SAVE/RESTORE (appliance/control/roles.py): the
     installer makes it, says what each group may do, and --uninstall takes it away."""
     out = install(root, "--dry-run", "--size", "64M").stdout
     assert "+savepoint-admin:x:" in out

@@ -12,12 +12,12 @@ import time
 import pytest
 
 import appliance.daemon as daemon_mod
-import appliance.store as store_mod
+import appliance.store.core as store_mod
 from appliance.config import serve_config
 from appliance.daemon import Daemon
 from appliance.store import Store
-from appliance.store_format import UNITS_PER_PAGE
-from appliance.store_init import create_store
+from appliance.store.format import UNITS_PER_PAGE
+from appliance.store.init import create_store
 from tests.crashsim import new_backing
 from tests.test_daemon_support import short_dir
 

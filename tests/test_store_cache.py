@@ -10,8 +10,8 @@ import pytest
 
 from appliance.config import ConfigError, load
 from appliance.store import Store
-from appliance.store_format import PAGE, UNITS_PER_PAGE
-from appliance.store_init import create_store
+from appliance.store.format import PAGE, UNITS_PER_PAGE
+from appliance.store.init import create_store
 from tests.crashsim import new_backing
 
 U = 4096

@@ -13,8 +13,8 @@ import pytest
 
 from appliance.cli import main
 from appliance.store import Store, create_store
-from appliance.store_check import check_store
-from appliance.store_format import RECS_PER_SECTOR, SB_OFFSETS, SECTOR, Geometry
+from appliance.store.check import check_store
+from appliance.store.format import RECS_PER_SECTOR, SB_OFFSETS, SECTOR, Geometry
 
 U = 4096
 SECTORS = 2300  # past the first 2048-sector chunk

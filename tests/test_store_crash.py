@@ -40,7 +40,7 @@ import threading
 import pytest
 
 from appliance.store import Store, StoreError
-from appliance.store_format import PAGE, WEPOCH_MASK
+from appliance.store.format import PAGE, WEPOCH_MASK
 from tests.crashsim import OPS, CrashBacking, PowerCut, new_backing
 
 S = 512

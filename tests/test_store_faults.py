@@ -10,7 +10,7 @@ import random
 import pytest
 
 from appliance.store import NotAStoreError, Store, StoreIOError
-from appliance.store_format import (
+from appliance.store.format import (
     HIST_REC,
     RESTORE,
     UNITS_PER_PAGE,
@@ -20,7 +20,7 @@ from appliance.store_format import (
     geometry_for_capacity,
     plan_geometry,
 )
-from appliance.store_init import write_fresh_store
+from appliance.store.init import write_fresh_store
 from tests.crashsim import CrashBacking, PowerCut, new_backing
 
 U = 4096

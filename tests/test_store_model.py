@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from appliance.store import Store
-from appliance.store_init import create_store
+from appliance.store.init import create_store
 
 U = 4096
 UNITS = 24

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import rule
 
-from appliance import nbd_protocol as p
-from appliance import store_space
+from appliance.nbd import protocol as p
 from appliance.store import Store, StoreFullError, create_store
-from appliance.store_space import allocated, fs_free
+from appliance.store import space as store_space
+from appliance.store.space import allocated, fs_free
 from tests.nbd_helpers import MiB, RawClient, serve
 from tests.test_daemon_support import SAVEPOINT, env
 from tests.test_store_crash import Chain
@@ -61,7 +61,7 @@ def test_open_allocates_the_metadata_of_an_older_store_and_says_so(tmp_path, cap
     try:  # what an older init left: the map region sparse
         st_map = geo.meta_off
         os.posix_fallocate(fd, 0, 1)
-        from appliance.backing import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+        from appliance.store.backing import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
         # keep the map's first page (it holds the written unit's record), punch the rest
         fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, st_map + 4096,
@@ -311,7 +311,7 @@ def test_power_cuts_never_let_punching_lose_data(batch):
 
 def test_punch_chain_would_catch_a_punched_working_copy(monkeypatch):
     """The guard above is live: a punch that forgets "written this epoch" is caught."""
-    from appliance.store_space import StoreSpace
+    from appliance.store.space import StoreSpace
 
     monkeypatch.setattr(StoreSpace, "_dead_slot", staticmethod(lambda rec, epoch: rec >> 31 ^ 1))
     with pytest.raises(AssertionError, match="written since the last command|differs|shows"):
@@ -323,8 +323,8 @@ def test_punch_chain_would_catch_a_punched_working_copy(monkeypatch):
 
 def test_reclaim_leaves_an_untrusted_map_sector_alone(tmp_path):
     """A page with a damaged map sector: its units stay EIO, the rest is reclaimed."""
-    from appliance.store_errors import StoreIOError
-    from appliance.store_format import RECS_PER_SECTOR, SECTOR
+    from appliance.store.errors import StoreIOError
+    from appliance.store.format import RECS_PER_SECTOR, SECTOR
 
     path = str(tmp_path / "s.img")
     geo = create_store(path, 16 * MiB)
@@ -347,7 +347,7 @@ def test_reclaim_leaves_an_untrusted_map_sector_alone(tmp_path):
 
 def test_status_shows_allocation_margin_and_the_fault_with_what_to_do(capsys):
     from appliance.cli import print_status
-    from appliance.store_space import FULL_HINT
+    from appliance.store.space import FULL_HINT
 
     space = {"backing": "file", "full_size": 134 * MiB, "allocated_bytes": 40 * MiB,
              "fs_free_bytes": 0, "margin_bytes": -94 * MiB, "full": True,

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-from appliance.backing import FileBacking
 from appliance.store import (
     CorruptStoreError,
     FormatVersionError,
@@ -17,7 +16,8 @@ from appliance.store import (
     StoreError,
     StoreIOError,
 )
-from appliance.store_format import (
+from appliance.store.backing import FileBacking
+from appliance.store.format import (
     HIST_REC,
     RECS_PER_SECTOR,
     SB_OFFSETS,
@@ -25,7 +25,7 @@ from appliance.store_format import (
     SECTOR,
     unpack_superblock,
 )
-from appliance.store_init import create_store
+from appliance.store.init import create_store
 
 U = 4096
 UNITS = 64

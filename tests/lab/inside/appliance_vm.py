@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.control_socket import ControlClient, ControlError
-from appliance.gadget import Gadget, defaults
-from appliance.nbd_device import NbdDevice
+from appliance.control.socket import ControlClient, ControlError
+from appliance.usb.gadget import Gadget, defaults
+from appliance.usb.nbd_device import NbdDevice
 
 RESULTS = Path(os.environ.get("SAVEPOINT_LAB_RESULTS", "/lab-results"))
 MIB = 1 << 20

@@ -308,7 +308,7 @@ def test_busy_host_agent_flushes_before_save(appliance: Appliance, tmp_path: Pat
     data = os.urandom(700_000)
     (mnt / "late.bin").write_bytes(data)  # in the host's page cache only
     appliance.cli("unlock")
-    done = subprocess.run([sys.executable, "-m", "appliance.host_client", "save", "--json"],
+    done = subprocess.run([sys.executable, "-m", "appliance.usb.host_client", "save", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"flushed {mnt}" in done.stderr and f"flushed {dev}" in done.stderr, done.stderr

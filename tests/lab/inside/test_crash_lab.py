@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from appliance.udc_watch import read_state
+from appliance.usb.udc_watch import read_state
 from tests.lab.inside.appliance_vm import (
     MIB,
     Appliance,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.udc_watch import read_state
+from appliance.usb.udc_watch import read_state
 from tests.lab.inside.appliance_vm import Appliance, read_direct, write_direct
 
 

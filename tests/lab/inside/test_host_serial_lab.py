@@ -14,12 +14,12 @@ import threading
 import time
 import tty
 
-from appliance.host_client import find_port, request
+from appliance.usb.host_client import find_port, request
 from tests.lab.inside.appliance_vm import Appliance
 
 
 def savepoint_host(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.host_client", *args],
+    return subprocess.run([sys.executable, "-m", "appliance.usb.host_client", *args],
                           capture_output=True, text=True, timeout=180)
 
 

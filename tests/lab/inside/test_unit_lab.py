@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from appliance.gadget import Gadget, defaults
-from appliance.nbd_device import NbdDevice
+from appliance.usb.gadget import Gadget, defaults
+from appliance.usb.nbd_device import NbdDevice
 from provisioning.edits import render_config
 from tests.lab.inside import unit_sandbox
 from tests.lab.inside.appliance_vm import RESULTS, host_disk, sh

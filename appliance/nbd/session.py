@@ -19,14 +19,14 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from appliance import nbd_protocol as p
-from appliance import nbd_replies
-from appliance.nbd_replies import Replies, pages
+from appliance.nbd import protocol as p
+from appliance.nbd import replies as nbd_replies
+from appliance.nbd.replies import Replies, pages
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
-from appliance.store_space import StoreFullError
+from appliance.store.space import StoreFullError
 
 if TYPE_CHECKING:
-    from appliance.nbd_server import NbdServer
+    from appliance.nbd.server import NbdServer
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds from accept() to the end of option haggling, in all
 RECV_SIZE = 4 << 20  # receive buffer: many pipelined requests per recv_into

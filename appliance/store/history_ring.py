@@ -6,9 +6,9 @@ themselves are read from disk when asked for, so the ring costs 64 KiB of RAM, n
 
 from __future__ import annotations
 
-from appliance.backing import Backing
-from appliance.store_errors import CorruptStoreError
-from appliance.store_format import HIST_REC, SAVE, Geometry, HistoryRecord, unpack_history
+from appliance.store.backing import Backing
+from appliance.store.errors import CorruptStoreError
+from appliance.store.format import HIST_REC, SAVE, Geometry, HistoryRecord, unpack_history
 
 
 class HistoryRing:

@@ -26,8 +26,8 @@ import termios
 import tty
 from typing import Any
 
-from appliance.commands import CommandSink, PartUnavailable
-from appliance.control_socket import MAX_LINE, dispatch
+from appliance.control.commands import CommandSink, PartUnavailable
+from appliance.control.socket import MAX_LINE, dispatch
 
 log = logging.getLogger("savepoint.serial")
 

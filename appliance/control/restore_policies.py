@@ -16,8 +16,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from appliance.bus import CommandBus
-from appliance.commands import Action, Command, Outcome
+from appliance.control.bus import CommandBus
+from appliance.control.commands import Action, Command, Outcome
 
 log = logging.getLogger("savepoint.policy")
 

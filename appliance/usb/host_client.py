@@ -18,7 +18,7 @@ from serial.tools import list_ports
 
 from appliance import __version__
 
-DEFAULT_VID = 0x1D6B  # appliance.gadget defaults
+DEFAULT_VID = 0x1D6B  # appliance.usb.gadget defaults
 DEFAULT_PID = 0x0104
 COMMANDS = ("status", "save", "restore", "history", "lock")
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         port = args.port or find_port(args.vid, args.pid, args.serial)
         if args.command == "save" and not args.no_flush:
-            from appliance.host_flush import flush
+            from appliance.usb.host_flush import flush
 
             for line in flush(port, args.volume):  # what is in the host's cache is not saved
                 print(f"savepoint-host: {line}", file=sys.stderr)

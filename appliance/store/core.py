@@ -1,6 +1,6 @@
 """The VSM store: two slots per unit, a map saying which is saved, O(1) SAVE and RESTORE.
 
-Every unit has a 32-bit map record (store_format): the VSM bit, a "holds data" bit per slot,
+Every unit has a 32-bit map record (format.py): the VSM bit, a "holds data" bit per slot,
 and the epoch of the last write to its secondary slot (wepoch). A unit is in the DDM (written
 since the last SAVE/RESTORE) when wepoch == epoch. A record with 0 < wepoch < epoch is brought
 up to date lazily: if epoch `wepoch` ended with SAVE its secondary became primary (VSM flips),
@@ -16,7 +16,7 @@ Crash safety rests on three orders (docs/format.md has the proofs):
 This module is longer than the project's ~400-line norm on purpose: the write, flush, commit
 and background paths share those orders and the stripe/map locks, and one proof should not be
 spread over several files. The gate (io_gate), the map (unit_map), the history (history_ring)
-and the format (store_format) live apart.
+and the format (format.py) live apart.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ import uuid as uuidlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from appliance import store_cache
-from appliance.backing import Backing, FileBacking
-from appliance.history_ring import HistoryRing
-from appliance.io_gate import IoGate
-from appliance.store_errors import (
+from appliance.store import cache as store_cache
+from appliance.store.backing import Backing, FileBacking
+from appliance.store.errors import (
     CorruptStoreError,
     FormatVersionError,
     NotAStoreError,
@@ -41,7 +39,7 @@ from appliance.store_errors import (
     StoreError,
     StoreIOError,
 )
-from appliance.store_format import (
+from appliance.store.format import (
     FLAG_HOST_SYNCED,
     HAS0_BIT,
     HAS1_BIT,
@@ -59,9 +57,11 @@ from appliance.store_format import (
     Superblock,
     superblock_copies,
 )
-from appliance.store_init import InitError, create_store
-from appliance.store_space import StoreFullError, StoreSpace
-from appliance.unit_map import UnitMap, word_index
+from appliance.store.history_ring import HistoryRing
+from appliance.store.init import InitError, create_store
+from appliance.store.io_gate import IoGate
+from appliance.store.space import StoreFullError, StoreSpace
+from appliance.store.unit_map import UnitMap, word_index
 
 __all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
            "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError",

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-MODEL = "Savepoint disk"  # the LUN's INQUIRY product (appliance.gadget defaults)
+MODEL = "Savepoint disk"  # the LUN's INQUIRY product (appliance.usb.gadget defaults)
 
 
 def flush(port: str, volumes: list[str]) -> list[str]:

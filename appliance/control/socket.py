@@ -23,8 +23,8 @@ import socket
 from dataclasses import dataclass, fields
 from typing import Any
 
-from appliance.commands import Action, Command, CommandSink
-from appliance.control_roles import Peer, Roles, peer_of
+from appliance.control.commands import Action, Command, CommandSink
+from appliance.control.roles import Peer, Roles, peer_of
 
 log = logging.getLogger("savepoint.control")
 

@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.commands import CommandSink, Event, PartUnavailable
-from appliance.host_quiet import kthread_wchar
-from appliance.nbd_device import NbdDevice, NbdDeviceError
-from appliance.udc_watch import UdcWatch
+from appliance.control.commands import CommandSink, Event, PartUnavailable
+from appliance.control.host_quiet import kthread_wchar
+from appliance.usb.nbd_device import NbdDevice, NbdDeviceError
+from appliance.usb.udc_watch import UdcWatch
 
 log = logging.getLogger("savepoint.gadget")
 

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from appliance.commands import PartUnavailable
+from appliance.control.commands import PartUnavailable
 
 
 class NbdDeviceError(RuntimeError):

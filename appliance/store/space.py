@@ -29,9 +29,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from appliance.backing import Backing, fallocate
-from appliance.store_errors import StoreIOError
-from appliance.store_format import RECS_PER_SECTOR, UNITS_PER_PAGE, WEPOCH_MASK, Geometry
+from appliance.store.backing import Backing, fallocate
+from appliance.store.errors import StoreIOError
+from appliance.store.format import RECS_PER_SECTOR, UNITS_PER_PAGE, WEPOCH_MASK, Geometry
 
 if TYPE_CHECKING:
     from appliance.store import Store
@@ -50,7 +50,7 @@ class StoreFullError(StoreIOError):
 
 
 def human(n: float) -> str:
-    from appliance.store_cli import human as fmt
+    from appliance.store.cli import human as fmt
 
     return fmt(n)
 

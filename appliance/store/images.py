@@ -49,7 +49,7 @@ def image_info(path: str) -> tuple[str, int]:
 
 def import_image(store, image: str, fmt: str, progress: bool) -> None:
     """Write `image` into the freshly created (all-zero) `store` and SAVE it as the import."""
-    from appliance.nbd_server import NbdServer
+    from appliance.nbd.server import NbdServer
 
     folder = tempfile.mkdtemp(prefix="savepoint-import-")
     sock = os.path.join(folder, "nbd.sock")

@@ -14,7 +14,7 @@ any network source can neither open nor extend an unlock.
 
 from __future__ import annotations
 
-from appliance.commands import Action, Command, Mode
+from appliance.control.commands import Action, Command, Mode
 
 SOURCE_CLASSES = ("button", "fob", "commodity", "bthome", "host", "cli", "policy", "mqtt")
 ACTIONS = tuple(a.value for a in Action)

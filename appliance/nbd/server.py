@@ -22,8 +22,8 @@ import stat
 import threading
 from urllib.parse import quote
 
-from appliance import nbd_protocol as p
-from appliance.nbd_session import HANDSHAKE_TIMEOUT, Session
+from appliance.nbd import protocol as p
+from appliance.nbd.session import HANDSHAKE_TIMEOUT, Session
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 
 __all__ = ["NbdServer", "OutOfRangeError", "StoreError", "StoreIOError"]

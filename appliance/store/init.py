@@ -8,8 +8,8 @@ import stat
 import subprocess
 import time
 
-from appliance.backing import Backing, FileBacking, block_device_size
-from appliance.store_format import (
+from appliance.store.backing import Backing, FileBacking, block_device_size
+from appliance.store.format import (
     DEFAULT_HIST_CAP,
     SB_OFFSETS,
     SB_SIZE,
@@ -20,7 +20,7 @@ from appliance.store_format import (
     plan_geometry,
     superblock_copies,
 )
-from appliance.store_space import NO_FALLOCATE, allocate_metadata, human, overcommit_problem
+from appliance.store.space import NO_FALLOCATE, allocate_metadata, human, overcommit_problem
 
 ZERO_CHUNK = 1 << 20
 

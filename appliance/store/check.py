@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from appliance.backing import FileBacking
-from appliance.store_format import (
+from appliance.store.backing import FileBacking
+from appliance.store.format import (
     PAGE,
     RECS_PER_SECTOR,
     SB_SIZE,

@@ -1,7 +1,7 @@
 """The command bus: every control source submits here; one place decides, runs, records, tells.
 
 Commands run one at a time (an asyncio.Lock). Each is checked against lock mode and the
-policy table (appliance/policy.py), run, logged, and published as an "outcome" Event, then
+policy table (appliance/control/policy.py), run, logged, and published as an "outcome" Event, then
 a "state" Event with the new status snapshot. SAVE and RESTORE run the store's blocking
 calls in a thread (they wait for in-flight I/O) and go into the store's history.
 
@@ -10,7 +10,7 @@ authenticated fob, admin CLI) opens it or moves it, to `relock_after` seconds fr
 gesture. No other command extends it, so host software that keeps busy cannot keep the
 appliance unlocked; with `single_use` (the default) the first SAVE ends it.
 
-A SAVE first waits for a quiet host (appliance/host_quiet.py): while it waits, the status
+A SAVE first waits for a quiet host (appliance/control/host_quiet.py): while it waits, the status
 says "saving, waiting for the host", and a second SAVE (a second press) or `--now` commits
 it at once.
 """
@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from appliance.commands import (
+from appliance.control.commands import (
     Action,
     Command,
     Event,
@@ -33,9 +33,9 @@ from appliance.commands import (
     PartHandler,
     StoreHooks,
 )
-from appliance.host_quiet import HostActivity, QuietReport
-from appliance.policy import decide, default_policy
-from appliance.store_format import FLAG_BUSY, FLAG_FORCED, FLAG_QUIET_KNOWN
+from appliance.control.host_quiet import HostActivity, QuietReport
+from appliance.control.policy import decide, default_policy
+from appliance.store.format import FLAG_BUSY, FLAG_FORCED, FLAG_QUIET_KNOWN
 
 log = logging.getLogger("savepoint.bus")
 

@@ -10,7 +10,7 @@ import time
 
 from appliance.preflight import Refused, check_target, explain_os_error, removed_on_failure
 from appliance.sizes import human
-from appliance.store_format import FORMAT_VERSION
+from appliance.store.format import FORMAT_VERSION
 
 
 def parse_size(text: str) -> int:
@@ -57,9 +57,9 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from appliance.images import ImageError
     from appliance.store import StoreError
-    from appliance.store_init import InitError
+    from appliance.store.images import ImageError
+    from appliance.store.init import InitError
 
     try:
         if args.image:
@@ -83,7 +83,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _print_space(target: str) -> None:
     """For a store file: what it takes now and what its file system has left."""
-    from appliance.store_space import allocated, fs_free
+    from appliance.store.space import allocated, fs_free
 
     if not os.path.isfile(target):
         return
@@ -97,8 +97,8 @@ def _print_space(target: str) -> None:
 
 
 def init_from_image(args: argparse.Namespace):
-    from appliance.images import ImageError, image_info, import_image
     from appliance.store import Store
+    from appliance.store.images import ImageError, image_info, import_image
 
     fmt, virtual = image_info(args.image)
     size = args.size or -(-virtual // 512) * 512
@@ -116,9 +116,9 @@ def init_from_image(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from appliance.images import ImageError, export_offline, is_served
     from appliance.progress import Progress
     from appliance.store import StoreError
+    from appliance.store.images import ImageError, export_offline, is_served
 
     if os.path.exists(args.out) and not args.force:
         print(f"savepoint export: {args.out} exists; nothing was changed: add --force to "
@@ -147,9 +147,9 @@ def export_through_daemon(args: argparse.Namespace) -> None:
     """A served store: read its NBD export, after checking it is this store."""
     import uuid
 
-    from appliance.control_socket import ControlClient, ControlError
-    from appliance.images import ImageError, export_served
-    from appliance.store_format import SB_SIZE, superblock_copies
+    from appliance.control.socket import ControlClient, ControlError
+    from appliance.store.format import SB_SIZE, superblock_copies
+    from appliance.store.images import ImageError, export_served
 
     with open(args.target, "rb") as f:
         uuids = {str(uuid.UUID(bytes=sb.uuid)) for sb in superblock_copies(f.read(2 * SB_SIZE))
@@ -178,7 +178,7 @@ def create_checked(target: str, size: int | None, unit: int, force: bool = False
     """create_store after every check that needs no writing; a failure leaves no new file."""
     from appliance.progress import Progress
     from appliance.store import create_store
-    from appliance.store_format import plan_geometry
+    from appliance.store.format import plan_geometry
 
     if size is not None:
         check_target(target, plan_geometry(size, unit).total_size, size)
@@ -189,7 +189,7 @@ def create_checked(target: str, size: int | None, unit: int, force: bool = False
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from appliance.store import Store, StoreError
-    from appliance.store_check import check_store
+    from appliance.store.check import check_store
 
     try:
         with Store.open(args.target, readonly=True) as st:

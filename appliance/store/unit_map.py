@@ -2,7 +2,7 @@
 
 Pages are loaded from disk on first use, so opening a 1 TiB store reads nothing but its
 superblock and history. Changed sectors are remembered and written out by flush. Clean pages
-are unloaded again, least recently used first, when the map cache (store_cache) is over its
+are unloaded again, least recently used first, when the map cache (cache.py) is over its
 budget; dirty ones stay until a flush wrote them.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import mmap
 import threading
 
-from appliance.backing import Backing
-from appliance.store_cache import DEFAULT_BUDGET, MapCache
-from appliance.store_errors import StoreIOError
-from appliance.store_format import (
+from appliance.store.backing import Backing
+from appliance.store.cache import DEFAULT_BUDGET, MapCache
+from appliance.store.errors import StoreIOError
+from appliance.store.format import (
     PAGE,
     RECS_PER_SECTOR,
     SECTOR,

@@ -2,7 +2,7 @@
 
 The handshake (fixed newstyle option haggling) lives here as a small state machine over two
 callables, so it can be driven by a real socket or by a test. The transmission phase (the hot
-path) is in `nbd_server`.
+path) is in appliance/nbd/session.py.
 """
 
 from __future__ import annotations

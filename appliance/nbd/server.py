@@ -1,9 +1,9 @@
 """The NBD server: serves one store to any NBD client (kernel, qemu, libnbd tools).
 
-Listening, lifecycle and the transmission phase (the hot path) live here; the wire format and
-the handshake are in `nbd_protocol`.
+Listening sockets, lifecycle and URIs live here; the wire format and the handshake are in
+appliance/nbd/protocol.py, the transmission phase (the hot path) in appliance/nbd/session.py.
 
-Each connection is served by one blocking thread (see `nbd_session`): it reads many pipelined
+Each connection is served by one blocking thread (a `Session`): it reads many pipelined
 requests per recv_into into a page-aligned buffer, serves them in order and batches the replies
 into one sendmsg. All connections share the one store, whose flush covers every connection:
 that is what makes multi-conn safe.
@@ -65,7 +65,7 @@ class NbdServer:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.store = store
-        self.activity = None  # a host_quiet.HostActivity the sessions report writes to
+        self.activity = None  # a control.host_quiet.HostActivity the sessions report writes to
         self.unix_path = os.path.abspath(unix_path) if unix_path else None
         self.tcp = tcp
         self.allow_remote = allow_remote

@@ -17,16 +17,13 @@ import mmap
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from appliance.nbd import protocol as p
 from appliance.nbd import replies as nbd_replies
 from appliance.nbd.replies import Replies, pages
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 from appliance.store.space import StoreFullError
-
-if TYPE_CHECKING:
-    from appliance.nbd.server import NbdServer
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds from accept() to the end of option haggling, in all
 RECV_SIZE = 4 << 20  # receive buffer: many pipelined requests per recv_into
@@ -36,8 +33,22 @@ SIZED_WRITES = (p.CMD_WRITE, p.CMD_WRITE_ZEROES)  # past the end: ENOSPC, not EI
 HEAD = p.REQUEST.size
 
 
+class SessionHost(Protocol):
+    """What a session needs of the server that accepted it. NbdServer is one; the session
+    never imports the server, so server and session have no import circle."""
+
+    store: Any
+    log: logging.Logger
+    export: p.Export
+    handshake_timeout: float
+    stopping: bool
+    activity: Any  # a HostActivity the session reports the host's writes to, or None
+
+    def _session_ended(self, session: Session) -> None: ...
+
+
 class Session:
-    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+    def __init__(self, server: SessionHost, sock: socket.socket, peer: str) -> None:
         self.server, self.sock, self.peer = server, sock, peer
         self.store = server.store
         self.log: logging.Logger = server.log

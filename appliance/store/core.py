@@ -1,6 +1,6 @@
 """The VSM store: two slots per unit, a map saying which is saved, O(1) SAVE and RESTORE.
 
-Every unit has a 32-bit map record (format.py): the VSM bit, a "holds data" bit per slot,
+Every unit has a 32-bit map record (store/format.py): the VSM bit, a "holds data" bit per slot,
 and the epoch of the last write to its secondary slot (wepoch). A unit is in the DDM (written
 since the last SAVE/RESTORE) when wepoch == epoch. A record with 0 < wepoch < epoch is brought
 up to date lazily: if epoch `wepoch` ended with SAVE its secondary became primary (VSM flips),
@@ -15,8 +15,8 @@ Crash safety rests on three orders (docs/format.md has the proofs):
 
 This module is longer than the project's ~400-line norm on purpose: the write, flush, commit
 and background paths share those orders and the stripe/map locks, and one proof should not be
-spread over several files. The gate (io_gate), the map (unit_map), the history (history_ring)
-and the format (format.py) live apart.
+spread over several files. The gate (io_gate.py), the map (unit_map.py), the history
+(history_ring.py) and the format (format.py) live apart, beside it in appliance/store/.
 """
 
 from __future__ import annotations
@@ -658,7 +658,7 @@ class Store:
         self.dirty_units = self.dirty_bytes = 0
         return rec
 
-    # ----- the background pass (claims 19-20) -------------------------------------------------
+    # ----- the background pass (docs/format.md "Unit map") ---------------------------------------
 
     def background_step(self, max_units: int = 65536) -> bool:
         """Normalise up to max_units map records; True while work remains. Call when idle, or

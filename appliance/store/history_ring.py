@@ -1,4 +1,5 @@
-"""The history ring: how each epoch ended (claims 54-56), kept for the last hist_cap epochs.
+"""The history ring: how each epoch ended, kept for the last hist_cap epochs (docs/format.md,
+"History ring").
 
 Only one byte per ring slot stays in RAM (did that epoch end with SAVE?); the records
 themselves are read from disk when asked for, so the ring costs 64 KiB of RAM, not 4 MiB.

@@ -1,13 +1,12 @@
 """The daemon's configuration: TOML read with tomllib, validated before anything starts.
 
 Every key has a type, a default and a one-line doc (the schemas below, plus the
-CONFIG_SCHEMA each optional part exports); docs/config.md lists them all. Validation
+schema in each part's PartSpec, appliance/parts.py); docs/config.md lists them all. Validation
 errors say which key, what is wrong and what to do, and the daemon refuses to start.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import tomllib
@@ -15,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance.control.policy import ACTIONS, GESTURE_CLASSES, RULES, SOURCE_CLASSES, default_policy
+from appliance.parts import PartSpec, all_parts, load_spec
 
 Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
 
@@ -50,7 +50,7 @@ MIN_MAP_CACHE = 64 << 10  # 16 map pages: a request spanning a few never thrashe
 
 RESTORE_POLICIES = ("never", "on_boot", "on_host_disconnect", "schedule")
 
-# The sections the daemon itself owns. Part sections come from the parts' CONFIG_SCHEMA.
+# The sections the daemon itself owns. Part sections come from the parts' specs.
 CORE_SCHEMA: dict[str, Schema] = {
     "store": {
         "path": (str, "", "backing file or block device holding the store (required)"),
@@ -115,27 +115,22 @@ CORE_SCHEMA: dict[str, Schema] = {
     },
 }
 
-# Optional parts: section -> (module, class). Each section also takes `enabled`.
-PARTS: dict[str, tuple[str, str]] = {
-    "gadget": ("appliance.usb.gadget", "GadgetPart"),
-    "serial": ("appliance.usb.host_serial", "SerialPart"),
-    "gpio": ("gpio", "GpioPart"),
-    "ble": ("ble", "BlePart"),
-    "bthome": ("ble.bthome_part", "BTHomePart"),
-    "mqtt": ("mqtt", "MqttPart"),
-}
+# Optional parts: each declares its section in its PartSpec (appliance/parts.py).
+PARTS = all_parts()
 PART_ENABLED_DOC = "start this part"
 
 
 def part_schema(section: str) -> Schema | None:
-    """The part's own CONFIG_SCHEMA, or None when its module is not installed/importable."""
-    module, _ = PARTS[section]
+    """The part's own schema, or None when its module is not installed/importable."""
+    spec = _spec_of(section)
+    return dict(spec.config) if spec is not None else None
+
+
+def _spec_of(section: str) -> PartSpec | None:
     try:
-        mod = importlib.import_module(module)
+        return load_spec(section)
     except Exception:  # a broken or missing part must not stop the daemon; start reports it
         return None
-    schema = getattr(mod, "CONFIG_SCHEMA", None)
-    return dict(schema) if isinstance(schema, dict) else None
 
 
 def _check_type(where: str, value: Any, types: type | tuple[type, ...]) -> None:
@@ -294,8 +289,9 @@ def _part_section(section: str, given: Any, schema_for: Callable[[str], Schema |
         for key, value in body.items():
             if key.endswith("_pin") or key.endswith("_pins"):
                 _check_pins(section, key, value)
-        validator = getattr(_module_of(section), "validate_config", None)
-        if callable(validator):  # e.g. gpio checks pin numbers ("bad pin")
+        spec = _spec_of(section)
+        validator = spec.validate if spec is not None else None
+        if validator is not None:  # e.g. gpio checks pin numbers ("bad pin")
             try:
                 validator(body)
             except (ValueError, TypeError) as e:
@@ -314,13 +310,6 @@ def _check_pins(section: str, key: str, value: Any) -> None:
             continue
         raise ConfigError(f"[{section}] {key}: bad pin {pin!r}: use a BCM number such as 17 "
                           "or a name such as \"GPIO17\"")
-
-
-def _module_of(section: str) -> Any:
-    try:
-        return importlib.import_module(PARTS[section][0])
-    except Exception:
-        return None
 
 
 def load(path: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -23,7 +22,6 @@ from typing import Any
 
 from appliance import runtime_dirs
 from appliance.config import (
-    PARTS,
     SYSTEM_RUNTIME_DIR,
     default_control_path,
     default_nbd_path,
@@ -31,10 +29,11 @@ from appliance.config import (
     runtime_dir,
 )
 from appliance.control.bus import CommandBus
-from appliance.control.commands import Event, PartUnavailable
+from appliance.control.commands import Event, Part, PartUnavailable
 from appliance.control.host_quiet import HostActivity
 from appliance.control.restore_policies import RestorePolicies
 from appliance.control.socket import ControlLimits, ControlServer, socket_group
+from appliance.parts import PartContext, PartSpec, all_parts, load_spec
 from appliance.systemd_notify import Notifier
 
 log = logging.getLogger("savepoint.daemon")
@@ -97,7 +96,7 @@ class Daemon:
         self.bus: CommandBus | None = None
         self.control: ControlServer | None = None
         self.policies: RestorePolicies | None = None
-        self.parts: list[tuple[str, Any]] = []  # started parts, in start order
+        self.parts: list[tuple[PartSpec, Part]] = []  # started parts, in start order
         self.nbd_socket = cfg["nbd"]["socket"] or default_nbd_path()
         self.control_socket = cfg["control"]["socket"] or default_control_path()
         self._stop = asyncio.Event()
@@ -130,7 +129,6 @@ class Daemon:
         lock = self.cfg["lock"]
         self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
                               relock_after=lock["relock_after"], single_use=lock["single_use"],
-                              pairing_window=self.cfg["parts"]["ble"].get("pairing_window", 60),
                               clock=self.clock, wall=self.wall, activity=self.activity,
                               settle=self.cfg["save"]["settle"],
                               max_wait=self.cfg["save"]["max_wait"])
@@ -149,8 +147,8 @@ class Daemon:
             self.control = None
             raise StartupError(f"control socket {self.control_socket}: {e}") from None
         self.bus.set_part("control", "up", self.control_socket)
-        for section in PARTS:
-            await self._start_part(section)
+        for name in self.cfg["parts"]:  # every part the config knows, in start order
+            await self._start_part(name)
         line = await self._status_line()
         self.notifier.ready(line)
         log.info("ready: %s", line)
@@ -168,11 +166,13 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.bus is not None:
             await self.bus.close()  # waits for a running SAVE/RESTORE, refuses new ones
-        for name, part in reversed(self.parts):
+        for spec, part in reversed(self.parts):
+            if spec.store_hooks and self.bus is not None and self.bus.hooks is part:
+                self.bus.hooks = None
             try:
                 await part.stop()
             except Exception:
-                log.exception("part %s did not stop cleanly", name)
+                log.exception("part %s did not stop cleanly", spec.name)
         self.parts.clear()
         if self.control is not None:
             await self.control.stop()
@@ -294,34 +294,35 @@ class Daemon:
             self.bus.publish(Event("state", await self.bus.snapshot()))
 
     # -- optional parts --------------------------------------------------------------------
-    async def _start_part(self, section: str) -> None:
+    async def _start_part(self, name: str) -> None:
+        """Make and start one part from its spec (appliance/parts.py); a part that cannot run
+        here, or breaks, is a `failed` row with a reason, and the appliance keeps working."""
         assert self.bus is not None
-        pcfg = dict(self.cfg["parts"][section])
+        pcfg = dict(self.cfg["parts"][name])
         if not pcfg.pop("enabled", False):
-            self.bus.set_part(section, "off", "disabled in the config")
+            self.bus.set_part(name, "off", "disabled in the config")
             return
-        module, cls_name = PARTS[section]
         try:
-            cls = getattr(importlib.import_module(module), cls_name)
-            part = (cls(pcfg, self.bus, self.nbd_socket) if section == "gadget"
-                    else cls(pcfg, self.bus))
-            await part.start()
-        except PartUnavailable as e:
-            self._part_failed(section, e.reason, e.hint)
-            return
+            spec = load_spec(name)
         except (ImportError, AttributeError) as e:
-            self._part_failed(section, f"{module}.{cls_name} is not available: {e}",
+            self._part_failed(name, f"{all_parts()[name]} is not available: {e}",
                               "install the full savepoint package")
             return
-        except Exception as e:  # a broken part is reported, the appliance keeps working
-            log.exception("part %s crashed while starting", section)
-            self._part_failed(section, f"crashed while starting: {e}", "see the log")
+        try:
+            part = spec.make(pcfg, PartContext(self.bus, self.nbd_socket))
+            await part.start()
+        except PartUnavailable as e:
+            self._part_failed(name, e.reason, e.hint)
             return
-        self.parts.append((section, part))
-        self.bus.set_part(section, "up")
-        if section == "gadget":
-            self.bus.hooks = part  # SAVE syncs the NBD device, RESTORE ejects around it
-        log.info("part %s: up", section)
+        except Exception as e:  # a broken part is reported, the appliance keeps working
+            log.exception("part %s crashed while starting", name)
+            self._part_failed(name, f"crashed while starting: {e}", "see the log")
+            return
+        self.parts.append((spec, part))
+        self.bus.set_part(name, "up")
+        if spec.store_hooks:  # the one place bus.hooks is set: SAVE syncs, RESTORE ejects
+            self.bus.hooks = part  # type: ignore[assignment]
+        log.info("part %s: up", name)
 
     def _part_failed(self, section: str, reason: str, hint: str) -> None:
         assert self.bus is not None

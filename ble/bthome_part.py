@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
+from appliance.parts import PartSpec
 from ble.bthome_frame import SERVICE_UUID, UUID16
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
@@ -271,3 +272,7 @@ class BTHomePart:
         if callable(publish):
             publish(Event("buttons", {"op": op, "address": record.address, "name": record.name}))
         return {"button": info, "op": op}
+
+
+SPEC = PartSpec("bthome", CONFIG_SCHEMA, lambda cfg, ctx: BTHomePart(cfg, ctx.bus),
+                validate=validate_config)

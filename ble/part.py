@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
+from appliance.parts import PartContext, PartSpec
 from ble import dbus_api
 from ble.dbus_api import BLUEZ, DBusError, MessageBus, Variant
 from ble.gatt_service import (
@@ -356,3 +357,11 @@ class BlePart:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _make(cfg: dict[str, Any], ctx: PartContext) -> BlePart:
+    ctx.bus.pairing_window = float(cfg["pairing_window"])  # type: ignore[attr-defined]
+    return BlePart(cfg, ctx.bus)
+
+
+SPEC = PartSpec("ble", CONFIG_SCHEMA, _make, validate=validate_config)

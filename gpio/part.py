@@ -19,6 +19,7 @@ from gpiozero import LED, PWMLED, RGBLED, Device
 from gpiozero.exc import BadPinFactory, GPIOZeroError, PinFactoryFallback
 
 from appliance.control.commands import Action, Command, CommandSink, Event, Outcome, PartUnavailable
+from appliance.parts import PartSpec
 from gpio import settings
 from gpio.button import ButtonInput
 from gpio.gestures import Cue, HoldKey, KeySwitch, MainButton, Output
@@ -199,3 +200,7 @@ class GpioPart:
             return
         showing = asyncio.get_running_loop().time() < self._status_until
         self.led.play(choose(self.view, self.cue, showing, self.led_timings))
+
+
+SPEC = PartSpec("gpio", settings.CONFIG_SCHEMA, lambda cfg, ctx: GpioPart(cfg, ctx.bus),
+                validate=settings.validate_config)

@@ -29,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.control.commands import Action, Command, CommandSink, Event, PartUnavailable
+from appliance.parts import PartSpec
 from mqtt import discovery, settings
 from mqtt.messages import (
     RateLimit,
@@ -352,3 +353,7 @@ def _why(error: aiomqtt.MqttError) -> tuple[str, str]:
 # aiomqtt logs every dropped message; our own counts say it once, in status
 _QUIET = logging.getLogger("savepoint.mqtt.client")
 _QUIET.setLevel(logging.ERROR)
+
+
+SPEC = PartSpec("mqtt", settings.CONFIG_SCHEMA, lambda cfg, ctx: MqttPart(cfg, ctx.bus),
+                validate=settings.validate_config)

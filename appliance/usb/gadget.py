@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
 from appliance.control.host_quiet import kthread_wchar
+from appliance.parts import PartSpec
 from appliance.usb.nbd_device import NbdDevice, NbdDeviceError
 from appliance.usb.udc_watch import UdcWatch
 
@@ -260,7 +261,8 @@ def _rmdir(path: Path, real: bool) -> None:
 
 
 class GadgetPart:
-    """Part [gadget]: NBD device + configfs gadget + host-connection watch; also StoreHooks."""
+    """Part [gadget]: NBD device + configfs gadget + host-connection watch; also StoreHooks
+(its spec says so: the daemon makes it the bus's hooks while it is up)."""
 
     name = "gadget"
 
@@ -282,8 +284,6 @@ class GadgetPart:
         self.watch = UdcWatch(udc, self._host_changed, sysfs=self.cfg["sysfs"],
                               interval=float(self.cfg["poll_interval"]))
         await self.watch.start()
-        if hasattr(self.bus, "hooks"):
-            self.bus.hooks = self  # type: ignore[attr-defined]
         self._count_host_writes(kthread_wchar())
         log.info("gadget %s bound to %s, LUN 0 on %s", self.cfg["name"], udc, self.nbd.device)
 
@@ -334,8 +334,6 @@ class GadgetPart:
         if self.watch is not None:
             await self.watch.stop()
             self.watch = None
-        if getattr(self.bus, "hooks", None) is self:
-            self.bus.hooks = None  # type: ignore[attr-defined]
         self._count_host_writes(None)
         await asyncio.to_thread(self._teardown)
 
@@ -371,3 +369,7 @@ class GadgetPart:
         finally:
             await asyncio.to_thread(self.gadget.set_file, 0, self.nbd.device)
         return result
+
+
+SPEC = PartSpec("gadget", CONFIG_SCHEMA,
+                lambda cfg, ctx: GadgetPart(cfg, ctx.bus, ctx.nbd_socket), store_hooks=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from appliance.control.commands import CommandSink, PartUnavailable
 from appliance.control.socket import MAX_LINE, dispatch
+from appliance.parts import PartSpec
 
 log = logging.getLogger("savepoint.serial")
 
@@ -253,3 +254,7 @@ class SerialPart:
 
 def _error(reason: str) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "data": {}}
+
+
+SPEC = PartSpec("serial", CONFIG_SCHEMA, lambda cfg, ctx: SerialPart(cfg, ctx.bus),
+                validate=validate_config)

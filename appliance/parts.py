@@ -1,0 +1,72 @@
+"""What a part is and how it plugs in: one `PartSpec` per part, found by name.
+
+A part is what the daemon starts after the store, the NBD server and the control socket, and
+stops before them: the USB gadget, the host serial channel, the enclosure button and LED, the
+BLE fob, BTHome buttons, MQTT. Each declares itself once, as `SPEC = PartSpec(...)` in its own
+module, and is listed in `PARTS` below (or, from another package, under the entry point group
+"savepoint.parts"). The config takes a `[name]` section validated by the spec's schema (plus
+`enabled`); the daemon calls `spec.make(section, context)`, then `start()`, and at the end
+`stop()`. It never names a part: whatever a part needs comes from its `PartContext`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from appliance.control.commands import CommandSink, Part
+
+Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
+
+# name (config section, status row) -> "module:attribute" of its spec, in start order
+PARTS: dict[str, str] = {
+    "gadget": "appliance.usb.gadget:SPEC",
+    "serial": "appliance.usb.host_serial:SPEC",
+    "gpio": "gpio.part:SPEC",
+    "ble": "ble.part:SPEC",
+    "bthome": "ble.bthome_part:SPEC",
+    "mqtt": "mqtt.part:SPEC",
+}
+ENTRY_POINT_GROUP = "savepoint.parts"
+
+
+@dataclass(frozen=True)
+class PartContext:
+    """What the daemon hands a part: the command bus (the part's only way to the store) and
+    the NBD socket its kernel device attaches to."""
+
+    bus: CommandSink
+    nbd_socket: str
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A part, declared: its config section's schema, how to make it, what it adds."""
+
+    name: str
+    config: Schema  # key -> (types, default, meaning); docs/config.md is generated from it
+    make: Callable[[dict[str, Any], PartContext], Part]
+    validate: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError: bad section
+    # True: while the part is up, the bus calls its before_save/around_restore (StoreHooks)
+    store_hooks: bool = False
+
+
+def all_parts() -> dict[str, str]:
+    """Every known part name -> where its spec is: the built-in ones, then installed ones."""
+    found = dict(PARTS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found
+
+
+def load_spec(name: str) -> PartSpec:
+    """Import the part's module and return its spec; ImportError/AttributeError when the part
+    is not installed or its module is broken (the caller reports it, nothing else stops)."""
+    module, _, attr = all_parts()[name].partition(":")
+    spec = getattr(importlib.import_module(module), attr or "SPEC")
+    if not isinstance(spec, PartSpec) or spec.name != name:
+        raise AttributeError(f"{module}:{attr} is not the PartSpec of part {name!r}")
+    return spec

@@ -1,0 +1,87 @@
+"""The part contract (appliance/parts.py): every part is one spec, the daemon never names one,
+and a part it has never heard of plugs in by its spec alone."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from appliance import parts
+from appliance.config import part_schema, serve_config
+from appliance.daemon import Daemon
+from appliance.parts import PartContext, PartSpec, load_spec
+from tests.test_daemon_support import short_dir
+
+TOP = Path(__file__).resolve().parent.parent
+
+
+def test_every_part_is_one_spec_whose_schema_the_config_documents():
+    for name in parts.PARTS:
+        spec = load_spec(name)
+        assert spec.name == name
+        assert part_schema(name) == spec.config
+
+
+def test_the_daemon_never_names_a_part():
+    strings = {node.value for node in ast.walk(ast.parse((TOP / "appliance/daemon.py")
+                                                         .read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not strings & set(parts.PARTS), "the daemon names a part: declare it in its spec"
+
+
+class DemoPart:
+    """A part the daemon was never told about: it records what the contract gave it."""
+
+    name = "demo"
+    made: list[DemoPart] = []
+
+    def __init__(self, cfg: dict[str, Any], ctx: PartContext) -> None:
+        self.cfg, self.ctx, self.events = cfg, ctx, []
+        DemoPart.made.append(self)
+
+    async def start(self) -> None:
+        self.events.append("start")
+
+    async def stop(self) -> None:
+        self.events.append("stop")
+
+    async def before_save(self) -> bool:
+        return True
+
+    async def around_restore(self, restore):
+        return await restore()
+
+
+DEMO = PartSpec("demo", {"colour": (str, "blue", "what the demo shows")}, DemoPart,
+                store_hooks=True)
+BROKEN = PartSpec("broken", {}, lambda cfg, ctx: 1 / 0)
+
+
+def test_a_new_part_plugs_in_by_its_spec_alone(monkeypatch):
+    monkeypatch.setitem(parts.PARTS, "demo", "tests.test_parts:DEMO")
+    monkeypatch.setitem(parts.PARTS, "broken", "tests.test_parts:BROKEN")
+    d = short_dir()
+    cfg = serve_config(f"{d}/disk.img", 16 << 20, 4096, f"{d}/nbd.sock", None, False,
+                       f"{d}/c.sock")
+    cfg["parts"]["demo"] = {"enabled": True, "colour": "red"}
+    cfg["parts"]["broken"] = {"enabled": True}
+    DemoPart.made.clear()
+
+    async def scenario() -> tuple[Any, Any, dict]:
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            assert daemon.bus is not None
+            return daemon.bus.hooks, daemon.bus, dict(daemon.bus.parts)
+        finally:
+            await daemon.shutdown()
+
+    hooks, bus, rows = asyncio.run(scenario())
+    (demo,) = DemoPart.made
+    assert demo.cfg == {"colour": "red"} and demo.ctx.nbd_socket == f"{d}/nbd.sock"
+    assert demo.ctx.bus is bus and hooks is demo, "a store_hooks part is the bus's hooks"
+    assert demo.events == ["start", "stop"] and bus.hooks is None
+    assert rows["demo"]["state"] == "up"
+    assert rows["broken"]["state"] == "failed" and "division by zero" in rows["broken"]["reason"]

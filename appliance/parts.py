@@ -11,8 +11,9 @@ module, and is listed in `PARTS` below (or, from another package, under the entr
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -70,3 +71,26 @@ def load_spec(name: str) -> PartSpec:
     if not isinstance(spec, PartSpec) or spec.name != name:
         raise AttributeError(f"{module}:{attr} is not the PartSpec of part {name!r}")
     return spec
+
+
+class TaskSet:
+    """A part's background tasks, spawned in one way: each stays referenced until it is done
+    (the event loop keeps only weak references) and stop() cancels them together."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def clear(self) -> None:
+        self._tasks.clear()

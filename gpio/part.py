@@ -19,7 +19,7 @@ from gpiozero import LED, PWMLED, RGBLED, Device
 from gpiozero.exc import BadPinFactory, GPIOZeroError, PinFactoryFallback
 
 from appliance.control.commands import Action, Command, CommandSink, Event, Outcome, PartUnavailable
-from appliance.parts import PartSpec
+from appliance.parts import PartSpec, TaskSet
 from gpio import settings
 from gpio.button import ButtonInput
 from gpio.gestures import Cue, HoldKey, KeySwitch, MainButton, Output
@@ -50,7 +50,7 @@ class GpioPart:
         self.cues: dict[str, Cue] = {}
         self.submitted: list[Outcome] = []  # outcomes of what the buttons asked, in order
         self._status_until = 0.0
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._queue: asyncio.Queue[Event] | None = None
 
     # -- life cycle ------------------------------------------------------------------------
@@ -71,11 +71,11 @@ class GpioPart:
         if self.led is not None:
             self.led.start()
         self._queue = self.bus.subscribe()
-        self._spawn(self._follow_events(self._queue))
-        self._spawn(self._first_status())
+        self._tasks.spawn(self._follow_events(self._queue))
+        self._tasks.spawn(self._first_status())
         switch = self.inputs.get("key_switch")
         if switch is not None and switch.held_at_start:
-            self._spawn(self._submit(Action.UNLOCK))
+            self._tasks.spawn(self._submit(Action.UNLOCK))
         self._refresh()
 
     async def stop(self) -> None:
@@ -137,18 +137,13 @@ class GpioPart:
                     dev.close()
             self.led = None
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- buttons -> bus ----------------------------------------------------------------------
     def _on_input(self, name: str, out: Output) -> None:
         if isinstance(out, Cue):
             self.cues[name] = out
             self._refresh()
         else:
-            self._spawn(self._submit(out))
+            self._tasks.spawn(self._submit(out))
 
     async def _submit(self, action: Action) -> None:
         try:

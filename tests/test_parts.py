@@ -85,3 +85,19 @@ def test_a_new_part_plugs_in_by_its_spec_alone(monkeypatch):
     assert demo.events == ["start", "stop"] and bus.hooks is None
     assert rows["demo"]["state"] == "up"
     assert rows["broken"]["state"] == "failed" and "division by zero" in rows["broken"]["reason"]
+
+
+def test_a_parts_tasks_are_kept_until_done():
+    from appliance.parts import TaskSet
+
+    async def scenario() -> None:
+        tasks, gate = TaskSet(), asyncio.Event()
+        waiting = tasks.spawn(gate.wait(), "waiting")
+        tasks.spawn(asyncio.sleep(0))
+        await asyncio.sleep(0.01)
+        assert list(tasks) == [waiting] and waiting.get_name() == "waiting"
+        gate.set()
+        await asyncio.sleep(0.01)
+        assert len(tasks) == 0
+
+    asyncio.run(scenario())

@@ -28,7 +28,7 @@ from typing import Any
 
 from appliance.control.commands import CommandSink, PartUnavailable
 from appliance.control.socket import MAX_LINE, dispatch
-from appliance.parts import PartSpec
+from appliance.parts import PartSpec, TaskSet
 
 log = logging.getLogger("savepoint.serial")
 
@@ -82,7 +82,7 @@ class SerialPart:
         self._buf = bytearray()
         self._skipping = False  # inside an over-long line: discard up to its newline
         self._lines: asyncio.Queue[bytes | None] = asyncio.Queue(int(self.cfg["queue"]))
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._reopening: asyncio.Task[Any] | None = None
         self.counters = {"requests": 0, "request_errors": 0, "replies_dropped": 0,
                          "overlong_lines": 0, "restarts": 0, "hangups": 0}
@@ -93,7 +93,7 @@ class SerialPart:
             raise PartUnavailable(f"{device} does not exist",
                                   "enable the CDC-ACM function: [gadget] acm = true")
         await self._open()
-        self._spawn(self._supervise(), "serial")
+        self._tasks.spawn(self._supervise(), "serial")
         extras = getattr(self.bus, "status_extras", None)
         if isinstance(extras, list):
             extras.append(self._status)
@@ -114,11 +114,6 @@ class SerialPart:
     def _status(self) -> dict[str, Any]:
         return {"serial": {"device": self.cfg["device"], "open": self._reader is not None,
                            "waiting": self._lines.qsize(), **self.counters}}
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- the tty -------------------------------------------------------------------
     async def _open(self) -> None:

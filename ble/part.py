@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
-from appliance.parts import PartContext, PartSpec
+from appliance.parts import PartContext, PartSpec, TaskSet
 from ble import dbus_api
 from ble.dbus_api import BLUEZ, DBusError, MessageBus, Variant
 from ble.gatt_service import (
@@ -78,7 +78,7 @@ class BlePart:
         self.agent: PairingAgent | None = None
         self.dbus: MessageBus | None = None
         self.registered = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         self._queue: asyncio.Queue[Event] | None = None
         self._unwatch = lambda: None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -108,7 +108,7 @@ class BlePart:
         )
         self.proto.forget_bond = self._forget_bond
         self.proto.on_window_closed = self._window_closed_by_protocol
-        self.proto.on_pair_failed = lambda peer: self._spawn(self._drop_bonds({peer}))
+        self.proto.on_pair_failed = lambda peer: self._tasks.spawn(self._drop_bonds({peer}))
         self.dbus = await self._connect()
         try:
             await self._bring_up(str(self.cfg["name"]))
@@ -119,14 +119,14 @@ class BlePart:
         if register is not None:
             register("fobs", self.proto.fobs_handler)
         self._queue = self.bus.subscribe()
-        self._spawn(self._pump_events(self._queue))
+        self._tasks.spawn(self._pump_events(self._queue))
         self._start_itags(tags)
 
     def _start_itags(self, tags: list[ITag]) -> None:
         """Each iTag gets its own watcher task: a missing tag must not hold up the others."""
         self.itags = [ITagWatcher(tag, self.bus, self.itag_links) for tag in tags]
         for watcher in self.itags:
-            self._spawn(watcher.run())
+            self._tasks.spawn(watcher.run())
 
     async def _connect(self) -> MessageBus:
         try:
@@ -238,7 +238,7 @@ class BlePart:
             log.warning("bluetoothd went away; will register again when it is back")
             self.registered.clear()
             return
-        self._spawn(self._reregister())
+        self._tasks.spawn(self._reregister())
 
     async def _reregister(self) -> None:
         try:
@@ -293,7 +293,7 @@ class BlePart:
         if is_open:
             self._window_devices.clear()
         if not is_open:
-            self._spawn(self._drop_unfinished_bonds())
+            self._tasks.spawn(self._drop_unfinished_bonds())
         if is_open:
             limit = float(self.cfg["pairing_window"])
             until = float(data.get("until") or 0) or time.time() + limit
@@ -305,8 +305,8 @@ class BlePart:
     def _close_window(self) -> None:
         if self.proto:
             self.proto.set_pairing(False)
-        self._spawn(self._set_adapter("Pairable", False))
-        self._spawn(self._drop_unfinished_bonds())
+        self._tasks.spawn(self._set_adapter("Pairable", False))
+        self._tasks.spawn(self._drop_unfinished_bonds())
 
     def _window_closed_by_protocol(self, why: str) -> None:
         """One gesture, one fob: a pairing (or too many wrong codes) ends the window now."""
@@ -352,11 +352,6 @@ class BlePart:
                 log.info("removed the unfinished bond of %s", device)
             except (TimeoutError, DBusError) as e:
                 log.warning("could not remove the unfinished bond of %s: %s", device, e)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _make(cfg: dict[str, Any], ctx: PartContext) -> BlePart:

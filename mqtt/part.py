@@ -47,6 +47,7 @@ log = logging.getLogger("savepoint.mqtt")  # not "mqtt": aiomqtt's own logger
 MAX_PACKET = 128 * 1024  # the broker drops anything larger before it reaches us
 QUEUE_IN = 32  # messages waiting to be handled; at most QUEUE_IN * MAX_PACKET of memory
 EVENTS_KEPT = 64  # SAVE/RESTORE outcomes kept for the event topic while offline
+STOP_WAIT = 5.0  # seconds stop() waits for the part's tasks to end
 ACK_WAIT = 5.0  # seconds to wait for a PUBACK; a lost one is counted, not fatal
 REPLIES_WAITING = 32  # replies waiting for their PUBACK; more and the consumer waits
 
@@ -110,9 +111,10 @@ class MqttPart:
                                      timeout=2)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:  # bounded: a part that will not end must not hold the daemon's stop
+            _, late = await asyncio.wait(self._tasks, timeout=STOP_WAIT)
+            for task in late:
+                log.warning("mqtt task %s did not stop within %g s", task.get_name(), STOP_WAIT)
         self._tasks = []
         if self._queue is not None:
             self.bus.unsubscribe(self._queue)
@@ -166,6 +168,7 @@ class MqttPart:
                     self._set_state("up", f"connected to {where} as {self.node}")
                     await self._session(client)
             except aiomqtt.MqttError as e:
+                _stop_if_cancelled()  # a disconnect that timed out while stopping: stop
                 reason, hint = _why(e)
                 if self.client is not None:
                     log.warning("lost the broker %s: %s", where, e)
@@ -173,6 +176,7 @@ class MqttPart:
                     log.warning("cannot reach the broker %s: %s", where, e)
                 self._set_state("failed", reason, f"{where}: {e}; {hint}")
             except Exception as e:  # a bug must not end the part for good: report, retry
+                _stop_if_cancelled()
                 log.exception("mqtt session crashed")
                 self._set_state("failed", f"crashed: {e}", "see the log; retrying")
             finally:
@@ -353,6 +357,14 @@ def _why(error: aiomqtt.MqttError) -> tuple[str, str]:
 # aiomqtt logs every dropped message; our own counts say it once, in status
 _QUIET = logging.getLogger("savepoint.mqtt.client")
 _QUIET.setLevel(logging.ERROR)
+
+
+def _stop_if_cancelled() -> None:
+    """aiomqtt's context exit can raise MqttError (its disconnect timed out) while a
+    cancellation is under way; that error replaces the CancelledError, so re-raise it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 SPEC = PartSpec("mqtt", settings.CONFIG_SCHEMA, lambda cfg, ctx: MqttPart(cfg, ctx.bus),

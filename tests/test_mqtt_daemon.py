@@ -270,6 +270,67 @@ def test_reconnects_after_a_broker_restart_and_works_while_it_is_gone(tmp_path):
         b.stop()
 
 
+def test_stops_promptly_when_the_broker_stops_answering(tmp_path):
+    """A broker that hangs (here: stopped with SIGSTOP) must not make the daemon unstoppable:
+    the goodbye and the disconnect time out, and the stop is not swallowed by the retry loop."""
+    b = Broker(tmp_path / "b", NODES)
+    s = start(b, tmp_path, "pi3")
+    try:
+        c = Client(b)
+        c.wait("savepoint/pi3/availability", lambda p: p == b"online")
+        c.close()
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert s.stop(timeout=40) == 0
+        took = time.monotonic() - t0
+        assert took < 25, f"stop took {took:.1f} s with the broker hung"
+    finally:
+        if b.proc is not None:
+            b.proc.send_signal(signal.SIGCONT)
+        s.cleanup()
+        b.stop()
+
+
+def test_a_disconnect_that_times_out_does_not_swallow_the_stop(broker, tmp_path, monkeypatch):
+    """aiomqtt's context exit waits up to its timeout for paho's disconnect and then raises
+    MqttError; met while the part is being stopped, that error must not turn into a retry
+    (the daemon would never exit). The stall is made here: a DISCONNECT that never goes out
+    is what a broker that stopped reading (full socket buffers) looks like."""
+    import asyncio
+
+    import aiomqtt
+
+    from appliance.control.bus import CommandBus
+    from mqtt.part import MqttPart
+
+    real_exit = aiomqtt.Client.__aexit__
+
+    async def stalled_exit(self, *exc):
+        await real_exit(self, *exc)
+        raise aiomqtt.MqttError("Operation timed out")
+
+    monkeypatch.setattr(aiomqtt.Client, "__aexit__", stalled_exit)
+    secrets = write_secrets(tmp_path / "s.toml", "pi2", NODES["pi2"])
+
+    async def run() -> float:
+        part = MqttPart({"enabled": True, "broker": broker.url, "node_id": "pi2",
+                         "ca_file": broker.pki["ca.pem"], "secrets": secrets},
+                        CommandBus(None))
+        await part.start()
+        for _ in range(200):
+            if part.client is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert part.client is not None, part.status()
+        t0 = time.monotonic()
+        await asyncio.wait_for(part.stop(), 30)
+        return time.monotonic() - t0
+
+    took = asyncio.run(run())
+    assert took < 15, f"stop took {took:.1f} s"
+
+
 def test_last_will_clean_stop_and_retained_commands(broker, admin, tmp_path):
     s = start(broker, tmp_path, "pi3")
     try:

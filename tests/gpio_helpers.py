@@ -1,4 +1,5 @@
-"""Shared by the gpio tests: gpiozero mock pins, a fake command bus, short timings, waiting."""
+"""Shared by the gpio tests: gpiozero mock pins, short timings, waiting (the fake command bus
+is tests/support.py's LockingBus)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from gpiozero.pins.mock import MockPWMPin
-
-from appliance.control.commands import Action, Command, Event, Outcome
 
 # hold ladder in tens/hundreds of ms; each window is wide enough for a loaded 2-CPU machine
 FAST: dict[str, Any] = {
@@ -26,53 +25,6 @@ class HeldPin(MockPWMPin):
     def _set_pull(self, value: str) -> None:
         super()._set_pull(value)
         self._change_state(False)
-
-
-class FakeSink:
-    """A CommandSink that records commands; SAVE is refused while locked, like the real bus."""
-
-    def __init__(self, locked: bool = True) -> None:
-        self.locked = locked
-        self.commands: list[Command] = []
-        self.epoch = 1
-        self.queues: list[asyncio.Queue[Event]] = []
-        self.gate: asyncio.Event | None = None  # when set: commands wait for it to open
-
-    def subscribe(self) -> asyncio.Queue[Event]:
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        self.queues.append(q)
-        return q
-
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self.queues.remove(queue)
-
-    def publish(self, kind: str, **data: Any) -> None:
-        for q in self.queues:
-            q.put_nowait(Event(kind, data))
-
-    def actions(self) -> list[Action]:
-        return [c.action for c in self.commands]
-
-    async def submit(self, command: Command) -> Outcome:
-        self.commands.append(command)
-        if self.gate is not None:
-            await self.gate.wait()
-        a = command.action
-        ok, reason = True, ""
-        if a is Action.SAVE and self.locked:
-            ok, reason = False, "SAVE refused: the appliance is LOCKED"
-        elif a in (Action.SAVE, Action.RESTORE):
-            self.publish("progress", action=a.value, phase="start")
-            await asyncio.sleep(0.05)
-            self.epoch += 1
-            self.publish("progress", action=a.value, phase="end")
-        elif a in (Action.UNLOCK, Action.LOCK):
-            self.locked = a is Action.LOCK
-        data = {"mode": "locked" if self.locked else "unlocked", "epoch": self.epoch,
-                "dirty_units": 0, "host_connected": True}
-        self.publish("outcome", ok=ok, action=a.value, source=command.source, reason=reason,
-                     data={})
-        return Outcome(ok, a, command.source, reason, data)
 
 
 async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:

@@ -24,7 +24,7 @@ from ble import fob_client, frames
 from ble.frames import Cmd, FrameError, Result, Status
 from ble.keys import FobRegistry
 from ble.protocol import FobProtocol
-from tests.ble_helpers import RecordingSink
+from tests.support import RecordingBus
 
 logging.getLogger("bumble").setLevel(logging.CRITICAL)  # refused pairings log tracebacks
 
@@ -111,7 +111,7 @@ class BumbleLink:
 
 
 async def setup(tmp_path):
-    sink = RecordingSink()
+    sink = RecordingBus()
     proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), sink)
     devices = TwoDevices()
     fob, appliance = devices[0], devices[1]

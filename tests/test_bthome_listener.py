@@ -17,18 +17,11 @@ from appliance.store import Store, create_store
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
 from tests import bthome_adverts as adv
+from tests.support import FakeClock
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 MAC = "A4:C1:38:00:00:01"
 SOURCE = f"bthome:{MAC}"
-
-
-class Wall:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -46,7 +39,7 @@ class World:
         self.registry.add(MAC, KEY.hex(), "desk")
         self.bus = CommandBus(store)
         self.events = self.bus.subscribe()
-        self.wall = Wall()
+        self.wall = FakeClock(1_700_000_000.0)
         mapping = parse_gestures({**DEFAULT_GESTURES, **(gestures or {})}, allow_unlock)
         self.listener = ButtonListener(self.registry, self.bus, mapping, wall=self.wall)
         self.store = store
@@ -200,7 +193,7 @@ def test_low_battery_and_absence_are_warnings_once(tmp_path, store):
         assert w.warnings() == ["battery low (12%): replace the coin cell"]
         assert w.listener.status()[0]["battery"] == 11
         assert "battery low" in w.listener.status()[0]["warning"]
-        w.wall.t += 3 * 86400
+        w.wall.advance(3 * 86400)
         w.listener.check_absent(2 * 86400)
         w.listener.check_absent(2 * 86400)
         assert len(w.warnings()) == 2 and w.warnings()[1].startswith("not seen for 72 h")

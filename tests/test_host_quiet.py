@@ -17,26 +17,19 @@ from appliance.store import Store, create_store
 from appliance.store.cli import host_column, print_history
 from appliance.store.format import HIST_REC, HistoryRecord, unpack_history
 from tests.nbd_helpers import libnbd, serve
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support import FakeClock
 
 
 def test_quiet_time_counts_from_the_last_change_and_flush_marks_synced() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     act = HostActivity(clock)
     assert act.synced() is True  # nothing written since we started looking
     act.sample()
-    clock.t += 5
+    clock.advance(5)
     assert act.sample() == 5
     act.wrote()
     assert act.sample() == 0 and act.synced() is False
-    clock.t += 1.5
+    clock.advance(1.5)
     assert act.sample() == 1.5
     with act.own_flush():  # the appliance's own sync is not the host's
         act.flushed()

@@ -13,7 +13,6 @@ import pytest
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command, Event, Mode
 from appliance.control.policy import default_policy
-from appliance.store import Store, create_store
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
 from tests import bthome_adverts as adv
@@ -22,14 +21,6 @@ from tests.support import FakeClock
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 MAC = "A4:C1:38:00:00:01"
 SOURCE = f"bthome:{MAC}"
-
-
-@pytest.fixture
-def store(tmp_path):
-    create_store(str(tmp_path / "disk.img"), 1 << 20, 4096)
-    st = Store.open(str(tmp_path / "disk.img"))
-    yield st
-    st.close()
 
 
 class World:

@@ -9,7 +9,6 @@ import pytest
 
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command, Mode
-from appliance.store import Store, create_store
 from tests.support import FakeClock
 
 UNIT = 4096
@@ -30,15 +29,6 @@ EXPECTED = {
 }
 ORDER = [Action.SAVE, Action.RESTORE, Action.UNLOCK, Action.LOCK, Action.STATUS,
          Action.HISTORY, Action.PAIR]
-
-
-@pytest.fixture
-def store(tmp_path):
-    path = str(tmp_path / "disk.img")
-    create_store(path, 1 << 20, UNIT)
-    st = Store.open(path)
-    yield st
-    st.close()
 
 
 def run(coro):

@@ -8,12 +8,10 @@ import struct
 import time
 
 import crc32c
-import pytest
 
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command
 from appliance.control.host_quiet import HostActivity, kthread_wchar
-from appliance.store import Store, create_store
 from appliance.store.cli import host_column, print_history
 from appliance.store.format import HIST_REC, HistoryRecord, unpack_history
 from tests.nbd_helpers import libnbd, serve
@@ -49,15 +47,6 @@ def test_kthread_wchar_reads_the_mass_storage_thread(tmp_path) -> None:
     assert read() == 123456
     (tmp_path / "42" / "io").write_text("rchar: 10\nwchar: 123999\n")
     assert read() == 123999
-
-
-@pytest.fixture
-def store(tmp_path):
-    path = str(tmp_path / "disk.img")
-    create_store(path, 1 << 20, 4096)
-    st = Store.open(path)
-    yield st
-    st.close()
 
 
 async def keep_writing(act: HostActivity, stop: asyncio.Event, every: float = 0.05) -> None:

@@ -24,6 +24,18 @@ def factory() -> Iterator[MockFactory]:
 
 
 @pytest.fixture
+def private_bus() -> Iterator[str]:
+    """The address of a dbus-daemon of the test's own, for the fake bluetoothd to own org.bluez."""
+    from tests.fake_bluez import PrivateBus  # the D-Bus tests' helper: not for every test
+
+    bus = PrivateBus()
+    try:
+        yield bus.address
+    finally:
+        bus.close()
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     """A fresh 1 MiB store of 4 KiB units in tmp_path (files needing another size override it)."""
     path = str(tmp_path / "disk.img")

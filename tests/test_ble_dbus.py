@@ -12,17 +12,10 @@ from ble import BlePart, dbus_api, frames
 from ble.frames import Cmd, FrameOutcome, FrameState, Result, Status
 from ble.keys import FobCredentials, FobPairing
 from tests.ble_helpers import frame_for
-from tests.fake_bluez import DEVICE, AttError, FakeBluez, PrivateBus
+from tests.fake_bluez import DEVICE, AttError, FakeBluez
 from tests.support import RecordingBus
 
 OTHER = "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_02"
-
-
-@pytest.fixture
-def private_bus():
-    bus = PrivateBus()
-    yield bus.address
-    bus.close()
 
 
 def run(coro: Awaitable[None], timeout: float = 10) -> None:

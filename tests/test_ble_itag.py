@@ -187,15 +187,13 @@ def test_ble_part_refuses_a_bad_itag_entry_before_touching_bluez(tmp_path) -> No
     assert "[ble] itags" in err.value.hint
 
 
-def test_ble_part_runs_the_configured_itags_and_stops_them(tmp_path) -> None:
-    from tests.fake_bluez import FakeBluez, PrivateBus
-
-    private = PrivateBus()
+def test_ble_part_runs_the_configured_itags_and_stops_them(private_bus: str, tmp_path) -> None:
+    from tests.fake_bluez import FakeBluez
 
     async def body() -> None:
-        fake, sink, tag = FakeBluez(private.address), RecordingBus(), FakeTag()
+        fake, sink, tag = FakeBluez(private_bus), RecordingBus(), FakeTag()
         await fake.start()
-        cfg = {"registry": str(tmp_path / "f.json"), "bus_address": private.address,
+        cfg = {"registry": str(tmp_path / "f.json"), "bus_address": private_bus,
                "itags": [{"address": ADDR.lower(), "action": "save"}]}  # fmt: skip
         part = BlePart(cfg, sink)
         part.itag_links = tag.factory
@@ -211,7 +209,4 @@ def test_ble_part_runs_the_configured_itags_and_stops_them(tmp_path) -> None:
             await fake.stop()
         assert tag.links[-1].closed
 
-    try:
-        run(body())
-    finally:
-        private.close()
+    run(body())

@@ -1,5 +1,6 @@
 """The fakes the tests share: a clock moved by hand, a command bus that records, and a store
-backing in memory (tests/crashsim.py builds the power-losing backing on it).
+backing in memory (tests/crashsim.py builds the power-losing backing on it); and `run`, the
+bounded asyncio.run of the tests that drive a part's coroutines.
 
 One copy of each, so that every part is tested against the same stand-in for the daemon's
 `CommandBus`, and a change to what a part may expect of the bus is made once.
@@ -11,13 +12,20 @@ import asyncio
 import os
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from appliance.control.commands import Action, Command, Event, Outcome
 from appliance.store.format import DEFAULT_HIST_CAP
 from appliance.store.init import create_store
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+    """asyncio.run with a bound: a test that hangs fails after `timeout` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 class FakeClock:

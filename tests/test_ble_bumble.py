@@ -24,7 +24,7 @@ from ble import fob_client, frames
 from ble.frames import Cmd, FrameError, Result, Status
 from ble.keys import FobRegistry
 from ble.protocol import FobProtocol
-from tests.support import RecordingBus
+from tests.support import RecordingBus, run
 
 logging.getLogger("bumble").setLevel(logging.CRITICAL)  # refused pairings log tracebacks
 
@@ -130,10 +130,6 @@ async def setup(tmp_path):
     for service in peer.services:
         await service.discover_characteristics()
     return devices, proto, sink, BumbleLink(peer)
-
-
-def run(coro) -> None:
-    asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_refused_before_pairing_and_outside_the_window(tmp_path):

@@ -13,13 +13,9 @@ from ble.frames import Cmd, FrameOutcome, FrameState, Result, Status
 from ble.keys import FobCredentials, FobPairing
 from tests.ble_helpers import frame_for
 from tests.fake_bluez import DEVICE, AttError, FakeBluez
-from tests.support import RecordingBus
+from tests.support import RecordingBus, run
 
 OTHER = "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_02"
-
-
-def run(coro: Awaitable[None], timeout: float = 10) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def with_part(

@@ -12,7 +12,7 @@ import pytest
 from appliance.control.commands import Action, Command, PartUnavailable
 from ble import BlePart
 from ble.itag import BUTTON_UUID, ITag, ITagWatcher, parse_itags
-from tests.support import FakeClock, RecordingBus
+from tests.support import FakeClock, RecordingBus, run
 
 ADDR = "AA:BB:CC:DD:EE:01"
 
@@ -59,10 +59,6 @@ class FakeLink:
 
     async def disconnect(self) -> None:
         self.closed = True
-
-
-def run(coro: Any, timeout: float = 10) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def settle() -> None:

@@ -15,7 +15,7 @@ from ble.frames import Cmd, FrameError, FrameState, Result, Status
 from ble.keys import FobPairing, FobRegistry
 from ble.protocol import MAX_OUTCOMES, MAX_QUERIES, FobProtocol
 from tests.ble_helpers import frame_for, pair_directly
-from tests.support import FakeClock, RecordingBus
+from tests.support import FakeClock, RecordingBus, run
 
 
 @pytest.fixture
@@ -27,10 +27,6 @@ def env(tmp_path):
     creds = pair_directly(proto)
     proto.set_pairing(False)
     return proto, sink, creds, clock
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def fresh(proto: FobProtocol, creds, cmd: Cmd) -> bytes:

@@ -3,7 +3,6 @@ the `bthome` policy class, battery and presence warnings, the registry file."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -16,7 +15,7 @@ from appliance.control.policy import default_policy
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
 from tests import bthome_adverts as adv
-from tests.support import FakeClock
+from tests.support import FakeClock, run
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 MAC = "A4:C1:38:00:00:01"
@@ -50,10 +49,6 @@ class World:
 
     def warnings(self) -> list[str]:
         return [e.data["reason"] for e in list(self.events._queue) if e.kind == "warning"]
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_double_press_is_refused_locked_saves_unlocked_long_press_restores(tmp_path, store):

@@ -16,6 +16,7 @@ from appliance.control.commands import Action, Command, PartUnavailable
 from appliance.control.socket import ControlServer
 from ble.bthome_part import BTHomePart
 from tests import bthome_adverts as adv
+from tests.support import run
 from tests.test_daemon_support import cli, short_dir
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -42,10 +43,6 @@ class FakeRadio:
             self.stopped = True
 
         return stop
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_config_is_checked_before_start():

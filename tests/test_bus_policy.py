@@ -9,7 +9,7 @@ import pytest
 
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command, Mode
-from tests.support import FakeClock
+from tests.support import FakeClock, run
 
 UNIT = 4096
 
@@ -29,10 +29,6 @@ EXPECTED = {
 }
 ORDER = [Action.SAVE, Action.RESTORE, Action.UNLOCK, Action.LOCK, Action.STATUS,
          Action.HISTORY, Action.PAIR]
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def cells():

@@ -7,7 +7,6 @@ Challenge as often as it likes from its own bonded device.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 
 import pytest
@@ -18,13 +17,9 @@ from ble.frames import Cmd, Result
 from ble.keys import FobPairing, FobRegistry, derive_fob_key, spake_ids
 from ble.protocol import MAX_COUNTER_JUMP, MAX_PAIR_FAILURES, FobProtocol
 from tests.ble_helpers import frame_for, pair_directly
-from tests.support import FakeClock, RecordingBus
+from tests.support import FakeClock, RecordingBus, run
 
 CODE = "482913"
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 @pytest.fixture

@@ -10,6 +10,9 @@ from typing import Any
 
 from gpiozero.pins.mock import MockPWMPin
 
+from gpio import GpioPart
+from gpio.gestures import Cue
+
 # hold ladder in tens/hundreds of ms; each window is wide enough for a loaded 2-CPU machine
 FAST: dict[str, Any] = {
     "button_pin": 17, "led_pin": 27, "debounce": 0.01, "save_hold": 0.25,
@@ -33,6 +36,14 @@ async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or cond}")
         await asyncio.sleep(0.003)
+
+
+async def hold_until(part: GpioPart, pin: MockPWMPin, cue: Cue) -> None:
+    """Hold the button until the part shows `cue`, release it, wait until the part is idle."""
+    pin.drive_low()
+    await wait_for(lambda: part.cue == cue, what=f"cue {cue}")
+    pin.drive_high()
+    await wait_for(lambda: part.cue == Cue.IDLE, what="release")
 
 
 def levels(pin: MockPWMPin, start: int = 0) -> list[float]:

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from gpiozero import Device
-from gpiozero.pins.mock import MockFactory, MockPWMPin
+from gpiozero.pins.mock import MockFactory
 
 from appliance.control.commands import Action, PartUnavailable
 from gpio import GpioPart
 from gpio import part as gpio_part
 from gpio.gestures import Cue
-from tests.gpio_helpers import FAST, HeldPin, contains_in_order, levels, wait_for
+from tests.gpio_helpers import FAST, HeldPin, contains_in_order, hold_until, levels, wait_for
 from tests.support import LockingBus
 
 Scenario = Callable[[GpioPart, LockingBus], Awaitable[None]]
@@ -40,13 +40,6 @@ def run(scenario: Scenario, sink: LockingBus | None = None, **cfg: Any) -> Locki
 
     asyncio.run(main())
     return sink
-
-
-async def hold_until(part: GpioPart, pin: MockPWMPin, cue: Cue) -> None:
-    pin.drive_low()
-    await wait_for(lambda: part.cue == cue, what=f"cue {cue}")
-    pin.drive_high()
-    await wait_for(lambda: part.cue == Cue.IDLE, what="release")
 
 
 async def settle(part: GpioPart, sink: LockingBus, n: int) -> None:

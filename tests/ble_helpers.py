@@ -1,48 +1,12 @@
-"""Shared pieces of the BLE tests: a recording command sink and a scripted fob."""
+"""Shared pieces of the BLE tests: a fob scripted straight into the protocol (the bus they
+run against is tests/support.py's RecordingBus)."""
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
-from appliance.control.commands import Command, Event, Outcome
 from ble import frames
 from ble.frames import Cmd
 from ble.keys import FobCredentials, FobPairing
 from ble.protocol import FobProtocol
-
-
-class RecordingSink:
-    """Stands in for the daemon's command bus: records commands, answers ok (or not)."""
-
-    def __init__(self, refuse: set[str] | None = None) -> None:
-        self.commands: list[Command] = []
-        self.refuse = refuse or set()
-        self.queues: list[asyncio.Queue[Event]] = []
-        self.handlers: dict[str, Any] = {}
-
-    async def submit(self, command: Command) -> Outcome:
-        self.commands.append(command)
-        ok = command.action.value not in self.refuse
-        outcome = Outcome(ok, command.action, command.source, "" if ok else "locked")
-        self.publish(Event("outcome", {"ok": ok, "action": command.action,
-                                       "source": command.source, "reason": outcome.reason}))
-        return outcome
-
-    def subscribe(self) -> asyncio.Queue[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.queues.append(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self.queues.remove(queue)
-
-    def register_handler(self, name: str, handler: Any) -> None:
-        self.handlers[name] = handler
-
-    def publish(self, event: Event) -> None:
-        for queue in self.queues:
-            queue.put_nowait(event)
 
 
 def pair_directly(proto: FobProtocol, peer: str = "dev", setup_code: str = "") -> FobCredentials:

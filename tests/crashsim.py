@@ -1,6 +1,7 @@
 """An in-memory Backing that can lose power: the crash-testing layer for the store.
 
-`CrashBacking` behaves like a regular file behind a page cache. Every pwrite and discard
+`CrashBacking` (a `MemoryBacking` of tests/support.py) behaves like a regular file behind a page
+cache. Every pwrite and discard
 lands at once in `image` (what reads see) but stays *volatile* until the next sync. A
 power cut (`power_cut`) keeps everything synced and treats each volatile write
 independently: lost, applied, or torn (a random subset of its 512-byte sectors applied),
@@ -25,14 +26,11 @@ from __future__ import annotations
 import errno
 import os
 import random
-import tempfile
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 from appliance.store.format import DEFAULT_HIST_CAP
-from appliance.store.init import create_store
+from tests.support import MemoryBacking, new_store_image
 
 SECTOR = 512
 Guard = Callable[[str, int, int], None]  # (kind, offset, length), called before each write
@@ -67,15 +65,12 @@ class Fault:
         return True
 
 
-class CrashBacking:
+class CrashBacking(MemoryBacking):
     """Byte-addressed storage in a bytearray with page-cache-like volatility (fd = None)."""
-
-    fd = None
 
     def __init__(self, image: bytearray, cut_at: int | None = None,
                  guard: Guard | None = None) -> None:
-        self.image = image
-        self.size = len(image)
+        super().__init__(image)
         self.cut_at = cut_at
         self.guard = guard
         self.ops = 0  # pwrite + discard + sync calls so far
@@ -84,7 +79,6 @@ class CrashBacking:
         self.dead = False
         self._base: dict[int, bytes] = {}  # sector -> synced content, for sectors touched since
         self._pending: list[tuple[int, bytes]] = []  # (first sector, sectors right after write)
-        self._lock = threading.Lock()  # the store issues I/O from many threads
         self.fault: Fault | None = None
         self.rng = random.Random(0)  # which sectors of a failed write land
 
@@ -120,7 +114,7 @@ class CrashBacking:
             err = self._failing("pread")
             if err:
                 raise err
-            buf[:] = self.image[offset:offset + len(buf)]
+            self._read(buf, offset)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         with self._lock:
@@ -164,9 +158,6 @@ class CrashBacking:
         if cut:
             raise PowerCut(f"power cut during sync #{self.ops}")
 
-    def close(self) -> None:
-        pass
-
     # ----- crashing ---------------------------------------------------------------------------
 
     def _tick(self) -> bool:
@@ -185,7 +176,7 @@ class CrashBacking:
         for s in range(first, end):
             if s not in self._base:
                 self._base[s] = bytes(self.image[s * SECTOR:(s + 1) * SECTOR])
-        self.image[offset:offset + len(data)] = data
+        super()._apply(data, offset)
         self._pending.append((first, bytes(self.image[first * SECTOR:end * SECTOR])))
 
     @property
@@ -216,20 +207,6 @@ class CrashBacking:
         for s, content in self._base.items():
             image[s * SECTOR:(s + 1) * SECTOR] = content
         return image
-
-
-@lru_cache(maxsize=16)
-def _template(size: int, unit: int, hist_cap: int) -> bytes:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "store.img")
-        create_store(path, size, unit=unit, hist_cap=hist_cap)
-        with open(path, "rb") as f:
-            return f.read()
-
-
-def new_store_image(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP) -> bytearray:
-    """A freshly initialised store (made by the real create_store) as a bytearray."""
-    return bytearray(_template(size, unit, hist_cap))
 
 
 def new_backing(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP,

@@ -10,7 +10,6 @@ application's ReadValue/WriteValue/StartNotify with the options bluetoothd passe
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -261,9 +260,3 @@ class FakeBluez:
         except DBusError as e:
             raise AttError(f"{e.type}: {e.text}") from e
 
-
-def dbus_daemon_available() -> bool:
-    return any(
-        os.access(os.path.join(d, "dbus-daemon"), os.X_OK)
-        for d in os.environ.get("PATH", "").split(":")
-    )

@@ -1,4 +1,5 @@
-"""Shared by the gpio tests: gpiozero mock pins, a fake command bus, short timings, waiting."""
+"""Shared by the gpio tests: gpiozero mock pins, short timings, waiting (the fake command bus
+is tests/support.py's LockingBus)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 from gpiozero.pins.mock import MockPWMPin
 
-from appliance.control.commands import Action, Command, Event, Outcome
+from gpio import GpioPart
+from gpio.gestures import Cue
 
 # hold ladder in tens/hundreds of ms; each window is wide enough for a loaded 2-CPU machine
 FAST: dict[str, Any] = {
@@ -28,59 +30,20 @@ class HeldPin(MockPWMPin):
         self._change_state(False)
 
 
-class FakeSink:
-    """A CommandSink that records commands; SAVE is refused while locked, like the real bus."""
-
-    def __init__(self, locked: bool = True) -> None:
-        self.locked = locked
-        self.commands: list[Command] = []
-        self.epoch = 1
-        self.queues: list[asyncio.Queue[Event]] = []
-        self.gate: asyncio.Event | None = None  # when set: commands wait for it to open
-
-    def subscribe(self) -> asyncio.Queue[Event]:
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        self.queues.append(q)
-        return q
-
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self.queues.remove(queue)
-
-    def publish(self, kind: str, **data: Any) -> None:
-        for q in self.queues:
-            q.put_nowait(Event(kind, data))
-
-    def actions(self) -> list[Action]:
-        return [c.action for c in self.commands]
-
-    async def submit(self, command: Command) -> Outcome:
-        self.commands.append(command)
-        if self.gate is not None:
-            await self.gate.wait()
-        a = command.action
-        ok, reason = True, ""
-        if a is Action.SAVE and self.locked:
-            ok, reason = False, "SAVE refused: the appliance is LOCKED"
-        elif a in (Action.SAVE, Action.RESTORE):
-            self.publish("progress", action=a.value, phase="start")
-            await asyncio.sleep(0.05)
-            self.epoch += 1
-            self.publish("progress", action=a.value, phase="end")
-        elif a in (Action.UNLOCK, Action.LOCK):
-            self.locked = a is Action.LOCK
-        data = {"mode": "locked" if self.locked else "unlocked", "epoch": self.epoch,
-                "dirty_units": 0, "host_connected": True}
-        self.publish("outcome", ok=ok, action=a.value, source=command.source, reason=reason,
-                     data={})
-        return Outcome(ok, a, command.source, reason, data)
-
-
 async def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or cond}")
         await asyncio.sleep(0.003)
+
+
+async def hold_until(part: GpioPart, pin: MockPWMPin, cue: Cue) -> None:
+    """Hold the button until the part shows `cue`, release it, wait until the part is idle."""
+    pin.drive_low()
+    await wait_for(lambda: part.cue == cue, what=f"cue {cue}")
+    pin.drive_high()
+    await wait_for(lambda: part.cue == Cue.IDLE, what="release")
 
 
 def levels(pin: MockPWMPin, start: int = 0) -> list[float]:

@@ -22,12 +22,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 ADMIN = ("admin", "admin-secret")
+MISSING = "mosquitto is not installed (apt-get install mosquitto mosquitto-clients)"
 
 
 def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
         None)
+
+
+def mosquitto_installed() -> bool:
+    """The broker and mosquitto_passwd (Broker writes its password file with it) are here."""
+    return mosquitto_binary() is not None and shutil.which("mosquitto_passwd") is not None
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ from ble import fob_client, frames
 from ble.frames import Cmd, FrameError, Result, Status
 from ble.keys import FobRegistry
 from ble.protocol import FobProtocol
-from tests.ble_helpers import RecordingSink
+from tests.support import RecordingBus, run
 
 logging.getLogger("bumble").setLevel(logging.CRITICAL)  # refused pairings log tracebacks
 
@@ -111,7 +111,7 @@ class BumbleLink:
 
 
 async def setup(tmp_path):
-    sink = RecordingSink()
+    sink = RecordingBus()
     proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), sink)
     devices = TwoDevices()
     fob, appliance = devices[0], devices[1]
@@ -130,10 +130,6 @@ async def setup(tmp_path):
     for service in peer.services:
         await service.discover_characteristics()
     return devices, proto, sink, BumbleLink(peer)
-
-
-def run(coro) -> None:
-    asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_refused_before_pairing_and_outside_the_window(tmp_path):

@@ -11,21 +11,11 @@ from appliance.control.commands import Action, Event, PartUnavailable
 from ble import BlePart, dbus_api, frames
 from ble.frames import Cmd, FrameOutcome, FrameState, Result, Status
 from ble.keys import FobCredentials, FobPairing
-from tests.ble_helpers import RecordingSink, frame_for
-from tests.fake_bluez import DEVICE, AttError, FakeBluez, PrivateBus
+from tests.ble_helpers import frame_for
+from tests.fake_bluez import DEVICE, AttError, FakeBluez
+from tests.support import RecordingBus, run
 
 OTHER = "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_02"
-
-
-@pytest.fixture
-def private_bus():
-    bus = PrivateBus()
-    yield bus.address
-    bus.close()
-
-
-def run(coro: Awaitable[None], timeout: float = 10) -> None:
-    asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def with_part(
@@ -33,7 +23,7 @@ async def with_part(
 ) -> None:
     fake = FakeBluez(address)
     await fake.start()
-    sink = RecordingSink()
+    sink = RecordingBus()
     conf = {"bus_address": address, "registry": str(tmp_path / "fobs.json"), **cfg}
     part = BlePart(conf, sink)
     await part.start()
@@ -59,7 +49,7 @@ async def fresh(fake: FakeBluez, creds: FobCredentials, cmd: Cmd) -> bytes:
     return frame_for(creds, cmd, await fake.read(frames.CHALLENGE_UUID))
 
 
-async def reopen(sink: RecordingSink) -> None:
+async def reopen(sink: RecordingBus) -> None:
     """A new gesture: protocol 2 closes the window at the first pairing."""
     sink.publish(Event("pairing", {"open": True}))
     await asyncio.sleep(0.05)
@@ -80,7 +70,7 @@ async def next_status(fake: FakeBluez) -> Status:
 
 
 def test_registers_service_advert_and_agent(private_bus, tmp_path):
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         assert fake.reg is not None
         flags = {uuid: f for uuid, (_p, f) in fake.reg.chars.items()}
         assert flags[frames.COMMAND_UUID] == ["encrypt-write"]
@@ -100,7 +90,7 @@ def test_registers_service_advert_and_agent(private_bus, tmp_path):
 def test_no_bluez_or_no_adapter_is_unavailable_with_a_hint(private_bus, tmp_path):
     async def no_daemon() -> None:
         cfg = {"bus_address": private_bus, "registry": str(tmp_path / "f")}
-        part = BlePart(cfg, RecordingSink())
+        part = BlePart(cfg, RecordingBus())
         with pytest.raises(PartUnavailable, match="bluetoothd") as err:
             await part.start()
         assert "bluez" in err.value.hint
@@ -110,7 +100,7 @@ def test_no_bluez_or_no_adapter_is_unavailable_with_a_hint(private_bus, tmp_path
         await fake.start()
         cfg = {"bus_address": private_bus, "registry": str(tmp_path / "f"), "adapter": "hci7"}
         with pytest.raises(PartUnavailable, match=r"hci7 \(found: \['hci0'\]\)"):
-            await BlePart(cfg, RecordingSink()).start()
+            await BlePart(cfg, RecordingBus()).start()
         await fake.stop()
 
     run(no_daemon())
@@ -118,7 +108,7 @@ def test_no_bluez_or_no_adapter_is_unavailable_with_a_hint(private_bus, tmp_path
 
 
 def test_pairing_window_commands_and_notifications(private_bus, tmp_path):
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         # Window closed: the agent rejects bonding, the link stays unencrypted.
         assert not await fake.pair()
         with pytest.raises(AttError, match="Insufficient Encryption"):
@@ -172,7 +162,7 @@ def test_pairing_window_commands_and_notifications(private_bus, tmp_path):
 
 
 def test_pairing_window_closes_by_itself(private_bus, tmp_path):
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         assert await fake.pair()
@@ -184,7 +174,7 @@ def test_pairing_window_closes_by_itself(private_bus, tmp_path):
 
 
 def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         await fake.stop()
         await asyncio.sleep(0.05)
         assert not part.registered.is_set()
@@ -202,7 +192,7 @@ def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
 
 
 def test_revoke_refuses_frames_and_removes_the_bond(private_bus, tmp_path):
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         await fake.pair()
@@ -235,7 +225,7 @@ def test_revoke_refuses_frames_and_removes_the_bond(private_bus, tmp_path):
 
 
 def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         await fake.pair()
@@ -315,7 +305,7 @@ def test_through_the_real_command_bus(private_bus, tmp_path):
 def test_outcome_over_dbus(private_bus, tmp_path):
     """The Outcome characteristic through BlueZ's D-Bus calls; a bad query is an ATT error."""
 
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)
         assert await fake.pair()
@@ -337,7 +327,7 @@ def test_outcome_over_dbus(private_bus, tmp_path):
 def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
     """A device that bonds during the window but never finishes pairing loses its bond when
     the window closes; the window closes at the first pairing, so a second one is refused."""
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         await reopen(sink)
         assert await fake.pair(OTHER)  # the attacker bonds, then only reads Status
         assert await fake.pair()
@@ -353,7 +343,7 @@ def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
 
 def test_a_wrong_setup_code_loses_its_bond_at_once(private_bus, tmp_path):
     """So the next attempt starts clean on both sides; the third closes the window."""
-    async def body(fake: FakeBluez, part: BlePart, sink: RecordingSink) -> None:
+    async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         await reopen(sink)
         for attempt in range(3):
             assert await fake.pair(OTHER)

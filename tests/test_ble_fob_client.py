@@ -10,7 +10,7 @@ from ble import fob_client
 from ble.frames import Cmd, Result
 from ble.keys import FobRegistry
 from ble.protocol import FobProtocol
-from tests.ble_helpers import RecordingSink
+from tests.support import RecordingBus
 
 
 class DirectLink:
@@ -36,7 +36,7 @@ class DirectLink:
 
 
 def test_key_file_is_private_and_counter_saved_before_sending(tmp_path):
-    proto = FobProtocol(FobRegistry(tmp_path / "app.json"), RecordingSink())
+    proto = FobProtocol(FobRegistry(tmp_path / "app.json"), RecordingBus())
     proto.set_pairing(True)
     store = fob_client.KeyStore(tmp_path / "cfg" / "fob.json")
     link = DirectLink(proto)
@@ -98,7 +98,7 @@ def test_wrong_setup_code_says_so_and_keeps_the_old_key(tmp_path):
 
     from ble.fob_session import FobError, PairRun
 
-    proto = FobProtocol(FobRegistry(tmp_path / "app.json"), RecordingSink(), setup_code="4829")
+    proto = FobProtocol(FobRegistry(tmp_path / "app.json"), RecordingBus(), setup_code="4829")
     store = fob_client.KeyStore(tmp_path / "fob.json")
 
     async def connect(_timeout: float) -> RefusingLink:

@@ -12,17 +12,9 @@ import pytest
 from appliance.control.commands import Action, Command, PartUnavailable
 from ble import BlePart
 from ble.itag import BUTTON_UUID, ITag, ITagWatcher, parse_itags
-from tests.ble_helpers import RecordingSink
+from tests.support import FakeClock, RecordingBus, run
 
 ADDR = "AA:BB:CC:DD:EE:01"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeTag:
@@ -69,10 +61,6 @@ class FakeLink:
         self.closed = True
 
 
-def run(coro: Any, timeout: float = 10) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -104,14 +92,14 @@ def test_config_accepts_save_and_status() -> None:
 
 def test_press_submits_unauthenticated_and_repeats_are_debounced() -> None:
     async def body() -> None:
-        sink, tag, clock = RecordingSink(), FakeTag(), Clock()
+        sink, tag, clock = RecordingBus(), FakeTag(), FakeClock(100.0)
         watcher = ITagWatcher(ITag(ADDR, Action.SAVE), sink, tag.factory, clock=clock)
         task = asyncio.create_task(watcher.run())
         await asyncio.wait_for(tag.up.wait(), 2)
         tag.press()
-        clock.now += 0.2
+        clock.advance(0.2)
         tag.press()  # the tag repeating itself, or a bounce
-        clock.now += 0.4
+        clock.advance(0.4)
         tag.press()  # a second press
         await settle()
         assert [(c.action, c.source, c.authenticated) for c in sink.commands] == [
@@ -125,7 +113,7 @@ def test_press_submits_unauthenticated_and_repeats_are_debounced() -> None:
 
 def test_missing_tag_is_logged_once_and_reconnects_with_backoff(caplog) -> None:
     async def body() -> None:
-        sink, tag = RecordingSink(), FakeTag(fail=4)
+        sink, tag = RecordingBus(), FakeTag(fail=4)
         watcher = ITagWatcher(ITag(ADDR, Action.STATUS), sink, tag.factory,
                               backoff=(0.01, 0.04))  # fmt: skip
         task = asyncio.create_task(watcher.run())
@@ -191,19 +179,17 @@ def test_ble_part_refuses_a_bad_itag_entry_before_touching_bluez(tmp_path) -> No
     cfg = {"registry": str(tmp_path / "f.json"), "bus_address": "unix:path=/nonexistent",
            "itags": [{"address": ADDR, "action": "restore"}]}  # fmt: skip
     with pytest.raises(PartUnavailable, match="'restore' is not allowed") as err:
-        run(BlePart(cfg, RecordingSink()).start())
+        run(BlePart(cfg, RecordingBus()).start())
     assert "[ble] itags" in err.value.hint
 
 
-def test_ble_part_runs_the_configured_itags_and_stops_them(tmp_path) -> None:
-    from tests.fake_bluez import FakeBluez, PrivateBus
-
-    private = PrivateBus()
+def test_ble_part_runs_the_configured_itags_and_stops_them(private_bus: str, tmp_path) -> None:
+    from tests.fake_bluez import FakeBluez
 
     async def body() -> None:
-        fake, sink, tag = FakeBluez(private.address), RecordingSink(), FakeTag()
+        fake, sink, tag = FakeBluez(private_bus), RecordingBus(), FakeTag()
         await fake.start()
-        cfg = {"registry": str(tmp_path / "f.json"), "bus_address": private.address,
+        cfg = {"registry": str(tmp_path / "f.json"), "bus_address": private_bus,
                "itags": [{"address": ADDR.lower(), "action": "save"}]}  # fmt: skip
         part = BlePart(cfg, sink)
         part.itag_links = tag.factory
@@ -219,7 +205,4 @@ def test_ble_part_runs_the_configured_itags_and_stops_them(tmp_path) -> None:
             await fake.stop()
         assert tag.links[-1].closed
 
-    try:
-        run(body())
-    finally:
-        private.close()
+    run(body())

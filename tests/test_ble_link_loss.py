@@ -29,14 +29,14 @@ from ble.fob_session import CommandRun, FobError, LinkLost, NotSupported, PairRu
 from ble.frames import Cmd, Result
 from ble.keys import FobCredentials, FobRegistry
 from ble.protocol import FobProtocol
-from tests.ble_helpers import RecordingSink
+from tests.support import RecordingBus
 from tests.test_ble_bumble import WindowDelegate, appliance_service
 
 logging.getLogger("bumble").setLevel(logging.CRITICAL)
 FAST = Retry(total=30, links=4, delay=0.05, connect_timeout=10, notify_wait=5)  # slack for load
 
 
-class SlowSink(RecordingSink):
+class SlowSink(RecordingBus):
     """A bus whose commands take `delay` seconds, like a SAVE of a big disk."""
 
     def __init__(self, delay: float = 0.0, refuse: set[str] | None = None) -> None:
@@ -106,9 +106,9 @@ class World:
     """The appliance (device 1, advertising, restarting adverts after each link) and the fob
     (device 0). `cuts[step]` says how many times to cut the link at that step."""
 
-    def __init__(self, tmp_path: Any, sink: RecordingSink | None = None, *,
+    def __init__(self, tmp_path: Any, sink: RecordingBus | None = None, *,
                  outcome: bool = True) -> None:
-        self.sink = sink or RecordingSink()
+        self.sink = sink or RecordingBus()
         self.proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), self.sink)
         self.devices = TwoDevices()
         self.fob, self.app = self.devices[0], self.devices[1]
@@ -201,7 +201,7 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 
 async def command_with_cut(tmp_path: Any, step: str, cmd: Cmd = Cmd.SAVE, times: int = 1,
-                           sink: RecordingSink | None = None,
+                           sink: RecordingBus | None = None,
                            **kw: Any) -> tuple[World, fob_session.Report]:
     world = World(tmp_path, sink)
     await world.start()
@@ -240,7 +240,7 @@ def test_command_ran_but_its_answer_was_lost_is_not_run_again(tmp_path, capsys):
 def test_a_refusal_whose_answer_was_lost_is_reported_as_refused(tmp_path):
     async def body() -> None:
         world, report = await command_with_cut(tmp_path, "answer lost", Cmd.SAVE,
-                                               sink=RecordingSink(refuse={"save"}))
+                                               sink=RecordingBus(refuse={"save"}))
         assert report.result == Result.REFUSED
         assert world.commands(Action.SAVE) == 1
 

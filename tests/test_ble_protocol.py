@@ -14,30 +14,19 @@ from ble import frames
 from ble.frames import Cmd, FrameError, FrameState, Result, Status
 from ble.keys import FobPairing, FobRegistry
 from ble.protocol import MAX_OUTCOMES, MAX_QUERIES, FobProtocol
-from tests.ble_helpers import RecordingSink, frame_for, pair_directly
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.ble_helpers import frame_for, pair_directly
+from tests.support import FakeClock, RecordingBus, run
 
 
 @pytest.fixture
 def env(tmp_path):
-    clock = Clock()
-    sink = RecordingSink()
+    clock = FakeClock()
+    sink = RecordingBus()
     proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), sink, clock=clock)
     proto.set_pairing(True)
     creds = pair_directly(proto)
     proto.set_pairing(False)
     return proto, sink, creds, clock
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def fresh(proto: FobProtocol, creds, cmd: Cmd) -> bytes:
@@ -122,7 +111,7 @@ def test_counter_is_persisted_before_the_command_runs(env, tmp_path):
     run(proto.handle_command(data))
     assert seen == [creds.counter]
     # A restart (new registry from the file) still refuses the recorded frame.
-    again = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingSink())
+    again = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingBus())
     assert run(again.handle_command(data)) == Result.BAD_MAC  # no such challenge any more
     creds.counter -= 1
     assert run(again.handle_command(frame_for(creds, Cmd.SAVE, again.read_challenge()))) == \
@@ -140,7 +129,7 @@ def test_restore_needs_a_fresh_single_use_challenge(env):
     assert run(proto.handle_command(reused)) == Result.STALE_CHALLENGE
     # a nonce older than 10 s: stale
     old = proto.read_challenge()
-    clock.now += 10.5
+    clock.advance(10.5)
     assert run(proto.handle_command(frame_for(creds, Cmd.UNLOCK, old))) == Result.STALE_CHALLENGE
     assert [c.action for c in sink.commands] == [Action.RESTORE]
 
@@ -166,7 +155,7 @@ def test_bus_refusal_is_reported(env):
 
 
 def test_pairing_only_inside_the_window(tmp_path):
-    proto = FobProtocol(FobRegistry(tmp_path / "f.json"), RecordingSink())
+    proto = FobProtocol(FobRegistry(tmp_path / "f.json"), RecordingBus())
     fob = FobPairing()
     with pytest.raises(FrameError) as err:
         proto.pair_write("dev", fob.pub_writes()[0])
@@ -175,7 +164,7 @@ def test_pairing_only_inside_the_window(tmp_path):
 
 
 def test_wrong_setup_code_pairs_nothing(tmp_path):
-    proto = FobProtocol(FobRegistry(tmp_path / "f.json"), RecordingSink(), setup_code="1234")
+    proto = FobProtocol(FobRegistry(tmp_path / "f.json"), RecordingBus(), setup_code="1234")
     proto.set_pairing(True)
     with pytest.raises(ValueError, match="setup code"):
         pair_directly(proto, setup_code="9999")
@@ -208,7 +197,7 @@ def test_bus_events_reach_the_status_value(env):
 
 
 def test_registry_remembers_the_peer_and_loads_older_files(tmp_path):
-    proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingSink())
+    proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingBus())
     proto.set_pairing(True)
     pair_directly(proto, peer="/org/bluez/hci0/dev_F0_F0_F0_F0_F0_01")
     [fob] = FobRegistry(tmp_path / "fobs.json").list()
@@ -220,7 +209,7 @@ def test_registry_remembers_the_peer_and_loads_older_files(tmp_path):
     for record in doc["fobs"].values():
         del record["device"], record["address"]
     (tmp_path / "old.json").write_text(json.dumps(doc))
-    old = FobProtocol(FobRegistry(tmp_path / "old.json"), RecordingSink())
+    old = FobProtocol(FobRegistry(tmp_path / "old.json"), RecordingBus())
     old.forget_bond = None
     answer = run(old.fobs_handler({"op": "revoke", "id": 1}))["fob"]
     assert answer["revoked"] and answer["address"] == ""

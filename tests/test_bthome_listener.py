@@ -3,7 +3,6 @@ the `bthome` policy class, battery and presence warnings, the registry file."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -13,30 +12,14 @@ import pytest
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command, Event, Mode
 from appliance.control.policy import default_policy
-from appliance.store import Store, create_store
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
 from tests import bthome_adverts as adv
+from tests.support import FakeClock, run
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 MAC = "A4:C1:38:00:00:01"
 SOURCE = f"bthome:{MAC}"
-
-
-class Wall:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def store(tmp_path):
-    create_store(str(tmp_path / "disk.img"), 1 << 20, 4096)
-    st = Store.open(str(tmp_path / "disk.img"))
-    yield st
-    st.close()
 
 
 class World:
@@ -46,7 +29,7 @@ class World:
         self.registry.add(MAC, KEY.hex(), "desk")
         self.bus = CommandBus(store)
         self.events = self.bus.subscribe()
-        self.wall = Wall()
+        self.wall = FakeClock(1_700_000_000.0)
         mapping = parse_gestures({**DEFAULT_GESTURES, **(gestures or {})}, allow_unlock)
         self.listener = ButtonListener(self.registry, self.bus, mapping, wall=self.wall)
         self.store = store
@@ -66,10 +49,6 @@ class World:
 
     def warnings(self) -> list[str]:
         return [e.data["reason"] for e in list(self.events._queue) if e.kind == "warning"]
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_double_press_is_refused_locked_saves_unlocked_long_press_restores(tmp_path, store):
@@ -200,7 +179,7 @@ def test_low_battery_and_absence_are_warnings_once(tmp_path, store):
         assert w.warnings() == ["battery low (12%): replace the coin cell"]
         assert w.listener.status()[0]["battery"] == 11
         assert "battery low" in w.listener.status()[0]["warning"]
-        w.wall.t += 3 * 86400
+        w.wall.advance(3 * 86400)
         w.listener.check_absent(2 * 86400)
         w.listener.check_absent(2 * 86400)
         assert len(w.warnings()) == 2 and w.warnings()[1].startswith("not seen for 72 h")

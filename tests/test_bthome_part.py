@@ -14,9 +14,9 @@ from appliance.config import ConfigError, validate
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command, PartUnavailable
 from appliance.control.socket import ControlServer
-from appliance.store import Store, create_store
 from ble.bthome_part import BTHomePart
 from tests import bthome_adverts as adv
+from tests.support import run
 from tests.test_daemon_support import cli, short_dir
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
@@ -43,18 +43,6 @@ class FakeRadio:
             self.stopped = True
 
         return stop
-
-
-@pytest.fixture
-def store(tmp_path):
-    create_store(str(tmp_path / "disk.img"), 1 << 20, 4096)
-    st = Store.open(str(tmp_path / "disk.img"))
-    yield st
-    st.close()
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
 
 
 def test_config_is_checked_before_start():

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command, Mode
-from appliance.store import Store, create_store
+from tests.support import FakeClock, run
 
 UNIT = 4096
 
@@ -29,27 +29,6 @@ EXPECTED = {
 }
 ORDER = [Action.SAVE, Action.RESTORE, Action.UNLOCK, Action.LOCK, Action.STATUS,
          Action.HISTORY, Action.PAIR]
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def store(tmp_path):
-    path = str(tmp_path / "disk.img")
-    create_store(path, 1 << 20, UNIT)
-    st = Store.open(path)
-    yield st
-    st.close()
-
-
-def run(coro):
-    return asyncio.run(coro)
 
 
 def cells():
@@ -141,19 +120,19 @@ def test_starts_locked_and_save_is_refused_with_a_clear_reason(store):
 
 
 def test_unlock_lasts_relock_after_from_the_gesture(store):
-    clock = Clock()
+    clock = FakeClock()
 
     async def go():
         bus = CommandBus(store, relock_after=300, single_use=False, clock=clock)
         events = bus.subscribe()
         unlocked = await bus.submit(Command(Action.UNLOCK, "cli"))
         assert unlocked.data == {"mode": "unlocked", "relock_after": 300, "single_use": False}
-        clock.t += 200
+        clock.advance(200)
         assert (await bus.submit(Command(Action.SAVE, "cli"))).ok  # a command is no gesture
-        clock.t += 99
+        clock.advance(99)
         await bus.tick()
         assert bus.mode is Mode.UNLOCKED and bus.relock_in() == pytest.approx(1)
-        clock.t += 1
+        clock.advance(1)
         await bus.tick()
         assert bus.mode is Mode.LOCKED
         kinds = []
@@ -164,7 +143,7 @@ def test_unlock_lasts_relock_after_from_the_gesture(store):
                                              "reason": "", "data": {"why": "deadline"}}
         # a SAVE after the deadline is refused even if no tick ran in between
         assert (await bus.submit(Command(Action.UNLOCK, "cli"))).ok
-        clock.t += 301
+        clock.advance(301)
         return await bus.submit(Command(Action.SAVE, "cli"))
 
     late = run(go())
@@ -173,13 +152,13 @@ def test_unlock_lasts_relock_after_from_the_gesture(store):
 
 @pytest.mark.parametrize("gesture", ["button", "fob:f1", "cli"])
 def test_only_a_new_gesture_moves_the_deadline(store, gesture):
-    clock = Clock()
+    clock = FakeClock()
 
     async def go():
         bus = CommandBus(store, relock_after=300, single_use=False, clock=clock)
         await bus.submit(Command(Action.UNLOCK, "button"))
         for _ in range(5):  # host and iTag keep busy: RESTORE, SAVE, a refused UNLOCK
-            clock.t += 50
+            clock.advance(50)
             await bus.submit(Command(Action.RESTORE, "host"))
             await bus.submit(Command(Action.SAVE, "itag:aa", authenticated=False))
             await bus.submit(Command(Action.UNLOCK, "host"))
@@ -226,13 +205,13 @@ def test_single_use_can_be_turned_off(store):
 
 
 def test_status_queries_do_not_keep_it_unlocked(store):
-    clock = Clock()
+    clock = FakeClock()
 
     async def go():
         bus = CommandBus(store, relock_after=10, clock=clock)
         await bus.submit(Command(Action.UNLOCK, "button"))
         for _ in range(3):
-            clock.t += 4
+            clock.advance(4)
             await bus.submit(Command(Action.STATUS, "host"))
         return bus.mode
 
@@ -240,11 +219,11 @@ def test_status_queries_do_not_keep_it_unlocked(store):
 
 
 def test_lock_mode_off_never_relocks(store):
-    clock = Clock()
+    clock = FakeClock()
 
     async def go():
         bus = CommandBus(store, lock_enabled=False, relock_after=10, clock=clock)
-        clock.t += 10_000
+        clock.advance(10_000)
         await bus.tick()
         return bus.mode, await bus.submit(Command(Action.SAVE, "cli"))
 
@@ -253,16 +232,16 @@ def test_lock_mode_off_never_relocks(store):
 
 
 def test_pairing_window_opens_and_closes(store):
-    clock = Clock()
+    clock = FakeClock()
 
     async def go():
         bus = CommandBus(store, pairing_window=60, clock=clock, wall=lambda: 5000.0)
         events = bus.subscribe()
         outcome = await bus.submit(Command(Action.PAIR, "button"))
-        clock.t += 59
+        clock.advance(59)
         await bus.tick()
         opened = (await bus.snapshot())["pairing"]
-        clock.t += 1
+        clock.advance(1)
         await bus.tick()
         seen = []
         while not events.empty():
@@ -277,7 +256,7 @@ def test_pairing_window_opens_and_closes(store):
 
 def test_the_ble_part_closes_the_window_early_and_status_says_why(store):
     async def go():
-        bus = CommandBus(store, pairing_window=60, clock=Clock(), wall=lambda: 5000.0)
+        bus = CommandBus(store, pairing_window=60, clock=FakeClock(), wall=lambda: 5000.0)
         await bus.submit(Command(Action.PAIR, "button"))
         events = bus.subscribe()
         bus.close_pairing("3 wrong setup codes")

@@ -5,36 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 
-from appliance.control.commands import Action, Command, Outcome
+from appliance.control.commands import Action
 from appliance.control.socket import dispatch
+from tests.support import RecordingBus
 from tests.test_daemon_support import Served, cli
 
 
-class FakeBus:
-    """Only the parts dispatch() touches: a registered `fobs` handler that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-
-    def handler(self, name: str):
-        async def fobs(args: dict) -> dict:
-            self.calls.append(args)
-            return {"fobs": [{"id": 1, "name": "keyring"}]}
-
-        return fobs if name == "fobs" else None
-
-    async def submit(self, command: Command) -> Outcome:
-        return Outcome(True, command.action, command.source)
-
-
 def test_part_commands_only_from_the_local_control_socket() -> None:
-    bus = FakeBus()
+    calls: list[dict] = []
+
+    async def fobs(args: dict) -> dict:
+        calls.append(args)
+        return {"fobs": [{"id": 1, "name": "keyring"}]}
+
+    bus = RecordingBus()
+    bus.register_handler("fobs", fobs)
     line = json.dumps({"cmd": "fobs", "args": {"op": "revoke", "id": 1}})
     host = asyncio.run(dispatch(bus, line, "host"))
     assert not host["ok"] and "local control socket" in host["reason"]
-    assert bus.calls == []  # the host (or malware on it) cannot revoke a fob
+    assert calls == []  # the host (or malware on it) cannot revoke a fob
     local = asyncio.run(dispatch(bus, line, "cli"))
-    assert local["ok"] and bus.calls == [{"op": "revoke", "id": 1}]
+    assert local["ok"] and calls == [{"op": "revoke", "id": 1}]
     assert asyncio.run(dispatch(bus, '{"cmd": "status"}', "host"))["ok"]
     assert Action.STATUS.value == "status"
 

@@ -14,7 +14,6 @@ import pytest
 
 from appliance.control.bus import CommandBus
 from appliance.control.socket import ControlServer, dispatch
-from appliance.store import Store, create_store
 from tests.test_daemon_support import short_dir
 
 
@@ -23,15 +22,6 @@ def sockdir():
     d = short_dir()
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def store(tmp_path):
-    path = str(tmp_path / "disk.img")
-    create_store(path, 1 << 20, 4096)
-    st = Store.open(path)
-    yield st
-    st.close()
 
 
 async def talk(path: str, payload: bytes) -> list[dict]:

@@ -7,7 +7,6 @@ Challenge as often as it likes from its own bonded device.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 
 import pytest
@@ -17,27 +16,16 @@ from ble import frames
 from ble.frames import Cmd, Result
 from ble.keys import FobPairing, FobRegistry, derive_fob_key, spake_ids
 from ble.protocol import MAX_COUNTER_JUMP, MAX_PAIR_FAILURES, FobProtocol
-from tests.ble_helpers import RecordingSink, frame_for, pair_directly
+from tests.ble_helpers import frame_for, pair_directly
+from tests.support import FakeClock, RecordingBus, run
 
 CODE = "482913"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
 @pytest.fixture
 def world(tmp_path):
-    clock = Clock()
-    proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingSink(), setup_code=CODE,
+    clock = FakeClock()
+    proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingBus(), setup_code=CODE,
                         clock=clock)  # fmt: skip
     return proto, clock
 
@@ -138,7 +126,7 @@ def test_withheld_frame_is_refused_after_the_challenge_lifetime(world, cmd):
     proto.set_pairing(True)
     creds = pair_directly(proto, "owner", CODE)
     withheld = frame_for(creds, cmd, proto.read_challenge("owner"))  # the attacker jams it
-    clock.now += proto.challenge_ttl + 1
+    clock.advance(proto.challenge_ttl + 1)
     assert run(proto.handle_command(withheld, "owner")) == Result.STALE_CHALLENGE
     assert proto.bus.commands == []
 
@@ -208,7 +196,7 @@ def test_protocol_1_fobs_are_told_to_pair_again(world, tmp_path):
     doc = json.loads(proto.registry.path.read_text())
     del doc["fobs"]["1"]["protocol"]  # what a protocol 1 appliance wrote
     proto.registry.path.write_text(json.dumps(doc))
-    old = FobProtocol(FobRegistry(proto.registry.path), RecordingSink(), setup_code=CODE)
+    old = FobProtocol(FobRegistry(proto.registry.path), RecordingBus(), setup_code=CODE)
     assert old.registry.list()[0]["protocol"] == 1
     frame = frame_for(creds, Cmd.SAVE, old.read_challenge("owner"))
     assert run(old.handle_command(frame, "owner")) == Result.OLD_PROTOCOL

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from appliance.store.space import fs_free
 from gpio.gestures import Cue
 from gpio.led import DaemonView, LedTimings, choose
+from tests.nbd_helpers import wait_for
 from tests.test_daemon_support import (
     SAVEPOINT,
     Served,
@@ -68,15 +68,6 @@ def fill(uri: str) -> str:
     raise AssertionError("the 40 MiB file system never filled up")
 
 
-def wait_until(cond, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_a_full_file_system_never_stops_restore_and_recovers_with_it(small_fs):
     store = os.path.join(small_fs, "disk.img")
     refused = init(store, "--size", DISK)
@@ -106,7 +97,7 @@ def test_a_full_file_system_never_stops_restore_and_recovers_with_it(small_fs):
 
         out = cli("restore", "--yes", control=served.control).stdout
         assert out.startswith("RESTORE done")
-        assert wait_until(lambda: status(served.control)["parts"]["storage"]["state"] == "up")
+        assert wait_for(lambda: status(served.control)["parts"]["storage"]["state"] == "up", 15)
         assert fs_free(small_fs) > 20 * MiB  # the discarded writes' space came back
         st = status(served.control)
         assert not st["space"]["full"]

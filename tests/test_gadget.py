@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from appliance.control.commands import Event, PartUnavailable
+from appliance.control.commands import PartUnavailable
 from appliance.usb.gadget import ACM, MS, Gadget, GadgetPart, defaults, inquiry_string
 from appliance.usb.udc_watch import UdcWatch
+from tests.support import RecordingBus
 
 
 @pytest.fixture
@@ -109,18 +110,8 @@ class RecordingNbd:
         return False
 
 
-class Bus:
-    hooks: Any = None
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def publish(self, event: Event) -> None:
-        self.events.append(event)
-
-
 def test_restore_order_eject_flush_restore_flush_reinsert(roots: dict[str, Any]) -> None:
-    part = GadgetPart(roots, Bus(), "/run/nbd.sock")
+    part = GadgetPart(roots, RecordingBus(), "/run/nbd.sock")
     part.gadget.create()
     part.gadget.set_file(0, "/dev/nbd0")
     log: list[str] = []
@@ -137,7 +128,7 @@ def test_restore_order_eject_flush_restore_flush_reinsert(roots: dict[str, Any])
 
 
 def test_failed_restore_still_reinserts_the_medium(roots: dict[str, Any]) -> None:
-    part = GadgetPart(roots, Bus(), "/run/nbd.sock")
+    part = GadgetPart(roots, RecordingBus(), "/run/nbd.sock")
     part.gadget.create()
     part.nbd = RecordingNbd([], part.gadget)  # type: ignore[assignment]
 
@@ -150,7 +141,7 @@ def test_failed_restore_still_reinserts_the_medium(roots: dict[str, Any]) -> Non
 
 
 def test_before_save_reports_whether_the_host_had_synced(roots: dict[str, Any]) -> None:
-    part = GadgetPart(roots, Bus(), "/run/nbd.sock")
+    part = GadgetPart(roots, RecordingBus(), "/run/nbd.sock")
     log: list[str] = []
     part.nbd = RecordingNbd(log, part.gadget)  # type: ignore[assignment]
     assert asyncio.run(part.before_save()) is False
@@ -158,7 +149,7 @@ def test_before_save_reports_whether_the_host_had_synced(roots: dict[str, Any]) 
 
 
 def test_start_without_configfs_explains(tmp_path: Path) -> None:
-    part = GadgetPart({"configfs": str(tmp_path / "none")}, Bus(), "/run/nbd.sock")
+    part = GadgetPart({"configfs": str(tmp_path / "none")}, RecordingBus(), "/run/nbd.sock")
     with pytest.raises(PartUnavailable, match="usb_gadget") as e:
         asyncio.run(part.start())
     assert "modprobe libcomposite" in e.value.hint

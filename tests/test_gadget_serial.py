@@ -12,29 +12,13 @@ from typing import Any
 
 import pytest
 
-from appliance.control.commands import Action, Command, Mode, Outcome
+from appliance.control.commands import Action, Command, Outcome
 from appliance.usb import host_client
 from appliance.usb.host_serial import SerialPart
+from tests.support import LockingBus
 
 
-class LockedBus:
-    """The policy that matters here: SAVE only while unlocked, and who asked."""
-
-    def __init__(self) -> None:
-        self.mode = Mode.LOCKED
-        self.commands: list[Command] = []
-
-    async def submit(self, command: Command) -> Outcome:
-        self.commands.append(command)
-        if command.action is Action.SAVE and self.mode is Mode.LOCKED:
-            return Outcome(False, command.action, command.source, "SAVE refused: LOCKED")
-        return Outcome(True, command.action, command.source, "", {"mode": self.mode.value})
-
-    def handler(self, name: str) -> None:
-        return None
-
-
-def serve_pty(bus: LockedBus, body: Any) -> Any:
+def serve_pty(bus: LockingBus, body: Any) -> Any:
     """Run a SerialPart on a pty's slave side while `body(port)` talks to the master."""
     master, slave = pty.openpty()
     port = os.ttyname(slave)
@@ -63,7 +47,7 @@ def talk(master: int, line: bytes) -> bytes:
 
 
 def test_serial_part_answers_json_lines_as_host() -> None:
-    bus = LockedBus()
+    bus = LockingBus()
 
     def body(master: int) -> list[bytes]:
         return [talk(master, b'{"cmd": "status"}\n'), talk(master, b'{"cmd": "save"}\r\n'),
@@ -81,7 +65,7 @@ def test_serial_part_answers_json_lines_as_host() -> None:
 def test_serial_part_needs_the_acm_tty(tmp_path: Any) -> None:
     from appliance.control.commands import PartUnavailable
 
-    part = SerialPart({"device": str(tmp_path / "ttyGS0")}, LockedBus())  # type: ignore[arg-type]
+    part = SerialPart({"device": str(tmp_path / "ttyGS0")}, LockingBus())  # type: ignore[arg-type]
     with pytest.raises(PartUnavailable) as e:
         asyncio.run(part.start())
     assert "acm" in e.value.hint
@@ -132,7 +116,7 @@ def test_host_client_exit_codes(monkeypatch: pytest.MonkeyPatch, capsys: Any) ->
     assert "check the cable" in capsys.readouterr().err
 
 
-class FaultyBus(LockedBus):
+class FaultyBus(LockingBus):
     """Fails one SAVE with an exception, and records what the part reports about itself."""
 
     def __init__(self) -> None:

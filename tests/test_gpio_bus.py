@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpiozero.pins.mock import MockFactory, MockPWMPin
+from gpiozero.pins.mock import MockFactory
 
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Mode
@@ -20,7 +20,7 @@ from appliance.store import Store
 from appliance.store.init import create_store
 from gpio import GpioPart
 from gpio.gestures import Cue
-from tests.gpio_helpers import FAST, contains_in_order, levels, wait_for
+from tests.gpio_helpers import FAST, contains_in_order, hold_until, levels, wait_for
 
 
 @pytest.fixture
@@ -32,12 +32,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield st
     finally:
         st.close()
-
-
-async def hold_until(part: GpioPart, pin: MockPWMPin, cue: Cue) -> None:
-    pin.drive_low()
-    await wait_for(lambda: part.cue == cue, what=f"cue {cue}")
-    pin.drive_high()
 
 
 async def outcomes(part: GpioPart, n: int) -> None:

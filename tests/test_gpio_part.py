@@ -13,19 +13,20 @@ from typing import Any
 
 import pytest
 from gpiozero import Device
-from gpiozero.pins.mock import MockFactory, MockPWMPin
+from gpiozero.pins.mock import MockFactory
 
 from appliance.control.commands import Action, PartUnavailable
 from gpio import GpioPart
 from gpio import part as gpio_part
 from gpio.gestures import Cue
-from tests.gpio_helpers import FAST, FakeSink, HeldPin, contains_in_order, levels, wait_for
+from tests.gpio_helpers import FAST, HeldPin, contains_in_order, hold_until, levels, wait_for
+from tests.support import LockingBus
 
-Scenario = Callable[[GpioPart, FakeSink], Awaitable[None]]
+Scenario = Callable[[GpioPart, LockingBus], Awaitable[None]]
 
 
-def run(scenario: Scenario, sink: FakeSink | None = None, **cfg: Any) -> FakeSink:
-    sink = sink or FakeSink()
+def run(scenario: Scenario, sink: LockingBus | None = None, **cfg: Any) -> LockingBus:
+    sink = sink or LockingBus()
 
     async def main() -> None:
         part = GpioPart({**FAST, **cfg}, sink)
@@ -41,20 +42,13 @@ def run(scenario: Scenario, sink: FakeSink | None = None, **cfg: Any) -> FakeSin
     return sink
 
 
-async def hold_until(part: GpioPart, pin: MockPWMPin, cue: Cue) -> None:
-    pin.drive_low()
-    await wait_for(lambda: part.cue == cue, what=f"cue {cue}")
-    pin.drive_high()
-    await wait_for(lambda: part.cue == Cue.IDLE, what="release")
-
-
-async def settle(part: GpioPart, sink: FakeSink, n: int) -> None:
+async def settle(part: GpioPart, sink: LockingBus, n: int) -> None:
     await wait_for(lambda: len(part.submitted) >= n, what=f"{n} outcomes")
     await asyncio.sleep(0.05)
 
 
 def test_short_press_shows_status_and_changes_nothing(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         led, button = factory.pin(27), factory.pin(17)
         sink.gate = asyncio.Event()  # hold the answer until the LED has settled
         button.drive_low()
@@ -81,18 +75,18 @@ def test_short_press_shows_status_and_changes_nothing(factory: MockFactory) -> N
 ])
 def test_hold_then_release_at_each_rung(factory: MockFactory, cue: Cue,
                                         expected: list[Action]) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         await hold_until(part, factory.pin(17), cue)
         await asyncio.sleep(0.1)
         await wait_for(lambda: len(part.submitted) == len(expected))
         assert sink.actions() == expected
         assert sink.epoch == 1 + len(expected)
 
-    run(scenario, FakeSink(locked=False))
+    run(scenario, LockingBus(locked=False))
 
 
 def test_the_led_warns_before_restore_then_blinks_while_it_runs(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         led = factory.pin(27)
         await wait_for(lambda: led.state == 1.0, what="clean: steady on")
         mark = len(led.states)
@@ -109,11 +103,11 @@ def test_the_led_warns_before_restore_then_blinks_while_it_runs(factory: MockFac
                    ["held", "save_armed", "restore_warning", "restore_armed", "busy", "clean"])
         assert sink.actions() == [Action.RESTORE]
 
-    run(scenario, FakeSink(locked=False))
+    run(scenario, LockingBus(locked=False))
 
 
 def test_long_hold_opens_pairing_once_and_release_does_nothing(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         pin = factory.pin(17)
         pin.drive_low()
         await wait_for(lambda: sink.commands, what="PAIR")
@@ -123,11 +117,11 @@ def test_long_hold_opens_pairing_once_and_release_does_nothing(factory: MockFact
         await asyncio.sleep(0.2)
         assert sink.actions() == [Action.PAIR]
 
-    run(scenario, FakeSink(locked=False))
+    run(scenario, LockingBus(locked=False))
 
 
 def test_double_press_then_hold_unlocks(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         pin = factory.pin(17)
         pin.drive_low()
         await asyncio.sleep(0.04)
@@ -145,7 +139,7 @@ def test_double_press_then_hold_unlocks(factory: MockFactory) -> None:
 
 
 def test_a_bouncing_contact_is_one_gesture(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         pin = factory.pin(17)
         for _ in range(4):  # contact chatter on press
             pin.drive_low()
@@ -158,11 +152,11 @@ def test_a_bouncing_contact_is_one_gesture(factory: MockFactory) -> None:
         await asyncio.sleep(0.1)
         assert sink.actions() == [Action.SAVE]
 
-    run(scenario, FakeSink(locked=False))
+    run(scenario, LockingBus(locked=False))
 
 
 def test_refused_save_while_locked_blinks_three_times(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         led = factory.pin(27)
         sink.gate = asyncio.Event()
         await hold_until(part, factory.pin(17), Cue.SAVE_ARMED)
@@ -176,13 +170,13 @@ def test_refused_save_while_locked_blinks_three_times(factory: MockFactory) -> N
         assert sink.epoch == 1
         assert levels(led, mark) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
-    run(scenario, FakeSink(locked=True))
+    run(scenario, LockingBus(locked=True))
 
 
 def test_a_button_held_at_start_up_triggers_nothing(factory: MockFactory) -> None:
     factory.pin(17, pin_class=HeldPin)
 
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         pin = factory.pin(17)
         assert pin.state is False  # still held
         await asyncio.sleep(FAST["pair_hold"] + 0.2)  # past every rung, PAIR included
@@ -193,11 +187,11 @@ def test_a_button_held_at_start_up_triggers_nothing(factory: MockFactory) -> Non
         await settle(part, sink, 1)
         assert sink.actions() == [Action.SAVE]
 
-    run(scenario, FakeSink(locked=False))
+    run(scenario, LockingBus(locked=False))
 
 
 def test_dedicated_keys_and_key_switch(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         await wait_for(lambda: Action.UNLOCK in sink.actions() or not sink.commands,
                        what="start")
         switch, restore = factory.pin(5), factory.pin(6)
@@ -214,11 +208,11 @@ def test_dedicated_keys_and_key_switch(factory: MockFactory) -> None:
         await wait_for(lambda: sink.locked, what="key switch LOCK")
         assert sink.actions() == [Action.UNLOCK, Action.RESTORE, Action.LOCK]
 
-    run(scenario, FakeSink(locked=True), key_switch_pin=5, restore_pin=6)
+    run(scenario, LockingBus(locked=True), key_switch_pin=5, restore_pin=6)
 
 
 def test_second_led_carries_the_warnings(factory: MockFactory) -> None:
-    async def scenario(part: GpioPart, sink: FakeSink) -> None:
+    async def scenario(part: GpioPart, sink: LockingBus) -> None:
         green, red = factory.pin(27), factory.pin(22)
         await hold_until(part, factory.pin(17), Cue.SAVE_ARMED)
         await wait_for(lambda: "refused" in part.led.history, what="refused")
@@ -226,7 +220,7 @@ def test_second_led_carries_the_warnings(factory: MockFactory) -> None:
         assert contains_in_order(levels(red), [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
         assert green.state == 1.0 and red.state == 0.0
 
-    run(scenario, FakeSink(locked=True), led2_pin=22)
+    run(scenario, LockingBus(locked=True), led2_pin=22)
 
 
 def test_no_gpio_chip_means_part_unavailable(monkeypatch: pytest.MonkeyPatch,
@@ -235,7 +229,7 @@ def test_no_gpio_chip_means_part_unavailable(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
     monkeypatch.setattr(gpio_part, "GPIOCHIP_GLOB", str(tmp_path / "gpiochip*"))
     with pytest.raises(PartUnavailable) as info:
-        asyncio.run(GpioPart({}, FakeSink()).start())
+        asyncio.run(GpioPart({}, LockingBus()).start())
     assert info.value.reason == "no GPIO chip found"
     assert "buttons and LED are off" in info.value.hint
 
@@ -244,7 +238,7 @@ def test_an_unusable_pin_factory_means_part_unavailable(monkeypatch: pytest.Monk
     Device.pin_factory = None
     monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "no-such-factory")
     with pytest.raises(PartUnavailable, match="pin factory"):
-        asyncio.run(GpioPart({}, FakeSink()).start())
+        asyncio.run(GpioPart({}, LockingBus()).start())
 
 
 def test_lgpio_factory_without_lgpio_means_part_unavailable(monkeypatch: pytest.MonkeyPatch,
@@ -256,5 +250,5 @@ def test_lgpio_factory_without_lgpio_means_part_unavailable(monkeypatch: pytest.
     (tmp_path / "gpiochip0").touch()
     monkeypatch.setattr(gpio_part, "GPIOCHIP_GLOB", str(tmp_path / "gpiochip*"))
     with pytest.raises(PartUnavailable, match="pin factory") as info:
-        asyncio.run(GpioPart({}, FakeSink()).start())
+        asyncio.run(GpioPart({}, LockingBus()).start())
     assert "python3-lgpio" in info.value.hint

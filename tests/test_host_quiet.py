@@ -8,35 +8,26 @@ import struct
 import time
 
 import crc32c
-import pytest
 
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Action, Command
 from appliance.control.host_quiet import HostActivity, kthread_wchar
-from appliance.store import Store, create_store
 from appliance.store.cli import host_column, print_history
 from appliance.store.format import HIST_REC, HistoryRecord, unpack_history
 from tests.nbd_helpers import libnbd, serve
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support import FakeClock
 
 
 def test_quiet_time_counts_from_the_last_change_and_flush_marks_synced() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     act = HostActivity(clock)
     assert act.synced() is True  # nothing written since we started looking
     act.sample()
-    clock.t += 5
+    clock.advance(5)
     assert act.sample() == 5
     act.wrote()
     assert act.sample() == 0 and act.synced() is False
-    clock.t += 1.5
+    clock.advance(1.5)
     assert act.sample() == 1.5
     with act.own_flush():  # the appliance's own sync is not the host's
         act.flushed()
@@ -56,15 +47,6 @@ def test_kthread_wchar_reads_the_mass_storage_thread(tmp_path) -> None:
     assert read() == 123456
     (tmp_path / "42" / "io").write_text("rchar: 10\nwchar: 123999\n")
     assert read() == 123999
-
-
-@pytest.fixture
-def store(tmp_path):
-    path = str(tmp_path / "disk.img")
-    create_store(path, 1 << 20, 4096)
-    st = Store.open(path)
-    yield st
-    st.close()
 
 
 async def keep_writing(act: HostActivity, stop: asyncio.Event, every: float = 0.05) -> None:

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.mqtt_broker import Broker, Client, mosquitto_binary, write_secrets
+from tests.mqtt_broker import MISSING, Broker, Client, mosquitto_installed, write_secrets
 from tests.test_daemon_support import Served, cli, pattern_matches, qemu_io, request, status
 
-pytestmark = pytest.mark.skipif(
-    mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
-    reason="mosquitto is not installed (apt-get install mosquitto mosquitto-clients)")
+pytestmark = pytest.mark.skipif(not mosquitto_installed(), reason=MISSING)
 
 NODES = {f"pi{i}": f"pi{i}-secret" for i in range(1, 4)}
 

@@ -4,18 +4,15 @@ group topic brings every store back; prints the time from publish to the last re
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 
 import pytest
 
-from tests.mqtt_broker import Broker, Client, mosquitto_binary, write_secrets
+from tests.mqtt_broker import MISSING, Broker, Client, mosquitto_installed, write_secrets
 from tests.test_daemon_support import Served, pattern_matches, qemu_io, status
 
-pytestmark = pytest.mark.skipif(
-    mosquitto_binary() is None or shutil.which("mosquitto_passwd") is None,
-    reason="mosquitto is not installed (apt-get install mosquitto mosquitto-clients)")
+pytestmark = pytest.mark.skipif(not mosquitto_installed(), reason=MISSING)
 
 FLEET = 20
 

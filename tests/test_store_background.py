@@ -18,7 +18,7 @@ from appliance.daemon import Daemon
 from appliance.store import Store
 from appliance.store.format import UNITS_PER_PAGE
 from appliance.store.init import create_store
-from tests.crashsim import new_backing
+from tests.support import memory_backing
 from tests.test_daemon_support import short_dir
 
 U = 4096
@@ -75,7 +75,7 @@ def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
 
 def test_a_command_on_a_full_ring_waits_for_the_pass_while_io_flows(monkeypatch) -> None:
     units = 4 * UNITS_PER_PAGE
-    store = Store(new_backing(units * U, U, 8))
+    store = Store(memory_backing(units * U, U, 8))
     for i in range(7):  # 7 epochs in use, none normalised: the next command must wait
         store.write(i * 500 * U, b"epoch %d" % i)
         store.save("test")
@@ -134,7 +134,7 @@ def test_the_pass_keeps_a_bounded_number_of_map_pages_loaded(tmp_path, monkeypat
 
 @pytest.mark.parametrize("free", [0, 1])
 def test_pass_urgent_when_few_history_records_are_left(free: int) -> None:
-    store = Store(new_backing(64 * U, U, 16))
+    store = Store(memory_backing(64 * U, U, 16))
     for _ in range(15 - free):
         store.write(0, b"x")
         store.save("test")

@@ -67,12 +67,19 @@ enabled = {str(serial).lower()}
 {extra}""")
 
     # -- the daemon ----------------------------------------------------------------
+    def log_path(self) -> Path:
+        """The daemon log of this test's latest start (stdout and stderr)."""
+        return RESULTS / f"daemon-{log_name()}-{self.starts}.log"
+
+    def log(self) -> str:
+        return self.log_path().read_text(errors="replace")
+
     def start(self, timeout: float = 60.0, **config: Any) -> str:
         """Start the daemon; return the host's /dev/sdX once the disk is there."""
         if config or not self.config.exists():
             self.write_config(**config)
         self.starts += 1
-        log = open(RESULTS / f"daemon-{log_name()}-{self.starts}.log", "wb")
+        log = open(self.log_path(), "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "daemon", "--config", str(self.config)],
             stdout=log, stderr=subprocess.STDOUT)

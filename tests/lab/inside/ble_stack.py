@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,11 @@ def _controller_class() -> type:
     return LegacyController
 
 
-async def run_controllers() -> None:
+async def attach_controllers(link: Any, controller: type) -> list[Any]:
+    """hci0 and hci1: bumble controllers on /dev/vhci, on `link`; returns their transports
+    (keep them referenced)."""
     from bumble.transport import open_transport
 
-    link = _link_class()()
-    controller = _controller_class()
     transports = []
     for index, address in enumerate(ADDRESSES):
         transport = await open_transport("vhci")  # sequential: hci0 first, then hci1
@@ -110,6 +111,11 @@ async def run_controllers() -> None:
         controller(f"hci{index}", host_source=transport.source, host_sink=transport.sink,
                    link=link, public_address=address)
         print(f"controller hci{index} {address} attached", flush=True)
+    return transports
+
+
+async def run_controllers() -> None:
+    _transports = await attach_controllers(_link_class()(), _controller_class())
     await asyncio.get_running_loop().create_future()  # until killed
 
 
@@ -180,6 +186,47 @@ class BleStack:
                     proc.kill()
                     proc.wait()
         os.environ.pop("DBUS_SYSTEM_BUS_ADDRESS", None)
+
+
+class DeviceStack(BleStack):
+    """Scenario 9's stack with the scenario's own module (MODULE) as the controller process:
+    it attaches hci0 and hci1 as ble_stack does, then plays one more device (DEVICE) on the
+    same link, not attached to the kernel. SIGUSR1 to `controllers` is that device's cue."""
+
+    MODULE = ""
+    DEVICE = ""
+
+    def controller_env(self) -> dict[str, str] | None:
+        return None
+
+    def _spawn(self, cmd: list[str], log: str, **kw: Any) -> subprocess.Popen[bytes]:
+        if cmd[-2:] != ["-m", "tests.lab.inside.ble_stack"]:
+            return super()._spawn(cmd, log, **kw)
+        env = self.controller_env()
+        if env is not None:
+            kw["env"] = env
+        proc = super()._spawn([*cmd[:-1], self.MODULE], log, **kw)
+        wait_for(lambda: proc.poll() is not None or all(
+            Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)), 120,
+            f"hci0 and hci1 (bumble controllers on /dev/vhci, and {self.DEVICE})")
+        return proc
+
+    @property
+    def controllers(self) -> subprocess.Popen[bytes]:
+        return next(p for p in self.procs if p.args[-1] == self.MODULE)  # type: ignore[index]
+
+    def controller_log(self) -> str:
+        return (RESULTS / f"{self.LOG_PREFIX}-controllers.log").read_text(errors="replace")
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, tmp: Path) -> Iterator[Any]:
+        stack = cls(tmp)
+        try:
+            stack.start()
+            yield stack
+        finally:
+            stack.close()
 
 
 def wait_for(check: Any, timeout: float, what: str) -> None:

@@ -18,30 +18,34 @@ under TCG, so this module imports no pytest and nothing of the appliance side.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tests import bthome_adverts as adv
-from tests.lab.inside.appliance_vm import RESULTS, Appliance, log_name
-from tests.lab.inside.ble_stack import ADDRESSES, BleStack, _controller_class, _link_class, wait_for
+from tests.lab.inside.appliance_vm import Appliance
+from tests.lab.inside.ble_stack import (
+    DeviceStack,
+    _controller_class,
+    _link_class,
+    attach_controllers,
+    wait_for,
+)
 
 BUTTON = "00:5A:7E:00:00:04"
 KEY = bytes.fromhex("5a0e1d3c2b4a69788796a5b4c3d2e1f0")
-MODULE = "tests.lab.inside.test_bthome_lab"
-CONTROLLERS_LOG = "bthome-controllers.log"
 BURST = 2.0  # seconds a press is broadcast (a Shelly BLU Button repeats it for about that)
 
 
-class ButtonStack(BleStack):
+class ButtonStack(DeviceStack):
     """Scenario 9's stack, with this module as the controller process (adds the button) and
     bluetoothd with --experimental (advertisement monitors: passive scanning)."""
 
     LOG_PREFIX = "bthome"
+    MODULE = "tests.lab.inside.test_bthome_lab"
+    DEVICE = "the button's"
 
     def __init__(self, tmp: Path) -> None:
         super().__init__(tmp)
@@ -50,44 +54,18 @@ class ButtonStack(BleStack):
     def _spawn(self, cmd: list[str], log: str, **kw: Any) -> Any:
         if cmd and cmd[0].endswith("bluetoothd"):
             return super()._spawn([*cmd[:2], "-E", *cmd[2:]], log, **kw)
-        if cmd[-2:] != ["-m", "tests.lab.inside.ble_stack"]:
-            return super()._spawn(cmd, log, **kw)
-        env = {**os.environ, "BTHOME_ADVERT_FILE": str(self.advert_file)}
-        proc = super()._spawn([*cmd[:-1], MODULE], log, env=env, **kw)
-        wait_for(lambda: proc.poll() is not None or all(
-            Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)), 120,
-            "hci0 and hci1 (bumble controllers on /dev/vhci, and the button's)")
-        return proc
+        return super()._spawn(cmd, log, **kw)
 
-    @property
-    def controllers(self) -> Any:
-        return next(p for p in self.procs if p.args[-1] == MODULE)
+    def controller_env(self) -> dict[str, str]:
+        return {**os.environ, "BTHOME_ADVERT_FILE": str(self.advert_file)}
 
     def broadcast(self, service_data: bytes) -> None:
         """The button broadcasts this service data for BURST seconds; returns when done."""
-        sent = controller_log().count("button broadcast done")
+        sent = self.controller_log().count("button broadcast done")
         self.advert_file.write_text(service_data.hex())
         self.controllers.send_signal(signal.SIGUSR1)
-        wait_for(lambda: controller_log().count("button broadcast done") > sent, 30,
+        wait_for(lambda: self.controller_log().count("button broadcast done") > sent, 30,
                  "the button's broadcast")
-
-
-@contextlib.contextmanager
-def button_stack(tmp_path: Path) -> Iterator[ButtonStack]:
-    stack = ButtonStack(tmp_path)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.close()
-
-
-def controller_log() -> str:
-    return (RESULTS / CONTROLLERS_LOG).read_text(errors="replace")
-
-
-def daemon_log(appliance: Appliance) -> str:
-    return (RESULTS / f"daemon-{log_name()}-{appliance.starts}.log").read_text(errors="replace")
 
 
 def counts(appliance: Appliance) -> dict[str, int]:
@@ -96,14 +74,14 @@ def counts(appliance: Appliance) -> dict[str, int]:
 
 def press(ble: ButtonStack, appliance: Appliance, data: bytes, line: str) -> None:
     """Broadcast one press; wait for the bus's log line for it."""
-    seen = daemon_log(appliance).count(line)
+    seen = appliance.log().count(line)
     ble.broadcast(data)
-    wait_for(lambda: daemon_log(appliance).count(line) > seen, 30, f"'{line}' in the daemon log")
+    wait_for(lambda: appliance.log().count(line) > seen, 30, f"'{line}' in the daemon log")
 
 
 def test_bthome_button_saves_restores_and_ignores_replays(appliance: Appliance,
                                                           tmp_path: Path) -> None:
-    with button_stack(tmp_path) as ble:
+    with ButtonStack.running(tmp_path) as ble:
         try:
             bthome_scenario(ble, appliance, tmp_path)
         finally:
@@ -120,7 +98,7 @@ def bthome_scenario(ble: ButtonStack, appliance: Appliance, tmp_path: Path) -> N
     appliance.start()
     wait_for(lambda: [appliance.status()["parts"][n]["state"] for n in ("ble", "bthome")]
              == ["up", "up"], 30, "ble and bthome parts up")
-    assert appliance.status()["buttons"]["scan"] == "passive", daemon_log(appliance)
+    assert appliance.status()["buttons"]["scan"] == "passive", appliance.log()
     done = appliance.cli("buttons", "add", BUTTON, "--key", KEY.hex(), "--name", "desk")
     assert "enrolled" in done.stdout
     source = f"bthome:{BUTTON}"
@@ -139,7 +117,7 @@ def bthome_scenario(ble: ButtonStack, appliance: Appliance, tmp_path: Path) -> N
     history = appliance.request("history")["data"]["history"]
     assert [(h["action"], h["source"]) for h in history[-2:]] == [
         ("save", source), ("restore", source)]
-    log = daemon_log(appliance)
+    log = appliance.log()
     assert log.count(f"SAVE from {source}: done") == 1, "one press ran more than one SAVE"
 
     old = counts(appliance).get("old_counter", 0)
@@ -147,7 +125,7 @@ def bthome_scenario(ble: ButtonStack, appliance: Appliance, tmp_path: Path) -> N
     wait_for(lambda: counts(appliance).get("old_counter", 0) > old, 30,
              "the replayed advert counted as an old counter")
     assert appliance.status()["epoch"] == epoch + 2
-    assert daemon_log(appliance).count(f"SAVE from {source}: done") == 1
+    assert appliance.log().count(f"SAVE from {source}: done") == 1
 
     ble.broadcast(adv.plain("long_press"))  # encryption off (or someone imitating it)
     wait_for(lambda: counts(appliance).get("unencrypted", 0) > 0, 30, "the plain advert counted")
@@ -166,18 +144,10 @@ async def run_world() -> None:
     from bumble.device import Device
     from bumble.hci import Address, OwnAddressType
     from bumble.host import Host
-    from bumble.transport import open_transport
     from bumble.transport.common import AsyncPipeSink
 
-    link = _link_class()()
-    controller = _controller_class()
-    transports = []
-    for index, address in enumerate(ADDRESSES):  # as ble_stack.run_controllers: hci0, hci1
-        transport = await open_transport("vhci")
-        transports.append(transport)
-        controller(f"hci{index}", host_source=transport.source, host_sink=transport.sink,
-                   link=link, public_address=address)
-        print(f"controller hci{index} {address} attached", flush=True)
+    link, controller = _link_class()(), _controller_class()
+    _transports = await attach_controllers(link, controller)  # as ble_stack's: hci0, hci1
 
     button_controller = controller("button", link=link, public_address=BUTTON)
     device = Device(name="SBBT-002C", address=Address(BUTTON),

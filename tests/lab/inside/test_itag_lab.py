@@ -6,7 +6,7 @@ characteristic 0xFFE1, notify). The daemon's BLE part connects to it with bleak 
 on hci0 and subscribes; SIGUSR1 to the controller process is a button press. A press while
 LOCKED is refused; after `savepoint unlock` a press SAVEs, and history names itag:<addr>.
 
-`python -m tests.lab.inside.test_itag_lab` is that controller process (BleStack starts it in
+`python -m tests.lab.inside.test_itag_lab` is that controller process (DeviceStack starts it in
 place of ble_stack's own). It starts slowly under TCG (a python start costs 10-15 s), so this
 module imports no pytest and nothing of the appliance side, and the stack waits for its hci0
 and hci1 longer than scenario 9 does.
@@ -15,76 +15,48 @@ and hci1 longer than scenario 9 does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ble.itag import BUTTON_UUID, SERVICE_UUID
-from tests.lab.inside.appliance_vm import RESULTS, Appliance, log_name
-from tests.lab.inside.ble_stack import ADDRESSES, BleStack, _controller_class, _link_class, wait_for
+from tests.lab.inside.appliance_vm import Appliance
+from tests.lab.inside.ble_stack import (
+    DeviceStack,
+    _controller_class,
+    _link_class,
+    attach_controllers,
+    wait_for,
+)
 
 ITAG = "00:5A:7E:00:00:03"
-CONTROLLERS_LOG = "itag-controllers.log"
-MODULE = "tests.lab.inside.test_itag_lab"
 
 
-class ITagStack(BleStack):
+class ITagStack(DeviceStack):
     """Scenario 9's stack, with this module as the controller process (adds the iTag)."""
 
     LOG_PREFIX = "itag"
-
-    def _spawn(self, cmd: list[str], log: str, **kw: Any) -> Any:
-        if cmd[-2:] != ["-m", "tests.lab.inside.ble_stack"]:
-            return super()._spawn(cmd, log, **kw)
-        proc = super()._spawn([*cmd[:-1], MODULE], log, **kw)
-        wait_for(lambda: proc.poll() is not None or all(
-            Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)), 120,
-            "hci0 and hci1 (bumble controllers on /dev/vhci, and the iTag's)")
-        return proc
-
-    @property
-    def controllers(self) -> Any:
-        return next(p for p in self.procs if p.args[-1] == MODULE)
+    MODULE = "tests.lab.inside.test_itag_lab"
+    DEVICE = "the iTag's"
 
     def press(self) -> None:
         self.controllers.send_signal(signal.SIGUSR1)
-
-
-@contextlib.contextmanager
-def itag_stack(tmp_path: Path) -> Iterator[ITagStack]:
-    stack = ITagStack(tmp_path)
-    try:
-        stack.start()
-        yield stack
-    finally:
-        stack.close()
-
-
-def controller_log() -> str:
-    return (RESULTS / CONTROLLERS_LOG).read_text(errors="replace")
-
-
-def daemon_log(appliance: Appliance) -> str:
-    return (RESULTS / f"daemon-{log_name()}-{appliance.starts}.log").read_text(errors="replace")
 
 
 def press_and_wait(ble: ITagStack, appliance: Appliance, result: str) -> None:
     """One press; waits for the bus's log line for it (`done` or `refused`). The status'
     last_action is no use here: every status request replaces it."""
     line = f"SAVE from itag:{ITAG}: {result}"
-    seen = daemon_log(appliance).count(line)
-    presses = controller_log().count("itag pressed")
+    seen = appliance.log().count(line)
+    presses = ble.controller_log().count("itag pressed")
     ble.press()
-    wait_for(lambda: controller_log().count("itag pressed") > presses, 30, "the iTag's notify")
-    wait_for(lambda: daemon_log(appliance).count(line) > seen, 30, f"'{line}' in the daemon log")
+    wait_for(lambda: ble.controller_log().count("itag pressed") > presses, 30, "the iTag's notify")
+    wait_for(lambda: appliance.log().count(line) > seen, 30, f"'{line}' in the daemon log")
 
 
 def test_itag_press_saves_but_never_restores(appliance: Appliance, tmp_path: Path) -> None:
-    with itag_stack(tmp_path) as ble:
+    with ITagStack.running(tmp_path) as ble:
         try:
             itag_scenario(ble, appliance, tmp_path)
         finally:
@@ -101,8 +73,8 @@ def itag_scenario(ble: ITagStack, appliance: Appliance, tmp_path: Path) -> None:
     wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,
              "ble part up in the daemon")
     started = time.monotonic()
-    wait_for(lambda: "itag subscribed notify=True" in controller_log()
-             and f"iTag {ITAG} connected" in daemon_log(appliance), 120,
+    wait_for(lambda: "itag subscribed notify=True" in ble.controller_log()
+             and f"iTag {ITAG} connected" in appliance.log(), 120,
              "the daemon connected and subscribed to the iTag's 0xFFE1")
     print(f"iTag connected and subscribed {time.monotonic() - started:.1f} s after BLE up")
 
@@ -126,16 +98,10 @@ async def run_world() -> None:
     from bumble.device import Device
     from bumble.hci import Address, OwnAddressType
     from bumble.host import Host
-    from bumble.transport import open_transport
     from bumble.transport.common import AsyncPipeSink
 
-    link = _link_class()()
-    controller = _controller_class()
-    for index, address in enumerate(ADDRESSES):  # as ble_stack.run_controllers: hci0, hci1
-        transport = await open_transport("vhci")
-        controller(f"hci{index}", host_source=transport.source, host_sink=transport.sink,
-                   link=link, public_address=address)
-        print(f"controller hci{index} {address} attached", flush=True)
+    link, controller = _link_class()(), _controller_class()
+    _transports = await attach_controllers(link, controller)  # as ble_stack's: hci0, hci1
 
     itag_controller = controller("itag", link=link, public_address=ITAG)
     device = Device(name="iTAG", address=Address(ITAG),

@@ -4,9 +4,10 @@ A part is what the daemon starts after the store, the NBD server and the control
 stops before them: the USB gadget, the host serial channel, the enclosure button and LED, the
 BLE fob, BTHome buttons, MQTT. Each declares itself once, as `SPEC = PartSpec(...)` in its own
 module, and is listed in `PARTS` below (or, from another package, under the entry point group
-"savepoint.parts"). The config takes a `[name]` section validated by the spec's schema (plus
-`enabled`); the daemon calls `spec.make(section, context)`, then `start()`, and at the end
-`stop()`. It never names a part: whatever a part needs comes from its `PartContext`.
+"savepoint.parts"). The config takes a `[name]` section validated by the spec's settings
+dataclass (appliance/settings.py; plus `enabled`); the daemon calls `spec.make(section,
+context)`, then `start()`, and at the end `stop()`. It never names a part: whatever a part
+needs comes from its `PartContext`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from appliance.control.commands import CommandSink, Part
-
-Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
+from appliance.settings import Settings
 
 # name (config section, status row) -> "module:attribute" of its spec, in start order
 PARTS: dict[str, str] = {
@@ -45,10 +45,12 @@ class PartContext:
 
 @dataclass(frozen=True)
 class PartSpec:
-    """A part, declared: its config section's schema, how to make it, what it adds."""
+    """A part, declared: its config section's settings class, how to make it, what it adds."""
 
     name: str
-    config: Schema  # key -> (types, default, meaning); docs/config.md is generated from it
+    # the [name] section: a Settings dataclass; docs/config.md is generated from its fields
+    config_type: type[Settings]
+    # gets the validated section as a table (config_type(...).as_dict(), without `enabled`)
     make: Callable[[dict[str, Any], PartContext], Part]
     validate: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError: bad section
     # True: while the part is up, the bus calls its before_save/around_restore (StoreHooks)

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from appliance.config import (
-    CORE_SCHEMA,
+    CORE_SECTIONS,
     PARTS,
     ConfigError,
     load,
     markdown_tables,
     parse_size,
-    part_schema,
+    part_settings,
     serve_config,
     validate,
 )
+from appliance.settings import NoSettings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -108,13 +109,13 @@ def test_docs_list_every_key_with_its_default():
     generated = markdown_tables()
     assert generated in text, ("docs/config.md is out of date with the config schemas: "
                                "run `python -m appliance.config --docs`")
-    for section, schema in CORE_SCHEMA.items():
+    for section, cls in CORE_SECTIONS.items():
         body = re.search(rf"^## \[{section}\]\n(.*?)(?=^## |\Z)", generated, re.M | re.S)
         assert body, section
-        for key in schema:
+        for key in cls.defaults():
             assert re.search(rf"^\| `{key}` \| .* \| `", body.group(1), re.M), (section, key)
     for name in PARTS:
-        for key in part_schema(name) or {}:
+        for key in (part_settings(name) or NoSettings).defaults():
             assert f"| `{key}` |" in generated, (name, key)
 
 

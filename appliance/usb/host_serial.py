@@ -24,22 +24,28 @@ import logging
 import os
 import termios
 import tty
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.control.commands import CommandSink, PartUnavailable
 from appliance.control.socket import MAX_LINE, dispatch
 from appliance.parts import PartSpec, TaskSet
+from appliance.settings import Settings, setting
 
 log = logging.getLogger("savepoint.serial")
 
-CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
-    "device": (str, "/dev/ttyGS0", "gadget-side tty of the CDC-ACM function ([gadget] acm)"),
-    "source": (str, "host", "command source name the policy table sees: host or host:<name>"),
-    "reopen_after": ((int, float), 0.5, "seconds before reopening the tty after a hang-up"),
-    "queue": (int, 16, "request lines that may wait; while full the tty is not read"),
-    "output_buffer": (int, 65536, "bytes of unread replies kept; later replies are dropped"),
-    "restart_after": ((int, float), 1.0, "seconds before the serving task restarts after a crash"),
-}
+
+@dataclass(frozen=True)
+class SerialSettings(Settings):
+    """The [serial] section: the host command channel over the gadget's CDC-ACM tty."""
+
+    device: str = setting("/dev/ttyGS0", "gadget-side tty of the CDC-ACM function ([gadget] acm)")
+    source: str = setting("host", "command source name the policy table sees: host or host:<name>")
+    reopen_after: float = setting(0.5, "seconds before reopening the tty after a hang-up")
+    queue: int = setting(16, "request lines that may wait; while full the tty is not read")
+    output_buffer: int = setting(65536, "bytes of unread replies kept; later replies are dropped")
+    restart_after: float = setting(1.0, "seconds before the serving task restarts after a crash")
+
 
 OVERLONG = None  # queued in place of a line over MAX_LINE: the answer is an error reply
 
@@ -74,7 +80,7 @@ class SerialPart:
     name = "serial"
 
     def __init__(self, cfg: dict[str, Any], bus: CommandSink) -> None:
-        self.cfg = {key: default for key, (_, default, _) in CONFIG_SCHEMA.items()} | cfg
+        self.cfg = SerialSettings.merged(cfg)
         self.bus = bus
         self._reader: asyncio.ReadTransport | None = None
         self._writer: asyncio.WriteTransport | None = None
@@ -251,5 +257,5 @@ def _error(reason: str) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "data": {}}
 
 
-SPEC = PartSpec("serial", CONFIG_SCHEMA, lambda cfg, ctx: SerialPart(cfg, ctx.bus),
+SPEC = PartSpec("serial", SerialSettings, lambda cfg, ctx: SerialPart(cfg, ctx.bus),
                 validate=validate_config)

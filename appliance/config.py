@@ -143,7 +143,7 @@ def part_settings(section: str) -> type[Settings] | None:
     return spec.config_type if spec is not None else None
 
 
-def _spec_of(section: str) -> PartSpec | None:
+def _spec_of(section: str) -> PartSpec[Any] | None:
     try:
         return load_spec(section)
     except Exception:  # a broken or missing part must not stop the daemon; start reports it
@@ -184,6 +184,11 @@ def _build(section: str, given: Any, cls: type[S], extra: tuple[str, ...] = ()) 
         _check_type(f"[{section}] {key}", value, kinds[key])
         body[key] = value
     return cls(**body)
+
+
+def part_config(spec: PartSpec[S], table: dict[str, Any]) -> S:
+    """A part's validated section (a table, without `enabled`) as its settings instance."""
+    return _build(spec.name, table, spec.config_type)
 
 
 def _check_store(store: dict[str, Any]) -> None:

@@ -17,10 +17,12 @@ import importlib
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from appliance.control.commands import CommandSink, Part
 from appliance.settings import Settings
+
+S = TypeVar("S", bound=Settings)
 
 # name (config section, status row) -> "module:attribute" of its spec, in start order
 PARTS: dict[str, str] = {
@@ -44,14 +46,15 @@ class PartContext:
 
 
 @dataclass(frozen=True)
-class PartSpec:
+class PartSpec(Generic[S]):
     """A part, declared: its config section's settings class, how to make it, what it adds."""
 
     name: str
     # the [name] section: a Settings dataclass; docs/config.md is generated from its fields
-    config_type: type[Settings]
-    # gets the validated section as a table (config_type(...).as_dict(), without `enabled`)
-    make: Callable[[dict[str, Any], PartContext], Part]
+    config_type: type[S]
+    # gets the validated section as a config_type instance (a part that still works on a
+    # table converts at this boundary: `lambda s, ctx: Part(s.as_dict(), ...)`)
+    make: Callable[[S, PartContext], Part]
     validate: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError: bad section
     # True: while the part is up, the bus calls its before_save/around_restore (StoreHooks)
     store_hooks: bool = False
@@ -65,7 +68,7 @@ def all_parts() -> dict[str, str]:
     return found
 
 
-def load_spec(name: str) -> PartSpec:
+def load_spec(name: str) -> PartSpec[Any]:
     """Import the part's module and return its spec; ImportError/AttributeError when the part
     is not installed or its module is broken (the caller reports it, nothing else stops)."""
     module, _, attr = all_parts()[name].partition(":")

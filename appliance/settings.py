@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Any, TypeVar
+
+S = TypeVar("S", bound="Settings")
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -65,6 +67,12 @@ class Settings:
     def merged(cls, given: dict[str, Any]) -> dict[str, Any]:
         """The one place defaults are merged: the defaults, overridden by the given keys."""
         return {k: given.get(k, v) for k, v in cls.defaults().items()}
+
+    @classmethod
+    def of(cls: type[S], given: S | dict[str, Any]) -> S:
+        """The instance itself, or one made from a table already checked (a test's, say):
+        the config loader is what validates a user's file."""
+        return cls(**cls.merged(given)) if isinstance(given, dict) else given
 
     def as_dict(self) -> dict[str, Any]:
         """The section as a plain table (shallow: lists and tables are the instance's own)."""

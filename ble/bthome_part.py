@@ -119,9 +119,9 @@ async def power_on(adapter: str) -> None:
 class BTHomePart:
     name = "bthome"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink, *,
+    def __init__(self, cfg: BTHomeSettings | dict[str, Any], bus: CommandSink, *,
                  scan: ScanStarter = bleak_scan, wall: Callable[[], float] = time.time) -> None:
-        self.cfg = BTHomeSettings.merged(cfg)
+        self.cfg = BTHomeSettings.of(cfg)
         self.bus, self.scan, self.wall = bus, scan, wall
         self.listener: ButtonListener | None = None
         self.scan_mode = "off"
@@ -133,17 +133,18 @@ class BTHomePart:
 
     async def start(self) -> None:
         try:
-            validate_config(self.cfg)
-            mapping = gestures(self.cfg)
+            table = self.cfg.as_dict()
+            validate_config(table)
+            mapping = gestures(table)
         except ValueError as e:
             raise PartUnavailable(f"[bthome] {e}", "fix [bthome] in the config") from e
         try:
-            registry = ButtonRegistry(self.cfg["registry"])
+            registry = ButtonRegistry(self.cfg.registry)
         except (OSError, RegistryError) as e:
             raise PartUnavailable(f"cannot open the button registry: {e}",
                                   "check [bthome] registry and its folder's permissions") from e
         self.listener = ButtonListener(registry, self.bus, mapping,
-                                       battery_low=int(self.cfg["battery_low"]), wall=self.wall)
+                                       battery_low=int(self.cfg.battery_low), wall=self.wall)
         await self._start_scan()
         self._allow_unlock()
         register = getattr(self.bus, "register_handler", None)
@@ -194,13 +195,13 @@ class BTHomePart:
     def _allow_unlock(self) -> None:
         """allow_unlock is the one switch: it opens the policy cell the bus checks."""
         policy = getattr(self.bus, "policy", None)
-        if self.cfg["allow_unlock"] and isinstance(policy, dict) and "bthome" in policy:
+        if self.cfg.allow_unlock and isinstance(policy, dict) and "bthome" in policy:
             policy["bthome"]["unlock"] = "always"
             log.warning("[bthome] allow_unlock: an enrolled button may UNLOCK the appliance")
 
     async def _start_scan(self) -> None:
         assert self.listener is not None
-        adapter, wanted = str(self.cfg["adapter"]), str(self.cfg["scan"])
+        adapter, wanted = str(self.cfg.adapter), str(self.cfg.scan)
         for mode in ("passive", "active") if wanted == "passive" else ("active",):
             try:
                 self._stop_scan = await self.scan(adapter, mode, self.listener.on_advert)
@@ -244,7 +245,7 @@ class BTHomePart:
     async def _tick(self) -> None:
         assert self.listener is not None
         while True:
-            self.listener.check_absent(float(self.cfg["absent_after"]))
+            self.listener.check_absent(float(self.cfg.absent_after))
             await asyncio.sleep(CHECK_EVERY)
 
     # --- status and the `buttons` part command ---------------------------------------------
@@ -279,5 +280,5 @@ class BTHomePart:
         return {"button": info, "op": op}
 
 
-SPEC = PartSpec("bthome", BTHomeSettings, lambda cfg, ctx: BTHomePart(cfg, ctx.bus),
+SPEC = PartSpec("bthome", BTHomeSettings, lambda s, ctx: BTHomePart(s, ctx.bus),
                 validate=validate_config)

@@ -362,9 +362,9 @@ class BlePart:
                 log.warning("could not remove the unfinished bond of %s: %s", device, e)
 
 
-def _make(cfg: dict[str, Any], ctx: PartContext) -> BlePart:
-    ctx.bus.pairing_window = float(cfg["pairing_window"])  # type: ignore[attr-defined]
-    return BlePart(cfg, ctx.bus)
+def _make(settings: BleSettings, ctx: PartContext) -> BlePart:
+    ctx.bus.pairing_window = float(settings.pairing_window)  # type: ignore[attr-defined]
+    return BlePart(settings.as_dict(), ctx.bus)  # the part works on a table
 
 
 SPEC = PartSpec("ble", BleSettings, _make, validate=validate_config)

@@ -355,5 +355,5 @@ _QUIET = logging.getLogger("savepoint.mqtt.client")
 _QUIET.setLevel(logging.ERROR)
 
 
-SPEC = PartSpec("mqtt", settings.MqttSettings, lambda cfg, ctx: MqttPart(cfg, ctx.bus),
+SPEC = PartSpec("mqtt", settings.MqttSettings, lambda s, ctx: MqttPart(s.as_dict(), ctx.bus),
                 validate=settings.validate_config)

@@ -167,3 +167,38 @@ def test_channel_bounds_are_checked(raw, message):
     with pytest.raises(ConfigError) as e:
         validate(raw)
     assert message in str(e.value)
+
+
+def test_every_key_has_a_toml_type_and_a_meaning() -> None:
+    """The settings dataclasses are the schema: a key without a doc or with a type TOML cannot
+    give would reach docs/config.md (or the loader) broken."""
+    from dataclasses import fields
+
+    from appliance.settings import accepted_types, doc_of
+
+    sections = {**CORE_SECTIONS, **{p: part_settings(p) or NoSettings for p in PARTS}}
+    for name, cls in sections.items():
+        kinds = accepted_types(cls)
+        for f in fields(cls):
+            assert doc_of(f), (name, f.name)
+            assert set(kinds[f.name]) <= {str, int, float, bool, list, dict}, (name, f.name)
+
+
+def test_a_part_gets_its_own_copy_of_list_defaults() -> None:
+    a = validate({"mqtt": {"enabled": True}})["parts"]["mqtt"]
+    b = validate({"mqtt": {"enabled": True}})["parts"]["mqtt"]
+    a["groups"].append("changed")
+    assert b["groups"] == []
+
+
+def test_a_part_receives_its_section_as_its_settings_instance() -> None:
+    from appliance.config import part_config
+    from appliance.parts import load_spec
+    from appliance.usb.host_serial import SerialSettings
+
+    table = validate({"serial": {"enabled": True, "queue": 4}})["parts"]["serial"]
+    table.pop("enabled")
+    settings = part_config(load_spec("serial"), table)
+    assert settings == SerialSettings(queue=4) and settings.device == "/dev/ttyGS0"
+    with pytest.raises(ConfigError, match=r"\[serial\] queue: expected an integer"):
+        part_config(load_spec("serial"), {"queue": "4"})

@@ -39,7 +39,7 @@ class DemoPart:
     name = "demo"
     made: list[DemoPart] = []
 
-    def __init__(self, cfg: dict[str, Any], ctx: PartContext) -> None:
+    def __init__(self, cfg: DemoSettings, ctx: PartContext) -> None:
         self.cfg, self.ctx, self.events = cfg, ctx, []
         DemoPart.made.append(self)
 
@@ -86,7 +86,8 @@ def test_a_new_part_plugs_in_by_its_spec_alone(monkeypatch):
 
     hooks, bus, rows = asyncio.run(scenario())
     (demo,) = DemoPart.made
-    assert demo.cfg == {"colour": "red"} and demo.ctx.nbd_socket == f"{d}/nbd.sock"
+    assert demo.cfg == DemoSettings(colour="red"), "a part receives its typed settings"
+    assert demo.ctx.nbd_socket == f"{d}/nbd.sock"
     assert demo.ctx.bus is bus and hooks is demo, "a store_hooks part is the bus's hooks"
     assert demo.events == ["start", "stop"] and bus.hooks is None
     assert rows["demo"]["state"] == "up"

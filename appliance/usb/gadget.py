@@ -376,5 +376,6 @@ class GadgetPart:
         return result
 
 
-SPEC = PartSpec("gadget", GadgetSettings,
-                lambda cfg, ctx: GadgetPart(cfg, ctx.bus, ctx.nbd_socket), store_hooks=True)
+SPEC = PartSpec("gadget", GadgetSettings,  # the part works on a table: converted here
+                lambda s, ctx: GadgetPart(s.as_dict(), ctx.bus, ctx.nbd_socket),
+                store_hooks=True)

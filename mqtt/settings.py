@@ -1,4 +1,4 @@
-"""The `[mqtt]` section: its schema, its checks, the secrets file and the TLS context.
+"""The `[mqtt]` section: its settings dataclass, its checks, the secrets file and the TLS context.
 
 The broker is `mqtts://HOST[:PORT]` (TLS, port 8883 by default); plain `mqtt://` is only
 accepted for a loopback broker, since the password and every command would cross the

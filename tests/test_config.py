@@ -12,12 +12,12 @@ from appliance.config import (
     PARTS,
     ConfigError,
     load,
-    markdown_tables,
     parse_size,
     part_settings,
     serve_config,
     validate,
 )
+from appliance.config_docs import markdown_tables
 from appliance.settings import NoSettings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"

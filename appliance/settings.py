@@ -6,8 +6,9 @@
 
 The field's annotation is the type the TOML value must have (`float` also takes an integer;
 `int | str` takes either), its default is the default, and `doc` is the line docs/config.md
-shows. appliance/config.py validates every section from these fields and merges the defaults
-in one place (`Settings.merged`). This module imports nothing heavy: every part imports it.
+shows. appliance/config.py validates every section from these fields; the defaults live only
+in them (the loader gets them by making the dataclass, a table-reading part through
+`Settings.merged`). This module imports nothing heavy: every part imports it.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Settings:
 
     @classmethod
     def merged(cls, given: dict[str, Any]) -> dict[str, Any]:
-        """The one place defaults are merged: the defaults, overridden by the given keys."""
+        """The fields' defaults overridden by the given keys, as a table (unknown keys dropped)."""
         return {k: given.get(k, v) for k, v in cls.defaults().items()}
 
     @classmethod

@@ -1,8 +1,10 @@
 """The daemon's configuration: TOML read with tomllib, validated before anything starts.
 
-Every key has a type, a default and a one-line doc (the schemas below, plus the
-schema in each part's PartSpec, appliance/parts.py); docs/config.md lists them all. Validation
-errors say which key, what is wrong and what to do, and the daemon refuses to start.
+Every section is a dataclass whose fields carry a type, a default and a one-line doc (the
+core sections below, and each part's `config_type` in its PartSpec, appliance/parts.py; how
+to declare one: appliance/settings.py); one loader (`_build`) checks every section against its
+fields, and docs/config.md lists them all. Validation errors say which key, what is wrong and
+what to do, and the daemon refuses to start.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import os
 import re
 import tomllib
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from appliance.control.policy import ACTIONS, GESTURE_CLASSES, RULES, SOURCE_CLASSES, default_policy
 from appliance.parts import PartSpec, all_parts, load_spec
+from appliance.settings import NoSettings, Settings, accepted_types, setting
 
-Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
+S = TypeVar("S", bound=Settings)
 
 
 class ConfigError(ValueError):
@@ -51,68 +55,81 @@ MIN_MAP_CACHE = 64 << 10  # 16 map pages: a request spanning a few never thrashe
 RESTORE_POLICIES = ("never", "on_boot", "on_host_disconnect", "schedule")
 
 # The sections the daemon itself owns. Part sections come from the parts' specs.
-CORE_SCHEMA: dict[str, Schema] = {
-    "store": {
-        "path": (str, "", "backing file or block device holding the store (required)"),
-        "create": (bool, False, "create the store at start-up when `path` holds none"),
-        "size": ((str, int), "", "disk size for `create`, e.g. \"8G\" (files only)"),
-        "unit": ((str, int), "4K", "unit size for `create`: a power of two, 4K to 1M"),
-        "allow_overcommit": (bool, False, "let `create` make a store file that can outgrow the "
-                             "free space of its file system (it is sparse)"),
-        "background": (bool, True, "run the map normaliser while the disk is idle"),
-        "map_cache": ((str, int), "32M", "RAM for the unit map, whatever the disk size (at "
-                      "least 64K): clean map pages beyond it are dropped, least recently used "
-                      "first (docs/config.md: how to choose)"),
-    },
-    "nbd": {
-        "socket": (str, "", "NBD Unix socket; empty = <runtime dir>/nbd.sock"),
-        "tcp": (str, "", "also listen on HOST:PORT (loopback unless allow_remote)"),
-        "allow_remote": (bool, False, "allow a non-loopback TCP address (no TLS: no auth)"),
-        "group": (str, "", "socket mode 0660 for this group (raw access to the whole disk: "
-                  "keep it empty, root only, on the appliance); empty = 0600"),
-        "export_name": (str, "savepoint", "NBD export name"),
-        "max_connections": (int, 8, "NBD connections at once; more are closed at once "
-                            "(the kernel client uses 1, nbdcopy 4)"),
-    },
-    "control": {
-        "socket": (str, "", "control socket; empty = <runtime dir>/control.sock"),
-        "group": (str, "savepoint",
-                  "socket mode 0660 for this group when it exists, else 0600; members may "
-                  "only read (status, history, watch)"),
-        "admin_group": (str, "savepoint-admin",
-                        "members may also SAVE, RESTORE, UNLOCK, LOCK, PAIR and manage fobs "
-                        "(as root and the daemon's own user always may)"),
-        "max_clients": (int, 32, "connected clients at most (a non-admin user: half of them); "
-                                 "when full the longest-idle client of the busiest user is "
-                                 "closed, else the new one refused"),
-        "max_watchers": (int, 8, "`watch` clients at most (counted in max_clients)"),
-        "idle_timeout": ((int, float), 60, "seconds a client may wait before sending a request"),
-        "watch_stall": ((int, float), 10,
-                        "seconds a `watch` client may leave its events unread before it is "
-                        "dropped"),
-    },
-    "lock": {
-        "enabled": (bool, True, "start LOCKED and re-lock when idle; false: always UNLOCKED"),
-        "relock_after": ((int, float), 300,
-                         "seconds an UNLOCK lasts, from the gesture; no command extends it; "
-                         "0 = until LOCK or a SAVE"),
-        "single_use": (bool, True, "a SAVE re-locks: every SAVE needs its own UNLOCK gesture"),
-    },
-    "save": {
-        "settle": ((int, float), 2,
-                   "seconds the host must have written nothing before a SAVE commits; "
-                   "0 = commit at once (docs/controls.md)"),
-        "max_wait": ((int, float), 60,
-                     "seconds a SAVE waits at most for a quiet host; then it commits anyway "
-                     "and its history record says the host was busy (at most 600)"),
-    },
-    "restore": {
-        "policy": ((str, list), "never", "never, on_boot, on_host_disconnect, schedule, or a list"),
-        "at": (str, "03:00", "local time of day for the `schedule` policy, HH:MM"),
-    },
-    "log": {
-        "level": (str, "info", "debug, info, warning or error"),
-    },
+@dataclass(frozen=True)
+class StoreSettings(Settings):
+    path: str = setting("", "backing file or block device holding the store (required)")
+    create: bool = setting(False, "create the store at start-up when `path` holds none")
+    size: str | int = setting("", "disk size for `create`, e.g. \"8G\" (files only)")
+    unit: str | int = setting("4K", "unit size for `create`: a power of two, 4K to 1M")
+    allow_overcommit: bool = setting(False, "let `create` make a store file that can outgrow "
+                                     "the free space of its file system (it is sparse)")
+    background: bool = setting(True, "run the map normaliser while the disk is idle")
+    map_cache: str | int = setting("32M", "RAM for the unit map, whatever the disk size (at "
+                                   "least 64K): clean map pages beyond it are dropped, least "
+                                   "recently used first (docs/config.md: how to choose)")
+
+
+@dataclass(frozen=True)
+class NbdSettings(Settings):
+    socket: str = setting("", "NBD Unix socket; empty = <runtime dir>/nbd.sock")
+    tcp: str = setting("", "also listen on HOST:PORT (loopback unless allow_remote)")
+    allow_remote: bool = setting(False, "allow a non-loopback TCP address (no TLS: no auth)")
+    group: str = setting("", "socket mode 0660 for this group (raw access to the whole disk: "
+                         "keep it empty, root only, on the appliance); empty = 0600")
+    export_name: str = setting("savepoint", "NBD export name")
+    max_connections: int = setting(8, "NBD connections at once; more are closed at once "
+                                   "(the kernel client uses 1, nbdcopy 4)")
+
+
+@dataclass(frozen=True)
+class ControlSettings(Settings):
+    socket: str = setting("", "control socket; empty = <runtime dir>/control.sock")
+    group: str = setting("savepoint", "socket mode 0660 for this group when it exists, else "
+                         "0600; members may only read (status, history, watch)")
+    admin_group: str = setting("savepoint-admin", "members may also SAVE, RESTORE, UNLOCK, "
+                               "LOCK, PAIR and manage fobs (as root and the daemon's own user "
+                               "always may)")
+    max_clients: int = setting(32, "connected clients at most (a non-admin user: half of "
+                               "them); when full the longest-idle client of the busiest user "
+                               "is closed, else the new one refused")
+    max_watchers: int = setting(8, "`watch` clients at most (counted in max_clients)")
+    idle_timeout: float = setting(60, "seconds a client may wait before sending a request")
+    watch_stall: float = setting(10, "seconds a `watch` client may leave its events unread "
+                                 "before it is dropped")
+
+
+@dataclass(frozen=True)
+class LockSettings(Settings):
+    enabled: bool = setting(True, "start LOCKED and re-lock when idle; false: always UNLOCKED")
+    relock_after: float = setting(300, "seconds an UNLOCK lasts, from the gesture; no command "
+                                  "extends it; 0 = until LOCK or a SAVE")
+    single_use: bool = setting(True, "a SAVE re-locks: every SAVE needs its own UNLOCK gesture")
+
+
+@dataclass(frozen=True)
+class SaveSettings(Settings):
+    settle: float = setting(2, "seconds the host must have written nothing before a SAVE "
+                            "commits; 0 = commit at once (docs/controls.md)")
+    max_wait: float = setting(60, "seconds a SAVE waits at most for a quiet host; then it "
+                              "commits anyway and its history record says the host was busy "
+                              "(at most 600)")
+
+
+@dataclass(frozen=True)
+class RestoreSettings(Settings):
+    policy: str | list[str] = setting("never", "never, on_boot, on_host_disconnect, schedule, "
+                                      "or a list")
+    at: str = setting("03:00", "local time of day for the `schedule` policy, HH:MM")
+
+
+@dataclass(frozen=True)
+class LogSettings(Settings):
+    level: str = setting("info", "debug, info, warning or error")
+
+
+CORE_SECTIONS: dict[str, type[Settings]] = {
+    "store": StoreSettings, "nbd": NbdSettings, "control": ControlSettings,
+    "lock": LockSettings, "save": SaveSettings, "restore": RestoreSettings, "log": LogSettings,
 }
 
 # Optional parts: each declares its section in its PartSpec (appliance/parts.py).
@@ -120,52 +137,58 @@ PARTS = all_parts()
 PART_ENABLED_DOC = "start this part"
 
 
-def part_schema(section: str) -> Schema | None:
-    """The part's own schema, or None when its module is not installed/importable."""
+def part_settings(section: str) -> type[Settings] | None:
+    """The part's settings class, or None when its module is not installed/importable."""
     spec = _spec_of(section)
-    return dict(spec.config) if spec is not None else None
+    return spec.config_type if spec is not None else None
 
 
-def _spec_of(section: str) -> PartSpec | None:
+def _spec_of(section: str) -> PartSpec[Any] | None:
     try:
         return load_spec(section)
     except Exception:  # a broken or missing part must not stop the daemon; start reports it
         return None
 
 
-def _check_type(where: str, value: Any, types: type | tuple[type, ...]) -> None:
-    types = types if isinstance(types, tuple) else (types,)
+def _check_type(where: str, value: Any, types: tuple[type, ...]) -> None:
     if float in types and int not in types:
-        types = (*types, int)
+        i = types.index(float)
+        types = (*types[:i], int, *types[i:])  # a float takes an int: "an integer or a number"
     if isinstance(value, bool) and bool not in types:
         ok = False
     else:
-        ok = isinstance(value, types)
+        ok = object in types or isinstance(value, types)
     if not ok:
-        names = " or ".join(_type_name(t) for t in types)
-        raise ConfigError(f"{where}: expected {names}, got {_type_name(type(value))} {value!r}")
+        names = " or ".join(type_name(t) for t in types)
+        raise ConfigError(f"{where}: expected {names}, got {type_name(type(value))} {value!r}")
 
 
-def _type_name(t: type) -> str:
+def type_name(t: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
             list: "a list", dict: "a table"}.get(t, t.__name__)
 
 
-def _fill(section: str, given: dict[str, Any], schema: Schema, extra: tuple[str, ...] = ()) -> dict:
+def _build(section: str, given: Any, cls: type[S], extra: tuple[str, ...] = ()) -> S:
+    """The one loader: a section's table checked against its settings class (unknown keys,
+    types), the defaults filled in by the dataclass itself."""
     if not isinstance(given, dict):
         raise ConfigError(f"[{section}] must be a table, got {given!r}")
-    out: dict[str, Any] = {}
+    kinds = accepted_types(cls)
+    body: dict[str, Any] = {}
     for key, value in given.items():
         if key in extra:
             continue
-        if key not in schema:
-            known = ", ".join(sorted([*schema, *extra]))
+        if key not in kinds:
+            known = ", ".join(sorted([*kinds, *extra]))
             raise ConfigError(f"[{section}] unknown key {key!r} (known keys: {known})")
-        _check_type(f"[{section}] {key}", value, schema[key][0])
-        out[key] = value
-    for key, (_, default, _) in schema.items():
-        out.setdefault(key, default)
-    return out
+        _check_type(f"[{section}] {key}", value, kinds[key])
+        body[key] = value
+    return cls(**body)
+
+
+def part_config(spec: PartSpec[S], table: dict[str, Any]) -> S:
+    """A part's validated section (a table, without `enabled`) as its settings instance."""
+    return _build(spec.name, table, spec.config_type)
 
 
 def _check_store(store: dict[str, Any]) -> None:
@@ -233,15 +256,17 @@ def _check_policy(given: Any) -> dict[str, dict[str, str]]:
 
 
 def validate(raw: dict[str, Any],
-             schema_for: Callable[[str], Schema | None] = part_schema) -> dict[str, Any]:
-    """Check a parsed TOML document and return it with every default filled in."""
-    known = [*CORE_SCHEMA, *PARTS, "policy"]
+             settings_for: Callable[[str], type[Settings] | None] = part_settings
+             ) -> dict[str, Any]:
+    """Check a parsed TOML document and return it with every default filled in: each
+    section a plain table (`Settings.as_dict()`), the parts' under "parts"."""
+    known = [*CORE_SECTIONS, *PARTS, "policy"]
     for section in raw:
         if section not in known:
             raise ConfigError(f"unknown section [{section}] (known: {', '.join(known)})")
     cfg: dict[str, Any] = {}
-    for section, schema in CORE_SCHEMA.items():
-        cfg[section] = _fill(section, raw.get(section, {}), schema)
+    for section, cls in CORE_SECTIONS.items():
+        cfg[section] = _build(section, raw.get(section, {}), cls).as_dict()
     _check_store(cfg["store"])
     _check_restore(cfg["restore"])
     if cfg["log"]["level"] not in ("debug", "info", "warning", "error"):
@@ -270,22 +295,23 @@ def validate(raw: dict[str, Any],
     cfg["policy"] = _check_policy(raw.get("policy"))
     cfg["parts"] = {}
     for section in PARTS:
-        cfg["parts"][section] = _part_section(section, raw.get(section, {}), schema_for)
+        cfg["parts"][section] = _part_section(section, raw.get(section, {}), settings_for)
     return cfg
 
 
-def _part_section(section: str, given: Any, schema_for: Callable[[str], Schema | None]) -> dict:
+def _part_section(section: str, given: Any,
+                  settings_for: Callable[[str], type[Settings] | None]) -> dict[str, Any]:
     if not isinstance(given, dict):
         raise ConfigError(f"[{section}] must be a table, got {given!r}")
     enabled = given.get("enabled", False)
-    _check_type(f"[{section}] enabled", enabled, bool)
+    _check_type(f"[{section}] enabled", enabled, (bool,))
     if not given:
         return {"enabled": False}
-    schema = schema_for(section)
-    if schema is None:  # module missing: keep the keys; starting the part reports why
+    cls = settings_for(section)
+    if cls is None:  # module missing: keep the keys; starting the part reports why
         body = {k: v for k, v in given.items() if k != "enabled"}
     else:
-        body = _fill(section, given, schema, extra=("enabled",))
+        body = _build(section, given, cls, extra=("enabled",)).as_dict()
         for key, value in body.items():
             if key.endswith("_pin") or key.endswith("_pins"):
                 _check_pins(section, key, value)
@@ -383,60 +409,10 @@ def serve_config(target: str, size: int | None, unit: int, socket: str | None,
     if size is not None:
         raw["store"]["size"] = size
     parts = set(extra or {}) & set(PARTS)  # import only the parts the file names
-    return validate(raw, schema_for=lambda s: part_schema(s) if s in parts else {})
-
-
-# -- docs/config.md: the key tables are generated from the schemas, so they cannot drift --
-DOCS_BEGIN = "<!-- BEGIN generated by `python -m appliance.config --docs`; do not edit -->"
-DOCS_END = "<!-- END generated -->"
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '""' if value == "" else f'"{value}"'
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
-def markdown_tables() -> str:
-    """Every section and key with type, default and meaning, as Markdown."""
-    out = []
-    sections: dict[str, Schema] = dict(CORE_SCHEMA)
-    for name in PARTS:
-        schema = part_schema(name) or {}
-        sections[name] = {"enabled": (bool, False, PART_ENABLED_DOC), **schema}
-    for section, schema in sections.items():
-        out += [f"## [{section}]", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        for key, (types, default, doc) in schema.items():
-            kinds = types if isinstance(types, tuple) else (types,)
-            kinds = tuple(t for t in kinds if not (t is int and float in kinds))
-            kind = " or ".join(_type_name(t).removeprefix("a ").removeprefix("an ")
-                               for t in kinds)
-            out.append(f"| `{key}` | {kind} | `{_toml(default)}` | {doc.replace('|', '/')} |")
-        out.append("")
-    out += ["## [policy]", "", "Rules: `always`, `unlocked` (only while UNLOCKED), `never`.", "",
-            "| class | " + " | ".join(ACTIONS) + " |", "|---" * (len(ACTIONS) + 1) + "|"]
-    for cls, rules in default_policy().items():
-        out.append(f"| `{cls}` | " + " | ".join(rules[a] for a in ACTIONS) + " |")
-    return "\n".join([DOCS_BEGIN, "", *out, "", DOCS_END])
-
-
-def write_docs(path: str) -> None:
-    with open(path) as f:
-        text = f.read()
-    head, _, rest = text.partition(DOCS_BEGIN)
-    _, _, tail = rest.partition(DOCS_END)
-    with open(path, "w") as f:
-        f.write(head + markdown_tables() + tail)
+    return validate(raw, settings_for=lambda s: part_settings(s) if s in parts else NoSettings)
 
 
 if __name__ == "__main__":
-    import sys
+    from appliance.config_docs import main
 
-    if sys.argv[1:] == ["--docs"]:
-        write_docs(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md"))
-    else:
-        print(markdown_tables())
+    main()

@@ -26,6 +26,7 @@ from appliance.config import (
     default_control_path,
     default_nbd_path,
     parse_hostport,
+    part_config,
     runtime_dir,
 )
 from appliance.control.bus import CommandBus
@@ -309,7 +310,7 @@ class Daemon:
                               "install the full savepoint package")
             return
         try:
-            part = spec.make(pcfg, PartContext(self.bus, self.nbd_socket))
+            part = spec.make(part_config(spec, pcfg), PartContext(self.bus, self.nbd_socket))
             await part.start()
         except PartUnavailable as e:
             self._part_failed(name, e.reason, e.hint)

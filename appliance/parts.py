@@ -4,9 +4,10 @@ A part is what the daemon starts after the store, the NBD server and the control
 stops before them: the USB gadget, the host serial channel, the enclosure button and LED, the
 BLE fob, BTHome buttons, MQTT. Each declares itself once, as `SPEC = PartSpec(...)` in its own
 module, and is listed in `PARTS` below (or, from another package, under the entry point group
-"savepoint.parts"). The config takes a `[name]` section validated by the spec's schema (plus
-`enabled`); the daemon calls `spec.make(section, context)`, then `start()`, and at the end
-`stop()`. It never names a part: whatever a part needs comes from its `PartContext`.
+"savepoint.parts"). The config takes a `[name]` section validated by the spec's settings
+dataclass (appliance/settings.py; plus `enabled`); the daemon calls `spec.make(section,
+context)`, then `start()`, and at the end `stop()`. It never names a part: whatever a part
+needs comes from its `PartContext`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import importlib
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from appliance.control.commands import CommandSink, Part
+from appliance.settings import Settings
 
-Schema = dict[str, tuple[type | tuple[type, ...], object, str]]
+S = TypeVar("S", bound=Settings)
 
 # name (config section, status row) -> "module:attribute" of its spec, in start order
 PARTS: dict[str, str] = {
@@ -44,12 +46,15 @@ class PartContext:
 
 
 @dataclass(frozen=True)
-class PartSpec:
-    """A part, declared: its config section's schema, how to make it, what it adds."""
+class PartSpec(Generic[S]):
+    """A part, declared: its config section's settings class, how to make it, what it adds."""
 
     name: str
-    config: Schema  # key -> (types, default, meaning); docs/config.md is generated from it
-    make: Callable[[dict[str, Any], PartContext], Part]
+    # the [name] section: a Settings dataclass; docs/config.md is generated from its fields
+    config_type: type[S]
+    # gets the validated section as a config_type instance (a part that still works on a
+    # table converts at this boundary: `lambda s, ctx: Part(s.as_dict(), ...)`)
+    make: Callable[[S, PartContext], Part]
     validate: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError: bad section
     # True: while the part is up, the bus calls its before_save/around_restore (StoreHooks)
     store_hooks: bool = False
@@ -63,7 +68,7 @@ def all_parts() -> dict[str, str]:
     return found
 
 
-def load_spec(name: str) -> PartSpec:
+def load_spec(name: str) -> PartSpec[Any]:
     """Import the part's module and return its spec; ImportError/AttributeError when the part
     is not installed or its module is broken (the caller reports it, nothing else stops)."""
     module, _, attr = all_parts()[name].partition(":")

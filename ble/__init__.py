@@ -2,11 +2,11 @@
 
 from typing import Any
 
-__all__ = ["BlePart", "CONFIG_SCHEMA", "validate_config"]
+__all__ = ["BlePart", "BleSettings", "validate_config"]
 
 
 def __getattr__(name: str) -> Any:
-    """BlePart and CONFIG_SCHEMA load ble.part (cryptography, the GATT objects) on first use,
+    """BlePart and BleSettings load ble.part (cryptography, the GATT objects) on first use,
     so `savepoint-fob` and the lab's controller processes start without the appliance side."""
     if name in __all__:
         from ble import part

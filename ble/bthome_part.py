@@ -16,31 +16,36 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
 from appliance.parts import PartSpec
+from appliance.settings import Settings, setting
 from ble.bthome_frame import SERVICE_UUID, UUID16
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
-CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
-    "adapter": (str, "hci0", "Bluetooth adapter that listens for the buttons"),
-    "registry": (str, "/var/lib/savepoint/buttons.json",
-                 "enrolled buttons, their keys and counters (mode 0600)"),
-    "gestures": (dict, dict(DEFAULT_GESTURES),
-                 "button event -> save, restore, lock, status, unlock or none, over these "
-                 'defaults; a key may name one button of a remote: "button_2:press"'),
-    "allow_unlock": (bool, False, "let a gesture UNLOCK: anyone holding an enrolled button can "
-                     "then SAVE over the disk (docs/buttons.md)"),
-    "battery_low": (int, 20, "battery percent below which a button raises a warning"),
-    "absent_after": ((int, float), 1209600, "seconds without an advert before a button raises "
-                     "a not-seen warning (14 days); 0 = never"),
-    "scan": (str, "passive", "passive (advertisement monitor; falls back to active when BlueZ "
-             "has none) or active"),
-}
+
+@dataclass(frozen=True)
+class BTHomeSettings(Settings):
+    """The [bthome] section: BTHome buttons, their registry and what their gestures do."""
+
+    adapter: str = setting("hci0", "Bluetooth adapter that listens for the buttons")
+    registry: str = setting("/var/lib/savepoint/buttons.json", "enrolled buttons, their keys and "
+                                                               "counters (mode 0600)")
+    gestures: dict[str, str] = setting(
+        dict(DEFAULT_GESTURES), "button event -> save, restore, lock, status, unlock or none, "
+        'over these defaults; a key may name one button of a remote: "button_2:press"')
+    allow_unlock: bool = setting(False, "let a gesture UNLOCK: anyone holding an enrolled button "
+                                        "can then SAVE over the disk (docs/buttons.md)")
+    battery_low: int = setting(20, "battery percent below which a button raises a warning")
+    absent_after: float = setting(1209600, "seconds without an advert before a button raises a "
+                                           "not-seen warning (14 days); 0 = never")
+    scan: str = setting("passive", "passive (advertisement monitor; falls back to active when "
+                                   "BlueZ has none) or active")
 CHECK_EVERY = 60.0  # seconds between not-seen checks
 
 
@@ -114,9 +119,9 @@ async def power_on(adapter: str) -> None:
 class BTHomePart:
     name = "bthome"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink, *,
+    def __init__(self, cfg: BTHomeSettings | dict[str, Any], bus: CommandSink, *,
                  scan: ScanStarter = bleak_scan, wall: Callable[[], float] = time.time) -> None:
-        self.cfg = {k: cfg.get(k, default) for k, (_t, default, _d) in CONFIG_SCHEMA.items()}
+        self.cfg = BTHomeSettings.of(cfg)
         self.bus, self.scan, self.wall = bus, scan, wall
         self.listener: ButtonListener | None = None
         self.scan_mode = "off"
@@ -128,17 +133,18 @@ class BTHomePart:
 
     async def start(self) -> None:
         try:
-            validate_config(self.cfg)
-            mapping = gestures(self.cfg)
+            table = self.cfg.as_dict()
+            validate_config(table)
+            mapping = gestures(table)
         except ValueError as e:
             raise PartUnavailable(f"[bthome] {e}", "fix [bthome] in the config") from e
         try:
-            registry = ButtonRegistry(self.cfg["registry"])
+            registry = ButtonRegistry(self.cfg.registry)
         except (OSError, RegistryError) as e:
             raise PartUnavailable(f"cannot open the button registry: {e}",
                                   "check [bthome] registry and its folder's permissions") from e
         self.listener = ButtonListener(registry, self.bus, mapping,
-                                       battery_low=int(self.cfg["battery_low"]), wall=self.wall)
+                                       battery_low=int(self.cfg.battery_low), wall=self.wall)
         await self._start_scan()
         self._allow_unlock()
         register = getattr(self.bus, "register_handler", None)
@@ -189,13 +195,13 @@ class BTHomePart:
     def _allow_unlock(self) -> None:
         """allow_unlock is the one switch: it opens the policy cell the bus checks."""
         policy = getattr(self.bus, "policy", None)
-        if self.cfg["allow_unlock"] and isinstance(policy, dict) and "bthome" in policy:
+        if self.cfg.allow_unlock and isinstance(policy, dict) and "bthome" in policy:
             policy["bthome"]["unlock"] = "always"
             log.warning("[bthome] allow_unlock: an enrolled button may UNLOCK the appliance")
 
     async def _start_scan(self) -> None:
         assert self.listener is not None
-        adapter, wanted = str(self.cfg["adapter"]), str(self.cfg["scan"])
+        adapter, wanted = str(self.cfg.adapter), str(self.cfg.scan)
         for mode in ("passive", "active") if wanted == "passive" else ("active",):
             try:
                 self._stop_scan = await self.scan(adapter, mode, self.listener.on_advert)
@@ -239,7 +245,7 @@ class BTHomePart:
     async def _tick(self) -> None:
         assert self.listener is not None
         while True:
-            self.listener.check_absent(float(self.cfg["absent_after"]))
+            self.listener.check_absent(float(self.cfg.absent_after))
             await asyncio.sleep(CHECK_EVERY)
 
     # --- status and the `buttons` part command ---------------------------------------------
@@ -274,5 +280,5 @@ class BTHomePart:
         return {"button": info, "op": op}
 
 
-SPEC = PartSpec("bthome", CONFIG_SCHEMA, lambda cfg, ctx: BTHomePart(cfg, ctx.bus),
+SPEC = PartSpec("bthome", BTHomeSettings, lambda s, ctx: BTHomePart(s, ctx.bus),
                 validate=validate_config)

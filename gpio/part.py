@@ -197,5 +197,5 @@ class GpioPart:
         self.led.play(choose(self.view, self.cue, showing, self.led_timings))
 
 
-SPEC = PartSpec("gpio", settings.CONFIG_SCHEMA, lambda cfg, ctx: GpioPart(cfg, ctx.bus),
+SPEC = PartSpec("gpio", settings.GpioSettings, lambda s, ctx: GpioPart(s.as_dict(), ctx.bus),
                 validate=settings.validate_config)

@@ -6,48 +6,53 @@ Pins are BCM numbers (17) or gpiozero pin names ("GPIO17", "BOARD11"); "" = not 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, fields
 from typing import Any
 
+from appliance.settings import Settings, setting
 from gpio.gestures import Timings
 from gpio.led import LedTimings
 
-Pin = (int, str)
-_NUM = (int, float)
 
-CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
-    "button_pin": (Pin, 17, "the enclosure button (BCM number or name); \"\" = none"),
-    "save_pin": (Pin, "", "optional dedicated SAVE key"),
-    "restore_pin": (Pin, "", "optional dedicated RESTORE key"),
-    "unlock_pin": (Pin, "", "optional dedicated UNLOCK key"),
-    "key_switch_pin": (Pin, "", "optional key switch read as the lock state: closed = UNLOCKED"),
-    "active_high": (bool, False, "inputs close to 3.3 V (pull-down); default: to ground"),
-    "led_pin": (Pin, 27, "status LED (through a resistor to ground); \"\" = none"),
-    "led_pwm": (bool, True, "drive the LEDs with PWM (gpiozero PWMLED)"),
-    "led2_pin": (Pin, "", "optional second (red) LED for warnings, refusals and faults"),
-    "rgb_pins": (list, [], "optional RGB LED as [red, green, blue]; replaces led_pin"),
-    "debounce": (_NUM, 0.03, "seconds a contact must be stable to count"),
-    "save_hold": (_NUM, 2.0, "hold this long, then release: SAVE"),
-    "restore_warn": (_NUM, 3.0, "from here the LED warns; releasing cancels"),
-    "restore_hold": (_NUM, 5.0, "hold this long, then release: RESTORE"),
-    "pair_hold": (_NUM, 10.0, "hold this long: the fob pairing window opens at once"),
-    "double_gap": (_NUM, 0.5, "max seconds between a short press and the next press (UNLOCK)"),
-    "unlock_hold": (_NUM, 2.0, "hold the second press of a double-press this long: UNLOCK"),
-    "key_hold": (_NUM, 1.0, "hold a dedicated key this long to fire it"),
-    "led_slow": (_NUM, 1.0, "half-period of the slow blink (unsaved work)"),
-    "led_fast": (_NUM, 0.1, "half-period of the fast blink; quick blinks and SOS dots"),
-    "led_no_host": (_NUM, 5.0, "no host: a short blink every this many seconds; 0 = dark"),
-    "status_show": (_NUM, 5.0, "seconds a short press shows the status"),
-}
+@dataclass(frozen=True)
+class GpioSettings(Settings):
+    """The [gpio] section: pins and timings."""
 
+    button_pin: int | str = setting(17, "the enclosure button (BCM number or name); \"\" = none")
+    save_pin: int | str = setting("", "optional dedicated SAVE key")
+    restore_pin: int | str = setting("", "optional dedicated RESTORE key")
+    unlock_pin: int | str = setting("", "optional dedicated UNLOCK key")
+    key_switch_pin: int | str = setting("", "optional key switch read as the lock state: closed = "
+                                            "UNLOCKED")
+    active_high: bool = setting(False, "inputs close to 3.3 V (pull-down); default: to ground")
+    led_pin: int | str = setting(27, "status LED (through a resistor to ground); \"\" = none")
+    led_pwm: bool = setting(True, "drive the LEDs with PWM (gpiozero PWMLED)")
+    led2_pin: int | str = setting("", "optional second (red) LED for warnings, refusals and "
+                                      "faults")
+    rgb_pins: list[Any] = setting([], "optional RGB LED as [red, green, blue]; replaces led_pin")
+    debounce: float = setting(0.03, "seconds a contact must be stable to count")
+    save_hold: float = setting(2.0, "hold this long, then release: SAVE")
+    restore_warn: float = setting(3.0, "from here the LED warns; releasing cancels")
+    restore_hold: float = setting(5.0, "hold this long, then release: RESTORE")
+    pair_hold: float = setting(10.0, "hold this long: the fob pairing window opens at once")
+    double_gap: float = setting(0.5, "max seconds between a short press and the next press "
+                                     "(UNLOCK)")
+    unlock_hold: float = setting(2.0, "hold the second press of a double-press this long: UNLOCK")
+    key_hold: float = setting(1.0, "hold a dedicated key this long to fire it")
+    led_slow: float = setting(1.0, "half-period of the slow blink (unsaved work)")
+    led_fast: float = setting(0.1, "half-period of the fast blink; quick blinks and SOS dots")
+    led_no_host: float = setting(5.0, "no host: a short blink every this many seconds; 0 = dark")
+    status_show: float = setting(5.0, "seconds a short press shows the status")
+
+
+SECONDS = tuple(f.name for f in fields(GpioSettings) if f.type == "float")
 PIN_KEYS = ("button_pin", "save_pin", "restore_pin", "unlock_pin", "key_switch_pin",
             "led_pin", "led2_pin")
 _PIN_NAME = re.compile(r"^(GPIO\d{1,2}|BCM\d{1,2}|BOARD\d{1,2}|J8:\d{1,2}|WPI\d{1,2})$", re.I)
 
 
 def with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    out = {key: default for key, (_, default, _) in CONFIG_SCHEMA.items()}
-    out.update(cfg)
-    return out
+    return GpioSettings.merged(cfg)
 
 
 def _check_pin(key: str, value: Any) -> None:
@@ -79,8 +84,8 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if dupes:
         raise ValueError(f"pin {', '.join(sorted(dupes))} is used twice; give each input "
                          "and LED its own pin")
-    for key in CONFIG_SCHEMA:
-        if CONFIG_SCHEMA[key][0] is _NUM and cfg[key] < 0:
+    for key in SECONDS:
+        if cfg[key] < 0:
             raise ValueError(f"{key}: {cfg[key]} is negative; give seconds (0 or more)")
     timings(cfg).check()
     t = led_timings(cfg)

@@ -367,5 +367,5 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-SPEC = PartSpec("mqtt", settings.CONFIG_SCHEMA, lambda cfg, ctx: MqttPart(cfg, ctx.bus),
+SPEC = PartSpec("mqtt", settings.MqttSettings, lambda s, ctx: MqttPart(s.as_dict(), ctx.bus),
                 validate=settings.validate_config)

@@ -1,4 +1,4 @@
-"""The `[mqtt]` section: its schema, its checks, the secrets file and the TLS context.
+"""The `[mqtt]` section: its settings dataclass, its checks, the secrets file and the TLS context.
 
 The broker is `mqtts://HOST[:PORT]` (TLS, port 8883 by default); plain `mqtt://` is only
 accepted for a loopback broker, since the password and every command would cross the
@@ -19,33 +19,40 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
-    "broker": (str, "", "mqtts://HOST[:PORT] (TLS); mqtt:// only for a loopback broker"),
-    "ca_file": (str, "", "CA certificate(s) the broker's certificate must chain to; "
-                "empty = the system's CAs"),
-    "client_cert": (str, "", "client certificate (PEM) for brokers that want one"),
-    "client_key": (str, "", "its private key (PEM); empty = in client_cert"),
-    "secrets": (str, "", "TOML file with username and password (mode 0600, owned by the "
-                "daemon's user); empty = no password"),
-    "node_id": (str, "", "this appliance's name in topics, [A-Za-z0-9_-]; empty = hostname"),
-    "name": (str, "", "the name Home Assistant shows; empty = node_id"),
-    "groups": (list, [], "group names whose command topic this appliance obeys too, "
-               'e.g. ["room-101"]'),
-    "topic_prefix": (str, "savepoint", "first level of every topic"),
-    "discovery": (bool, True, "publish Home Assistant discovery; false clears what an "
-                  "earlier run published"),
-    "discovery_prefix": (str, "homeassistant", "Home Assistant's discovery prefix"),
-    "status_interval": ((int, float), 1.0, "least seconds between two status messages "
-                        "(changes in between go out together)"),
-    "poll_interval": ((int, float), 5.0, "seconds between checks for changes no event "
-                      "announces (unsaved data growing)"),
-    "max_payload": (int, 4096, "bytes a command may have; longer ones get an error reply"),
-    "rate": ((int, float), 2.0, "commands per second accepted on average"),
-    "burst": (int, 10, "commands accepted at once before `rate` applies"),
-    "keepalive": (int, 30, "seconds between MQTT keepalive pings"),
-    "reconnect_max": ((int, float), 60.0, "longest wait between reconnection attempts "
-                      "(the wait doubles from 1 s)"),
-}
+from appliance.settings import Settings, setting
+
+
+@dataclass(frozen=True)
+class MqttSettings(Settings):
+    """The [mqtt] section: the broker, its credentials, topics and limits."""
+
+    broker: str = setting("", "mqtts://HOST[:PORT] (TLS); mqtt:// only for a loopback broker")
+    ca_file: str = setting("", "CA certificate(s) the broker's certificate must chain to; empty = "
+                               "the system's CAs")
+    client_cert: str = setting("", "client certificate (PEM) for brokers that want one")
+    client_key: str = setting("", "its private key (PEM); empty = in client_cert")
+    secrets: str = setting("", "TOML file with username and password (mode 0600, owned by the "
+                               "daemon's user); empty = no password")
+    node_id: str = setting("", "this appliance's name in topics, [A-Za-z0-9_-]; empty = hostname")
+    name: str = setting("", "the name Home Assistant shows; empty = node_id")
+    groups: list[Any] = setting([], "group names whose command topic this appliance obeys too, "
+                                    "e.g. [\"room-101\"]")
+    topic_prefix: str = setting("savepoint", "first level of every topic")
+    discovery: bool = setting(True, "publish Home Assistant discovery; false clears what an "
+                                    "earlier run published")
+    discovery_prefix: str = setting("homeassistant", "Home Assistant's discovery prefix")
+    status_interval: float = setting(1.0, "least seconds between two status messages (changes in "
+                                          "between go out together)")
+    poll_interval: float = setting(5.0, "seconds between checks for changes no event announces "
+                                        "(unsaved data growing)")
+    max_payload: int = setting(4096, "bytes a command may have; longer ones get an error reply")
+    rate: float = setting(2.0, "commands per second accepted on average")
+    burst: int = setting(10, "commands accepted at once before `rate` applies")
+    keepalive: int = setting(30, "seconds between MQTT keepalive pings")
+    reconnect_max: float = setting(60.0, "longest wait between reconnection attempts (the wait "
+                                         "doubles from 1 s)")
+
+
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(/[A-Za-z0-9_-]{1,32}){0,3}")
 
@@ -58,7 +65,7 @@ class Broker:
 
 
 def with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: cfg.get(k, default) for k, (_t, default, _d) in CONFIG_SCHEMA.items()}
+    return MqttSettings.merged(cfg)
 
 
 def validate_config(cfg: dict[str, Any]) -> None:

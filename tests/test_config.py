@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from appliance.config import (
-    CORE_SCHEMA,
+    CORE_SECTIONS,
     PARTS,
     ConfigError,
     load,
-    markdown_tables,
     parse_size,
-    part_schema,
+    part_settings,
     serve_config,
     validate,
 )
+from appliance.config_docs import markdown_tables
+from appliance.settings import NoSettings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 
@@ -108,13 +109,13 @@ def test_docs_list_every_key_with_its_default():
     generated = markdown_tables()
     assert generated in text, ("docs/config.md is out of date with the config schemas: "
                                "run `python -m appliance.config --docs`")
-    for section, schema in CORE_SCHEMA.items():
+    for section, cls in CORE_SECTIONS.items():
         body = re.search(rf"^## \[{section}\]\n(.*?)(?=^## |\Z)", generated, re.M | re.S)
         assert body, section
-        for key in schema:
+        for key in cls.defaults():
             assert re.search(rf"^\| `{key}` \| .* \| `", body.group(1), re.M), (section, key)
     for name in PARTS:
-        for key in part_schema(name) or {}:
+        for key in (part_settings(name) or NoSettings).defaults():
             assert f"| `{key}` |" in generated, (name, key)
 
 
@@ -166,3 +167,38 @@ def test_channel_bounds_are_checked(raw, message):
     with pytest.raises(ConfigError) as e:
         validate(raw)
     assert message in str(e.value)
+
+
+def test_every_key_has_a_toml_type_and_a_meaning() -> None:
+    """The settings dataclasses are the schema: a key without a doc or with a type TOML cannot
+    give would reach docs/config.md (or the loader) broken."""
+    from dataclasses import fields
+
+    from appliance.settings import accepted_types, doc_of
+
+    sections = {**CORE_SECTIONS, **{p: part_settings(p) or NoSettings for p in PARTS}}
+    for name, cls in sections.items():
+        kinds = accepted_types(cls)
+        for f in fields(cls):
+            assert doc_of(f), (name, f.name)
+            assert set(kinds[f.name]) <= {str, int, float, bool, list, dict}, (name, f.name)
+
+
+def test_a_part_gets_its_own_copy_of_list_defaults() -> None:
+    a = validate({"mqtt": {"enabled": True}})["parts"]["mqtt"]
+    b = validate({"mqtt": {"enabled": True}})["parts"]["mqtt"]
+    a["groups"].append("changed")
+    assert b["groups"] == []
+
+
+def test_a_part_receives_its_section_as_its_settings_instance() -> None:
+    from appliance.config import part_config
+    from appliance.parts import load_spec
+    from appliance.usb.host_serial import SerialSettings
+
+    table = validate({"serial": {"enabled": True, "queue": 4}})["parts"]["serial"]
+    table.pop("enabled")
+    settings = part_config(load_spec("serial"), table)
+    assert settings == SerialSettings(queue=4) and settings.device == "/dev/ttyGS0"
+    with pytest.raises(ConfigError, match=r"\[serial\] queue: expected an integer"):
+        part_config(load_spec("serial"), {"queue": "4"})

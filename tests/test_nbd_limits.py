@@ -234,6 +234,7 @@ def test_cap_counts_connections_across_threads(tmp_path) -> None:
 @pytest.mark.parametrize("bad", [0, -3])
 def test_config_refuses_a_cap_below_one(bad: int) -> None:
     from appliance.config import ConfigError, validate
+    from appliance.settings import NoSettings
 
     with pytest.raises(ConfigError, match=r"\[nbd\] max_connections: .* less than 1"):
-        validate({"nbd": {"max_connections": bad}}, schema_for=lambda _s: {})
+        validate({"nbd": {"max_connections": bad}}, settings_for=lambda _s: NoSettings)

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import ast
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance import parts
-from appliance.config import part_schema, serve_config
+from appliance.config import part_settings, serve_config
 from appliance.daemon import Daemon
 from appliance.parts import PartContext, PartSpec, load_spec
+from appliance.settings import NoSettings, Settings, setting
 from tests.test_daemon_support import short_dir
 
 TOP = Path(__file__).resolve().parent.parent
 
 
-def test_every_part_is_one_spec_whose_schema_the_config_documents():
+def test_every_part_is_one_spec_whose_settings_the_config_documents():
     for name in parts.PARTS:
         spec = load_spec(name)
         assert spec.name == name
-        assert part_schema(name) == spec.config
+        assert part_settings(name) is spec.config_type
 
 
 def test_the_daemon_never_names_a_part():
@@ -37,7 +39,7 @@ class DemoPart:
     name = "demo"
     made: list[DemoPart] = []
 
-    def __init__(self, cfg: dict[str, Any], ctx: PartContext) -> None:
+    def __init__(self, cfg: DemoSettings, ctx: PartContext) -> None:
         self.cfg, self.ctx, self.events = cfg, ctx, []
         DemoPart.made.append(self)
 
@@ -54,9 +56,13 @@ class DemoPart:
         return await restore()
 
 
-DEMO = PartSpec("demo", {"colour": (str, "blue", "what the demo shows")}, DemoPart,
-                store_hooks=True)
-BROKEN = PartSpec("broken", {}, lambda cfg, ctx: 1 / 0)
+@dataclass(frozen=True)
+class DemoSettings(Settings):
+    colour: str = setting("blue", "what the demo shows")
+
+
+DEMO = PartSpec("demo", DemoSettings, DemoPart, store_hooks=True)
+BROKEN = PartSpec("broken", NoSettings, lambda cfg, ctx: 1 / 0)
 
 
 def test_a_new_part_plugs_in_by_its_spec_alone(monkeypatch):
@@ -80,7 +86,8 @@ def test_a_new_part_plugs_in_by_its_spec_alone(monkeypatch):
 
     hooks, bus, rows = asyncio.run(scenario())
     (demo,) = DemoPart.made
-    assert demo.cfg == {"colour": "red"} and demo.ctx.nbd_socket == f"{d}/nbd.sock"
+    assert demo.cfg == DemoSettings(colour="red"), "a part receives its typed settings"
+    assert demo.ctx.nbd_socket == f"{d}/nbd.sock"
     assert demo.ctx.bus is bus and hooks is demo, "a store_hooks part is the bus's hooks"
     assert demo.events == ["start", "stop"] and bus.hooks is None
     assert rows["demo"]["state"] == "up"

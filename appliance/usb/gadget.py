@@ -16,45 +16,50 @@ import logging
 import os
 import subprocess
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
 from appliance.control.host_quiet import kthread_wchar
 from appliance.parts import PartSpec
+from appliance.settings import Settings, setting
 from appliance.usb.nbd_device import NbdDevice, NbdDeviceError
 from appliance.usb.udc_watch import UdcWatch
 
 log = logging.getLogger("savepoint.gadget")
 
-CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
-    "udc": (str, "", "USB device controller under /sys/class/udc; empty = the first one"),
-    "name": (str, "savepoint", "gadget directory name under <configfs>/usb_gadget"),
-    "nbd_device": (str, "/dev/nbd0", "kernel NBD device attached to the daemon's socket"),
-    "vendor_id": (int, 0x1D6B, "USB idVendor (default: Linux Foundation)"),
-    "product_id": (int, 0x0104, "USB idProduct (default: multifunction composite gadget)"),
-    "manufacturer": (str, "Savepoint", "USB manufacturer string"),
-    "product": (str, "Savepoint disk", "USB product string"),
-    "serial": (str, "SAVEPOINT0001", "USB serial number (savepoint-host finds the port by it)"),
-    "inquiry_vendor": (str, "Savepnt", "SCSI INQUIRY vendor, up to 8 characters"),
-    "inquiry_product": (str, "Savepoint disk", "SCSI INQUIRY product, up to 16 characters"),
-    "inquiry_revision": (str, "0100", "SCSI INQUIRY revision, up to 4 characters"),
-    "thaw_file": (str, "", "unprotected LUN 1 backing file (survives RESTORE); empty = none"),
-    "thaw_size": ((str, int), "", "create thaw_file with this size if missing, e.g. \"256M\""),
-    "acm": (bool, True, "add the CDC-ACM serial function (host command channel)"),
-    "configfs": (str, "/sys/kernel/config", "configfs mount point"),
-    "sysfs": (str, "/sys", "sysfs mount point"),
-    "poll_interval": ((int, float), 2.0, "seconds between re-reads of the UDC state"),
-}
+
+@dataclass(frozen=True)
+class GadgetSettings(Settings):
+    """The [gadget] section: the USB composite gadget (mass storage, optional serial)."""
+
+    udc: str = setting("", "USB device controller under /sys/class/udc; empty = the first one")
+    name: str = setting("savepoint", "gadget directory name under <configfs>/usb_gadget")
+    nbd_device: str = setting("/dev/nbd0", "kernel NBD device attached to the daemon's socket")
+    vendor_id: int = setting(0x1D6B, "USB idVendor (default: Linux Foundation)")
+    product_id: int = setting(0x0104, "USB idProduct (default: multifunction composite gadget)")
+    manufacturer: str = setting("Savepoint", "USB manufacturer string")
+    product: str = setting("Savepoint disk", "USB product string")
+    serial: str = setting("SAVEPOINT0001", "USB serial number (savepoint-host finds the port by "
+                                           "it)")
+    inquiry_vendor: str = setting("Savepnt", "SCSI INQUIRY vendor, up to 8 characters")
+    inquiry_product: str = setting("Savepoint disk", "SCSI INQUIRY product, up to 16 characters")
+    inquiry_revision: str = setting("0100", "SCSI INQUIRY revision, up to 4 characters")
+    thaw_file: str = setting("", "unprotected LUN 1 backing file (survives RESTORE); empty = none")
+    thaw_size: str | int = setting("", "create thaw_file with this size if missing, e.g. \"256M\"")
+    acm: bool = setting(True, "add the CDC-ACM serial function (host command channel)")
+    configfs: str = setting("/sys/kernel/config", "configfs mount point")
+    sysfs: str = setting("/sys", "sysfs mount point")
+    poll_interval: float = setting(2.0, "seconds between re-reads of the UDC state")
+
 
 MS = "mass_storage.usb0"
 ACM = "acm.usb0"
 
 
 def defaults(**overrides: Any) -> dict[str, Any]:
-    cfg = {key: default for key, (_, default, _) in CONFIG_SCHEMA.items()}
-    cfg.update(overrides)
-    return cfg
+    return GadgetSettings.merged(overrides)
 
 
 def inquiry_string(cfg: dict[str, Any]) -> str:
@@ -371,5 +376,6 @@ class GadgetPart:
         return result
 
 
-SPEC = PartSpec("gadget", CONFIG_SCHEMA,
-                lambda cfg, ctx: GadgetPart(cfg, ctx.bus, ctx.nbd_socket), store_hooks=True)
+SPEC = PartSpec("gadget", GadgetSettings,  # the part works on a table: converted here
+                lambda s, ctx: GadgetPart(s.as_dict(), ctx.bus, ctx.nbd_socket),
+                store_hooks=True)

@@ -24,22 +24,28 @@ import logging
 import os
 import termios
 import tty
+from dataclasses import dataclass
 from typing import Any
 
 from appliance.control.commands import CommandSink, PartUnavailable
 from appliance.control.socket import MAX_LINE, dispatch
 from appliance.parts import PartSpec, TaskSet
+from appliance.settings import Settings, setting
 
 log = logging.getLogger("savepoint.serial")
 
-CONFIG_SCHEMA: dict[str, tuple[type | tuple[type, ...], object, str]] = {
-    "device": (str, "/dev/ttyGS0", "gadget-side tty of the CDC-ACM function ([gadget] acm)"),
-    "source": (str, "host", "command source name the policy table sees: host or host:<name>"),
-    "reopen_after": ((int, float), 0.5, "seconds before reopening the tty after a hang-up"),
-    "queue": (int, 16, "request lines that may wait; while full the tty is not read"),
-    "output_buffer": (int, 65536, "bytes of unread replies kept; later replies are dropped"),
-    "restart_after": ((int, float), 1.0, "seconds before the serving task restarts after a crash"),
-}
+
+@dataclass(frozen=True)
+class SerialSettings(Settings):
+    """The [serial] section: the host command channel over the gadget's CDC-ACM tty."""
+
+    device: str = setting("/dev/ttyGS0", "gadget-side tty of the CDC-ACM function ([gadget] acm)")
+    source: str = setting("host", "command source name the policy table sees: host or host:<name>")
+    reopen_after: float = setting(0.5, "seconds before reopening the tty after a hang-up")
+    queue: int = setting(16, "request lines that may wait; while full the tty is not read")
+    output_buffer: int = setting(65536, "bytes of unread replies kept; later replies are dropped")
+    restart_after: float = setting(1.0, "seconds before the serving task restarts after a crash")
+
 
 OVERLONG = None  # queued in place of a line over MAX_LINE: the answer is an error reply
 
@@ -73,22 +79,22 @@ class _Pipe(asyncio.Protocol):
 class SerialPart:
     name = "serial"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink) -> None:
-        self.cfg = {key: default for key, (_, default, _) in CONFIG_SCHEMA.items()} | cfg
+    def __init__(self, cfg: SerialSettings | dict[str, Any], bus: CommandSink) -> None:
+        self.cfg = SerialSettings.of(cfg)
         self.bus = bus
         self._reader: asyncio.ReadTransport | None = None
         self._writer: asyncio.WriteTransport | None = None
         self._generation = 0
         self._buf = bytearray()
         self._skipping = False  # inside an over-long line: discard up to its newline
-        self._lines: asyncio.Queue[bytes | None] = asyncio.Queue(int(self.cfg["queue"]))
+        self._lines: asyncio.Queue[bytes | None] = asyncio.Queue(int(self.cfg.queue))
         self._tasks = TaskSet()
         self._reopening: asyncio.Task[Any] | None = None
         self.counters = {"requests": 0, "request_errors": 0, "replies_dropped": 0,
                          "overlong_lines": 0, "restarts": 0, "hangups": 0}
 
     async def start(self) -> None:
-        device = self.cfg["device"]
+        device = self.cfg.device
         if not os.path.exists(device):
             raise PartUnavailable(f"{device} does not exist",
                                   "enable the CDC-ACM function: [gadget] acm = true")
@@ -112,12 +118,12 @@ class SerialPart:
         self._close()
 
     def _status(self) -> dict[str, Any]:
-        return {"serial": {"device": self.cfg["device"], "open": self._reader is not None,
+        return {"serial": {"device": self.cfg.device, "open": self._reader is not None,
                            "waiting": self._lines.qsize(), **self.counters}}
 
     # -- the tty -------------------------------------------------------------------
     async def _open(self) -> None:
-        fd = os.open(self.cfg["device"], os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        fd = os.open(self.cfg.device, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             tty.setraw(fd)  # no echo, no line editing: the host gets only our replies
             termios.tcflush(fd, termios.TCIOFLUSH)
@@ -150,18 +156,18 @@ class SerialPart:
         if generation != self._generation:
             return
         self.counters["hangups"] += 1
-        log.info("%s hung up%s; reopening", self.cfg["device"], f" ({exc})" if exc else "")
+        log.info("%s hung up%s; reopening", self.cfg.device, f" ({exc})" if exc else "")
         self._close()
         if self._reopening is None or self._reopening.done():
             self._reopening = asyncio.get_running_loop().create_task(self._reopen())
 
     async def _reopen(self) -> None:
         while self._reader is None:
-            await asyncio.sleep(float(self.cfg["reopen_after"]))
+            await asyncio.sleep(float(self.cfg.reopen_after))
             try:
                 await self._open()
             except OSError as e:
-                log.debug("reopen %s: %s", self.cfg["device"], e)
+                log.debug("reopen %s: %s", self.cfg.device, e)
 
     # -- requests in: bounded line, bounded queue, backpressure ----------------------
     def _received(self, data: bytes) -> None:
@@ -209,7 +215,7 @@ class SerialPart:
                 log.exception("the host command channel crashed; restarting")
                 if callable(set_part):
                     set_part(self.name, "failed", f"crashed: {e!r}", "restarting; see the log")
-                await asyncio.sleep(float(self.cfg["restart_after"]))
+                await asyncio.sleep(float(self.cfg.restart_after))
                 if callable(set_part):
                     set_part(self.name, "up")
 
@@ -224,7 +230,7 @@ class SerialPart:
         if line is OVERLONG:
             return _error(f"request longer than {MAX_LINE} bytes; the line was dropped")
         try:
-            return await dispatch(self.bus, line, self.cfg["source"])
+            return await dispatch(self.bus, line, self.cfg.source)
         except Exception as e:  # one request must not take the channel down
             self.counters["request_errors"] += 1
             log.exception("request from the host failed")
@@ -236,7 +242,7 @@ class SerialPart:
         writer = self._writer
         if writer is None or writer.is_closing():
             return  # the host left before the answer: nobody to tell
-        if writer.get_write_buffer_size() + len(data) > int(self.cfg["output_buffer"]):
+        if writer.get_write_buffer_size() + len(data) > int(self.cfg.output_buffer):
             self.counters["replies_dropped"] += 1  # the host is not reading: never wait for it
             if self.counters["replies_dropped"] in (1, 10, 100) or \
                     not self.counters["replies_dropped"] % 1000:
@@ -251,5 +257,5 @@ def _error(reason: str) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "data": {}}
 
 
-SPEC = PartSpec("serial", CONFIG_SCHEMA, lambda cfg, ctx: SerialPart(cfg, ctx.bus),
+SPEC = PartSpec("serial", SerialSettings, lambda s, ctx: SerialPart(s, ctx.bus),
                 validate=validate_config)

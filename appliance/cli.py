@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-overcommit", action="store_true",
                    help="when creating: allow a store file larger than the free space of its "
                    "file system (sparse; writes fail with 'no space left' when it fills)")
+    p.add_argument("--map-cache", metavar="SIZE",
+                   help="RAM for the unit map whatever the disk size (default 32M; "
+                   "docs/config.md: how to choose)")
     p.add_argument("--config", help="TOML with more sections: parts such as [mqtt], [lock], "
                    "[policy] (not [store]); the options above win")
     p.set_defaults(func=cmd_serve)
@@ -127,10 +130,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         extra = read_toml(args.config) if args.config else None
         cfg = serve_config(os.path.abspath(args.target), args.size, args.unit, args.socket,
                            args.tcp, args.allow_remote, args.control, args.max_connections,
-                           allow_overcommit=args.allow_overcommit, extra=extra)
+                           allow_overcommit=args.allow_overcommit,
+                           map_cache=args.map_cache, extra=extra)
     except ConfigError as e:
         return fail(str(e).replace("[store] ", "--").replace("[nbd] ", "--")
-                    .replace("--max_connections", "--max-connections"))
+                    .replace("--max_connections", "--max-connections")
+                    .replace("--map_cache", "--map-cache"))
     busy = sockets_taken(args)
     if busy:
         return fail(busy)

@@ -384,7 +384,7 @@ def default_nbd_path() -> str:
 def serve_config(target: str, size: int | None, unit: int, socket: str | None,
                  tcp: str | None, allow_remote: bool, control: str | None,
                  max_connections: int | None = None,
-                 allow_overcommit: bool = False,
+                 allow_overcommit: bool = False, map_cache: str | None = None,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config `savepoint serve` runs: store + NBD + control socket, and whatever else
     `extra` (a parsed `serve --config` file: parts, [lock], [policy]...) adds; the command
@@ -399,6 +399,8 @@ def serve_config(target: str, size: int | None, unit: int, socket: str | None,
             raise ConfigError(f"[{section}] must be a table")
     raw["store"] = {"path": target, "create": True, "unit": unit,
                     "allow_overcommit": allow_overcommit}
+    if map_cache is not None:
+        raw["store"]["map_cache"] = map_cache
     given = {("nbd", "socket"): socket, ("nbd", "tcp"): tcp,
              ("nbd", "allow_remote"): allow_remote or None, ("control", "socket"): control,
              ("nbd", "max_connections"): max_connections}

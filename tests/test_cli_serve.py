@@ -88,6 +88,20 @@ def test_status_shows_mode_gauge_and_parts(served):
     assert st["nbd_uris"] == [served.uri] and st["parts"]["nbd"]["state"] == "up"
 
 
+def test_map_cache_budget_from_the_command_line(tmp_path):
+    s = Served(str(tmp_path / "disk.img"), "--map-cache", "8M")
+    try:
+        assert "of 8.0 MiB budget" in cli("status", control=s.control).stdout
+    finally:
+        s.cleanup()
+    proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "y.img"), "--size", "1G",
+                           "--map-cache", "1K"], capture_output=True, text=True, env=env(),
+                          timeout=30)
+    assert proc.returncode != 0 and "--map_cache" not in proc.stderr
+    assert "--map-cache" in proc.stderr and "too small" in proc.stderr
+    assert not (tmp_path / "y.img").exists()
+
+
 def test_restore_on_a_terminal_asks_first(served):
     qemu_io(served.uri, "write -P 7 0 4k")
     main, sub = pty.openpty()

@@ -74,7 +74,8 @@ class SerialPart:
     name = "serial"
 
     def __init__(self, cfg: dict[str, Any], bus: CommandSink) -> None:
-        self.cfg = {key: default for key, (_, default, _) in CONFIG_SCHEMA.items()} | cfg
+        defaults: dict[str, Any] = {key: default for key, (_, default, _) in CONFIG_SCHEMA.items()}
+        self.cfg = defaults | cfg
         self.bus = bus
         self._reader: asyncio.ReadTransport | None = None
         self._writer: asyncio.WriteTransport | None = None

@@ -29,7 +29,7 @@ from appliance.config import (
     runtime_dir,
 )
 from appliance.control.bus import CommandBus
-from appliance.control.commands import Event, Part, PartUnavailable
+from appliance.control.commands import Event, Part, PartUnavailable, StoreHooks
 from appliance.control.host_quiet import HostActivity
 from appliance.control.restore_policies import RestorePolicies
 from appliance.control.socket import ControlLimits, ControlServer, socket_group
@@ -302,6 +302,9 @@ class Daemon:
             return
         try:
             part = spec.make(pcfg, PartContext(self.bus, self.nbd_socket))
+            if spec.store_hooks and not isinstance(part, StoreHooks):
+                raise TypeError(f"{type(part).__name__} declares store_hooks but lacks "
+                                "before_save/around_restore")
             await part.start()
         except PartUnavailable as e:
             self._part_failed(name, e.reason, e.hint)
@@ -312,8 +315,8 @@ class Daemon:
             return
         self.parts.append((spec, part))
         self.bus.set_part(name, "up")
-        if spec.store_hooks:  # the one place bus.hooks is set: SAVE syncs, RESTORE ejects
-            self.bus.hooks = part  # type: ignore[assignment]
+        if isinstance(part, StoreHooks) and spec.store_hooks:  # the one place bus.hooks is
+            self.bus.hooks = part  # set: SAVE syncs, RESTORE ejects
         log.info("part %s: up", name)
 
     def _part_failed(self, section: str, reason: str, hint: str) -> None:

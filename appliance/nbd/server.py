@@ -149,8 +149,9 @@ class NbdServer:
         out = []
         if self.unix_path:
             out.append(f"nbd+unix:///{name}?socket={quote(self.unix_path)}")
-        if self._tcp_addr or self.tcp:
-            host, port = self._tcp_addr or self.tcp  # type: ignore[misc]
+        tcp = self._tcp_addr or self.tcp
+        if tcp:
+            host, port = tcp
             shown = f"[{host}]" if ":" in host else host
             out.append(f"nbd://{shown}:{port}/{name}")
         return out
@@ -270,7 +271,8 @@ class NbdServer:
                 for key, _ in sel.select():
                     if key.fileobj == self._wake_r or self.stopping:
                         return
-                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                    if isinstance(key.fileobj, socket.socket):  # all but the wake pipe
+                        self._accept(key.fileobj)
 
     def _accept(self, listener: socket.socket) -> None:
         try:

@@ -451,6 +451,9 @@ def print_outcome(command: str, data: dict[str, Any]) -> None:
         print(f"  {host_column(data)}; waited {data.get('waited', 0):.1f} s")
 
 
+HOST_ROW: dict[object, str] = {True: "connected", False: "not connected"}
+
+
 def print_status(st: dict[str, Any]) -> None:
     mode = str(st.get("mode", "?")).upper()
     if st.get("relock_in") is not None:
@@ -468,8 +471,7 @@ def print_status(st: dict[str, Any]) -> None:
         ("background", "idle (map up to date)" if not st.get("pending_units") else
          f"{st.get('background_progress', 0):.0%} ({st['pending_units']} units waiting)"),
         *_cache_rows(st),
-        ("host", {True: "connected", False: "not connected"}.get(st.get("host_connected"),
-                                                                 "unknown (no USB gadget)")),
+        ("host", HOST_ROW.get(st.get("host_connected"), "unknown (no USB gadget)")),
         *_storage_rows(st),
         ("last SAVE", _when(st.get("last_save"))),
         ("last RESTORE", _when(st.get("last_restore"))),

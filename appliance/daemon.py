@@ -30,11 +30,14 @@ from appliance.config import (
     runtime_dir,
 )
 from appliance.control.bus import CommandBus
-from appliance.control.commands import Event, Part, PartUnavailable
+from appliance.control.commands import Event, Part, PartUnavailable, StoreHooks
 from appliance.control.host_quiet import HostActivity
 from appliance.control.restore_policies import RestorePolicies
 from appliance.control.socket import ControlLimits, ControlServer, socket_group
+from appliance.nbd.server import NbdServer
 from appliance.parts import PartContext, PartSpec, all_parts, load_spec
+from appliance.store import InitError, Store, StoreError, create_store
+from appliance.store.space import FULL_HINT, overcommit_warning
 from appliance.systemd_notify import Notifier
 
 log = logging.getLogger("savepoint.daemon")
@@ -91,8 +94,8 @@ class Daemon:
         self.clock, self.wall = clock, wall
         self.notifier = notifier or Notifier()
         self.on_ready = on_ready
-        self.store: Any = None
-        self.nbd: Any = None
+        self.store: Store | None = None
+        self.nbd: NbdServer | None = None
         self.activity = HostActivity(clock)  # the host's writes, for SAVE's wait for quiet
         self.bus: CommandBus | None = None
         self.control: ControlServer | None = None
@@ -126,19 +129,19 @@ class Daemon:
 
     async def start(self) -> None:
         self._prepare_runtime_dir()
-        self.store = await asyncio.to_thread(self._open_store)
+        self.store = store = await asyncio.to_thread(self._open_store)
         lock = self.cfg["lock"]
-        self.bus = CommandBus(self.store, self.cfg["policy"], lock_enabled=lock["enabled"],
+        self.bus = CommandBus(store, self.cfg["policy"], lock_enabled=lock["enabled"],
                               relock_after=lock["relock_after"], single_use=lock["single_use"],
                               clock=self.clock, wall=self.wall, activity=self.activity,
                               settle=self.cfg["save"]["settle"],
                               max_wait=self.cfg["save"]["max_wait"])
         self.bus.status_extras.append(self._nbd_status)
-        self._watch_storage()
+        self._watch_storage(store)
         self.policies = RestorePolicies(self.bus, self.cfg["restore"]["policy"],
                                         self.cfg["restore"]["at"], now=self.wall)
         await self.policies.on_boot()  # before any host can read the disk
-        await self._start_nbd()
+        await self._start_nbd(store)
         ccfg = self.cfg["control"]
         self.control = ControlServer(self.bus, self.control_socket, ccfg["group"],
                                      limits=ControlLimits.from_config(ccfg))
@@ -155,8 +158,8 @@ class Daemon:
         log.info("ready: %s", line)
         self._tasks = [asyncio.create_task(self._ticker(line), name="tick"),
                        asyncio.create_task(self.activity.watch(), name="host-activity")]
-        if self.cfg["store"]["background"] and hasattr(self.store, "background_step"):
-            self._tasks.append(asyncio.create_task(self._background(), name="background"))
+        if self.cfg["store"]["background"]:
+            self._tasks.append(asyncio.create_task(self._background(store), name="background"))
         if self.on_ready:
             self.on_ready(self)
 
@@ -202,9 +205,7 @@ class Daemon:
             elif folder and not os.path.isdir(folder):
                 os.makedirs(folder, mode=0o755, exist_ok=True)
 
-    def _open_store(self) -> Any:
-        from appliance.store import core as store_mod
-
+    def _open_store(self) -> Store:
         cfg = self.cfg["store"]
         path = cfg["path"]
         if not path:
@@ -214,56 +215,49 @@ class Daemon:
                 raise StartupError(f"{path} does not exist: give a size to create it "
                                    "(savepoint serve {path} --size 1G)")
             try:
-                store_mod.create_store(path, cfg["size"], cfg["unit"],
+                create_store(path, cfg["size"], cfg["unit"],
                                        allow_overcommit=cfg["allow_overcommit"])
-            except (store_mod.StoreError, store_mod.InitError, OSError, ValueError) as e:
+            except (StoreError, InitError, OSError, ValueError) as e:
                 raise StartupError(f"cannot create the store at {path}: {e}") from None
             log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
         try:
-            return store_mod.Store.open(path, map_cache=cfg["map_cache"])
-        except (store_mod.StoreError, OSError) as e:
+            return Store.open(path, map_cache=cfg["map_cache"])
+        except (StoreError, OSError) as e:
             raise StartupError(f"cannot open the store at {path}: {e}") from None
 
-    async def _start_nbd(self) -> None:
-        try:
-            from appliance.nbd.server import NbdServer
-        except ImportError as e:
-            raise StartupError(f"the NBD server is not installed: {e}") from None
+    async def _start_nbd(self, store: Store) -> None:
         ncfg = self.cfg["nbd"]
         gid = socket_group(ncfg["group"])
         try:
             tcp = parse_hostport(ncfg["tcp"]) if ncfg["tcp"] else None
-            self.nbd = NbdServer(self.store, unix_path=self.nbd_socket, tcp=tcp,
-                                 allow_remote=ncfg["allow_remote"], socket_mode=0o600,
-                                 group=ncfg["group"] if gid is not None else None,
-                                 export_name=ncfg["export_name"],
-                                 max_connections=ncfg["max_connections"])
-            self.nbd.activity = self.activity
-            self.nbd.start()
+            nbd = NbdServer(store, unix_path=self.nbd_socket, tcp=tcp,
+                            allow_remote=ncfg["allow_remote"], socket_mode=0o600,
+                            group=ncfg["group"] if gid is not None else None,
+                            export_name=ncfg["export_name"],
+                            max_connections=ncfg["max_connections"])
+            nbd.activity = self.activity
+            nbd.start()
         except (OSError, ValueError, RuntimeError) as e:
-            self.nbd = None
             raise StartupError(f"NBD server: {e}") from None
+        self.nbd = nbd
         assert self.bus is not None
-        self.bus.set_part("nbd", "up", " ".join(self.nbd.uris))
+        self.bus.set_part("nbd", "up", " ".join(nbd.uris))
 
     def _nbd_status(self) -> dict[str, Any]:
         if self.nbd is None:
             return {}
-        info: dict[str, Any] = {"nbd_uris": list(self.nbd.uris), "inflight": self.nbd.inflight}
-        clients = getattr(self.nbd, "active_connections", None)
-        if isinstance(clients, int):
-            info["nbd_clients"] = clients
-        return info
+        return {"nbd_uris": list(self.nbd.uris), "inflight": self.nbd.inflight,
+                "nbd_clients": self.nbd.active_connections}
 
     # -- the backing storage's "full" fault (appliance/store/space.py) -------------------------
-    def _watch_storage(self) -> None:
-        space = getattr(self.store, "space", None)
-        if space is None:
-            return
-        from appliance.store.space import overcommit_warning
-
+    def _watch_storage(self, store: Store) -> None:
+        space = store.space
         loop = asyncio.get_running_loop()
-        space.listeners.append(lambda: loop.call_soon_threadsafe(self._storage_changed))
+
+        def changed() -> None:  # called from an I/O thread
+            loop.call_soon_threadsafe(self._storage_changed)
+
+        space.listeners.append(changed)
         warning = overcommit_warning(space.status())
         if warning:
             log.warning("%s", warning)
@@ -273,8 +267,6 @@ class Daemon:
         """The store entered or left the "full" state: the part row, LED and watch follow."""
         if self.bus is None or self.store is None:
             return
-        from appliance.store.space import FULL_HINT
-
         space = self.store.space
         was = self.bus.parts.get("storage", {}).get("state")
         if space.full_reason:
@@ -311,6 +303,9 @@ class Daemon:
             return
         try:
             part = spec.make(part_config(spec, pcfg), PartContext(self.bus, self.nbd_socket))
+            if spec.store_hooks and not isinstance(part, StoreHooks):
+                raise TypeError(f"{type(part).__name__} declares store_hooks but lacks "
+                                "before_save/around_restore")
             await part.start()
         except PartUnavailable as e:
             self._part_failed(name, e.reason, e.hint)
@@ -321,8 +316,8 @@ class Daemon:
             return
         self.parts.append((spec, part))
         self.bus.set_part(name, "up")
-        if spec.store_hooks:  # the one place bus.hooks is set: SAVE syncs, RESTORE ejects
-            self.bus.hooks = part  # type: ignore[assignment]
+        if isinstance(part, StoreHooks) and spec.store_hooks:  # the one place bus.hooks is
+            self.bus.hooks = part  # set: SAVE syncs, RESTORE ejects
         log.info("part %s: up", name)
 
     def _part_failed(self, section: str, reason: str, hint: str) -> None:
@@ -337,7 +332,7 @@ class Daemon:
         while True:
             self.notifier.watchdog() if self.notifier.watchdog_interval else None
             try:
-                if self.store is not None and hasattr(self.store, "space"):
+                if self.store is not None:
                     self.store.space.poll()  # the "full" fault clears once there is room
                 await self.bus.tick()
                 await self.policies.tick()
@@ -349,21 +344,22 @@ class Daemon:
                 log.exception("periodic check failed")
             await asyncio.sleep(interval)
 
-    async def _background(self) -> None:
+    async def _background(self, store: Store) -> None:
         """The store's lazy map normaliser: while no I/O and no command is running, or, once
         few history records are left, under load too (short steps, I/O flows between them).
         An error is logged, shown as a fault, and retried with backoff: the pass never stops."""
         assert self.bus is not None
         failures = 0
         while True:
-            urgent = bool(getattr(self.store, "pass_urgent", lambda: False)())
-            if not urgent and (self.bus.busy or getattr(self.nbd, "inflight", 0)):
+            urgent = store.pass_urgent()
+            io = self.nbd is not None and self.nbd.inflight > 0
+            if not urgent and (self.bus.busy or io):
                 await asyncio.sleep(0.05)
                 continue
-            loaded = urgent and (self.bus.busy or getattr(self.nbd, "inflight", 0))
+            loaded = urgent and (self.bus.busy or io)
             started = time.monotonic()
             try:
-                more = await asyncio.to_thread(self.store.background_step,
+                more = await asyncio.to_thread(store.background_step,
                                                BACKGROUND_UNITS_LOADED if loaded
                                                else BACKGROUND_UNITS)
             except Exception as e:  # noqa: BLE001 - the pass must survive any store error

@@ -91,11 +91,13 @@ def decode(address: str, data: bytes, key: bytes, name: str = "", rssi: int = 0)
 def _parse(address: str, data: bytes, key: bytes, name: str, rssi: int) -> tuple[bool, Any]:
     """bthome-ble on one advertisement, with a fresh parser: the replay check is ours (the
     library's accepts a counter that drops below 100, as after a battery change)."""
+    from bleak.backends.device import BLEDevice
     from bthome_ble import BTHomeBluetoothDeviceData
     from habluetooth import BluetoothServiceInfoBleak
 
+    device = BLEDevice(address, name or None, None)  # the parser reads the fields, not this
     info = BluetoothServiceInfoBleak(name or address, address, rssi, {}, {SERVICE_UUID: data},
-                                     [], "savepoint", None, None, False, time.monotonic(), None)
+                                     [], "savepoint", device, None, False, time.monotonic(), None)
     parser = BTHomeBluetoothDeviceData(bindkey=key)
     update = parser.update(info)
     return bool(parser.bindkey_verified), update

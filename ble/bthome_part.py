@@ -69,12 +69,12 @@ def gestures(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # (adapter, mode, callback(address, service data, rssi, name)) -> stop()
-ScanStarter = Callable[[str, str, Callable[[str, bytes, int, str], None]],
+ScanStarter = Callable[[str, str, Callable[[str, bytes, int, str], object]],
                        Awaitable[Callable[[], Awaitable[None]]]]
 
 
 async def bleak_scan(adapter: str, mode: str,
-                     on_advert: Callable[[str, bytes, int, str], None]
+                     on_advert: Callable[[str, bytes, int, str], object]
                      ) -> Callable[[], Awaitable[None]]:
     """Start a BleakScanner that hands over BTHome service data; returns its stop()."""
     from bleak import BleakScanner

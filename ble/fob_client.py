@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance import __version__
 from appliance.cli_support import RESTORE_NEEDS_YES, restore_needs_yes
@@ -38,6 +38,10 @@ from ble.fob_session import (
 )
 from ble.frames import Cmd, Result, Status
 from ble.keys import FobCredentials, atomic_write
+
+if TYPE_CHECKING:  # bleak is imported where it is used: the CLI starts faster without it
+    from bleak.args.bluez import BlueZClientArgs, BlueZScannerArgs
+    from bleak.backends.device import BLEDevice
 
 __all__ = ["FobError", "GattLink", "KeyStore", "Report", "Retry", "main", "pair", "send"]
 
@@ -171,15 +175,15 @@ def lost(e: BaseException, client: Any) -> bool:
             or "disconnected" in text)  # fmt: skip
 
 
-async def _find(address: str, adapter: str, timeout: float) -> object:
+async def _find(address: str, adapter: str, timeout: float) -> BLEDevice:
     from bleak import BleakScanner
 
-    kwargs = {"bluez": {"adapter": adapter}} if adapter else {}
+    bluez: BlueZScannerArgs = {"adapter": adapter} if adapter else {}
     if address:
-        device = await BleakScanner.find_device_by_address(address, timeout, **kwargs)
+        device = await BleakScanner.find_device_by_address(address, timeout, bluez=bluez)
     else:
         device = await BleakScanner.find_device_by_filter(
-            lambda _d, adv: frames.SERVICE_UUID in adv.service_uuids, timeout, **kwargs
+            lambda _d, adv: frames.SERVICE_UUID in adv.service_uuids, timeout, bluez=bluez
         )
     if device is None:
         raise FobError("no Savepoint appliance in range (is it powered and advertising?)")
@@ -197,13 +201,13 @@ def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[f
         from bleak.exc import BleakError
 
         device = await _find(address, adapter, timeout)
-        kwargs = {"bluez": {"adapter": adapter}} if adapter else {}
+        bluez: BlueZClientArgs = {"adapter": adapter} if adapter else {}
         if stale[0]:
             stale[0] = False
             with contextlib.suppress(Exception):  # not bonded, or not BlueZ: nothing to drop
-                await BleakClient(device, **kwargs).unpair()
-                device = await _find(getattr(device, "address", address), adapter, timeout)
-        client = BleakClient(device, timeout=timeout, **kwargs)
+                await BleakClient(device, bluez=bluez).unpair()
+                device = await _find(device.address, adapter, timeout)
+        client = BleakClient(device, timeout=timeout, bluez=bluez)
         try:
             await client.connect()
             if bond:

@@ -73,7 +73,7 @@ class Characteristic(ServiceInterface):
         return self._read(opts)[int(opts.get("offset", 0)) :]
 
     @method()
-    async def WriteValue(self, value: "ay", options: "a{sv}"):
+    async def WriteValue(self, value: "ay", options: "a{sv}") -> None:
         if self._write is None:
             raise DBusError("org.bluez.Error.NotSupported", "not writable")
         opts = _plain(options)
@@ -82,13 +82,13 @@ class Characteristic(ServiceInterface):
         await self._write(bytes(value), opts)
 
     @method()
-    def StartNotify(self):
+    def StartNotify(self) -> None:
         if "notify" not in self.flags:
             raise DBusError("org.bluez.Error.NotSupported", "no notifications here")
         self.notifying = True
 
     @method()
-    def StopNotify(self):
+    def StopNotify(self) -> None:
         self.notifying = False
 
     @dbus_property(access=PropertyAccess.READ)
@@ -204,7 +204,7 @@ class Advertisement(ServiceInterface):
         self.local_name = name
 
     @method()
-    def Release(self):
+    def Release(self) -> None:
         log.info("BlueZ released the advertisement")
 
     @dbus_property(access=PropertyAccess.READ)
@@ -239,19 +239,19 @@ class PairingAgent(ServiceInterface):
         log.info("accepting pairing from %s", device)
 
     @method()
-    def Release(self):
+    def Release(self) -> None:
         pass
 
     @method()
-    def RequestAuthorization(self, device: "o"):
+    def RequestAuthorization(self, device: "o") -> None:
         self._gate(device)
 
     @method()
-    def RequestConfirmation(self, device: "o", passkey: "u"):
+    def RequestConfirmation(self, device: "o", passkey: "u") -> None:
         self._gate(device)
 
     @method()
-    def AuthorizeService(self, device: "o", uuid: "s"):
+    def AuthorizeService(self, device: "o", uuid: "s") -> None:
         self._gate(device)
 
     @method()
@@ -263,15 +263,15 @@ class PairingAgent(ServiceInterface):
         raise DBusError("org.bluez.Error.Rejected", "passkey entry is not supported")
 
     @method()
-    def DisplayPasskey(self, device: "o", passkey: "u", entered: "q"):
+    def DisplayPasskey(self, device: "o", passkey: "u", entered: "q") -> None:
         pass
 
     @method()
-    def DisplayPinCode(self, device: "o", pincode: "s"):
+    def DisplayPinCode(self, device: "o", pincode: "s") -> None:
         pass
 
     @method()
-    def Cancel(self):
+    def Cancel(self) -> None:
         pass
 
 

@@ -7,6 +7,7 @@ so a power cut leaves either the old or the new list, and mode 0600 because it h
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import json
@@ -208,7 +209,7 @@ class FobRegistry:
         self._save()
         return record
 
-    def sharing_address(self, record: FobRecord) -> list[int]:
+    def sharing_address(self, record: FobRecord) -> builtins.list[int]:  # list: a method here
         """Other live fobs paired from the same device (one phone paired twice, say)."""
         return [
             r.fob_id

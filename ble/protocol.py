@@ -95,7 +95,7 @@ class FobProtocol:
         self.forget_bond: Callable[[FobRecord], Awaitable[str]] | None = None
         # set by BlePart: the protocol closed the window (a fob paired, or too many failures)
         self.on_window_closed: Callable[[str], None] = lambda _why: None
-        self.on_pair_failed: Callable[[str], None] = lambda _peer: None  # BlePart: drop its bond
+        self.on_pair_failed: Callable[[str], object] = lambda _peer: None  # BlePart: drop its bond
         self._live: OrderedDict[str, dict[bytes, float]] = OrderedDict()  # peer -> nonce -> exp
         self._spent: deque[bytes] = deque(maxlen=64)  # used or expired: "stale", not "bad MAC"
         self._sessions: OrderedDict[str, _Session] = OrderedDict()

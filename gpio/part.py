@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import warnings
+from functools import partial
 from typing import Any
 
 from gpiozero import LED, PWMLED, RGBLED, Device
@@ -108,7 +109,7 @@ class GpioPart:
             if cfg[key] != "":
                 self.inputs[action.value] = ButtonInput(
                     action.value, cfg[key], high,
-                    lambda held, now, a=action: HoldKey(a, t, held, now), self._on_input)
+                    partial(HoldKey, action, t), self._on_input)
         if cfg["key_switch_pin"] != "":
             self.inputs["key_switch"] = ButtonInput(
                 "key_switch", cfg["key_switch_pin"], high,

@@ -84,7 +84,7 @@ def parse_request(payload: bytes, max_payload: int) -> tuple[str, Action, dict[s
                            "and args", rid)
     known = ", ".join(a.value for a in Action)
     try:
-        action = Action(doc.get("action"))
+        action = Action(str(doc.get("action")))
     except ValueError:
         raise RequestError(f"unknown action {doc.get('action')!r} (known: {known})",
                            rid) from None

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class Action(StrEnum):
@@ -85,6 +85,7 @@ class Part(Protocol):
     async def stop(self) -> None: ...
 
 
+@runtime_checkable  # the daemon checks a part that declares store_hooks has them
 class StoreHooks(Protocol):
     """Implemented by the USB gadget part; the bus calls them around SAVE and RESTORE."""
 

@@ -23,10 +23,11 @@ import threading
 from urllib.parse import quote
 
 from appliance.nbd import protocol as p
+from appliance.nbd.export import BlockExport, WriteActivity
 from appliance.nbd.session import HANDSHAKE_TIMEOUT, Session
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 
-__all__ = ["NbdServer", "OutOfRangeError", "StoreError", "StoreIOError"]
+__all__ = ["BlockExport", "NbdServer", "OutOfRangeError", "StoreError", "StoreIOError"]
 
 LOG = logging.getLogger("savepoint.nbd")
 DRAIN_TIMEOUT = 30.0  # seconds stop(drain=True) waits for in-flight requests
@@ -40,18 +41,18 @@ def _is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise ValueError(f"cannot resolve NBD listen address {host!r}: {exc}") from exc
-    return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+    return all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 class NbdServer:
     """Serve `store` over NBD on a Unix socket and/or TCP. See docs/nbd.md."""
 
-    def __init__(self, store, unix_path: str | None = None,
+    def __init__(self, store: BlockExport, unix_path: str | None = None,
                  tcp: tuple[str, int] | None = None, allow_remote: bool = False,
                  socket_mode: int = 0o600, group: str | None = None,
                  export_name: str = "savepoint",
                  log: logging.Logger = LOG,
-                 workers: int = 4, max_connections: int = MAX_CONNECTIONS,
+                 max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NbdServer needs a Unix socket path or a TCP (host, port) "
@@ -65,7 +66,7 @@ class NbdServer:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.store = store
-        self.activity = None  # a control.host_quiet.HostActivity the sessions report writes to
+        self.activity: WriteActivity | None = None  # the sessions report the host's writes to it
         self.unix_path = os.path.abspath(unix_path) if unix_path else None
         self.tcp = tcp
         self.allow_remote = allow_remote
@@ -75,9 +76,8 @@ class NbdServer:
             name=export_name, size=store.size, min_block=1,
             preferred_block=store.unit_size,
             description="Savepoint disk: writes are provisional until SAVE",
-            read_only=bool(getattr(store, "readonly", False)))
+            read_only=store.readonly)
         self.log = log
-        self.workers = max(1, workers)  # kept for callers; one thread per connection now
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.refused = 0  # connections refused at the cap, in all
@@ -121,8 +121,8 @@ class NbdServer:
             self._acceptor = None
             os.close(self._wake_r)
             os.close(self._wake_w)
-        for s in self._listeners:
-            s.close()
+        for listener in self._listeners:
+            listener.close()
         self._listeners.clear()
         self._remove_unix_socket()
         with self._lock:
@@ -149,8 +149,9 @@ class NbdServer:
         out = []
         if self.unix_path:
             out.append(f"nbd+unix:///{name}?socket={quote(self.unix_path)}")
-        if self._tcp_addr or self.tcp:
-            host, port = self._tcp_addr or self.tcp  # type: ignore[misc]
+        tcp = self._tcp_addr or self.tcp
+        if tcp:
+            host, port = tcp
             shown = f"[{host}]" if ":" in host else host
             out.append(f"nbd://{shown}:{port}/{name}")
         return out
@@ -270,7 +271,8 @@ class NbdServer:
                 for key, _ in sel.select():
                     if key.fileobj == self._wake_r or self.stopping:
                         return
-                    self._accept(key.fileobj)  # type: ignore[arg-type]
+                    if isinstance(key.fileobj, socket.socket):  # all but the wake pipe
+                        self._accept(key.fileobj)
 
     def _accept(self, listener: socket.socket) -> None:
         try:

@@ -17,10 +17,11 @@ import mmap
 import socket
 import threading
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 from appliance.nbd import protocol as p
 from appliance.nbd import replies as nbd_replies
+from appliance.nbd.export import BlockExport, WriteActivity
 from appliance.nbd.replies import Replies, pages
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 from appliance.store.space import StoreFullError
@@ -37,12 +38,12 @@ class SessionHost(Protocol):
     """What a session needs of the server that accepted it. NbdServer is one; the session
     never imports the server, so server and session have no import circle."""
 
-    store: Any
+    store: BlockExport
     log: logging.Logger
     export: p.Export
     handshake_timeout: float
     stopping: bool
-    activity: Any  # a HostActivity the session reports the host's writes to, or None
+    activity: WriteActivity | None  # the session reports the host's writes to it
 
     def _session_ended(self, session: Session) -> None: ...
 
@@ -325,7 +326,7 @@ class Session:
         if activity is not None and cmd != p.CMD_CACHE:
             (activity.flushed if cmd == p.CMD_FLUSH else activity.wrote)()
         if cmd == p.CMD_WRITE:
-            if length:
+            if length and payload is not None:  # a WRITE always comes with its payload
                 st.write(offset, payload, fua=fua)
         elif cmd == p.CMD_FLUSH:
             st.flush()

@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 from functools import cache
-from typing import Protocol
+from typing import Any, Protocol
 
 BLKGETSIZE64 = 0x80081272
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -39,45 +39,49 @@ class FileBacking:
     def __init__(self, path: str, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self.fd: int | None = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
-        st = os.fstat(self.fd)
+        self._fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)  # -1 once closed
+        self.fd: int | None = self._fd
+        st = os.fstat(self._fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
-        self.size = block_device_size(self.fd) if self.is_block else st.st_size
+        self.size = block_device_size(self._fd) if self.is_block else st.st_size
+
+    def fileno(self) -> int:
+        return self._fd
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
-        done = os.preadv(self.fd, [buf], offset)
+        done = os.preadv(self._fd, [buf], offset)
         while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
             if n == 0:  # past the end of a file that was never written there: zeros
                 buf[done:] = bytes(len(buf) - done)
                 return
             done += n
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        done = os.pwrite(self.fd, data, offset)
+        done = os.pwrite(self._fd, data, offset)
         if done == len(data):
             return
         view = memoryview(data)
         while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+            done += os.pwrite(self._fd, view[done:], offset + done)
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        os.fdatasync(self._fd)
 
     def discard(self, offset: int, length: int) -> None:
         """Give the space back where the file system can; correctness never depends on it."""
         if self.is_block or length <= 0:
             return
         try:
-            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
 
     def close(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            os.close(self._fd)
+            self.fd, self._fd = None, -1
 
 
 def block_device_size(fd: int) -> int:
@@ -86,7 +90,7 @@ def block_device_size(fd: int) -> int:
 
 
 @cache
-def _libc_fallocate():  # the ctypes function
+def _libc_fallocate() -> Any:  # the ctypes function (ctypes' own type is private)
     # The process's own C library: looked up once (find_library would run ldconfig per call).
     fn = ctypes.CDLL(None, use_errno=True).fallocate
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

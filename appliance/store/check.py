@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from appliance.store.backing import FileBacking
 from appliance.store.format import (
@@ -15,6 +17,9 @@ from appliance.store.format import (
     sector_ok,
     superblock_copies,
 )
+
+if TYPE_CHECKING:
+    from appliance.store.core import Store
 
 CHUNK_PAGES = 256  # read the map 1 MiB at a time
 
@@ -29,7 +34,7 @@ class CheckReport:
         return not self.problems
 
 
-def check_store(path: str, progress=None) -> CheckReport:
+def check_store(path: str, progress: Callable[[int, int], None] | None = None) -> CheckReport:
     """Read-only verification of superblocks, history ring and every map sector."""
     from appliance.store import Store, StoreError
 
@@ -62,7 +67,7 @@ def check_store(path: str, progress=None) -> CheckReport:
     return report
 
 
-def _check_history(store, report: CheckReport) -> None:
+def _check_history(store: Store, report: CheckReport) -> None:
     first = max(1, store.epoch - store.geo.hist_cap)
     present = {r.epoch for r in store.ring.records(first, store.epoch)}
     missing = [e for e in range(first, store.epoch) if e not in present]
@@ -75,7 +80,8 @@ def _check_history(store, report: CheckReport) -> None:
                             "depends on them)")
 
 
-def _check_map(store, report: CheckReport, progress=None) -> None:
+def _check_map(store: Store, report: CheckReport,
+               progress: Callable[[int, int], None] | None = None) -> None:
     g, epoch = store.geo, store.epoch
     bad, future, stale, ddm = [], 0, 0, 0
     pages = g.meta_len // PAGE

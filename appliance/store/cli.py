@@ -7,10 +7,11 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 from appliance.preflight import Refused, check_target, explain_os_error, removed_on_failure
 from appliance.sizes import human
-from appliance.store.format import FORMAT_VERSION
+from appliance.store.format import FORMAT_VERSION, Geometry
 
 
 def parse_size(text: str) -> int:
@@ -96,7 +97,7 @@ def _print_space(target: str) -> None:
           "file system")
 
 
-def init_from_image(args: argparse.Namespace):
+def init_from_image(args: argparse.Namespace) -> Geometry:
     from appliance.store import Store
     from appliance.store.images import ImageError, image_info, import_image
 
@@ -125,9 +126,11 @@ def cmd_export(args: argparse.Namespace) -> int:
               "overwrite it", file=sys.stderr)
         return 1
     view = "working" if args.working else "saved"
+    written: int | None
     try:
         if is_served(args.target):
-            written = export_through_daemon(args)
+            export_through_daemon(args)
+            written = None  # qemu-img wrote it: its allocation is not counted
         else:
             with removed_on_failure(args.out), Progress(f"exporting the {view} state") as bar:
                 written = export_offline(args.target, args.out, not args.working, args.format,
@@ -174,7 +177,7 @@ def export_through_daemon(args: argparse.Namespace) -> None:
 
 
 def create_checked(target: str, size: int | None, unit: int, force: bool = False,
-                   label: str = "zeroing metadata", allow_overcommit: bool = False):
+                   label: str = "zeroing metadata", allow_overcommit: bool = False) -> Geometry:
     """create_store after every check that needs no writing; a failure leaves no new file."""
     from appliance.progress import Progress
     from appliance.store import create_store
@@ -193,7 +196,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         with Store.open(args.target, readonly=True) as st:
-            info = {"format_version": FORMAT_VERSION, "geometry": st.geo.__dict__,
+            info: dict[str, Any] = {"format_version": FORMAT_VERSION, "geometry": st.geo.__dict__,
                     "status": st.status(), "history": st.history(limit=10)}
     except (StoreError, OSError) as e:
         why = explain_os_error(e, args.target) if isinstance(e, OSError) else e

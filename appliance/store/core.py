@@ -133,7 +133,7 @@ class Store:
             raise NotAStoreError(f"{path} does not exist; create it with `savepoint init "
                                  f"{path} --size SIZE`") from None
         try:
-            fcntl.flock(backing.fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(backing, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             if not readonly:
                 backing.close()

@@ -11,10 +11,13 @@ Layout (docs/format.md is the reference; keep the two in step):
 
 from __future__ import annotations
 
+import builtins
+import mmap
 import struct
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import crc32c
 
@@ -148,7 +151,7 @@ class Superblock:
         body += struct.pack("<I", crc32c.crc32c(body))
         return body + bytes(SB_SIZE - len(body))
 
-    def next(self, **changes: object) -> Superblock:
+    def next(self, **changes: Any) -> Superblock:
         return replace(self, seq=self.seq + 1, **changes)
 
 
@@ -195,7 +198,7 @@ class HistoryRecord:
     flags: int = 0
     quiet_ds: int = 0  # how long the host had been quiet, deciseconds (FLAG_QUIET_KNOWN)
 
-    def pack(self) -> bytes:
+    def pack(self) -> builtins.bytes:  # `bytes` in this class is the field
         body = _HIST.pack(self.epoch, self.time_ns, self.units, self.bytes, self.action,
                           self.flags, min(self.quiet_ds, QUIET_MAX), self.source.encode()[:24])
         return body + struct.pack("<I", crc32c.crc32c(body))
@@ -233,14 +236,15 @@ def unpack_history(raw: bytes | memoryview) -> HistoryRecord | None:
                          flags, quiet)
 
 
-def seal_sector(meta: bytearray, sector: int) -> None:
+def seal_sector(meta: bytearray | mmap.mmap, sector: int) -> None:
     """Stamp a map sector's index and checksum in place before it goes to disk."""
     base = sector * SECTOR
     struct.pack_into("<I", meta, base + 4, sector)
     struct.pack_into("<I", meta, base, crc32c.crc32c(memoryview(meta)[base + 4:base + SECTOR]))
 
 
-def sector_ok(meta: bytes | bytearray | memoryview, sector: int, number: int | None = None) -> bool:
+def sector_ok(meta: bytes | bytearray | memoryview | mmap.mmap, sector: int,
+              number: int | None = None) -> bool:
     """A never-written (all zero) sector is valid and empty; any other needs a good checksum.
     `sector` indexes `meta`; `number` is the sector's number in the whole map (the index its
     header must carry) when `meta` holds only part of the map."""

@@ -21,7 +21,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.store.core import Store
 
 CHUNK = 1 << 20
 Progress = Callable[[int, int], None]
@@ -47,7 +51,7 @@ def image_info(path: str) -> tuple[str, int]:
     return info["format"], int(info["virtual-size"])
 
 
-def import_image(store, image: str, fmt: str, progress: bool) -> None:
+def import_image(store: Store, image: str, fmt: str, progress: bool) -> None:
     """Write `image` into the freshly created (all-zero) `store` and SAVE it as the import."""
     from appliance.nbd.server import NbdServer
 
@@ -92,7 +96,7 @@ def export_offline(target: str, out: str, saved: bool, fmt: str, progress: Progr
             return written
 
 
-def _write_raw(st, out: str, saved: bool, progress: Progress) -> int:
+def _write_raw(st: Store, out: str, saved: bool, progress: Progress) -> int:
     zero = bytes(CHUNK)
     written = 0
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -120,7 +124,7 @@ def convert(src: str, src_fmt: str, out: str, fmt: str, show: bool) -> None:
 
 
 @contextlib.contextmanager
-def _temp_beside(out: str):
+def _temp_beside(out: str) -> Iterator[str]:
     fd, path = tempfile.mkstemp(prefix=".savepoint-export-", dir=os.path.dirname(
         os.path.abspath(out)))
     os.close(fd)

@@ -7,6 +7,7 @@ import secrets
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 
 from appliance.store.backing import Backing, FileBacking, block_device_size
 from appliance.store.format import (
@@ -86,7 +87,8 @@ def _allocate_metadata(path: str, geo: Geometry) -> None:
 
 
 def create_store(path: str, size: int | None, unit: int = 4096, force: bool = False,
-                 hist_cap: int = DEFAULT_HIST_CAP, progress=None,
+                 hist_cap: int = DEFAULT_HIST_CAP,
+                 progress: Callable[[int, int], None] | None = None,
                  allow_overcommit: bool = False) -> Geometry:
     """Create an empty store: every unit reads as zeros, epoch 1, no history.
 
@@ -132,7 +134,8 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
     return geo
 
 
-def write_fresh_store(backing: Backing, geo: Geometry, zero_meta: bool, progress=None) -> None:
+def write_fresh_store(backing: Backing, geo: Geometry, zero_meta: bool,
+                      progress: Callable[[int, int], None] | None = None) -> None:
     """Make `backing` an empty store. Whatever it held is unreachable before the new
     superblock can be durable: a cut at any point leaves the old store, no store, or the new
     one, never the new superblock over the old map."""
@@ -146,7 +149,8 @@ def write_fresh_store(backing: Backing, geo: Geometry, zero_meta: bool, progress
     backing.sync()
 
 
-def _zero(backing: Backing, start: int, end: int, progress) -> None:
+def _zero(backing: Backing, start: int, end: int,
+          progress: Callable[[int, int], None] | None) -> None:
     chunk = bytes(ZERO_CHUNK)
     for off in range(start, end, ZERO_CHUNK):
         backing.pwrite(chunk[:min(ZERO_CHUNK, end - off)], off)

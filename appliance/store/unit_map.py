@@ -57,7 +57,7 @@ class UnitMap:
         with self.lock:
             if self.loaded[page]:
                 return
-            self._b.pread_into(self._scratch, self._geo.meta_off + page * PAGE)
+            self._b.pread_into(memoryview(self._scratch), self._geo.meta_off + page * PAGE)
             if self._scratch != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
                 self._meta[page * PAGE:(page + 1) * PAGE] = self._scratch
                 for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):

@@ -23,8 +23,10 @@ def join_negative_sizes(argv: list[str]) -> list[str]:
     return out
 
 
-RESTORE_NEEDS_YES = ("RESTORE discards everything written since the last SAVE; with no "
-                     "terminal to confirm on, nothing was done: add --yes to restore anyway")
+RESTORE_NEEDS_YES = (
+    "RESTORE discards everything written since the last SAVE; with no "
+    "terminal to confirm on, nothing was done: add --yes to restore anyway"
+)
 
 
 def restore_needs_yes(action: str, yes: bool) -> bool:
@@ -61,17 +63,23 @@ def sockets_taken(args: argparse.Namespace) -> str:
             return False
         return socket_in_use(path)
 
-    taken = [(flag, path) for flag, path in (("--socket", args.socket or default_nbd_path()),
-                                             ("--control", args.control or
-                                              default_control_path()))
-             if probe(path, args.socket if flag == "--socket" else args.control)]
+    taken = [
+        (flag, path)
+        for flag, path in (
+            ("--socket", args.socket or default_nbd_path()),
+            ("--control", args.control or default_control_path()),
+        )
+        if probe(path, args.socket if flag == "--socket" else args.control)
+    ]
     if not taken:
         return ""
     what = " and ".join(path for _flag, path in taken)
-    return (f"another savepoint is already serving on {what}; nothing was created. Stop it, or "
-            "give this one its own sockets with --socket and --control, e.g. "
-            f"savepoint serve {args.target} --socket /tmp/sp2/nbd.sock "
-            "--control /tmp/sp2/control.sock")
+    return (
+        f"another savepoint is already serving on {what}; nothing was created. Stop it, or "
+        "give this one its own sockets with --socket and --control, e.g. "
+        f"savepoint serve {args.target} --socket /tmp/sp2/nbd.sock "
+        "--control /tmp/sp2/control.sock"
+    )
 
 
 def create_for_serve(args: argparse.Namespace) -> int:
@@ -86,8 +94,7 @@ def create_for_serve(args: argparse.Namespace) -> int:
         return 1
 
     try:
-        create_checked(args.target, args.size, args.unit,
-                       allow_overcommit=args.allow_overcommit)
+        create_checked(args.target, args.size, args.unit, allow_overcommit=args.allow_overcommit)
     except (InitError, StoreError, ValueError, Refused) as e:
         return fail(f"cannot create {args.target}: {e}")
     except OSError as e:

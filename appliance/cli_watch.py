@@ -53,10 +53,17 @@ def poll_status(path: str, emit: Callable[[dict[str, Any]], None], every: float)
                 st = client.request("status").get("data") or {}
                 now = {k: st.get(k) for k in WATCHED}
                 if last and now != last:
-                    emit({"event": "status", "data": {**now, "dirty_bytes": st.get("dirty_bytes"),
-                                                      "size": st.get("size"),
-                                                      "background_progress":
-                                                          st.get("background_progress")}})
+                    emit(
+                        {
+                            "event": "status",
+                            "data": {
+                                **now,
+                                "dirty_bytes": st.get("dirty_bytes"),
+                                "size": st.get("size"),
+                                "background_progress": st.get("background_progress"),
+                            },
+                        }
+                    )
                 last = now
                 time.sleep(every)
     except (ControlError, OSError):
@@ -66,8 +73,13 @@ def poll_status(path: str, emit: Callable[[dict[str, Any]], None], every: float)
 def describe_status(data: dict[str, Any]) -> str:
     size = data.get("size") or 0
     share = f", {data.get('dirty_bytes', 0) / size:.1%} of the disk" if size else ""
-    background = ("background pass done" if not data.get("pending_units") else
-                  f"background {data.get('background_progress') or 0:.0%} "
-                  f"({data['pending_units']} units waiting)")
-    return (f"unsaved {data.get('dirty_units')} units ({human(data.get('dirty_bytes') or 0)}"
-            f"{share}); {background}; NBD clients {data.get('nbd_clients', 0)}")
+    background = (
+        "background pass done"
+        if not data.get("pending_units")
+        else f"background {data.get('background_progress') or 0:.0%} "
+        f"({data['pending_units']} units waiting)"
+    )
+    return (
+        f"unsaved {data.get('dirty_units')} units ({human(data.get('dirty_bytes') or 0)}"
+        f"{share}); {background}; NBD clients {data.get('nbd_clients', 0)}"
+    )

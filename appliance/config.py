@@ -46,7 +46,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
 def _hhmm(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
-        raise ValueError(f"time {text!r} is not HH:MM in 24-hour local time, e.g. \"03:00\"")
+        raise ValueError(f'time {text!r} is not HH:MM in 24-hour local time, e.g. "03:00"')
     return int(m.group(1)), int(m.group(2))
 
 
@@ -54,19 +54,26 @@ MIN_MAP_CACHE = 64 << 10  # 16 map pages: a request spanning a few never thrashe
 
 RESTORE_POLICIES = ("never", "on_boot", "on_host_disconnect", "schedule")
 
+
 # The sections the daemon itself owns. Part sections come from the parts' specs.
 @dataclass(frozen=True)
 class StoreSettings(Settings):
     path: str = setting("", "backing file or block device holding the store (required)")
     create: bool = setting(False, "create the store at start-up when `path` holds none")
-    size: str | int = setting("", "disk size for `create`, e.g. \"8G\" (files only)")
+    size: str | int = setting("", 'disk size for `create`, e.g. "8G" (files only)')
     unit: str | int = setting("4K", "unit size for `create`: a power of two, 4K to 1M")
-    allow_overcommit: bool = setting(False, "let `create` make a store file that can outgrow "
-                                     "the free space of its file system (it is sparse)")
+    allow_overcommit: bool = setting(
+        False,
+        "let `create` make a store file that can outgrow "
+        "the free space of its file system (it is sparse)",
+    )
     background: bool = setting(True, "run the map normaliser while the disk is idle")
-    map_cache: str | int = setting("32M", "RAM for the unit map, whatever the disk size (at "
-                                   "least 64K): clean map pages beyond it are dropped, least "
-                                   "recently used first (docs/config.md: how to choose)")
+    map_cache: str | int = setting(
+        "32M",
+        "RAM for the unit map, whatever the disk size (at "
+        "least 64K): clean map pages beyond it are dropped, least "
+        "recently used first (docs/config.md: how to choose)",
+    )
 
 
 @dataclass(frozen=True)
@@ -74,51 +81,75 @@ class NbdSettings(Settings):
     socket: str = setting("", "NBD Unix socket; empty = <runtime dir>/nbd.sock")
     tcp: str = setting("", "also listen on HOST:PORT (loopback unless allow_remote)")
     allow_remote: bool = setting(False, "allow a non-loopback TCP address (no TLS: no auth)")
-    group: str = setting("", "socket mode 0660 for this group (raw access to the whole disk: "
-                         "keep it empty, root only, on the appliance); empty = 0600")
+    group: str = setting(
+        "",
+        "socket mode 0660 for this group (raw access to the whole disk: "
+        "keep it empty, root only, on the appliance); empty = 0600",
+    )
     export_name: str = setting("savepoint", "NBD export name")
-    max_connections: int = setting(8, "NBD connections at once; more are closed at once "
-                                   "(the kernel client uses 1, nbdcopy 4)")
+    max_connections: int = setting(
+        8, "NBD connections at once; more are closed at once (the kernel client uses 1, nbdcopy 4)"
+    )
 
 
 @dataclass(frozen=True)
 class ControlSettings(Settings):
     socket: str = setting("", "control socket; empty = <runtime dir>/control.sock")
-    group: str = setting("savepoint", "socket mode 0660 for this group when it exists, else "
-                         "0600; members may only read (status, history, watch)")
-    admin_group: str = setting("savepoint-admin", "members may also SAVE, RESTORE, UNLOCK, "
-                               "LOCK, PAIR and manage fobs (as root and the daemon's own user "
-                               "always may)")
-    max_clients: int = setting(32, "connected clients at most (a non-admin user: half of "
-                               "them); when full the longest-idle client of the busiest user "
-                               "is closed, else the new one refused")
+    group: str = setting(
+        "savepoint",
+        "socket mode 0660 for this group when it exists, else "
+        "0600; members may only read (status, history, watch)",
+    )
+    admin_group: str = setting(
+        "savepoint-admin",
+        "members may also SAVE, RESTORE, UNLOCK, "
+        "LOCK, PAIR and manage fobs (as root and the daemon's own user "
+        "always may)",
+    )
+    max_clients: int = setting(
+        32,
+        "connected clients at most (a non-admin user: half of "
+        "them); when full the longest-idle client of the busiest user "
+        "is closed, else the new one refused",
+    )
     max_watchers: int = setting(8, "`watch` clients at most (counted in max_clients)")
     idle_timeout: float = setting(60, "seconds a client may wait before sending a request")
-    watch_stall: float = setting(10, "seconds a `watch` client may leave its events unread "
-                                 "before it is dropped")
+    watch_stall: float = setting(
+        10, "seconds a `watch` client may leave its events unread before it is dropped"
+    )
 
 
 @dataclass(frozen=True)
 class LockSettings(Settings):
     enabled: bool = setting(True, "start LOCKED and re-lock when idle; false: always UNLOCKED")
-    relock_after: float = setting(300, "seconds an UNLOCK lasts, from the gesture; no command "
-                                  "extends it; 0 = until LOCK or a SAVE")
+    relock_after: float = setting(
+        300,
+        "seconds an UNLOCK lasts, from the gesture; no command "
+        "extends it; 0 = until LOCK or a SAVE",
+    )
     single_use: bool = setting(True, "a SAVE re-locks: every SAVE needs its own UNLOCK gesture")
 
 
 @dataclass(frozen=True)
 class SaveSettings(Settings):
-    settle: float = setting(2, "seconds the host must have written nothing before a SAVE "
-                            "commits; 0 = commit at once (docs/controls.md)")
-    max_wait: float = setting(60, "seconds a SAVE waits at most for a quiet host; then it "
-                              "commits anyway and its history record says the host was busy "
-                              "(at most 600)")
+    settle: float = setting(
+        2,
+        "seconds the host must have written nothing before a SAVE "
+        "commits; 0 = commit at once (docs/controls.md)",
+    )
+    max_wait: float = setting(
+        60,
+        "seconds a SAVE waits at most for a quiet host; then it "
+        "commits anyway and its history record says the host was busy "
+        "(at most 600)",
+    )
 
 
 @dataclass(frozen=True)
 class RestoreSettings(Settings):
-    policy: str | list[str] = setting("never", "never, on_boot, on_host_disconnect, schedule, "
-                                      "or a list")
+    policy: str | list[str] = setting(
+        "never", "never, on_boot, on_host_disconnect, schedule, or a list"
+    )
     at: str = setting("03:00", "local time of day for the `schedule` policy, HH:MM")
 
 
@@ -128,8 +159,13 @@ class LogSettings(Settings):
 
 
 CORE_SECTIONS: dict[str, type[Settings]] = {
-    "store": StoreSettings, "nbd": NbdSettings, "control": ControlSettings,
-    "lock": LockSettings, "save": SaveSettings, "restore": RestoreSettings, "log": LogSettings,
+    "store": StoreSettings,
+    "nbd": NbdSettings,
+    "control": ControlSettings,
+    "lock": LockSettings,
+    "save": SaveSettings,
+    "restore": RestoreSettings,
+    "log": LogSettings,
 }
 
 # Optional parts: each declares its section in its PartSpec (appliance/parts.py).
@@ -164,8 +200,14 @@ def _check_type(where: str, value: Any, types: tuple[type, ...]) -> None:
 
 
 def type_name(t: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false",
-            list: "a list", dict: "a table"}.get(t, t.__name__)
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        list: "a list",
+        dict: "a table",
+    }.get(t, t.__name__)
 
 
 def _build(section: str, given: Any, cls: type[S], extra: tuple[str, ...] = ()) -> S:
@@ -204,13 +246,16 @@ def _check_store(store: dict[str, Any]) -> None:
     except ValueError as e:
         raise ConfigError(f"[store] map_cache: {e}") from None
     if store["map_cache"] < MIN_MAP_CACHE:
-        raise ConfigError(f"[store] map_cache: {store['map_cache']} bytes is too small for "
-                          "the map to work in; give at least \"64K\" (\"32M\" suits any "
-                          "Raspberry Pi)")
+        raise ConfigError(
+            f"[store] map_cache: {store['map_cache']} bytes is too small for "
+            'the map to work in; give at least "64K" ("32M" suits any '
+            "Raspberry Pi)"
+        )
     unit = store["unit"]
     if unit & (unit - 1) or not 4096 <= unit <= 1 << 20:
-        raise ConfigError(f"[store] unit: {unit} is not a power of two between 4K and 1M "
-                          "(e.g. \"4K\", \"64K\")")
+        raise ConfigError(
+            f'[store] unit: {unit} is not a power of two between 4K and 1M (e.g. "4K", "64K")'
+        )
 
 
 def _check_restore(restore: dict[str, Any]) -> None:
@@ -218,10 +263,12 @@ def _check_restore(restore: dict[str, Any]) -> None:
     policies = [policies] if isinstance(policies, str) else policies
     for p in policies:
         if p not in RESTORE_POLICIES:
-            raise ConfigError(f"[restore] policy: unknown policy {p!r} "
-                              f"(choose from {', '.join(RESTORE_POLICIES)})")
+            raise ConfigError(
+                f"[restore] policy: unknown policy {p!r} "
+                f"(choose from {', '.join(RESTORE_POLICIES)})"
+            )
     if "never" in policies and len(policies) > 1:
-        raise ConfigError("[restore] policy: \"never\" cannot be combined with other policies")
+        raise ConfigError('[restore] policy: "never" cannot be combined with other policies')
     restore["policy"] = list(policies)
     try:
         _hhmm(restore["at"])
@@ -237,27 +284,32 @@ def _check_policy(given: Any) -> dict[str, dict[str, str]]:
         raise ConfigError("[policy] must be a table of source classes")
     for cls, rules in given.items():
         if cls not in SOURCE_CLASSES:
-            raise ConfigError(f"[policy] unknown source class {cls!r} "
-                              f"(known: {', '.join(SOURCE_CLASSES)})")
+            raise ConfigError(
+                f"[policy] unknown source class {cls!r} (known: {', '.join(SOURCE_CLASSES)})"
+            )
         if not isinstance(rules, dict):
             raise ConfigError(f"[policy.{cls}] must be a table of action = rule")
         for action, rule in rules.items():
             if action not in ACTIONS:
-                raise ConfigError(f"[policy.{cls}] unknown action {action!r} "
-                                  f"(known: {', '.join(ACTIONS)})")
+                raise ConfigError(
+                    f"[policy.{cls}] unknown action {action!r} (known: {', '.join(ACTIONS)})"
+                )
             if rule not in RULES:
-                raise ConfigError(f"[policy.{cls}] {action}: rule {rule!r} is not one of "
-                                  f"{', '.join(RULES)}")
+                raise ConfigError(
+                    f"[policy.{cls}] {action}: rule {rule!r} is not one of {', '.join(RULES)}"
+                )
             if action == "unlock" and rule != "never" and cls not in GESTURE_CLASSES:
-                raise ConfigError(f"[policy.{cls}] unlock: only a person's gesture may unlock "
-                                  f"({', '.join(GESTURE_CLASSES)}); {cls} stays \"never\"")
+                raise ConfigError(
+                    f"[policy.{cls}] unlock: only a person's gesture may unlock "
+                    f'({", ".join(GESTURE_CLASSES)}); {cls} stays "never"'
+                )
             table[cls][action] = rule
     return table
 
 
-def validate(raw: dict[str, Any],
-             settings_for: Callable[[str], type[Settings] | None] = part_settings
-             ) -> dict[str, Any]:
+def validate(
+    raw: dict[str, Any], settings_for: Callable[[str], type[Settings] | None] = part_settings
+) -> dict[str, Any]:
     """Check a parsed TOML document and return it with every default filled in: each
     section a plain table (`Settings.as_dict()`), the parts' under "parts"."""
     known = [*CORE_SECTIONS, *PARTS, "policy"]
@@ -270,18 +322,22 @@ def validate(raw: dict[str, Any],
     _check_store(cfg["store"])
     _check_restore(cfg["restore"])
     if cfg["log"]["level"] not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"[log] level: {cfg['log']['level']!r} is not one of "
-                          "debug, info, warning, error")
+        raise ConfigError(
+            f"[log] level: {cfg['log']['level']!r} is not one of debug, info, warning, error"
+        )
     for key in ("relock_after",):
         if cfg["lock"][key] < 0:
             raise ConfigError(f"[lock] {key}: must be 0 (never) or a number of seconds")
     for key in ("settle", "max_wait"):
         if not 0 <= cfg["save"][key] <= 600:
-            raise ConfigError(f"[save] {key}: {cfg['save'][key]} is not a number of seconds "
-                              "from 0 to 600")
+            raise ConfigError(
+                f"[save] {key}: {cfg['save'][key]} is not a number of seconds from 0 to 600"
+            )
     if cfg["nbd"]["max_connections"] < 1:
-        raise ConfigError(f"[nbd] max_connections: {cfg['nbd']['max_connections']} is less than "
-                          "1: give how many NBD clients may connect at once, e.g. 8")
+        raise ConfigError(
+            f"[nbd] max_connections: {cfg['nbd']['max_connections']} is less than "
+            "1: give how many NBD clients may connect at once, e.g. 8"
+        )
     for key in ("max_clients", "max_watchers", "idle_timeout", "watch_stall"):
         if cfg["control"][key] <= 0:
             raise ConfigError(f"[control] {key}: must be more than 0")
@@ -299,8 +355,9 @@ def validate(raw: dict[str, Any],
     return cfg
 
 
-def _part_section(section: str, given: Any,
-                  settings_for: Callable[[str], type[Settings] | None]) -> dict[str, Any]:
+def _part_section(
+    section: str, given: Any, settings_for: Callable[[str], type[Settings] | None]
+) -> dict[str, Any]:
     if not isinstance(given, dict):
         raise ConfigError(f"[{section}] must be a table, got {given!r}")
     enabled = given.get("enabled", False)
@@ -329,13 +386,17 @@ def _part_section(section: str, given: Any,
 def _check_pins(section: str, key: str, value: Any) -> None:
     """Pins are BCM numbers 0-53 or gpiozero names ("GPIO17"); "" means not wired."""
     for pin in value if isinstance(value, list) else [value]:
-        if pin == "" or (isinstance(pin, str) and re.fullmatch(
-                r"(GPIO|BCM|BOARD|WPI)\d{1,2}|J8:\d{1,2}", pin, re.IGNORECASE)):
+        if pin == "" or (
+            isinstance(pin, str)
+            and re.fullmatch(r"(GPIO|BCM|BOARD|WPI)\d{1,2}|J8:\d{1,2}", pin, re.IGNORECASE)
+        ):
             continue
         if isinstance(pin, int) and not isinstance(pin, bool) and 0 <= pin <= 53:
             continue
-        raise ConfigError(f"[{section}] {key}: bad pin {pin!r}: use a BCM number such as 17 "
-                          "or a name such as \"GPIO17\"")
+        raise ConfigError(
+            f"[{section}] {key}: bad pin {pin!r}: use a BCM number such as 17 "
+            'or a name such as "GPIO17"'
+        )
 
 
 def load(path: str) -> dict[str, Any]:
@@ -381,29 +442,48 @@ def default_nbd_path() -> str:
     return os.path.join(runtime_dir(), "nbd.sock")
 
 
-def serve_config(target: str, size: int | None, unit: int, socket: str | None,
-                 tcp: str | None, allow_remote: bool, control: str | None,
-                 max_connections: int | None = None,
-                 allow_overcommit: bool = False, map_cache: str | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def serve_config(
+    target: str,
+    size: int | None,
+    unit: int,
+    socket: str | None,
+    tcp: str | None,
+    allow_remote: bool,
+    control: str | None,
+    max_connections: int | None = None,
+    allow_overcommit: bool = False,
+    map_cache: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The config `savepoint serve` runs: store + NBD + control socket, and whatever else
     `extra` (a parsed `serve --config` file: parts, [lock], [policy]...) adds; the command
     line wins over it, and the store always comes from the command line."""
-    raw: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v
-                           for k, v in (extra or {}).items()}
+    raw: dict[str, Any] = {
+        k: dict(v) if isinstance(v, dict) else v for k, v in (extra or {}).items()
+    }
     if "store" in raw:
-        raise ConfigError("[store] comes from the command line in `savepoint serve`: remove "
-                          "it (or run `savepoint daemon --config`)")
+        raise ConfigError(
+            "[store] comes from the command line in `savepoint serve`: remove "
+            "it (or run `savepoint daemon --config`)"
+        )
     for section in ("nbd", "control", "lock"):
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"[{section}] must be a table")
-    raw["store"] = {"path": target, "create": True, "unit": unit,
-                    "allow_overcommit": allow_overcommit}
+    raw["store"] = {
+        "path": target,
+        "create": True,
+        "unit": unit,
+        "allow_overcommit": allow_overcommit,
+    }
     if map_cache is not None:
         raw["store"]["map_cache"] = map_cache
-    given = {("nbd", "socket"): socket, ("nbd", "tcp"): tcp,
-             ("nbd", "allow_remote"): allow_remote or None, ("control", "socket"): control,
-             ("nbd", "max_connections"): max_connections}
+    given = {
+        ("nbd", "socket"): socket,
+        ("nbd", "tcp"): tcp,
+        ("nbd", "allow_remote"): allow_remote or None,
+        ("control", "socket"): control,
+        ("nbd", "max_connections"): max_connections,
+    }
     for (section, key), value in given.items():
         if value is not None:
             raw[section][key] = value

@@ -38,11 +38,19 @@ def markdown_tables() -> str:
             out.append(f"| `enabled` | true/false | `false` | {PART_ENABLED_DOC} |")
         kinds = accepted_types(cls)
         for f in fields(cls):
-            out.append(f"| `{f.name}` | {_kind(kinds[f.name])} | `{_toml(default_of(f))}` | "
-                       f"{doc_of(f).replace('|', '/')} |")
+            out.append(
+                f"| `{f.name}` | {_kind(kinds[f.name])} | `{_toml(default_of(f))}` | "
+                f"{doc_of(f).replace('|', '/')} |"
+            )
         out.append("")
-    out += ["## [policy]", "", "Rules: `always`, `unlocked` (only while UNLOCKED), `never`.", "",
-            "| class | " + " | ".join(ACTIONS) + " |", "|---" * (len(ACTIONS) + 1) + "|"]
+    out += [
+        "## [policy]",
+        "",
+        "Rules: `always`, `unlocked` (only while UNLOCKED), `never`.",
+        "",
+        "| class | " + " | ".join(ACTIONS) + " |",
+        "|---" * (len(ACTIONS) + 1) + "|",
+    ]
     for source, rules in default_policy().items():
         out.append(f"| `{source}` | " + " | ".join(rules[a] for a in ACTIONS) + " |")
     return "\n".join([DOCS_BEGIN, "", *out, "", DOCS_END])

@@ -54,8 +54,11 @@ class StartupError(Exception):
 
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter() if under_journald() else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JournalFormatter()
+        if under_journald()
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -75,8 +78,13 @@ def under_journald() -> bool:
 class JournalFormatter(logging.Formatter):
     """'<prio>name: message': journald keeps the priority and adds its own timestamp."""
 
-    PRIO = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-            logging.CRITICAL: 2}
+    PRIO = {
+        logging.DEBUG: 7,
+        logging.INFO: 6,
+        logging.WARNING: 4,
+        logging.ERROR: 3,
+        logging.CRITICAL: 2,
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         prio = self.PRIO.get(record.levelno, 6)
@@ -87,9 +95,15 @@ class JournalFormatter(logging.Formatter):
 
 
 class Daemon:
-    def __init__(self, cfg: dict[str, Any], *, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time, notifier: Notifier | None = None,
-                 on_ready: Callable[[Daemon], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
+        on_ready: Callable[[Daemon], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.clock, self.wall = clock, wall
         self.notifier = notifier or Notifier()
@@ -131,20 +145,29 @@ class Daemon:
         self._prepare_runtime_dir()
         self.store = store = await asyncio.to_thread(self._open_store)
         lock = self.cfg["lock"]
-        self.bus = CommandBus(store, self.cfg["policy"], lock_enabled=lock["enabled"],
-                              relock_after=lock["relock_after"], single_use=lock["single_use"],
-                              clock=self.clock, wall=self.wall, activity=self.activity,
-                              settle=self.cfg["save"]["settle"],
-                              max_wait=self.cfg["save"]["max_wait"])
+        self.bus = CommandBus(
+            store,
+            self.cfg["policy"],
+            lock_enabled=lock["enabled"],
+            relock_after=lock["relock_after"],
+            single_use=lock["single_use"],
+            clock=self.clock,
+            wall=self.wall,
+            activity=self.activity,
+            settle=self.cfg["save"]["settle"],
+            max_wait=self.cfg["save"]["max_wait"],
+        )
         self.bus.status_extras.append(self._nbd_status)
         self._watch_storage(store)
-        self.policies = RestorePolicies(self.bus, self.cfg["restore"]["policy"],
-                                        self.cfg["restore"]["at"], now=self.wall)
+        self.policies = RestorePolicies(
+            self.bus, self.cfg["restore"]["policy"], self.cfg["restore"]["at"], now=self.wall
+        )
         await self.policies.on_boot()  # before any host can read the disk
         await self._start_nbd(store)
         ccfg = self.cfg["control"]
-        self.control = ControlServer(self.bus, self.control_socket, ccfg["group"],
-                                     limits=ControlLimits.from_config(ccfg))
+        self.control = ControlServer(
+            self.bus, self.control_socket, ccfg["group"], limits=ControlLimits.from_config(ccfg)
+        )
         try:
             await self.control.start()
         except (OSError, RuntimeError) as e:
@@ -156,8 +179,10 @@ class Daemon:
         line = await self._status_line()
         self.notifier.ready(line)
         log.info("ready: %s", line)
-        self._tasks = [asyncio.create_task(self._ticker(line), name="tick"),
-                       asyncio.create_task(self.activity.watch(), name="host-activity")]
+        self._tasks = [
+            asyncio.create_task(self._ticker(line), name="tick"),
+            asyncio.create_task(self.activity.watch(), name="host-activity"),
+        ]
         if self.cfg["store"]["background"]:
             self._tasks.append(asyncio.create_task(self._background(store), name="background"))
         if self.on_ready:
@@ -212,11 +237,14 @@ class Daemon:
             raise StartupError("[store] path is not set: give the backing file or device")
         if cfg["create"] and not os.path.exists(path):
             if cfg["size"] == "":
-                raise StartupError(f"{path} does not exist: give a size to create it "
-                                   "(savepoint serve {path} --size 1G)")
+                raise StartupError(
+                    f"{path} does not exist: give a size to create it "
+                    "(savepoint serve {path} --size 1G)"
+                )
             try:
-                create_store(path, cfg["size"], cfg["unit"],
-                                       allow_overcommit=cfg["allow_overcommit"])
+                create_store(
+                    path, cfg["size"], cfg["unit"], allow_overcommit=cfg["allow_overcommit"]
+                )
             except (StoreError, InitError, OSError, ValueError) as e:
                 raise StartupError(f"cannot create the store at {path}: {e}") from None
             log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
@@ -230,11 +258,16 @@ class Daemon:
         gid = socket_group(ncfg["group"])
         try:
             tcp = parse_hostport(ncfg["tcp"]) if ncfg["tcp"] else None
-            nbd = NbdServer(store, unix_path=self.nbd_socket, tcp=tcp,
-                            allow_remote=ncfg["allow_remote"], socket_mode=0o600,
-                            group=ncfg["group"] if gid is not None else None,
-                            export_name=ncfg["export_name"],
-                            max_connections=ncfg["max_connections"])
+            nbd = NbdServer(
+                store,
+                unix_path=self.nbd_socket,
+                tcp=tcp,
+                allow_remote=ncfg["allow_remote"],
+                socket_mode=0o600,
+                group=ncfg["group"] if gid is not None else None,
+                export_name=ncfg["export_name"],
+                max_connections=ncfg["max_connections"],
+            )
             nbd.activity = self.activity
             nbd.start()
         except (OSError, ValueError, RuntimeError) as e:
@@ -246,8 +279,11 @@ class Daemon:
     def _nbd_status(self) -> dict[str, Any]:
         if self.nbd is None:
             return {}
-        return {"nbd_uris": list(self.nbd.uris), "inflight": self.nbd.inflight,
-                "nbd_clients": self.nbd.active_connections}
+        return {
+            "nbd_uris": list(self.nbd.uris),
+            "inflight": self.nbd.inflight,
+            "nbd_clients": self.nbd.active_connections,
+        }
 
     # -- the backing storage's "full" fault (appliance/store/space.py) -------------------------
     def _watch_storage(self, store: Store) -> None:
@@ -275,8 +311,9 @@ class Daemon:
         else:
             self.bus.set_part("storage", "up", space.kind)
             if was == "failed":
-                self.bus.publish(Event("fault", {"part": "storage", "cleared": True,
-                                                 "reason": "", "hint": ""}))
+                self.bus.publish(
+                    Event("fault", {"part": "storage", "cleared": True, "reason": "", "hint": ""})
+                )
         if was is not None and (was == "failed") != bool(space.full_reason):
             task = asyncio.get_running_loop().create_task(self._publish_state())
             self._side_tasks.add(task)
@@ -298,14 +335,19 @@ class Daemon:
         try:
             spec = load_spec(name)
         except (ImportError, AttributeError) as e:
-            self._part_failed(name, f"{all_parts()[name]} is not available: {e}",
-                              "install the full savepoint package")
+            self._part_failed(
+                name,
+                f"{all_parts()[name]} is not available: {e}",
+                "install the full savepoint package",
+            )
             return
         try:
             part = spec.make(part_config(spec, pcfg), PartContext(self.bus, self.nbd_socket))
             if spec.store_hooks and not isinstance(part, StoreHooks):
-                raise TypeError(f"{type(part).__name__} declares store_hooks but lacks "
-                                "before_save/around_restore")
+                raise TypeError(
+                    f"{type(part).__name__} declares store_hooks but lacks "
+                    "before_save/around_restore"
+                )
             await part.start()
         except PartUnavailable as e:
             self._part_failed(name, e.reason, e.hint)
@@ -359,9 +401,9 @@ class Daemon:
             loaded = urgent and (self.bus.busy or io)
             started = time.monotonic()
             try:
-                more = await asyncio.to_thread(store.background_step,
-                                               BACKGROUND_UNITS_LOADED if loaded
-                                               else BACKGROUND_UNITS)
+                more = await asyncio.to_thread(
+                    store.background_step, BACKGROUND_UNITS_LOADED if loaded else BACKGROUND_UNITS
+                )
             except Exception as e:  # noqa: BLE001 - the pass must survive any store error
                 failures += 1
                 delay = min(BACKGROUND_BACKOFF_MAX, BACKGROUND_BACKOFF * 2 ** (failures - 1))
@@ -382,9 +424,11 @@ class Daemon:
     def _background_failed(self, error: Exception, failures: int, delay: float) -> None:
         assert self.bus is not None
         reason = f"background pass failed: {error}"
-        hint = (f"retrying in {delay:g} s (attempt {failures}); check the backing storage "
-                "(journalctl -k, free space); SAVE and RESTORE still work until the history "
-                "ring is full")
+        hint = (
+            f"retrying in {delay:g} s (attempt {failures}); check the backing storage "
+            "(journalctl -k, free space); SAVE and RESTORE still work until the history "
+            "ring is full"
+        )
         (log.exception if failures == 1 else log.warning)("%s; %s", reason, hint)
         self.bus.set_part("background", "failed", reason, hint)
 
@@ -392,8 +436,7 @@ class Daemon:
         assert self.bus is not None
         st = await self.bus.snapshot()
         failed = [n for n, p in self.bus.parts.items() if p["state"] == "failed"]
-        text = (f"{st['mode']}, epoch {st.get('epoch')}, {st.get('dirty_units', 0)} unsaved "
-                f"units")
+        text = f"{st['mode']}, epoch {st.get('epoch')}, {st.get('dirty_units', 0)} unsaved units"
         if st.get("waiting"):
             text += f", {st['waiting']}"
         return text + (f", failed: {', '.join(failed)}" if failed else "")

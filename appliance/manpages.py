@@ -22,16 +22,21 @@ def parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from appliance.usb.host_client import build_parser as host_parser
     from ble.fob_client import parser as fob_parser
 
-    return {"savepoint": build_parser, "savepoint-host": host_parser,
-            "savepoint-fob": fob_parser}
+    return {"savepoint": build_parser, "savepoint-host": host_parser, "savepoint-fob": fob_parser}
 
 
 def manpage(parser: argparse.ArgumentParser) -> str:
     from argparse_manpage.manpage import Manpage
 
-    page = Manpage(parser, _data={"project_name": "savepoint", "version": __version__,
-                                  "manual_title": "Savepoint manual",
-                                  "description": parser.description})
+    page = Manpage(
+        parser,
+        _data={
+            "project_name": "savepoint",
+            "version": __version__,
+            "manual_title": "Savepoint manual",
+            "description": parser.description,
+        },
+    )
     return str(page)
 
 
@@ -46,8 +51,11 @@ def write_all(prefix: Path) -> list[Path]:
     share = prefix / "share"
     targets = {
         "man": (share / "man" / "man1", "{name}.1", manpage),
-        "bash": (share / "bash-completion" / "completions", "{name}",
-                 lambda p: completion(p, "bash")),
+        "bash": (
+            share / "bash-completion" / "completions",
+            "{name}",
+            lambda p: completion(p, "bash"),
+        ),
         "zsh": (share / "zsh" / "site-functions", "_{name}", lambda p: completion(p, "zsh")),
     }
     written = []

@@ -18,7 +18,7 @@ from appliance.sizes import human
 _WAY_OUT = {  # errno -> the way out; the OS's own words say what happened
     errno.EACCES: "run it as a user who may write there (e.g. with sudo) or choose another path",
     errno.EPERM: "check for an immutable file (lsattr) or a sandbox, run as root, or choose "
-                 "another path",
+    "another path",
     errno.EROFS: "remount it read-write (mount -o remount,rw) or choose another path",
     errno.EISDIR: "give a file inside it, e.g. {path}/disk.img",
     errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
@@ -75,18 +75,22 @@ def _check_device(path: str, total_size: int, disk_size: int) -> None:
     finally:
         os.close(fd)
     if total_size > capacity:
-        raise Refused(f"{path} holds {human(capacity)}; a {human(disk_size)} disk needs "
-                      f"{human(total_size)} (two copies and metadata): choose a --size of at "
-                      f"most about {human(max(0, capacity - total_size + 2 * disk_size) // 2)}"
-                      " or leave --size out for the largest that fits")
+        raise Refused(
+            f"{path} holds {human(capacity)}; a {human(disk_size)} disk needs "
+            f"{human(total_size)} (two copies and metadata): choose a --size of at "
+            f"most about {human(max(0, capacity - total_size + 2 * disk_size) // 2)}"
+            " or leave --size out for the largest that fits"
+        )
 
 
 def _check_file_room(path: str, total_size: int, disk_size: int) -> None:
     """A sparse file of the full size must be allowed where it will live (EFBIG, EROFS...)."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise Refused(f"{folder}: the folder does not exist: create it (mkdir -p {folder}) "
-                      "or choose another path")
+        raise Refused(
+            f"{folder}: the folder does not exist: create it (mkdir -p {folder}) "
+            "or choose another path"
+        )
     try:  # an unnamed file in the same file system: it vanishes when closed
         fd = os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600)
     except OSError as e:
@@ -97,9 +101,11 @@ def _check_file_room(path: str, total_size: int, disk_size: int) -> None:
         os.ftruncate(fd, total_size)
     except OSError as e:
         if e.errno in (errno.EFBIG, errno.EINVAL):
-            raise Refused(f"{path}: a {human(disk_size)} disk needs a {human(total_size)} file "
-                          f"(two copies and metadata), more than the file system at {folder} "
-                          "allows in one file: choose a smaller --size") from None
+            raise Refused(
+                f"{path}: a {human(disk_size)} disk needs a {human(total_size)} file "
+                f"(two copies and metadata), more than the file system at {folder} "
+                "allows in one file: choose a smaller --size"
+            ) from None
         raise Refused(explain_os_error(e, path)) from None
     finally:
         os.close(fd)

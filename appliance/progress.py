@@ -24,9 +24,18 @@ class Progress:
             from tqdm import tqdm
 
             size = shutil.get_terminal_size()  # a pty may report 0 x 0: this falls back
-            self._bar = tqdm(total=total, desc=self.label, unit="B", unit_scale=True,
-                             unit_divisor=1024, file=self.stream, leave=True,
-                             mininterval=0.25, ncols=size.columns, nrows=size.lines)
+            self._bar = tqdm(
+                total=total,
+                desc=self.label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=self.stream,
+                leave=True,
+                mininterval=0.25,
+                ncols=size.columns,
+                nrows=size.lines,
+            )
         self._bar.update(min(done, total) - self._bar.n)
 
     def close(self) -> None:
@@ -37,6 +46,7 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

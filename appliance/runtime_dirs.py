@@ -28,17 +28,23 @@ def check(path: str, owners: tuple[int, ...]) -> None:
         return
     fix = f"remove it (`sudo rm -r {path}`) and start again, or set XDG_RUNTIME_DIR"
     if stat.S_ISLNK(st.st_mode):
-        raise UnsafeDir(f"{path} is a symlink (to {os.readlink(path)}), not the runtime "
-                        f"directory itself: someone may be redirecting the sockets; {fix}")
+        raise UnsafeDir(
+            f"{path} is a symlink (to {os.readlink(path)}), not the runtime "
+            f"directory itself: someone may be redirecting the sockets; {fix}"
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDir(f"{path} is not a directory; {fix}")
     if st.st_uid not in owners:
-        raise UnsafeDir(f"{path} belongs to uid {st.st_uid}, not to uid {os.geteuid()}: "
-                        f"another user may have made it to receive your commands; {fix}")
+        raise UnsafeDir(
+            f"{path} belongs to uid {st.st_uid}, not to uid {os.geteuid()}: "
+            f"another user may have made it to receive your commands; {fix}"
+        )
     if st.st_mode & 0o022:
-        raise UnsafeDir(f"{path} is writable by {'group' if st.st_mode & 0o020 else 'others'}"
-                        f" (mode {stat.S_IMODE(st.st_mode):04o}): anyone there could replace "
-                        f"the sockets; `chmod go-w {path}`, or {fix}")
+        raise UnsafeDir(
+            f"{path} is writable by {'group' if st.st_mode & 0o020 else 'others'}"
+            f" (mode {stat.S_IMODE(st.st_mode):04o}): anyone there could replace "
+            f"the sockets; `chmod go-w {path}`, or {fix}"
+        )
 
 
 def prepare(path: str, gid: int | None = None) -> None:

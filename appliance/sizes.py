@@ -11,8 +11,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_SIZE_RE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d+)?)\s*(?:([kmgtp])(ib?|b)?|(b)?)\s*$",
-                      re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d+)?)\s*(?:([kmgtp])(ib?|b)?|(b)?)\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 EXAMPLES = "e.g. 8G, 512M, 64K, 1.5GiB or 4096 (bytes; K/M/G/T are binary: 1K = 1024)"
 
@@ -45,9 +44,11 @@ def _parse_text(text: str) -> int:
         p = prefix.upper()
         power = "kmgtp".index(prefix.lower()) + 1
         decimal = Fraction(number) * 10 ** (3 * power)
-        raise SizeError(f"size {text.strip()!r} is ambiguous: write {number}{p} (or "
-                        f"{number}{p}iB) for binary, 1{p} = {_SCALE[prefix.lower()]} bytes, "
-                        f"or {int(decimal)} bytes for decimal")
+        raise SizeError(
+            f"size {text.strip()!r} is ambiguous: write {number}{p} (or "
+            f"{number}{p}iB) for binary, 1{p} = {_SCALE[prefix.lower()]} bytes, "
+            f"or {int(decimal)} bytes for decimal"
+        )
     value = Fraction(number) * _SCALE[prefix.lower()]
     if value.denominator != 1:
         raise SizeError(f"size {text.strip()!r} is not a whole number of bytes")

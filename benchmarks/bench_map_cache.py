@@ -59,11 +59,25 @@ def serve(path: str, sock: str, budget: int) -> None:
 
 def fio_randwrite(uri: str, size: int, writes: int) -> float:
     out = subprocess.run(
-        ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-         "--iodepth=16", f"--size={size}", f"--io_size={writes * 4096}", "--norandommap",
-         "--randrepeat=0", "--output-format=json"],
-        check=True, capture_output=True, text=True).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+        [
+            "fio",
+            "--name=b",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            f"--size={size}",
+            f"--io_size={writes * 4096}",
+            "--norandommap",
+            "--randrepeat=0",
+            "--output-format=json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out[out.index("{") :])["jobs"][0]["write"]["iops"]
 
 
 def run_one(work: str, size: int, writes: int, budget: int) -> dict[str, float]:
@@ -72,8 +86,12 @@ def run_one(work: str, size: int, writes: int, budget: int) -> dict[str, float]:
 
     path, sock = f"{work}/s{size}.img", f"{work}/s{size}.sock"
     create_store(path, size, unit=4096, allow_overcommit=True)
-    child = subprocess.Popen([sys.executable, __file__, "--serve", path, sock, str(budget)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--serve", path, sock, str(budget)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout and child.stdin
         res = json.loads(child.stdout.readline())
@@ -100,10 +118,14 @@ def unit_tradeoff(work: str, writes: int) -> None:
     from appliance.store.format import plan_geometry
 
     size = 64 * GiB
-    print(f"\n== unit size: map RAM, SAVE and pass vs copy-up ({writes} random 4 KiB writes "
-          "over 64 GiB) ==")
-    print(f"{'unit':>5} {'map/TiB':>8} {'SAVE ms':>8} {'pass s':>7} {'1st-write/s':>12} "
-          f"{'rewrite/s':>10}")
+    print(
+        f"\n== unit size: map RAM, SAVE and pass vs copy-up ({writes} random 4 KiB writes "
+        "over 64 GiB) =="
+    )
+    print(
+        f"{'unit':>5} {'map/TiB':>8} {'SAVE ms':>8} {'pass s':>7} {'1st-write/s':>12} "
+        f"{'rewrite/s':>10}"
+    )
     for unit in (4096, 16384, 65536):
         path = f"{work}/u{unit}.img"
         create_store(path, size, unit=unit, allow_overcommit=True)
@@ -130,8 +152,10 @@ def unit_tradeoff(work: str, writes: int) -> None:
                 st.write(o, block)
             again = writes / (time.perf_counter() - t0)
         meta = plan_geometry(1 << 40, unit).meta_len
-        print(f"{unit >> 10:4}K {meta / (1 << 20):7.0f}M {save_ms:8.1f} {pass_s:7.2f} "
-              f"{first:12.0f} {again:10.0f}")
+        print(
+            f"{unit >> 10:4}K {meta / (1 << 20):7.0f}M {save_ms:8.1f} {pass_s:7.2f} "
+            f"{first:12.0f} {again:10.0f}"
+        )
         os.unlink(path)
 
 
@@ -140,8 +164,9 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=100_000)
     ap.add_argument("--budget", default="32M", help="[store] map_cache for both stores")
     ap.add_argument("--dir", default=None, help="where to put the sparse files")
-    ap.add_argument("--units", action="store_true",
-                    help="only the unit-size trade-off (in-process, no NBD)")
+    ap.add_argument(
+        "--units", action="store_true", help="only the unit-size trade-off (in-process, no NBD)"
+    )
     ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -168,20 +193,28 @@ def main() -> None:
 
 def report(writes: int, budget: int, small: dict, big: dict) -> None:
     mib = 1 << 20
-    print(f"== {writes} random 4 KiB writes over NBD (fio QD16), map cache "
-          f"{budget / mib:.0f} MiB ==")
-    print(f"{'disk':>6} {'open s':>8} {'RSS rest':>9} {'IOPS':>8} {'RSS after':>10} "
-          f"{'RSS peak':>9} {'cache':>8} {'hits':>6}")
+    print(
+        f"== {writes} random 4 KiB writes over NBD (fio QD16), map cache {budget / mib:.0f} MiB =="
+    )
+    print(
+        f"{'disk':>6} {'open s':>8} {'RSS rest':>9} {'IOPS':>8} {'RSS after':>10} "
+        f"{'RSS peak':>9} {'cache':>8} {'hits':>6}"
+    )
     for name, r in (("1 GiB", small), ("1 TiB", big)):
-        print(f"{name:>6} {r['open_s']:8.3f} {r['rss_rest'] / mib:8.1f}M {r['iops']:8.0f} "
-              f"{r['rss_after'] / mib:9.1f}M {r['rss_peak'] / mib:8.1f}M "
-              f"{r['cache']['size'] / mib:7.1f}M {r['cache']['hit_rate']:6.1%}")
+        print(
+            f"{name:>6} {r['open_s']:8.3f} {r['rss_rest'] / mib:8.1f}M {r['iops']:8.0f} "
+            f"{r['rss_after'] / mib:9.1f}M {r['rss_peak'] / mib:8.1f}M "
+            f"{r['cache']['size'] / mib:7.1f}M {r['cache']['hit_rate']:6.1%}"
+        )
     print(f"IOPS 1 TiB / 1 GiB: {big['iops'] / small['iops']:.2f}x (goal: at least 0.7x)")
     extra = (big["rss_peak"] - small["rss_peak"]) / mib
-    print(f"peak RSS 1 TiB - 1 GiB: {extra:.1f} MiB (goal: within the {budget / mib:.0f} MiB "
-          "budget)")
-    print(f"open: 1 TiB {big['open_s'] * 1e3:.1f} ms, 1 GiB {small['open_s'] * 1e3:.1f} ms; "
-          f"RSS at rest {big['rss_rest'] / mib:.1f} vs {small['rss_rest'] / mib:.1f} MiB")
+    print(
+        f"peak RSS 1 TiB - 1 GiB: {extra:.1f} MiB (goal: within the {budget / mib:.0f} MiB budget)"
+    )
+    print(
+        f"open: 1 TiB {big['open_s'] * 1e3:.1f} ms, 1 GiB {small['open_s'] * 1e3:.1f} ms; "
+        f"RSS at rest {big['rss_rest'] / mib:.1f} vs {small['rss_rest'] / mib:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -107,11 +107,25 @@ class Server:
 
 def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: int) -> float:
     out = subprocess.run(
-        ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-         f"--iodepth={qd}", f"--size={size}", f"--runtime={runtime}", "--time_based",
-         "--output-format=json", "--randrepeat=0"],
-        check=True, capture_output=True, text=True).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+        [
+            "fio",
+            "--name=b",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            f"--iodepth={qd}",
+            f"--size={size}",
+            f"--runtime={runtime}",
+            "--time_based",
+            "--output-format=json",
+            "--randrepeat=0",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     return side["io_bytes"]
 
@@ -127,8 +141,11 @@ def measure(server: Server, action) -> tuple[float, float, float]:
 
 def perf_instructions(pid: int, action) -> float | None:
     """Instructions the server ran per byte moved, or None when perf cannot count them."""
-    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "instructions", "-p", str(pid)],
-                            stderr=subprocess.PIPE, text=True)
+    perf = subprocess.Popen(
+        ["perf", "stat", "-x,", "-e", "instructions", "-p", str(pid)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.3)
     nbytes = action()
     perf.send_signal(2)
@@ -145,8 +162,12 @@ def main() -> None:
     ap.add_argument("--size", default="512M")
     ap.add_argument("--runtime", type=int, default=4, help="seconds per fio test")
     ap.add_argument("--dir", default="/var/tmp", help="directory on the disk to test")
-    ap.add_argument("--only", default="", help="run only tests whose name contains one of "
-                    "these comma-separated words (e.g. --only 4K,nbdcopy)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="run only tests whose name contains one of "
+        "these comma-separated words (e.g. --only 4K,nbdcopy)",
+    )
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--serve-plain", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,8 +188,7 @@ def run(work: str, size: int, runtime: int, only: list[str]) -> None:
     sys.path.insert(0, TOP)
     from appliance.store import create_store
 
-    src, plain, plain2, store = (os.path.join(work, n)
-                                 for n in ("src", "plain", "plain2", "store"))
+    src, plain, plain2, store = (os.path.join(work, n) for n in ("src", "plain", "plain2", "store"))
     with open(src, "wb") as f:
         for _ in range(size // (1 << 20)):
             f.write(os.urandom(1 << 20))
@@ -177,19 +197,32 @@ def run(work: str, size: int, runtime: int, only: list[str]) -> None:
             f.truncate(size)
     create_store(store, size)
     servers = [
-        Server("savepoint", [sys.executable, __file__, "--serve", store, work + "/sp.sock"],
-               work + "/sp.sock"),
-        Server("nbdkit", ["nbdkit", "-f", "-U", work + "/kit.sock", "file", f"file={plain}"],
-               work + "/kit.sock"),
-        Server("server-only", [sys.executable, __file__, "--serve-plain", plain2,
-                               work + "/so.sock"], work + "/so.sock"),
+        Server(
+            "savepoint",
+            [sys.executable, __file__, "--serve", store, work + "/sp.sock"],
+            work + "/sp.sock",
+        ),
+        Server(
+            "nbdkit",
+            ["nbdkit", "-f", "-U", work + "/kit.sock", "file", f"file={plain}"],
+            work + "/kit.sock",
+        ),
+        Server(
+            "server-only",
+            [sys.executable, __file__, "--serve-plain", plain2, work + "/so.sock"],
+            work + "/so.sock",
+        ),
     ]
     results: dict[str, dict[str, tuple[float, float, float]]] = {}
     try:
-        tests = [("nbdcopy write", lambda s: nbdcopy(src, s.uri, size)),
-                 ("nbdcopy read", lambda s: nbdcopy(s.uri, "null:", size))]
-        tests += [(name, lambda s, rw=rw, bs=bs, qd=qd: run_fio(s.uri, rw, bs, qd, size, runtime))
-                  for name, rw, bs, qd in FIO_TESTS]
+        tests = [
+            ("nbdcopy write", lambda s: nbdcopy(src, s.uri, size)),
+            ("nbdcopy read", lambda s: nbdcopy(s.uri, "null:", size)),
+        ]
+        tests += [
+            (name, lambda s, rw=rw, bs=bs, qd=qd: run_fio(s.uri, rw, bs, qd, size, runtime))
+            for name, rw, bs, qd in FIO_TESTS
+        ]
         tests = [t for t in tests if not only or any(w in t[0] for w in only)]
         for name, action in tests:  # servers take turns per test: background load hits all
             for s in servers:
@@ -197,8 +230,9 @@ def run(work: str, size: int, runtime: int, only: list[str]) -> None:
         report(results)
         for s in servers[:2] if not only else []:
             for rw in ("read", "write"):
-                ipb = perf_instructions(s.proc.pid, lambda s=s, rw=rw:
-                                        run_fio(s.uri, rw, "128k", 8, size, 2))
+                ipb = perf_instructions(
+                    s.proc.pid, lambda s=s, rw=rw: run_fio(s.uri, rw, "128k", 8, size, 2)
+                )
                 shown = f"{ipb:.2f} instructions/byte" if ipb else "not supported here"
                 print(f"perf {s.name:9s} 128K sequential {rw:5s}: {shown}")
     finally:
@@ -215,13 +249,17 @@ def report(results: dict[str, dict[str, tuple[float, float, float]]]) -> None:
     """savepoint = server + store; server-only = the same server over a plain file (no store),
     which shows how much of the cost is the server's and how much the store's."""
     sp, kit, so = results["savepoint"], results["nbdkit"], results["server-only"]
-    print(f"{'test':22s} {'savepoint':>10s} {'nbdkit':>8s} {'ratio':>6s} {'srv-only':>9s} "
-          f"{'ratio':>6s} | CPU s/GiB: {'sp':>6s} {'kit':>6s} {'srv-only':>8s}")
+    print(
+        f"{'test':22s} {'savepoint':>10s} {'nbdkit':>8s} {'ratio':>6s} {'srv-only':>9s} "
+        f"{'ratio':>6s} | CPU s/GiB: {'sp':>6s} {'kit':>6s} {'srv-only':>8s}"
+    )
     for name in sp:
         (a, ca, na), (b, cb, nb), (c, cc, nc) = sp[name], kit[name], so[name]
-        print(f"{name:22s} {a:10.1f} {b:8.1f} {a / b:6.2f} {c:9.1f} {c / b:6.2f} |"
-              f"{'':11s} {ca / (na / 2**30):6.2f} {cb / (nb / 2**30):6.2f} "
-              f"{cc / (nc / 2**30):8.2f}")
+        print(
+            f"{name:22s} {a:10.1f} {b:8.1f} {a / b:6.2f} {c:9.1f} {c / b:6.2f} |"
+            f"{'':11s} {ca / (na / 2**30):6.2f} {cb / (nb / 2**30):6.2f} "
+            f"{cc / (nc / 2**30):8.2f}"
+        )
     print("(MB/s; ratio = x / nbdkit; server-only = this server over a plain file, no store)")
 
 

@@ -39,19 +39,28 @@ def prepare(path: str, size: int, fill_ring: bool) -> dict[str, object]:
         st.save("bench")  # every unit now waits for the pass
         for _ in range(HIST_CAP - 100 if fill_ring else 0):
             st.restore("bench")
-        return {"ring_free": st.ring_free(), "urgent": st.pass_urgent(),
-                "pending": st.status()["pending_units"]}
+        return {
+            "ring_free": st.ring_free(),
+            "urgent": st.pass_urgent(),
+            "pending": st.status()["pending_units"],
+        }
 
 
 def serve(work: str, name: str, path: str, background: bool) -> tuple[subprocess.Popen, str]:
     cfg = os.path.join(work, f"{name}.toml")
     sock, ctl = os.path.join(work, f"{name}.sock"), os.path.join(work, f"{name}.ctl")
     with open(cfg, "w") as f:
-        f.write(f'[store]\npath = "{path}"\nbackground = {str(background).lower()}\n'
-                f'[nbd]\nsocket = "{sock}"\n[control]\nsocket = "{ctl}"\n'
-                '[lock]\nenabled = false\n')
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "daemon", "--config", cfg],
-                            cwd=TOP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        f.write(
+            f'[store]\npath = "{path}"\nbackground = {str(background).lower()}\n'
+            f'[nbd]\nsocket = "{sock}"\n[control]\nsocket = "{ctl}"\n'
+            "[lock]\nenabled = false\n"
+        )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "daemon", "--config", cfg],
+        cwd=TOP,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while not os.path.exists(ctl):
         if time.time() > deadline or proc.poll() is not None:
@@ -61,21 +70,43 @@ def serve(work: str, name: str, path: str, background: bool) -> tuple[subprocess
 
 
 def pending(ctl: str) -> int:
-    out = subprocess.run([sys.executable, "-m", "appliance.cli", "status", "--json",
-                          "--control", ctl], cwd=TOP, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "status", "--json", "--control", ctl],
+        cwd=TOP,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(json.loads(out.stdout)["data"]["pending_units"])
 
 
 def fio(uri: str, size: int, runtime: int) -> dict[str, float]:
     out = subprocess.run(
-        ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-         "--iodepth=16", f"--size={size}", f"--runtime={runtime}", "--time_based",
-         "--output-format=json", "--randrepeat=0"],
-        check=True, capture_output=True, text=True).stdout
-    w = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+        [
+            "fio",
+            "--name=b",
+            "--ioengine=nbd",
+            f"--uri={uri}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            f"--size={size}",
+            f"--runtime={runtime}",
+            "--time_based",
+            "--output-format=json",
+            "--randrepeat=0",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    w = json.loads(out[out.index("{") :])["jobs"][0]["write"]
     clat = w["clat_ns"]
-    return {"iops": w["iops"], "p99_ms": clat["percentile"]["99.000000"] / 1e6,
-            "max_ms": clat["max"] / 1e6}
+    return {
+        "iops": w["iops"],
+        "p99_ms": clat["percentile"]["99.000000"] / 1e6,
+        "max_ms": clat["max"] / 1e6,
+    }
 
 
 def main() -> None:
@@ -111,15 +142,21 @@ def main() -> None:
 
 def report(rows: dict[str, dict]) -> None:
     print(f"4 KiB random writes, QD16, every unit pending; ring of {HIST_CAP} records")
-    print(f"{'run':12s} {'ring free':>9s} {'pending before':>15s} {'after':>9s} {'IOPS':>8s} "
-          f"{'p99 ms':>7s} {'max ms':>7s}")
+    print(
+        f"{'run':12s} {'ring free':>9s} {'pending before':>15s} {'after':>9s} {'IOPS':>8s} "
+        f"{'p99 ms':>7s} {'max ms':>7s}"
+    )
     for name, r in rows.items():
-        print(f"{name:12s} {r['ring_free']:9d} {r['before']:15d} {r['after']:9d} "
-              f"{r['iops']:8.0f} {r['p99_ms']:7.2f} {r['max_ms']:7.1f}")
+        print(
+            f"{name:12s} {r['ring_free']:9d} {r['before']:15d} {r['after']:9d} "
+            f"{r['iops']:8.0f} {r['p99_ms']:7.2f} {r['max_ms']:7.1f}"
+        )
     a, b = rows["forced pass"], rows["no pass"]
-    print(f"forced pass / no pass: IOPS {a['iops'] / b['iops']:.2f}, "
-          f"p99 {a['p99_ms'] / b['p99_ms']:.2f}x; worst request {a['max_ms']:.1f} ms "
-          f"(goal: under 50 ms)")
+    print(
+        f"forced pass / no pass: IOPS {a['iops'] / b['iops']:.2f}, "
+        f"p99 {a['p99_ms'] / b['p99_ms']:.2f}x; worst request {a['max_ms']:.1f} ms "
+        f"(goal: under 50 ms)"
+    )
 
 
 if __name__ == "__main__":

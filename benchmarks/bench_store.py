@@ -53,8 +53,11 @@ def mark_written(st: Store, fraction: float) -> int:
     else:
         run = 1024
         stride = max(run, int(run / fraction))
-        runs = [(0, st.geo.unit_count)] if fraction >= 1 else \
-            [(f, min(f + run, st.geo.unit_count)) for f in range(0, st.geo.unit_count, stride)]
+        runs = (
+            [(0, st.geo.unit_count)]
+            if fraction >= 1
+            else [(f, min(f + run, st.geo.unit_count)) for f in range(0, st.geo.unit_count, stride)]
+        )
         for first, end in runs:
             st.map.uniform(first, end)  # loads the map pages of the run
         with st.map.lock:
@@ -100,8 +103,10 @@ def bench_latency(tmp: str, sizes: list[int]) -> None:
             st.close()
             os.unlink(path)
             results.append((t_save, t_restore))
-            print(f"{size // GiB:>6}Gi {frac:>8.0%} {t_open:>8.3f} {t_save * 1e3:>9.2f} "
-                  f"{t_restore * 1e3:>11.2f}")
+            print(
+                f"{size // GiB:>6}Gi {frac:>8.0%} {t_open:>8.3f} {t_save * 1e3:>9.2f} "
+                f"{t_restore * 1e3:>11.2f}"
+            )
     for i, name in enumerate(("SAVE", "RESTORE")):
         col = [r[i] for r in results]
         print(f"{name}: slowest / fastest case {max(col) / min(col):.2f}x (goal: within 2x)")
@@ -114,10 +119,12 @@ def bench_qemu_commit(tmp: str) -> None:
     print("\n== peer: qemu-img commit of a qcow2 overlay holding 1 GiB of writes ==")
     base, top = os.path.join(tmp, "base.raw"), os.path.join(tmp, "top.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", base, "1G"], check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top],
-                   check=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1G", top], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top], check=True
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1G", top], check=True, capture_output=True
+    )
     t = time.perf_counter()
     subprocess.run(["qemu-img", "commit", "-q", top], check=True)
     t_commit = time.perf_counter() - t
@@ -130,8 +137,10 @@ def bench_qemu_commit(tmp: str) -> None:
     st.flush()
     t_save = time_cmd(partial(st.save, "bench"))
     st.close()
-    print(f"qemu-img commit: {t_commit * 1e3:.1f} ms; Savepoint SAVE of the same 1 GiB: "
-          f"{t_save * 1e3:.2f} ms; ratio {t_commit / t_save:.0f}x faster")
+    print(
+        f"qemu-img commit: {t_commit * 1e3:.1f} ms; Savepoint SAVE of the same 1 GiB: "
+        f"{t_save * 1e3:.2f} ms; ratio {t_commit / t_save:.0f}x faster"
+    )
     for p in (base, top, path):
         os.unlink(p)
 
@@ -153,16 +162,22 @@ def run_store(st: Store, offs: list[int], data: bytes | None, buf: memoryview) -
 
 
 def bench_throughput(tmp: str, size: int) -> None:
-    print(f"\n== throughput on a {size // MiB} MiB disk: store vs plain os.pread/os.pwrite "
-          "on the same file ==")
+    print(
+        f"\n== throughput on a {size // MiB} MiB disk: store vs plain os.pread/os.pwrite "
+        "on the same file =="
+    )
     path = os.path.join(tmp, "tp.img")
     create_store(path, size, force=True, allow_overcommit=True)
     st = Store.open(path)
     fd = st._b.fd
     base = st.geo.slot_off[1]  # where first writes of a fresh store land
     rng = random.Random(2)
-    cases = [("1 MiB seq write", MiB, False, True), ("1 MiB seq read", MiB, False, False),
-             ("4 KiB rand write", 4096, True, True), ("4 KiB rand read", 4096, True, False)]
+    cases = [
+        ("1 MiB seq write", MiB, False, True),
+        ("1 MiB seq read", MiB, False, False),
+        ("4 KiB rand write", 4096, True, True),
+        ("4 KiB rand read", 4096, True, False),
+    ]
     for name, bs, rand, is_write in cases:
         count = size // bs if not rand else 20000
         offs = [rng.randrange(size // bs) * bs if rand else i * bs for i in range(count)]
@@ -177,8 +192,7 @@ def bench_throughput(tmp: str, size: int) -> None:
             ts.append(time_cmd(store))
         mbp = count * bs / min(tp) / MiB
         mbs = count * bs / min(ts) / MiB
-        print(f"{name:<18} plain {mbp:>9.1f} MiB/s  store {mbs:>9.1f} MiB/s  "
-              f"ratio {mbs / mbp:.2f}")
+        print(f"{name:<18} plain {mbp:>9.1f} MiB/s  store {mbs:>9.1f} MiB/s  ratio {mbs / mbp:.2f}")
     st.close()
     os.unlink(path)
 
@@ -197,19 +211,26 @@ def bench_ram(tmp: str) -> None:
                 st.read(unit * st.unit_size, 4096)  # every map page, through the map cache
             used = (rss_kib() - before) / 1024  # the map, measured
             ring = st.geo.hist_cap * 64 / MiB  # the history ring: a fixed 4 MiB
-            what = ("whole map loaded" if budget else
-                    f"map cache {st.map.cache.budget // MiB} MiB (default)")
-            print(f"{size // GiB:>5} GiB disk, {what}: map {used:.2f} MiB RSS = "
-                  f"{used / (size / GiB):.3f} MiB per GiB (goal <= 1.25), plus the {ring:.0f} "
-                  "MiB history ring")
+            what = (
+                "whole map loaded"
+                if budget
+                else f"map cache {st.map.cache.budget // MiB} MiB (default)"
+            )
+            print(
+                f"{size // GiB:>5} GiB disk, {what}: map {used:.2f} MiB RSS = "
+                f"{used / (size / GiB):.3f} MiB per GiB (goal <= 1.25), plus the {ring:.0f} "
+                "MiB history ring"
+            )
             st.close()
     create_store(path, 1 << 40, force=True, allow_overcommit=True)
     t = time.perf_counter()
     st = Store.open(path)
     t_open = time.perf_counter() - t
     st.read(123 * GiB, 4096)
-    print(f"1 TiB store opened in {t_open:.3f} s (goal <= 2 s), no map scan; max RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(
+        f"1 TiB store opened in {t_open:.3f} s (goal <= 2 s), no map scan; max RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
     st.close()
     os.unlink(path)
 

@@ -70,7 +70,7 @@ def check_frame(data: bytes) -> int:
     header = 1 + (6 if mac_included else 0)
     if len(data) < header + 1 + COUNTER_LEN + MIC_LEN:  # at least one encrypted byte
         raise Rejected("truncated", f"{len(data)} bytes is too short for an encrypted advert")
-    return int.from_bytes(data[-COUNTER_LEN - MIC_LEN:-MIC_LEN], "little")
+    return int.from_bytes(data[-COUNTER_LEN - MIC_LEN : -MIC_LEN], "little")
 
 
 def decode(address: str, data: bytes, key: bytes, name: str = "", rssi: int = 0) -> Advert:
@@ -79,13 +79,18 @@ def decode(address: str, data: bytes, key: bytes, name: str = "", rssi: int = 0)
     verified, update = _parse(address, data, key, name, rssi)
     if not verified:
         raise Rejected("wrong_key", "the MIC does not match this button's key")
-    events = tuple(sorted((str(k.key), str(ev.event_type)) for k, ev in update.events.items()
-                          if ev.event_type))
-    values = {str(k.key): v.native_value for k, v in update.entity_values.items()
-              if k.key not in ("signal_strength", "packet_id")}
+    events = tuple(
+        sorted((str(k.key), str(ev.event_type)) for k, ev in update.events.items() if ev.event_type)
+    )
+    values = {
+        str(k.key): v.native_value
+        for k, v in update.entity_values.items()
+        if k.key not in ("signal_strength", "packet_id")
+    }
     battery = values.pop("battery", None)
-    return Advert(address, counter, events,
-                  int(battery) if isinstance(battery, int | float) else None, values)
+    return Advert(
+        address, counter, events, int(battery) if isinstance(battery, int | float) else None, values
+    )
 
 
 def _parse(address: str, data: bytes, key: bytes, name: str, rssi: int) -> tuple[bool, Any]:
@@ -96,8 +101,20 @@ def _parse(address: str, data: bytes, key: bytes, name: str, rssi: int) -> tuple
     from habluetooth import BluetoothServiceInfoBleak
 
     device = BLEDevice(address, name or None, None)  # the parser reads the fields, not this
-    info = BluetoothServiceInfoBleak(name or address, address, rssi, {}, {SERVICE_UUID: data},
-                                     [], "savepoint", device, None, False, time.monotonic(), None)
+    info = BluetoothServiceInfoBleak(
+        name or address,
+        address,
+        rssi,
+        {},
+        {SERVICE_UUID: data},
+        [],
+        "savepoint",
+        device,
+        None,
+        False,
+        time.monotonic(),
+        None,
+    )
     parser = BTHomeBluetoothDeviceData(bindkey=key)
     update = parser.update(info)
     return bool(parser.bindkey_verified), update

@@ -30,12 +30,29 @@ from ble.bthome_registry import ButtonRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
-GESTURES = ("press", "double_press", "triple_press", "long_press", "long_double_press",
-            "long_triple_press", "hold_press")
-ACTIONS = {"save": Action.SAVE, "restore": Action.RESTORE, "lock": Action.LOCK,
-           "status": Action.STATUS, "unlock": Action.UNLOCK, "none": None}
-DEFAULT_GESTURES = {"press": "status", "double_press": "save", "triple_press": "lock",
-                    "long_press": "restore"}
+GESTURES = (
+    "press",
+    "double_press",
+    "triple_press",
+    "long_press",
+    "long_double_press",
+    "long_triple_press",
+    "hold_press",
+)
+ACTIONS = {
+    "save": Action.SAVE,
+    "restore": Action.RESTORE,
+    "lock": Action.LOCK,
+    "status": Action.STATUS,
+    "unlock": Action.UNLOCK,
+    "none": None,
+}
+DEFAULT_GESTURES = {
+    "press": "status",
+    "double_press": "save",
+    "triple_press": "lock",
+    "long_press": "restore",
+}
 MAX_PENDING = 2  # commands of one button waiting for the bus; more presses are dropped
 MAX_EVENTS = 4  # button events acted on per advert (a 4-button remote sends up to 4)
 LOG_EVERY = 60.0  # seconds between log lines about ignored adverts of one kind
@@ -50,14 +67,17 @@ def parse_gestures(value: Any, allow_unlock: bool = False) -> dict[str, Action |
     for key, action in value.items():
         button, _, gesture = str(key).rpartition(":")
         if gesture not in GESTURES or (button and not _is_button_key(button)):
-            raise ValueError(f"gestures: unknown gesture {key!r} (known: {', '.join(GESTURES)}, "
-                             'optionally for one button as "button_2:press")')
+            raise ValueError(
+                f"gestures: unknown gesture {key!r} (known: {', '.join(GESTURES)}, "
+                'optionally for one button as "button_2:press")'
+            )
         if action not in ACTIONS:
-            raise ValueError(f"gestures: {key} = {action!r} is not one of "
-                             f"{', '.join(ACTIONS)}")
+            raise ValueError(f"gestures: {key} = {action!r} is not one of {', '.join(ACTIONS)}")
         if action == "unlock" and not allow_unlock:
-            raise ValueError(f"gestures: {key} = \"unlock\" needs allow_unlock = true (and "
-                             "read docs/buttons.md first: anyone holding the button can unlock)")
+            raise ValueError(
+                f'gestures: {key} = "unlock" needs allow_unlock = true (and '
+                "read docs/buttons.md first: anyone holding the button can unlock)"
+            )
         out[str(key)] = ACTIONS[action]
     return out
 
@@ -67,10 +87,16 @@ def _is_button_key(text: str) -> bool:
 
 
 class ButtonListener:
-    def __init__(self, registry: ButtonRegistry, bus: CommandSink,
-                 gestures: dict[str, Action | None], *, battery_low: int = 20,
-                 wall: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        registry: ButtonRegistry,
+        bus: CommandSink,
+        gestures: dict[str, Action | None],
+        *,
+        battery_low: int = 20,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry, self.bus, self.gestures = registry, bus, gestures
         self.battery_low = battery_low
         self.wall, self.clock = wall, clock
@@ -94,16 +120,25 @@ class ButtonListener:
         try:
             counter = check_frame(data)
             if counter <= record.counter:  # cheap before any AES: repeats are the common case
-                return "repeated" if counter == record.counter else self._ignored(
-                    address, "old_counter", f"counter {counter} is below {record.counter}")
+                return (
+                    "repeated"
+                    if counter == record.counter
+                    else self._ignored(
+                        address, "old_counter", f"counter {counter} is below {record.counter}"
+                    )
+                )
             advert = decode(address, data, bytes.fromhex(record.key), name, rssi)
         except Rejected as e:
             return self._ignored(address, e.kind, str(e))
         try:
             self.registry.accept(address, advert.counter, advert.battery, self.wall())
         except (OSError, RegistryError) as e:  # not persisted: acting would allow a replay
-            log.error("BTHome %s: cannot record counter %d (%s); press ignored",
-                      address, advert.counter, e)
+            log.error(
+                "BTHome %s: cannot record counter %d (%s); press ignored",
+                address,
+                advert.counter,
+                e,
+            )
             return "not_recorded"
         self._check_battery(address, advert.battery)
         self.warnings.pop(f"absent:{address}", None)
@@ -115,8 +150,12 @@ class ButtonListener:
         now = self.clock()
         if now - self._logged.get(kind, -LOG_EVERY) >= LOG_EVERY:
             self._logged[kind] = now
-            log.warning("BTHome %s: advert ignored (%s): %s; `savepoint buttons` counts them",
-                        address, kind.replace("_", " "), detail)
+            log.warning(
+                "BTHome %s: advert ignored (%s): %s; `savepoint buttons` counts them",
+                address,
+                kind.replace("_", " "),
+                detail,
+            )
         return kind
 
     # --- gestures to commands -----------------------------------------------------------
@@ -130,8 +169,12 @@ class ButtonListener:
             self.counts["unmapped"] += 1
             return
         if self._pending[address] >= MAX_PENDING:
-            log.warning("BTHome %s: %s dropped, %d commands of it are still waiting",
-                        address, action.value.upper(), MAX_PENDING)
+            log.warning(
+                "BTHome %s: %s dropped, %d commands of it are still waiting",
+                address,
+                action.value.upper(),
+                MAX_PENDING,
+            )
             self.counts["dropped"] += 1
             return
         self._pending[address] += 1
@@ -179,8 +222,12 @@ class ButtonListener:
             key = f"absent:{record.address}"
             if now - since >= absent_after and key not in self.warnings:
                 hours = (now - since) / 3600
-                self._warn(key, record.address, f"not seen for {hours:.0f} h: out of range, "
-                           "battery dead, or encryption turned off on it")
+                self._warn(
+                    key,
+                    record.address,
+                    f"not seen for {hours:.0f} h: out of range, "
+                    "battery dead, or encryption turned off on it",
+                )
 
     def _warn(self, key: str, address: str, reason: str) -> None:
         self.warnings[key] = reason
@@ -189,8 +236,11 @@ class ButtonListener:
         log.warning("BTHome button %s (%s): %s", name, address, reason)
         publish = getattr(self.bus, "publish", None)
         if callable(publish):
-            publish(Event("warning", {"part": "bthome", "button": address, "name": name,
-                                      "reason": reason}))
+            publish(
+                Event(
+                    "warning", {"part": "bthome", "button": address, "name": name, "reason": reason}
+                )
+            )
 
     def status(self) -> list[dict[str, Any]]:
         """Each enrolled button with its warning, for `savepoint status` and `buttons`."""

@@ -34,18 +34,30 @@ class BTHomeSettings(Settings):
     """The [bthome] section: BTHome buttons, their registry and what their gestures do."""
 
     adapter: str = setting("hci0", "Bluetooth adapter that listens for the buttons")
-    registry: str = setting("/var/lib/savepoint/buttons.json", "enrolled buttons, their keys and "
-                                                               "counters (mode 0600)")
+    registry: str = setting(
+        "/var/lib/savepoint/buttons.json", "enrolled buttons, their keys and counters (mode 0600)"
+    )
     gestures: dict[str, str] = setting(
-        dict(DEFAULT_GESTURES), "button event -> save, restore, lock, status, unlock or none, "
-        'over these defaults; a key may name one button of a remote: "button_2:press"')
-    allow_unlock: bool = setting(False, "let a gesture UNLOCK: anyone holding an enrolled button "
-                                        "can then SAVE over the disk (docs/buttons.md)")
+        dict(DEFAULT_GESTURES),
+        "button event -> save, restore, lock, status, unlock or none, "
+        'over these defaults; a key may name one button of a remote: "button_2:press"',
+    )
+    allow_unlock: bool = setting(
+        False,
+        "let a gesture UNLOCK: anyone holding an enrolled button "
+        "can then SAVE over the disk (docs/buttons.md)",
+    )
     battery_low: int = setting(20, "battery percent below which a button raises a warning")
-    absent_after: float = setting(1209600, "seconds without an advert before a button raises a "
-                                           "not-seen warning (14 days); 0 = never")
-    scan: str = setting("passive", "passive (advertisement monitor; falls back to active when "
-                                   "BlueZ has none) or active")
+    absent_after: float = setting(
+        1209600,
+        "seconds without an advert before a button raises a not-seen warning (14 days); 0 = never",
+    )
+    scan: str = setting(
+        "passive",
+        "passive (advertisement monitor; falls back to active when BlueZ has none) or active",
+    )
+
+
 CHECK_EVERY = 60.0  # seconds between not-seen checks
 
 
@@ -69,13 +81,14 @@ def gestures(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 # (adapter, mode, callback(address, service data, rssi, name)) -> stop()
-ScanStarter = Callable[[str, str, Callable[[str, bytes, int, str], object]],
-                       Awaitable[Callable[[], Awaitable[None]]]]
+ScanStarter = Callable[
+    [str, str, Callable[[str, bytes, int, str], object]], Awaitable[Callable[[], Awaitable[None]]]
+]
 
 
-async def bleak_scan(adapter: str, mode: str,
-                     on_advert: Callable[[str, bytes, int, str], object]
-                     ) -> Callable[[], Awaitable[None]]:
+async def bleak_scan(
+    adapter: str, mode: str, on_advert: Callable[[str, bytes, int, str], object]
+) -> Callable[[], Awaitable[None]]:
     """Start a BleakScanner that hands over BTHome service data; returns its stop()."""
     from bleak import BleakScanner
     from bleak.args.bluez import OrPattern
@@ -89,11 +102,11 @@ async def bleak_scan(adapter: str, mode: str,
     await power_on(adapter)
     if mode == "passive":
         pattern = OrPattern(0, AdvertisementDataType.SERVICE_DATA_UUID16, UUID16)
-        scanner = BleakScanner(seen, scanning_mode="passive",
-                               bluez={"adapter": adapter, "or_patterns": [pattern]})
+        scanner = BleakScanner(
+            seen, scanning_mode="passive", bluez={"adapter": adapter, "or_patterns": [pattern]}
+        )
     else:  # no UUID filter: BlueZ matches it against service UUIDs, not service data
-        scanner = BleakScanner(seen, bluez={"adapter": adapter,
-                                            "filters": {"DuplicateData": True}})
+        scanner = BleakScanner(seen, bluez={"adapter": adapter, "filters": {"DuplicateData": True}})
     await scanner.start()
     return scanner.stop
 
@@ -107,9 +120,18 @@ async def power_on(adapter: str) -> None:
     except (OSError, TimeoutError, dbus_api.DBusError, ValueError):
         return  # the scan's own error says what is missing
     try:
-        await asyncio.wait_for(dbus_api.call(
-            bus, dbus_api.BLUEZ, f"/org/bluez/{adapter}", "org.freedesktop.DBus.Properties",
-            "Set", "ssv", ["org.bluez.Adapter1", "Powered", dbus_api.Variant("b", True)]), 5)
+        await asyncio.wait_for(
+            dbus_api.call(
+                bus,
+                dbus_api.BLUEZ,
+                f"/org/bluez/{adapter}",
+                "org.freedesktop.DBus.Properties",
+                "Set",
+                "ssv",
+                ["org.bluez.Adapter1", "Powered", dbus_api.Variant("b", True)],
+            ),
+            5,
+        )
     except (TimeoutError, dbus_api.DBusError) as e:
         log.debug("could not power %s: %s", adapter, e)
     finally:
@@ -119,8 +141,14 @@ async def power_on(adapter: str) -> None:
 class BTHomePart:
     name = "bthome"
 
-    def __init__(self, cfg: BTHomeSettings | dict[str, Any], bus: CommandSink, *,
-                 scan: ScanStarter = bleak_scan, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: BTHomeSettings | dict[str, Any],
+        bus: CommandSink,
+        *,
+        scan: ScanStarter = bleak_scan,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg = BTHomeSettings.of(cfg)
         self.bus, self.scan, self.wall = bus, scan, wall
         self.listener: ButtonListener | None = None
@@ -141,10 +169,13 @@ class BTHomePart:
         try:
             registry = ButtonRegistry(self.cfg.registry)
         except (OSError, RegistryError) as e:
-            raise PartUnavailable(f"cannot open the button registry: {e}",
-                                  "check [bthome] registry and its folder's permissions") from e
-        self.listener = ButtonListener(registry, self.bus, mapping,
-                                       battery_low=int(self.cfg.battery_low), wall=self.wall)
+            raise PartUnavailable(
+                f"cannot open the button registry: {e}",
+                "check [bthome] registry and its folder's permissions",
+            ) from e
+        self.listener = ButtonListener(
+            registry, self.bus, mapping, battery_low=int(self.cfg.battery_low), wall=self.wall
+        )
         await self._start_scan()
         self._allow_unlock()
         register = getattr(self.bus, "register_handler", None)
@@ -162,11 +193,11 @@ class BTHomePart:
 
         try:
             self._dbus = await asyncio.wait_for(dbus_api.connect(), 5)
-            self._unwatch = await dbus_api.watch_name_owner(self._dbus, dbus_api.BLUEZ,
-                                                            self.bluez_changed)
+            self._unwatch = await dbus_api.watch_name_owner(
+                self._dbus, dbus_api.BLUEZ, self.bluez_changed
+            )
         except (OSError, TimeoutError, dbus_api.DBusError, ValueError) as e:
-            log.warning("cannot watch bluetoothd (%s): after a restart of it, restart savepoint",
-                        e)
+            log.warning("cannot watch bluetoothd (%s): after a restart of it, restart savepoint", e)
 
     def bluez_changed(self, new_owner: str) -> None:
         if not new_owner:
@@ -189,8 +220,11 @@ class BTHomePart:
             except PartUnavailable as e:
                 log.warning("BTHome scan after bluetoothd's restart: %s; retrying", e.reason)
             await asyncio.sleep(delay)
-        log.error("BTHome buttons are not heard: scanning failed %d times after bluetoothd "
-                  "restarted; restart savepoint", attempts)
+        log.error(
+            "BTHome buttons are not heard: scanning failed %d times after bluetoothd "
+            "restarted; restart savepoint",
+            attempts,
+        )
 
     def _allow_unlock(self) -> None:
         """allow_unlock is the one switch: it opens the policy cell the bus checks."""
@@ -208,17 +242,26 @@ class BTHomePart:
             except Exception as e:  # bleak raises BleakError, D-Bus errors, OSError
                 error = e
                 if mode == "passive":
-                    log.warning("passive BLE scanning is not available on %s (%s); scanning "
-                                "actively (start bluetoothd with --experimental for passive)",
-                                adapter, e)
+                    log.warning(
+                        "passive BLE scanning is not available on %s (%s); scanning "
+                        "actively (start bluetoothd with --experimental for passive)",
+                        adapter,
+                        e,
+                    )
                 continue
             self.scan_mode = mode
-            log.info("listening for BTHome buttons on %s (%s scan), %d enrolled", adapter,
-                     mode, len(self.listener.registry.buttons))
+            log.info(
+                "listening for BTHome buttons on %s (%s scan), %d enrolled",
+                adapter,
+                mode,
+                len(self.listener.registry.buttons),
+            )
             return
-        raise PartUnavailable(f"cannot scan for BTHome buttons on {adapter}: {error}",
-                              "is bluetoothd running and the adapter powered? "
-                              "(bluetoothctl show), or set [bthome] adapter")
+        raise PartUnavailable(
+            f"cannot scan for BTHome buttons on {adapter}: {error}",
+            "is bluetoothd running and the adapter powered? "
+            "(bluetoothctl show), or set [bthome] adapter",
+        )
 
     async def stop(self) -> None:
         self._unwatch()
@@ -251,8 +294,13 @@ class BTHomePart:
     # --- status and the `buttons` part command ---------------------------------------------
     def status(self) -> dict[str, Any]:
         assert self.listener is not None
-        return {"buttons": {"scan": self.scan_mode, "counts": dict(self.listener.counts),
-                            "devices": self.listener.status()}}
+        return {
+            "buttons": {
+                "scan": self.scan_mode,
+                "counts": dict(self.listener.counts),
+                "devices": self.listener.status(),
+            }
+        }
 
     async def buttons_handler(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.listener is not None
@@ -280,5 +328,6 @@ class BTHomePart:
         return {"button": info, "op": op}
 
 
-SPEC = PartSpec("bthome", BTHomeSettings, lambda s, ctx: BTHomePart(s, ctx.bus),
-                validate=validate_config)
+SPEC = PartSpec(
+    "bthome", BTHomeSettings, lambda s, ctx: BTHomePart(s, ctx.bus), validate=validate_config
+)

@@ -30,8 +30,10 @@ class RegistryError(ValueError):
 def parse_address(text: str) -> str:
     address = str(text).strip().upper().replace("-", ":")
     if not _ADDRESS.match(address):
-        raise RegistryError(f"{text!r} is not a BLE address like AA:BB:CC:DD:EE:FF "
-                            "(the Shelly app and `bluetoothctl scan on` show it)")
+        raise RegistryError(
+            f"{text!r} is not a BLE address like AA:BB:CC:DD:EE:FF "
+            "(the Shelly app and `bluetoothctl scan on` show it)"
+        )
     return address
 
 
@@ -42,9 +44,11 @@ def parse_key(text: str) -> bytes:
     except ValueError:
         key = b""
     if len(key) != KEY_LEN:
-        raise RegistryError(f"the key must be {KEY_LEN} bytes as {2 * KEY_LEN} hex digits "
-                            "(the encryption key the Shelly app shows), not "
-                            f"{len(hexed)} characters")
+        raise RegistryError(
+            f"the key must be {KEY_LEN} bytes as {2 * KEY_LEN} hex digits "
+            "(the encryption key the Shelly app shows), not "
+            f"{len(hexed)} characters"
+        )
     return key
 
 
@@ -85,8 +89,10 @@ class ButtonRegistry:
             doc = json.loads(self.path.read_text())
             self.buttons = {a: ButtonRecord(**r) for a, r in doc["buttons"].items()}
         except (ValueError, KeyError, TypeError) as e:
-            raise RegistryError(f"button registry {self.path} is unreadable ({e}); restore it "
-                                "from backup or move it away and enrol the buttons again") from e
+            raise RegistryError(
+                f"button registry {self.path} is unreadable ({e}); restore it "
+                "from backup or move it away and enrol the buttons again"
+            ) from e
 
     def _save(self) -> None:
         doc = {"buttons": {a: asdict(r) for a, r in sorted(self.buttons.items())}}
@@ -98,12 +104,15 @@ class ButtonRegistry:
     def add(self, address: str, key_hex: str, name: str = "") -> ButtonRecord:
         address, key = parse_address(address), parse_key(key_hex)
         if address in self.buttons:
-            raise RegistryError(f"{address} is enrolled already; `savepoint buttons remove "
-                                f"{address}` first to give it a new key")
+            raise RegistryError(
+                f"{address} is enrolled already; `savepoint buttons remove "
+                f"{address}` first to give it a new key"
+            )
         if len(self.buttons) >= MAX_BUTTONS:
             raise RegistryError(f"{MAX_BUTTONS} buttons are enrolled already; remove one first")
-        record = ButtonRecord(address, key.hex(), check_name(name or f"button-{address[-5:]}"),
-                              added_at=time.time())
+        record = ButtonRecord(
+            address, key.hex(), check_name(name or f"button-{address[-5:]}"), added_at=time.time()
+        )
         self.buttons[address] = record
         self._save()
         return record

@@ -82,8 +82,7 @@ async def watch_name_owner(
 ) -> Callable[[], None]:
     """Call callback(new_owner) whenever `name` changes hands ("" when it goes away)."""
     rule = (
-        f"type='signal',sender='{DBUS}',interface='{DBUS}',"
-        f"member='NameOwnerChanged',arg0='{name}'"
+        f"type='signal',sender='{DBUS}',interface='{DBUS}',member='NameOwnerChanged',arg0='{name}'"
     )
     await call(bus, DBUS, "/org/freedesktop/DBus", DBUS, "AddMatch", "s", [rule])
 

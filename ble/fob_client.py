@@ -116,8 +116,9 @@ class _Borrowed:
         await self.link.write(uuid, data)
 
 
-async def command(link: GattLink, creds: FobCredentials, cmd: Cmd,
-                  store: KeyStore | None) -> Report:
+async def command(
+    link: GattLink, creds: FobCredentials, cmd: Cmd, store: KeyStore | None
+) -> Report:
     async def same(_timeout: float) -> GattLink:
         return _Borrowed(link)
 
@@ -304,8 +305,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", type=Path, default=None, help="credentials file")
     p.add_argument("--button", type=int, default=None, metavar="GPIO",
                    help="run as a button fob on this GPIO pin")  # fmt: skip
-    p.add_argument("--yes", "-y", action="store_true",
-                   help="restore: do not ask first (needed without a terminal)")
+    p.add_argument(
+        "--yes",
+        "-y",
+        action="store_true",
+        help="restore: do not ask first (needed without a terminal)",
+    )
     return p
 
 
@@ -319,9 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         if restore_needs_yes(args.action, args.yes):
             print(f"savepoint-fob: {RESTORE_NEEDS_YES}", file=sys.stderr)
             return 2
-        if args.action == "restore" and not args.yes and input(
-                "Discard everything written since the last SAVE? [y/N] ").strip().lower() \
-                not in ("y", "yes"):
+        if (
+            args.action == "restore"
+            and not args.yes
+            and input("Discard everything written since the last SAVE? [y/N] ").strip().lower()
+            not in ("y", "yes")
+        ):
             print("savepoint-fob: RESTORE cancelled; nothing changed", file=sys.stderr)
             return 1
         print(asyncio.run(run_action(args, store)))
@@ -339,8 +347,10 @@ def _no_bluez(e: Exception) -> str:
     """On Linux bleak needs BlueZ on the system D-Bus; say which piece is missing."""
     text = str(e)
     if isinstance(e, FileNotFoundError) or "system_bus_socket" in text:
-        return ("no system D-Bus to reach BlueZ through: install and start BlueZ "
-                "(Debian: apt-get install bluez dbus; systemctl start dbus bluetooth)")
+        return (
+            "no system D-Bus to reach BlueZ through: install and start BlueZ "
+            "(Debian: apt-get install bluez dbus; systemctl start dbus bluetooth)"
+        )
     if "org.bluez" in text or "ServiceUnknown" in text:
         return "BlueZ (bluetoothd) is not running: systemctl start bluetooth (package bluez)"
     if "adapter" in text.lower() and "not found" in text.lower() or "No Bluetooth" in text:

@@ -186,13 +186,16 @@ class CommandRun:
 
     async def _outcome(self, link: GattLink) -> FrameOutcome:
         try:
-            await link.write(frames.OUTCOME_UUID, frames.outcome_query(self.creds.fob_id,
-                                                                       self.sent))
+            await link.write(
+                frames.OUTCOME_UUID, frames.outcome_query(self.creds.fob_id, self.sent)
+            )
             return frames.FrameOutcome.decode(await link.read(frames.OUTCOME_UUID))
         except NotSupported:
-            raise FobError(f"the link dropped after {self.cmd.name} was sent and this "
-                           "appliance (no Outcome characteristic) cannot say whether it ran; "
-                           "check with `savepoint-fob status` before sending it again") from None
+            raise FobError(
+                f"the link dropped after {self.cmd.name} was sent and this "
+                "appliance (no Outcome characteristic) cannot say whether it ran; "
+                "check with `savepoint-fob status` before sending it again"
+            ) from None
 
     async def _status(self, link: GattLink) -> Status:
         """Status, checked: after a frame the appliance ran, only a MAC with our key counts."""
@@ -200,11 +203,17 @@ class CommandRun:
         if len(value) == frames.FRAME_LEN and self.answered != Result.OK:
             return Status.decode(value)  # a refusal: the appliance had no session to MAC with
         try:
-            return frames.verify_status(value, bytes.fromhex(self.creds.key),
-                                        bytes.fromhex(self.creds.appliance_id), self._nonce)
+            return frames.verify_status(
+                value,
+                bytes.fromhex(self.creds.key),
+                bytes.fromhex(self.creds.appliance_id),
+                self._nonce,
+            )
         except frames.FrameError as e:
-            raise FobError(f"{e}; {self.cmd.name} may have reached an impostor, "
-                           "check with `savepoint-fob status` near the appliance") from None
+            raise FobError(
+                f"{e}; {self.cmd.name} may have reached an impostor, "
+                "check with `savepoint-fob status` near the appliance"
+            ) from None
 
     async def _report(self, link: GattLink, result: Result) -> Report:
         self.step = "reading the status"
@@ -228,8 +237,10 @@ class CommandRun:
     def _gave_up(self, e: BaseException) -> str:
         what = f"link lost while {self.step} ({e or type(e).__name__}), {self.links} link(s)"
         if self.sent:
-            return (f"{what}: {self.cmd.name} (counter {self.sent}) may have reached the "
-                    "appliance; check with `savepoint-fob status` before sending it again")
+            return (
+                f"{what}: {self.cmd.name} (counter {self.sent}) may have reached the "
+                "appliance; check with `savepoint-fob status` before sending it again"
+            )
         return f"{what}; {self.cmd.name} was not sent"
 
 
@@ -250,8 +261,9 @@ async def _close(link: GattLink | None) -> None:
 
 
 # --- pairing ----------------------------------------------------------------------------------
-async def pair_once(link: GattLink, setup_code: str = "",
-                    save: Callable[[FobCredentials], None] | None = None) -> FobCredentials:
+async def pair_once(
+    link: GattLink, setup_code: str = "", save: Callable[[FobCredentials], None] | None = None
+) -> FobCredentials:
     """The key exchange on one link; `save` keeps the key before the confirmation leaves."""
     fob = FobPairing(setup_code)
     for write in fob.pub_writes():
@@ -265,8 +277,10 @@ async def pair_once(link: GattLink, setup_code: str = "",
     try:
         await link.write(frames.PAIR_UUID, confirm)
     except Refused:
-        raise FobError("the appliance refused the key confirmation: wrong setup code? "
-                       "After 3 wrong codes the window closes; press PAIR again") from None
+        raise FobError(
+            "the appliance refused the key confirmation: wrong setup code? "
+            "After 3 wrong codes the window closes; press PAIR again"
+        ) from None
     try:  # the appliance confirms only now, after we proved the code
         fob.check_appliance(await link.read(frames.PAIR_UUID))
     except ValueError as e:
@@ -324,6 +338,7 @@ class PairRun:
         if report.result == Result.OK:
             return True
         if report.result != Result.UNKNOWN_FOB:
-            raise FobError(f"pairing state unclear: STATUS with the new key gave "
-                           f"{report.result.name}")
+            raise FobError(
+                f"pairing state unclear: STATUS with the new key gave {report.result.name}"
+            )
         return False

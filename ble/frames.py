@@ -118,8 +118,9 @@ def build_frame(
     return header + compute_tag(key, appliance_id, header, nonce)
 
 
-def header_only_frame(key: bytes, appliance_id: bytes, cmd: Cmd, fob_id: int,
-                      counter: int) -> bytes:
+def header_only_frame(
+    key: bytes, appliance_id: bytes, cmd: Cmd, fob_id: int, counter: int
+) -> bytes:
     """A frame whose MAC binds no challenge (what protocol 1 allowed): for tests and attackers."""
     header = _HEADER.pack(VERSION, cmd, fob_id, counter)
     return header + compute_tag(key, appliance_id, header)
@@ -321,7 +322,10 @@ def outcome_query(fob_id: int, counter: int) -> bytes:
 
 def parse_outcome_query(data: bytes) -> tuple[int, int]:
     if len(data) != _OUTCOME_QUERY.size or data[0] != VERSION:
-        raise FrameError(Result.BAD_FRAME, f"outcome query is {len(data)} bytes, expected "
-                                           f"{_OUTCOME_QUERY.size} with version {VERSION}")
+        raise FrameError(
+            Result.BAD_FRAME,
+            f"outcome query is {len(data)} bytes, expected "
+            f"{_OUTCOME_QUERY.size} with version {VERSION}",
+        )
     _v, fob_id, counter = _OUTCOME_QUERY.unpack(data)
     return fob_id, counter

@@ -223,8 +223,9 @@ class Advertisement(ServiceInterface):
 class PairingAgent(ServiceInterface):
     """Default agent: accepts Just Works pairing only while the pairing window is open."""
 
-    def __init__(self, is_open: Callable[[], bool],
-                 admit: Callable[[str], bool] = lambda _device: True) -> None:
+    def __init__(
+        self, is_open: Callable[[], bool], admit: Callable[[str], bool] = lambda _device: True
+    ) -> None:
         super().__init__("org.bluez.Agent1")
         self.is_open = is_open
         self.admit = admit  # False: this window has bonded enough devices already

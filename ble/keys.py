@@ -226,7 +226,7 @@ class FobRegistry:
 
 
 def address_of(peer: str) -> str:
-    """"AA:BB:CC:DD:EE:FF" from a BlueZ device path (.../dev_AA_BB_CC_DD_EE_FF) or an address
+    """ "AA:BB:CC:DD:EE:FF" from a BlueZ device path (.../dev_AA_BB_CC_DD_EE_FF) or an address
     (bumble's may carry a "/P" type suffix); "" when `peer` is neither."""
     text = peer.rsplit("/dev_", 1)[-1].replace("_", ":").split("/", 1)[0].upper()
     return text if _ADDRESS.match(text) else ""
@@ -275,8 +275,10 @@ class FobPairing:
     def check_appliance(self, reply_bytes: bytes) -> None:
         """The appliance's confirmation, read after ours: proves it knew the same code."""
         reply = PairReply.decode(reply_bytes)
-        if reply.result != Result.OK or not self._key or not hmac.compare_digest(
-            confirm_tag(self._key, CONFIRM_APPLIANCE), reply.confirm
+        if (
+            reply.result != Result.OK
+            or not self._key
+            or not hmac.compare_digest(confirm_tag(self._key, CONFIRM_APPLIANCE), reply.confirm)
         ):
             raise ValueError(f"the appliance did not confirm the key ({reply.result.name}): "
                              "wrong setup code, or not your appliance")  # fmt: skip

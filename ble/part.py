@@ -42,21 +42,29 @@ class BleSettings(Settings):
     """The [ble] section: the fob's GATT service, pairing and the iTag triggers."""
 
     adapter: str = setting("hci0", "Bluetooth adapter that serves the fob service")
-    name: str = setting("Savepnt",
-                        f"advertised name, at most {MAX_NAME} characters (legacy advert)")
-    registry: str = setting("/var/lib/savepoint/fobs.json", "paired fobs and their keys (mode "
-                                                            "0600)")
-    setup_code: str = setting("", "code from the label that a fob must give to pair (SPAKE2: 3 "
-                                  "wrong codes close the window); empty: Just Works, the PAIR "
-                                  "gesture is the only gate (docs/fob-protocol.md)")
+    name: str = setting(
+        "Savepnt", f"advertised name, at most {MAX_NAME} characters (legacy advert)"
+    )
+    registry: str = setting(
+        "/var/lib/savepoint/fobs.json", "paired fobs and their keys (mode 0600)"
+    )
+    setup_code: str = setting(
+        "",
+        "code from the label that a fob must give to pair (SPAKE2: 3 "
+        "wrong codes close the window); empty: Just Works, the PAIR "
+        "gesture is the only gate (docs/fob-protocol.md)",
+    )
     pairing_window: float = setting(60, "seconds the pairing window stays open at most")
-    challenge_ttl: float = setting(10, "seconds a challenge nonce stays valid (every fob command "
-                                       "needs one)")
+    challenge_ttl: float = setting(
+        10, "seconds a challenge nonce stays valid (every fob command needs one)"
+    )
     bus_address: str = setting("", "D-Bus address to use instead of the system bus (tests)")
-    itags: list[Any] = setting([], 'iTag keyfinders as extra triggers: [{address = '
-                               '"AA:BB:CC:DD:EE:FF", action = "save" or "status"}]; they can '
-                               'never RESTORE or UNLOCK')
-
+    itags: list[Any] = setting(
+        [],
+        "iTag keyfinders as extra triggers: [{address = "
+        '"AA:BB:CC:DD:EE:FF", action = "save" or "status"}]; they can '
+        "never RESTORE or UNLOCK",
+    )
 
 
 def validate_config(cfg: dict[str, Any]) -> list[ITag]:
@@ -64,12 +72,12 @@ def validate_config(cfg: dict[str, Any]) -> list[ITag]:
     the configured iTags. ValueError names the key (without the "[ble] " the caller adds)."""
     name = cfg.get("name", "")
     if not 0 < len(str(name).encode()) <= MAX_NAME:
-        raise ValueError(f"name {name!r} does not fit a legacy advert: use 1-{MAX_NAME} "
-                         "characters")
+        raise ValueError(f"name {name!r} does not fit a legacy advert: use 1-{MAX_NAME} characters")
     try:
         return parse_itags(cfg.get("itags", []))
     except ValueError as e:
         raise ValueError(str(e).removeprefix("[ble] ")) from None
+
 
 MAX_WINDOW_BONDS = 8  # devices one pairing window may bond (one of them becomes the fob)
 
@@ -149,8 +157,9 @@ class BlePart:
         self.app = Application(self.proto)
         self.app.export_to(self.dbus)
         self.dbus.export(ADV_PATH, Advertisement(name))
-        self.agent = PairingAgent(lambda: bool(self.proto and self.proto.pairing_open),
-                                  self._admit_bond)
+        self.agent = PairingAgent(
+            lambda: bool(self.proto and self.proto.pairing_open), self._admit_bond
+        )
         self.dbus.export(AGENT_PATH, self.agent)
         self.proto.on_status = self.app.status.notify
         self._unwatch = await dbus_api.watch_name_owner(self.dbus, BLUEZ, self._owner_changed)
@@ -333,8 +342,11 @@ class BlePart:
         if not device.startswith(self.adapter_path + "/"):
             return True  # another adapter's pairing (the default agent answers for all)
         if device not in self._window_devices and len(self._window_devices) >= MAX_WINDOW_BONDS:
-            log.warning("refused bonding %s: %d devices bonded in this window already",
-                        device, MAX_WINDOW_BONDS)
+            log.warning(
+                "refused bonding %s: %d devices bonded in this window already",
+                device,
+                MAX_WINDOW_BONDS,
+            )
             return False
         self._window_devices.add(device)
         return True
@@ -356,7 +368,8 @@ class BlePart:
                 continue
             try:
                 await asyncio.wait_for(
-                    self._bluez(self.adapter_path, "Adapter1", "RemoveDevice", "o", [device]), 5)
+                    self._bluez(self.adapter_path, "Adapter1", "RemoveDevice", "o", [device]), 5
+                )
                 log.info("removed the unfinished bond of %s", device)
             except (TimeoutError, DBusError) as e:
                 log.warning("could not remove the unfinished bond of %s: %s", device, e)

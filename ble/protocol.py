@@ -24,7 +24,7 @@ from ble import frames
 from ble.frames import (
     ACTION_CMD,
     CMD_ACTION,
-        Cmd,
+    Cmd,
     FrameError,
     FrameOutcome,
     FrameState,
@@ -178,8 +178,11 @@ class FobProtocol:
                 Result.REPLAY, f"counter {frame.counter} not above {record.counter} (replay)"
             )
         if frame.counter - record.counter > MAX_COUNTER_JUMP:
-            raise FrameError(Result.COUNTER_JUMP, f"counter {frame.counter} is more than "
-                                                  f"{MAX_COUNTER_JUMP} ahead of {record.counter}")
+            raise FrameError(
+                Result.COUNTER_JUMP,
+                f"counter {frame.counter} is more than "
+                f"{MAX_COUNTER_JUMP} ahead of {record.counter}",
+            )
         self._spend(self._peer_nonces(peer), nonce)
         try:
             self.registry.accept_counter(frame.fob_id, frame.counter)

@@ -24,9 +24,15 @@ log = logging.getLogger(__name__)
 class ButtonInput:
     """One contact: a gpiozero Button, its recogniser, and the loop timer that drives it."""
 
-    def __init__(self, name: str, pin: int | str, active_high: bool,
-                 make: Callable[[bool, float], Debounced],
-                 emit: Callable[[str, Output], None], switch: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        pin: int | str,
+        active_high: bool,
+        make: Callable[[bool, float], Debounced],
+        emit: Callable[[str, Output], None],
+        switch: bool = False,
+    ) -> None:
         self.name = name
         self._emit = emit
         self._loop = asyncio.get_running_loop()

@@ -58,11 +58,13 @@ class Timings:
                 raise ValueError(
                     f"{lower} ({getattr(self, lower)}) must be shorter than {upper} "
                     f"({getattr(self, upper)}): the hold ladder is "
-                    "debounce < save_hold < restore_warn < restore_hold < pair_hold")
+                    "debounce < save_hold < restore_warn < restore_hold < pair_hold"
+                )
         for key in ("double_gap", "unlock_hold", "key_hold"):
             if not getattr(self, key) > self.debounce:
-                raise ValueError(f"{key} ({getattr(self, key)}) must be longer than "
-                                 f"debounce ({self.debounce})")
+                raise ValueError(
+                    f"{key} ({getattr(self, key)}) must be longer than debounce ({self.debounce})"
+                )
         if self.debounce < 0:
             raise ValueError("debounce must be 0 or more seconds")
 

@@ -22,8 +22,11 @@ Step = tuple[float, float]  # (brightness 0..1, seconds)
 
 # colours for an RGB LED; with a second LED the "alert" ones light the second LED instead
 COLOURS: dict[str, tuple[float, float, float]] = {
-    "green": (0.0, 1.0, 0.0), "amber": (1.0, 0.5, 0.0), "red": (1.0, 0.0, 0.0),
-    "blue": (0.0, 0.0, 1.0), "white": (1.0, 1.0, 1.0),
+    "green": (0.0, 1.0, 0.0),
+    "amber": (1.0, 0.5, 0.0),
+    "red": (1.0, 0.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "white": (1.0, 1.0, 1.0),
 }
 ALERT_COLOURS = ("red",)
 STORAGE = "storage"  # the daemon's part name for the backing storage (full: its own pattern)
@@ -69,9 +72,11 @@ class DaemonView:
             self.pairing = bool(p.get("open")) if isinstance(p, dict) else bool(p)
         parts = snap.get("parts")
         if isinstance(parts, dict):  # a part that came back up clears its fault
-            self.faults = {name: str(p.get("reason", "")) for name, p in parts.items()
-                           if isinstance(p, dict) and p.get("state") == "failed"
-                           and name != "gpio"}
+            self.faults = {
+                name: str(p.get("reason", ""))
+                for name, p in parts.items()
+                if isinstance(p, dict) and p.get("state") == "failed" and name != "gpio"
+            }
 
     def apply(self, event: Event) -> str | None:
         """Fold one event in; returns a one-shot signal to flash ("refused", "unlocked")."""
@@ -148,8 +153,7 @@ def signals(t: LedTimings) -> dict[str, Pattern]:
         "locked": Pattern("locked", ((0.0, 2 * f), *_blink(f, f) * 3, (0.0, 2 * f)), "red"),
         "unlocked": Pattern("unlocked", ((0.0, 2 * f), (1.0, 2 * t.slow), (0.0, 2 * f)), "blue"),
         "paired": Pattern("paired", ((0.0, 2 * f), (1.0, 2 * t.slow), (0.0, 2 * f)), "blue"),
-        "warning": Pattern("warning", ((0.0, 2 * f), *_blink(3 * f, f) * 2, (0.0, 2 * f)),
-                           "amber"),
+        "warning": Pattern("warning", ((0.0, 2 * f), *_blink(3 * f, f) * 2, (0.0, 2 * f)), "amber"),
     }
 
 
@@ -176,8 +180,9 @@ def choose(view: DaemonView, cue: Cue, showing_status: bool, t: LedTimings) -> P
 class Output:
     """One LED, a status LED plus an alert LED, or an RGB LED (gpiozero devices)."""
 
-    def __init__(self, main: Any | None = None, alert: Any | None = None,
-                 rgb: Any | None = None) -> None:
+    def __init__(
+        self, main: Any | None = None, alert: Any | None = None, rgb: Any | None = None
+    ) -> None:
         self.main, self.alert, self.rgb = main, alert, rgb
 
     def set(self, level: float, colour: str) -> None:

@@ -30,8 +30,10 @@ from gpio.led import Output as LedOutput
 log = logging.getLogger(__name__)
 
 GPIOCHIP_GLOB = "/dev/gpiochip*"  # the character devices lgpio opens
-NO_GPIO_HINT = ("buttons and LED are off; on a Raspberry Pi install python3-lgpio (or "
-                "`pip install lgpio`) and check the [gpio] pins; elsewhere disable [gpio]")
+NO_GPIO_HINT = (
+    "buttons and LED are off; on a Raspberry Pi install python3-lgpio (or "
+    "`pip install lgpio`) and check the [gpio] pins; elsewhere disable [gpio]"
+)
 _CUE_RANK = (Cue.IDLE, Cue.HELD, Cue.SAVE_ARMED, Cue.RESTORE_WARNING, Cue.RESTORE_ARMED)
 _KEYS = {"save_pin": Action.SAVE, "restore_pin": Action.RESTORE, "unlock_pin": Action.UNLOCK}
 
@@ -67,8 +69,9 @@ class GpioPart:
             raise PartUnavailable(f"no usable GPIO pin factory ({e})", NO_GPIO_HINT) from e
         except (GPIOZeroError, OSError, ValueError) as e:
             self._close_devices()
-            raise PartUnavailable(f"GPIO set-up failed: {e}",
-                                  "check the [gpio] pins in the config") from e
+            raise PartUnavailable(
+                f"GPIO set-up failed: {e}", "check the [gpio] pins in the config"
+            ) from e
         if self.led is not None:
             self.led.start()
         self._queue = self.bus.subscribe()
@@ -103,17 +106,26 @@ class GpioPart:
         high = cfg["active_high"]
         if cfg["button_pin"] != "":
             self.inputs["button"] = ButtonInput(
-                "button", cfg["button_pin"], high,
-                lambda held, now: MainButton(t, held, now), self._on_input)
+                "button",
+                cfg["button_pin"],
+                high,
+                lambda held, now: MainButton(t, held, now),
+                self._on_input,
+            )
         for key, action in _KEYS.items():
             if cfg[key] != "":
                 self.inputs[action.value] = ButtonInput(
-                    action.value, cfg[key], high,
-                    partial(HoldKey, action, t), self._on_input)
+                    action.value, cfg[key], high, partial(HoldKey, action, t), self._on_input
+                )
         if cfg["key_switch_pin"] != "":
             self.inputs["key_switch"] = ButtonInput(
-                "key_switch", cfg["key_switch_pin"], high,
-                lambda held, now: KeySwitch(t.debounce, held, now), self._on_input, switch=True)
+                "key_switch",
+                cfg["key_switch_pin"],
+                high,
+                lambda held, now: KeySwitch(t.debounce, held, now),
+                self._on_input,
+                switch=True,
+            )
 
     def _build_led(self) -> None:
         cfg = self.cfg
@@ -153,8 +165,12 @@ class GpioPart:
             log.exception("button: %s failed in the command bus", action.value.upper())
             return
         self.submitted.append(outcome)
-        log.info("button: %s -> %s %s", action.value.upper(),
-                 "ok" if outcome.ok else "refused", outcome.reason)
+        log.info(
+            "button: %s -> %s %s",
+            action.value.upper(),
+            "ok" if outcome.ok else "refused",
+            outcome.reason,
+        )
         if action is Action.STATUS and outcome.ok:
             self._show_status(outcome.data)
 
@@ -198,5 +214,9 @@ class GpioPart:
         self.led.play(choose(self.view, self.cue, showing, self.led_timings))
 
 
-SPEC = PartSpec("gpio", settings.GpioSettings, lambda s, ctx: GpioPart(s.as_dict(), ctx.bus),
-                validate=settings.validate_config)
+SPEC = PartSpec(
+    "gpio",
+    settings.GpioSettings,
+    lambda s, ctx: GpioPart(s.as_dict(), ctx.bus),
+    validate=settings.validate_config,
+)

@@ -18,25 +18,26 @@ from gpio.led import LedTimings
 class GpioSettings(Settings):
     """The [gpio] section: pins and timings."""
 
-    button_pin: int | str = setting(17, "the enclosure button (BCM number or name); \"\" = none")
+    button_pin: int | str = setting(17, 'the enclosure button (BCM number or name); "" = none')
     save_pin: int | str = setting("", "optional dedicated SAVE key")
     restore_pin: int | str = setting("", "optional dedicated RESTORE key")
     unlock_pin: int | str = setting("", "optional dedicated UNLOCK key")
-    key_switch_pin: int | str = setting("", "optional key switch read as the lock state: closed = "
-                                            "UNLOCKED")
+    key_switch_pin: int | str = setting(
+        "", "optional key switch read as the lock state: closed = UNLOCKED"
+    )
     active_high: bool = setting(False, "inputs close to 3.3 V (pull-down); default: to ground")
-    led_pin: int | str = setting(27, "status LED (through a resistor to ground); \"\" = none")
+    led_pin: int | str = setting(27, 'status LED (through a resistor to ground); "" = none')
     led_pwm: bool = setting(True, "drive the LEDs with PWM (gpiozero PWMLED)")
-    led2_pin: int | str = setting("", "optional second (red) LED for warnings, refusals and "
-                                      "faults")
+    led2_pin: int | str = setting("", "optional second (red) LED for warnings, refusals and faults")
     rgb_pins: list[Any] = setting([], "optional RGB LED as [red, green, blue]; replaces led_pin")
     debounce: float = setting(0.03, "seconds a contact must be stable to count")
     save_hold: float = setting(2.0, "hold this long, then release: SAVE")
     restore_warn: float = setting(3.0, "from here the LED warns; releasing cancels")
     restore_hold: float = setting(5.0, "hold this long, then release: RESTORE")
     pair_hold: float = setting(10.0, "hold this long: the fob pairing window opens at once")
-    double_gap: float = setting(0.5, "max seconds between a short press and the next press "
-                                     "(UNLOCK)")
+    double_gap: float = setting(
+        0.5, "max seconds between a short press and the next press (UNLOCK)"
+    )
     unlock_hold: float = setting(2.0, "hold the second press of a double-press this long: UNLOCK")
     key_hold: float = setting(1.0, "hold a dedicated key this long to fire it")
     led_slow: float = setting(1.0, "half-period of the slow blink (unsaved work)")
@@ -46,8 +47,15 @@ class GpioSettings(Settings):
 
 
 SECONDS = tuple(f.name for f in fields(GpioSettings) if f.type == "float")
-PIN_KEYS = ("button_pin", "save_pin", "restore_pin", "unlock_pin", "key_switch_pin",
-            "led_pin", "led2_pin")
+PIN_KEYS = (
+    "button_pin",
+    "save_pin",
+    "restore_pin",
+    "unlock_pin",
+    "key_switch_pin",
+    "led_pin",
+    "led2_pin",
+)
 _PIN_NAME = re.compile(r"^(GPIO\d{1,2}|BCM\d{1,2}|BOARD\d{1,2}|J8:\d{1,2}|WPI\d{1,2})$", re.I)
 
 
@@ -59,12 +67,13 @@ def _check_pin(key: str, value: Any) -> None:
     if value == "":
         return
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{key}: {value!r} is not a pin; use a BCM number like 17 or \"GPIO17\"")
+        raise ValueError(f'{key}: {value!r} is not a pin; use a BCM number like 17 or "GPIO17"')
     if isinstance(value, int) and not 0 <= value <= 53:
-        raise ValueError(f"{key}: bad pin {value}: BCM numbers run 0-53 "
-                         "(0-27 on the 40-pin header)")
+        raise ValueError(
+            f"{key}: bad pin {value}: BCM numbers run 0-53 (0-27 on the 40-pin header)"
+        )
     if isinstance(value, str) and not _PIN_NAME.match(value):
-        raise ValueError(f"{key}: bad pin {value!r}: use a BCM number (17) or a name (\"GPIO17\")")
+        raise ValueError(f'{key}: bad pin {value!r}: use a BCM number (17) or a name ("GPIO17")')
 
 
 def validate_config(cfg: dict[str, Any]) -> None:
@@ -82,8 +91,9 @@ def validate_config(cfg: dict[str, Any]) -> None:
         used.remove(cfg["led_pin"])  # rgb_pins replaces led_pin
     dupes = {str(p) for p in used if used.count(p) > 1}
     if dupes:
-        raise ValueError(f"pin {', '.join(sorted(dupes))} is used twice; give each input "
-                         "and LED its own pin")
+        raise ValueError(
+            f"pin {', '.join(sorted(dupes))} is used twice; give each input and LED its own pin"
+        )
     for key in SECONDS:
         if cfg[key] < 0:
             raise ValueError(f"{key}: {cfg[key]} is negative; give seconds (0 or more)")
@@ -100,5 +110,9 @@ def timings(cfg: dict[str, Any]) -> Timings:
 
 def led_timings(cfg: dict[str, Any]) -> LedTimings:
     cfg = with_defaults(cfg)
-    return LedTimings(slow=float(cfg["led_slow"]), fast=float(cfg["led_fast"]),
-                      no_host=float(cfg["led_no_host"]), status_show=float(cfg["status_show"]))
+    return LedTimings(
+        slow=float(cfg["led_slow"]),
+        fast=float(cfg["led_fast"]),
+        no_host=float(cfg["led_no_host"]),
+        status_show=float(cfg["status_show"]),
+    )

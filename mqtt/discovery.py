@@ -18,17 +18,38 @@ VERSION = "0.1.0"
 # key -> (component, name, extra config)
 ENTITIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mode": ("sensor", "Mode", {"value_template": "{{ value_json.mode }}", "icon": "mdi:lock"}),
-    "unsaved": ("sensor", "Unsaved data", {
-        "value_template": "{{ value_json.unsaved_bytes }}", "unit_of_measurement": "B",
-        "device_class": "data_size", "state_class": "measurement"}),
-    "last_save": ("sensor", "Last save", {
-        "value_template": "{{ value_json.last_save }}", "device_class": "timestamp"}),
-    "host": ("binary_sensor", "Host connected", {
-        "value_template": "{{ 'ON' if value_json.host_connected else 'OFF' }}",
-        "device_class": "connectivity"}),
-    "fault": ("binary_sensor", "Fault", {
-        "value_template": "{{ 'ON' if value_json.faults else 'OFF' }}",
-        "device_class": "problem", "entity_category": "diagnostic"}),
+    "unsaved": (
+        "sensor",
+        "Unsaved data",
+        {
+            "value_template": "{{ value_json.unsaved_bytes }}",
+            "unit_of_measurement": "B",
+            "device_class": "data_size",
+            "state_class": "measurement",
+        },
+    ),
+    "last_save": (
+        "sensor",
+        "Last save",
+        {"value_template": "{{ value_json.last_save }}", "device_class": "timestamp"},
+    ),
+    "host": (
+        "binary_sensor",
+        "Host connected",
+        {
+            "value_template": "{{ 'ON' if value_json.host_connected else 'OFF' }}",
+            "device_class": "connectivity",
+        },
+    ),
+    "fault": (
+        "binary_sensor",
+        "Fault",
+        {
+            "value_template": "{{ 'ON' if value_json.faults else 'OFF' }}",
+            "device_class": "problem",
+            "entity_category": "diagnostic",
+        },
+    ),
     "save": ("button", "Save", {"action": "save", "icon": "mdi:content-save"}),
     "restore": ("button", "Restore", {"action": "restore", "icon": "mdi:backup-restore"}),
     "lock": ("button", "Lock", {"action": "lock", "icon": "mdi:lock-outline"}),
@@ -36,8 +57,13 @@ ENTITIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 
 def device(node: str, name: str) -> dict[str, Any]:
-    return {"identifiers": [f"savepoint_{node}"], "name": name or node,
-            "manufacturer": "Savepoint", "model": "Savepoint appliance", "sw_version": VERSION}
+    return {
+        "identifiers": [f"savepoint_{node}"],
+        "name": name or node,
+        "manufacturer": "Savepoint",
+        "model": "Savepoint appliance",
+        "sw_version": VERSION,
+    }
 
 
 def config_topic(discovery_prefix: str, node: str, key: str) -> str:
@@ -50,10 +76,13 @@ def configs(topics: Topics, name: str, discovery_prefix: str) -> dict[str, dict[
     out: dict[str, dict[str, Any]] = {}
     for key, (component, label, extra) in ENTITIES.items():
         cfg: dict[str, Any] = {
-            "name": label, "unique_id": f"savepoint_{node}_{key}", "device": device(node, name),
-            "availability_topic": topics.availability, "payload_available": "online",
-            "payload_not_available": "offline", "origin": {"name": "savepoint",
-                                                          "sw_version": VERSION},
+            "name": label,
+            "unique_id": f"savepoint_{node}_{key}",
+            "device": device(node, name),
+            "availability_topic": topics.availability,
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            "origin": {"name": "savepoint", "sw_version": VERSION},
         }
         extra = dict(extra)
         if component == "button":

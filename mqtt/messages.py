@@ -61,8 +61,9 @@ class RequestError(ValueError):
 def parse_request(payload: bytes, max_payload: int) -> tuple[str, Action, dict[str, Any]]:
     """(id, action, args) or RequestError with a reason a person can act on."""
     if len(payload) > max_payload:
-        raise RequestError(f"request is {len(payload)} bytes; at most {max_payload} "
-                           "([mqtt] max_payload)")
+        raise RequestError(
+            f"request is {len(payload)} bytes; at most {max_payload} ([mqtt] max_payload)"
+        )
     try:
         doc = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError:
@@ -70,24 +71,27 @@ def parse_request(payload: bytes, max_payload: int) -> tuple[str, Action, dict[s
     except RecursionError:
         raise RequestError("malformed request: nested too deeply") from None
     except ValueError as e:
-        raise RequestError(f"malformed request: not JSON ({e}); send "
-                           '{"id": "...", "action": "status"}') from None
+        raise RequestError(
+            f'malformed request: not JSON ({e}); send {{"id": "...", "action": "status"}}'
+        ) from None
     if not isinstance(doc, dict):
         raise RequestError('malformed request: send a JSON object {"id": ..., "action": ...}')
     rid = doc.get("id")
     if not isinstance(rid, str) or not 1 <= len(rid) <= ID_MAX or not rid.isprintable():
-        raise RequestError(f"request id missing or bad: give \"id\", 1-{ID_MAX} printable "
-                           "characters, echoed in the reply")
+        raise RequestError(
+            f'request id missing or bad: give "id", 1-{ID_MAX} printable '
+            "characters, echoed in the reply"
+        )
     unknown = set(doc) - {"id", "action", "args"}
     if unknown:
-        raise RequestError(f"unknown field(s) {', '.join(sorted(unknown))}: only id, action "
-                           "and args", rid)
+        raise RequestError(
+            f"unknown field(s) {', '.join(sorted(unknown))}: only id, action and args", rid
+        )
     known = ", ".join(a.value for a in Action)
     try:
         action = Action(str(doc.get("action")))
     except ValueError:
-        raise RequestError(f"unknown action {doc.get('action')!r} (known: {known})",
-                           rid) from None
+        raise RequestError(f"unknown action {doc.get('action')!r} (known: {known})", rid) from None
     args = doc.get("args", {})
     if not isinstance(args, dict):
         raise RequestError("args must be a JSON object", rid)
@@ -97,8 +101,12 @@ def parse_request(payload: bytes, max_payload: int) -> tuple[str, Action, dict[s
 def _check_args(action: Action, args: dict[str, Any], rid: str) -> dict[str, Any]:
     if action is Action.HISTORY:
         limit = args.get("limit", HISTORY_DEFAULT)
-        if set(args) - {"limit"} or isinstance(limit, bool) or not isinstance(limit, int) \
-                or not 1 <= limit <= HISTORY_MAX:
+        if (
+            set(args) - {"limit"}
+            or isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= HISTORY_MAX
+        ):
             raise RequestError(f"history takes only limit, 1-{HISTORY_MAX}", rid)
         return {"limit": limit}
     if args:
@@ -109,8 +117,9 @@ def _check_args(action: Action, args: dict[str, Any], rid: str) -> dict[str, Any
 class RateLimit:
     """A token bucket: `burst` at once, then `rate` per second. Memory: two floats."""
 
-    def __init__(self, rate: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate, self.burst, self.clock = rate, burst, clock
         self.tokens = float(burst)
         self.at = clock()
@@ -129,11 +138,15 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 
-def status_payload(snap: dict[str, Any], node: str,
-                   last: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def status_payload(
+    snap: dict[str, Any], node: str, last: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """The retained status: only what changes on purpose, so it is not sent every poll."""
-    faults = [{"part": name, "reason": p.get("reason", ""), "hint": p.get("hint", "")}
-              for name, p in sorted(snap.get("parts", {}).items()) if p.get("state") == "failed"]
+    faults = [
+        {"part": name, "reason": p.get("reason", ""), "hint": p.get("hint", "")}
+        for name, p in sorted(snap.get("parts", {}).items())
+        if p.get("state") == "failed"
+    ]
     return {
         "node": node,
         "mode": snap.get("mode"),
@@ -154,9 +167,15 @@ def status_payload(snap: dict[str, Any], node: str,
 
 def event_payload(node: str, outcome: dict[str, Any], when: float) -> dict[str, Any]:
     """One SAVE/RESTORE outcome, with its history record when it ran."""
-    return {"node": node, "action": outcome.get("action"), "ok": outcome.get("ok"),
-            "source": outcome.get("source"), "reason": outcome.get("reason", ""),
-            "record": outcome.get("data") if outcome.get("ok") else None, "time": iso(when)}
+    return {
+        "node": node,
+        "action": outcome.get("action"),
+        "ok": outcome.get("ok"),
+        "source": outcome.get("source"),
+        "reason": outcome.get("reason", ""),
+        "record": outcome.get("data") if outcome.get("ok") else None,
+        "time": iso(when),
+    }
 
 
 def dumps(doc: dict[str, Any]) -> bytes:

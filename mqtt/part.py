@@ -55,17 +55,28 @@ REPLIES_WAITING = 32  # replies waiting for their PUBACK; more and the consumer 
 class MqttPart:
     name = "mqtt"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        bus: CommandSink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg = settings.with_defaults(cfg)
         self.bus, self.clock, self.wall = bus, clock, wall
         self.node = settings.node_id(self.cfg)
         self.topics = Topics(self.cfg["topic_prefix"], self.node)
         self.limit = RateLimit(float(self.cfg["rate"]), int(self.cfg["burst"]), clock)
         self.client: aiomqtt.Client | None = None
-        self.counts = {"connects": 0, "commands": 0, "errors": 0, "rate_limited": 0,
-                       "dropped": 0, "unacked": 0}
+        self.counts = {
+            "connects": 0,
+            "commands": 0,
+            "errors": 0,
+            "rate_limited": 0,
+            "dropped": 0,
+            "unacked": 0,
+        }
         self.last: dict[str, dict[str, Any]] = {}  # "save"/"restore" -> latest outcome
         self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
         self._wake = asyncio.Event()
@@ -92,23 +103,27 @@ class MqttPart:
         except ValueError as e:
             raise PartUnavailable(f"[mqtt] {e}", "fix [mqtt] in the config") from e
         except OSError as e:  # ssl.SSLError is an OSError: a bad CA file or client key
-            raise PartUnavailable(f"[mqtt] TLS files: {e}",
-                                  "check [mqtt] ca_file, client_cert and client_key") from e
+            raise PartUnavailable(
+                f"[mqtt] TLS files: {e}", "check [mqtt] ca_file, client_cert and client_key"
+            ) from e
         self._queue = self.bus.subscribe()
         extras = getattr(self.bus, "status_extras", None)
         if isinstance(extras, list):
             extras.append(self.status)
         # The tasks first run after start() returns, so the daemon's "up" comes before the
         # connection's own state (connected, or failed: broker unreachable).
-        self._tasks = [asyncio.create_task(self._follow(self._queue), name="mqtt-follow"),
-                       asyncio.create_task(self._run(), name="mqtt")]
+        self._tasks = [
+            asyncio.create_task(self._follow(self._queue), name="mqtt-follow"),
+            asyncio.create_task(self._run(), name="mqtt"),
+        ]
 
     async def stop(self) -> None:
         client = self.client
         if client is not None:  # a clean disconnect sends no will: say offline ourselves
             with contextlib.suppress(Exception):
-                await client.publish(self.topics.availability, "offline", qos=1, retain=True,
-                                     timeout=2)
+                await client.publish(
+                    self.topics.availability, "offline", qos=1, retain=True, timeout=2
+                )
         for task in self._tasks:
             task.cancel()
         if self._tasks:  # bounded: a part that will not end must not hold the daemon's stop
@@ -124,8 +139,14 @@ class MqttPart:
             extras.remove(self.status)
 
     def status(self) -> dict[str, Any]:
-        return {"mqtt": {"connected": self.client is not None, "node": self.node,
-                         "broker": f"{self.broker.host}:{self.broker.port}", **self.counts}}
+        return {
+            "mqtt": {
+                "connected": self.client is not None,
+                "node": self.node,
+                "broker": f"{self.broker.host}:{self.broker.port}",
+                **self.counts,
+            }
+        }
 
     def _set_state(self, state: str, reason: str = "", hint: str = "") -> None:
         if (state, reason) == (self._state, self._reason):
@@ -148,13 +169,23 @@ class MqttPart:
                 super().put_nowait(item)
 
         return aiomqtt.Client(
-            self.broker.host, self.broker.port, username=self.username, password=self.password,
-            identifier=f"savepoint-{self.node}", protocol=aiomqtt.ProtocolVersion.V5,
+            self.broker.host,
+            self.broker.port,
+            username=self.username,
+            password=self.password,
+            identifier=f"savepoint-{self.node}",
+            protocol=aiomqtt.ProtocolVersion.V5,
             will=aiomqtt.Will(self.topics.availability, "offline", qos=1, retain=True),
-            clean_start=True, keepalive=int(self.cfg["keepalive"]), timeout=10,
-            tls_context=self.tls, properties=props, queue_type=CountingQueue,
-            max_queued_incoming_messages=QUEUE_IN, max_queued_outgoing_messages=256,
-            logger=_QUIET)
+            clean_start=True,
+            keepalive=int(self.cfg["keepalive"]),
+            timeout=10,
+            tls_context=self.tls,
+            properties=props,
+            queue_type=CountingQueue,
+            max_queued_incoming_messages=QUEUE_IN,
+            max_queued_outgoing_messages=256,
+            logger=_QUIET,
+        )
 
     async def _run(self) -> None:
         delay = 1.0
@@ -186,15 +217,16 @@ class MqttPart:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(self.topics.availability, "online", qos=1, retain=True)
-        subs = [(self.topics.command, 1)] + [(self.topics.group(g), 1)
-                                            for g in self.cfg["groups"]]
+        subs = [(self.topics.command, 1)] + [(self.topics.group(g), 1) for g in self.cfg["groups"]]
         await client.subscribe(subs)
         self._status_sent = None  # the broker may have lost it: send the status again
         self._wake.set()
         # Commands are read from the first moment: messages that wait behind discovery
         # would fill the queue and be dropped.
-        tasks = [asyncio.create_task(self._commands(client)),
-                 asyncio.create_task(self._publisher(client))]
+        tasks = [
+            asyncio.create_task(self._commands(client)),
+            asyncio.create_task(self._publisher(client)),
+        ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -205,14 +237,16 @@ class MqttPart:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _discovery(self, client: aiomqtt.Client) -> None:
-        payloads = discovery.configs(self.topics, str(self.cfg["name"]),
-                                     str(self.cfg["discovery_prefix"]))
+        payloads = discovery.configs(
+            self.topics, str(self.cfg["name"]), str(self.cfg["discovery_prefix"])
+        )
         for topic, payload in payloads.items():
             body = dumps(payload) if self.cfg["discovery"] else b""  # empty: HA removes it
             await self._publish(client, topic, body, retain=True)
 
-    async def _publish(self, client: aiomqtt.Client, topic: str, body: bytes | str, *,
-                       retain: bool = False) -> None:
+    async def _publish(
+        self, client: aiomqtt.Client, topic: str, body: bytes | str, *, retain: bool = False
+    ) -> None:
         """QoS 1, but a PUBACK that does not come within ACK_WAIT is counted, not fatal.
 
         Under a flood to this client, mosquitto 2.0.11 logs "Sending PUBACK" for our
@@ -234,8 +268,12 @@ class MqttPart:
             action = event.data.get("action")
             if event.kind == "outcome" and action in ("save", "restore"):
                 now = self.wall()
-                self.last[action] = {"ok": event.data.get("ok"), "source": event.data.get(
-                    "source"), "reason": event.data.get("reason", ""), "time": iso(now)}
+                self.last[action] = {
+                    "ok": event.data.get("ok"),
+                    "source": event.data.get("source"),
+                    "reason": event.data.get("reason", ""),
+                    "time": iso(now),
+                }
                 self._events.append(event_payload(self.node, event.data, now))
             if event.kind in ("outcome", "state", "host", "fault", "progress"):
                 self._wake.set()
@@ -270,8 +308,7 @@ class MqttPart:
         try:
             async for message in client.messages:
                 try:
-                    await self.handle(client, str(message.topic), message.payload,
-                                      message.retain)
+                    await self.handle(client, str(message.topic), message.payload, message.retain)
                 except aiomqtt.MqttError:
                     raise
                 except Exception:  # one bad message must not end the session
@@ -300,8 +337,9 @@ class MqttPart:
         if not task.cancelled() and task.exception() is not None:
             log.warning("a reply was not sent: %s", task.exception())
 
-    async def handle(self, client: aiomqtt.Client, topic: str, payload: Any,
-                     retained: bool) -> None:
+    async def handle(
+        self, client: aiomqtt.Client, topic: str, payload: Any, retained: bool
+    ) -> None:
         body = payload if isinstance(payload, bytes) else str(payload or "").encode()
         if not body:  # how a retained message is cleared: nothing to answer
             return
@@ -309,17 +347,25 @@ class MqttPart:
             self.counts["rate_limited"] += 1
             if self.clock() - self._limited_reply_at >= 1.0:  # one reply a second in a flood
                 self._limited_reply_at = self.clock()
-                await self._reply(client, None, f"too many commands: at most "
-                                  f"{self.cfg['rate']:g}/s after a burst of "
-                                  f"{self.cfg['burst']}; dropped, nothing ran")
+                await self._reply(
+                    client,
+                    None,
+                    f"too many commands: at most "
+                    f"{self.cfg['rate']:g}/s after a burst of "
+                    f"{self.cfg['burst']}; dropped, nothing ran",
+                )
             return
-        source = "mqtt" if topic == self.topics.command else \
-            f"mqtt:{topic.split('/')[-2]}"  # <prefix>/group/<name>/cmd
+        source = (
+            "mqtt" if topic == self.topics.command else f"mqtt:{topic.split('/')[-2]}"
+        )  # <prefix>/group/<name>/cmd
         try:
             rid, action, args = parse_request(body, int(self.cfg["max_payload"]))
             if retained:  # a retained RESTORE would run again at every reconnect
-                raise RequestError("retained command ignored: publish commands without the "
-                                   "retain flag (and clear it: an empty retained message)", rid)
+                raise RequestError(
+                    "retained command ignored: publish commands without the "
+                    "retain flag (and clear it: an empty retained message)",
+                    rid,
+                )
         except RequestError as e:
             self.counts["errors"] += 1
             log.warning("bad request on %s: %s", topic, e.reason)
@@ -329,28 +375,46 @@ class MqttPart:
         outcome = await self.bus.submit(Command(action, source=source, args=args))
         data, reason = outcome.data, outcome.reason
         if action is Action.UNLOCK and not outcome.ok:
-            reason += ("; UNLOCK is never possible over MQTT: it must be a person's gesture at "
-                       "the appliance (docs/fleet.md)")
+            reason += (
+                "; UNLOCK is never possible over MQTT: it must be a person's gesture at "
+                "the appliance (docs/fleet.md)"
+            )
         if action is Action.STATUS and outcome.ok:
             data = status_payload(data, self.node, self.last)
-        await self._send_reply(client, dumps({
-            "id": rid, "node": self.node, "via": source, "ok": outcome.ok,
-            "action": action.value, "reason": reason, "data": data}))
+        await self._send_reply(
+            client,
+            dumps(
+                {
+                    "id": rid,
+                    "node": self.node,
+                    "via": source,
+                    "ok": outcome.ok,
+                    "action": action.value,
+                    "reason": reason,
+                    "data": data,
+                }
+            ),
+        )
 
     async def _reply(self, client: aiomqtt.Client, rid: str | None, error: str) -> None:
-        await self._send_reply(client, dumps({
-            "id": rid, "node": self.node, "ok": False, "reason": error}))
+        await self._send_reply(
+            client, dumps({"id": rid, "node": self.node, "ok": False, "reason": error})
+        )
 
 
 def _why(error: aiomqtt.MqttError) -> tuple[str, str]:
     text = str(error).lower()
     if "not authorized" in text or "bad user name" in text or "password" in text:
-        return ("broker refused the login",
-                "check username and password in [mqtt] secrets and the broker's password file")
+        return (
+            "broker refused the login",
+            "check username and password in [mqtt] secrets and the broker's password file",
+        )
     if "certificate" in text or "ssl" in text or "tls" in text:
-        return ("TLS with the broker failed",
-                "check [mqtt] ca_file (it must have signed the broker's certificate) and that "
-                "the broker's name matches its certificate")
+        return (
+            "TLS with the broker failed",
+            "check [mqtt] ca_file (it must have signed the broker's certificate) and that "
+            "the broker's name matches its certificate",
+        )
     return ("broker unreachable", "the appliance works on; retrying with backoff")
 
 
@@ -367,5 +431,9 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-SPEC = PartSpec("mqtt", settings.MqttSettings, lambda s, ctx: MqttPart(s.as_dict(), ctx.bus),
-                validate=settings.validate_config)
+SPEC = PartSpec(
+    "mqtt",
+    settings.MqttSettings,
+    lambda s, ctx: MqttPart(s.as_dict(), ctx.bus),
+    validate=settings.validate_config,
+)

@@ -27,30 +27,39 @@ class MqttSettings(Settings):
     """The [mqtt] section: the broker, its credentials, topics and limits."""
 
     broker: str = setting("", "mqtts://HOST[:PORT] (TLS); mqtt:// only for a loopback broker")
-    ca_file: str = setting("", "CA certificate(s) the broker's certificate must chain to; empty = "
-                               "the system's CAs")
+    ca_file: str = setting(
+        "", "CA certificate(s) the broker's certificate must chain to; empty = the system's CAs"
+    )
     client_cert: str = setting("", "client certificate (PEM) for brokers that want one")
     client_key: str = setting("", "its private key (PEM); empty = in client_cert")
-    secrets: str = setting("", "TOML file with username and password (mode 0600, owned by the "
-                               "daemon's user); empty = no password")
+    secrets: str = setting(
+        "",
+        "TOML file with username and password (mode 0600, owned by the "
+        "daemon's user); empty = no password",
+    )
     node_id: str = setting("", "this appliance's name in topics, [A-Za-z0-9_-]; empty = hostname")
     name: str = setting("", "the name Home Assistant shows; empty = node_id")
-    groups: list[Any] = setting([], "group names whose command topic this appliance obeys too, "
-                                    "e.g. [\"room-101\"]")
+    groups: list[Any] = setting(
+        [], 'group names whose command topic this appliance obeys too, e.g. ["room-101"]'
+    )
     topic_prefix: str = setting("savepoint", "first level of every topic")
-    discovery: bool = setting(True, "publish Home Assistant discovery; false clears what an "
-                                    "earlier run published")
+    discovery: bool = setting(
+        True, "publish Home Assistant discovery; false clears what an earlier run published"
+    )
     discovery_prefix: str = setting("homeassistant", "Home Assistant's discovery prefix")
-    status_interval: float = setting(1.0, "least seconds between two status messages (changes in "
-                                          "between go out together)")
-    poll_interval: float = setting(5.0, "seconds between checks for changes no event announces "
-                                        "(unsaved data growing)")
+    status_interval: float = setting(
+        1.0, "least seconds between two status messages (changes in between go out together)"
+    )
+    poll_interval: float = setting(
+        5.0, "seconds between checks for changes no event announces (unsaved data growing)"
+    )
     max_payload: int = setting(4096, "bytes a command may have; longer ones get an error reply")
     rate: float = setting(2.0, "commands per second accepted on average")
     burst: int = setting(10, "commands accepted at once before `rate` applies")
     keepalive: int = setting(30, "seconds between MQTT keepalive pings")
-    reconnect_max: float = setting(60.0, "longest wait between reconnection attempts (the wait "
-                                         "doubles from 1 s)")
+    reconnect_max: float = setting(
+        60.0, "longest wait between reconnection attempts (the wait doubles from 1 s)"
+    )
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -74,15 +83,19 @@ def validate_config(cfg: dict[str, Any]) -> None:
     if cfg["broker"]:
         parse_broker(cfg["broker"])
     if cfg["node_id"] and (not NAME_RE.fullmatch(cfg["node_id"]) or cfg["node_id"] == "group"):
-        raise ValueError(f"node_id {cfg['node_id']!r}: use 1-32 of A-Z a-z 0-9 _ - "
-                         "(not \"group\": group topics use that level)")
+        raise ValueError(
+            f"node_id {cfg['node_id']!r}: use 1-32 of A-Z a-z 0-9 _ - "
+            '(not "group": group topics use that level)'
+        )
     for group in cfg["groups"]:
         if not isinstance(group, str) or not NAME_RE.fullmatch(group):
             raise ValueError(f"groups: {group!r} is not a name of 1-32 of A-Z a-z 0-9 _ -")
     for key in ("topic_prefix", "discovery_prefix"):
         if not PREFIX_RE.fullmatch(cfg[key]):
-            raise ValueError(f"{key} {cfg[key]!r}: use up to 4 levels of A-Z a-z 0-9 _ - "
-                             "(no wildcards, no leading or trailing /)")
+            raise ValueError(
+                f"{key} {cfg[key]!r}: use up to 4 levels of A-Z a-z 0-9 _ - "
+                "(no wildcards, no leading or trailing /)"
+            )
     if not 64 <= cfg["max_payload"] <= 65536:
         raise ValueError("max_payload must be between 64 and 65536 bytes")
     for key in ("status_interval", "poll_interval", "rate", "reconnect_max"):
@@ -94,17 +107,21 @@ def validate_config(cfg: dict[str, Any]) -> None:
 
 def parse_broker(url: str) -> Broker:
     parts = urlsplit(url)
-    if parts.scheme not in ("mqtts", "mqtt") or not parts.hostname or parts.path not in ("",
-                                                                                         "/"):
-        raise ValueError(f"broker {url!r} is not mqtts://HOST[:PORT], e.g. "
-                         "mqtts://broker.example.org:8883")
+    if parts.scheme not in ("mqtts", "mqtt") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(
+            f"broker {url!r} is not mqtts://HOST[:PORT], e.g. mqtts://broker.example.org:8883"
+        )
     if parts.username or parts.password:
-        raise ValueError("broker: put the username and password in the `secrets` file, not "
-                         "in the URL (the config is readable by the savepoint group)")
+        raise ValueError(
+            "broker: put the username and password in the `secrets` file, not "
+            "in the URL (the config is readable by the savepoint group)"
+        )
     tls = parts.scheme == "mqtts"
     if not tls and not _loopback(parts.hostname):
-        raise ValueError(f"broker {url!r}: plain mqtt:// sends the password and every command "
-                         "in clear; use mqtts:// (mqtt:// is only for a broker on loopback)")
+        raise ValueError(
+            f"broker {url!r}: plain mqtt:// sends the password and every command "
+            "in clear; use mqtts:// (mqtt:// is only for a broker on loopback)"
+        )
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError:
@@ -139,30 +156,39 @@ def read_secrets(path: str) -> tuple[str | None, str | None]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise SecretsError(f"secrets file {path} does not exist: write username = \"...\" "
-                           "and password = \"...\" into it, mode 0600") from None
+        raise SecretsError(
+            f'secrets file {path} does not exist: write username = "..." '
+            'and password = "..." into it, mode 0600'
+        ) from None
     except OSError as e:
         raise SecretsError(f"secrets file {path}: {e.strerror} (a symlink is refused)") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if st.st_mode & 0o077:
-            raise SecretsError(f"secrets file {path} is mode {stat.S_IMODE(st.st_mode):04o}: "
-                               f"others can read the broker password; run chmod 600 {path} "
-                               "(and change the password if others may have read it)")
+            raise SecretsError(
+                f"secrets file {path} is mode {stat.S_IMODE(st.st_mode):04o}: "
+                f"others can read the broker password; run chmod 600 {path} "
+                "(and change the password if others may have read it)"
+            )
         if st.st_uid != os.geteuid():
-            raise SecretsError(f"secrets file {path} belongs to uid {st.st_uid}, not to the "
-                               f"daemon's user ({os.geteuid()}): chown it")
+            raise SecretsError(
+                f"secrets file {path} belongs to uid {st.st_uid}, not to the "
+                f"daemon's user ({os.geteuid()}): chown it"
+            )
         if st.st_size > 4096:
-            raise SecretsError(f"secrets file {path} is over 4 KiB: it should hold only "
-                               "username and password")
+            raise SecretsError(
+                f"secrets file {path} is over 4 KiB: it should hold only username and password"
+            )
         try:
             data = tomllib.loads(f.read().decode())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SecretsError(f"secrets file {path} is not valid TOML: {e}") from None
     unknown = set(data) - {"username", "password"}
     if unknown or not all(isinstance(v, str) for v in data.values()):
-        raise SecretsError(f"secrets file {path}: only username and password strings "
-                           f"(found {', '.join(sorted(data))})")
+        raise SecretsError(
+            f"secrets file {path}: only username and password strings "
+            f"(found {', '.join(sorted(data))})"
+        )
     return data.get("username"), data.get("password")
 
 

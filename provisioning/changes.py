@@ -108,8 +108,14 @@ def _diff(old: str, new: str) -> list[str]:
     return [line for line in lines if not line.startswith(("---", "+++"))]
 
 
-def file_change(root: Path, path: str, text: str, mode: int = 0o644,
-                private: bool = False, show_all: bool = False) -> Change | None:
+def file_change(
+    root: Path,
+    path: str,
+    text: str,
+    mode: int = 0o644,
+    private: bool = False,
+    show_all: bool = False,
+) -> Change | None:
     """Make `path` hold `text`; None when it already does. An existing file keeps its mode;
     `private` (a file that may hold a secret) makes it 0600, and takes group and other
     access from an existing one."""
@@ -125,8 +131,11 @@ def file_change(root: Path, path: str, text: str, mode: int = 0o644,
         detail, summary = [], f"~ {path} (mode 0600: it may hold a secret)"
     elif old is None:
         lines = text.splitlines()
-        detail = ([f"+{line}" for line in lines] if len(lines) <= _SHOW_NEW_FILE_LINES or show_all
-                  else [f"({len(lines)} lines)"])
+        detail = (
+            [f"+{line}" for line in lines]
+            if len(lines) <= _SHOW_NEW_FILE_LINES or show_all
+            else [f"({len(lines)} lines)"]
+        )
         summary = f"+ {path} (new file)"
     else:
         detail, summary = _diff(old.decode(errors="replace"), text), f"~ {path}"
@@ -141,10 +150,14 @@ def file_change(root: Path, path: str, text: str, mode: int = 0o644,
         tmp.write_bytes(new)
         os.chmod(tmp, keep)
         os.replace(tmp, target)
-        added = [line[1:] for line in _diff((old or b"").decode(errors="replace"), text)
-                 if line.startswith("+")]
-        manifest.add({"type": "file", "path": path, "backup": backup, "sha256": sha256(new),
-                      "added": added})
+        added = [
+            line[1:]
+            for line in _diff((old or b"").decode(errors="replace"), text)
+            if line.startswith("+")
+        ]
+        manifest.add(
+            {"type": "file", "path": path, "backup": backup, "sha256": sha256(new), "added": added}
+        )
 
     return Change(summary, apply, detail)
 

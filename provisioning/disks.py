@@ -37,8 +37,10 @@ def human(size: int) -> str:
 
 def by_id_link(node: str, links: list[str]) -> str:
     """The most stable /dev/disk/by-id name of a device (wwn- last: it hides the model)."""
-    ids = sorted((link for link in links if link.startswith("/dev/disk/by-id/")),
-                 key=lambda link: ("/wwn-" in link, len(link)))
+    ids = sorted(
+        (link for link in links if link.startswith("/dev/disk/by-id/")),
+        key=lambda link: ("/wwn-" in link, len(link)),
+    )
     return ids[0] if ids else ""
 
 
@@ -54,11 +56,22 @@ def candidates() -> list[Disk]:
         size = int(_sysfs(f"/sys/class/block/{name}/size") or 0) * 512
         if size == 0:
             continue
-        model = (dev.properties.get("ID_MODEL") or dev.properties.get("ID_NAME")
-                 or _sysfs(f"/sys/class/block/{name}/device/model") or name).replace("_", " ")
+        model = (
+            dev.properties.get("ID_MODEL")
+            or dev.properties.get("ID_NAME")
+            or _sysfs(f"/sys/class/block/{name}/device/model")
+            or name
+        ).replace("_", " ")
         links = list(dev.device_links)
-        disks.append(Disk(dev.device_node, by_id_link(dev.device_node, links), model.strip(),
-                          size, refusal(dev.device_node, force=False) or ""))
+        disks.append(
+            Disk(
+                dev.device_node,
+                by_id_link(dev.device_node, links),
+                model.strip(),
+                size,
+                refusal(dev.device_node, force=False) or "",
+            )
+        )
     return disks
 
 
@@ -112,8 +125,9 @@ def _in_use(node: str) -> str:
 
 def signatures(path: str) -> list[str]:
     """Filesystem, RAID or partition-table signatures blkid finds (files and devices alike)."""
-    res = subprocess.run(["blkid", "-p", "-o", "export", path],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["blkid", "-p", "-o", "export", path], capture_output=True, text=True, check=False
+    )
     if res.returncode == 2:  # nothing found
         return []
     if res.returncode != 0:
@@ -137,8 +151,10 @@ def refusal(path: str, force: bool) -> str | None:
         return f"refusing {path}: it is neither a block device nor a regular file"
     found = signatures(path)
     if found and not force:
-        return (f"refusing {path}: it holds {', '.join(found)}. Everything on it would be "
-                "lost; if that is what you want, add --force.")
+        return (
+            f"refusing {path}: it holds {', '.join(found)}. Everything on it would be "
+            "lost; if that is what you want, add --force."
+        )
     return None
 
 
@@ -149,8 +165,10 @@ def main() -> int:
         print("Listing disks needs pyudev: sudo apt-get install python3-pyudev", file=sys.stderr)
         return 2
     if not disks:
-        print("No disks found. Plug in a USB SSD or stick, or use a store file on the SD card "
-              "(install.sh without --device).")
+        print(
+            "No disks found. Plug in a USB SSD or stick, or use a store file on the SD card "
+            "(install.sh without --device)."
+        )
         return 1
     print(f"{'DEVICE':<10} {'SIZE':>10}  {'MODEL':<24} BY-ID PATH (use it with --device)")
     for d in disks:

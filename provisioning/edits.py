@@ -26,7 +26,8 @@ def firmware_config(root: Path) -> Path:
             return root / rel
     raise FileNotFoundError(
         f"no firmware config.txt under {root}/boot/firmware or {root}/boot: is this Raspberry "
-        "Pi OS, and is the boot partition mounted?")
+        "Pi OS, and is the boot partition mounted?"
+    )
 
 
 def _sections(lines: list[str]) -> list[str]:
@@ -48,10 +49,12 @@ def add_dwc2(text: str) -> str:
     """
     lines = text.splitlines(keepends=True)
     sections = _sections(lines)
-    ours = [i for i, line in enumerate(lines)
-            if sections[i] == "all" and line.strip() == DWC2_LINE]
-    others = [i for i, line in enumerate(lines)
-              if sections[i] == "all" and _DWC2.match(line) and line.strip() != DWC2_LINE]
+    ours = [i for i, line in enumerate(lines) if sections[i] == "all" and line.strip() == DWC2_LINE]
+    others = [
+        i
+        for i, line in enumerate(lines)
+        if sections[i] == "all" and _DWC2.match(line) and line.strip() != DWC2_LINE
+    ]
     if ours and not others:
         return text
     for i in others:
@@ -79,8 +82,7 @@ def eatt_off(text: str) -> str:
     """
     lines = text.splitlines(keepends=True)
     sections = _sections(lines)
-    found = [i for i, line in enumerate(lines)
-             if sections[i] == "gatt" and _CHANNELS.match(line)]
+    found = [i for i, line in enumerate(lines) if sections[i] == "gatt" and _CHANNELS.match(line)]
     active = [i for i in found if not lines[i].lstrip().startswith("#")]
     if [lines[i].strip() for i in active] == [EATT_LINE]:
         return text
@@ -129,22 +131,32 @@ def port_advice(model: str) -> str:
     """Which socket to plug into the host computer, in the user's words."""
     m = model.lower()
     if "zero" in m:
-        return ("Plug the host computer into the Zero's micro-USB port marked USB (the one in "
-                "the middle), not the one marked PWR IN. The host also powers the Zero.")
+        return (
+            "Plug the host computer into the Zero's micro-USB port marked USB (the one in "
+            "the middle), not the one marked PWR IN. The host also powers the Zero."
+        )
     if re.search(r"raspberry pi (4|400|5|500)\b", m):
-        return ("Plug the host computer into the Pi's USB-C port (the power socket): it carries "
-                "both the USB disk and power. Use a port that supplies enough current "
-                "(a USB-C port or a powered hub), or the Pi may brown out.")
+        return (
+            "Plug the host computer into the Pi's USB-C port (the power socket): it carries "
+            "both the USB disk and power. Use a port that supplies enough current "
+            "(a USB-C port or a powered hub), or the Pi may brown out."
+        )
     if "compute module" in m:
-        return ("Plug the host computer into the IO board's USB device (OTG) port, and set "
-                "its USB jumper/switch to device mode.")
+        return (
+            "Plug the host computer into the IO board's USB device (OTG) port, and set "
+            "its USB jumper/switch to device mode."
+        )
     if "model b" in m:  # Pi 1, 2, 3 Model B: the USB sockets hang off a hub chip
-        return (f"Warning: the {model} has no USB device port (its USB sockets go through a "
-                "hub), so no host will see a disk. Savepoint still serves the store over NBD. "
-                "Use a Zero 2 W, 4 or 5 for the USB disk.")
-    return ("Could not tell the Raspberry Pi model: plug the host computer into the Pi's USB "
-            "device (OTG) port: the micro-USB port marked USB on a Zero, the USB-C port on a "
-            "4 or 5.")
+        return (
+            f"Warning: the {model} has no USB device port (its USB sockets go through a "
+            "hub), so no host will see a disk. Savepoint still serves the store over NBD. "
+            "Use a Zero 2 W, 4 or 5 for the USB disk."
+        )
+    return (
+        "Could not tell the Raspberry Pi model: plug the host computer into the Pi's USB "
+        "device (OTG) port: the micro-USB port marked USB on a Zero, the USB-C port on a "
+        "4 or 5."
+    )
 
 
 CONFIG_TOML = """\
@@ -210,6 +222,7 @@ level = "info"
 
 def render_config(store_path: str, unit: str = "4K") -> str:
     if '"' in store_path or "\\" in store_path:
-        raise ValueError(f"store path {store_path!r} contains a quote or backslash: use a "
-                         "plain path")
+        raise ValueError(
+            f"store path {store_path!r} contains a quote or backslash: use a plain path"
+        )
     return CONFIG_TOML.format(path=store_path, unit=unit)

@@ -22,8 +22,7 @@ _TREES = (*system._SOURCES, "systemd", "README.md")  # pyproject names the READM
 
 
 def unit_text(options: list[str]) -> str:
-    cmd = shlex.join(["/usr/bin/python3", "-m", "provisioning.installer", "--first-boot",
-                      *options])
+    cmd = shlex.join(["/usr/bin/python3", "-m", "provisioning.installer", "--first-boot", *options])
     return f"""# Written by provisioning/install.sh --root: finishes the install on the Pi.
 [Unit]
 Description=Savepoint: finish installing (packages, virtualenv, store), then disable this unit
@@ -58,8 +57,12 @@ def source_change(root: Path, src: Path) -> Change | None:
         for top in _TREES:
             item = src / top
             if item.is_dir():
-                shutil.copytree(item, copy / top, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                shutil.copytree(
+                    item,
+                    copy / top,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                )
             elif item.is_file():
                 copy.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(item, copy / top)
@@ -70,9 +73,11 @@ def source_change(root: Path, src: Path) -> Change | None:
 def changes(root: Path, src: Path, options: list[str]) -> list[Change | None]:
     """A later run without store options keeps the unit (and the choices) it has."""
     keep = not options and on(root, UNIT).exists()
-    return [source_change(root, src),
-            None if keep else file_change(root, UNIT, unit_text(options)),
-            symlink_change(root, WANTS, UNIT)]
+    return [
+        source_change(root, src),
+        None if keep else file_change(root, UNIT, unit_text(options)),
+        symlink_change(root, WANTS, UNIT),
+    ]
 
 
 def disable(root: Path) -> None:

@@ -43,26 +43,49 @@ class InstallError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="install.sh", description="Install (or --uninstall) the Savepoint appliance.")
-    p.add_argument("--root", default="/", help="install into this directory (a fake root "
-                   "or a mounted SD card): files only, no apt, no systemctl")
-    p.add_argument("--dry-run", action="store_true", help="show what would change; change "
-                   "nothing")
-    p.add_argument("--uninstall", action="store_true", help="undo every change the installer "
-                   "made; the store's data is left alone")
-    p.add_argument("--device", help="block device (or file) for the store; default: a file "
-                   f"{DEFAULT_STORE}; list disks with: python3 -m provisioning.disks")
-    p.add_argument("--size", help=f"disk size for a store file (default {DEFAULT_SIZE}); a "
-                   "block device's size is its own")
+        prog="install.sh", description="Install (or --uninstall) the Savepoint appliance."
+    )
+    p.add_argument(
+        "--root",
+        default="/",
+        help="install into this directory (a fake root "
+        "or a mounted SD card): files only, no apt, no systemctl",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    p.add_argument(
+        "--uninstall",
+        action="store_true",
+        help="undo every change the installer made; the store's data is left alone",
+    )
+    p.add_argument(
+        "--device",
+        help="block device (or file) for the store; default: a file "
+        f"{DEFAULT_STORE}; list disks with: python3 -m provisioning.disks",
+    )
+    p.add_argument(
+        "--size",
+        help=f"disk size for a store file (default {DEFAULT_SIZE}); a "
+        "block device's size is its own",
+    )
     p.add_argument("--unit", default="4K", help="store unit, 4K to 1M (default 4K)")
-    p.add_argument("--force", action="store_true", help="use a device that holds a "
-                   "filesystem or partition table (its data is lost)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="use a device that holds a filesystem or partition table (its data is lost)",
+    )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask before changing")
-    p.add_argument("--reboot", action="store_true", help="reboot at the end when the USB "
-                   "device controller needs it (a fresh Pi does)")
-    p.add_argument("--bthome-passive", action="store_true", help="run bluetoothd "
-                   "--experimental, for passive BTHome scanning (done anyway when config.toml "
-                   "enables [bthome])")
+    p.add_argument(
+        "--reboot",
+        action="store_true",
+        help="reboot at the end when the USB device controller needs it (a fresh Pi does)",
+    )
+    p.add_argument(
+        "--bthome-passive",
+        action="store_true",
+        help="run bluetoothd "
+        "--experimental, for passive BTHome scanning (done anyway when config.toml "
+        "enables [bthome])",
+    )
     p.add_argument("--first-boot", action="store_true", help=argparse.SUPPRESS)  # the unit's
     args = p.parse_args(argv)
     if args.first_boot:
@@ -141,8 +164,10 @@ def _check_space(root: Path, store: str, size: str | None) -> None:
     """A store file of SIZE needs about 2 x SIZE: two slots per unit (saved + working)."""
     path = on(root, store)
     if size and not path.exists() and _free_bytes(path.parent) < 2 * _bytes(size):
-        raise InstallError(f"not enough free space for a {size} store file (it needs about "
-                           "twice that): use a smaller --size or a USB disk (--device)")
+        raise InstallError(
+            f"not enough free space for a {size} store file (it needs about "
+            "twice that): use a smaller --size or a USB disk (--device)"
+        )
 
 
 def _bytes(size: str) -> int:
@@ -165,16 +190,21 @@ def _nbd_root_only(text: str) -> str:
     if not sep:
         return text
     body, nxt, tail = rest.partition("\n[")
-    body = re.sub(r'(?m)^# Members of this group may use the socket \(mode 0660\)\.\n'
-                  r'group\s*=\s*"savepoint"$',
-                  '# Empty: the socket is root only (0600); a group could read and overwrite '
-                  'the disk.\ngroup = ""', body)
+    body = re.sub(
+        r"(?m)^# Members of this group may use the socket \(mode 0660\)\.\n"
+        r'group\s*=\s*"savepoint"$',
+        "# Empty: the socket is root only (0600); a group could read and overwrite "
+        'the disk.\ngroup = ""',
+        body,
+    )
     return head + sep + body + nxt + tail
 
 
 def _dropin_text(store: str) -> str:
-    lines = ["# Written by provisioning/install.sh: access to the store the user chose.",
-             "[Service]"]
+    lines = [
+        "# Written by provisioning/install.sh: access to the store the user chose.",
+        "[Service]",
+    ]
     if store.startswith("/dev/"):
         lines.append(f"DeviceAllow={store} rw")
     elif not store.startswith("/var/lib/savepoint/"):
@@ -186,15 +216,18 @@ def _cli_link(root: Path, notes: list[str]) -> Change | None:
     """`savepoint` on the PATH, unless something of the user's already has that name."""
     link = on(root, CLI_LINK)
     if link.exists() and not link.is_symlink():
-        notes.append(f"{CLI_LINK} exists and is not ours: left alone; the CLI is "
-                     f"{system.VENV}/bin/savepoint")
+        notes.append(
+            f"{CLI_LINK} exists and is not ours: left alone; the CLI is {system.VENV}/bin/savepoint"
+        )
         return None
     return symlink_change(root, CLI_LINK, f"{system.VENV}/bin/savepoint")
 
 
-_GROUPS_NOTE = ("groups: `savepoint` members may run savepoint status, history and watch; "
-                "`savepoint-admin` members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and "
-                "manage fobs (sudo usermod -aG savepoint-admin USER)")
+_GROUPS_NOTE = (
+    "groups: `savepoint` members may run savepoint status, history and watch; "
+    "`savepoint-admin` members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and "
+    "manage fobs (sudo usermod -aG savepoint-admin USER)"
+)
 
 
 def _section(config_text: str, name: str) -> dict:
@@ -210,18 +243,24 @@ def _passive_scan(config_text: str, asked: bool) -> bool:
     return asked or (bool(bthome.get("enabled", False)) and bthome.get("scan") != "active")
 
 
-def _bluetooth_changes(root: Path, config_text: str, args: argparse.Namespace,
-                       notes: list[str]) -> list[Change | None]:
+def _bluetooth_changes(
+    root: Path, config_text: str, args: argparse.Namespace, notes: list[str]
+) -> list[Change | None]:
     """EATT off in BlueZ's main.conf when the fob service runs ([ble] enabled); bluetoothd
     --experimental when BTHome buttons are scanned passively."""
-    out = ([file_change(root, BT_DROPIN, BT_EXPERIMENTAL)]
-           if _passive_scan(config_text, args.bthome_passive) else [])
+    out = (
+        [file_change(root, BT_DROPIN, BT_EXPERIMENTAL)]
+        if _passive_scan(config_text, args.bthome_passive)
+        else []
+    )
     if not _section(config_text, "ble").get("enabled", True):
         return out
     main = on(root, BT_MAIN)
     if not main.is_file():
-        notes.append(f"{BT_MAIN} not found (BlueZ not installed yet?): left alone; fobs need "
-                     "`[GATT] Channels = 1` in it, so run the installer again once bluez is in")
+        notes.append(
+            f"{BT_MAIN} not found (BlueZ not installed yet?): left alone; fobs need "
+            "`[GATT] Channels = 1` in it, so run the installer again once bluez is in"
+        )
         return out
     return [file_change(root, BT_MAIN, edits.eatt_off(main.read_text())), *out]
 
@@ -233,27 +272,32 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     notes: list[str] = []
     firmware = edits.firmware_config(root)
     fw_path = "/" + str(firmware.relative_to(root))
-    changes = [system.packages_change() if live else None,
-               file_change(root, fw_path, edits.add_dwc2(firmware.read_text())),
-               file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
-               *(groups := system.group_changes(root)),
-               dir_change(root, "/etc/savepoint"),
-               dir_change(root, "/var/lib/savepoint", 0o700)]
+    changes = [
+        system.packages_change() if live else None,
+        file_change(root, fw_path, edits.add_dwc2(firmware.read_text())),
+        file_change(root, MODULES, (SRC / "systemd/savepoint-modules.conf").read_text()),
+        *(groups := system.group_changes(root)),
+        dir_change(root, "/etc/savepoint"),
+        dir_change(root, "/var/lib/savepoint", 0o700),
+    ]
     if any(groups):
         notes.append(_GROUPS_NOTE)
     full = live or os.environ.get("SAVEPOINT_ROOT_FULL") == "1"
     venv = system.venv_change(root, SRC) if full else None
     changes.append(venv)
-    if full and (venv is not None or not on(root, "/usr/local/share/man/man1/savepoint.1")
-                 .exists()):
+    if full and (
+        venv is not None or not on(root, "/usr/local/share/man/man1/savepoint.1").exists()
+    ):
         changes.append(system.docs_change(root))  # regenerated with every new venv
     changes.append(_cli_link(root, notes))
     config = _config_text(root, store, args.unit)
     changes += _bluetooth_changes(root, config, args, notes)
-    changes += [file_change(root, CONFIG, config, private=True, show_all=True),
-                file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
-                file_change(root, DROPIN, _dropin_text(store)),
-                symlink_change(root, WANTS, UNIT)]
+    changes += [
+        file_change(root, CONFIG, config, private=True, show_all=True),
+        file_change(root, UNIT, (SRC / "systemd/savepoint.service").read_text()),
+        file_change(root, DROPIN, _dropin_text(store)),
+        symlink_change(root, WANTS, UNIT),
+    ]
     runs_init = full or "SAVEPOINT_CMD" in os.environ  # tests: init with the dev venv's CLI
     init = system.store_change(m, root, store, size, args.unit, args.force) if runs_init else None
     if init:
@@ -261,9 +305,11 @@ def plan(args: argparse.Namespace, root: Path, m: Manifest) -> tuple[list[Change
     changes.append(init)
     if not full and not args.first_boot:
         changes += firstboot.changes(root, SRC, _store_options(args))
-        notes.append(f"left to the first boot on the Pi ({firstboot.UNIT}): apt packages, "
-                     f"virtualenv {system.VENV}, man pages"
-                     + ("" if runs_init else f", `savepoint init {store}`"))
+        notes.append(
+            f"left to the first boot on the Pi ({firstboot.UNIT}): apt packages, "
+            f"virtualenv {system.VENV}, man pages"
+            + ("" if runs_init else f", `savepoint init {store}`")
+        )
     return [c for c in changes if c is not None], notes
 
 
@@ -285,8 +331,10 @@ def install(args: argparse.Namespace, root: Path) -> int:
         if args.first_boot:
             firstboot.disable(root)
         return 0
-    print(f"Savepoint installer: {len(changes)} change(s) to {root}"
-          + (" (dry run: nothing will be changed)" if args.dry_run else ""))
+    print(
+        f"Savepoint installer: {len(changes)} change(s) to {root}"
+        + (" (dry run: nothing will be changed)" if args.dry_run else "")
+    )
     for c in changes:
         print(c.show())
     for note in notes:
@@ -311,9 +359,11 @@ def install(args: argparse.Namespace, root: Path) -> int:
 
 def _finish(root: Path, model: str, reboot: bool, now: bool = False) -> None:
     if root != Path("/"):
-        print("Put the card in the Pi and power it up: its first boot finishes the install "
-              "(packages and virtualenv need the network; follow it with `journalctl -fu "
-              "savepoint-firstboot`).")
+        print(
+            "Put the card in the Pi and power it up: its first boot finishes the install "
+            "(packages and virtualenv need the network; follow it with `journalctl -fu "
+            "savepoint-firstboot`)."
+        )
     if root == Path("/"):
         system.systemctl("daemon-reload")
         if (reboot or not system.has_udc()) and now:
@@ -335,8 +385,10 @@ def uninstall(args: argparse.Namespace, root: Path) -> int:
         print(f"Nothing to undo: no install manifest at {m.file}.")
         return 0
     changes = [c for rec in reversed(m.records) if (c := undo.undo_change(m, rec))]
-    print(f"Savepoint uninstall: {len(changes)} change(s) to undo in {root}"
-          + (" (dry run: nothing will be changed)" if args.dry_run else ""))
+    print(
+        f"Savepoint uninstall: {len(changes)} change(s) to undo in {root}"
+        + (" (dry run: nothing will be changed)" if args.dry_run else "")
+    )
     for c in changes:
         print(c.show())
     stores = undo.store_paths(m) or ([s] if (s := _existing_store(root)) else [])

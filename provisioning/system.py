@@ -22,20 +22,22 @@ STAMP = f"{VENV_HOME}/installed-source"
 SAVEPOINT = f"{VENV}/bin/savepoint"
 GROUP = "savepoint"
 ADMIN_GROUP = "savepoint-admin"  # [control] admin_group's default (appliance/control/roles.py)
-GROUPS = {GROUP: "members may run savepoint status, history and watch",
-          ADMIN_GROUP: "members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and manage fobs"}
+GROUPS = {
+    GROUP: "members may run savepoint status, history and watch",
+    ADMIN_GROUP: "members may also UNLOCK, SAVE, RESTORE, LOCK, PAIR and manage fobs",
+}
 _SOURCES = ("pyproject.toml", "appliance", "ble", "gpio", "mqtt", "provisioning")
 
 
 def _installed(pkg: str) -> bool:
-    res = subprocess.run(["dpkg-query", "-W", "-f", "${Status}", pkg],
-                         capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Status}", pkg], capture_output=True, text=True, check=False
+    )
     return res.stdout.endswith("installed")
 
 
 def _available(pkg: str) -> bool:
-    res = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True, check=False)
     return "Candidate:" in res.stdout and "Candidate: (none)" not in res.stdout
 
 
@@ -76,8 +78,7 @@ def group_changes(root: Path) -> list[Change | None]:
 
 
 def _groupadd(name: str, why: str) -> Change | None:
-    if subprocess.run(["getent", "group", name], capture_output=True,
-                      check=False).returncode == 0:
+    if subprocess.run(["getent", "group", name], capture_output=True, check=False).returncode == 0:
         return None
 
     def apply(manifest: Manifest) -> None:
@@ -128,25 +129,47 @@ def docs_change(root: Path) -> Change:
     prefix = on(root, "/usr/local")
 
     def apply(manifest: Manifest) -> None:
-        out = subprocess.run([str(on(root, f"{VENV}/bin/python")), "-m", "appliance.manpages",
-                              str(prefix)], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [str(on(root, f"{VENV}/bin/python")), "-m", "appliance.manpages", str(prefix)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         for line in out.stdout.split():
             written = Path(line)
-            manifest.add({"type": "file", "path": "/" + str(written.relative_to(root)),
-                          "backup": None, "sha256": sha256(written.read_bytes()), "added": []})
+            manifest.add(
+                {
+                    "type": "file",
+                    "path": "/" + str(written.relative_to(root)),
+                    "backup": None,
+                    "sha256": sha256(written.read_bytes()),
+                    "added": [],
+                }
+            )
 
-    return Change("+ man pages and bash/zsh completion for savepoint, savepoint-host and "
-                  "savepoint-fob under /usr/local/share (man savepoint)", apply)
+    return Change(
+        "+ man pages and bash/zsh completion for savepoint, savepoint-host and "
+        "savepoint-fob under /usr/local/share (man savepoint)",
+        apply,
+    )
 
 
-def store_change(manifest: Manifest, root: Path, store: str, size: str | None, unit: str,
-                 force: bool) -> Change | None:
+def store_change(
+    manifest: Manifest, root: Path, store: str, size: str | None, unit: str, force: bool
+) -> Change | None:
     """`savepoint init` on the chosen store, once: a second run must never wipe it."""
     if manifest.find("store", store):
         return None
     target = store if store.startswith("/dev/") else str(on(root, store))
-    cmd = [os.environ.get("SAVEPOINT_CMD", str(on(root, SAVEPOINT))), "init", target,
-           "--unit", unit, *(["--size", size] if size else []), *(["--force"] if force else [])]
+    cmd = [
+        os.environ.get("SAVEPOINT_CMD", str(on(root, SAVEPOINT))),
+        "init",
+        target,
+        "--unit",
+        unit,
+        *(["--size", size] if size else []),
+        *(["--force"] if force else []),
+    ]
 
     def apply(manifest: Manifest) -> None:
         if not store.startswith("/dev/"):

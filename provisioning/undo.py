@@ -46,17 +46,25 @@ def _undo_packages(rec: Record) -> Change:
     names = rec["names"]
 
     def apply(_: Manifest) -> None:
-        sim = subprocess.run(["apt-get", "-s", "purge", *names], capture_output=True,
-                             text=True, check=False)
-        gone = {line.split()[1] for line in sim.stdout.splitlines()
-                if line.startswith(("Purg ", "Remv "))}
+        sim = subprocess.run(
+            ["apt-get", "-s", "purge", *names], capture_output=True, text=True, check=False
+        )
+        gone = {
+            line.split()[1]
+            for line in sim.stdout.splitlines()
+            if line.startswith(("Purg ", "Remv "))
+        }
         extra = gone - set(names)
         if extra:
-            print(f"  note: kept {' '.join(names)}: removing them would also remove "
-                  f"{' '.join(sorted(extra))}")
+            print(
+                f"  note: kept {' '.join(names)}: removing them would also remove "
+                f"{' '.join(sorted(extra))}"
+            )
             return
-        run(["apt-get", "purge", "-y", *names],
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        run(
+            ["apt-get", "purge", "-y", *names],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
 
     return Change(f"- apt-get purge {' '.join(names)} (packages the installer added)", apply)
 
@@ -73,8 +81,9 @@ def undo_change(m: Manifest, rec: Record) -> Change | None:
     if kind == "tree":
         if not target.exists():
             return None
-        return Change(f"- {path}/ (virtualenv and everything in it)",
-                      lambda _: shutil.rmtree(target))
+        return Change(
+            f"- {path}/ (virtualenv and everything in it)", lambda _: shutil.rmtree(target)
+        )
     if kind == "group":
         return Change(f"- group {rec['name']}", lambda _: run(["groupdel", rec["name"]]))
     if kind == "packages":

@@ -13,8 +13,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 INFO_ENCRYPTED = 0x41  # version 2 (bits 5-7), encrypted (bit 0)
 INFO_TRIGGER_ENCRYPTED = 0x45  # ... and trigger-based (bit 2), as a button sends
 INFO_PLAIN_TRIGGER = 0x44
-EVENTS = {"press": 0x01, "double_press": 0x02, "triple_press": 0x03, "long_press": 0x04,
-          "long_double_press": 0x05, "long_triple_press": 0x06, "hold_press": 0x80}
+EVENTS = {
+    "press": 0x01,
+    "double_press": 0x02,
+    "triple_press": 0x03,
+    "long_press": 0x04,
+    "long_double_press": 0x05,
+    "long_triple_press": 0x06,
+    "hold_press": 0x80,
+}
 OBJ_PACKET_ID, OBJ_BATTERY, OBJ_BUTTON = 0x00, 0x01, 0x3A
 
 
@@ -28,8 +35,9 @@ def objects(packet_id: int, battery: int | None = None, *events: str) -> bytes:
     return out
 
 
-def encrypt(key: bytes, mac: str, counter: int, plain: bytes,
-            info: int = INFO_TRIGGER_ENCRYPTED) -> bytes:
+def encrypt(
+    key: bytes, mac: str, counter: int, plain: bytes, info: int = INFO_TRIGGER_ENCRYPTED
+) -> bytes:
     """The service data of one encrypted advert."""
     count = counter.to_bytes(4, "little")
     nonce = bytes.fromhex(mac.replace(":", "")) + b"\xd2\xfc" + bytes([info]) + count
@@ -37,8 +45,9 @@ def encrypt(key: bytes, mac: str, counter: int, plain: bytes,
     return bytes([info]) + sealed[:-4] + count + sealed[-4:]
 
 
-def press(key: bytes, mac: str, counter: int, event: str = "press",
-          battery: int | None = 90) -> bytes:
+def press(
+    key: bytes, mac: str, counter: int, event: str = "press", battery: int | None = 90
+) -> bytes:
     return encrypt(key, mac, counter, objects(counter, battery, event))
 
 

@@ -68,8 +68,9 @@ class Fault:
 class CrashBacking(MemoryBacking):
     """Byte-addressed storage in a bytearray with page-cache-like volatility (fd = None)."""
 
-    def __init__(self, image: bytearray, cut_at: int | None = None,
-                 guard: Guard | None = None) -> None:
+    def __init__(
+        self, image: bytearray, cut_at: int | None = None, guard: Guard | None = None
+    ) -> None:
         super().__init__(image)
         self.cut_at = cut_at
         self.guard = guard
@@ -84,8 +85,13 @@ class CrashBacking(MemoryBacking):
 
     # ----- faults -----------------------------------------------------------------------------
 
-    def inject(self, kinds: Iterable[str] = OPS, err: int = errno.EIO, after: int = 1,
-               persistent: bool = False) -> Fault:
+    def inject(
+        self,
+        kinds: Iterable[str] = OPS,
+        err: int = errno.EIO,
+        after: int = 1,
+        persistent: bool = False,
+    ) -> Fault:
         self.fault = Fault(frozenset(kinds), err, after, persistent)
         return self.fault
 
@@ -103,7 +109,7 @@ class CrashBacking(MemoryBacking):
         for s in range(offset // SECTOR, -(-(offset + len(data)) // SECTOR)):
             if self.rng.random() < 0.5:
                 a, b = max(offset, s * SECTOR), min(offset + len(data), (s + 1) * SECTOR)
-                self._apply(data[a - offset:b - offset], a)
+                self._apply(data[a - offset : b - offset], a)
 
     # ----- the Backing protocol ---------------------------------------------------------------
 
@@ -175,9 +181,9 @@ class CrashBacking(MemoryBacking):
         first, end = offset // SECTOR, -(-(offset + len(data)) // SECTOR)
         for s in range(first, end):
             if s not in self._base:
-                self._base[s] = bytes(self.image[s * SECTOR:(s + 1) * SECTOR])
+                self._base[s] = bytes(self.image[s * SECTOR : (s + 1) * SECTOR])
         super()._apply(data, offset)
-        self._pending.append((first, bytes(self.image[first * SECTOR:end * SECTOR])))
+        self._pending.append((first, bytes(self.image[first * SECTOR : end * SECTOR])))
 
     @property
     def volatile_writes(self) -> int:
@@ -187,7 +193,7 @@ class CrashBacking(MemoryBacking):
         """The image a power cut leaves now, as a fresh backing with nothing volatile."""
         image = bytearray(self.image)
         for s, content in self._base.items():
-            image[s * SECTOR:(s + 1) * SECTOR] = content
+            image[s * SECTOR : (s + 1) * SECTOR] = content
         pending = list(self._pending)
         rng.shuffle(pending)
         for first, blob in pending:
@@ -198,17 +204,18 @@ class CrashBacking(MemoryBacking):
             for i in range(count):
                 if fate < 2 / 3 or rng.random() < 0.5:  # applied whole, or torn
                     s = first + i
-                    image[s * SECTOR:(s + 1) * SECTOR] = blob[i * SECTOR:(i + 1) * SECTOR]
+                    image[s * SECTOR : (s + 1) * SECTOR] = blob[i * SECTOR : (i + 1) * SECTOR]
         return CrashBacking(image)
 
     def durable_image(self) -> bytearray:
         """What is guaranteed to survive: the image as of the last sync."""
         image = bytearray(self.image)
         for s, content in self._base.items():
-            image[s * SECTOR:(s + 1) * SECTOR] = content
+            image[s * SECTOR : (s + 1) * SECTOR] = content
         return image
 
 
-def new_backing(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP,
-                **kwargs: object) -> CrashBacking:
+def new_backing(
+    size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP, **kwargs: object
+) -> CrashBacking:
     return CrashBacking(new_store_image(size, unit, hist_cap), **kwargs)  # type: ignore[arg-type]

@@ -259,4 +259,3 @@ class FakeBluez:
                               "org.bluez.GattCharacteristic1", member, sig, body)  # fmt: skip
         except DBusError as e:
             raise AttError(f"{e.type}: {e.text}") from e
-

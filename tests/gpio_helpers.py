@@ -15,10 +15,20 @@ from gpio.gestures import Cue
 
 # hold ladder in tens/hundreds of ms; each window is wide enough for a loaded 2-CPU machine
 FAST: dict[str, Any] = {
-    "button_pin": 17, "led_pin": 27, "debounce": 0.01, "save_hold": 0.25,
-    "restore_warn": 0.6, "restore_hold": 0.9, "pair_hold": 1.4, "double_gap": 0.4,
-    "unlock_hold": 0.3, "key_hold": 0.2, "led_fast": 0.02, "led_slow": 0.06,
-    "led_no_host": 0.3, "status_show": 0.4,
+    "button_pin": 17,
+    "led_pin": 27,
+    "debounce": 0.01,
+    "save_hold": 0.25,
+    "restore_warn": 0.6,
+    "restore_hold": 0.9,
+    "pair_hold": 1.4,
+    "double_gap": 0.4,
+    "unlock_hold": 0.3,
+    "key_hold": 0.2,
+    "led_fast": 0.02,
+    "led_slow": 0.06,
+    "led_no_host": 0.3,
+    "status_show": 0.4,
 }
 
 
@@ -49,7 +59,7 @@ async def hold_until(part: GpioPart, pin: MockPWMPin, cue: Cue) -> None:
 def levels(pin: MockPWMPin, start: int = 0) -> list[float]:
     """The LED pin's levels from the one in force at states[start] on, repeats collapsed."""
     out: list[float] = []
-    for s in pin.states[max(start - 1, 0):]:
+    for s in pin.states[max(start - 1, 0) :]:
         v = float(s.state)
         if not out or out[-1] != v:
             out.append(v)
@@ -59,4 +69,4 @@ def levels(pin: MockPWMPin, start: int = 0) -> list[float]:
 def contains_in_order(seq: list[float], wanted: list[float]) -> bool:
     """`wanted` appears in `seq` as a contiguous run."""
     n = len(wanted)
-    return any(seq[i:i + n] == wanted for i in range(len(seq) - n + 1))
+    return any(seq[i : i + n] == wanted for i in range(len(seq) - n + 1))

@@ -27,8 +27,8 @@ MISSING = "mosquitto is not installed (apt-get install mosquitto mosquitto-clien
 
 def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
-        None)
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
+    )
 
 
 def mosquitto_installed() -> bool:
@@ -43,24 +43,46 @@ def free_port() -> int:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _cert(subject: str, key: Any, issuer: x509.Name | None, issuer_key: Any,
-          ca: bool = False, names: list[x509.GeneralName] | None = None) -> x509.Certificate:
+def _cert(
+    subject: str,
+    key: Any,
+    issuer: x509.Name | None,
+    issuer_key: Any,
+    ca: bool = False,
+    names: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -79,9 +101,10 @@ def make_pki(d: Path) -> dict[str, str]:
         out[name] = str(path)
 
     write("ca.pem", ca.public_bytes(serialization.Encoding.PEM))
-    for who, names in (("server", [x509.DNSName("localhost"),
-                                   x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       ("client", None)):
+    for who, names in (
+        ("server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        ("client", None),
+    ):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _cert(who, key, ca.subject, ca_key, names=names)
         write(f"{who}.pem", cert.public_bytes(serialization.Encoding.PEM))
@@ -121,8 +144,12 @@ class Broker:
         passwd = d / "passwd"
         passwd.touch(mode=0o600)
         passwd.write_text("".join(f"{u}:{p}\n" for u, p in {**dict([ADMIN]), **users}.items()))
-        subprocess.run(["mosquitto_passwd", "-U", str(passwd)], check=True,  # hash in place
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["mosquitto_passwd", "-U", str(passwd)],
+            check=True,  # hash in place
+            capture_output=True,
+            timeout=60,
+        )
         (d / "acl").write_text(ACL)
         (d / "acl").chmod(0o600)
         self.conf = d / "mosquitto.conf"
@@ -131,17 +158,17 @@ user {_user()}
 per_listener_settings false
 allow_anonymous false
 password_file {passwd}
-acl_file {d / 'acl'}
+acl_file {d / "acl"}
 persistence false
-log_dest file {d / 'mosquitto.log'}
+log_dest file {d / "mosquitto.log"}
 log_type error
 log_type warning
 log_type notice
 log_type information
 listener {self.port} 127.0.0.1
-cafile {self.pki['ca.pem']}
-certfile {self.pki['server.pem']}
-keyfile {self.pki['server.key']}
+cafile {self.pki["ca.pem"]}
+certfile {self.pki["server.pem"]}
+keyfile {self.pki["server.key"]}
 require_certificate false
 """)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -154,13 +181,15 @@ require_certificate false
     def start(self) -> None:
         exe = mosquitto_binary()
         assert exe, "mosquitto is not installed"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {self.proc.stderr.read().decode()}"
-                                     f"{self.log()}")
+                raise AssertionError(
+                    f"mosquitto exited: {self.proc.stderr.read().decode()}{self.log()}"
+                )
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
@@ -199,8 +228,12 @@ def write_secrets(path: Path, user: str, password: str, mode: int = 0o600) -> st
 class Client:
     """A paho client in its own thread that keeps every message it gets, for assertions."""
 
-    def __init__(self, broker: Broker, user: tuple[str, str] = ADMIN,
-                 subscribe: tuple[str, ...] = ("savepoint/#", "homeassistant/#")) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        user: tuple[str, str] = ADMIN,
+        subscribe: tuple[str, ...] = ("savepoint/#", "homeassistant/#"),
+    ) -> None:
         import paho.mqtt.client as paho
 
         self.messages: queue.Queue[tuple[str, bytes, bool, float]] = queue.Queue()
@@ -210,7 +243,8 @@ class Client:
         ctx = ssl.create_default_context(cafile=broker.pki["ca.pem"])
         self.c.tls_set_context(ctx)
         self.c.on_message = lambda _c, _u, m: self.messages.put(
-            (m.topic, bytes(m.payload), bool(m.retain), time.monotonic()))
+            (m.topic, bytes(m.payload), bool(m.retain), time.monotonic())
+        )
         self.c.connect("127.0.0.1", broker.port)
         self.c.loop_start()
         for topic in subscribe:
@@ -228,8 +262,9 @@ class Client:
     def wait_reply(self, node: str, rid: Any, timeout: float = 30) -> dict[str, Any]:
         return self.wait_json(f"savepoint/{node}/reply", lambda d: d.get("id") == rid, timeout)
 
-    def wait(self, topic: str, pred: Any = lambda _p: True,
-             timeout: float = 30) -> tuple[str, bytes, bool, float]:
+    def wait(
+        self, topic: str, pred: Any = lambda _p: True, timeout: float = 30
+    ) -> tuple[str, bytes, bool, float]:
         for m in self.seen:
             if m[0] == topic and pred(m[1]):
                 self.seen.remove(m)
@@ -243,11 +278,14 @@ class Client:
             if m[0] == topic and pred(m[1]):
                 return m
             self.seen.append(m)
-        raise AssertionError(f"no message on {topic} within {timeout}s; seen: "
-                             f"{[(t, p[:120]) for t, p, _r, _w in self.seen[-10:]]}")
+        raise AssertionError(
+            f"no message on {topic} within {timeout}s; seen: "
+            f"{[(t, p[:120]) for t, p, _r, _w in self.seen[-10:]]}"
+        )
 
-    def wait_json(self, topic: str, pred: Any = lambda _d: True,
-                  timeout: float = 30) -> dict[str, Any]:
+    def wait_json(
+        self, topic: str, pred: Any = lambda _d: True, timeout: float = 30
+    ) -> dict[str, Any]:
         def ok(payload: bytes) -> bool:
             try:
                 return bool(pred(json.loads(payload)))

@@ -32,8 +32,9 @@ class Served:
 
 
 @contextmanager
-def serve(tmp_path, size: int = 64 * MiB, unit: int = 4096, create: bool = True,
-          **kwargs) -> Iterator[Served]:
+def serve(
+    tmp_path, size: int = 64 * MiB, unit: int = 4096, create: bool = True, **kwargs
+) -> Iterator[Served]:
     path = str(tmp_path / "disk.sp")
     if create:
         create_store(path, size, unit=unit)
@@ -48,8 +49,7 @@ def serve(tmp_path, size: int = 64 * MiB, unit: int = 4096, create: bool = True,
         store.close()
 
 
-def run(*argv: str, timeout: float = 120, check: bool = True,
-        **kw) -> subprocess.CompletedProcess:
+def run(*argv: str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
     if check and proc.returncode:
         raise AssertionError(f"{argv[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -58,8 +58,13 @@ def run(*argv: str, timeout: float = 120, check: bool = True,
 
 def libnbd(script: str, *args: str, timeout: float = 120):
     """Run a python3-libnbd script (system python); it prints one JSON value: return it."""
-    proc = subprocess.run([SYS_PYTHON, "-c", textwrap.dedent(script), *args],
-                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    proc = subprocess.run(
+        [SYS_PYTHON, "-c", textwrap.dedent(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -123,12 +128,20 @@ class RawClient:
             if rtype not in (p.REP_SERVER, p.REP_INFO, p.REP_META_CONTEXT):
                 return replies
 
-    def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
-                payload: bytes = b"", cookie: bytes = b"cookie01") -> tuple[int, bytes]:
+    def request(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: bytes = b"",
+        cookie: bytes = b"cookie01",
+    ) -> tuple[int, bytes]:
         """Send one request; return (error, data) of its reply."""
         p = self.p
-        self.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-                       + payload)
+        self.s.sendall(
+            p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + payload
+        )
         return self.reply(cookie, cmd == p.CMD_READ and not self.structured, length)
 
     def reply(self, cookie: bytes, simple_read: bool, length: int) -> tuple[int, bytes]:

@@ -63,9 +63,18 @@ class RecordingBus:
     async def submit(self, command: Command) -> Outcome:
         self.commands.append(command)
         outcome = await self.decide(command)
-        self.publish(Event("outcome", {"ok": outcome.ok, "action": outcome.action.value,
-                                       "source": outcome.source, "reason": outcome.reason,
-                                       "data": outcome.data}))
+        self.publish(
+            Event(
+                "outcome",
+                {
+                    "ok": outcome.ok,
+                    "action": outcome.action.value,
+                    "source": outcome.source,
+                    "reason": outcome.reason,
+                    "data": outcome.data,
+                },
+            )
+        )
         return outcome
 
     async def decide(self, command: Command) -> Outcome:
@@ -123,8 +132,12 @@ class LockingBus(RecordingBus):
             self.emit("progress", action=a.value, phase="end")
         elif a in (Action.UNLOCK, Action.LOCK):
             self.locked = a is Action.LOCK
-        data = {"mode": "locked" if self.locked else "unlocked", "epoch": self.epoch,
-                "dirty_units": 0, "host_connected": True}
+        data = {
+            "mode": "locked" if self.locked else "unlocked",
+            "epoch": self.epoch,
+            "dirty_units": 0,
+            "host_connected": True,
+        }
         return Outcome(ok, a, command.source, reason, data)
 
 
@@ -161,12 +174,12 @@ class MemoryBacking:
         pass
 
     def _read(self, buf: memoryview, offset: int) -> None:
-        buf[:] = self.image[offset:offset + len(buf)]
+        buf[:] = self.image[offset : offset + len(buf)]
 
     def _apply(self, data: bytes, offset: int) -> None:
         if offset < 0 or offset + len(data) > self.size:
             raise OSError(f"write at {offset}+{len(data)} beyond the {self.size}-byte backing")
-        self.image[offset:offset + len(data)] = data
+        self.image[offset : offset + len(data)] = data
 
 
 @lru_cache(maxsize=16)
@@ -183,7 +196,6 @@ def new_store_image(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CA
     return bytearray(_template(size, unit, hist_cap))
 
 
-def memory_backing(size: int, unit: int = 4096,
-                   hist_cap: int = DEFAULT_HIST_CAP) -> MemoryBacking:
+def memory_backing(size: int, unit: int = 4096, hist_cap: int = DEFAULT_HIST_CAP) -> MemoryBacking:
     """A fresh store in memory: `Store(memory_backing(...))` opens it."""
     return MemoryBacking(new_store_image(size, unit, hist_cap))

@@ -41,7 +41,9 @@ class WindowDelegate(PairingDelegate):
 
 
 def appliance_service(
-    proto: FobProtocol, *, outcome: bool = True,
+    proto: FobProtocol,
+    *,
+    outcome: bool = True,
     on_frame: Callable[[Connection, str], Awaitable[None]] | None = None,
 ) -> tuple[gatt.Service, gatt.Characteristic]:
     """The fob service as BlueZ serves it; `outcome=False` is an appliance older than the
@@ -87,9 +89,16 @@ def appliance_service(
                                 write=on_pair)),
     ]  # fmt: skip
     if outcome:
-        chars.append(gatt.Characteristic(
-            frames.OUTCOME_UUID, P.READ | P.WRITE, enc_r | enc_w, gatt.CharacteristicValue(
-                read=lambda c: proto.outcome_read(str(c.peer_address)), write=on_outcome)))
+        chars.append(
+            gatt.Characteristic(
+                frames.OUTCOME_UUID,
+                P.READ | P.WRITE,
+                enc_r | enc_w,
+                gatt.CharacteristicValue(
+                    read=lambda c: proto.outcome_read(str(c.peer_address)), write=on_outcome
+                ),
+            )
+        )
     return gatt.Service(frames.SERVICE_UUID, chars), status
 
 
@@ -117,9 +126,7 @@ async def setup(tmp_path):
     fob, appliance = devices[0], devices[1]
     service, status_char = appliance_service(proto)
     appliance.add_service(service)
-    proto.on_status = lambda v: asyncio.ensure_future(
-        appliance.notify_subscribers(status_char, v)
-    )
+    proto.on_status = lambda v: asyncio.ensure_future(appliance.notify_subscribers(status_char, v))
     appliance.pairing_config_factory = lambda _c: PairingConfig(
         sc=True, mitm=False, bonding=True, delegate=WindowDelegate(proto)
     )

@@ -199,7 +199,8 @@ def test_revoke_refuses_frames_and_removes_the_bond(private_bus, tmp_path):
         creds = await pair_over_gatt(fake)
         listed = await sink.handlers["fobs"]({"op": "list"})
         assert [(f["fob_id"], f["address"]) for f in listed["fobs"]] == [
-            (creds.fob_id, "F0:F0:F0:F0:F0:01")]
+            (creds.fob_id, "F0:F0:F0:F0:F0:01")
+        ]
         sink.publish(Event("pairing", {"open": False}))
         answer = await sink.handlers["fobs"]({"op": "revoke", "id": creds.fob_id})
         assert answer["fob"]["revoked"]
@@ -237,7 +238,8 @@ def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
         third = await pair_over_gatt(fake, OTHER)  # the same phone paired twice
         answer = await sink.handlers["fobs"]({"op": "revoke", "id": second.fob_id})
         assert answer["fob"]["bond"] == (
-            f"kept: fob {third.fob_id} is paired from the same device F0:F0:F0:F0:F0:02")
+            f"kept: fob {third.fob_id} is paired from the same device F0:F0:F0:F0:F0:02"
+        )
         fake.bonded.discard(OTHER)  # someone ran `bluetoothctl remove` already
         answer = await sink.handlers["fobs"]({"op": "revoke", "id": third.fob_id})
         assert answer["fob"]["bond"].startswith("already gone: F0:F0:F0:F0:F0:02")
@@ -247,7 +249,8 @@ def test_revoke_stands_when_bluez_is_away(private_bus, tmp_path):
         assert answer["fob"]["revoked"]
         assert answer["fob"]["bond"] == (
             "kept: BlueZ is not reachable; "
-            "remove it later with `bluetoothctl remove F0:F0:F0:F0:F0:01`")
+            "remove it later with `bluetoothctl remove F0:F0:F0:F0:F0:01`"
+        )
         assert part.proto.registry.get(first.fob_id).revoked
         assert fake.removed == [], fake.removed
 
@@ -327,6 +330,7 @@ def test_outcome_over_dbus(private_bus, tmp_path):
 def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
     """A device that bonds during the window but never finishes pairing loses its bond when
     the window closes; the window closes at the first pairing, so a second one is refused."""
+
     async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         await reopen(sink)
         assert await fake.pair(OTHER)  # the attacker bonds, then only reads Status
@@ -343,6 +347,7 @@ def test_one_gesture_one_fob_and_unfinished_bonds_go(private_bus, tmp_path):
 
 def test_a_wrong_setup_code_loses_its_bond_at_once(private_bus, tmp_path):
     """So the next attempt starts clean on both sides; the third closes the window."""
+
     async def body(fake: FakeBluez, part: BlePart, sink: RecordingBus) -> None:
         await reopen(sink)
         for attempt in range(3):

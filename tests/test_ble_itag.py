@@ -103,7 +103,8 @@ def test_press_submits_unauthenticated_and_repeats_are_debounced() -> None:
         tag.press()  # a second press
         await settle()
         assert [(c.action, c.source, c.authenticated) for c in sink.commands] == [
-            (Action.SAVE, f"itag:{ADDR}", False)] * 2
+            (Action.SAVE, f"itag:{ADDR}", False)
+        ] * 2
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert tag.links[-1].closed  # stop disconnects

@@ -106,8 +106,9 @@ class World:
     """The appliance (device 1, advertising, restarting adverts after each link) and the fob
     (device 0). `cuts[step]` says how many times to cut the link at that step."""
 
-    def __init__(self, tmp_path: Any, sink: RecordingBus | None = None, *,
-                 outcome: bool = True) -> None:
+    def __init__(
+        self, tmp_path: Any, sink: RecordingBus | None = None, *, outcome: bool = True
+    ) -> None:
         self.sink = sink or RecordingBus()
         self.proto = FobProtocol(FobRegistry(tmp_path / "fobs.json"), self.sink)
         self.devices = TwoDevices()
@@ -118,7 +119,8 @@ class World:
         self.status_char = status
         delegate = WindowDelegate(self.proto)
         self.app.pairing_config_factory = lambda _c: PairingConfig(
-            sc=True, mitm=False, bonding=True, delegate=delegate)
+            sc=True, mitm=False, bonding=True, delegate=delegate
+        )
         self.fob.pairing_config_factory = lambda _c: PairingConfig(sc=True, mitm=False,
                                                                    bonding=True)  # fmt: skip
         self.cuts: dict[str, int] = {}
@@ -200,9 +202,14 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), 60))
 
 
-async def command_with_cut(tmp_path: Any, step: str, cmd: Cmd = Cmd.SAVE, times: int = 1,
-                           sink: RecordingBus | None = None,
-                           **kw: Any) -> tuple[World, fob_session.Report]:
+async def command_with_cut(
+    tmp_path: Any,
+    step: str,
+    cmd: Cmd = Cmd.SAVE,
+    times: int = 1,
+    sink: RecordingBus | None = None,
+    **kw: Any,
+) -> tuple[World, fob_session.Report]:
     world = World(tmp_path, sink)
     await world.start()
     creds = await world.pair()
@@ -212,8 +219,9 @@ async def command_with_cut(tmp_path: Any, step: str, cmd: Cmd = Cmd.SAVE, times:
     return world, report
 
 
-@pytest.mark.parametrize("step", ["connect", "discovery", "bonding", "challenge", "frame lost",
-                                  "status"])
+@pytest.mark.parametrize(
+    "step", ["connect", "discovery", "bonding", "challenge", "frame lost", "status"]
+)
 def test_a_link_lost_before_the_frame_or_after_its_answer_is_retried(tmp_path, step):
     """Before the frame arrives nothing ran (a new link sends it); after the answer arrived
     the result is known (a new link only reads Status). Either way the command runs once."""
@@ -239,8 +247,9 @@ def test_command_ran_but_its_answer_was_lost_is_not_run_again(tmp_path, capsys):
 
 def test_a_refusal_whose_answer_was_lost_is_reported_as_refused(tmp_path):
     async def body() -> None:
-        world, report = await command_with_cut(tmp_path, "answer lost", Cmd.SAVE,
-                                               sink=RecordingBus(refuse={"save"}))
+        world, report = await command_with_cut(
+            tmp_path, "answer lost", Cmd.SAVE, sink=RecordingBus(refuse={"save"})
+        )
         assert report.result == Result.REFUSED
         assert world.commands(Action.SAVE) == 1
 
@@ -249,8 +258,9 @@ def test_a_refusal_whose_answer_was_lost_is_reported_as_refused(tmp_path):
 
 def test_link_lost_while_the_command_runs_waits_for_its_end(tmp_path):
     async def body() -> None:
-        world, report = await command_with_cut(tmp_path, "while running", Cmd.SAVE,
-                                               sink=SlowSink(delay=1.5))
+        world, report = await command_with_cut(
+            tmp_path, "while running", Cmd.SAVE, sink=SlowSink(delay=1.5)
+        )
         assert report.result == Result.OK and report.links == 2
         assert world.commands(Action.SAVE) == 1
 
@@ -270,8 +280,9 @@ def test_a_frame_lost_twice_then_sent_runs_once(tmp_path, capsys):
 def test_notification_lost_with_the_link_is_read_instead(tmp_path):
     async def body() -> None:
         seen: list[frames.Status] = []
-        world, report = await command_with_cut(tmp_path, "notification", Cmd.RESTORE,
-                                               watch=seen.append)
+        world, report = await command_with_cut(
+            tmp_path, "notification", Cmd.RESTORE, watch=seen.append
+        )
         assert report.result == Result.OK and not report.notified
         assert report.status.last_cmd == Cmd.RESTORE and report.status.last_fob
         assert world.commands(Action.RESTORE) == 1
@@ -282,8 +293,9 @@ def test_notification_lost_with_the_link_is_read_instead(tmp_path):
 def test_the_status_notification_arrives_on_a_steady_link(tmp_path):
     async def body() -> None:
         seen: list[frames.Status] = []
-        world, report = await command_with_cut(tmp_path, "none", Cmd.RESTORE, times=0,
-                                               watch=seen.append)
+        world, report = await command_with_cut(
+            tmp_path, "none", Cmd.RESTORE, times=0, watch=seen.append
+        )
         assert report.notified and report.links == 1 and report.result == Result.OK
         assert any(s.last_cmd == Cmd.RESTORE and s.last_result == Result.OK for s in seen)
 

@@ -91,8 +91,7 @@ def test_replayed_frame_is_refused_and_changes_nothing(env):
     assert run(proto.handle_command(data)) == Result.OK
     assert run(proto.handle_command(data)) == Result.STALE_CHALLENGE  # its nonce is used up
     creds.counter -= 1  # a fresh challenge with a used counter: only a broken fob sends that
-    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == \
-        Result.REPLAY
+    assert run(proto.handle_command(fresh(proto, creds, Cmd.SAVE))) == Result.REPLAY
     assert len(sink.commands) == 1
     assert Status.decode(proto.status_value()).last_result == Result.REPLAY
 
@@ -114,8 +113,10 @@ def test_counter_is_persisted_before_the_command_runs(env, tmp_path):
     again = FobProtocol(FobRegistry(tmp_path / "fobs.json"), RecordingBus())
     assert run(again.handle_command(data)) == Result.BAD_MAC  # no such challenge any more
     creds.counter -= 1
-    assert run(again.handle_command(frame_for(creds, Cmd.SAVE, again.read_challenge()))) == \
-        Result.REPLAY
+    assert (
+        run(again.handle_command(frame_for(creds, Cmd.SAVE, again.read_challenge())))
+        == Result.REPLAY
+    )
 
 
 def test_restore_needs_a_fresh_single_use_challenge(env):
@@ -202,7 +203,9 @@ def test_registry_remembers_the_peer_and_loads_older_files(tmp_path):
     pair_directly(proto, peer="/org/bluez/hci0/dev_F0_F0_F0_F0_F0_01")
     [fob] = FobRegistry(tmp_path / "fobs.json").list()
     assert (fob["device"], fob["address"]) == (
-        "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_01", "F0:F0:F0:F0:F0:01")
+        "/org/bluez/hci0/dev_F0_F0_F0_F0_F0_01",
+        "F0:F0:F0:F0:F0:01",
+    )
 
     # a registry written before addresses were recorded still loads; revoke still stands
     doc = json.loads((tmp_path / "fobs.json").read_text())

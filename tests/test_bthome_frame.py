@@ -19,7 +19,7 @@ def test_the_format_is_the_published_one() -> None:
     """Layout and nonce, spelt out byte by byte: info, ciphertext, counter LE, 4-byte MIC."""
     data = adv.encrypt(KEY, MAC, 0x33221100, b"\x02\xca\x09\x03\xbf\x13", info=0x41)
     assert data[0] == 0x41 and data[-8:-4] == bytes.fromhex("00112233")
-    nonce = bytes.fromhex("5448e68f80a5" "d2fc" "41" "00112233")
+    nonce = bytes.fromhex("5448e68f80a5d2fc4100112233")
     plain = AESCCM(KEY, tag_length=4).decrypt(nonce, data[1:-8] + data[-4:], None)
     assert plain == b"\x02\xca\x09\x03\xbf\x13"
     assert check_frame(data) == 0x33221100
@@ -107,4 +107,7 @@ def test_random_bytes_are_always_rejected_with_a_reason(data: bytes) -> None:
 def test_any_counter_event_and_battery_round_trip(counter: int, event: str, battery: int):
     advert = decode(MAC, adv.press(KEY, MAC, counter, event, battery), KEY)
     assert (advert.counter, advert.events, advert.battery) == (
-        counter, (("button", event),), battery)
+        counter,
+        (("button", event),),
+        battery,
+    )

@@ -65,7 +65,9 @@ def test_double_press_is_refused_locked_saves_unlocked_long_press_restores(tmp_p
         assert store.epoch == epoch + 2
         history = store.history()
         assert [(h["action"], h["source"]) for h in history[-2:]] == [
-            ("save", SOURCE), ("restore", SOURCE)]
+            ("save", SOURCE),
+            ("restore", SOURCE),
+        ]
 
     run(go())
 
@@ -89,6 +91,7 @@ def test_repeats_of_one_press_run_one_command_and_replays_none(tmp_path, store):
 
 def test_the_counter_is_on_disk_before_the_command_runs(tmp_path, store):
     """A restart (a new registry from the file) still refuses the recorded advert."""
+
     async def go():
         w = World(tmp_path, store)
         seen_on_disk = []

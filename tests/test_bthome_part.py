@@ -35,8 +35,9 @@ class FakeRadio:
     async def scan(self, adapter: str, mode: str, callback: Any) -> Any:
         self.asked.append(f"{adapter}:{mode}")
         if mode == "passive" and not self.passive:
-            raise RuntimeError("passive scanning on Linux requires BlueZ >= 5.56 with "
-                               "--experimental enabled")
+            raise RuntimeError(
+                "passive scanning on Linux requires BlueZ >= 5.56 with --experimental enabled"
+            )
         self.callback = callback
 
         async def stop() -> None:
@@ -54,15 +55,17 @@ def test_config_is_checked_before_start():
         validate({"bthome": {"battery_low": 150}})
     with pytest.raises(ConfigError, match="scan"):
         validate({"bthome": {"scan": "sometimes"}})
-    assert validate({"policy": {"bthome": {"save": "always"}}})["policy"]["bthome"]["save"] == \
-        "always"
+    assert (
+        validate({"policy": {"bthome": {"save": "always"}}})["policy"]["bthome"]["save"] == "always"
+    )
 
 
 def test_passive_scan_falls_back_to_active_and_says_so(tmp_path, store, caplog):
     async def go():
         radio = FakeRadio(passive=False)
-        part = BTHomePart({"registry": str(tmp_path / "b.json")}, CommandBus(store),
-                          scan=radio.scan)
+        part = BTHomePart(
+            {"registry": str(tmp_path / "b.json")}, CommandBus(store), scan=radio.scan
+        )
         await part.start()
         assert radio.asked == ["hci0:passive", "hci0:active"]
         assert part.status()["buttons"]["scan"] == "active"
@@ -86,8 +89,15 @@ def test_allow_unlock_opens_the_policy_cell(tmp_path, store):
     async def go():
         bus = CommandBus(store)
         radio = FakeRadio()
-        part = BTHomePart({"registry": str(tmp_path / "b.json"), "allow_unlock": True,
-                           "gestures": {"triple_press": "unlock"}}, bus, scan=radio.scan)
+        part = BTHomePart(
+            {
+                "registry": str(tmp_path / "b.json"),
+                "allow_unlock": True,
+                "gestures": {"triple_press": "unlock"},
+            },
+            bus,
+            scan=radio.scan,
+        )
         await part.start()
         await part.buttons_handler({"op": "add", "address": MAC, "key": KEY.hex()})
         radio.callback(MAC, adv.press(KEY, MAC, 1, "triple_press"), -50, "SBBT-002C")
@@ -114,8 +124,9 @@ class Served:
 
     async def _start(self, tmp_path, store) -> None:
         self.bus = CommandBus(store)
-        self.part = BTHomePart({"registry": str(tmp_path / "b.json")}, self.bus,
-                               scan=self.radio.scan)
+        self.part = BTHomePart(
+            {"registry": str(tmp_path / "b.json")}, self.bus, scan=self.radio.scan
+        )
         await self.part.start()
         self.server = ControlServer(self.bus, self.control)
         await self.server.start()
@@ -171,8 +182,10 @@ def test_only_the_local_admin_may_enrol(tmp_path, store):
         bus = CommandBus(store)
         part = BTHomePart({"registry": str(tmp_path / "b.json")}, bus, scan=FakeRadio().scan)
         await part.start()
-        line = f'{{"cmd": "buttons", "args": {{"op": "add", "address": "{MAC}", ' \
-               f'"key": "{KEY.hex()}"}}}}'
+        line = (
+            f'{{"cmd": "buttons", "args": {{"op": "add", "address": "{MAC}", '
+            f'"key": "{KEY.hex()}"}}}}'
+        )
         host = await dispatch(bus, line, "host")
         assert not host["ok"] and "local control socket" in host["reason"]
         assert part.listener.registry.buttons == {}
@@ -189,20 +202,27 @@ def test_a_warning_flashes_the_led_and_reads_well_in_watch():
     from appliance.control.commands import Event
     from gpio.led import DaemonView, LedTimings, signals
 
-    warning = {"part": "bthome", "button": MAC, "name": "desk",
-               "reason": "battery low (12%): replace the coin cell"}
+    warning = {
+        "part": "bthome",
+        "button": MAC,
+        "name": "desk",
+        "reason": "battery low (12%): replace the coin cell",
+    }
 
     assert DaemonView().apply(Event("warning", warning)) == "warning"
     assert signals(LedTimings())["warning"].colour == "amber"
-    assert describe_event({"event": "warning", "data": warning}) == \
-        "warning: desk: battery low (12%): replace the coin cell"
+    assert (
+        describe_event({"event": "warning", "data": warning})
+        == "warning: desk: battery low (12%): replace the coin cell"
+    )
 
 
 def test_a_restarted_bluetoothd_gets_the_scan_again(tmp_path, store):
     async def go():
         radio = FakeRadio()
-        part = BTHomePart({"registry": str(tmp_path / "b.json")}, CommandBus(store),
-                          scan=radio.scan)
+        part = BTHomePart(
+            {"registry": str(tmp_path / "b.json")}, CommandBus(store), scan=radio.scan
+        )
         await part.start()
         part.bluez_changed("")
         assert part.status()["buttons"]["scan"] == "lost"

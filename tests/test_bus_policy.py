@@ -20,15 +20,22 @@ UNIT = 4096
 A, U, N = "always", "unlocked", "never"
 EXPECTED = {
     #            save restore unlock lock status history pair
-    "button":    (U,   A,      A,     A,   A,     A,      A),
-    "fob:f1":    (U,   A,      A,     A,   A,     A,      N),
-    "itag:aa":   (U,   N,      N,     A,   A,     A,      N),
-    "host":      (U,   A,      N,     A,   A,     A,      N),
-    "cli":       (U,   A,      A,     A,   A,     A,      A),
-    "policy":    (N,   A,      N,     A,   A,     A,      N),
+    "button": (U, A, A, A, A, A, A),
+    "fob:f1": (U, A, A, A, A, A, N),
+    "itag:aa": (U, N, N, A, A, A, N),
+    "host": (U, A, N, A, A, A, N),
+    "cli": (U, A, A, A, A, A, A),
+    "policy": (N, A, N, A, A, A, N),
 }
-ORDER = [Action.SAVE, Action.RESTORE, Action.UNLOCK, Action.LOCK, Action.STATUS,
-         Action.HISTORY, Action.PAIR]
+ORDER = [
+    Action.SAVE,
+    Action.RESTORE,
+    Action.UNLOCK,
+    Action.LOCK,
+    Action.STATUS,
+    Action.HISTORY,
+    Action.PAIR,
+]
 
 
 def cells():
@@ -37,8 +44,11 @@ def cells():
             yield source, action, mode, rule == A or (rule == U and mode is Mode.UNLOCKED)
 
 
-@pytest.mark.parametrize("source,action,mode,allowed", list(cells()),
-                         ids=lambda v: str(v.value if hasattr(v, "value") else v))
+@pytest.mark.parametrize(
+    "source,action,mode,allowed",
+    list(cells()),
+    ids=lambda v: str(v.value if hasattr(v, "value") else v),
+)
 def test_policy_cell(store, source, action, mode, allowed):
     async def go():
         bus = CommandBus(store)
@@ -139,8 +149,13 @@ def test_unlock_lasts_relock_after_from_the_gesture(store):
         while not events.empty():
             kinds.append(events.get_nowait())
         relock = [e for e in kinds if e.kind == "outcome" and e.data["source"] == "policy"]
-        assert relock and relock[0].data == {"ok": True, "action": "lock", "source": "policy",
-                                             "reason": "", "data": {"why": "deadline"}}
+        assert relock and relock[0].data == {
+            "ok": True,
+            "action": "lock",
+            "source": "policy",
+            "reason": "",
+            "data": {"why": "deadline"},
+        }
         # a SAVE after the deadline is refused even if no tick ran in between
         assert (await bus.submit(Command(Action.UNLOCK, "cli"))).ok
         clock.advance(301)
@@ -186,8 +201,7 @@ def test_a_save_ends_the_unlock_by_default(store):
     assert first.ok and not second.ok and "LOCKED" in second.reason
     assert bus.mode is Mode.LOCKED and bus.relock_in() is None
     order = [(e.data["action"], e.data["source"]) for e in seen if e.kind == "outcome"]
-    assert order == [("unlock", "button"), ("lock", "policy"), ("save", "host"),
-                     ("save", "host")]
+    assert order == [("unlock", "button"), ("lock", "policy"), ("save", "host"), ("save", "host")]
 
 
 def test_single_use_can_be_turned_off(store):
@@ -359,14 +373,16 @@ def test_commands_run_one_at_a_time(store):
             running += 1
             peak = max(peak, running)
             import time
+
             time.sleep(0.02)
             running -= 1
             return real_save(source, synced)
 
         store.save = slow_save
         try:
-            outs = await asyncio.gather(*(bus.submit(Command(Action.SAVE, "cli"))
-                                          for _ in range(5)))
+            outs = await asyncio.gather(
+                *(bus.submit(Command(Action.SAVE, "cli")) for _ in range(5))
+            )
         finally:
             del store.save
         return peak, outs

@@ -36,11 +36,13 @@ def test_dev_env_pages_are_found_through_path():
 def test_bash_completion_completes_subcommands_and_options(tmp_path):
     write_all(tmp_path)
     script = tmp_path / "share/bash-completion/completions/savepoint"
-    probe = (f"source {script}; COMP_WORDS=(savepoint ser); COMP_CWORD=1; "
-             "$(complete -p savepoint | sed -E 's/.*-F ([^ ]+).*/\\1/') savepoint ser savepoint;"
-             " echo ${COMPREPLY[@]}; COMP_WORDS=(savepoint init --s); COMP_CWORD=2; "
-             "$(complete -p savepoint | sed -E 's/.*-F ([^ ]+).*/\\1/') savepoint --s init;"
-             " echo ${COMPREPLY[@]}")
+    probe = (
+        f"source {script}; COMP_WORDS=(savepoint ser); COMP_CWORD=1; "
+        "$(complete -p savepoint | sed -E 's/.*-F ([^ ]+).*/\\1/') savepoint ser savepoint;"
+        " echo ${COMPREPLY[@]}; COMP_WORDS=(savepoint init --s); COMP_CWORD=2; "
+        "$(complete -p savepoint | sed -E 's/.*-F ([^ ]+).*/\\1/') savepoint --s init;"
+        " echo ${COMPREPLY[@]}"
+    )
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.split("\n")
     assert out[0].split() == ["serve"]
     assert "--size" in out[1].split()
@@ -66,9 +68,23 @@ def test_installer_docs_change_installs_pages_under_usr_local(tmp_path, monkeypa
 def test_serve_banner_names_the_command_as_typed(tmp_path):
     d = short_dir()
     e = {**env(), "PATH": "/usr/bin:/bin"}  # .venv/bin is not on PATH
-    proc = subprocess.Popen([str(BIN / "savepoint"), "serve", str(tmp_path / "d.img"), "--size",
-                             "16M", "--socket", f"{d}/n.sock", "--control", f"{d}/c.sock"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=e)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "savepoint"),
+            "serve",
+            str(tmp_path / "d.img"),
+            "--size",
+            "16M",
+            "--socket",
+            f"{d}/n.sock",
+            "--control",
+            f"{d}/c.sock",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=e,
+    )
     try:
         assert proc.stdout is not None
         lines = []

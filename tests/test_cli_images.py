@@ -18,13 +18,20 @@ SAVEPOINT = str(Path(sys.executable).parent / "savepoint")
 
 
 def sp(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SAVEPOINT, *argv], capture_output=True, text=True, env=env(),
-                          stdin=subprocess.DEVNULL, timeout=120)
+    return subprocess.run(
+        [SAVEPOINT, *argv],
+        capture_output=True,
+        text=True,
+        env=env(),
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
 
 
 def make_image(path: Path, fmt: str) -> None:
-    subprocess.run(["qemu-img", "create", "-f", fmt, str(path), "64M"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["qemu-img", "create", "-f", fmt, str(path), "64M"], check=True, capture_output=True
+    )
     qemu_io_file(path, fmt, "write -P 0xAB 1M 2M", "write -P 0xCD 40M 64k", "write -P 1 63M 4k")
 
 
@@ -38,8 +45,7 @@ def qemu_io_file(path: Path, fmt: str, *commands: str) -> None:
 def raw_sha(path: Path, fmt: str) -> str:
     """The guest-visible bytes of an image, whatever its format."""
     raw = path.with_suffix(".cmp")
-    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)],
-                   check=True)
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(raw)], check=True)
     try:
         return hashlib.sha256(raw.read_bytes()).hexdigest()
     finally:
@@ -90,17 +96,22 @@ def test_export_saved_and_working_offline_and_through_the_daemon(tmp_path):
     try:
         qemu_io(served.uri, "write -P 0xEE 0 8k")  # unsaved
         refused = sp("export", str(store), str(tmp_path / "s.raw"), "--control", served.control)
-        assert refused.returncode == 1 and "unsaved" in refused.stderr and "--working" in \
-            refused.stderr
+        assert (
+            refused.returncode == 1
+            and "unsaved" in refused.stderr
+            and "--working" in refused.stderr
+        )
         assert not (tmp_path / "s.raw").exists()
         work = tmp_path / "w.raw"
         proc = sp("export", str(store), str(work), "--working", "--control", served.control)
         assert proc.returncode == 0, proc.stderr
-        expected = subprocess.run(["qemu-img", "convert", "-O", "raw", served.uri,
-                                   str(tmp_path / "live.raw")], check=True)
+        expected = subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", served.uri, str(tmp_path / "live.raw")], check=True
+        )
         assert expected.returncode == 0
-        assert raw_sha(work, "raw") == raw_sha(tmp_path / "live.raw", "raw") != \
-            raw_sha(image, "qcow2")
+        assert (
+            raw_sha(work, "raw") == raw_sha(tmp_path / "live.raw", "raw") != raw_sha(image, "qcow2")
+        )
     finally:
         assert served.stop() == 0
         served.cleanup()
@@ -118,8 +129,13 @@ def test_progress_shows_on_a_terminal_and_ends_its_line(tmp_path):
     assert sp("init", str(store), "--size", "64M").returncode == 0
     main, sub = pty.openpty()
     try:
-        proc = subprocess.Popen([SAVEPOINT, "export", str(store), str(tmp_path / "o.raw")],
-                                stdin=sub, stdout=sub, stderr=sub, env=env())
+        proc = subprocess.Popen(
+            [SAVEPOINT, "export", str(store), str(tmp_path / "o.raw")],
+            stdin=sub,
+            stdout=sub,
+            stderr=sub,
+            env=env(),
+        )
         os.close(sub)
         out = b""
         while True:

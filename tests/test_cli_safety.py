@@ -20,8 +20,14 @@ BIN = Path(sys.executable).parent  # .venv/bin: the commands as installed
 
 
 def run(*argv: str, stdin=subprocess.DEVNULL, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          env=env(), stdin=stdin, timeout=timeout)
+    return subprocess.run(
+        [str(BIN / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        env=env(),
+        stdin=stdin,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -61,17 +67,26 @@ def test_fob_restore_refuses_without_a_terminal_unless_yes(tmp_path):
 
 def test_restore_names_connected_clients_and_stale_caches(served):
     qemu_io(served.uri, "write -P 3 0 4k")
-    holder = subprocess.Popen(["qemu-io", "-f", "raw", served.uri],  # a VM, as far as we care
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "raw", served.uri],  # a VM, as far as we care
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while status(served.control).get("nbd_clients", 0) < 1 and time.monotonic() < deadline:
             time.sleep(0.1)
         main, sub = pty.openpty()
         try:
-            proc = subprocess.Popen([str(BIN / "savepoint"), "restore", "--control",
-                                     served.control], stdin=sub, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env(), text=True)
+            proc = subprocess.Popen(
+                [str(BIN / "savepoint"), "restore", "--control", served.control],
+                stdin=sub,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env(),
+                text=True,
+            )
             os.write(main, b"y\n")
             out, err = proc.communicate(timeout=30)
         finally:
@@ -96,8 +111,13 @@ def test_pair_with_bluetooth_off_fails_with_the_reason(served):
 def test_fob_pair_without_bluez_says_what_to_install():
     e = env()
     e["DBUS_SYSTEM_BUS_ADDRESS"] = "unix:path=/nonexistent/system_bus_socket"
-    proc = subprocess.run([str(BIN / "savepoint-fob"), "pair", "--timeout", "2"],
-                          capture_output=True, text=True, env=e, timeout=60)
+    proc = subprocess.run(
+        [str(BIN / "savepoint-fob"), "pair", "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "FileNotFoundError" not in proc.stderr
     assert "apt-get install bluez" in proc.stderr
 
@@ -111,8 +131,12 @@ def test_version(command):
 
 
 def test_watch_shows_unsaved_data_growing_and_clients_coming_and_going(served):
-    watcher = subprocess.Popen([str(BIN / "savepoint"), "watch", "--control", served.control],
-                               stdout=subprocess.PIPE, text=True, env=env())
+    watcher = subprocess.Popen(
+        [str(BIN / "savepoint"), "watch", "--control", served.control],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     try:
         assert watcher.stdout is not None
         assert "state:" in watcher.stdout.readline()

@@ -45,7 +45,9 @@ def test_write_save_write_restore_reads_the_saved_data(served):
     assert pattern_matches(served.uri, 32 << 20, 4096, 0)
     hist = json.loads(cli("history", "--json", control=served.control).stdout)["data"]
     assert [(r["action"], r["source"], r["units"]) for r in hist["history"]] == [
-        ("save", "cli", 256), ("restore", "cli", 257)]
+        ("save", "cli", 256),
+        ("restore", "cli", 257),
+    ]
     assert served.stop() == 0
     assert "stopped: store flushed and closed" in served.stderr()
     assert not os.path.exists(served.control) and not os.path.exists(served.nbd)
@@ -60,14 +62,21 @@ def test_restart_keeps_saved_data_and_offline_history(tmp_path):
         assert first.stop() == 0
     finally:
         first.cleanup()
-    offline = subprocess.run([*SAVEPOINT, "history", disk], capture_output=True, text=True,
-                             env=env(), timeout=30)
+    offline = subprocess.run(
+        [*SAVEPOINT, "history", disk], capture_output=True, text=True, env=env(), timeout=30
+    )
     assert offline.returncode == 0 and "save" in offline.stdout and "cli" in offline.stdout
-    as_json = subprocess.run([*SAVEPOINT, "history", disk, "--json"], capture_output=True,
-                             text=True, env=env(), timeout=30)
+    as_json = subprocess.run(
+        [*SAVEPOINT, "history", disk, "--json"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=30,
+    )
     reply = json.loads(as_json.stdout)  # the daemon's reply shape: one parser reads both
     assert reply["ok"] and [(r["action"], r["source"]) for r in reply["data"]["history"]] == [
-        ("save", "cli")]
+        ("save", "cli")
+    ]
     second = Served(disk, size=None)
     try:
         assert pattern_matches(second.uri, 4096, 8192, 0xC3)
@@ -94,9 +103,13 @@ def test_map_cache_budget_from_the_command_line(tmp_path):
         assert "of 8.0 MiB budget" in cli("status", control=s.control).stdout
     finally:
         s.cleanup()
-    proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "y.img"), "--size", "1G",
-                           "--map-cache", "1K"], capture_output=True, text=True, env=env(),
-                          timeout=30)
+    proc = subprocess.run(
+        [*SAVEPOINT, "serve", str(tmp_path / "y.img"), "--size", "1G", "--map-cache", "1K"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=30,
+    )
     assert proc.returncode != 0 and "--map_cache" not in proc.stderr
     assert "--map-cache" in proc.stderr and "too small" in proc.stderr
     assert not (tmp_path / "y.img").exists()
@@ -106,9 +119,14 @@ def test_restore_on_a_terminal_asks_first(served):
     qemu_io(served.uri, "write -P 7 0 4k")
     main, sub = pty.openpty()
     try:
-        proc = subprocess.Popen([*SAVEPOINT, "restore", "--control", served.control],
-                                stdin=sub, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env(), text=True)
+        proc = subprocess.Popen(
+            [*SAVEPOINT, "restore", "--control", served.control],
+            stdin=sub,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env(),
+            text=True,
+        )
         os.write(main, b"n\n")
         out, err = proc.communicate(timeout=30)
     finally:
@@ -124,12 +142,21 @@ def test_errors_are_one_line_and_non_zero(served, tmp_path):
     proc = cli("status", control=nobody, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert "no savepoint daemon" in proc.stderr
-    proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "new.img")], capture_output=True,
-                          text=True, env=env(), timeout=30)
+    proc = subprocess.run(
+        [*SAVEPOINT, "serve", str(tmp_path / "new.img")],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=30,
+    )
     assert proc.returncode != 0 and "--size" in proc.stderr
     assert not (tmp_path / "new.img").exists()
-    proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "x.img"), "--size", "1G",
-                           "--tcp", "nowhere"], capture_output=True, text=True, env=env())
+    proc = subprocess.run(
+        [*SAVEPOINT, "serve", str(tmp_path / "x.img"), "--size", "1G", "--tcp", "nowhere"],
+        capture_output=True,
+        text=True,
+        env=env(),
+    )
     assert proc.returncode != 0 and "HOST:PORT" in proc.stderr
     proc = cli("history", "--limit", "0", control=served.control, check=False)
     assert proc.returncode == 2 and "--limit 0: give a positive number" in proc.stderr
@@ -138,14 +165,19 @@ def test_errors_are_one_line_and_non_zero(served, tmp_path):
 def test_control_path_from_environment(served):
     e = env()
     e["SAVEPOINT_CONTROL"] = served.control
-    proc = subprocess.run([*SAVEPOINT, "status", "--json"], capture_output=True, text=True,
-                          env=e, timeout=30)
+    proc = subprocess.run(
+        [*SAVEPOINT, "status", "--json"], capture_output=True, text=True, env=e, timeout=30
+    )
     assert proc.returncode == 0 and json.loads(proc.stdout)["ok"] is True
 
 
 def test_watch_prints_live_events(served):
-    watcher = subprocess.Popen([*SAVEPOINT, "watch", "--json", "--control", served.control],
-                               stdout=subprocess.PIPE, text=True, env=env())
+    watcher = subprocess.Popen(
+        [*SAVEPOINT, "watch", "--json", "--control", served.control],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     try:
         assert watcher.stdout is not None
         first = json.loads(watcher.stdout.readline())  # subscribed: the current state

@@ -33,32 +33,42 @@ def test_defaults():
     assert cfg["policy"]["host"]["save"] == "unlocked"
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"lock": {"relock_aftr": 5}}, "[lock] unknown key 'relock_aftr'"),
-    ({"lock": {"relock_after": "5"}}, "[lock] relock_after: expected an integer or a number"),
-    ({"lock": {"enabled": 1}}, "[lock] enabled: expected true/false, got an integer 1"),
-    ({"store": {"unit": "3K"}}, "[store] unit: 3072 is not a power of two"),
-    ({"store": {"unit": "2M"}}, "between 4K and 1M"),
-    ({"store": {"size": "lots"}}, "[store] size: size 'lots' is not a size"),
-    ({"restore": {"policy": "sometimes"}}, "[restore] policy: unknown policy 'sometimes'"),
-    ({"restore": {"policy": ["never", "on_boot"]}}, "cannot be combined"),
-    ({"restore": {"at": "25:00"}}, "[restore] at: time '25:00' is not HH:MM"),
-    ({"nbd": {"tcp": "localhost"}}, "[nbd] tcp: 'localhost' is not HOST:PORT"),
-    ({"log": {"level": "loud"}}, "[log] level"),
-    ({"save": {"settle": -1}}, "[save] settle: -1 is not a number of seconds from 0 to 600"),
-    ({"save": {"max_wait": 3601}}, "[save] max_wait: 3601 is not a number of seconds"),
-    ({"bogus": {}}, "unknown section [bogus]"),
-    ({"policy": {"martians": {}}}, "[policy] unknown source class 'martians'"),
-    ({"policy": {"host": {"explode": "always"}}}, "[policy.host] unknown action 'explode'"),
-    ({"policy": {"host": {"save": "sometimes"}}}, "rule 'sometimes' is not one of"),
-    ({"gpio": {"enabled": "yes"}}, "[gpio] enabled: expected true/false"),
-    ({"gpio": {"enabled": True, "button_pin": 99}}, "bad pin 99"),
-    ({"gpio": {"enabled": True, "led_pin": "PIN7"}}, "bad pin 'PIN7'"),
-    ({"gadget": {"enabled": True, "udcc": "x"}}, "[gadget] unknown key 'udcc'"),
-    ({"ble": {"enabled": True, "name": "Savepoint1"}}, "[ble] name 'Savepoint1' does not fit"),
-    ({"ble": {"enabled": True, "itags": [{"address": "AA:BB:CC:DD:EE:FF", "action": "restore"}]}},
-     "[ble] itags[0]: action 'restore' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"lock": {"relock_aftr": 5}}, "[lock] unknown key 'relock_aftr'"),
+        ({"lock": {"relock_after": "5"}}, "[lock] relock_after: expected an integer or a number"),
+        ({"lock": {"enabled": 1}}, "[lock] enabled: expected true/false, got an integer 1"),
+        ({"store": {"unit": "3K"}}, "[store] unit: 3072 is not a power of two"),
+        ({"store": {"unit": "2M"}}, "between 4K and 1M"),
+        ({"store": {"size": "lots"}}, "[store] size: size 'lots' is not a size"),
+        ({"restore": {"policy": "sometimes"}}, "[restore] policy: unknown policy 'sometimes'"),
+        ({"restore": {"policy": ["never", "on_boot"]}}, "cannot be combined"),
+        ({"restore": {"at": "25:00"}}, "[restore] at: time '25:00' is not HH:MM"),
+        ({"nbd": {"tcp": "localhost"}}, "[nbd] tcp: 'localhost' is not HOST:PORT"),
+        ({"log": {"level": "loud"}}, "[log] level"),
+        ({"save": {"settle": -1}}, "[save] settle: -1 is not a number of seconds from 0 to 600"),
+        ({"save": {"max_wait": 3601}}, "[save] max_wait: 3601 is not a number of seconds"),
+        ({"bogus": {}}, "unknown section [bogus]"),
+        ({"policy": {"martians": {}}}, "[policy] unknown source class 'martians'"),
+        ({"policy": {"host": {"explode": "always"}}}, "[policy.host] unknown action 'explode'"),
+        ({"policy": {"host": {"save": "sometimes"}}}, "rule 'sometimes' is not one of"),
+        ({"gpio": {"enabled": "yes"}}, "[gpio] enabled: expected true/false"),
+        ({"gpio": {"enabled": True, "button_pin": 99}}, "bad pin 99"),
+        ({"gpio": {"enabled": True, "led_pin": "PIN7"}}, "bad pin 'PIN7'"),
+        ({"gadget": {"enabled": True, "udcc": "x"}}, "[gadget] unknown key 'udcc'"),
+        ({"ble": {"enabled": True, "name": "Savepoint1"}}, "[ble] name 'Savepoint1' does not fit"),
+        (
+            {
+                "ble": {
+                    "enabled": True,
+                    "itags": [{"address": "AA:BB:CC:DD:EE:FF", "action": "restore"}],
+                }
+            },
+            "[ble] itags[0]: action 'restore' is not allowed",
+        ),
+    ],
+)
 def test_precise_errors(raw, message):
     with pytest.raises(ConfigError) as err:
         validate(raw)
@@ -72,14 +82,27 @@ def test_policy_override_keeps_other_cells():
 
 
 def test_restore_policy_list_and_sizes():
-    cfg = validate({"restore": {"policy": ["on_boot", "schedule"], "at": "3:30"},
-                    "store": {"size": "1G", "unit": "64K"}})
+    cfg = validate(
+        {
+            "restore": {"policy": ["on_boot", "schedule"], "at": "3:30"},
+            "store": {"size": "1G", "unit": "64K"},
+        }
+    )
     assert cfg["restore"]["policy"] == ["on_boot", "schedule"]
     assert (cfg["store"]["size"], cfg["store"]["unit"]) == (1 << 30, 65536)
 
 
-@pytest.mark.parametrize("text,value", [("1G", 1 << 30), ("512M", 512 << 20), ("4K", 4096),
-                                        ("4KiB", 4096), ("65536", 65536), (" 2 g ", 2 << 30)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1G", 1 << 30),
+        ("512M", 512 << 20),
+        ("4K", 4096),
+        ("4KiB", 4096),
+        ("65536", 65536),
+        (" 2 g ", 2 << 30),
+    ],
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -107,8 +130,10 @@ def test_serve_config_is_store_and_nbd_only():
 def test_docs_list_every_key_with_its_default():
     text = DOCS.read_text()
     generated = markdown_tables()
-    assert generated in text, ("docs/config.md is out of date with the config schemas: "
-                               "run `python -m appliance.config --docs`")
+    assert generated in text, (
+        "docs/config.md is out of date with the config schemas: "
+        "run `python -m appliance.config --docs`"
+    )
     for section, cls in CORE_SECTIONS.items():
         body = re.search(rf"^## \[{section}\]\n(.*?)(?=^## |\Z)", generated, re.M | re.S)
         assert body, section
@@ -155,14 +180,20 @@ def test_the_cli_finds_its_own_daemon_then_the_system_daemon(tmp_path, monkeypat
     assert config.find_control_path() == str(tmp_path / "mine.sock")
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"serial": {"enabled": True, "queue": 0}}, "[serial] queue: 0 must be at least 1"),
-    ({"serial": {"enabled": True, "source": "cli"}}, "[serial] source: 'cli' must be \"host\""),
-    ({"serial": {"enabled": True, "output_buffer": 100}}, "[serial] output_buffer: 100 must be"),
-    ({"control": {"max_clients": 0}}, "[control] max_clients: must be more than 0"),
-    ({"control": {"idle_timeout": -1}}, "[control] idle_timeout: must be more than 0"),
-    ({"control": {"max_clients": 4, "max_watchers": 5}}, "max_watchers: cannot be more than"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"serial": {"enabled": True, "queue": 0}}, "[serial] queue: 0 must be at least 1"),
+        ({"serial": {"enabled": True, "source": "cli"}}, "[serial] source: 'cli' must be \"host\""),
+        (
+            {"serial": {"enabled": True, "output_buffer": 100}},
+            "[serial] output_buffer: 100 must be",
+        ),
+        ({"control": {"max_clients": 0}}, "[control] max_clients: must be more than 0"),
+        ({"control": {"idle_timeout": -1}}, "[control] idle_timeout: must be more than 0"),
+        ({"control": {"max_clients": 4, "max_watchers": 5}}, "max_watchers: cannot be more than"),
+    ],
+)
 def test_channel_bounds_are_checked(raw, message):
     with pytest.raises(ConfigError) as e:
         validate(raw)

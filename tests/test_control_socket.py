@@ -65,8 +65,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("line,reason", BAD)
-def test_bad_requests_get_a_clear_error_and_the_connection_stays_usable(store, sockdir, line,
-                                                                        reason):
+def test_bad_requests_get_a_clear_error_and_the_connection_stays_usable(
+    store, sockdir, line, reason
+):
     path = os.path.join(sockdir, "c.sock")
 
     async def go(bus, server):
@@ -120,8 +121,11 @@ def test_socket_is_0600_without_the_group(store, sockdir):
 
 def test_socket_is_0660_for_an_existing_group(store, sockdir):
     # root may hand the socket to any group; anyone else only to a group they are in
-    usable = [g for g in grp.getgrall()
-              if os.geteuid() == 0 or g.gr_gid in os.getgroups() or g.gr_gid == os.getegid()]
+    usable = [
+        g
+        for g in grp.getgrall()
+        if os.geteuid() == 0 or g.gr_gid in os.getgroups() or g.gr_gid == os.getegid()
+    ]
     group = sorted(usable, key=lambda g: g.gr_gid == os.getegid())[0]
     path = os.path.join(sockdir, "c.sock")
 
@@ -191,8 +195,7 @@ def test_roles_by_peer_credentials():
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
         me = peer_of(a)
-    assert me is not None and (me.uid, me.gid, me.pid) == (os.geteuid(), os.getegid(),
-                                                            os.getpid())
+    assert me is not None and (me.uid, me.gid, me.pid) == (os.geteuid(), os.getegid(), os.getpid())
     assert set(os.getgroups()) <= set(me.groups)
     admin = grp.getgrgid(os.getegid()).gr_name  # a group that surely exists
     roles = Roles(admin)
@@ -200,11 +203,23 @@ def test_roles_by_peer_credentials():
     member = Peer(4242, 54321, 54321, (os.getegid(),))
     assert roles.is_admin(Peer(1, 0, 0)) and roles.is_admin(Peer(1, os.geteuid(), 54321))
     assert roles.is_admin(member) and not roles.is_admin(stranger) and not roles.is_admin(None)
-    for cmd, args in [("status", {}), ("history", {}), ("watch", {}), ("fobs", {"op": "list"}),
-                      ("fobs", {})]:
+    for cmd, args in [
+        ("status", {}),
+        ("history", {}),
+        ("watch", {}),
+        ("fobs", {"op": "list"}),
+        ("fobs", {}),
+    ]:
         assert roles.refusal(stranger, cmd, args) == ""
-    for cmd, args in [("unlock", {}), ("save", {}), ("restore", {}), ("lock", {}), ("pair", {}),
-                      ("fobs", {"op": "revoke", "id": 1}), ("fobs", {"op": ["list"]})]:
+    for cmd, args in [
+        ("unlock", {}),
+        ("save", {}),
+        ("restore", {}),
+        ("lock", {}),
+        ("pair", {}),
+        ("fobs", {"op": "revoke", "id": 1}),
+        ("fobs", {"op": ["list"]}),
+    ]:
         reason = roles.refusal(stranger, cmd, args)
         assert f"needs root or the `{admin}` group" in reason and "uid 54321" in reason
         assert roles.refusal(member, cmd, args) == ""

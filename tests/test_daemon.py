@@ -50,13 +50,17 @@ socket = "{d}/c.sock"
     return path
 
 
-def start_daemon(d: str, config: str, extra_env: dict[str, str] | None = None,
-                 stderr=None) -> subprocess.Popen:
+def start_daemon(
+    d: str, config: str, extra_env: dict[str, str] | None = None, stderr=None
+) -> subprocess.Popen:
     e = env()
     e.update(extra_env or {})
-    proc = subprocess.Popen([*SAVEPOINT, "daemon", "--config", config], env=e,
-                            stdout=subprocess.DEVNULL,
-                            stderr=stderr or open(os.path.join(d, "log"), "a"))  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*SAVEPOINT, "daemon", "--config", config],
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr or open(os.path.join(d, "log"), "a"),
+    )  # noqa: SIM115
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -152,8 +156,9 @@ def test_journald_gets_priorities_and_no_timestamps(workdir):
     logfile = os.path.join(workdir, "journal")
     with open(logfile, "w") as f:
         st = os.fstat(f.fileno())
-        proc = start_daemon(workdir, config, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
-                            stderr=f)
+        proc = start_daemon(
+            workdir, config, {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, stderr=f
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     lines = open(logfile).read().splitlines()
@@ -229,13 +234,23 @@ def test_on_boot_policy_discards_unsaved_work_at_start(workdir):
 
 
 def test_config_errors_stop_before_anything_starts(workdir):
-    config = write_config(workdir, "[lock]\nrelock_after = \"soon\"\n")
-    proc = subprocess.run([*SAVEPOINT, "daemon", "--config", config], capture_output=True,
-                          text=True, env=env(), timeout=30)
+    config = write_config(workdir, '[lock]\nrelock_after = "soon"\n')
+    proc = subprocess.run(
+        [*SAVEPOINT, "daemon", "--config", config],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=30,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "[lock] relock_after: expected" in proc.stderr
     assert not os.path.exists(os.path.join(workdir, "disk.img"))
     good = write_config(workdir)
-    check = subprocess.run([*SAVEPOINT, "daemon", "--config", good, "--check"],
-                           capture_output=True, text=True, env=env(), timeout=30)
+    check = subprocess.run(
+        [*SAVEPOINT, "daemon", "--config", good, "--check"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=30,
+    )
     assert check.returncode == 0 and check.stdout.endswith(": OK\n")

@@ -25,7 +25,7 @@ UNIT = 4096
 CLIENTS, THREADS, UNITS_PER_THREAD = 3, 4, 24
 DURATION = 5.0
 
-CLIENT = r'''
+CLIENT = r"""
 import json, random, struct, sys, threading, time
 import nbd
 
@@ -75,7 +75,7 @@ for t in ts: t.start()
 for t in ts: t.join()
 h.shutdown()
 json.dump([op for log in logs for op in log], open(out, "w"))
-'''
+"""
 
 
 def apply(states: set[tuple[int, int]], action: str) -> set[tuple[int, int]]:
@@ -96,8 +96,11 @@ def check_unit(ops: list[list], commands: list[tuple[str, float, float]]) -> str
         for k, sts in states.items():
             for k2 in range(k, kmax + 1):
                 if k2 >= kmin:
-                    got = {(s, tok) for s, _ in sts} if kind == "w" else \
-                        {st for st in sts if st[1] == tok}
+                    got = (
+                        {(s, tok) for s, _ in sts}
+                        if kind == "w"
+                        else {st for st in sts if st[1] == tok}
+                    )
                     if got:
                         nxt.setdefault(k2, set()).update(got)
                 if k2 < len(commands):
@@ -111,12 +114,15 @@ def check_unit(ops: list[list], commands: list[tuple[str, float, float]]) -> str
 def test_model_checker_catches_a_lost_write():
     ops = [["w", 1, 5, 0.0, 0.1], ["r", 1, 5, 0.2, 0.3]]
     assert check_unit(ops, [("save", 0.15, 0.16)]) == ""
-    assert check_unit(ops + [["r", 1, 0, 0.6, 0.7]], [("save", 0.15, 0.16),
-                                                       ("restore", 0.4, 0.5)]) != ""
+    assert (
+        check_unit(ops + [["r", 1, 0, 0.6, 0.7]], [("save", 0.15, 0.16), ("restore", 0.4, 0.5)])
+        != ""
+    )
     assert check_unit(ops + [["r", 1, 0, 0.6, 0.7]], [("restore", 0.15, 0.16)]) != ""
     # a restore overlapping the write may take effect before or after it
-    assert check_unit([["w", 1, 5, 0.0, 0.1], ["r", 1, 0, 0.2, 0.3]],
-                      [("restore", 0.05, 0.15)]) == ""
+    assert (
+        check_unit([["w", 1, 5, 0.0, 0.1], ["r", 1, 0, 0.2, 0.3]], [("restore", 0.05, 0.15)]) == ""
+    )
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs Debian's python3")
@@ -127,10 +133,22 @@ def test_save_and_restore_under_heavy_io_lose_and_mix_nothing(tmp_path):
     commands: list[tuple[str, float, float]] = []
     try:
         env = dict(os.environ, PATH="/usr/bin:" + os.environ.get("PATH", ""))
-        clients = [subprocess.Popen(["/usr/bin/python3", str(script), served.uri, str(c),
-                                     str(UNITS_PER_THREAD), str(DURATION),
-                                     str(tmp_path / f"log{c}.json"), str(THREADS)], env=env)
-                   for c in range(CLIENTS)]
+        clients = [
+            subprocess.Popen(
+                [
+                    "/usr/bin/python3",
+                    str(script),
+                    served.uri,
+                    str(c),
+                    str(UNITS_PER_THREAD),
+                    str(DURATION),
+                    str(tmp_path / f"log{c}.json"),
+                    str(THREADS),
+                ],
+                env=env,
+            )
+            for c in range(CLIENTS)
+        ]
         rng = random.Random(7)
         while any(c.poll() is None for c in clients):
             action = rng.choice(["save", "restore", "save"])
@@ -151,8 +169,10 @@ def test_save_and_restore_under_heavy_io_lose_and_mix_nothing(tmp_path):
     problems = [p for unit_ops in ops.values() if (p := check_unit(unit_ops, commands))]
     reads = sum(op[0] == "r" for unit_ops in ops.values() for op in unit_ops)
     writes = sum(op[0] == "w" for unit_ops in ops.values() for op in unit_ops)
-    print(f"heavy I/O: {writes} writes, {reads} reads checked, {len(commands)} commands, "
-          f"{len(ops)} units")
+    print(
+        f"heavy I/O: {writes} writes, {reads} reads checked, {len(commands)} commands, "
+        f"{len(ops)} units"
+    )
     assert not problems, problems[:5]
     assert len(commands) >= 10 and reads >= 1000 and writes >= 1000
     assert any(a == "restore" for a, _, _ in commands)

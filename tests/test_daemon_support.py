@@ -28,10 +28,21 @@ def env() -> dict[str, str]:
     return e
 
 
-def cli(*args: str, control: str, check: bool = True, timeout: float = 60,
-        stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*SAVEPOINT, *args, "--control", control], capture_output=True,
-                          text=True, env=env(), timeout=timeout, stdin=stdin)
+def cli(
+    *args: str,
+    control: str,
+    check: bool = True,
+    timeout: float = 60,
+    stdin: int | None = subprocess.DEVNULL,
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [*SAVEPOINT, *args, "--control", control],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=timeout,
+        stdin=stdin,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"savepoint {' '.join(args)} failed: {proc.stderr}")
     return proc
@@ -57,20 +68,21 @@ def status(control: str) -> dict:
 class Served:
     """`savepoint serve TARGET` in a subprocess, ready once it printed its banner."""
 
-    def __init__(self, target: str, *extra: str, size: str | None = "64M",
-                 sockets: str | None = None) -> None:
+    def __init__(
+        self, target: str, *extra: str, size: str | None = "64M", sockets: str | None = None
+    ) -> None:
         self.dir = sockets or short_dir()
         self.nbd = os.path.join(self.dir, "nbd.sock")
         self.control = os.path.join(self.dir, "c.sock")
         self.uri = f"nbd+unix:///savepoint?socket={self.nbd}"
-        cmd = [*SAVEPOINT, "serve", target, "--socket", self.nbd, "--control", self.control,
-               *extra]
+        cmd = [*SAVEPOINT, "serve", target, "--socket", self.nbd, "--control", self.control, *extra]
         if size:
             cmd += ["--size", size]
         self.log_path = os.path.join(self.dir, "stderr.log")
         self.log = open(self.log_path, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env())
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env()
+        )
         self.banner = self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30) -> str:
@@ -122,6 +134,10 @@ def qemu_io(uri: str, *commands: str) -> subprocess.CompletedProcess[str]:
 
 
 def pattern_matches(uri: str, offset: int, length: int, byte: int) -> bool:
-    proc = subprocess.run(["qemu-io", "-f", "raw", "-c", f"read -P {byte} {offset} {length}",
-                           uri], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", f"read -P {byte} {offset} {length}", uri],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return proc.returncode == 0 and "Pattern verification failed" not in proc.stdout

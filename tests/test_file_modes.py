@@ -41,8 +41,13 @@ def test_init_makes_the_store_file_0600_even_over_a_readable_file(tmp_path: Path
     target.write_bytes(b"")
     target.chmod(0o644)
     for path, extra in ((tmp_path / "new.img", []), (target, ["--force"])):
-        res = subprocess.run(loose_umask([*SAVEPOINT, "init", str(path), "--size", "8M", *extra]),
-                             capture_output=True, text=True, env=env(), timeout=60)
+        res = subprocess.run(
+            loose_umask([*SAVEPOINT, "init", str(path), "--size", "8M", *extra]),
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr
         assert mode(path) == 0o600, path
 

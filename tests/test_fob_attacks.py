@@ -115,8 +115,10 @@ def test_a_nonce_is_good_only_on_the_link_it_was_read_on(world):
     proto.set_pairing(True)
     creds = pair_directly(proto, "owner", CODE)
     nonce = proto.read_challenge("attacker")
-    assert run(proto.handle_command(frame_for(creds, Cmd.SAVE, nonce), "owner")) == \
-        Result.STALE_CHALLENGE
+    assert (
+        run(proto.handle_command(frame_for(creds, Cmd.SAVE, nonce), "owner"))
+        == Result.STALE_CHALLENGE
+    )
 
 
 @pytest.mark.parametrize("cmd", [Cmd.SAVE, Cmd.LOCK, Cmd.STATUS])

@@ -47,12 +47,23 @@ def vectors() -> dict[str, str]:
     shared = fob.finish(app_msg)
     assert shared == app.finish(fob_msg)
     x_elem = group.Base.scalarmult(fob.xy_scalar)
-    k_bytes = group.bytes_to_element(app_msg[1:]).add(
-        params.N.scalarmult(-fob.pw_scalar)).scalarmult(fob.xy_scalar).to_bytes()
-    assert shared == hashlib.sha256(
-        hashlib.sha256(CODE.encode()).digest() + hashlib.sha256(ID_FOB).digest()
-        + hashlib.sha256(ID_APPLIANCE).digest() + fob_msg[1:] + app_msg[1:] + k_bytes
-    ).digest()
+    k_bytes = (
+        group.bytes_to_element(app_msg[1:])
+        .add(params.N.scalarmult(-fob.pw_scalar))
+        .scalarmult(fob.xy_scalar)
+        .to_bytes()
+    )
+    assert (
+        shared
+        == hashlib.sha256(
+            hashlib.sha256(CODE.encode()).digest()
+            + hashlib.sha256(ID_FOB).digest()
+            + hashlib.sha256(ID_APPLIANCE).digest()
+            + fob_msg[1:]
+            + app_msg[1:]
+            + k_bytes
+        ).digest()
+    )
     key = derive_fob_key(shared, APPLIANCE_ID, FOB_ID)
     writes = frames.pair_msg_writes(fob_msg)
     c_fob, c_app = confirm_tag(key, CONFIRM_FOB), confirm_tag(key, CONFIRM_APPLIANCE)

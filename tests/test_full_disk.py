@@ -44,8 +44,11 @@ def small_fs() -> Iterator[str]:
     if not shutil.which("qemu-io"):
         pytest.skip("qemu-io is not installed (apt-get install qemu-utils)")
     where = tempfile.mkdtemp(prefix="sp-full-")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", where],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", where],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield where
     finally:
@@ -54,15 +57,20 @@ def small_fs() -> Iterator[str]:
 
 
 def init(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SAVEPOINT, "init", *args], capture_output=True, text=True,
-                          env=env(), timeout=60)
+    return subprocess.run(
+        [*SAVEPOINT, "init", *args], capture_output=True, text=True, env=env(), timeout=60
+    )
 
 
 def fill(uri: str) -> str:
     """Write 4 MiB pieces past the saved data until one fails; returns qemu-io's message."""
     for i in range(2, 16):
-        proc = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0xB2 {i * 4}M 4M", uri],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            ["qemu-io", "-f", "raw", "-c", f"write -P 0xB2 {i * 4}M 4M", uri],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if "failed" in proc.stdout + proc.stderr:
             return proc.stdout + proc.stderr
     raise AssertionError("the 40 MiB file system never filled up")
@@ -76,8 +84,12 @@ def test_a_full_file_system_never_stops_restore_and_recovers_with_it(small_fs):
     assert init(store, "--size", DISK, "--allow-overcommit").returncode == 0
 
     served = Served(store, size=None)
-    watch = subprocess.Popen([*SAVEPOINT, "watch", "--control", served.control],
-                             stdout=subprocess.PIPE, text=True, env=env())
+    watch = subprocess.Popen(
+        [*SAVEPOINT, "watch", "--control", served.control],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
     try:
         assert "over-committed by 94.0 MiB" in served.stderr()  # the start-up warning
         qemu_io(served.uri, "write -P 0xA1 0 8M")

@@ -160,8 +160,13 @@ def test_udc_watch_reports_host_connect_and_disconnect(roots: dict[str, Any]) ->
     seen: list[tuple[bool, str]] = []
 
     async def scenario() -> None:
-        watch = UdcWatch("dummy_udc.0", lambda c, s: seen.append((c, s)), sysfs=roots["sysfs"],
-                         interval=0.05, use_udev=False)
+        watch = UdcWatch(
+            "dummy_udc.0",
+            lambda c, s: seen.append((c, s)),
+            sysfs=roots["sysfs"],
+            interval=0.05,
+            use_udev=False,
+        )
         await watch.start()
         for value in ("powered", "configured", "suspended", "not attached"):
             state.write_text(value + "\n")

@@ -50,16 +50,22 @@ def test_serial_part_answers_json_lines_as_host() -> None:
     bus = LockingBus()
 
     def body(master: int) -> list[bytes]:
-        return [talk(master, b'{"cmd": "status"}\n'), talk(master, b'{"cmd": "save"}\r\n'),
-                talk(master, b"not json\n"), talk(master, b'{"cmd": "fly"}\n')]
+        return [
+            talk(master, b'{"cmd": "status"}\n'),
+            talk(master, b'{"cmd": "save"}\r\n'),
+            talk(master, b"not json\n"),
+            talk(master, b'{"cmd": "fly"}\n'),
+        ]
 
     status, save, garbage, unknown = serve_pty(bus, body)
     assert b'"ok": true' in status and b'"mode": "locked"' in status
     assert b'"ok": false' in save and b"LOCKED" in save
     assert b"malformed request" in garbage
     assert b"unknown command" in unknown
-    assert [(c.action, c.source) for c in bus.commands] == [(Action.STATUS, "host"),
-                                                            (Action.SAVE, "host")]
+    assert [(c.action, c.source) for c in bus.commands] == [
+        (Action.STATUS, "host"),
+        (Action.SAVE, "host"),
+    ]
 
 
 def test_serial_part_needs_the_acm_tty(tmp_path: Any) -> None:
@@ -96,9 +102,11 @@ def test_host_client_request_over_a_serial_port() -> None:
 
 
 def test_find_port_by_usb_ids(monkeypatch: pytest.MonkeyPatch) -> None:
-    ports = [SimpleNamespace(device="/dev/ttyACM0", vid=0x1D6B, pid=0x0104, serial_number="A"),
-             SimpleNamespace(device="/dev/ttyACM1", vid=0x1D6B, pid=0x0104, serial_number="B"),
-             SimpleNamespace(device="/dev/ttyUSB0", vid=0x0403, pid=0x6001, serial_number="X")]
+    ports = [
+        SimpleNamespace(device="/dev/ttyACM0", vid=0x1D6B, pid=0x0104, serial_number="A"),
+        SimpleNamespace(device="/dev/ttyACM1", vid=0x1D6B, pid=0x0104, serial_number="B"),
+        SimpleNamespace(device="/dev/ttyUSB0", vid=0x0403, pid=0x6001, serial_number="X"),
+    ]
     monkeypatch.setattr(host_client.list_ports, "comports", lambda: ports)
     assert host_client.find_port(serial_number="B") == "/dev/ttyACM1"
     with pytest.raises(host_client.HostError, match="several appliances"):

@@ -22,8 +22,7 @@ def run(machine: Debounced, edges: list[tuple[float, bool]], until: float) -> li
     for _ in range(10_000):  # a machine that keeps asking for the same deadline fails here
         deadline = machine.next_deadline()
         nxt_edge = pending[0][0] if pending else None
-        if deadline is not None and deadline <= until and (nxt_edge is None
-                                                           or deadline < nxt_edge):
+        if deadline is not None and deadline <= until and (nxt_edge is None or deadline < nxt_edge):
             now = max(now, deadline)
             out += machine.tick(now)
         elif nxt_edge is not None and nxt_edge <= until:
@@ -47,17 +46,20 @@ def hold(seconds: float, start: float = 1.0) -> list[tuple[float, bool]]:
     return [(start, True), (start + seconds, False)]
 
 
-@pytest.mark.parametrize("held, expected", [
-    (0.3, [Action.STATUS]),  # short press: show the status
-    (1.9, [Action.STATUS]),
-    (2.5, [Action.SAVE]),  # released between 2 s and 3 s
-    (3.5, []),  # released during the RESTORE warning: cancelled
-    (4.9, []),
-    (5.5, [Action.RESTORE]),  # released between 5 s and 10 s
-    (9.9, [Action.RESTORE]),
-    (10.5, [Action.PAIR]),  # PAIR at 10 s while still held; the release adds nothing
-    (60.0, [Action.PAIR]),  # something resting on the button: PAIR once, nothing else
-])
+@pytest.mark.parametrize(
+    "held, expected",
+    [
+        (0.3, [Action.STATUS]),  # short press: show the status
+        (1.9, [Action.STATUS]),
+        (2.5, [Action.SAVE]),  # released between 2 s and 3 s
+        (3.5, []),  # released during the RESTORE warning: cancelled
+        (4.9, []),
+        (5.5, [Action.RESTORE]),  # released between 5 s and 10 s
+        (9.9, [Action.RESTORE]),
+        (10.5, [Action.PAIR]),  # PAIR at 10 s while still held; the release adds nothing
+        (60.0, [Action.PAIR]),  # something resting on the button: PAIR once, nothing else
+    ],
+)
 def test_each_hold_time_does_one_thing(held: float, expected: list[Action]) -> None:
     outs = run(MainButton(T, False, 0.0), hold(held), until=100)
     assert actions(outs) == expected
@@ -65,8 +67,13 @@ def test_each_hold_time_does_one_thing(held: float, expected: list[Action]) -> N
 
 def test_the_led_cues_climb_the_ladder_and_end_idle() -> None:
     outs = run(MainButton(T, False, 0.0), hold(7.0), until=100)
-    assert cues(outs) == [Cue.HELD, Cue.SAVE_ARMED, Cue.RESTORE_WARNING, Cue.RESTORE_ARMED,
-                          Cue.IDLE]
+    assert cues(outs) == [
+        Cue.HELD,
+        Cue.SAVE_ARMED,
+        Cue.RESTORE_WARNING,
+        Cue.RESTORE_ARMED,
+        Cue.IDLE,
+    ]
     assert outs[-1] is Action.RESTORE  # the LED says "idle" before the action is submitted
 
 
@@ -94,8 +101,7 @@ def test_double_press_released_early_or_too_slow_does_not_unlock() -> None:
     early = [(1.0, True), (1.2, False), (1.5, True), (2.5, False)]
     assert actions(run(MainButton(T, False, 0.0), early, until=10)) == [Action.STATUS]
     slow = [(1.0, True), (1.2, False), (2.0, True), (4.5, False)]  # 0.8 s gap: a new press
-    assert actions(run(MainButton(T, False, 0.0), slow, until=10)) == [Action.STATUS,
-                                                                        Action.SAVE]
+    assert actions(run(MainButton(T, False, 0.0), slow, until=10)) == [Action.STATUS, Action.SAVE]
 
 
 def test_a_bounce_is_one_press_and_a_glitch_during_a_hold_is_ignored() -> None:
@@ -155,19 +161,29 @@ def test_key_switch_reports_lock_state_changes() -> None:
 
 def test_config_schema_drives_the_timings() -> None:
     assert set(Timings.__dataclass_fields__) <= set(GpioSettings.defaults())
-    t = timings({"save_hold": 0.1, "restore_warn": 0.2, "restore_hold": 0.3, "pair_hold": 0.5,
-                 "debounce": 0.01})
+    t = timings(
+        {
+            "save_hold": 0.1,
+            "restore_warn": 0.2,
+            "restore_hold": 0.3,
+            "pair_hold": 0.5,
+            "debounce": 0.01,
+        }
+    )
     assert (t.save_hold, t.pair_hold) == (0.1, 0.5)
 
 
-@pytest.mark.parametrize("cfg, words", [
-    ({"save_hold": 4.0}, "save_hold (4.0) must be shorter than restore_warn"),
-    ({"button_pin": 99}, "bad pin 99"),
-    ({"led_pin": "pin seven"}, "bad pin 'pin seven'"),
-    ({"save_pin": 17}, "pin 17 is used twice"),
-    ({"rgb_pins": [5, 6]}, "three pins"),
-    ({"debounce": -1}, "negative"),
-])
+@pytest.mark.parametrize(
+    "cfg, words",
+    [
+        ({"save_hold": 4.0}, "save_hold (4.0) must be shorter than restore_warn"),
+        ({"button_pin": 99}, "bad pin 99"),
+        ({"led_pin": "pin seven"}, "bad pin 'pin seven'"),
+        ({"save_pin": 17}, "pin 17 is used twice"),
+        ({"rgb_pins": [5, 6]}, "three pins"),
+        ({"debounce": -1}, "negative"),
+    ],
+)
 def test_bad_config_is_refused_with_the_key_named(cfg: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         validate_config(cfg)

@@ -24,42 +24,97 @@ def view(*events: Event) -> DaemonView:
 
 
 def state(**kw: object) -> Event:
-    return Event("state", {"mode": "locked", "dirty_units": 0, "host_connected": True,
-                           "pairing": {"open": False, "until": None}, "parts": {}, **kw})
+    return Event(
+        "state",
+        {
+            "mode": "locked",
+            "dirty_units": 0,
+            "host_connected": True,
+            "pairing": {"open": False, "until": None},
+            "parts": {},
+            **kw,
+        },
+    )
 
 
-@pytest.mark.parametrize("events, cue, name", [
-    ([state()], Cue.IDLE, "clean"),  # protected, nothing unsaved: on
-    ([state(dirty_units=3)], Cue.IDLE, "unsaved"),  # slow blink
-    ([state(host_connected=False)], Cue.IDLE, "no_host"),  # short blink every few s
-    ([state(), Event("host", {"connected": False})], Cue.IDLE, "no_host"),
-    ([state(), Event("progress", {"action": "save", "phase": "start"})], Cue.IDLE, "busy"),
-    # a SAVE waiting for the host to stop writing, then committing, then done
-    ([state(), Event("progress", {"action": "save", "phase": "start"}),
-      Event("progress", {"action": "save", "phase": "waiting"})], Cue.IDLE, "waiting"),
-    ([state(), Event("progress", {"action": "save", "phase": "waiting"}),
-      Event("progress", {"action": "save", "phase": "commit"})], Cue.IDLE, "busy"),
-    ([state(), Event("progress", {"action": "save", "phase": "waiting"}),
-      Event("progress", {"action": "save", "phase": "end"})], Cue.IDLE, "clean"),
-    ([state(), Event("pairing", {"open": True, "until": 1.0})], Cue.IDLE, "pairing"),
-    ([state(pairing={"open": True, "until": 1.0})], Cue.IDLE, "pairing"),
-    ([state(), Event("fault", {"part": "gadget", "reason": "UDC gone"})], Cue.IDLE, "fault"),
-    # a part reported failed, then back up in the next snapshot: the fault clears
-    ([Event("fault", {"part": "gadget", "reason": "x"}),
-      state(parts={"gadget": {"state": "up"}})], Cue.IDLE, "clean"),
-    # the store's file system is full: its own pattern, above any other fault, until cleared
-    ([state(), Event("fault", {"part": "storage", "reason": "backing storage full: 0 B free"}),
-      Event("fault", {"part": "ble", "reason": "no adapter"})], Cue.IDLE, "storage_full"),
-    ([Event("fault", {"part": "storage", "reason": "backing storage full"}),
-      Event("fault", {"part": "storage", "cleared": True})], Cue.IDLE, "clean"),
-    # our own absence is not a fault we could show
-    ([state(), Event("fault", {"part": "gpio", "reason": "no GPIO chip"})], Cue.IDLE, "clean"),
-    # a held button outranks everything: the user needs to see what a release would do
-    ([Event("fault", {"part": "gadget", "reason": "x"})], Cue.RESTORE_WARNING,
-     "restore_warning"),
-    ([state()], Cue.SAVE_ARMED, "save_armed"),
-    ([state()], Cue.HELD, "held"),
-])
+@pytest.mark.parametrize(
+    "events, cue, name",
+    [
+        ([state()], Cue.IDLE, "clean"),  # protected, nothing unsaved: on
+        ([state(dirty_units=3)], Cue.IDLE, "unsaved"),  # slow blink
+        ([state(host_connected=False)], Cue.IDLE, "no_host"),  # short blink every few s
+        ([state(), Event("host", {"connected": False})], Cue.IDLE, "no_host"),
+        ([state(), Event("progress", {"action": "save", "phase": "start"})], Cue.IDLE, "busy"),
+        # a SAVE waiting for the host to stop writing, then committing, then done
+        (
+            [
+                state(),
+                Event("progress", {"action": "save", "phase": "start"}),
+                Event("progress", {"action": "save", "phase": "waiting"}),
+            ],
+            Cue.IDLE,
+            "waiting",
+        ),
+        (
+            [
+                state(),
+                Event("progress", {"action": "save", "phase": "waiting"}),
+                Event("progress", {"action": "save", "phase": "commit"}),
+            ],
+            Cue.IDLE,
+            "busy",
+        ),
+        (
+            [
+                state(),
+                Event("progress", {"action": "save", "phase": "waiting"}),
+                Event("progress", {"action": "save", "phase": "end"}),
+            ],
+            Cue.IDLE,
+            "clean",
+        ),
+        ([state(), Event("pairing", {"open": True, "until": 1.0})], Cue.IDLE, "pairing"),
+        ([state(pairing={"open": True, "until": 1.0})], Cue.IDLE, "pairing"),
+        ([state(), Event("fault", {"part": "gadget", "reason": "UDC gone"})], Cue.IDLE, "fault"),
+        # a part reported failed, then back up in the next snapshot: the fault clears
+        (
+            [
+                Event("fault", {"part": "gadget", "reason": "x"}),
+                state(parts={"gadget": {"state": "up"}}),
+            ],
+            Cue.IDLE,
+            "clean",
+        ),
+        # the store's file system is full: its own pattern, above any other fault, until cleared
+        (
+            [
+                state(),
+                Event("fault", {"part": "storage", "reason": "backing storage full: 0 B free"}),
+                Event("fault", {"part": "ble", "reason": "no adapter"}),
+            ],
+            Cue.IDLE,
+            "storage_full",
+        ),
+        (
+            [
+                Event("fault", {"part": "storage", "reason": "backing storage full"}),
+                Event("fault", {"part": "storage", "cleared": True}),
+            ],
+            Cue.IDLE,
+            "clean",
+        ),
+        # our own absence is not a fault we could show
+        ([state(), Event("fault", {"part": "gpio", "reason": "no GPIO chip"})], Cue.IDLE, "clean"),
+        # a held button outranks everything: the user needs to see what a release would do
+        (
+            [Event("fault", {"part": "gadget", "reason": "x"})],
+            Cue.RESTORE_WARNING,
+            "restore_warning",
+        ),
+        ([state()], Cue.SAVE_ARMED, "save_armed"),
+        ([state()], Cue.HELD, "held"),
+    ],
+)
 def test_pattern_table(events: list[Event], cue: Cue, name: str) -> None:
     assert choose(view(*events), cue, False, T).name == name
 
@@ -71,8 +126,9 @@ def test_status_display_shows_the_store_even_with_no_host() -> None:
 
 def test_outcomes_give_one_shot_signals() -> None:
     v = DaemonView()
-    assert v.apply(Event("outcome", {"ok": False, "action": "save", "source": "fob:1"})) \
-        == "refused"
+    assert (
+        v.apply(Event("outcome", {"ok": False, "action": "save", "source": "fob:1"})) == "refused"
+    )
     assert v.apply(Event("outcome", {"ok": True, "action": "unlock"})) == "unlocked"
     assert not v.locked
     assert v.apply(Event("outcome", {"ok": True, "action": "lock", "source": "policy"})) is None

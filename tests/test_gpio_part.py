@@ -68,13 +68,17 @@ def test_short_press_shows_status_and_changes_nothing(factory: MockFactory) -> N
     run(scenario)
 
 
-@pytest.mark.parametrize("cue, expected", [
-    (Cue.SAVE_ARMED, [Action.SAVE]),
-    (Cue.RESTORE_WARNING, []),  # let go during the warning: cancelled
-    (Cue.RESTORE_ARMED, [Action.RESTORE]),
-])
-def test_hold_then_release_at_each_rung(factory: MockFactory, cue: Cue,
-                                        expected: list[Action]) -> None:
+@pytest.mark.parametrize(
+    "cue, expected",
+    [
+        (Cue.SAVE_ARMED, [Action.SAVE]),
+        (Cue.RESTORE_WARNING, []),  # let go during the warning: cancelled
+        (Cue.RESTORE_ARMED, [Action.RESTORE]),
+    ],
+)
+def test_hold_then_release_at_each_rung(
+    factory: MockFactory, cue: Cue, expected: list[Action]
+) -> None:
     async def scenario(part: GpioPart, sink: LockingBus) -> None:
         await hold_until(part, factory.pin(17), cue)
         await asyncio.sleep(0.1)
@@ -99,8 +103,17 @@ def test_the_led_warns_before_restore_then_blinks_while_it_runs(factory: MockFac
         assert contains_in_order(seen, [1.0, 0.0, 1.0, 0.0, 1.0])
         assert seen[-1] == 1.0
         shown = iter(part.led.history)
-        assert all(name in shown for name in  # in this order, maybe with others between
-                   ["held", "save_armed", "restore_warning", "restore_armed", "busy", "clean"])
+        assert all(
+            name in shown
+            for name in [  # in this order, maybe with others between
+                "held",
+                "save_armed",
+                "restore_warning",
+                "restore_armed",
+                "busy",
+                "clean",
+            ]
+        )
         assert sink.actions() == [Action.RESTORE]
 
     run(scenario, LockingBus(locked=False))
@@ -192,8 +205,7 @@ def test_a_button_held_at_start_up_triggers_nothing(factory: MockFactory) -> Non
 
 def test_dedicated_keys_and_key_switch(factory: MockFactory) -> None:
     async def scenario(part: GpioPart, sink: LockingBus) -> None:
-        await wait_for(lambda: Action.UNLOCK in sink.actions() or not sink.commands,
-                       what="start")
+        await wait_for(lambda: Action.UNLOCK in sink.actions() or not sink.commands, what="start")
         switch, restore = factory.pin(5), factory.pin(6)
         switch.drive_low()  # key turned: unlocked
         await wait_for(lambda: not sink.locked, what="key switch UNLOCK")
@@ -223,8 +235,9 @@ def test_second_led_carries_the_warnings(factory: MockFactory) -> None:
     run(scenario, LockingBus(locked=True), led2_pin=22)
 
 
-def test_no_gpio_chip_means_part_unavailable(monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Any) -> None:
+def test_no_gpio_chip_means_part_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     Device.pin_factory = None
     monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
     monkeypatch.setattr(gpio_part, "GPIOCHIP_GLOB", str(tmp_path / "gpiochip*"))
@@ -241,8 +254,9 @@ def test_an_unusable_pin_factory_means_part_unavailable(monkeypatch: pytest.Monk
         asyncio.run(GpioPart({}, LockingBus()).start())
 
 
-def test_lgpio_factory_without_lgpio_means_part_unavailable(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path) -> None:
+def test_lgpio_factory_without_lgpio_means_part_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
     """What the systemd unit sets (GPIOZERO_PIN_FACTORY=lgpio) on a machine without lgpio."""
     Device.pin_factory = None
     monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "lgpio")

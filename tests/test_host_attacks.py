@@ -34,7 +34,7 @@ class Host:
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(self.master, view):]
+            view = view[os.write(self.master, view) :]
 
     def read_reply(self, timeout: float = 10) -> bytes:
         out = b""
@@ -88,8 +88,9 @@ def host_factory() -> Iterator:
     def make(extra: str = "") -> Host:
         d = short_dir()
         master, slave = pty.openpty()
-        config = write_config(d, f'[serial]\nenabled = true\ndevice = "{os.ttyname(slave)}"\n'
-                                 + extra)
+        config = write_config(
+            d, f'[serial]\nenabled = true\ndevice = "{os.ttyname(slave)}"\n' + extra
+        )
         proc = start_daemon(d, config)
         os.close(slave)  # the daemon holds its own end
         host = Host(master, proc, os.path.join(d, "c.sock"), d)
@@ -116,9 +117,11 @@ def test_a_host_that_never_reads_cannot_freeze_the_appliance(host_factory) -> No
     took, st = host.status()
     worst = max(host.status()[0] for _ in range(5))
     serial = st["serial"]
-    print(f"\ncontrol STATUS after 400 unread host requests: {took * 1000:.0f} ms "
-          f"(worst of 5 more: {worst * 1000:.0f} ms); replies dropped so far: "
-          f"{serial['replies_dropped']}")
+    print(
+        f"\ncontrol STATUS after 400 unread host requests: {took * 1000:.0f} ms "
+        f"(worst of 5 more: {worst * 1000:.0f} ms); replies dropped so far: "
+        f"{serial['replies_dropped']}"
+    )
     deadline = time.monotonic() + 30
     while host.status()[1]["serial"]["requests"] < 401 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -157,9 +160,11 @@ def test_a_request_flood_keeps_memory_bounded(host_factory) -> None:
     writer.join(30)
     took = time.monotonic() - t0
     hwm = rss_kib(host.proc.pid, "VmHWM")
-    print(f"\nflood: {sent[0] / 2**20:.0f} MiB in {took:.1f} s ({sent[0] / 2**20 / took:.0f} "
-          f"MiB/s); RSS {base / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB sampled, "
-          f"high-water {hwm / 1024:.1f} MiB; slowest control STATUS {worst * 1000:.0f} ms")
+    print(
+        f"\nflood: {sent[0] / 2**20:.0f} MiB in {took:.1f} s ({sent[0] / 2**20 / took:.0f} "
+        f"MiB/s); RSS {base / 1024:.1f} MiB before, peak {peak / 1024:.1f} MiB sampled, "
+        f"high-water {hwm / 1024:.1f} MiB; slowest control STATUS {worst * 1000:.0f} ms"
+    )
     assert sent[0] >= 100 << 20, f"only {sent[0] >> 20} MiB got in within 120 s"
     assert hwm - base < 40 << 10, f"RSS grew {(hwm - base) >> 10} MiB during the flood"
     host.drain()

@@ -156,8 +156,7 @@ def test_settle_zero_never_waits_but_records_the_quiet_time(store) -> None:
 # -- the record on disk ------------------------------------------------------------------
 def old_record(flags: int) -> bytes:
     """A record as the previous version wrote it: the two bytes after flags were padding."""
-    body = struct.pack("<QqQQBB2x24s", 7, 1_700_000_000 * 10**9, 3, 12288, 1, flags,
-                       b"button")
+    body = struct.pack("<QqQQBB2x24s", 7, 1_700_000_000 * 10**9, 3, 12288, 1, flags, b"button")
     return body + struct.pack("<I", crc32c.crc32c(body))
 
 
@@ -198,9 +197,12 @@ def test_nbd_writes_and_flushes_are_seen(tmp_path) -> None:
         libnbd(WRITE_NO_FLUSH, served.sock, "flush")
         assert act.synced() is True  # the host flushed after its last write
         before = act.writes
-        libnbd("""
+        libnbd(
+            """
 import json, sys, nbd
 h = nbd.NBD(); h.connect_unix(sys.argv[1])
 h.pread(4096, 0); h.shutdown(); print(json.dumps(True))
-""", served.sock)
+""",
+            served.sock,
+        )
         assert act.writes == before  # reads are not activity

@@ -6,12 +6,18 @@ from __future__ import annotations
 from tests.lab import drops
 
 CONNECT = f"bluetoothd[270]: src/device.c:{drops.FOB_CONNECT}\n"
-CONNECTED_NEVER = ("bluetoothd[270]: src/device.c:device_add_connection() Device "
-                   "00:5A:7E:00:00:01 is already connected\n")
-EINVAL = ("bluetoothd[237]: src/device.c:device_attach_att() bt_io_set: "
-          "setsockopt(BT_SECURITY): Invalid argument (22)\n")
-LOST = ("savepoint-fob: link lost while connecting (failed to discover services, device "
-        "disconnected); reconnecting")
+CONNECTED_NEVER = (
+    "bluetoothd[270]: src/device.c:device_add_connection() Device "
+    "00:5A:7E:00:00:01 is already connected\n"
+)
+EINVAL = (
+    "bluetoothd[237]: src/device.c:device_attach_att() bt_io_set: "
+    "setsockopt(BT_SECURITY): Invalid argument (22)\n"
+)
+LOST = (
+    "savepoint-fob: link lost while connecting (failed to discover services, device "
+    "disconnected); reconnecting"
+)
 
 
 def test_each_drop_at_connection_is_matched_to_its_links_race() -> None:
@@ -27,8 +33,9 @@ def test_both_races_on_one_link_explain_one_drop_not_two() -> None:
 
 
 def test_a_drop_without_a_known_race_is_unexplained() -> None:
-    log = CONNECT + ("src/adapter.c:dev_disconnected() Device 00:5A:7E:00:00:01 "
-                     "disconnected, reason 2\n")
+    log = CONNECT + (
+        "src/adapter.c:dev_disconnected() Device 00:5A:7E:00:00:01 disconnected, reason 2\n"
+    )
     assert drops.unexplained([LOST], log) == [LOST]
 
 

@@ -29,8 +29,9 @@ from appliance.control.socket import ControlClient
 from tests.test_daemon import start_daemon, write_config
 from tests.test_daemon_support import SAVEPOINT, env, pattern_matches, qemu_io, short_dir
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="needs root to create a throwaway user and groups")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="needs root to create a throwaway user and groups"
+)
 
 
 @pytest.fixture
@@ -91,8 +92,10 @@ def test_a_thousand_idle_clients_cannot_starve_others(daemon) -> None:
         fds = open_fds(proc.pid)
         with ControlClient(control, timeout=5) as client:
             st = client.request("status")["data"]["control"]
-        print(f"\n1,000 idle clients: STATUS in {took * 1000:.0f} ms, daemon holds {fds} fds; "
-              f"control: {st}")
+        print(
+            f"\n1,000 idle clients: STATUS in {took * 1000:.0f} ms, daemon holds {fds} fds; "
+            f"control: {st}"
+        )
         assert fds < 100 and st["clients"] <= 32 and st["evicted"] >= 1000 - 32
         uri = f"nbd+unix:///savepoint?socket={d}/nbd.sock"
         qemu_io(uri, "write -P 7 0 64k")  # NBD still gets its descriptors
@@ -131,9 +134,11 @@ def test_a_watcher_that_never_reads_is_dropped_and_the_bus_goes_on(daemon) -> No
                 if client.request("status")["data"]["control"]["watchers_dropped"]:
                     break
             st = client.request("status")["data"]["control"]
-        print(f"\nslow watcher dropped after {time.monotonic() - t0:.1f} s; slowest STATUS "
-              f"meanwhile {worst * 1000:.0f} ms; RSS "
-              f"{_rss_mib(proc.pid):.1f} MiB")
+        print(
+            f"\nslow watcher dropped after {time.monotonic() - t0:.1f} s; slowest STATUS "
+            f"meanwhile {worst * 1000:.0f} ms; RSS "
+            f"{_rss_mib(proc.pid):.1f} MiB"
+        )
         assert st["watchers_dropped"] == 1 and st["watchers"] == 0
     with open(os.path.join(d, "log")) as f:
         assert "dropped a watcher" in f.read()
@@ -177,16 +182,22 @@ class Throwaway:
     def gid(self, group: str) -> int:
         return grp.getgrnam(group).gr_gid
 
-    def run(self, args: list[str], groups: list[str], uid: int | None = None,
-            **kw: object) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, args: list[str], groups: list[str], uid: int | None = None, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
         e = env()
         e.pop("XDG_RUNTIME_DIR", None)
         e["HOME"] = "/tmp"
         gids = ",".join(str(self.gid(g)) for g in groups) or None
-        priv = ["setpriv", f"--reuid={uid or self.uid}", "--regid=65534",
-                f"--groups={gids}" if gids else "--clear-groups"]
-        return subprocess.run([*priv, *SAVEPOINT, *args], capture_output=True, text=True,
-                              env=e, timeout=60, **kw)  # type: ignore[call-overload]
+        priv = [
+            "setpriv",
+            f"--reuid={uid or self.uid}",
+            "--regid=65534",
+            f"--groups={gids}" if gids else "--clear-groups",
+        ]
+        return subprocess.run(
+            [*priv, *SAVEPOINT, *args], capture_output=True, text=True, env=e, timeout=60, **kw
+        )  # type: ignore[call-overload]
 
     def remove(self) -> None:
         for user in (self.user, self.other):
@@ -206,8 +217,7 @@ def throwaway() -> Iterator[Throwaway]:
 
 @needs_root
 def test_a_group_member_may_read_but_not_unlock(daemon, throwaway: Throwaway) -> None:
-    _, d = daemon(f'group = "{throwaway.reader}"\n'
-                  f'admin_group = "{throwaway.admin}"\n')
+    _, d = daemon(f'group = "{throwaway.reader}"\nadmin_group = "{throwaway.admin}"\n')
     os.chmod(d, 0o755)  # the test's socket folder; /run/savepoint is 0750 root:savepoint
     control = os.path.join(d, "c.sock")
     assert stat.S_IMODE(os.stat(control).st_mode) == 0o660
@@ -218,8 +228,14 @@ def test_a_group_member_may_read_but_not_unlock(daemon, throwaway: Throwaway) ->
     for read in (("status",), ("history",), ("fobs", "list")):
         proc = cli(*read)
         assert proc.returncode == 0 or "BLE is off" in proc.stderr, proc.stderr
-    for write in (("unlock",), ("save",), ("restore", "--yes"), ("lock",), ("pair",),
-                  ("fobs", "revoke", "1")):
+    for write in (
+        ("unlock",),
+        ("save",),
+        ("restore", "--yes"),
+        ("lock",),
+        ("pair",),
+        ("fobs", "revoke", "1"),
+    ):
         proc = cli(*write)
         assert proc.returncode == 1, (write, proc.stdout)
         assert f"needs root or the `{throwaway.admin}` group" in proc.stderr, proc.stderr
@@ -239,10 +255,22 @@ def test_watch_is_for_readers_too(daemon, throwaway: Throwaway) -> None:
     control = os.path.join(d, "c.sock")
     e = env()
     gid = throwaway.gid(throwaway.reader)
-    watcher = subprocess.Popen(["setpriv", f"--reuid={throwaway.uid}", "--regid=65534",
-                                f"--groups={gid}", *SAVEPOINT, "watch", "--json",
-                                "--control", control],
-                               stdout=subprocess.PIPE, text=True, env=e)
+    watcher = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={throwaway.uid}",
+            "--regid=65534",
+            f"--groups={gid}",
+            *SAVEPOINT,
+            "watch",
+            "--json",
+            "--control",
+            control,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=e,
+    )
     try:
         assert watcher.stdout is not None
         first = json.loads(watcher.stdout.readline())
@@ -301,10 +329,23 @@ def test_a_spoofed_runtime_dir_is_refused_by_cli_and_daemon(throwaway: Throwaway
 def _serve_once_as(throwaway: Throwaway, work: str) -> None:
     e = env()
     e.pop("XDG_RUNTIME_DIR", None)
-    proc = subprocess.Popen(["setpriv", f"--reuid={throwaway.uid}", "--regid=65534",
-                             "--clear-groups", *SAVEPOINT, "serve", f"{work}/disk.img",
-                             "--size", "16M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e)
+    proc = subprocess.Popen(
+        [
+            "setpriv",
+            f"--reuid={throwaway.uid}",
+            "--regid=65534",
+            "--clear-groups",
+            *SAVEPOINT,
+            "serve",
+            f"{work}/disk.img",
+            "--size",
+            "16M",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=e,
+    )
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline()]
@@ -336,8 +377,12 @@ def test_an_unsafe_runtime_dir_is_refused_with_the_reason(tmp_path, kind: str) -
     else:
         os.mkdir(path)
         os.chmod(path, 0o770 if kind == "group-writable" else 0o707)
-    reason = {"symlink": "is a symlink", "group-writable": "is writable by group",
-              "other-writable": "is writable by others", "file": "is not a directory"}[kind]
+    reason = {
+        "symlink": "is a symlink",
+        "group-writable": "is writable by group",
+        "other-writable": "is writable by others",
+        "file": "is not a directory",
+    }[kind]
     with pytest.raises(runtime_dirs.UnsafeDir, match=reason):
         runtime_dirs.prepare(path)
     with pytest.raises(runtime_dirs.UnsafeDir, match=reason):

@@ -33,8 +33,9 @@ def admin(broker):
     c.close()
 
 
-def start(broker: Broker, d: Path, node: str, mqtt: str = "", lock: bool = True,
-          secrets_mode: int = 0o600) -> Served:
+def start(
+    broker: Broker, d: Path, node: str, mqtt: str = "", lock: bool = True, secrets_mode: int = 0o600
+) -> Served:
     d.mkdir(parents=True, exist_ok=True)
     secrets = write_secrets(d / f"{node}-secrets.toml", node, NODES[node], secrets_mode)
     conf = d / f"{node}.toml"
@@ -44,7 +45,7 @@ enabled = {str(lock).lower()}
 [mqtt]
 enabled = true
 broker = "{broker.url}"
-ca_file = "{broker.pki['ca.pem']}"
+ca_file = "{broker.pki["ca.pem"]}"
 secrets = "{secrets}"
 node_id = "{node}"
 name = "Lab PC {node}"
@@ -146,8 +147,9 @@ def test_commands_are_answered_after_a_flood(broker, admin, pi1):
     admin.wait("savepoint/pi1/availability", lambda p: p == b"online")
     flood_and_check_bounds(admin, pi1)
     seen, deadline = None, time.monotonic() + 30
-    while seen != (seen := {k: status(pi1.control)["mqtt"][k] for k in ("errors", "dropped",
-                                                                         "rate_limited")}):
+    while seen != (
+        seen := {k: status(pi1.control)["mqtt"][k] for k in ("errors", "dropped", "rate_limited")}
+    ):
         assert time.monotonic() < deadline  # the broker's backlog for us drains
         time.sleep(1)
     assert admin.request("pi1", {"id": "after", "action": "status"})["ok"]
@@ -166,8 +168,10 @@ def flood_and_check_bounds(admin, pi1) -> None:
     time.sleep(2)
     after = rss_kib(pi1.proc.pid)
     st = status(pi1.control)["mqtt"]
-    print(f"flood of 3000 x 3 KB in {flood_s:.2f} s: RSS {before} -> {after} KiB, "
-          f"control STATUS {control_ms:.0f} ms, counts {st}")
+    print(
+        f"flood of 3000 x 3 KB in {flood_s:.2f} s: RSS {before} -> {after} KiB, "
+        f"control STATUS {control_ms:.0f} ms, counts {st}"
+    )
     assert st["rate_limited"] + st["dropped"] > 0  # the bounds engaged
     # at most the burst plus the rate for the seconds it lasted were even parsed
     assert st["errors"] + st["commands"] <= 10 + 2 * (time.monotonic() - start + 1)
@@ -181,8 +185,9 @@ def test_only_the_admin_may_command(broker, admin, pi1, tmp_path):
     thief = Client(broker, ("pi2", NODES["pi2"]), subscribe=())
     try:
         thief.publish("savepoint/pi1/cmd", json.dumps({"id": "evil", "action": "restore"}))
-        thief.publish("savepoint/group/room-101/cmd",
-                      json.dumps({"id": "evil2", "action": "restore"}))
+        thief.publish(
+            "savepoint/group/room-101/cmd", json.dumps({"id": "evil2", "action": "restore"})
+        )
         thief.publish("savepoint/pi1/status", json.dumps({"mode": "unlocked"}), retain=True)
     finally:
         thief.close()
@@ -208,9 +213,11 @@ def test_discovery_payloads_and_clearing_them(broker, tmp_path):
             if payload:
                 configs[topic] = json.loads(payload)
         watcher.close()
-        assert set(configs) >= {"homeassistant/sensor/savepoint_pi2/mode/config",
-                                "homeassistant/binary_sensor/savepoint_pi2/fault/config",
-                                "homeassistant/button/savepoint_pi2/save/config"}, configs
+        assert set(configs) >= {
+            "homeassistant/sensor/savepoint_pi2/mode/config",
+            "homeassistant/binary_sensor/savepoint_pi2/fault/config",
+            "homeassistant/button/savepoint_pi2/save/config",
+        }, configs
         mode = configs["homeassistant/sensor/savepoint_pi2/mode/config"]
         assert mode["state_topic"] == "savepoint/pi2/status"
         assert mode["device"]["name"] == "Lab PC pi2"
@@ -311,9 +318,16 @@ def test_a_disconnect_that_times_out_does_not_swallow_the_stop(broker, tmp_path,
     secrets = write_secrets(tmp_path / "s.toml", "pi2", NODES["pi2"])
 
     async def run() -> float:
-        part = MqttPart({"enabled": True, "broker": broker.url, "node_id": "pi2",
-                         "ca_file": broker.pki["ca.pem"], "secrets": secrets},
-                        CommandBus(None))
+        part = MqttPart(
+            {
+                "enabled": True,
+                "broker": broker.url,
+                "node_id": "pi2",
+                "ca_file": broker.pki["ca.pem"],
+                "secrets": secrets,
+            },
+            CommandBus(None),
+        )
         await part.start()
         for _ in range(200):
             if part.client is not None:
@@ -337,8 +351,7 @@ def test_last_will_clean_stop_and_retained_commands(broker, admin, tmp_path):
     finally:
         s.cleanup()
     # a retained RESTORE would run again at every reconnect of every appliance: refused
-    admin.publish("savepoint/pi3/cmd", json.dumps({"id": "ret", "action": "restore"}),
-                  retain=True)
+    admin.publish("savepoint/pi3/cmd", json.dumps({"id": "ret", "action": "restore"}), retain=True)
     s = start(broker, tmp_path, "pi3")
     try:
         admin.wait("savepoint/pi3/availability", lambda p: p == b"online")

@@ -32,9 +32,24 @@ class Appliance(Served):
         self.log_path = os.path.join(self.dir, "stderr.log")
         self.log = open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [*SAVEPOINT, "serve", target, "--size", "8M", "--socket", self.nbd, "--control",
-             self.control, "--config", conf], stdout=subprocess.PIPE, stderr=self.log,
-            text=True, env=env())
+            [
+                *SAVEPOINT,
+                "serve",
+                target,
+                "--size",
+                "8M",
+                "--socket",
+                self.nbd,
+                "--control",
+                self.control,
+                "--config",
+                conf,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env(),
+        )
 
     def ready(self) -> None:
         self.banner = self._wait_ready(120)
@@ -54,7 +69,7 @@ def test_one_group_restore_restores_a_room_of_20(tmp_path):
 [mqtt]
 enabled = true
 broker = "{broker.url}"
-ca_file = "{broker.pki['ca.pem']}"
+ca_file = "{broker.pki["ca.pem"]}"
 secrets = "{secrets}"
 node_id = "{node}"
 groups = ["room-101"]
@@ -69,15 +84,18 @@ discovery = false
         for appliance in room.values():
             qemu_io(appliance.uri, "write -P 42 0 8k")
         t0 = time.monotonic()
-        admin.publish("savepoint/group/room-101/cmd",
-                      json.dumps({"id": "morning", "action": "restore"}))
+        admin.publish(
+            "savepoint/group/room-101/cmd", json.dumps({"id": "morning", "action": "restore"})
+        )
         replies = {}
         for node in room:
             reply = admin.wait_reply(node, "morning", timeout=60)
             replies[node] = (reply, time.monotonic())
         last = max(t for _r, t in replies.values())
-        print(f"\n{FLEET} appliances up in {t_up - t_start:.1f} s; group RESTORE: "
-              f"{(last - t0) * 1000:.0f} ms from publish to the last of {len(replies)} replies")
+        print(
+            f"\n{FLEET} appliances up in {t_up - t_start:.1f} s; group RESTORE: "
+            f"{(last - t0) * 1000:.0f} ms from publish to the last of {len(replies)} replies"
+        )
         assert all(r["ok"] and r["via"] == "mqtt:room-101" for r, _t in replies.values())
         for node, appliance in room.items():
             st = status(appliance.control)

@@ -47,7 +47,8 @@ def test_secrets_file_symlink_missing_and_junk(tmp_path):
 
 def test_broker_urls():
     assert settings.parse_broker("mqtts://broker.example.org") == settings.Broker(
-        "broker.example.org", 8883, True)
+        "broker.example.org", 8883, True
+    )
     assert settings.parse_broker("mqtt://127.0.0.1:1884").port == 1884
     with pytest.raises(ValueError, match="in clear"):
         settings.parse_broker("mqtt://broker.example.org")
@@ -61,9 +62,14 @@ def test_the_config_checks_the_mqtt_section():
     base = {"store": {"path": "/tmp/x"}}
     cfg = validate({**base, "mqtt": {"enabled": True, "broker": "mqtts://b", "groups": ["r1"]}})
     assert cfg["parts"]["mqtt"]["groups"] == ["r1"] and cfg["parts"]["mqtt"]["max_payload"] == 4096
-    for bad, words in (({"groups": ["room 1"]}, "groups"), ({"node_id": "group"}, "node_id"),
-                       ({"topic_prefix": "a/#"}, "topic_prefix"), ({"max_payload": 10}, "max"),
-                       ({"broker": "mqtt://10.0.0.1"}, "in clear"), ({"bogus": 1}, "unknown")):
+    for bad, words in (
+        ({"groups": ["room 1"]}, "groups"),
+        ({"node_id": "group"}, "node_id"),
+        ({"topic_prefix": "a/#"}, "topic_prefix"),
+        ({"max_payload": 10}, "max"),
+        ({"broker": "mqtt://10.0.0.1"}, "in clear"),
+        ({"bogus": 1}, "unknown"),
+    ):
         with pytest.raises(ConfigError, match=words):
             validate({**base, "mqtt": {"enabled": True, **bad}})
 
@@ -85,19 +91,22 @@ def test_policy_mqtt_may_restore_and_lock_save_only_unlocked_never_unlock():
         validate({"store": {"path": "/x"}, "policy": {"mqtt": {"unlock": "always"}}})
 
 
-@pytest.mark.parametrize("payload, words", [
-    (b"x" * 5000, "5000 bytes; at most 4096"),
-    (b"\xff\xfe", "not UTF-8"),
-    (b"{nope", "not JSON"),
-    (b"[" * 4000, "nested too deeply"),
-    (b'["status"]', "JSON object"),
-    (b'{"action": "status"}', "request id"),
-    (b'{"id": "' + b"i" * 65 + b'", "action": "status"}', "request id"),
-    (b'{"id": "1", "action": "format"}', "unknown action 'format'"),
-    (b'{"id": "1", "action": "status", "sudo": true}', "unknown field"),
-    (b'{"id": "1", "action": "history", "args": {"limit": 10000}}', "limit"),
-    (b'{"id": "1", "action": "restore", "args": {"force": true}}', "takes no args"),
-])
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (b"x" * 5000, "5000 bytes; at most 4096"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"{nope", "not JSON"),
+        (b"[" * 4000, "nested too deeply"),
+        (b'["status"]', "JSON object"),
+        (b'{"action": "status"}', "request id"),
+        (b'{"id": "' + b"i" * 65 + b'", "action": "status"}', "request id"),
+        (b'{"id": "1", "action": "format"}', "unknown action 'format'"),
+        (b'{"id": "1", "action": "status", "sudo": true}', "unknown field"),
+        (b'{"id": "1", "action": "history", "args": {"limit": 10000}}', "limit"),
+        (b'{"id": "1", "action": "restore", "args": {"force": true}}', "takes no args"),
+    ],
+)
 def test_bad_requests_are_refused_with_a_reason(payload, words):
     with pytest.raises(RequestError) as e:
         parse_request(payload, 4096)
@@ -118,10 +127,18 @@ def test_rate_limit_allows_a_burst_then_the_rate():
 
 
 def test_status_payload_names_faults_and_times():
-    snap = {"mode": "locked", "epoch": 3, "dirty_bytes": 8192, "dirty_units": 2,
-            "last_save": 1_700_000_000.0, "host_connected": True,
-            "parts": {"gpio": {"state": "failed", "reason": "no GPIO chip found"},
-                      "nbd": {"state": "up"}}}
+    snap = {
+        "mode": "locked",
+        "epoch": 3,
+        "dirty_bytes": 8192,
+        "dirty_units": 2,
+        "last_save": 1_700_000_000.0,
+        "host_connected": True,
+        "parts": {
+            "gpio": {"state": "failed", "reason": "no GPIO chip found"},
+            "nbd": {"state": "up"},
+        },
+    }
     doc = status_payload(snap, "pi1", {})
     assert doc["last_save"] == "2023-11-14T22:13:20+00:00" and doc["last_restore"] is None
     assert doc["faults"] == [{"part": "gpio", "reason": "no GPIO chip found", "hint": ""}]
@@ -132,10 +149,18 @@ def test_discovery_is_one_device_with_sensors_binary_sensors_and_buttons():
     topics = Topics("savepoint", "pi1")
     cfgs = discovery.configs(topics, "Lab PC 1", "homeassistant")
     assert sorted(cfgs) == sorted(
-        f"homeassistant/{c}/savepoint_pi1/{k}/config" for k, c in (
-            ("mode", "sensor"), ("unsaved", "sensor"), ("last_save", "sensor"),
-            ("host", "binary_sensor"), ("fault", "binary_sensor"), ("save", "button"),
-            ("restore", "button"), ("lock", "button")))
+        f"homeassistant/{c}/savepoint_pi1/{k}/config"
+        for k, c in (
+            ("mode", "sensor"),
+            ("unsaved", "sensor"),
+            ("last_save", "sensor"),
+            ("host", "binary_sensor"),
+            ("fault", "binary_sensor"),
+            ("save", "button"),
+            ("restore", "button"),
+            ("lock", "button"),
+        )
+    )
     devices = {json.dumps(c["device"], sort_keys=True) for c in cfgs.values()}
     assert len(devices) == 1 and '"Lab PC 1"' in devices.pop()
     for cfg in cfgs.values():
@@ -143,8 +168,9 @@ def test_discovery_is_one_device_with_sensors_binary_sensors_and_buttons():
         assert cfg["unique_id"].startswith("savepoint_pi1_")
     press = json.loads(cfgs["homeassistant/button/savepoint_pi1/restore/config"]["payload_press"])
     assert parse_request(json.dumps(press).encode(), 4096)[1] is Action.RESTORE
-    assert cfgs["homeassistant/sensor/savepoint_pi1/last_save/config"]["device_class"] == \
-        "timestamp"
+    assert (
+        cfgs["homeassistant/sensor/savepoint_pi1/last_save/config"]["device_class"] == "timestamp"
+    )
 
 
 def test_node_id_defaults_to_the_hostname(monkeypatch):
@@ -156,21 +182,33 @@ def test_node_id_defaults_to_the_hostname(monkeypatch):
 def test_serve_config_takes_part_sections_but_not_the_store():
     from appliance.config import serve_config
 
-    extra = {"mqtt": {"enabled": True, "broker": "mqtts://b", "node_id": "vm1"},
-             "lock": {"enabled": True}, "nbd": {"max_connections": 2}}
-    cfg = serve_config("/tmp/d.img", 1 << 20, 4096, "/tmp/n.sock", None, False, None,
-                       extra=extra)
+    extra = {
+        "mqtt": {"enabled": True, "broker": "mqtts://b", "node_id": "vm1"},
+        "lock": {"enabled": True},
+        "nbd": {"max_connections": 2},
+    }
+    cfg = serve_config("/tmp/d.img", 1 << 20, 4096, "/tmp/n.sock", None, False, None, extra=extra)
     assert cfg["parts"]["mqtt"]["node_id"] == "vm1" and cfg["parts"]["mqtt"]["rate"] == 2.0
     assert cfg["lock"]["enabled"] is True and cfg["nbd"]["max_connections"] == 2
     assert cfg["nbd"]["socket"] == "/tmp/n.sock" and cfg["store"]["path"] == "/tmp/d.img"
-    assert serve_config("/tmp/d.img", None, 4096, None, None, False, None)["lock"][
-        "enabled"] is False
+    assert (
+        serve_config("/tmp/d.img", None, 4096, None, None, False, None)["lock"]["enabled"] is False
+    )
     with pytest.raises(ConfigError, match=r"\[store\] comes from the command line"):
-        serve_config("/tmp/d.img", None, 4096, None, None, False, None,
-                     extra={"store": {"path": "/elsewhere"}})
+        serve_config(
+            "/tmp/d.img",
+            None,
+            4096,
+            None,
+            None,
+            False,
+            None,
+            extra={"store": {"path": "/elsewhere"}},
+        )
     with pytest.raises(ConfigError, match="max_payload"):
-        serve_config("/tmp/d.img", None, 4096, None, None, False, None,
-                     extra={"mqtt": {"max_payload": 1}})
+        serve_config(
+            "/tmp/d.img", None, 4096, None, None, False, None, extra={"mqtt": {"max_payload": 1}}
+        )
 
 
 def test_serve_config_file_errors_are_one_line(tmp_path):
@@ -181,8 +219,12 @@ def test_serve_config_file_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[mqtt\n")
     for conf, words in ((tmp_path / "none.toml", "No such file"), (bad, "not valid TOML")):
-        proc = subprocess.run([*SAVEPOINT, "serve", str(tmp_path / "d.img"), "--size", "1M",
-                               "--config", str(conf)], capture_output=True, text=True,
-                              env=env(), timeout=60)
+        proc = subprocess.run(
+            [*SAVEPOINT, "serve", str(tmp_path / "d.img"), "--size", "1M", "--config", str(conf)],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=60,
+        )
         assert proc.returncode != 0 and words in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1

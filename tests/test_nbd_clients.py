@@ -24,12 +24,23 @@ def test_nbdinfo_json_reports_size_flags_block_sizes_and_contexts(served):
     assert ex["export-name"] == "savepoint"
     assert ex["export-size"] == 64 * MiB
     assert ex["contexts"] == ["base:allocation"]
-    for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_fast_zero",
-                 "can_multi_conn", "can_cache", "can_df"):
+    for flag in (
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_fast_zero",
+        "can_multi_conn",
+        "can_cache",
+        "can_df",
+    ):
         assert ex[flag] is True, flag
     assert ex["is_read_only"] is False
-    assert (ex["block_size_minimum"], ex["block_size_preferred"],
-            ex["block_size_maximum"]) == (1, 4096, 32 * MiB)
+    assert (ex["block_size_minimum"], ex["block_size_preferred"], ex["block_size_maximum"]) == (
+        1,
+        4096,
+        32 * MiB,
+    )
 
 
 def test_nbdinfo_list_and_preferred_block_is_the_unit(tmp_path):
@@ -48,10 +59,22 @@ def test_nbdinfo_map_shows_holes_and_data(served):
 
 
 def test_qemu_io_patterns(served):
-    cmds = ["write -P 0xab 0 1M", "read -P 0xab 0 1M", "write -f -P 0xcd 1M 64k",
-            "read -P 0xcd 1M 64k", "flush", "write -P 0x11 2M 12k", "write -z 2M 8k",
-            "read -P 0 2M 8k", "read -P 0x11 2105344 4k", "discard 0 64k", "read -P 0 0 64k",
-            "read -P 0xab 64k 960k", "write -P 0x5a 4097 3", "read -P 0x5a 4097 3"]
+    cmds = [
+        "write -P 0xab 0 1M",
+        "read -P 0xab 0 1M",
+        "write -f -P 0xcd 1M 64k",
+        "read -P 0xcd 1M 64k",
+        "flush",
+        "write -P 0x11 2M 12k",
+        "write -z 2M 8k",
+        "read -P 0 2M 8k",
+        "read -P 0x11 2105344 4k",
+        "discard 0 64k",
+        "read -P 0 0 64k",
+        "read -P 0xab 64k 960k",
+        "write -P 0x5a 4097 3",
+        "read -P 0x5a 4097 3",
+    ]
     argv = ["qemu-io", "-f", "raw"]
     for c in cmds:
         argv += ["-c", c]
@@ -65,11 +88,23 @@ def test_qemu_io_patterns(served):
 
 
 def test_fio_random_sizes_verify_crc32c_qd16(served):
-    out = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={served.uri}",
-              "--rw=randwrite", "--bsrange=4k-1m", "--iodepth=16", "--size=16m",
-              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randseed=7",
-              "--output-format=json", timeout=300).stdout
-    job = json.loads(out[out.index("{"):])["jobs"][0]
+    out = run(
+        "fio",
+        "--name=verify",
+        "--ioengine=nbd",
+        f"--uri={served.uri}",
+        "--rw=randwrite",
+        "--bsrange=4k-1m",
+        "--iodepth=16",
+        "--size=16m",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--randseed=7",
+        "--output-format=json",
+        timeout=300,
+    ).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 16 * MiB and job["read"]["io_bytes"] >= 16 * MiB
 
@@ -82,11 +117,16 @@ def test_qemu_img_compare_after_convert(served, tmp_path):
             f.seek(i * MiB + 777)
             f.write(os.urandom(300 * 1024))
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(ref), served.uri)
-    assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref),
-               served.uri).returncode == 0
+    assert (
+        run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), served.uri).returncode == 0
+    )
     served.store.write(7 * MiB, b"x")
-    assert run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), served.uri,
-               check=False).returncode == 1
+    assert (
+        run(
+            "qemu-img", "compare", "-f", "raw", "-F", "raw", str(ref), served.uri, check=False
+        ).returncode
+        == 1
+    )
 
 
 def test_nbdcopy_four_connections_both_ways(served, tmp_path):

@@ -68,7 +68,7 @@ def apply(state: tuple[bytes, bytes], ev: list) -> tuple[bytes, bytes] | None:
         return saved, saved
     if kind == "w":
         off, n, tag = ev[4], ev[5], ev[6].encode()
-        return saved, cur[:off] + (tag * (n // 8 + 1))[:n] + cur[off + n:]
+        return saved, cur[:off] + (tag * (n // 8 + 1))[:n] + cur[off + n :]
     return state if hashlib.sha256(cur).hexdigest() == ev[4] else None
 
 
@@ -82,10 +82,18 @@ def linearizable(chain: list, controls: list, final: tuple[bytes, bytes]) -> boo
         states = frontier.pop((i, j))
         if (i, j) == done:
             return final in states
-        for nxt, ev, other in ((i + 1, j), chain[i] if i < len(chain) else None,
-                               controls[j] if j < len(controls) else None), \
-                              ((i, j + 1), controls[j] if j < len(controls) else None,
-                               chain[i] if i < len(chain) else None):
+        for nxt, ev, other in (
+            (
+                (i + 1, j),
+                chain[i] if i < len(chain) else None,
+                controls[j] if j < len(controls) else None,
+            ),
+            (
+                (i, j + 1),
+                controls[j] if j < len(controls) else None,
+                chain[i] if i < len(chain) else None,
+            ),
+        ):
             if ev is None or (other is not None and other[3] < ev[2]):
                 continue  # `other` finished before `ev` started: it must come first
             new = {s for s in (apply(st, ev) for st in states) if s is not None}
@@ -96,10 +104,26 @@ def linearizable(chain: list, controls: list, final: tuple[bytes, bytes]) -> boo
 
 def test_save_restore_during_concurrent_io_matches_the_model(tmp_path):
     with serve(tmp_path, size=4 << 20) as s:
-        procs = [subprocess.Popen([SYS_PYTHON, "-c", WRITER, s.uri, str(c), str(THREADS),
-                                   str(UNITS_PER_CHAIN), str(SECONDS), str(UNIT)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=ENV) for c in range(CONNS)]
+        procs = [
+            subprocess.Popen(
+                [
+                    SYS_PYTHON,
+                    "-c",
+                    WRITER,
+                    s.uri,
+                    str(c),
+                    str(THREADS),
+                    str(UNITS_PER_CHAIN),
+                    str(SECONDS),
+                    str(UNIT),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=ENV,
+            )
+            for c in range(CONNS)
+        ]
         controls: list[list] = []
         stop = threading.Event()
 
@@ -126,6 +150,6 @@ def test_save_restore_during_concurrent_io_matches_the_model(tmp_path):
     assert writes > 200 and reads > 100 and len(controls) > 20, (writes, reads, len(controls))
     for u in range(units):
         chain = sorted((e for e in events if e[1] == u), key=lambda e: e[2])
-        final = (saved[u * UNIT:(u + 1) * UNIT], visible[u * UNIT:(u + 1) * UNIT])
+        final = (saved[u * UNIT : (u + 1) * UNIT], visible[u * UNIT : (u + 1) * UNIT])
         assert linearizable(chain, controls, final), f"unit {u}: no valid order explains it"
     print(f"\nmodel checked {writes} writes, {reads} reads, {len(controls)} SAVE/RESTORE")

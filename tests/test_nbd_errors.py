@@ -64,13 +64,20 @@ def test_libnbd_error_codes_keep_the_connection_and_the_store(served):
     before = snapshot(served.store)
     got = libnbd(LIBNBD_ERRORS, served.uri)
     assert got == {
-        "write_past_end": errno.ENOSPC, "write_at_end": errno.ENOSPC,
-        "write_fua_past_end": errno.ENOSPC, "zero_past_end": errno.ENOSPC,
-        "read_past_end": errno.EINVAL, "trim_past_end": errno.EINVAL,
-        "cache_past_end": errno.EINVAL, "block_status_past_end": errno.EINVAL,
-        "write_unknown_flag": errno.EINVAL, "write_no_hole_flag": errno.EINVAL,
-        "trim_fast_zero_flag": errno.EINVAL, "read_req_one_flag": errno.EINVAL,
-        "flush_ok_after_errors": 0, "still_reads": "saved",
+        "write_past_end": errno.ENOSPC,
+        "write_at_end": errno.ENOSPC,
+        "write_fua_past_end": errno.ENOSPC,
+        "zero_past_end": errno.ENOSPC,
+        "read_past_end": errno.EINVAL,
+        "trim_past_end": errno.EINVAL,
+        "cache_past_end": errno.EINVAL,
+        "block_status_past_end": errno.EINVAL,
+        "write_unknown_flag": errno.EINVAL,
+        "write_no_hole_flag": errno.EINVAL,
+        "trim_fast_zero_flag": errno.EINVAL,
+        "read_req_one_flag": errno.EINVAL,
+        "flush_ok_after_errors": 0,
+        "still_reads": "saved",
     }
     assert snapshot(served.store) == before
 
@@ -114,8 +121,7 @@ def test_protocol_garbage_closes_only_that_connection(served):
     bad.s.sendall(b"\xde\xad\xbe\xef" + bytes(24))  # bad request magic
     assert bad.s.recv(1) == b""  # hard disconnect
     huge = RawClient(served.sock)
-    huge.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, b"c" * 8, 0,
-                                  p.MAX_PAYLOAD + 1))
+    huge.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, b"c" * 8, 0, p.MAX_PAYLOAD + 1))
     assert huge.s.recv(1) == b""
     assert good.request(p.CMD_READ, 0, 5) == (0, b"saved")
     good.close()
@@ -142,8 +148,7 @@ def test_handshake_errors_are_option_replies_or_a_closed_connection(served):
     assert c.option(p.OPT_STARTTLS)[0][0] == p.REP_ERR_UNSUP
     assert c.option(p.OPT_LIST, b"junk")[0][0] == p.REP_ERR_INVALID
     assert c.option(p.OPT_INFO, b"\0\0")[0][0] == p.REP_ERR_INVALID  # truncated
-    assert c.option(p.OPT_GO, struct.pack(">I", 5) + b"other" + bytes(2))[0][0] == \
-        p.REP_ERR_UNKNOWN
+    assert c.option(p.OPT_GO, struct.pack(">I", 5) + b"other" + bytes(2))[0][0] == p.REP_ERR_UNKNOWN
     q = p.BASE_ALLOCATION.encode()
     meta = struct.pack(">III", 0, 1, len(q)) + q
     assert c.option(p.OPT_SET_META_CONTEXT, meta)[0][0] == p.REP_ERR_INVALID  # no SR yet

@@ -21,9 +21,13 @@ from tests.nbd_helpers import MiB, RawClient, serve, snapshot, wait_for
 SIZE = 1 * MiB
 COUNT = {"handshake": 0, "requests": 0}
 EXAMPLES = int(os.environ.get("SAVEPOINT_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(max_examples=EXAMPLES or 200, deadline=None, database=None,
-                derandomize=not EXAMPLES,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES or 200,
+    deadline=None,
+    database=None,
+    derandomize=not EXAMPLES,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,7 @@ def served(tmp_path_factory):
         s.store.save("fuzz")
         s.store.write(SIZE // 2, b"working" * 100)
         yield s, snapshot(s.store)
-    print(f"\nNBD fuzz: {COUNT['handshake']} handshake inputs, "
-          f"{COUNT['requests']} request streams")
+    print(f"\nNBD fuzz: {COUNT['handshake']} handshake inputs, {COUNT['requests']} request streams")
 
 
 def exchange(sock_path: str, data: bytes) -> None:
@@ -74,18 +77,27 @@ def option(opt: int, data: bytes, length: int | None = None) -> bytes:
 options = st.builds(
     option,
     st.sampled_from([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 0, 99, 2**32 - 1]),
-    st.binary(max_size=64) | st.builds(
-        lambda n, name, reqs: struct.pack(">I", n) + name + struct.pack(">H", len(reqs))
-        + b"".join(struct.pack(">H", r) for r in reqs),
-        st.integers(0, 20), st.sampled_from([b"", b"savepoint", b"x"]),
-        st.lists(st.integers(0, 5), max_size=4)),
-    st.none() | st.integers(0, 100))
+    st.binary(max_size=64)
+    | st.builds(
+        lambda n, name, reqs: (
+            struct.pack(">I", n)
+            + name
+            + struct.pack(">H", len(reqs))
+            + b"".join(struct.pack(">H", r) for r in reqs)
+        ),
+        st.integers(0, 20),
+        st.sampled_from([b"", b"savepoint", b"x"]),
+        st.lists(st.integers(0, 5), max_size=4),
+    ),
+    st.none() | st.integers(0, 100),
+)
 handshakes = st.builds(
     lambda flags, opts, tail: flags + b"".join(opts) + tail,
     st.sampled_from([struct.pack(">I", f) for f in (0, 1, 2, 3, 4, 0xFFFFFFFF)])
     | st.binary(max_size=4),
     st.lists(options, max_size=6),
-    st.binary(max_size=32))
+    st.binary(max_size=32),
+)
 
 
 @FUZZ
@@ -101,8 +113,7 @@ MODIFYING = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
 
 def request(magic_ok: bool, flags: int, cmd: int, offset: int, length: int) -> bytes:
     allowed = p.ALLOWED_CMD_FLAGS.get(cmd, 0)
-    if (magic_ok and cmd in MODIFYING and not flags & ~allowed
-            and offset + length <= SIZE):
+    if magic_ok and cmd in MODIFYING and not flags & ~allowed and offset + length <= SIZE:
         offset = SIZE + offset % 4096  # a valid write would change the store: make it invalid
     magic = p.REQUEST_MAGIC if magic_ok else 0x12345678
     head = p.REQUEST.pack(magic, flags, cmd, b"fuzzcook", offset % 2**64, length)
@@ -113,11 +124,20 @@ def request(magic_ok: bool, flags: int, cmd: int, offset: int, length: int) -> b
 requests = st.builds(
     request,
     st.booleans() | st.just(True),
-    st.sampled_from([0, p.CMD_FLAG_FUA, p.CMD_FLAG_DF, p.CMD_FLAG_REQ_ONE,
-                     p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO]) | st.integers(0, 0xFFFF),
+    st.sampled_from(
+        [
+            0,
+            p.CMD_FLAG_FUA,
+            p.CMD_FLAG_DF,
+            p.CMD_FLAG_REQ_ONE,
+            p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_FAST_ZERO,
+        ]
+    )
+    | st.integers(0, 0xFFFF),
     st.integers(0, 9) | st.integers(0, 0xFFFF),
     st.sampled_from([0, 1, SIZE - 1, SIZE, SIZE + 1, 2**63, 2**64 - 1]) | st.integers(0, SIZE),
-    st.sampled_from([0, 1, 512, 4096, p.MAX_PAYLOAD + 1, 2**32 - 1]) | st.integers(0, 70000))
+    st.sampled_from([0, 1, 512, 4096, p.MAX_PAYLOAD + 1, 2**32 - 1]) | st.integers(0, 70000),
+)
 
 
 def session_prefix(structured: bool, meta: bool) -> bytes:
@@ -131,10 +151,15 @@ def session_prefix(structured: bool, meta: bool) -> bytes:
 
 
 @FUZZ
-@given(structured=st.booleans(), meta=st.booleans(), reqs=st.lists(requests, max_size=8),
-       tail=st.binary(max_size=40))
+@given(
+    structured=st.booleans(),
+    meta=st.booleans(),
+    reqs=st.lists(requests, max_size=8),
+    tail=st.binary(max_size=40),
+)
 def test_fuzz_requests(served, structured, meta, reqs, tail):
     COUNT["requests"] += 1
-    exchange(served[0].sock, session_prefix(structured, meta and structured)
-             + b"".join(reqs) + tail)
+    exchange(
+        served[0].sock, session_prefix(structured, meta and structured) + b"".join(reqs) + tail
+    )
     check_unharmed(served)

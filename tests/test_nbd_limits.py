@@ -59,7 +59,7 @@ def test_trickled_handshake_is_cut_at_the_total_deadline(tmp_path, caplog) -> No
         sent = 0
         try:
             while time.monotonic() - start < 3 * deadline:
-                c.s.sendall(option[sent:sent + 1])
+                c.s.sendall(option[sent : sent + 1])
                 sent += 1
                 time.sleep(0.3)
         except (BrokenPipeError, ConnectionResetError):
@@ -133,8 +133,7 @@ def test_over_the_cap_new_clients_are_refused_at_once_and_logged_once(tmp_path, 
         assert holders[1].request(p.CMD_READ, 0, 5) == (0, b"still")
         assert holders[2].option(p.OPT_LIST)[-1][0] == p.REP_ACK  # still haggling, fine
         holders[0].close()
-        assert wait_for(lambda: "50 NBD connections were refused while 3 were open"
-                        in caplog.text)
+        assert wait_for(lambda: "50 NBD connections were refused while 3 were open" in caplog.text)
         qemu_io(s.uri, "read -P 0 4096 4096")  # a slot is free again: a real client gets it
         for h in holders[1:]:
             h.close()
@@ -178,9 +177,11 @@ def test_serve_flag_caps_connections_and_idle_memory_is_bounded(tmp_path) -> Non
         per_handshake = (handshaking - base) / 2
         per_idle = (transmitting - handshaking) / 2
         per_used = (used - handshaking) / 2
-        print(f"RSS {base} KiB serving; per connection: {per_handshake:.0f} KiB in the "
-              f"handshake, {per_idle:.0f} KiB idle after it, {per_used:.0f} KiB after a 4 MiB "
-              "write and read")
+        print(
+            f"RSS {base} KiB serving; per connection: {per_handshake:.0f} KiB in the "
+            f"handshake, {per_idle:.0f} KiB idle after it, {per_used:.0f} KiB after a 4 MiB "
+            "write and read"
+        )
         assert per_handshake < 1024 and per_idle < 1024
         assert per_used < 9 * 1024  # 4 MiB receive + 4 MiB send buffer, at most
         err = served.stderr()

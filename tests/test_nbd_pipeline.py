@@ -27,8 +27,9 @@ class Pipeline:
         self.c, self.out, self.expect = client, bytearray(), {}
         self.n = 0
 
-    def add(self, cmd: int, offset: int, length: int, payload: bytes = b"",
-            flags: int = 0) -> bytes:
+    def add(
+        self, cmd: int, offset: int, length: int, payload: bytes = b"", flags: int = 0
+    ) -> bytes:
         self.n += 1
         cookie = struct.pack(">Q", self.n)
         self.out += p.REQUEST.pack(p.REQUEST_MAGIC, flags, cmd, cookie, offset, length) + payload
@@ -40,7 +41,7 @@ class Pipeline:
 
         def send() -> None:
             for i in range(0, len(data), step):
-                self.c.s.sendall(data[i:i + step])
+                self.c.s.sendall(data[i : i + step])
                 if pieces > 1:
                     time.sleep(0.001)
 
@@ -80,12 +81,12 @@ def workload(pipe: Pipeline, rnd: random.Random, model: bytearray) -> dict[bytes
             n = {"w4k": 4096, "wodd": rnd.randint(1, 70000), "wbig": big}[kind]
             off = rnd.randrange(0, SIZE - n)
             data = rnd.randbytes(n)
-            model[off:off + n] = data
+            model[off : off + n] = data
             pipe.add(p.CMD_WRITE, off, n, data, flags=rnd.choice([0, 0, p.CMD_FLAG_FUA]))
         elif kind in ("r4k", "r64k", "rbig"):
             n = {"r4k": 4096, "r64k": 65536 + rnd.randint(0, 9), "rbig": SIZE}[kind]
             off = rnd.randrange(0, SIZE - n + 1)
-            reads[pipe.add(p.CMD_READ, off, n)] = bytes(model[off:off + n])
+            reads[pipe.add(p.CMD_READ, off, n)] = bytes(model[off : off + n])
         elif kind == "flush":
             pipe.add(p.CMD_FLUSH, 0, 0)
         else:
@@ -99,8 +100,12 @@ def workload(pipe: Pipeline, rnd: random.Random, model: bytearray) -> dict[bytes
 def test_pipelined_requests_match_the_model(tmp_path, monkeypatch, structured, pieces, small):
     if small:  # tiny buffers: every edge (payload wraps, oversized requests) is hit often
         monkeypatch.setattr(nbd_session, "RECV_SIZE", 64 << 10)
-        for name, value in [("SEND_SIZE", 48 << 10), ("SEND_EARLY", 40 << 10),
-                            ("MAX_PARTS", 3), ("ALIGN_FROM", 4096)]:
+        for name, value in [
+            ("SEND_SIZE", 48 << 10),
+            ("SEND_EARLY", 40 << 10),
+            ("MAX_PARTS", 3),
+            ("ALIGN_FROM", 4096),
+        ]:
             monkeypatch.setattr(nbd_replies, name, value)
     with serve(tmp_path, size=SIZE) as s:
         model = bytearray(SIZE)

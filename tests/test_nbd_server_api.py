@@ -107,8 +107,7 @@ def test_counters_and_stop_drains_in_flight_requests(tmp_path):
             return real_write(*a, **k)
 
         s.store.write = slow_write  # hold one write in flight
-        c1.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, b"cookie01", 0, 4)
-                     + b"late")
+        c1.s.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_WRITE, b"cookie01", 0, 4) + b"late")
         assert entered.wait(10)
         assert s.server.inflight == 1
         stopper = threading.Thread(target=s.server.stop)

@@ -72,8 +72,9 @@ class Fuse:
         while not (self.dir / "nbd").exists():
             assert time.monotonic() < deadline and self.proc.poll() is None, "nbdfuse failed"
             time.sleep(0.05)
-        self.loop = run("losetup", "--direct-io=on", "--show", _free_loop(),
-                        str(self.dir / "nbd")).stdout.strip()
+        self.loop = run(
+            "losetup", "--direct-io=on", "--show", _free_loop(), str(self.dir / "nbd")
+        ).stdout.strip()
 
     def close(self) -> None:
         run("losetup", "-d", self.loop)
@@ -82,8 +83,11 @@ class Fuse:
 
 
 def tree_sums(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "lost+found" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "lost+found" not in p.parts
+    }
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mount and losetup need root (CI runs as root)")

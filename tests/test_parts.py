@@ -27,9 +27,11 @@ def test_every_part_is_one_spec_whose_settings_the_config_documents():
 
 
 def test_the_daemon_never_names_a_part():
-    strings = {node.value for node in ast.walk(ast.parse((TOP / "appliance/daemon.py")
-                                                         .read_text()))
-               if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    strings = {
+        node.value
+        for node in ast.walk(ast.parse((TOP / "appliance/daemon.py").read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
     assert not strings & set(parts.PARTS), "the daemon names a part: declare it in its spec"
 
 
@@ -69,8 +71,7 @@ def test_a_new_part_plugs_in_by_its_spec_alone(monkeypatch):
     monkeypatch.setitem(parts.PARTS, "demo", "tests.test_parts:DEMO")
     monkeypatch.setitem(parts.PARTS, "broken", "tests.test_parts:BROKEN")
     d = short_dir()
-    cfg = serve_config(f"{d}/disk.img", 16 << 20, 4096, f"{d}/nbd.sock", None, False,
-                       f"{d}/c.sock")
+    cfg = serve_config(f"{d}/disk.img", 16 << 20, 4096, f"{d}/nbd.sock", None, False, f"{d}/c.sock")
     cfg["parts"]["demo"] = {"enabled": True, "colour": "red"}
     cfg["parts"]["broken"] = {"enabled": True}
     DemoPart.made.clear()

@@ -25,7 +25,8 @@ U = 4096
 
 
 def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
-        monkeypatch, caplog) -> None:
+    monkeypatch, caplog
+) -> None:
     monkeypatch.setattr(daemon_mod, "BACKGROUND_BACKOFF", 0.05)
     d = short_dir()
     cfg = serve_config(f"{d}/disk.img", 16 << 20, U, f"{d}/nbd.sock", None, False, f"{d}/c.sock")

@@ -45,7 +45,8 @@ def store_path(tmp_path) -> str:
 
 
 def test_random_writes_over_a_large_map_stay_within_the_budget_and_read_back(
-        store_path: str) -> None:
+    store_path: str,
+) -> None:
     rng = random.Random(1)
     with Store.open(store_path, map_cache=BUDGET) as st:
         written = _spread_writes(st, rng, 200)

@@ -64,23 +64,23 @@ def test_a_healthy_store_passes_and_is_not_changed(store_path: Path, capsys) -> 
     assert digest(store_path) == before
 
 
-def test_a_damaged_map_sector_beyond_the_first_chunk_is_named(store_path: Path,
-                                                              capsys) -> None:
+def test_a_damaged_map_sector_beyond_the_first_chunk_is_named(store_path: Path, capsys) -> None:
     meta_off = GEOMETRY[store_path].meta_off
     sector = FAR_UNIT // RECS_PER_SECTOR
     poke(store_path, meta_off + sector * SECTOR + 100, b"\xde\xad\xbe\xef")
     before = digest(store_path)
     report = check_store(str(store_path))
     assert not report.ok
-    assert report.problems == [f"1 map sectors fail their checksum (first: [{sector}]); "
-                               "the units they describe cannot be read"]
+    assert report.problems == [
+        f"1 map sectors fail their checksum (first: [{sector}]); "
+        "the units they describe cannot be read"
+    ]
     assert main(["inspect", str(store_path), "--check"]) == 2
     assert f"[{sector}]" in capsys.readouterr().out
     assert digest(store_path) == before
 
 
-def test_one_damaged_superblock_copy_is_a_note_both_are_a_problem(store_path: Path,
-                                                                   capsys) -> None:
+def test_one_damaged_superblock_copy_is_a_note_both_are_a_problem(store_path: Path, capsys) -> None:
     poke(store_path, SB_OFFSETS[0] + 40, b"\xff\xff\xff\xff")
     report = check_store(str(store_path))
     assert report.ok, report.problems

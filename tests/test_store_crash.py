@@ -69,10 +69,10 @@ class Model:
         """Record a write before the store sees it (it may be cut half-way)."""
         if not data:
             return
-        self.visible[offset:offset + len(data)] = data
+        self.visible[offset : offset + len(data)] = data
         for s in range(offset // S, -(-(offset + len(data)) // S)):
-            v = self.versions.setdefault(s, [bytes(self.saved[s * S:(s + 1) * S])])
-            v.append(bytes(self.visible[s * S:(s + 1) * S]))
+            v = self.versions.setdefault(s, [bytes(self.saved[s * S : (s + 1) * S])])
+            v.append(bytes(self.visible[s * S : (s + 1) * S]))
         self.dirty.update(range(offset // self.unit, (offset + len(data) - 1) // self.unit + 1))
 
     def acked(self, offset: int, length: int) -> None:
@@ -128,14 +128,18 @@ class Chain:
             a, b = max(offset, lo), min(offset + length, lo + self.units * self.unit)
             for u in range((a - lo) // self.unit, (b - 1 - lo) // self.unit + 1) if a < b else ():
                 if self.model.primary[u] == slot:
-                    self.fail(f"{kind} {offset}+{length} overwrites the saved copy of unit {u} "
-                              f"in slot {slot} (invariant 1)")
+                    self.fail(
+                        f"{kind} {offset}+{length} overwrites the saved copy of unit {u} "
+                        f"in slot {slot} (invariant 1)"
+                    )
 
     def fail(self, what: str) -> None:
         tail = "\n".join(f"  {op}" for op in self.log[-60:])
-        raise AssertionError(f"{what}\nseed {self.seed} (replay: {self.replay_var}={self.seed}"
-                             f"); units {self.units}, size {self.size}, hist_cap {self.hist_cap};"
-                             f" last operations:\n{tail}")
+        raise AssertionError(
+            f"{what}\nseed {self.seed} (replay: {self.replay_var}={self.seed}"
+            f"); units {self.units}, size {self.size}, hist_cap {self.hist_cap};"
+            f" last operations:\n{tail}"
+        )
 
     # ----- the workload -----------------------------------------------------------------------
 
@@ -157,7 +161,8 @@ class Chain:
     def _next_op(self) -> tuple[object, ...]:
         kind = self.rng.choices(
             ["write", "flush", "trim", "zero", "save", "restore", "bg", "reopen"],
-            [40, 8, 6, 6, 10, 8, 5, 2])[0]
+            [40, 8, 6, 6, 10, 8, 5, 2],
+        )[0]
         if kind in ("write", "trim", "zero"):
             return (kind, *self._range(), self.rng.random() < 0.2)
         if kind == "bg":
@@ -178,8 +183,11 @@ class Chain:
                 model.visible[:] = before
                 model.dirty = dirty
                 self._settle_range(int(op[1]), int(op[2]))  # type: ignore[call-overload]
-            elif op[0] in ("save", "restore") and store._unsettled and \
-                    not (was_unsettled and store.sb.seq == seq):  # it got to its superblock
+            elif (
+                op[0] in ("save", "restore")
+                and store._unsettled
+                and not (was_unsettled and store.sb.seq == seq)
+            ):  # it got to its superblock
                 self.uncertain = str(op[0])
             if store.epoch != model.epoch:
                 self.fail(f"epoch {store.epoch} after a failed {op}, model says {model.epoch}")
@@ -205,13 +213,13 @@ class Chain:
             self.backing.fault = fault
         model = self.model
         for s in range(lo // S, hi // S):
-            now = got[s * S - lo:(s + 1) * S - lo]
+            now = got[s * S - lo : (s + 1) * S - lo]
             v = model.versions[s]
-            if now not in v[model.floor.get(s, 0):]:
+            if now not in v[model.floor.get(s, 0) :]:
                 self.fail(f"sector {s} shows content never written to it after a failed write")
             if now != v[-1]:
                 v.append(now)
-            model.visible[s * S:(s + 1) * S] = now
+            model.visible[s * S : (s + 1) * S] = now
 
     def _run(self, op: tuple[object, ...]) -> None:
         store, model, kind = self.store, self.model, op[0]
@@ -323,10 +331,12 @@ class Chain:
     def _compare(self, ro: Store, rw: Store) -> None:
         """A read-only open (inspect, history, check) agrees with the read-write one."""
         n = self.size
-        for what, a, b in [("epoch", ro.epoch, rw.epoch),
-                           ("history", ro.history(), rw.history()),
-                           ("saved image", ro.read_saved(0, n), rw.read_saved(0, n)),
-                           ("visible disk", ro.read(0, n), rw.read(0, n))]:
+        for what, a, b in [
+            ("epoch", ro.epoch, rw.epoch),
+            ("history", ro.history(), rw.history()),
+            ("saved image", ro.read_saved(0, n), rw.read_saved(0, n)),
+            ("visible disk", ro.read(0, n), rw.read(0, n)),
+        ]:
             if a != b:
                 self.fail(f"a read-only open disagrees with a read-write one on the {what}")
 
@@ -337,8 +347,10 @@ class Chain:
             self.fail(f"the saved image differs from the last SAVE after {when}")
         visible = self.store.read(0, self.size)
         if visible != self.model.visible:
-            self.fail(f"the disk differs at byte {_first_diff(visible, self.model.visible)} "
-                      f"from what was written, after {when}")
+            self.fail(
+                f"the disk differs at byte {_first_diff(visible, self.model.visible)} "
+                f"from what was written, after {when}"
+            )
 
     def _check(self, inflight: str | None) -> None:
         store, model = self.store, self.model
@@ -351,17 +363,23 @@ class Chain:
             if not last or last[-1]["action"] != inflight or last[-1]["epoch"] != store.epoch - 1:
                 self.fail(f"{inflight} committed but the history ends with {last}")
         elif store.epoch != model.epoch:
-            self.fail(f"epoch {store.epoch} after the cut, expected {model.epoch}"
-                      + (f" or {model.epoch + 1}" if inflight else ""))
+            self.fail(
+                f"epoch {store.epoch} after the cut, expected {model.epoch}"
+                + (f" or {model.epoch + 1}" if inflight else "")
+            )
         saved = store.read_saved(0, self.size)
         if saved != model.saved:  # (a)
-            self.fail(f"saved image differs at byte {_first_diff(saved, model.saved)} "
-                      f"after a cut ({inflight or 'no command'} in flight, "
-                      f"committed={committed})")
+            self.fail(
+                f"saved image differs at byte {_first_diff(saved, model.saved)} "
+                f"after a cut ({inflight or 'no command'} in flight, "
+                f"committed={committed})"
+            )
         visible = store.read(0, self.size)
         if committed and visible != model.saved:  # (c)
-            self.fail(f"{inflight} committed but the disk differs from the saved image at "
-                      f"byte {_first_diff(visible, model.saved)}")
+            self.fail(
+                f"{inflight} committed but the disk differs from the saved image at "
+                f"byte {_first_diff(visible, model.saved)}"
+            )
         self._check_sectors(visible, inflight)  # (b), and (c) for a command that did not commit
         self._check_map()
         status = store.status()  # (d)
@@ -372,21 +390,28 @@ class Chain:
     def _check_sectors(self, visible: bytes, inflight: str | None) -> None:
         model = self.model
         for s in range(self.size // S):
-            got = visible[s * S:(s + 1) * S]
+            got = visible[s * S : (s + 1) * S]
             v = model.versions.get(s)
             if v is None:
-                if got != model.saved[s * S:(s + 1) * S]:
-                    self.fail(f"sector {s} (unit {s * S // self.unit}) was never written since the "
-                              f"last SAVE/RESTORE but differs from the saved image")
+                if got != model.saved[s * S : (s + 1) * S]:
+                    self.fail(
+                        f"sector {s} (unit {s * S // self.unit}) was never written since the "
+                        f"last SAVE/RESTORE but differs from the saved image"
+                    )
                 continue
             floor = model.floor.get(s, 0)
             hits = [i for i in range(floor, len(v)) if v[i] == got]
             if not hits:
                 older = [i for i in range(floor) if v[i] == got]
-                what = (f"an older version {older} than the flushed one {floor}" if older else
-                        "content never written to it")
-                self.fail(f"sector {s} (unit {s * S // self.unit}) shows {what} after a cut "
-                          f"({inflight or 'no command'} in flight; {len(v) - 1} writes since T0)")
+                what = (
+                    f"an older version {older} than the flushed one {floor}"
+                    if older
+                    else "content never written to it"
+                )
+                self.fail(
+                    f"sector {s} (unit {s * S // self.unit}) shows {what} after a cut "
+                    f"({inflight or 'no command'} in flight; {len(v) - 1} writes since T0)"
+                )
             model.floor[s] = hits[0]  # what survived is durable now, and the latest content
             if got != v[-1]:
                 v.append(got)
@@ -399,35 +424,47 @@ class Chain:
         for u in range(self.units):
             rec = store._record(u)
             if rec >> 31 != model.primary[u]:
-                self.fail(f"unit {u}: saved copy in slot {rec >> 31}, model says "
-                          f"{model.primary[u]}")
+                self.fail(
+                    f"unit {u}: saved copy in slot {rec >> 31}, model says {model.primary[u]}"
+                )
             if (rec & WEPOCH_MASK) == store.epoch and u not in model.dirty:
                 self.fail(f"unit {u} is marked written though nothing wrote it this epoch")
-        model.dirty = {u for u in model.dirty
-                       if (store._record(u) & WEPOCH_MASK) == store.epoch}
+        model.dirty = {u for u in model.dirty if (store._record(u) & WEPOCH_MASK) == store.epoch}
         if self.rng.random() < 0.3:  # the first pass after an open recounts the map exactly
             while store.background_step(self.rng.choice([50, 10_000])):
                 pass
             words = [store.map.raw(u) & WEPOCH_MASK for u in range(self.units)]
-            counted = (sum(w == store.epoch for w in words),
-                       sum(0 < w < store.epoch for w in words))
+            counted = (
+                sum(w == store.epoch for w in words),
+                sum(0 < w < store.epoch for w in words),
+            )
             st = store.status()
             if (st["dirty_units"], st["pending_units"]) != counted:
-                self.fail(f"after the pass: {st['dirty_units']} written and "
-                          f"{st['pending_units']} pending units, the map holds {counted}")
+                self.fail(
+                    f"after the pass: {st['dirty_units']} written and "
+                    f"{st['pending_units']} pending units, the map holds {counted}"
+                )
 
     # ----- one fault point ----------------------------------------------------------------------
 
     def fault_point(self) -> None:
         """I/O errors in the middle of a workload, then a power cut, or recovery and retries."""
         rng = self.rng
-        kinds = rng.choice([OPS, ("pwrite",), ("sync",), ("pread",), ("discard",),
-                            ("pwrite", "sync")])
+        kinds = rng.choice(
+            [OPS, ("pwrite",), ("sync",), ("pread",), ("discard",), ("pwrite", "sync")]
+        )
         err = rng.choice([errno.EIO, errno.ENOSPC])
         fault = self.backing.inject(kinds, err, rng.randint(1, 30), rng.random() < 0.3)
         self.backing.rng = random.Random(rng.random())
-        self.log.append(("fault", sorted(kinds), errno.errorcode[err], fault.after,
-                         "persistent" if fault.persistent else "once"))
+        self.log.append(
+            (
+                "fault",
+                sorted(kinds),
+                errno.errorcode[err],
+                fault.after,
+                "persistent" if fault.persistent else "once",
+            )
+        )
         for _ in range(rng.randint(3, 30)):
             op = self._next_op()
             self.log.append(op)
@@ -521,8 +558,8 @@ def test_crashsim_power_cut_keeps_synced_data_and_tears_the_rest() -> None:
     rng = random.Random(1)
     for _ in range(300):
         img = b.power_cut(rng).image
-        assert img[4 * S:] == b"A" * 4 * S
-        seen.add(bytes(img[:4 * S:S]))
+        assert img[4 * S :] == b"A" * 4 * S
+        seen.add(bytes(img[: 4 * S : S]))
     assert {b"AAAA", b"BBBB"} <= seen and len(seen) > 4  # lost, applied, and torn
     b.cut_at = b.ops + 1
     with pytest.raises(PowerCut):
@@ -560,7 +597,7 @@ class History:
             keys = []
             for i in range(0, len(data), S):
                 ws = self.writes.setdefault((offset + i) // S, [])
-                ws.append((data[i:i + S], start, NEVER))
+                ws.append((data[i : i + S], start, NEVER))
                 keys.append(((offset + i) // S, len(ws) - 1))
             return keys
 
@@ -576,7 +613,7 @@ class History:
             self.flushed = max(self.flushed, start)
 
     def allowed(self, s: int, got: bytes) -> bool:
-        ws = [(self.saved[s * S:(s + 1) * S], 0, 0), *self.writes.get(s, [])]
+        ws = [(self.saved[s * S : (s + 1) * S], 0, 0), *self.writes.get(s, [])]
         for data, _start, end in ws:
             if data == got and not any(st > end and e < self.flushed for _d, st, e in ws):
                 return True
@@ -629,8 +666,9 @@ def _threaded_round(seed: int) -> None:
         except PowerCut:
             return
 
-    threads = [threading.Thread(target=writer, args=(random.Random(rng.random()),))
-               for _ in range(writers)] + [threading.Thread(target=background)]
+    threads = [
+        threading.Thread(target=writer, args=(random.Random(rng.random()),)) for _ in range(writers)
+    ] + [threading.Thread(target=background)]
     for th in threads:
         th.start()
     for th in threads:
@@ -643,13 +681,15 @@ def _threaded_round(seed: int) -> None:
         st = store.status()
         assert (st["pending_units"], st["dirty_units"]) == (pending, ddm), (
             f"counters {st['pending_units']}, {st['dirty_units']} but the map holds {pending} "
-            f"pending and {ddm} written units: {where}")
+            f"pending and {ddm} written units: {where}"
+        )
     after = Store(backing.power_cut(rng))
     assert after.read_saved(0, size) == saved, f"saved image changed: {where}"
     visible = after.read(0, size)
     for s in range(size // S):
-        assert hist.allowed(s, visible[s * S:(s + 1) * S]), (
-            f"sector {s}: older than a flushed write, or never written: {where}")
+        assert hist.allowed(s, visible[s * S : (s + 1) * S]), (
+            f"sector {s}: older than a flushed write, or never written: {where}"
+        )
     after.write(0, b"still works")
     after.save("test")
     assert after.read_saved(0, 11) == b"still works"

@@ -37,14 +37,18 @@ def reopen(b: CrashBacking, rng: random.Random | None = None, readonly: bool = F
 
 # ----- finding 1: a FLUSH that fails once and is retried keeps the write -----------------
 
+
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
 @pytest.mark.parametrize("fail", ["map-sector write", "superblock write", "final sync"])
 def test_a_retried_flush_makes_the_write_durable(err: int, fail: str) -> None:
     b = new_backing(64 * U, U, 64)
     s = Store(b)
     s.write(3 * U, data(U, 1))
-    kinds, after = {"map-sector write": ({"pwrite"}, 1), "superblock write": ({"pwrite"}, 2),
-                    "final sync": ({"sync"}, 2)}[fail]
+    kinds, after = {
+        "map-sector write": ({"pwrite"}, 1),
+        "superblock write": ({"pwrite"}, 2),
+        "final sync": ({"sync"}, 2),
+    }[fail]
     b.inject(kinds, err, after)
     with pytest.raises(StoreIOError):
         s.flush()
@@ -74,6 +78,7 @@ def test_a_retried_flush_syncs_the_data_before_the_map() -> None:
 
 # ----- finding 2: the background pass keeps what a failed flush did not write ------------
 
+
 def test_a_failed_background_flush_does_not_forget_the_saved_image() -> None:
     b = new_backing(64 * U, U, 8)
     s = Store(b)
@@ -92,6 +97,7 @@ def test_a_failed_background_flush_does_not_forget_the_saved_image() -> None:
 
 # ----- finding 3: a read-only open repairs like a read-write one ------------------------
 
+
 def test_a_read_only_open_prefers_the_superblocks_record() -> None:
     b = new_backing(64 * U, U, 64)
     s = Store(b)
@@ -103,7 +109,7 @@ def test_a_read_only_open_prefers_the_superblocks_record() -> None:
     slot = s.geo.hist_off + epoch % s.geo.hist_cap * HIST_REC
     # ...then a SAVE at the same epoch was cut the other way: superblock durable, ring not.
     s.save("test")
-    b.image[slot:slot + HIST_REC] = stale
+    b.image[slot : slot + HIST_REC] = stale
     s.close()
     ro, rw = reopen(b, readonly=True), reopen(b)
     for st in (ro, rw):
@@ -112,6 +118,7 @@ def test_a_read_only_open_prefers_the_superblocks_record() -> None:
 
 
 # ----- finding 5: counters stay exact when the background pass races a write -------------
+
 
 def test_pending_units_stay_exact_when_the_pass_races_a_whole_unit_write() -> None:
     units = 2 * UNITS_PER_PAGE + 5
@@ -125,6 +132,7 @@ def test_pending_units_stay_exact_when_the_pass_races_a_whole_unit_write() -> No
     def guard(kind: str, offset: int, length: int) -> None:
         if kind == "pwrite" and offset == target and not raced:
             raced.append(s.background_step(1))  # the pass normalises the run's page meanwhile
+
     b.guard = guard
     s.write(10 * U, data(10 * U, 5))
     assert raced == [True]
@@ -135,8 +143,11 @@ def test_pending_units_stay_exact_when_the_pass_races_a_whole_unit_write() -> No
 
 # ----- finding 6: small devices --------------------------------------------------------
 
-@pytest.mark.parametrize("capacity", [8 * MiB, 10 * MiB, 16 * MiB + 4096, 32 * MiB, 63 * MiB,
-                                      64 * MiB, 100 * MiB + 12345])
+
+@pytest.mark.parametrize(
+    "capacity",
+    [8 * MiB, 10 * MiB, 16 * MiB + 4096, 32 * MiB, 63 * MiB, 64 * MiB, 100 * MiB + 12345],
+)
 @pytest.mark.parametrize("unit", [4096, 65536])
 def test_small_devices_get_the_largest_disk_that_fits(capacity: int, unit: int) -> None:
     try:
@@ -148,10 +159,12 @@ def test_small_devices_get_the_largest_disk_that_fits(capacity: int, unit: int) 
     assert geo.total_size <= capacity
     bigger = plan_geometry(geo.logical_size + unit, unit)
     assert bigger.total_size > capacity, (
-        f"{capacity} bytes: {geo.logical_size} offered, {geo.logical_size + unit} fits")
+        f"{capacity} bytes: {geo.logical_size} offered, {geo.logical_size + unit} fits"
+    )
 
 
 # ----- finding 4: init --force over a store, cut at any point --------------------------
+
 
 def test_init_force_over_a_store_never_serves_the_old_data_after_a_cut() -> None:
     old = new_backing(64 * U, U, 64)
@@ -182,6 +195,7 @@ def test_init_force_over_a_store_never_serves_the_old_data_after_a_cut() -> None
 
 
 # ----- finding 5: counters after a cut inside a flush -----------------------------------
+
 
 def test_the_first_pass_after_a_cut_recounts_what_the_map_holds() -> None:
     """A cut between a flush's map writes and its superblock: the map says 2 units were

@@ -42,7 +42,8 @@ class GuardedBacking:
             for u in range((a - lo) // U, (b - 1 - lo) // U + 1) if a < b else ():
                 assert self.m.primary[u] != slot, (
                     f"{kind} at {offset}+{length} overwrites the saved copy of unit {u} "
-                    f"(slot {slot}): invariant 1")
+                    f"(slot {slot}): invariant 1"
+                )
 
     def pread_into(self, buf, offset: int) -> None:
         self.inner.pread_into(buf, offset)
@@ -105,7 +106,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _wrote(self, offset: int, data: bytes, holes: range = range(0)) -> None:
         """`holes`: the whole units a zeroing request only marked as zero (no data)."""
-        self.visible[offset:offset + len(data)] = data
+        self.visible[offset : offset + len(data)] = data
         self.dirty_bytes += len(data)
         if data:
             for u in range(offset // U, (offset + len(data) - 1) // U + 1):
@@ -122,7 +123,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(offset=offsets, length=lengths)
     def read(self, offset: int, length: int) -> None:
         length = self._clip(offset, length)
-        assert self.store.read(offset, length) == self.visible[offset:offset + length]
+        assert self.store.read(offset, length) == self.visible[offset : offset + length]
 
     @rule(offset=offsets, length=lengths, punch=st.booleans(), fua=st.booleans())
     def zero(self, offset: int, length: int, punch: bool, fua: bool) -> None:
@@ -215,19 +216,28 @@ class StoreMachine(RuleBasedStateMachine):
             return
         s = self.store.status()
         assert (s["epoch"], s["dirty_units"], s["dirty_bytes"]) == (
-            self.epoch, len(self.dirty), self.dirty_bytes)
+            self.epoch,
+            len(self.dirty),
+            self.dirty_bytes,
+        )
         assert s["pending_units"] == self._pending()
 
     @invariant()
     def history_is_the_last_commands(self) -> None:
         if self.store is None:
             return
-        got = [(h["epoch"], h["action"], h["source"], h["units"], h["bytes"])
-               for h in self.store.history()]
+        got = [
+            (h["epoch"], h["action"], h["source"], h["units"], h["bytes"])
+            for h in self.store.history()
+        ]
         assert got == self.history[-HIST_CAP:]
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 test_store_against_the_model = StoreMachine.TestCase

@@ -40,6 +40,7 @@ def holds_data(fd: int, offset: int, length: int) -> bool:
 
 # ----- allocation ---------------------------------------------------------------------------
 
+
 def test_init_allocates_everything_a_command_writes(tmp_path):
     path = str(tmp_path / "s.img")
     geo = create_store(path, 256 * MiB)
@@ -64,8 +65,9 @@ def test_open_allocates_the_metadata_of_an_older_store_and_says_so(tmp_path, cap
         from appliance.store.backing import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
         # keep the map's first page (it holds the written unit's record), punch the rest
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, st_map + 4096,
-                  geo.meta_len - 4096)
+        fallocate(
+            fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, st_map + 4096, geo.meta_len - 4096
+        )
         before = allocated(fd)
         assert before < geo.slot_off[0]
     finally:
@@ -81,8 +83,9 @@ def test_open_allocates_the_metadata_of_an_older_store_and_says_so(tmp_path, cap
 
 
 def _init(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SAVEPOINT, "init", *args], capture_output=True, text=True,
-                          env=env(), timeout=60)
+    return subprocess.run(
+        [*SAVEPOINT, "init", *args], capture_output=True, text=True, env=env(), timeout=60
+    )
 
 
 def test_init_refuses_a_store_larger_than_the_free_space_unless_told(tmp_path):
@@ -107,14 +110,16 @@ def test_daemon_create_refuses_overcommit_with_the_config_key_named(tmp_path):
     from appliance.daemon import Daemon, StartupError
 
     free = fs_free(str(tmp_path))
-    cfg = serve_config(str(tmp_path / "d.img"), (free // MiB + 1) * MiB, 1 << 20, None, None,
-                       False, None)
+    cfg = serve_config(
+        str(tmp_path / "d.img"), (free // MiB + 1) * MiB, 1 << 20, None, None, False, None
+    )
     with pytest.raises(StartupError, match="allow_overcommit"):
         Daemon(cfg)._open_store()
     assert not os.path.exists(tmp_path / "d.img")
 
 
 # ----- ENOSPC -------------------------------------------------------------------------------
+
 
 def _fill_up(store: Store, monkeypatch, free: list[int]) -> None:
     """Data writes into the slots fail with ENOSPC while free[0] is 0."""
@@ -172,13 +177,17 @@ def test_nbd_write_on_a_full_disk_gets_enospc_and_a_real_io_error_eio(tmp_path, 
         assert c.request(p.CMD_FLUSH, 0, 0)[0] == 0
         free[0] = 1 << 30
         assert c.request(p.CMD_WRITE, MiB, 4096, payload=bytes(4096))[0] == 0
-        monkeypatch.setattr(s.store._b, "pwrite", lambda *a: (_ for _ in ()).throw(
-            OSError(errno.EIO, "Input/output error")))
+        monkeypatch.setattr(
+            s.store._b,
+            "pwrite",
+            lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")),
+        )
         assert c.request(p.CMD_WRITE, MiB, 4096, payload=bytes(4096))[0] == p.EIO
         monkeypatch.undo()
 
 
 # ----- punching -----------------------------------------------------------------------------
+
 
 def _slot_bytes(st: Store) -> int:
     """Allocated bytes beyond the metadata, to 256 KiB (file systems add extent blocks)."""
@@ -221,7 +230,7 @@ def test_after_save_the_old_copies_are_given_back_not_the_saved_ones(tmp_path):
     with Store.open(path) as st:  # a restarted daemon: nothing in RAM, the pass finds it all
         _finish_pass(st)
         assert _slot_bytes(st) == 8 * MiB  # 4 MiB new saved copies + 4 MiB untouched old ones
-        assert st.read_saved(0, 8 * MiB) == new + old[4 * MiB:]
+        assert st.read_saved(0, 8 * MiB) == new + old[4 * MiB :]
         st.write(0, b"w" * 4096)  # the working copy after the commit is never punched
         st.save("test")
         st.write(4096, b"v" * 4096)
@@ -243,19 +252,25 @@ class PunchMachine(StoreMachine):
                     continue
                 dead = self.primary[u] ^ 1
                 assert not holds_data(fd, geo.slot_off[dead] + u * U, U), (
-                    f"unit {u}: its dead slot {dead} still holds data after a finished pass")
+                    f"unit {u}: its dead slot {dead} still holds data after a finished pass"
+                )
         finally:
             os.close(fd)
 
 
 PunchMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 test_punching_against_the_model = PunchMachine.TestCase
 assert HIST_CAP < 40  # the chains above wrap the ring, so the full pass punches too
 
 
 # ----- power cuts around punching -----------------------------------------------------------
+
 
 class PunchChain(Chain):
     """Crash chains over a disk full of saved data, with RESTORE and passes most of the time.
@@ -283,12 +298,15 @@ class PunchChain(Chain):
             a, b = max(offset, lo), min(offset + length, lo + self.units * self.unit)
             for u in range((a - lo) // self.unit, (b - 1 - lo) // self.unit + 1) if a < b else ():
                 if u in self.model.dirty:
-                    self.fail(f"discard {offset}+{length} punches unit {u}'s copy written "
-                              "since the last command")
+                    self.fail(
+                        f"discard {offset}+{length} punches unit {u}'s copy written "
+                        "since the last command"
+                    )
 
     def _next_op(self) -> tuple[object, ...]:
-        kind = self.rng.choices(["write", "zero", "flush", "save", "restore", "bg", "reopen"],
-                                [30, 4, 5, 8, 12, 25, 3])[0]
+        kind = self.rng.choices(
+            ["write", "zero", "flush", "save", "restore", "bg", "reopen"], [30, 4, 5, 8, 12, 25, 3]
+        )[0]
         if kind in ("write", "zero"):
             return (kind, *self._range(), self.rng.random() < 0.2)
         if kind == "bg":
@@ -349,11 +367,24 @@ def test_status_shows_allocation_margin_and_the_fault_with_what_to_do(capsys):
     from appliance.cli import print_status
     from appliance.store.space import FULL_HINT
 
-    space = {"backing": "file", "full_size": 134 * MiB, "allocated_bytes": 40 * MiB,
-             "fs_free_bytes": 0, "margin_bytes": -94 * MiB, "full": True,
-             "full_reason": "backing storage full: 0 B free on the file system of the store"}
-    print_status({"mode": "unlocked", "space": space, "parts": {"storage": {
-        "state": "failed", "reason": space["full_reason"], "hint": FULL_HINT}}})
+    space = {
+        "backing": "file",
+        "full_size": 134 * MiB,
+        "allocated_bytes": 40 * MiB,
+        "fs_free_bytes": 0,
+        "margin_bytes": -94 * MiB,
+        "full": True,
+        "full_reason": "backing storage full: 0 B free on the file system of the store",
+    }
+    print_status(
+        {
+            "mode": "unlocked",
+            "space": space,
+            "parts": {
+                "storage": {"state": "failed", "reason": space["full_reason"], "hint": FULL_HINT}
+            },
+        }
+    )
     out = capsys.readouterr().out
     assert "40.0 MiB allocated of up to 134.0 MiB; 0 B free" in out
     assert "OVER-COMMITTED by 94.0 MiB" in out

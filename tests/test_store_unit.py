@@ -67,6 +67,7 @@ class CountingBacking(FileBacking):
 
 # ----- I/O --------------------------------------------------------------------------------------
 
+
 def test_fresh_store_reads_zeros_and_reports_geometry(store) -> None:
     assert store.read(0, SIZE) == bytes(SIZE)
     st = store.status()
@@ -76,8 +77,10 @@ def test_fresh_store_reads_zeros_and_reports_geometry(store) -> None:
     assert store.history() == []
 
 
-@pytest.mark.parametrize("offset,length", [(0, 1), (511, 2), (U - 1, 2), (3 * U, 5 * U),
-                                           (U + 100, 3 * U), (SIZE - 7, 7), (12345, 40000)])
+@pytest.mark.parametrize(
+    "offset,length",
+    [(0, 1), (511, 2), (U - 1, 2), (3 * U, 5 * U), (U + 100, 3 * U), (SIZE - 7, 7), (12345, 40000)],
+)
 def test_writes_of_any_alignment_read_back(store, offset, length) -> None:
     data = pattern(length, offset)
     store.write(offset, data)
@@ -95,7 +98,7 @@ def test_partial_write_copies_the_rest_of_the_unit_from_the_saved_copy(store) ->
     store.write(U + U - 3, b"end")
     expect = bytearray(old)
     expect[100:103] = b"new"
-    expect[2 * U - 3:] = b"end"
+    expect[2 * U - 3 :] = b"end"
     assert store.read(0, 2 * U) == expect
     assert store.read_saved(0, 2 * U) == old
     store.restore("test")
@@ -108,7 +111,7 @@ def test_trim_reads_zeros_until_restore_and_leaves_the_saved_copy(store) -> None
     store.save("test")
     store.trim(U + 10, 5 * U)  # partial head and tail units, four whole units
     expect = bytearray(data)
-    expect[U + 10:6 * U + 10] = bytes(5 * U)
+    expect[U + 10 : 6 * U + 10] = bytes(5 * U)
     assert store.read(0, 8 * U) == expect
     assert store.read_saved(0, 8 * U) == data
     store.restore("test")
@@ -125,7 +128,7 @@ def test_write_zeroes_and_writes_after_it_in_the_same_epoch(store) -> None:
     store.write_zeroes(0, 4 * U, fua=True)
     store.write(U + 5, b"abc")  # partial write into a zeroed unit: the rest stays zero
     expect = bytearray(4 * U)
-    expect[U + 5:U + 8] = b"abc"
+    expect[U + 5 : U + 8] = b"abc"
     assert store.read(0, 4 * U) == expect
     assert store.read_saved(0, 4 * U) == data
 
@@ -133,21 +136,31 @@ def test_write_zeroes_and_writes_after_it_in_the_same_epoch(store) -> None:
 def test_block_status_reports_zero_and_data_runs(store) -> None:
     assert store.block_status(0, SIZE) == [(0, SIZE, True)]
     store.write(2 * U, pattern(2 * U, 4))
-    assert store.block_status(0, 8 * U) == [(0, 2 * U, True), (2 * U, 2 * U, False),
-                                            (4 * U, 4 * U, True)]
+    assert store.block_status(0, 8 * U) == [
+        (0, 2 * U, True),
+        (2 * U, 2 * U, False),
+        (4 * U, 4 * U, True),
+    ]
     store.trim(2 * U, U)
-    assert store.block_status(0, 8 * U) == [(0, 3 * U, True), (3 * U, U, False),
-                                            (4 * U, 4 * U, True)]
+    assert store.block_status(0, 8 * U) == [
+        (0, 3 * U, True),
+        (3 * U, U, False),
+        (4 * U, 4 * U, True),
+    ]
 
 
 @pytest.mark.parametrize("offset,length", [(-1, 1), (SIZE, 1), (SIZE - 1, 2), (0, SIZE + 1)])
 def test_out_of_range_requests_are_refused_and_change_nothing(store, offset, length) -> None:
     store.write(0, b"keep")
     before = store.status()
-    for call in (lambda: store.read(offset, length), lambda: store.write(offset, b"x" * length),
-                 lambda: store.trim(offset, length), lambda: store.write_zeroes(offset, length),
-                 lambda: store.block_status(offset, length),
-                 lambda: store.read_saved(offset, length)):
+    for call in (
+        lambda: store.read(offset, length),
+        lambda: store.write(offset, b"x" * length),
+        lambda: store.trim(offset, length),
+        lambda: store.write_zeroes(offset, length),
+        lambda: store.block_status(offset, length),
+        lambda: store.read_saved(offset, length),
+    ):
         with pytest.raises(OutOfRangeError, match="outside the disk"):
             call()
     assert store.status() == before
@@ -155,6 +168,7 @@ def test_out_of_range_requests_are_refused_and_change_nothing(store, offset, len
 
 
 # ----- SAVE, RESTORE, history, status -------------------------------------------------------
+
 
 def test_status_counts_units_and_bytes_written_since_the_last_command(store) -> None:
     store.write(0, b"a" * 10)
@@ -180,7 +194,10 @@ def test_history_records_every_command_with_its_source(store) -> None:
     store.save("cli")
     hist = store.history()
     assert [(h["epoch"], h["action"], h["source"], h["units"]) for h in hist] == [
-        (1, "save", "button", 1), (2, "restore", "fob:1", 0), (3, "save", "cli", 1)]
+        (1, "save", "button", 1),
+        (2, "restore", "fob:1", 0),
+        (3, "save", "cli", 1),
+    ]
     assert hist[0]["host_synced"] and not hist[2]["host_synced"]
     assert [h["epoch"] for h in store.history(limit=2)] == [2, 3]
 
@@ -229,7 +246,7 @@ def test_history_ring_wraps_with_a_small_capacity(tmp_path) -> None:
                 s.restore("cli")
             else:
                 s.save("cli")
-                saved[off:off + len(data)] = data
+                saved[off : off + len(data)] = data
             assert s.read_saved(0, 16 * U) == saved
             assert s.read(0, 16 * U) == saved
         hist = s.history()
@@ -244,9 +261,13 @@ def test_readonly_store_reads_but_refuses_changes(path) -> None:
         s.write(0, b"data")
     with Store.open(path, readonly=True) as s:
         assert s.read(0, 4) == b"data"
-        for call in (lambda: s.write(0, b"x"), lambda: s.trim(0, U),
-                     lambda: s.write_zeroes(0, U), lambda: s.save("cli"),
-                     lambda: s.restore("cli")):
+        for call in (
+            lambda: s.write(0, b"x"),
+            lambda: s.trim(0, U),
+            lambda: s.write_zeroes(0, U),
+            lambda: s.save("cli"),
+            lambda: s.restore("cli"),
+        ):
             with pytest.raises(StoreError, match="read-only"):
                 call()
         s.flush()
@@ -262,6 +283,7 @@ def test_a_store_in_use_is_refused(path, store) -> None:
 
 # ----- damaged and foreign targets ---------------------------------------------------------
 
+
 def _poke(path: str, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -271,7 +293,7 @@ def _poke(path: str, offset: int, data: bytes) -> None:
 def _sb_seqs(path: str) -> list[int]:
     with open(path, "rb") as f:
         raw = f.read(2 * SB_SIZE)
-    return [unpack_superblock(raw[o:o + SB_SIZE]).seq for o in SB_OFFSETS]
+    return [unpack_superblock(raw[o : o + SB_SIZE]).seq for o in SB_OFFSETS]
 
 
 def test_a_corrupted_superblock_copy_falls_back_to_the_other(path) -> None:
@@ -356,6 +378,7 @@ def test_a_store_from_a_newer_format_version_is_refused(path) -> None:
 
 # ----- invariant 6: SAVE and RESTORE cost O(1) I/O ---------------------------------------
 
+
 def _command_cost(path: str, dirty: int, action: str) -> tuple[int, int, int]:
     b = CountingBacking(path)
     s = Store(b)
@@ -382,6 +405,7 @@ def test_save_and_restore_cost_the_same_for_1_and_200_dirty_units(tmp_path, acti
 
 
 # ----- counters survive a reopen ----------------------------------------------------------
+
 
 def test_pending_units_are_exact_after_reopen(path) -> None:
     with Store.open(path) as s:
@@ -436,4 +460,4 @@ def test_a_whole_unit_write_during_a_copy_up_is_not_lost(path) -> None:
     assert b.race is None, "the copy-up read was not reached: the test lost its race"
     got = s.read(6 * U, U)
     s.close()
-    assert got[:100] == new[U:U + 100] and got[110:] == new[U + 110:2 * U]
+    assert got[:100] == new[U : U + 100] and got[110:] == new[U + 110 : 2 * U]

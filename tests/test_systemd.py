@@ -15,8 +15,11 @@ import pytest
 from provisioning import installer, system
 
 REPO = Path(__file__).resolve().parent.parent
-UNITS = sorted(p for p in (REPO / "systemd").iterdir()
-               if p.suffix in (".service", ".socket", ".timer", ".path", ".mount"))
+UNITS = sorted(
+    p
+    for p in (REPO / "systemd").iterdir()
+    if p.suffix in (".service", ".socket", ".timer", ".path", ".mount")
+)
 SERVICE = REPO / "systemd/savepoint.service"
 ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 
@@ -54,8 +57,13 @@ def verify(unit: Path, tmp: Path, dropin: str = "", edit: str = "") -> str:
         (tmp / f"{unit.name}.d").mkdir(exist_ok=True)
         (tmp / f"{unit.name}.d/store.conf").write_text(dropin)
     env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp}:"}  # trailing ':' keeps the defaults
-    res = subprocess.run([ANALYZE, "verify", "--man=no", str(copy)], capture_output=True,
-                         text=True, env=env, timeout=60)
+    res = subprocess.run(
+        [ANALYZE, "verify", "--man=no", str(copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     complaints = (res.stdout + res.stderr).strip()
     return complaints or ("" if res.returncode == 0 else f"exit {res.returncode}")
 
@@ -65,15 +73,19 @@ def test_unit_verifies_cleanly(unit: Path, tmp_path: Path) -> None:
     assert verify(unit, tmp_path) == ""
 
 
-@pytest.mark.parametrize("store", ["/dev/disk/by-id/usb-Samsung_T7_S5X-0:0",
-                                   "/var/lib/savepoint/store.img", "/srv/store.img"])
+@pytest.mark.parametrize(
+    "store",
+    ["/dev/disk/by-id/usb-Samsung_T7_S5X-0:0", "/var/lib/savepoint/store.img", "/srv/store.img"],
+)
 def test_unit_with_the_installers_store_dropin_verifies(store: str, tmp_path: Path) -> None:
     dropin = installer._dropin_text(store)
     assert verify(SERVICE, tmp_path, dropin=dropin) == ""
 
 
-@pytest.mark.parametrize("mistake", ["ProtectSystem=stricter", "Bogus=1",
-                                     "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_NOT_A_CAP"])
+@pytest.mark.parametrize(
+    "mistake",
+    ["ProtectSystem=stricter", "Bogus=1", "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_NOT_A_CAP"],
+)
 def test_verify_catches_a_real_mistake(mistake: str, tmp_path: Path) -> None:
     """The check above is not vacuous: a broken unit fails it."""
     complaints = verify(SERVICE, tmp_path, edit=f"\n[Service]\n{mistake}\n")
@@ -103,8 +115,9 @@ def test_service_contract() -> None:
     assert one["Type"] == "notify" and one["NotifyAccess"] == "main"
     assert one["ExecStart"] == (f"{system.SAVEPOINT} daemon --config {installer.CONFIG}")
     assert one["WatchdogSec"] == "30" and one["Restart"] == "on-failure"
-    assert {"bluetooth.service", "systemd-modules-load.service"} <= set(" ".join(
-        values("After")).split())
+    assert {"bluetooth.service", "systemd-modules-load.service"} <= set(
+        " ".join(values("After")).split()
+    )
     for hard in ("Requires", "Wants", "BindsTo", "Requisite", "PartOf"):
         assert not values(hard), f"{hard}= would make the daemon depend on a part it can lack"
     assert "GPIOZERO_PIN_FACTORY=lgpio" in values("Environment")
@@ -112,8 +125,13 @@ def test_service_contract() -> None:
     assert one["StateDirectory"] == one["RuntimeDirectory"] == "savepoint"
     assert "User" not in one  # root with a one-capability bounding set: see the unit
     assert one["Group"] == system.GROUP
-    for key, want in {"ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
-                      "NoNewPrivileges": "yes", "DevicePolicy": "closed"}.items():
+    for key, want in {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "DevicePolicy": "closed",
+    }.items():
         assert one[key] == want, key
     assert {"/var/lib/savepoint", "-/sys/kernel/config"} <= set(values("ReadWritePaths"))
     devices = {v.split()[0] for v in values("DeviceAllow")}

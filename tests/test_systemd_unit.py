@@ -20,8 +20,10 @@ from tests.test_daemon_support import qemu_io
 REPO = Path(__file__).resolve().parent.parent
 SERVICE = REPO / "systemd/savepoint.service"
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
-                                   "(Debian package systemd, in .ci/apt-packages.txt)")
+needs_analyze = pytest.mark.skipif(
+    ANALYZE is None,
+    reason="systemd-analyze is not installed (Debian package systemd, in .ci/apt-packages.txt)",
+)
 MAX_EXPOSURE = 3.0
 
 
@@ -29,8 +31,12 @@ MAX_EXPOSURE = 3.0
 def test_exposure_score_is_at_most_3(tmp_path: Path) -> None:
     copy = tmp_path / SERVICE.name
     shutil.copy(SERVICE, copy)
-    res = subprocess.run([ANALYZE, "security", "--offline=yes", "--no-pager", str(copy)],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [ANALYZE, "security", "--offline=yes", "--no-pager", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", res.stdout + res.stderr)
     assert found, res.stdout + res.stderr
     score = float(found.group(1))
@@ -41,34 +47,96 @@ def test_exposure_score_is_at_most_3(tmp_path: Path) -> None:
 @needs_analyze
 def test_filter_keeps_mounts_and_other_admin_calls_out_and_the_daemons_calls_in() -> None:
     allowed = unit_sandbox.allowed_syscalls(unit_sandbox.settings(SERVICE))
-    denied = {"mount", "umount2", "pivot_root", "fsopen", "fsmount", "fsconfig", "move_mount",
-              "open_tree", "mount_setattr", "chroot", "swapon", "reboot", "kexec_load",
-              "init_module", "finit_module", "delete_module", "bpf", "sethostname",
-              "settimeofday", "ptrace", "iopl", "acct", "quotactl",
-              "open_by_handle_at", "sched_setscheduler", "setrlimit", "setuid", "setgroups"}
+    denied = {
+        "mount",
+        "umount2",
+        "pivot_root",
+        "fsopen",
+        "fsmount",
+        "fsconfig",
+        "move_mount",
+        "open_tree",
+        "mount_setattr",
+        "chroot",
+        "swapon",
+        "reboot",
+        "kexec_load",
+        "init_module",
+        "finit_module",
+        "delete_module",
+        "bpf",
+        "sethostname",
+        "settimeofday",
+        "ptrace",
+        "iopl",
+        "acct",
+        "quotactl",
+        "open_by_handle_at",
+        "sched_setscheduler",
+        "setrlimit",
+        "setuid",
+        "setgroups",
+    }
     assert denied & allowed == set()
-    needed = {"ioctl", "socket", "connect", "sendmsg", "recvmsg", "bind", "listen", "accept4",
-              "chown", "fchmod", "fallocate", "ftruncate", "fsync", "mmap", "munmap", "madvise",
-              "epoll_wait", "clone", "execve", "wait4", "prctl", "getrandom", "pread64",
-              "pwrite64", "unshare", "setns"}  # the last two: refused by RestrictNamespaces
+    needed = {
+        "ioctl",
+        "socket",
+        "connect",
+        "sendmsg",
+        "recvmsg",
+        "bind",
+        "listen",
+        "accept4",
+        "chown",
+        "fchmod",
+        "fallocate",
+        "ftruncate",
+        "fsync",
+        "mmap",
+        "munmap",
+        "madvise",
+        "epoll_wait",
+        "clone",
+        "execve",
+        "wait4",
+        "prctl",
+        "getrandom",
+        "pread64",
+        "pwrite64",
+        "unshare",
+        "setns",
+    }  # the last two: refused by RestrictNamespaces
     assert needed - allowed == set()
 
 
 def test_sandbox_settings() -> None:
     unit = unit_sandbox.settings(SERVICE)
     one = {k: v[-1] for k, v in unit.items()}
-    for key, want in {"UMask": "0077", "StateDirectoryMode": "0700", "RestrictNamespaces": "yes",
-                      "ProtectProc": "invisible", "PrivateMounts": "yes",
-                      "MemoryDenyWriteExecute": "yes", "ProtectKernelTunables": "yes",
-                      "IPAddressDeny": "any", "IPAddressAllow": "localhost",
-                      "SystemCallErrorNumber": "EPERM", "SystemCallArchitectures": "native",
-                      "NoNewPrivileges": "yes", "ProtectSystem": "strict"}.items():
+    for key, want in {
+        "UMask": "0077",
+        "StateDirectoryMode": "0700",
+        "RestrictNamespaces": "yes",
+        "ProtectProc": "invisible",
+        "PrivateMounts": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "ProtectKernelTunables": "yes",
+        "IPAddressDeny": "any",
+        "IPAddressAllow": "localhost",
+        "SystemCallErrorNumber": "EPERM",
+        "SystemCallArchitectures": "native",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+    }.items():
         assert one.get(key) == want, key
     assert unit["SystemCallFilter"][0] == "@system-service"
     assert "~@privileged @resources" in unit["SystemCallFilter"]
     assert unit["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN"]
-    assert set(one["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET",
-                                                           "AF_INET6"}
+    assert set(one["RestrictAddressFamilies"].split()) == {
+        "AF_UNIX",
+        "AF_NETLINK",
+        "AF_INET",
+        "AF_INET6",
+    }
     assert "ProcSubset" not in unit  # gpiozero reads /proc/device-tree and /proc/cpuinfo
 
 
@@ -76,13 +144,16 @@ def _unit_in(name: str) -> str:
     """The unit with its state and runtime directory renamed, so a test run touches no
     installed daemon's files; the group is left out (it may not exist here)."""
     text = SERVICE.read_text().replace("Group=savepoint\n", "")
-    return re.sub(r"(?m)^(StateDirectory|RuntimeDirectory)=savepoint$", rf"\1={name}",
-                  text).replace("/var/lib/savepoint", f"/var/lib/{name}")
+    return re.sub(
+        r"(?m)^(StateDirectory|RuntimeDirectory)=savepoint$", rf"\1={name}", text
+    ).replace("/var/lib/savepoint", f"/var/lib/{name}")
 
 
 @needs_analyze
-@pytest.mark.skipif(os.geteuid() != 0, reason="rebuilding the unit's sandbox needs root "
-                    "(a mount namespace and setpriv)")
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="rebuilding the unit's sandbox needs root (a mount namespace and setpriv)",
+)
 def test_daemon_serves_and_saves_inside_the_units_sandbox(tmp_path: Path) -> None:
     """seccomp allow list, MemoryDenyWriteExecute, RestrictNamespaces, ProtectSystem=strict,
     UMask: Python, cffi/cryptography and the NBD server work under all of them."""
@@ -93,12 +164,26 @@ def test_daemon_serves_and_saves_inside_the_units_sandbox(tmp_path: Path) -> Non
     unit = state / "savepoint.service"  # where the sandbox still sees it
     unit.write_text(_unit_in(name))
     sock, control = runtime / "nbd.sock", runtime / "control.sock"
-    argv = [str(REPO / ".venv/bin/savepoint") if (REPO / ".venv/bin/savepoint").exists()
-            else "savepoint", "serve", str(state / "disk.img"), "--size", "64M",
-            "--socket", str(sock), "--control", str(control)]
+    argv = [
+        str(REPO / ".venv/bin/savepoint")
+        if (REPO / ".venv/bin/savepoint").exists()
+        else "savepoint",
+        "serve",
+        str(state / "disk.img"),
+        "--size",
+        "64M",
+        "--socket",
+        str(sock),
+        "--control",
+        str(control),
+    ]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(unit_sandbox.command(unit, argv), stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        unit_sandbox.command(unit, argv),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         uri = f"nbd+unix:///savepoint?socket={sock}"
         for _ in range(300):
@@ -111,8 +196,9 @@ def test_daemon_serves_and_saves_inside_the_units_sandbox(tmp_path: Path) -> Non
 
         assert cli("save", control=str(control)).stdout.startswith("SAVE done")
         status = Path(f"/proc/{proc.pid}/status").read_text()
-        assert re.search(r"(?m)^Seccomp:\s+2$", status) and re.search(r"(?m)^NoNewPrivs:\s+1$",
-                                                                       status)
+        assert re.search(r"(?m)^Seccomp:\s+2$", status) and re.search(
+            r"(?m)^NoNewPrivs:\s+1$", status
+        )
         assert (state / "disk.img").stat().st_mode & 0o777 == 0o600
     finally:
         proc.terminate()

@@ -43,13 +43,21 @@ QUEUE_DEPTH = 256  # events a slow subscriber may lag behind before old ones are
 
 
 class CommandBus:
-    def __init__(self, store: Any, policy: dict[str, dict[str, str]] | None = None, *,
-                 lock_enabled: bool = True, relock_after: float = 300,
-                 single_use: bool = True, pairing_window: float = 60,
-                 clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time,
-                 activity: HostActivity | None = None, settle: float = 0,
-                 max_wait: float = 60) -> None:
+    def __init__(
+        self,
+        store: Any,
+        policy: dict[str, dict[str, str]] | None = None,
+        *,
+        lock_enabled: bool = True,
+        relock_after: float = 300,
+        single_use: bool = True,
+        pairing_window: float = 60,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        activity: HostActivity | None = None,
+        settle: float = 0,
+        max_wait: float = 60,
+    ) -> None:
         self.store = store
         self.activity = activity  # the host's writes; None: SAVE cannot tell, never waits
         self.settle = settle  # seconds of host quiet a SAVE waits for; 0: no wait
@@ -137,11 +145,17 @@ class CommandBus:
     async def submit(self, command: Command) -> Outcome:
         if self._closed:
             return Outcome(False, command.action, command.source, "the daemon is stopping")
-        if self._hurry is not None and command.action in (Action.SAVE, Action.STATUS,
-                                                           Action.HISTORY):
+        if self._hurry is not None and command.action in (
+            Action.SAVE,
+            Action.STATUS,
+            Action.HISTORY,
+        ):
             # a SAVE is waiting for the host: a second SAVE hurries it, reads do not queue
-            outcome = (self._hurry_save(command) if command.action is Action.SAVE
-                       else await self._decide_and_run(command))
+            outcome = (
+                self._hurry_save(command)
+                if command.action is Action.SAVE
+                else await self._decide_and_run(command)
+            )
             self._record(outcome)
             return outcome
         async with self._lock:
@@ -179,8 +193,11 @@ class CommandBus:
             self.mode = Mode.UNLOCKED
             seconds = self._relock_seconds()
             self._unlock_deadline = self.clock() + seconds if seconds else None
-            return {"mode": self.mode.value, "relock_after": seconds,
-                    "single_use": self.single_use and self.lock_enabled}
+            return {
+                "mode": self.mode.value,
+                "relock_after": seconds,
+                "single_use": self.single_use and self.lock_enabled,
+            }
         if action is Action.LOCK:
             self.mode = Mode.LOCKED
             self._unlock_deadline = None
@@ -225,16 +242,24 @@ class CommandBus:
             hurry.set()
         elif self.settle > 0 and self.activity.sample() < self.settle:
             self._hurry = hurry  # a second SAVE meanwhile sets it
-            self.publish(Event("progress", {"action": "save", "phase": "waiting",
-                                            "settle": self.settle, "max_wait": self.max_wait}))
+            self.publish(
+                Event(
+                    "progress",
+                    {
+                        "action": "save",
+                        "phase": "waiting",
+                        "settle": self.settle,
+                        "max_wait": self.max_wait,
+                    },
+                )
+            )
             self.publish(Event("state", await self.snapshot()))
         try:
             report = await self.activity.wait_quiet(self.settle, self.max_wait, hurry)
         finally:
             self._hurry = None
         if report.busy:
-            log.warning("SAVE: the host was still writing after %g s; saving anyway",
-                        self.max_wait)
+            log.warning("SAVE: the host was still writing after %g s; saving anyway", self.max_wait)
         self.publish(Event("progress", {"action": "save", "phase": "commit"}))
         return report
 
@@ -246,8 +271,13 @@ class CommandBus:
         assert self._hurry is not None
         self._hurry.set()
         log.info("SAVE from %s: the waiting SAVE commits now", command.source)
-        return Outcome(True, command.action, command.source, "",
-                       {"hurried": True, "note": "the waiting SAVE commits now"})
+        return Outcome(
+            True,
+            command.action,
+            command.source,
+            "",
+            {"hurried": True, "note": "the waiting SAVE commits now"},
+        )
 
     def _own_flush(self) -> Any:
         return self.activity.own_flush() if self.activity else contextlib.nullcontext()
@@ -255,6 +285,7 @@ class CommandBus:
     async def _restore(self, source: str) -> dict[str, Any]:
         self.publish(Event("progress", {"action": "restore", "phase": "start"}))
         try:
+
             def restore() -> Awaitable[dict[str, Any]]:
                 return asyncio.to_thread(self.store.restore, source)
 
@@ -289,12 +320,25 @@ class CommandBus:
                 log.info("%s from %s: done %s", name, outcome.source, _brief(outcome.data))
         else:
             log.warning("%s from %s: refused: %s", name, outcome.source, outcome.reason)
-        self.last_outcome = {"ok": outcome.ok, "action": outcome.action.value,
-                             "source": outcome.source, "reason": outcome.reason,
-                             "time": self.wall()}
-        self.publish(Event("outcome", {"ok": outcome.ok, "action": outcome.action.value,
-                                       "source": outcome.source, "reason": outcome.reason,
-                                       "data": outcome.data}))
+        self.last_outcome = {
+            "ok": outcome.ok,
+            "action": outcome.action.value,
+            "source": outcome.source,
+            "reason": outcome.reason,
+            "time": self.wall(),
+        }
+        self.publish(
+            Event(
+                "outcome",
+                {
+                    "ok": outcome.ok,
+                    "action": outcome.action.value,
+                    "source": outcome.source,
+                    "reason": outcome.reason,
+                    "data": outcome.data,
+                },
+            )
+        )
 
     # -- time ------------------------------------------------------------------------
     def _relock_seconds(self) -> float:
@@ -308,10 +352,25 @@ class CommandBus:
     def _relock(self, why: str) -> None:
         self.mode = Mode.LOCKED
         self._unlock_deadline = None
-        log.info("re-locked: %s", {"saved": "a SAVE used the unlock",
-                                   "deadline": f"{self.relock_after:g} s after the UNLOCK"}[why])
-        self.publish(Event("outcome", {"ok": True, "action": "lock", "source": "policy",
-                                       "reason": "", "data": {"why": why}}))
+        log.info(
+            "re-locked: %s",
+            {
+                "saved": "a SAVE used the unlock",
+                "deadline": f"{self.relock_after:g} s after the UNLOCK",
+            }[why],
+        )
+        self.publish(
+            Event(
+                "outcome",
+                {
+                    "ok": True,
+                    "action": "lock",
+                    "source": "policy",
+                    "reason": "",
+                    "data": {"why": why},
+                },
+            )
+        )
 
     async def tick(self) -> None:
         """Called every second by the daemon (and before each command): re-lock, close pairing."""
@@ -328,13 +387,21 @@ class CommandBus:
         st = dict(await asyncio.to_thread(self.store.status))
         size = st.get("size") or 0
         st["unsaved_fraction"] = (st.get("dirty_bytes", 0) / size) if size else 0.0
-        st.update(mode=self.mode.value, lock_enabled=self.lock_enabled,
-                  single_use=self.single_use and self.lock_enabled, relock_in=self.relock_in(),
-                  host_connected=self.host_connected,
-                  pairing={"open": self.pairing_until is not None, "until": self.pairing_until,
-                           "closed_by": self.pairing_closed_by},
-                  last_action=self.last_outcome, parts=dict(self.parts),
-                  saving="waiting for the host" if self._hurry is not None else None)
+        st.update(
+            mode=self.mode.value,
+            lock_enabled=self.lock_enabled,
+            single_use=self.single_use and self.lock_enabled,
+            relock_in=self.relock_in(),
+            host_connected=self.host_connected,
+            pairing={
+                "open": self.pairing_until is not None,
+                "until": self.pairing_until,
+                "closed_by": self.pairing_closed_by,
+            },
+            last_action=self.last_outcome,
+            parts=dict(self.parts),
+            saving="waiting for the host" if self._hurry is not None else None,
+        )
         for extra in self.status_extras:
             st.update(extra())
         return st

@@ -92,8 +92,7 @@ class HostActivity:
             self.sample()
             await asyncio.sleep(IDLE_SAMPLE)
 
-    async def wait_quiet(self, settle: float, max_wait: float,
-                         hurry: asyncio.Event) -> QuietReport:
+    async def wait_quiet(self, settle: float, max_wait: float, hurry: asyncio.Event) -> QuietReport:
         """Return once the host was quiet for `settle` s, `hurry` is set, or `max_wait` passed."""
         start = self.clock()
         while True:
@@ -101,8 +100,9 @@ class HostActivity:
             if settle <= 0 or quiet >= settle:
                 return QuietReport(quiet, waited, self.synced())
             if hurry.is_set() or waited >= max_wait:
-                return QuietReport(quiet, waited, self.synced(), forced=hurry.is_set(),
-                                   busy=not hurry.is_set())
+                return QuietReport(
+                    quiet, waited, self.synced(), forced=hurry.is_set(), busy=not hurry.is_set()
+                )
             with contextlib.suppress(TimeoutError):
                 step = min(SAMPLE, settle - quiet, max(0.0, max_wait - waited)) + 0.001
                 await asyncio.wait_for(hurry.wait(), step)

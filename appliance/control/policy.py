@@ -26,30 +26,86 @@ UNLOCK_OPT_IN = ("bthome",)
 
 _DEFAULTS: dict[str, dict[str, str]] = {
     # the enclosure button and the local admin CLI: deliberate gestures, may do everything
-    "button": {"save": "unlocked", "restore": "always", "unlock": "always", "lock": "always",
-               "status": "always", "history": "always", "pair": "always"},
-    "cli": {"save": "unlocked", "restore": "always", "unlock": "always", "lock": "always",
-            "status": "always", "history": "always", "pair": "always"},
+    "button": {
+        "save": "unlocked",
+        "restore": "always",
+        "unlock": "always",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "always",
+    },
+    "cli": {
+        "save": "unlocked",
+        "restore": "always",
+        "unlock": "always",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "always",
+    },
     # an authenticated (paired, challenge-checked) fob: may unlock, may not open pairing
-    "fob": {"save": "unlocked", "restore": "always", "unlock": "always", "lock": "always",
-            "status": "always", "history": "always", "pair": "never"},
+    "fob": {
+        "save": "unlocked",
+        "restore": "always",
+        "unlock": "always",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "never",
+    },
     # commodity fobs (iTag etc.) cannot prove who they are: never RESTORE or UNLOCK
-    "commodity": {"save": "unlocked", "restore": "never", "unlock": "never", "lock": "always",
-                  "status": "always", "history": "always", "pair": "never"},
+    "commodity": {
+        "save": "unlocked",
+        "restore": "never",
+        "unlock": "never",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "never",
+    },
     # encrypted BTHome buttons (ble/bthome_*.py): the key proves the button, but a button cannot
     # answer a challenge, so UNLOCK stays off unless [bthome] allow_unlock opens it
-    "bthome": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
-               "status": "always", "history": "always", "pair": "never"},
+    "bthome": {
+        "save": "unlocked",
+        "restore": "always",
+        "unlock": "never",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "never",
+    },
     # software on the host computer: STATUS, SAVE while UNLOCKED, RESTORE; never unlock itself
-    "host": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
-             "status": "always", "history": "always", "pair": "never"},
+    "host": {
+        "save": "unlocked",
+        "restore": "always",
+        "unlock": "never",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "never",
+    },
     # restore policies (on_boot, schedule, ...): only RESTORE and read-only queries
-    "policy": {"save": "never", "restore": "always", "unlock": "never", "lock": "always",
-               "status": "always", "history": "always", "pair": "never"},
+    "policy": {
+        "save": "never",
+        "restore": "always",
+        "unlock": "never",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "never",
+    },
     # an admin over an MQTT broker (mqtt/): anyone the broker lets publish a command can be
     # behind it, so never UNLOCK (no table may open it) and SAVE only inside a person's unlock
-    "mqtt": {"save": "unlocked", "restore": "always", "unlock": "never", "lock": "always",
-             "status": "always", "history": "always", "pair": "never"},
+    "mqtt": {
+        "save": "unlocked",
+        "restore": "always",
+        "unlock": "never",
+        "lock": "always",
+        "status": "always",
+        "history": "always",
+        "pair": "never",
+    },
 }
 
 
@@ -76,10 +132,15 @@ def decide(table: dict[str, dict[str, str]], command: Command, mode: Mode) -> st
     if cls is None:
         return f"unknown source {command.source!r}"
     rule = table[cls].get(command.action.value, "never")
-    if command.action is Action.UNLOCK and rule != "never" and \
-            cls not in GESTURE_CLASSES + UNLOCK_OPT_IN:
-        return (f"UNLOCK needs a person's gesture (button, authenticated fob or the "
-                f"appliance's admin CLI); source {command.source!r} can never unlock")
+    if (
+        command.action is Action.UNLOCK
+        and rule != "never"
+        and cls not in GESTURE_CLASSES + UNLOCK_OPT_IN
+    ):
+        return (
+            f"UNLOCK needs a person's gesture (button, authenticated fob or the "
+            f"appliance's admin CLI); source {command.source!r} can never unlock"
+        )
     if rule == "always":
         return ""
     if rule == "unlocked":

@@ -34,8 +34,13 @@ def next_daily(after: float, hour: int, minute: int) -> float:
 
 
 class RestorePolicies:
-    def __init__(self, bus: CommandBus, policies: list[str], at: str = "03:00",
-                 now: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        bus: CommandBus,
+        policies: list[str],
+        at: str = "03:00",
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.bus = bus
         self.policies = [p for p in policies if p != "never"]
         hour, minute = (int(x) for x in at.split(":"))

@@ -39,8 +39,9 @@ def peer_of(sock: Any) -> Peer | None:
     if sock is None:
         return None
     try:
-        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET,
-                                                            socket.SO_PEERCRED, 12))
+        pid, uid, gid = struct.unpack(
+            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
     except (OSError, AttributeError):
         return None
     return Peer(pid, uid, gid, _peer_groups(sock, pid))
@@ -88,8 +89,13 @@ class Roles:
         who = f"uid {peer.uid}" if peer is not None else "a caller without credentials"
         what = f"{cmd} {op}" if cmd in READ_PART_OPS else cmd
         group = f"the `{self.admin_group}` group" if self.admin_group else "no admin group"
-        missing = "" if _gid(self.admin_group) is not None or not self.admin_group else \
-            f" (which does not exist yet: `sudo groupadd {self.admin_group}`)"
-        return (f"{what.upper()} needs root or {group}{missing}; {who} may only "
-                f"read (status, history, watch): run it with sudo, or ask the admin to "
-                f"add you to {group}")
+        missing = (
+            ""
+            if _gid(self.admin_group) is not None or not self.admin_group
+            else f" (which does not exist yet: `sudo groupadd {self.admin_group}`)"
+        )
+        return (
+            f"{what.upper()} needs root or {group}{missing}; {who} may only "
+            f"read (status, history, watch): run it with sudo, or ask the admin to "
+            f"add you to {group}"
+        )

@@ -40,11 +40,15 @@ def parse_request(line: bytes | str) -> tuple[str, dict[str, Any]]:
     try:
         req = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed request: not JSON ({e.msg if hasattr(e, 'msg') else e}); "
-                         'send one object per line, e.g. {"cmd": "status"}') from None
+        raise ValueError(
+            f"malformed request: not JSON ({e.msg if hasattr(e, 'msg') else e}); "
+            'send one object per line, e.g. {"cmd": "status"}'
+        ) from None
     except RecursionError:  # json's C decoder gives up on ~1,000 nested brackets
-        raise ValueError("malformed request: nested too deeply; a request is one flat object "
-                         'like {"cmd": "status"}') from None
+        raise ValueError(
+            "malformed request: nested too deeply; a request is one flat object "
+            'like {"cmd": "status"}'
+        ) from None
     if not isinstance(req, dict):
         raise ValueError('malformed request: expected an object like {"cmd": "status"}')
     cmd, args = req.get("cmd"), req.get("args", {})
@@ -58,8 +62,9 @@ def parse_request(line: bytes | str) -> tuple[str, dict[str, Any]]:
     return cmd, args
 
 
-async def dispatch(bus: CommandSink, line: bytes | str, source: str,
-                   authenticated: bool = True) -> dict[str, Any]:
+async def dispatch(
+    bus: CommandSink, line: bytes | str, source: str, authenticated: bool = True
+) -> dict[str, Any]:
     """Run one request line through the bus; always returns a reply object."""
     try:
         cmd, args = parse_request(line)
@@ -114,8 +119,9 @@ def clear_stale(path: str) -> None:
         except OSError:
             os.unlink(path)
             return
-    raise RuntimeError(f"{path}: another savepoint daemon is listening there; "
-                       "stop it or choose another path")
+    raise RuntimeError(
+        f"{path}: another savepoint daemon is listening there; stop it or choose another path"
+    )
 
 
 @dataclass(frozen=True)
@@ -146,23 +152,33 @@ class _Client:
 
 
 class ControlServer:
-    def __init__(self, bus: CommandSink, path: str, group: str = "savepoint",
-                 source: str = "cli", limits: ControlLimits | None = None) -> None:
+    def __init__(
+        self,
+        bus: CommandSink,
+        path: str,
+        group: str = "savepoint",
+        source: str = "cli",
+        limits: ControlLimits | None = None,
+    ) -> None:
         self.bus, self.path, self.group, self.source = bus, path, group, source
         self.limits = limits or ControlLimits()
         self.roles = Roles(self.limits.admin_group)
         self._server: asyncio.AbstractServer | None = None
         self._clients: dict[asyncio.Task[Any], _Client] = {}
-        self.counters = {"refused": 0, "evicted": 0, "idle_closed": 0, "watchers_dropped": 0,
-                         "denied": 0}
+        self.counters = {
+            "refused": 0,
+            "evicted": 0,
+            "idle_closed": 0,
+            "watchers_dropped": 0,
+            "denied": 0,
+        }
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         clear_stale(self.path)
         old = os.umask(0o177)  # no window in which the socket is reachable by others
         try:
-            self._server = await asyncio.start_unix_server(self._serve, self.path,
-                                                           limit=MAX_LINE)
+            self._server = await asyncio.start_unix_server(self._serve, self.path, limit=MAX_LINE)
         finally:
             os.umask(old)
         secure_socket(self.path, self.group)
@@ -186,8 +202,7 @@ class ControlServer:
 
     def _status(self) -> dict[str, Any]:
         watchers = sum(c.watching for c in self._clients.values())
-        return {"control": {"clients": len(self._clients), "watchers": watchers,
-                            **self.counters}}
+        return {"control": {"clients": len(self._clients), "watchers": watchers, **self.counters}}
 
     # -- admission: a bounded number of clients, none of them idle for ever -------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -203,8 +218,11 @@ class ControlServer:
             return
         if len(self._clients) >= self.limits.max_clients and not self._evict_for(client):
             self.counters["refused"] += 1
-            _note(writer, f"too many control clients ({self.limits.max_clients} connected, "
-                          "all busy); try again in a moment")
+            _note(
+                writer,
+                f"too many control clients ({self.limits.max_clients} connected, "
+                "all busy); try again in a moment",
+            )
             writer.close()
             return
         self._clients[task] = client
@@ -221,8 +239,11 @@ class ControlServer:
         one user's idle connections cannot lock everyone else out."""
         held = collections.Counter(c.uid for c in self._clients.values())
         held[newcomer.uid] += 1
-        idle = [(held[c.uid], -(c.idle_since or 0.0), task)
-                for task, c in self._clients.items() if c.idle_since is not None]
+        idle = [
+            (held[c.uid], -(c.idle_since or 0.0), task)
+            for task, c in self._clients.items()
+            if c.idle_since is not None
+        ]
         if not idle:
             return False
         *_, task = max(idle, key=lambda item: item[:2])
@@ -232,8 +253,9 @@ class ControlServer:
         task.cancel()
         return True
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       client: _Client) -> None:
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
+    ) -> None:
         loop = asyncio.get_running_loop()
         while True:
             client.idle_since = loop.time()
@@ -272,8 +294,9 @@ class ControlServer:
             return _error(refusal)
         return await dispatch(self.bus, line, self.source)
 
-    async def _send(self, writer: asyncio.StreamWriter, obj: dict[str, Any],
-                    within: float | None = None) -> None:
+    async def _send(
+        self, writer: asyncio.StreamWriter, obj: dict[str, Any], within: float | None = None
+    ) -> None:
         """Write one line; a client that does not take it within the bound is dropped."""
         writer.write(json.dumps(obj, default=str).encode() + b"\n")
         try:
@@ -283,12 +306,18 @@ class ControlServer:
             raise ConnectionResetError("client not reading") from None
 
     # -- watch: a bounded stream that never holds the bus up -----------------------------
-    async def _watch(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     client: _Client) -> None:
+    async def _watch(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
+    ) -> None:
         if sum(c.watching for c in self._clients.values()) >= self.limits.max_watchers:
             self.counters["refused"] += 1
-            await self._send(writer, _error(f"too many watchers ({self.limits.max_watchers}); "
-                                            "stop one, or raise [control] max_watchers"))
+            await self._send(
+                writer,
+                _error(
+                    f"too many watchers ({self.limits.max_watchers}); "
+                    "stop one, or raise [control] max_watchers"
+                ),
+            )
             return
         client.watching = True
         queue = self.bus.subscribe()  # the bus drops a slow watcher's oldest events
@@ -301,8 +330,13 @@ class ControlServer:
         finally:
             self.bus.unsubscribe(queue)
 
-    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      queue: asyncio.Queue[Any], client: _Client) -> None:
+    async def _stream(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        queue: asyncio.Queue[Any],
+        client: _Client,
+    ) -> None:
         closed = asyncio.ensure_future(reader.read())  # EOF: the watcher went away
         try:
             while not closed.done():
@@ -313,12 +347,18 @@ class ControlServer:
                     break
                 event = get.result()
                 try:
-                    await self._send(writer, {"event": event.kind, "data": event.data},
-                                     within=self.limits.watch_stall)
+                    await self._send(
+                        writer,
+                        {"event": event.kind, "data": event.data},
+                        within=self.limits.watch_stall,
+                    )
                 except ConnectionResetError:
                     self.counters["watchers_dropped"] += 1
-                    log.warning("dropped a watcher (uid %d): its events were unread for %g s",
-                                client.uid, self.limits.watch_stall)
+                    log.warning(
+                        "dropped a watcher (uid %d): its events were unread for %g s",
+                        client.uid,
+                        self.limits.watch_stall,
+                    )
                     return
         finally:
             closed.cancel()
@@ -352,13 +392,16 @@ class ControlClient:
             self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             self.sock.close()
-            raise ControlError(f"no savepoint daemon at {path} (start one with "
-                               "`savepoint serve` or `savepoint daemon`, or pass --control)"
-                               ) from None
+            raise ControlError(
+                f"no savepoint daemon at {path} (start one with "
+                "`savepoint serve` or `savepoint daemon`, or pass --control)"
+            ) from None
         except PermissionError:
             self.sock.close()
-            raise ControlError(f"{path}: permission denied (join the `savepoint` group "
-                               "or run as the daemon's user)") from None
+            raise ControlError(
+                f"{path}: permission denied (join the `savepoint` group "
+                "or run as the daemon's user)"
+            ) from None
         self.file = self.sock.makefile("rb")
 
     def request(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -153,17 +153,31 @@ def data_chunk_header(cookie: bytes, offset: int, length: int) -> bytes:
 
 def error_chunk(cookie: bytes, error: int, message: str) -> bytes:
     msg = message.encode()[:MAX_STRING]
-    return CHUNK_ERROR.pack(
-        STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + len(msg), error,
-        len(msg),
-    ) + msg
+    return (
+        CHUNK_ERROR.pack(
+            STRUCTURED_REPLY_MAGIC,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            cookie,
+            6 + len(msg),
+            error,
+            len(msg),
+        )
+        + msg
+    )
 
 
-def block_status_chunk(cookie: bytes, context_id: int, extents: list[tuple[int, int]],
-                       done: bool = True) -> bytes:
+def block_status_chunk(
+    cookie: bytes, context_id: int, extents: list[tuple[int, int]], done: bool = True
+) -> bytes:
     payload = struct.pack(">I", context_id) + b"".join(EXTENT.pack(n, f) for n, f in extents)
-    head = CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0,
-                      REPLY_TYPE_BLOCK_STATUS, cookie, len(payload))
+    head = CHUNK.pack(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE if done else 0,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len(payload),
+    )
     return head + payload
 
 
@@ -201,9 +215,16 @@ class Negotiated:
 
 
 def transmission_flags(export: Export, structured: bool) -> int:
-    flags = (FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_TRIM
-             | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FAST_ZERO | FLAG_CAN_MULTI_CONN
-             | FLAG_SEND_CACHE)
+    flags = (
+        FLAG_HAS_FLAGS
+        | FLAG_SEND_FLUSH
+        | FLAG_SEND_FUA
+        | FLAG_SEND_TRIM
+        | FLAG_SEND_WRITE_ZEROES
+        | FLAG_SEND_FAST_ZERO
+        | FLAG_CAN_MULTI_CONN
+        | FLAG_SEND_CACHE
+    )
     if structured:
         flags |= FLAG_SEND_DF  # every read is answered by a single content chunk anyway
     if export.read_only:
@@ -220,7 +241,7 @@ class _Reader:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise ValueError("option data too short")
-        chunk = self.data[self.pos:self.pos + n]
+        chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
 
@@ -250,8 +271,13 @@ class Handshake:
     `stopping()` tells whether the server is shutting down (options get REP_ERR_SHUTDOWN).
     """
 
-    def __init__(self, export: Export, recv_exact: Callable[[int], bytes],
-                 send: Callable[[bytes], None], stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        export: Export,
+        recv_exact: Callable[[int], bytes],
+        send: Callable[[bytes], None],
+        stopping: Callable[[], bool],
+    ) -> None:
         self.export = export
         self.recv_exact, self.send, self.stopping = recv_exact, send, stopping
         self.structured = False
@@ -275,8 +301,12 @@ class Handshake:
                 raise ProtocolError(f"option {opt} carries {length} bytes of data: refused")
             data = self.recv_exact(length) if length else b""
             if count > MAX_OPTIONS:
-                self._error(opt, REP_ERR_POLICY, f"more than {MAX_OPTIONS} options on one "
-                            "connection: choose an export (NBD_OPT_GO) sooner")
+                self._error(
+                    opt,
+                    REP_ERR_POLICY,
+                    f"more than {MAX_OPTIONS} options on one "
+                    "connection: choose an export (NBD_OPT_GO) sooner",
+                )
                 raise ProtocolError(f"more than {MAX_OPTIONS} options during the handshake")
             done = self._option(opt, data)
             if done is not None:
@@ -319,8 +349,9 @@ class Handshake:
         return name in ("", self.export.name)
 
     def _negotiated(self) -> Negotiated:
-        return Negotiated(self.structured, dict(self.contexts),
-                          transmission_flags(self.export, self.structured))
+        return Negotiated(
+            self.structured, dict(self.contexts), transmission_flags(self.export, self.structured)
+        )
 
     def _export_name(self, data: bytes) -> Negotiated:
         try:
@@ -338,8 +369,9 @@ class Handshake:
         if data:
             raise ValueError("NBD_OPT_LIST takes no data")
         name = self.export.name.encode()
-        self._reply(opt, REP_SERVER, struct.pack(">I", len(name)) + name
-                    + self.export.description.encode())
+        self._reply(
+            opt, REP_SERVER, struct.pack(">I", len(name)) + name + self.export.description.encode()
+        )
         self._reply(opt, REP_ACK)
 
     def _info(self, opt: int, data: bytes) -> Negotiated | None:
@@ -354,13 +386,17 @@ class Handshake:
         neg = self._negotiated()
         ex = self.export
         self._reply(opt, REP_INFO, INFO_EXPORT_S.pack(INFO_EXPORT, ex.size, neg.flags))
-        self._reply(opt, REP_INFO, INFO_BLOCK_SIZE_S.pack(
-            INFO_BLOCK_SIZE, ex.min_block, ex.preferred_block, MAX_PAYLOAD))
+        self._reply(
+            opt,
+            REP_INFO,
+            INFO_BLOCK_SIZE_S.pack(INFO_BLOCK_SIZE, ex.min_block, ex.preferred_block, MAX_PAYLOAD),
+        )
         if INFO_NAME in requests:
             self._reply(opt, REP_INFO, struct.pack(">H", INFO_NAME) + ex.name.encode())
         if INFO_DESCRIPTION in requests and ex.description:
-            self._reply(opt, REP_INFO, struct.pack(">H", INFO_DESCRIPTION)
-                        + ex.description.encode())
+            self._reply(
+                opt, REP_INFO, struct.pack(">H", INFO_DESCRIPTION) + ex.description.encode()
+            )
         self._reply(opt, REP_ACK)
         return neg if opt == OPT_GO else None
 
@@ -391,7 +427,10 @@ class Handshake:
             if wanted:
                 self.contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION}
         if wanted:
-            self._reply(opt, REP_META_CONTEXT,
-                        struct.pack(">I", BASE_ALLOCATION_ID if opt == OPT_SET_META_CONTEXT else 0)
-                        + BASE_ALLOCATION.encode())
+            self._reply(
+                opt,
+                REP_META_CONTEXT,
+                struct.pack(">I", BASE_ALLOCATION_ID if opt == OPT_SET_META_CONTEXT else 0)
+                + BASE_ALLOCATION.encode(),
+            )
         self._reply(opt, REP_ACK)

@@ -56,7 +56,7 @@ class Replies:
                 return -1
         if at != self.pos:  # a gap before page-aligned data: close the current iovec
             if self.pos > self.seg:
-                self.parts.append(self.view[self.seg:self.pos])
+                self.parts.append(self.view[self.seg : self.pos])
                 self.seg = self.pos
                 if len(self.parts) >= MAX_PARTS:
                     self.send()
@@ -71,11 +71,11 @@ class Replies:
             self.sock.sendall(data)
         else:
             at = self.header(len(data))
-            self.buf[at:at + len(data)] = data
+            self.buf[at : at + len(data)] = data
 
     def send(self) -> None:
         if self.pos > self.seg:
-            self.parts.append(self.view[self.seg:self.pos])
+            self.parts.append(self.view[self.seg : self.pos])
         parts = self.parts
         self.seg = self.pos = 0
         if not parts:

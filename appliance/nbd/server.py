@@ -47,22 +47,30 @@ def _is_loopback(host: str) -> bool:
 class NbdServer:
     """Serve `store` over NBD on a Unix socket and/or TCP. See docs/nbd.md."""
 
-    def __init__(self, store: BlockExport, unix_path: str | None = None,
-                 tcp: tuple[str, int] | None = None, allow_remote: bool = False,
-                 socket_mode: int = 0o600, group: str | None = None,
-                 export_name: str = "savepoint",
-                 log: logging.Logger = LOG,
-                 max_connections: int = MAX_CONNECTIONS,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        store: BlockExport,
+        unix_path: str | None = None,
+        tcp: tuple[str, int] | None = None,
+        allow_remote: bool = False,
+        socket_mode: int = 0o600,
+        group: str | None = None,
+        export_name: str = "savepoint",
+        log: logging.Logger = LOG,
+        max_connections: int = MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
         if unix_path is None and tcp is None:
-            raise ValueError("NbdServer needs a Unix socket path or a TCP (host, port) "
-                             "to listen on")
+            raise ValueError(
+                "NbdServer needs a Unix socket path or a TCP (host, port) to listen on"
+            )
         if tcp is not None and not _is_loopback(tcp[0]) and not allow_remote:
             raise ValueError(
                 f"refusing to serve NBD on non-loopback address {tcp[0]!r}: NBD without TLS has "
                 "no authentication, so anyone who can reach it can read and overwrite the disk. "
                 "Use a Unix socket or 127.0.0.1, or pass allow_remote (--allow-remote) to accept "
-                "the risk.")
+                "the risk."
+            )
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self.store = store
@@ -73,10 +81,13 @@ class NbdServer:
         self.socket_mode = socket_mode | (0o060 if group else 0)
         self.group = group
         self.export = p.Export(
-            name=export_name, size=store.size, min_block=1,
+            name=export_name,
+            size=store.size,
+            min_block=1,
             preferred_block=store.unit_size,
             description="Savepoint disk: writes are provisional until SAVE",
-            read_only=store.readonly)
+            read_only=store.readonly,
+        )
         self.log = log
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
@@ -106,8 +117,7 @@ class NbdServer:
             self._listeners.clear()
             raise
         self._wake_r, self._wake_w = os.pipe()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="nbd-accept",
-                                          daemon=True)
+        self._acceptor = threading.Thread(target=self._accept_loop, name="nbd-accept", daemon=True)
         self._acceptor.start()
         for uri in self.uris:
             self.log.info("serving %d-byte disk over NBD at %s", self.export.size, uri)
@@ -161,9 +171,11 @@ class NbdServer:
         lines = []
         for uri in self.uris:
             drive = uri.replace(",", ",,")  # qemu -drive option syntax doubles commas
-            lines += [f"  nbdinfo '{uri}'",
-                      f"  qemu-img info '{uri}'",
-                      f"  qemu-system-x86_64 -m 2G -drive 'file={drive},format=raw,if=virtio'"]
+            lines += [
+                f"  nbdinfo '{uri}'",
+                f"  qemu-img info '{uri}'",
+                f"  qemu-system-x86_64 -m 2G -drive 'file={drive},format=raw,if=virtio'",
+            ]
         if self.unix_path:
             lines.append(f"  nbd-client -unix {self.unix_path} -N {self.export.name} /dev/nbd0")
         elif self._tcp_addr:
@@ -198,8 +210,10 @@ class NbdServer:
                 try:
                     gid = grp.getgrnam(self.group).gr_gid
                 except KeyError as exc:
-                    raise ValueError(f"group {self.group!r} does not exist; create it "
-                                     "(groupadd) or leave the group out") from exc
+                    raise ValueError(
+                        f"group {self.group!r} does not exist; create it "
+                        "(groupadd) or leave the group out"
+                    ) from exc
                 os.chown(path, -1, gid)
             sock.listen(64)
         except BaseException:
@@ -218,8 +232,9 @@ class NbdServer:
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(st.st_mode):
-            raise ValueError(f"{path} exists and is not a socket; remove it or choose another "
-                             "socket path")
+            raise ValueError(
+                f"{path} exists and is not a socket; remove it or choose another socket path"
+            )
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
@@ -231,8 +246,11 @@ class NbdServer:
             pass  # e.g. a timeout: somebody is there but busy; do not steal it
         finally:
             probe.close()
-        raise OSError(errno.EADDRINUSE, f"another server is already listening on {path}; "
-                      "stop it first or choose another socket path")
+        raise OSError(
+            errno.EADDRINUSE,
+            f"another server is already listening on {path}; "
+            "stop it first or choose another socket path",
+        )
 
     def _remove_unix_socket(self) -> None:
         if not self.unix_path or self._unix_ino is None:
@@ -247,9 +265,13 @@ class NbdServer:
 
     def _bind_tcp(self, host: str, port: int) -> socket.socket:
         if not _is_loopback(host):
-            self.log.warning("NBD is listening on non-loopback address %s:%d without TLS or "
-                             "authentication: anyone who can reach it can read and overwrite "
-                             "the disk", host, port)
+            self.log.warning(
+                "NBD is listening on non-loopback address %s:%d without TLS or "
+                "authentication: anyone who can reach it can read and overwrite "
+                "the disk",
+                host,
+                port,
+            )
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(info[0], socket.SOCK_STREAM)
         try:
@@ -301,14 +323,19 @@ class NbdServer:
             first = self._burst == 1
         conn.close()
         if first:
-            self.log.warning("NBD connection from %s refused: %d connections are open, the "
-                             "most allowed ([nbd] max_connections); further refusals are "
-                             "counted until one closes", peer, self.max_connections)
+            self.log.warning(
+                "NBD connection from %s refused: %d connections are open, the "
+                "most allowed ([nbd] max_connections); further refusals are "
+                "counted until one closes",
+                peer,
+                self.max_connections,
+            )
 
     def _session_ended(self, session: Session) -> None:
         with self._lock:
             self._sessions.discard(session)
             burst, self._burst = self._burst, 0
         if burst > 1:
-            self.log.warning("%d NBD connections were refused while %d were open",
-                             burst, self.max_connections)
+            self.log.warning(
+                "%d NBD connections were refused while %d were open", burst, self.max_connections
+            )

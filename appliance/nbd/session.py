@@ -137,12 +137,16 @@ class Session:
         except p.Aborted:
             return False
         except p.ProtocolError as exc:
-            self.log.warning("NBD client %s broke the handshake (%s); closing that connection",
-                             self.peer, exc)
+            self.log.warning(
+                "NBD client %s broke the handshake (%s); closing that connection", self.peer, exc
+            )
             return False
         except TimeoutError:
-            self.log.warning("NBD client %s did not finish the handshake within %g s; closing "
-                             "that connection", self.peer, self.server.handshake_timeout)
+            self.log.warning(
+                "NBD client %s did not finish the handshake within %g s; closing that connection",
+                self.peer,
+                self.server.handshake_timeout,
+            )
             return False
         except (ConnectionError, OSError) as exc:
             self.log.info("NBD client %s left during the handshake: %s", self.peer, exc)
@@ -202,8 +206,12 @@ class Session:
                 raise p.ProtocolError(f"bad request magic 0x{magic:08x}")
             start += HEAD
             if cmd == READ:
-                if (not flags & ~read_flags and offset + length <= size
-                        and length <= p.MAX_PAYLOAD and not server.stopping):
+                if (
+                    not flags & ~read_flags
+                    and offset + length <= size
+                    and length <= p.MAX_PAYLOAD
+                    and not server.stopping
+                ):
                     self._read(out, cookie, offset, length)
                 else:
                     self._other(out, flags, cmd, cookie, offset, length, None)
@@ -211,13 +219,17 @@ class Session:
                 if length > p.MAX_PAYLOAD:
                     raise p.ProtocolError(f"write of {length} bytes exceeds the 32 MiB maximum")
                 if start + length <= end:
-                    payload = rv[start:start + length]
+                    payload = rv[start : start + length]
                     start += length
                 else:
                     out.send()  # do not hold replies while the payload trickles in
                     payload, start, end = self._payload(rb, rv, start, end, length)
-                if (not flags & ~FUA and offset + length <= size and writable
-                        and not server.stopping):
+                if (
+                    not flags & ~FUA
+                    and offset + length <= size
+                    and writable
+                    and not server.stopping
+                ):
                     if flags:
                         out.send()  # FUA flushes: earlier replies need not wait for it
                     if activity is not None:
@@ -237,8 +249,9 @@ class Session:
             else:
                 self._other(out, flags, cmd, cookie, offset, length, None)
 
-    def _payload(self, rb: mmap.mmap, rv: memoryview, start: int, end: int,
-                 length: int) -> tuple[memoryview, int, int]:
+    def _payload(
+        self, rb: mmap.mmap, rv: memoryview, start: int, end: int, length: int
+    ) -> tuple[memoryview, int, int]:
         """Receive the rest of a write payload that begins at rb[start:end].
         Returns the payload and the new (start, end) of the receive buffer."""
         have = end - start
@@ -253,7 +266,7 @@ class Session:
             start = 0
         if self._fill(rv, start + have, start + length) < start + length:
             raise p.ProtocolError("connection closed in the middle of a write payload")
-        return rv[start:start + length], start + length, start + length
+        return rv[start : start + length], start + length, start + length
 
     # ----- serving one request ------------------------------------------------------------------
 
@@ -274,8 +287,10 @@ class Session:
             return p.EINVAL, "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT)"
         if cmd != p.CMD_FLUSH and offset + length > self.server.export.size:
             code = p.ENOSPC if cmd in SIZED_WRITES else p.EINVAL
-            return code, (f"request at {offset}+{length} is past the end of the "
-                          f"{self.server.export.size}-byte disk")
+            return code, (
+                f"request at {offset}+{length} is past the end of the "
+                f"{self.server.export.size}-byte disk"
+            )
         if cmd == p.CMD_READ and length > p.MAX_PAYLOAD:
             return p.EINVAL, f"read of {length} bytes exceeds the 32 MiB maximum"
         if cmd == p.CMD_BLOCK_STATUS and length == 0:
@@ -289,8 +304,9 @@ class Session:
         if isinstance(exc, StoreFullError):  # logged once by the store, not per request
             return p.ENOSPC, str(exc)  # QEMU's werror=enospc pauses the VM on this
         if isinstance(exc, StoreIOError):
-            self.log.error("NBD command %d at %d+%d failed with an I/O error: %s",
-                           cmd, offset, length, exc)
+            self.log.error(
+                "NBD command %d at %d+%d failed with an I/O error: %s", cmd, offset, length, exc
+            )
             return p.EIO, str(exc)
         if isinstance(exc, StoreError):
             self.log.error("NBD command %d at %d+%d failed: %s", cmd, offset, length, exc)
@@ -299,8 +315,16 @@ class Session:
         self.log.error("NBD command %d at %d+%d crashed", cmd, offset, length, exc_info=exc)
         return p.EIO, f"internal server error: {exc}"
 
-    def _other(self, out: Replies, flags: int, cmd: int, cookie: bytes, offset: int,
-               length: int, payload: memoryview | None) -> None:
+    def _other(
+        self,
+        out: Replies,
+        flags: int,
+        cmd: int,
+        cookie: bytes,
+        offset: int,
+        length: int,
+        payload: memoryview | None,
+    ) -> None:
         """Everything but a valid READ or WRITE: refusals, FLUSH, TRIM, zeroes, block status."""
         out.send()  # FLUSH and friends may be slow: the replies before them go first
         error, message = self._check(flags, cmd, offset, length)
@@ -318,8 +342,9 @@ class Session:
         else:
             p.SIMPLE_REPLY.pack_into(out.buf, out.header(16), p.SIMPLE_REPLY_MAGIC, 0, cookie)
 
-    def _execute(self, flags: int, cmd: int, offset: int, length: int,
-                 payload: memoryview | None) -> None:
+    def _execute(
+        self, flags: int, cmd: int, offset: int, length: int, payload: memoryview | None
+    ) -> None:
         fua = bool(flags & p.CMD_FLAG_FUA)
         st = self.store
         activity = self.server.activity
@@ -353,13 +378,21 @@ class Session:
             return self._read_big(out, cookie, offset, length)
         try:
             if length:
-                self.store.readinto(offset, out.view[at + head:at + head + length])
+                self.store.readinto(offset, out.view[at + head : at + head + length])
         except Exception as exc:  # mapped to an NBD error
             out.pos = at  # drop the slot
             return self._reply_error(out, cookie, *self._failure(p.CMD_READ, offset, length, exc))
         if structured:
-            p.CHUNK_DATA.pack_into(out.buf, at, p.STRUCTURED_REPLY_MAGIC, p.REPLY_FLAG_DONE,
-                                   p.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
+            p.CHUNK_DATA.pack_into(
+                out.buf,
+                at,
+                p.STRUCTURED_REPLY_MAGIC,
+                p.REPLY_FLAG_DONE,
+                p.REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                length + 8,
+                offset,
+            )
         else:
             p.SIMPLE_REPLY.pack_into(out.buf, at, p.SIMPLE_REPLY_MAGIC, 0, cookie)
         if out.pos >= nbd_replies.SEND_EARLY:
@@ -371,13 +404,17 @@ class Session:
             self.store.readinto(offset, data)
         except Exception as exc:  # mapped to an NBD error
             return self._reply_error(out, cookie, *self._failure(p.CMD_READ, offset, length, exc))
-        out.add(p.data_chunk_header(cookie, offset, length) if self.neg.structured
-                else p.simple_reply(cookie))
+        out.add(
+            p.data_chunk_header(cookie, offset, length)
+            if self.neg.structured
+            else p.simple_reply(cookie)
+        )
         out.send()
         self.sock.sendall(data)
 
-    def _block_status(self, out: Replies, cookie: bytes, flags: int, offset: int,
-                      length: int) -> None:
+    def _block_status(
+        self, out: Replies, cookie: bytes, flags: int, offset: int, length: int
+    ) -> None:
         extents: list[tuple[int, int]] = []
         for _, n, zero in self.store.block_status(offset, length):
             state = (p.STATE_HOLE | p.STATE_ZERO) if zero else 0

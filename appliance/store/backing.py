@@ -103,4 +103,3 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc_fallocate()(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-

@@ -62,6 +62,11 @@ class MapCache:
 
     def status(self) -> dict[str, object]:
         looked = self.hits + self.misses
-        return {"size": len(self._lru) * self.group_bytes, "budget": self.budget,
-                "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "hit_rate": self.hits / looked if looked else 1.0}
+        return {
+            "size": len(self._lru) * self.group_bytes,
+            "budget": self.budget,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+            "hit_rate": self.hits / looked if looked else 1.0,
+        }

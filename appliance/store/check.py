@@ -45,9 +45,11 @@ def check_store(path: str, progress: Callable[[int, int], None] | None = None) -
         backing.pread_into(memoryview(head), 0)
         for i, sb in enumerate(superblock_copies(bytes(head))):
             name = "AB"[i]
-            if isinstance(sb, FormatError) and not any(head[i * SB_SIZE:(i + 1) * SB_SIZE]):
-                report.notes.append(f"superblock {name}: not written yet (all zeros; the first "
-                                    "SAVE or RESTORE writes it), which is fine")
+            if isinstance(sb, FormatError) and not any(head[i * SB_SIZE : (i + 1) * SB_SIZE]):
+                report.notes.append(
+                    f"superblock {name}: not written yet (all zeros; the first "
+                    "SAVE or RESTORE writes it), which is fine"
+                )
             elif isinstance(sb, FormatError):
                 report.notes.append(f"superblock {name}: not valid ({sb})")
             else:
@@ -73,15 +75,19 @@ def _check_history(store: Store, report: CheckReport) -> None:
     missing = [e for e in range(first, store.epoch) if e not in present]
     needed = [e for e in missing if e >= store.sb.resolved_below]
     if needed:
-        report.problems.append(f"history records missing or damaged for epochs still in use: "
-                               f"{needed[:10]}{' ...' if len(needed) > 10 else ''}")
+        report.problems.append(
+            f"history records missing or damaged for epochs still in use: "
+            f"{needed[:10]}{' ...' if len(needed) > 10 else ''}"
+        )
     elif missing:
-        report.notes.append(f"{len(missing)} old history records are unreadable (no unit "
-                            "depends on them)")
+        report.notes.append(
+            f"{len(missing)} old history records are unreadable (no unit depends on them)"
+        )
 
 
-def _check_map(store: Store, report: CheckReport,
-               progress: Callable[[int, int], None] | None = None) -> None:
+def _check_map(
+    store: Store, report: CheckReport, progress: Callable[[int, int], None] | None = None
+) -> None:
     g, epoch = store.geo, store.epoch
     bad, future, stale, ddm = [], 0, 0, 0
     pages = g.meta_len // PAGE
@@ -107,12 +113,18 @@ def _check_map(store: Store, report: CheckReport,
                 elif 0 < w < store.sb.resolved_below:
                     stale += 1
     if bad:
-        report.problems.append(f"{len(bad)} map sectors fail their checksum (first: {bad[:5]}); "
-                               "the units they describe cannot be read")
+        report.problems.append(
+            f"{len(bad)} map sectors fail their checksum (first: {bad[:5]}); "
+            "the units they describe cannot be read"
+        )
     if future:
         report.problems.append(f"{future} unit records name an epoch that has not happened yet")
     if stale:
-        report.problems.append(f"{stale} unit records depend on epochs the history may have "
-                               "forgotten (resolved_below is wrong)")
-    report.notes.append(f"map: {g.meta_sectors} sectors checked, {ddm} units written since the "
-                        f"last command are durable on disk")
+        report.problems.append(
+            f"{stale} unit records depend on epochs the history may have "
+            "forgotten (resolved_below is wrong)"
+        )
+    report.notes.append(
+        f"map: {g.meta_sectors} sectors checked, {ddm} units written since the "
+        f"last command are durable on disk"
+    )

@@ -27,25 +27,39 @@ def parse_size(text: str) -> int:
 def add_store_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="create a store on a file or block device")
     p.add_argument("target")
-    p.add_argument("--size", type=parse_size, help="host-visible disk size (e.g. 8G); "
-                   "on a block device the default is the largest that fits")
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        help="host-visible disk size (e.g. 8G); "
+        "on a block device the default is the largest that fits",
+    )
     p.add_argument("--unit", type=parse_size, default=4096, help="unit size (default 4K)")
     p.add_argument("--force", action="store_true", help="overwrite whatever the target holds")
-    p.add_argument("--allow-overcommit", action="store_true",
-                   help="create a store file larger than the free space of its file system "
-                   "(sparse: writes fail with 'no space left' when it fills)")
-    p.add_argument("--from", dest="image", metavar="IMAGE", help="make this disk image (raw, "
-                   "qcow2, or any format qemu-img reads) the saved state; --size defaults to "
-                   "its size")
+    p.add_argument(
+        "--allow-overcommit",
+        action="store_true",
+        help="create a store file larger than the free space of its file system "
+        "(sparse: writes fail with 'no space left' when it fills)",
+    )
+    p.add_argument(
+        "--from",
+        dest="image",
+        metavar="IMAGE",
+        help="make this disk image (raw, "
+        "qcow2, or any format qemu-img reads) the saved state; --size defaults to "
+        "its size",
+    )
     p.set_defaults(func=cmd_init)
     p = sub.add_parser("export", help="write the saved (or working) state to a disk image")
     p.add_argument("target", help="the store (served or not)")
     p.add_argument("out", help="the image file to write")
     view = p.add_mutually_exclusive_group()
-    view.add_argument("--saved", dest="working", action="store_false",
-                      help="the last saved state (default)")
-    view.add_argument("--working", action="store_true",
-                      help="what the disk holds now, unsaved writes included")
+    view.add_argument(
+        "--saved", dest="working", action="store_false", help="the last saved state (default)"
+    )
+    view.add_argument(
+        "--working", action="store_true", help="what the disk holds now, unsaved writes included"
+    )
     p.add_argument("--format", "-O", default="raw", help="image format: raw (default), qcow2...")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--control", help="the daemon's control socket, when the store is served")
@@ -66,18 +80,25 @@ def cmd_init(args: argparse.Namespace) -> int:
         if args.image:
             geo = init_from_image(args)
         else:
-            geo = create_checked(args.target, args.size, args.unit, args.force,
-                                 allow_overcommit=args.allow_overcommit)
+            geo = create_checked(
+                args.target,
+                args.size,
+                args.unit,
+                args.force,
+                allow_overcommit=args.allow_overcommit,
+            )
     except (InitError, StoreError, ValueError, Refused, ImageError) as e:
         print(f"savepoint init: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         print(f"savepoint init: {explain_os_error(e, args.target)}", file=sys.stderr)
         return 1
-    print(f"created a Savepoint store on {args.target}: disk {human(geo.logical_size)} "
-          f"({geo.unit_count} units of {human(geo.unit_size)}); it uses up to "
-          f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)"
-          + (f"; {args.image} is its saved state (epoch 1 in history)" if args.image else ""))
+    print(
+        f"created a Savepoint store on {args.target}: disk {human(geo.logical_size)} "
+        f"({geo.unit_count} units of {human(geo.unit_size)}); it uses up to "
+        f"{human(geo.total_size)} (2 x disk + {human(geo.slot_off[0])} metadata)"
+        + (f"; {args.image} is its saved state (epoch 1 in history)" if args.image else "")
+    )
     _print_space(args.target)
     return 0
 
@@ -93,8 +114,10 @@ def _print_space(target: str) -> None:
         used, free = allocated(fd), fs_free(fd)
     finally:
         os.close(fd)
-    print(f"  sparse file: {human(used)} allocated now (metadata), {human(free)} free on its "
-          "file system")
+    print(
+        f"  sparse file: {human(used)} allocated now (metadata), {human(free)} free on its "
+        "file system"
+    )
 
 
 def init_from_image(args: argparse.Namespace) -> Geometry:
@@ -104,13 +127,16 @@ def init_from_image(args: argparse.Namespace) -> Geometry:
     fmt, virtual = image_info(args.image)
     size = args.size or -(-virtual // 512) * 512
     if size < virtual:
-        raise ImageError(f"{args.image} holds {human(virtual)}, more than --size "
-                         f"{human(size)}: leave --size out to use the image's size")
+        raise ImageError(
+            f"{args.image} holds {human(virtual)}, more than --size "
+            f"{human(size)}: leave --size out to use the image's size"
+        )
     if os.path.abspath(args.image) == os.path.abspath(args.target):
         raise ImageError("the image and the target are the same file: give a new target")
     with removed_on_failure(args.target):
-        geo = create_checked(args.target, size, args.unit, args.force,
-                             allow_overcommit=args.allow_overcommit)
+        geo = create_checked(
+            args.target, size, args.unit, args.force, allow_overcommit=args.allow_overcommit
+        )
         with Store.open(args.target) as st:
             import_image(st, args.image, fmt, progress=sys.stderr.isatty())
     return geo
@@ -122,8 +148,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from appliance.store.images import ImageError, export_offline, is_served
 
     if os.path.exists(args.out) and not args.force:
-        print(f"savepoint export: {args.out} exists; nothing was changed: add --force to "
-              "overwrite it", file=sys.stderr)
+        print(
+            f"savepoint export: {args.out} exists; nothing was changed: add --force to "
+            "overwrite it",
+            file=sys.stderr,
+        )
         return 1
     view = "working" if args.working else "saved"
     written: int | None
@@ -133,8 +162,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             written = None  # qemu-img wrote it: its allocation is not counted
         else:
             with removed_on_failure(args.out), Progress(f"exporting the {view} state") as bar:
-                written = export_offline(args.target, args.out, not args.working, args.format,
-                                         bar.update)
+                written = export_offline(
+                    args.target, args.out, not args.working, args.format, bar.update
+                )
     except (StoreError, ImageError) as e:
         print(f"savepoint export: {e}", file=sys.stderr)
         return 1
@@ -155,29 +185,43 @@ def export_through_daemon(args: argparse.Namespace) -> None:
     from appliance.store.images import ImageError, export_served
 
     with open(args.target, "rb") as f:
-        uuids = {str(uuid.UUID(bytes=sb.uuid)) for sb in superblock_copies(f.read(2 * SB_SIZE))
-                 if not isinstance(sb, Exception)}
+        uuids = {
+            str(uuid.UUID(bytes=sb.uuid))
+            for sb in superblock_copies(f.read(2 * SB_SIZE))
+            if not isinstance(sb, Exception)
+        }
     try:
         from appliance.cli import control_path
 
         with ControlClient(control_path(args), timeout=60) as client:
             st = client.request("status").get("data") or {}
     except ControlError as e:
-        raise ImageError(f"{args.target} is in use by a daemon, but: {e} (give --control)") \
-            from None
+        raise ImageError(
+            f"{args.target} is in use by a daemon, but: {e} (give --control)"
+        ) from None
     if str(st.get("uuid")) not in uuids or not st.get("nbd_uris"):
-        raise ImageError(f"{args.target} is served by a daemon other than the one at the "
-                         "control socket, or without NBD: give its --control")
+        raise ImageError(
+            f"{args.target} is served by a daemon other than the one at the "
+            "control socket, or without NBD: give its --control"
+        )
     if not args.working and st.get("dirty_units"):
-        raise ImageError(f"{args.target} is served and has {st['dirty_units']} unsaved units: "
-                         "the daemon exports only the working state. Use --working, or SAVE "
-                         "(or stop the daemon) first")
+        raise ImageError(
+            f"{args.target} is served and has {st['dirty_units']} unsaved units: "
+            "the daemon exports only the working state. Use --working, or SAVE "
+            "(or stop the daemon) first"
+        )
     with removed_on_failure(args.out):
         export_served(st["nbd_uris"][0], args.out, args.format)
 
 
-def create_checked(target: str, size: int | None, unit: int, force: bool = False,
-                   label: str = "zeroing metadata", allow_overcommit: bool = False) -> Geometry:
+def create_checked(
+    target: str,
+    size: int | None,
+    unit: int,
+    force: bool = False,
+    label: str = "zeroing metadata",
+    allow_overcommit: bool = False,
+) -> Geometry:
     """create_store after every check that needs no writing; a failure leaves no new file."""
     from appliance.progress import Progress
     from appliance.store import create_store
@@ -186,8 +230,9 @@ def create_checked(target: str, size: int | None, unit: int, force: bool = False
     if size is not None:
         check_target(target, plan_geometry(size, unit).total_size, size)
     with removed_on_failure(target), Progress(label) as bar:
-        return create_store(target, size, unit, force, progress=bar.update,
-                            allow_overcommit=allow_overcommit)
+        return create_store(
+            target, size, unit, force, progress=bar.update, allow_overcommit=allow_overcommit
+        )
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -196,8 +241,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     try:
         with Store.open(args.target, readonly=True) as st:
-            info: dict[str, Any] = {"format_version": FORMAT_VERSION, "geometry": st.geo.__dict__,
-                    "status": st.status(), "history": st.history(limit=10)}
+            info: dict[str, Any] = {
+                "format_version": FORMAT_VERSION,
+                "geometry": st.geo.__dict__,
+                "status": st.status(),
+                "history": st.history(limit=10),
+            }
     except (StoreError, OSError) as e:
         why = explain_os_error(e, args.target) if isinstance(e, OSError) else e
         print(f"savepoint inspect: {why}", file=sys.stderr)
@@ -226,16 +275,22 @@ def _print_inspect(info: dict) -> None:
     print(f"Savepoint store, format version {info['format_version']}, uuid {s['uuid']}")
     print(f"  disk size   {human(g['logical_size'])} ({g['logical_size']} bytes)")
     print(f"  units       {g['unit_count']} x {human(g['unit_size'])}")
-    print(f"  epoch       {s['epoch']}  (written since last command: {s['dirty_units']} units, "
-          f"{human(s['dirty_bytes'])})")
+    print(
+        f"  epoch       {s['epoch']}  (written since last command: {s['dirty_units']} units, "
+        f"{human(s['dirty_bytes'])})"
+    )
     print(f"  background  {s['pending_units']} units waiting")
-    print(f"  regions     history @{g['hist_off']}, map @{g['meta_off']} ({g['meta_len']} B), "
-          f"slots @{g['slot_off'][0]} and @{g['slot_off'][1]}")
+    print(
+        f"  regions     history @{g['hist_off']}, map @{g['meta_off']} ({g['meta_len']} B), "
+        f"slots @{g['slot_off'][0]} and @{g['slot_off'][1]}"
+    )
     space = s.get("space") or {}
     if "fs_free_bytes" in space:
-        print(f"  space       {human(space['allocated_bytes'])} allocated of up to "
-              f"{human(space['full_size'])}; {human(space['fs_free_bytes'])} free on its file "
-              f"system (margin {human(space['margin_bytes'])})")
+        print(
+            f"  space       {human(space['allocated_bytes'])} allocated of up to "
+            f"{human(space['full_size'])}; {human(space['fs_free_bytes'])} free on its file "
+            f"system (margin {human(space['margin_bytes'])})"
+        )
     print_history(info["history"])
     if "check" in info:
         _print_check(info["check"])
@@ -254,8 +309,10 @@ def print_history(records: list[dict]) -> None:
         print("  (no SAVE or RESTORE yet)")
     for r in records:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
-        print(f"  epoch {r['epoch']:>6}  {when}  {r['action']:<7}  {r['source']:<16} "
-              f"{r['units']:>8} units  {human(r['bytes']):>10}  {host_column(r)}".rstrip())
+        print(
+            f"  epoch {r['epoch']:>6}  {when}  {r['action']:<7}  {r['source']:<16} "
+            f"{r['units']:>8} units  {human(r['bytes']):>10}  {host_column(r)}".rstrip()
+        )
 
 
 def host_column(r: dict) -> str:

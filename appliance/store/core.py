@@ -63,9 +63,18 @@ from appliance.store.io_gate import IoGate
 from appliance.store.space import StoreFullError, StoreSpace
 from appliance.store.unit_map import UnitMap, word_index
 
-__all__ = ["Store", "create_store", "InitError", "StoreError", "NotAStoreError",
-           "FormatVersionError", "CorruptStoreError", "OutOfRangeError", "StoreIOError",
-           "StoreFullError"]
+__all__ = [
+    "Store",
+    "create_store",
+    "InitError",
+    "StoreError",
+    "NotAStoreError",
+    "FormatVersionError",
+    "CorruptStoreError",
+    "OutOfRangeError",
+    "StoreIOError",
+    "StoreFullError",
+]
 
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
@@ -79,8 +88,9 @@ log = logging.getLogger("savepoint.store")
 class Store:
     """A store opened for I/O. Thread-safe; see store_api in the docs for the contract."""
 
-    def __init__(self, backing: Backing, readonly: bool = False,
-                 map_cache: int | None = None) -> None:
+    def __init__(
+        self, backing: Backing, readonly: bool = False, map_cache: int | None = None
+    ) -> None:
         """map_cache: the map cache's budget in bytes (None: store_cache.DEFAULT_BUDGET)."""
         self._b = backing
         self.readonly = readonly
@@ -89,10 +99,12 @@ class Store:
         if backing.size < g.total_size:
             raise CorruptStoreError(
                 f"the store needs {g.total_size} bytes but its target has only {backing.size}; "
-                "it was truncated or copied incompletely")
+                "it was truncated or copied incompletely"
+            )
         self.size, self.unit_size, self.epoch = g.logical_size, g.unit_size, self.sb.epoch
-        self.map = UnitMap(backing, g, store_cache.DEFAULT_BUDGET if map_cache is None
-                           else map_cache)
+        self.map = UnitMap(
+            backing, g, store_cache.DEFAULT_BUDGET if map_cache is None else map_cache
+        )
         self.ring = HistoryRing(backing, g)
         self._gate = IoGate()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
@@ -130,15 +142,18 @@ class Store:
         try:
             backing = FileBacking(path, readonly=readonly)
         except FileNotFoundError:
-            raise NotAStoreError(f"{path} does not exist; create it with `savepoint init "
-                                 f"{path} --size SIZE`") from None
+            raise NotAStoreError(
+                f"{path} does not exist; create it with `savepoint init {path} --size SIZE`"
+            ) from None
         try:
             fcntl.flock(backing, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             if not readonly:
                 backing.close()
-                raise StoreError(f"{path} is in use by another Savepoint process; stop it "
-                                 "first (or talk to it with the savepoint CLI)") from None
+                raise StoreError(
+                    f"{path} is in use by another Savepoint process; stop it "
+                    "first (or talk to it with the savepoint CLI)"
+                ) from None
         try:
             return cls(backing, readonly=readonly, map_cache=map_cache)
         except BaseException:
@@ -154,14 +169,20 @@ class Store:
             return max(found, key=lambda sb: sb.seq)
         problems = [str(c) for c in copies]
         if any("newer" in p for p in problems):
-            raise FormatVersionError(f"this store was written by a newer Savepoint ({problems}); "
-                                     "upgrade Savepoint to use it")
+            raise FormatVersionError(
+                f"this store was written by a newer Savepoint ({problems}); "
+                "upgrade Savepoint to use it"
+            )
         if all(p == "no Savepoint magic" for p in problems):
-            raise NotAStoreError("this is not a Savepoint store (no Savepoint signature found); "
-                                 "create one with `savepoint init`")
-        raise CorruptStoreError(f"both superblock copies are damaged ({'; '.join(problems)}); "
-                                "the store cannot be trusted. `savepoint inspect --check` "
-                                "shows more")
+            raise NotAStoreError(
+                "this is not a Savepoint store (no Savepoint signature found); "
+                "create one with `savepoint init`"
+            )
+        raise CorruptStoreError(
+            f"both superblock copies are damaged ({'; '.join(problems)}); "
+            "the store cannot be trusted. `savepoint inspect --check` "
+            "shows more"
+        )
 
     # ----- the map ----------------------------------------------------------------------------
 
@@ -185,8 +206,9 @@ class Store:
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise OutOfRangeError(f"request at {offset}+{length} is outside the disk "
-                                  f"(0..{self.size})")
+            raise OutOfRangeError(
+                f"request at {offset}+{length} is outside the disk (0..{self.size})"
+            )
 
     @contextmanager
     def _io(self) -> Iterator[None]:
@@ -234,8 +256,9 @@ class Store:
         """Fill buf from the visible disk, or from the saved image when saved=True."""
         us, g = self.unit_size, self.geo
         first, end_unit = offset // us, -(-(offset + len(buf)) // us)
-        if end_unit - first == 1 or (end_unit - first > 2 and
-                                     self.map.uniform(first, end_unit) is not None):
+        if end_unit - first == 1 or (
+            end_unit - first > 2 and self.map.uniform(first, end_unit) is not None
+        ):
             return self._read_run(first, offset, buf, saved)
         pos, end = offset, offset + len(buf)
         run_phys, run_start = -1, 0  # coalesce reads that are contiguous on disk
@@ -255,7 +278,7 @@ class Store:
                 if run_phys >= 0:
                     self._b.pread_into(buf[run_start:dst], run_phys)
                     run_phys = -1
-                buf[dst:dst + n] = self._zero_unit[:n]
+                buf[dst : dst + n] = self._zero_unit[:n]
             pos += n
         if run_phys >= 0:
             self._b.pread_into(buf[run_start:], run_phys)
@@ -298,11 +321,11 @@ class Store:
         first, end_unit = -(-offset // us), (offset + len(view)) // us
         if end_unit - first > 2:  # whole units in the middle: try one write for all of them
             head, tail = first * us - offset, (offset + len(view)) - end_unit * us
-            if self._write_run(first, end_unit, view[head:len(view) - tail]):
+            if self._write_run(first, end_unit, view[head : len(view) - tail]):
                 if head:
                     self._write_units(offset, view[:head])
                 if tail:
-                    self._write_units(end_unit * us, view[len(view) - tail:])
+                    self._write_units(end_unit * us, view[len(view) - tail :])
                 return
         self._write_units(offset, view)
 
@@ -326,11 +349,15 @@ class Store:
                 behind = max(0, min(end, self._c_pos) - first)
                 if w and w < self.epoch:  # the pass may have normalised some meanwhile
                     uniform = self.map.uniform_loaded(first, end, raw)
-                    self._pending -= (end - first if uniform
-                                      else self.map.count_stale(first, end, self.epoch))
+                    self._pending -= (
+                        end - first if uniform else self.map.count_stale(first, end, self.epoch)
+                    )
                     if behind:
-                        self._c_pend -= (behind if uniform else self.map.count_stale(
-                            first, first + behind, self.epoch))
+                        self._c_pend -= (
+                            behind
+                            if uniform
+                            else self.map.count_stale(first, first + behind, self.epoch)
+                        )
                 if w != self.epoch:
                     self.dirty_units += end - first
                     self._c_ddm += behind
@@ -340,8 +367,11 @@ class Store:
     @contextmanager
     def _stripes_for(self, first: int, end: int) -> Iterator[None]:
         """Hold the stripe locks of units first..end-1, taken in one global order."""
-        locks = self._stripes if end - first >= _STRIPES else \
-            [self._stripes[i] for i in sorted({u % _STRIPES for u in range(first, end)})]
+        locks = (
+            self._stripes
+            if end - first >= _STRIPES
+            else [self._stripes[i] for i in sorted({u % _STRIPES for u in range(first, end)})]
+        )
         for lock in locks:
             lock.acquire()
         try:
@@ -356,7 +386,7 @@ class Store:
         while pos < end:
             unit, within = divmod(pos, us)
             n = min(us - within, end - pos)
-            self._write_in_unit(unit, within, view[pos - offset:pos - offset + n])
+            self._write_in_unit(unit, within, view[pos - offset : pos - offset + n])
             pos += n
 
     def _write_data(self, data: bytes | bytearray | memoryview, phys: int) -> None:
@@ -387,9 +417,10 @@ class Store:
             if len(chunk) < self.unit_size:
                 whole = bytearray(self.unit_size)
                 if not current and rec & HAS[prim]:  # copy-up: the rest comes from the saved copy
-                    self._b.pread_into(memoryview(whole), self.geo.slot_off[prim] +
-                                       unit * self.unit_size)
-                whole[within:within + len(chunk)] = chunk
+                    self._b.pread_into(
+                        memoryview(whole), self.geo.slot_off[prim] + unit * self.unit_size
+                    )
+                whole[within : within + len(chunk)] = chunk
                 self._write_fresh(whole, phys)
             else:
                 self._write_fresh(chunk, phys)
@@ -412,8 +443,9 @@ class Store:
         """Working state reads zeros until RESTORE; the saved copy is untouched."""
         self.write_zeroes(offset, length, punch=True)
 
-    def write_zeroes(self, offset: int, length: int, fua: bool = False,
-                     punch: bool = False) -> None:
+    def write_zeroes(
+        self, offset: int, length: int, fua: bool = False, punch: bool = False
+    ) -> None:
         self._refuse_readonly()
         self._check_range(offset, length)
         us = self.unit_size
@@ -496,8 +528,11 @@ class Store:
         with self._flush_lock:
             runs = self.map.take_dirty()  # these records only describe completed writes
             with self.map.lock:
-                counters = {"dirty_units": self.dirty_units, "dirty_bytes": self.dirty_bytes,
-                            "pending_units": max(self._pending, 0)}
+                counters = {
+                    "dirty_units": self.dirty_units,
+                    "dirty_bytes": self.dirty_bytes,
+                    "pending_units": max(self._pending, 0),
+                }
             try:
                 self._flush_runs(runs, counters, advance_resolved)
             except BaseException:
@@ -505,8 +540,9 @@ class Store:
                     self.map.redirty(runs)
                 raise
 
-    def _flush_runs(self, runs: list[tuple[int, bytes]], counters: dict[str, int],
-                    advance_resolved: int | None) -> None:
+    def _flush_runs(
+        self, runs: list[tuple[int, bytes]], counters: dict[str, int], advance_resolved: int | None
+    ) -> None:
         if self._unsynced:
             self._unsynced = False  # cleared first: a write returning meanwhile sets it again
             try:
@@ -568,8 +604,11 @@ class Store:
             try:
                 self._flush_locked()
             except OSError as e:  # the request that got here succeeded: do not fail it
-                log.warning("the map cache is over its budget and the flush that would make "
-                            "room failed (%s); retrying at the next request", e)
+                log.warning(
+                    "the map cache is over its budget and the flush that would make "
+                    "room failed (%s); retrying at the next request",
+                    e,
+                )
                 return
             finally:
                 self._gate.leave()
@@ -580,8 +619,9 @@ class Store:
 
     # ----- SAVE and RESTORE -------------------------------------------------------------------
 
-    def save(self, source: str, host_synced: bool = False,
-             settle: tuple[int, int] | None = None) -> dict[str, object]:
+    def save(
+        self, source: str, host_synced: bool = False, settle: tuple[int, int] | None = None
+    ) -> dict[str, object]:
         """The working copies become the saved state: one history record, one epoch bump.
         `settle` is (flag bits, quiet deciseconds) from the wait for a quiet host."""
         bits, quiet = settle or (0, 0)
@@ -605,8 +645,9 @@ class Store:
 
     def pass_urgent(self) -> bool:
         """Few history records are left: the pass should run even while I/O is going on."""
-        return self.sb.resolved_below < self.epoch and \
-            self.ring_free() <= max(1, self.geo.hist_cap // 8)
+        return self.sb.resolved_below < self.epoch and self.ring_free() <= max(
+            1, self.geo.hist_cap // 8
+        )
 
     def _ring_full(self) -> bool:
         return self.ring_free() <= 0
@@ -617,15 +658,18 @@ class Store:
         what = "SAVE" if action == SAVE else "RESTORE"
         try:
             while self._ring_full():
-                self.waiting = (f"{what} waits for the background pass "
-                                f"({100 * self._pass_pos // self.geo.unit_count}% done): the "
-                                "history ring is full")
+                self.waiting = (
+                    f"{what} waits for the background pass "
+                    f"({100 * self._pass_pos // self.geo.unit_count}% done): the "
+                    "history ring is full"
+                )
                 self.background_step(PASS_SLICE)
         finally:
             self.waiting = None
 
-    def _commit_locked(self, action: int, source: str, flags: int,
-                       quiet: int = 0) -> dict[str, object]:
+    def _commit_locked(
+        self, action: int, source: str, flags: int, quiet: int = 0
+    ) -> dict[str, object]:
         try:
             if self.epoch >= MAX_EPOCH:
                 raise StoreError("the store has used every epoch number; re-create it")
@@ -640,17 +684,27 @@ class Store:
         except OSError as e:
             raise self.space.io_error(e, f"I/O error during {source} command") from e
 
-    def _append_history(self, action: int, source: str, flags: int,
-                        quiet: int = 0) -> HistoryRecord:
+    def _append_history(
+        self, action: int, source: str, flags: int, quiet: int = 0
+    ) -> HistoryRecord:
         now = time.time_ns()
-        rec = HistoryRecord(self.epoch, action, now, self.dirty_units, self.dirty_bytes,
-                            source, flags, quiet)
+        rec = HistoryRecord(
+            self.epoch, action, now, self.dirty_units, self.dirty_bytes, source, flags, quiet
+        )
         raw = self.ring.write(rec)
         stamp = {"last_save_ns": now} if action == SAVE else {"last_restore_ns": now}
         # The superblock is the commit point; it carries the record in case the ring write tore.
         pending = max(self._pending, 0) + self.dirty_units
-        self._write_superblock(self.sb.next(epoch=self.epoch + 1, dirty_units=0, dirty_bytes=0,
-                                            pending_units=pending, last_record=raw, **stamp))
+        self._write_superblock(
+            self.sb.next(
+                epoch=self.epoch + 1,
+                dirty_units=0,
+                dirty_bytes=0,
+                pending_units=pending,
+                last_record=raw,
+                **stamp,
+            )
+        )
         self.ring.committed(rec)
         self._pending = pending
         self._c_pend, self._c_ddm = self._c_pend + self._c_ddm, 0  # behind the cursor
@@ -685,8 +739,10 @@ class Store:
                 self._c_live = True
         self._pass_pos = self._normalise(self._pass_pos, max_units)  # may stop early: cache
         if self._pass_pos < self.geo.unit_count:
-            if self._pass_dirtied >= PASS_FLUSH_SECTORS or \
-                    self.map.transient_pages() > PASS_RESIDENT_PAGES:
+            if (
+                self._pass_dirtied >= PASS_FLUSH_SECTORS
+                or self.map.transient_pages() > PASS_RESIDENT_PAGES
+            ):
                 self._flush_locked()  # a bounded write now (not the whole map at the end),
                 self._pass_dirtied = 0  # after which the pages the pass loaded can be dropped
             return True

@@ -103,12 +103,12 @@ def plan_geometry(logical_size: int, unit: int, hist_cap: int = DEFAULT_HIST_CAP
     meta_len = align_up(-(-count // RECS_PER_SECTOR) * SECTOR, PAGE)
     slot0 = align_up(meta_off + meta_len, align)
     slot1 = slot0 + align_up(count * unit, align)
-    return Geometry(unit, count, logical_size, hist_cap, hist_off, meta_off, meta_len,
-                    (slot0, slot1))
+    return Geometry(
+        unit, count, logical_size, hist_cap, hist_off, meta_off, meta_len, (slot0, slot1)
+    )
 
 
-def geometry_for_capacity(capacity: int, unit: int,
-                          hist_cap: int = DEFAULT_HIST_CAP) -> Geometry:
+def geometry_for_capacity(capacity: int, unit: int, hist_cap: int = DEFAULT_HIST_CAP) -> Geometry:
     """The largest disk whose store fits in capacity bytes (a block device)."""
     check_unit_size(unit)
     lo, hi = 0, max(capacity // (2 * unit), 0)  # in units; a disk of lo units always fits
@@ -120,8 +120,10 @@ def geometry_for_capacity(capacity: int, unit: int,
             hi = mid - 1
     if lo == 0:
         need = plan_geometry(unit, unit, hist_cap).total_size
-        raise ValueError(f"{capacity} bytes are too small for a store with {unit}-byte units "
-                         f"(the smallest needs {need})")
+        raise ValueError(
+            f"{capacity} bytes are too small for a store with {unit}-byte units "
+            f"(the smallest needs {need})"
+        )
     return plan_geometry(lo * unit, unit, hist_cap)
 
 
@@ -142,12 +144,30 @@ class Superblock:
 
     def pack(self) -> bytes:
         g = self.geometry
-        body = _SB.pack(MAGIC, FORMAT_VERSION, g.unit_size, g.unit_count, g.logical_size,
-                        g.hist_off, g.meta_off, g.meta_len, g.slot_off[0], g.slot_off[1],
-                        g.hist_cap, self.seq, self.epoch, self.resolved_below,
-                        self.dirty_units, self.dirty_bytes, self.last_save_ns,
-                        self.last_restore_ns, self.uuid, self.created_ns, self.pending_units,
-                        self.last_record)
+        body = _SB.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            g.unit_size,
+            g.unit_count,
+            g.logical_size,
+            g.hist_off,
+            g.meta_off,
+            g.meta_len,
+            g.slot_off[0],
+            g.slot_off[1],
+            g.hist_cap,
+            self.seq,
+            self.epoch,
+            self.resolved_below,
+            self.dirty_units,
+            self.dirty_bytes,
+            self.last_save_ns,
+            self.last_restore_ns,
+            self.uuid,
+            self.created_ns,
+            self.pending_units,
+            self.last_record,
+        )
         body += struct.pack("<I", crc32c.crc32c(body))
         return body + bytes(SB_SIZE - len(body))
 
@@ -161,18 +181,37 @@ def unpack_superblock(raw: bytes) -> Superblock:
         raise FormatError("no Savepoint magic")
     version = struct.unpack_from("<I", raw, 8)[0]
     if version > FORMAT_VERSION:
-        raise FormatError(f"format version {version} is newer than this software "
-                          f"(version {FORMAT_VERSION})")
+        raise FormatError(
+            f"format version {version} is newer than this software (version {FORMAT_VERSION})"
+        )
     end = _SB.size
     if struct.unpack_from("<I", raw, end)[0] != crc32c.crc32c(raw[:end]):
         raise FormatError("superblock checksum mismatch")
     f = _SB.unpack_from(raw)
-    geo = Geometry(unit_size=f[2], unit_count=f[3], logical_size=f[4], hist_off=f[5],
-                   meta_off=f[6], meta_len=f[7], slot_off=(f[8], f[9]), hist_cap=f[10])
-    return Superblock(geometry=geo, seq=f[11], epoch=f[12], resolved_below=f[13],
-                      dirty_units=f[14], dirty_bytes=f[15], last_save_ns=f[16],
-                      last_restore_ns=f[17], uuid=f[18], created_ns=f[19], pending_units=f[20],
-                      last_record=f[21])
+    geo = Geometry(
+        unit_size=f[2],
+        unit_count=f[3],
+        logical_size=f[4],
+        hist_off=f[5],
+        meta_off=f[6],
+        meta_len=f[7],
+        slot_off=(f[8], f[9]),
+        hist_cap=f[10],
+    )
+    return Superblock(
+        geometry=geo,
+        seq=f[11],
+        epoch=f[12],
+        resolved_below=f[13],
+        dirty_units=f[14],
+        dirty_bytes=f[15],
+        last_save_ns=f[16],
+        last_restore_ns=f[17],
+        uuid=f[18],
+        created_ns=f[19],
+        pending_units=f[20],
+        last_record=f[21],
+    )
 
 
 def superblock_copies(head: bytes) -> list[Superblock | FormatError]:
@@ -181,7 +220,7 @@ def superblock_copies(head: bytes) -> list[Superblock | FormatError]:
     copies: list[Superblock | FormatError] = []
     for off in SB_OFFSETS:
         try:
-            copies.append(unpack_superblock(head[off:off + SB_SIZE]))
+            copies.append(unpack_superblock(head[off : off + SB_SIZE]))
         except FormatError as e:
             copies.append(e)
     return copies
@@ -199,8 +238,16 @@ class HistoryRecord:
     quiet_ds: int = 0  # how long the host had been quiet, deciseconds (FLAG_QUIET_KNOWN)
 
     def pack(self) -> builtins.bytes:  # `bytes` in this class is the field
-        body = _HIST.pack(self.epoch, self.time_ns, self.units, self.bytes, self.action,
-                          self.flags, min(self.quiet_ds, QUIET_MAX), self.source.encode()[:24])
+        body = _HIST.pack(
+            self.epoch,
+            self.time_ns,
+            self.units,
+            self.bytes,
+            self.action,
+            self.flags,
+            min(self.quiet_ds, QUIET_MAX),
+            self.source.encode()[:24],
+        )
         return body + struct.pack("<I", crc32c.crc32c(body))
 
     def as_dict(self) -> dict[str, object]:
@@ -220,35 +267,40 @@ class HistoryRecord:
         """What a SAVE knew of the host; None (unknown) in records from before it was kept."""
         if self.action != SAVE or not self.flags & FLAG_QUIET_KNOWN:
             return {"quiet": None, "forced": None, "host_busy": None}
-        return {"quiet": self.quiet_ds / 10, "forced": bool(self.flags & FLAG_FORCED),
-                "host_busy": bool(self.flags & FLAG_BUSY)}
+        return {
+            "quiet": self.quiet_ds / 10,
+            "forced": bool(self.flags & FLAG_FORCED),
+            "host_busy": bool(self.flags & FLAG_BUSY),
+        }
 
 
 def unpack_history(raw: bytes | memoryview) -> HistoryRecord | None:
     """A valid record, or None for an empty or damaged slot."""
-    body = bytes(raw[:_HIST.size])
+    body = bytes(raw[: _HIST.size])
     if struct.unpack_from("<I", raw, _HIST.size)[0] != crc32c.crc32c(body):
         return None
     e, t, units, nbytes, action, flags, quiet, source = _HIST.unpack(body)
     if action not in ACTIONS or e == 0:
         return None
-    return HistoryRecord(e, action, t, units, nbytes, source.rstrip(b"\0").decode(errors="replace"),
-                         flags, quiet)
+    return HistoryRecord(
+        e, action, t, units, nbytes, source.rstrip(b"\0").decode(errors="replace"), flags, quiet
+    )
 
 
 def seal_sector(meta: bytearray | mmap.mmap, sector: int) -> None:
     """Stamp a map sector's index and checksum in place before it goes to disk."""
     base = sector * SECTOR
     struct.pack_into("<I", meta, base + 4, sector)
-    struct.pack_into("<I", meta, base, crc32c.crc32c(memoryview(meta)[base + 4:base + SECTOR]))
+    struct.pack_into("<I", meta, base, crc32c.crc32c(memoryview(meta)[base + 4 : base + SECTOR]))
 
 
-def sector_ok(meta: bytes | bytearray | memoryview | mmap.mmap, sector: int,
-              number: int | None = None) -> bool:
+def sector_ok(
+    meta: bytes | bytearray | memoryview | mmap.mmap, sector: int, number: int | None = None
+) -> bool:
     """A never-written (all zero) sector is valid and empty; any other needs a good checksum.
     `sector` indexes `meta`; `number` is the sector's number in the whole map (the index its
     header must carry) when `meta` holds only part of the map."""
-    raw = memoryview(meta)[sector * SECTOR:(sector + 1) * SECTOR]
+    raw = memoryview(meta)[sector * SECTOR : (sector + 1) * SECTOR]
     crc, index = struct.unpack_from("<II", raw)
     if crc == 0 and index == 0 and raw.tobytes() == _ZERO_SECTOR:  # memcmp, not per item
         return True

@@ -36,15 +36,16 @@ class HistoryRing:
             raw = bytearray(n * HIST_REC)
             self._b.pread_into(memoryview(raw), self._off(epoch))
             for i in range(n):
-                rec = unpack_history(memoryview(raw)[i * HIST_REC:(i + 1) * HIST_REC])
+                rec = unpack_history(memoryview(raw)[i * HIST_REC : (i + 1) * HIST_REC])
                 if rec is not None and rec.epoch == epoch + i:
                     found.append(rec)
             epoch += n
         last = self._last
         if last is not None and first <= last.epoch < end:  # read-only open of a torn ring:
             # the superblock's copy wins, as repair() makes it win on a read-write open
-            found = sorted([*(r for r in found if r.epoch != last.epoch), last],
-                           key=lambda r: r.epoch)
+            found = sorted(
+                [*(r for r in found if r.epoch != last.epoch), last], key=lambda r: r.epoch
+            )
         return found
 
     def repair(self, last_raw: bytes, writable: bool) -> None:
@@ -62,8 +63,10 @@ class HistoryRing:
         recs = {r.epoch: r for r in self.records(first, end)}
         for e in range(first, end):
             if e not in recs:
-                raise CorruptStoreError(f"history record of epoch {e} is missing or damaged, and "
-                                        "units still depend on it; run `savepoint inspect --check`")
+                raise CorruptStoreError(
+                    f"history record of epoch {e} is missing or damaged, and "
+                    "units still depend on it; run `savepoint inspect --check`"
+                )
             self._saved[e % self._geo.hist_cap] = recs[e].action == SAVE
 
     def ended_by_save(self, epoch: int) -> int:

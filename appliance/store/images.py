@@ -40,11 +40,11 @@ def image_info(path: str) -> tuple[str, int]:
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such image file")
     try:
-        out = subprocess.run(["qemu-img", "info", "--output=json", path], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", path], capture_output=True, text=True, timeout=60
+        )
     except FileNotFoundError:
-        raise ImageError("qemu-img is not installed (Debian: apt-get install qemu-utils)") \
-            from None
+        raise ImageError("qemu-img is not installed (Debian: apt-get install qemu-utils)") from None
     if out.returncode != 0:
         raise ImageError(f"{path}: qemu-img cannot read it: {out.stderr.strip()}")
     info = json.loads(out.stdout)
@@ -60,8 +60,19 @@ def import_image(store: Store, image: str, fmt: str, progress: bool) -> None:
     server = NbdServer(store, unix_path=sock)
     server.start()
     try:
-        cmd = ["qemu-img", "convert", "-n", "--target-is-zero", "-f", fmt, "-O", "raw",
-               *(["-p"] if progress else []), image, f"nbd+unix:///savepoint?socket={sock}"]
+        cmd = [
+            "qemu-img",
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            *(["-p"] if progress else []),
+            image,
+            f"nbd+unix:///savepoint?socket={sock}",
+        ]
         res = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         if res.returncode != 0:
             raise ImageError(f"copying {image} failed: {res.stderr.strip()}")
@@ -125,8 +136,9 @@ def convert(src: str, src_fmt: str, out: str, fmt: str, show: bool) -> None:
 
 @contextlib.contextmanager
 def _temp_beside(out: str) -> Iterator[str]:
-    fd, path = tempfile.mkstemp(prefix=".savepoint-export-", dir=os.path.dirname(
-        os.path.abspath(out)))
+    fd, path = tempfile.mkstemp(
+        prefix=".savepoint-export-", dir=os.path.dirname(os.path.abspath(out))
+    )
     os.close(fd)
     try:
         yield path

@@ -57,8 +57,9 @@ def describe_existing(path: str) -> str | None:
 def _blkid(path: str) -> str | None:
     """Ask util-linux's blkid for partition tables and file systems (low-level probe)."""
     try:
-        out = subprocess.run(["blkid", "-p", "-o", "export", path], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(
+            ["blkid", "-p", "-o", "export", path], capture_output=True, text=True, timeout=30
+        )
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return None
     tags = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
@@ -79,17 +80,24 @@ def _allocate_metadata(path: str, geo: Geometry) -> None:
     except OSError as e:
         if e.errno not in NO_FALLOCATE:  # ENOSPC: not even the metadata fits
             os.unlink(path)
-            raise InitError(f"{path}: no room for the store's {human(geo.slot_off[0])} of "
-                            f"metadata ({e}); nothing was created") from None
+            raise InitError(
+                f"{path}: no room for the store's {human(geo.slot_off[0])} of "
+                f"metadata ({e}); nothing was created"
+            ) from None
         # a file system without fallocate: blocks are allocated on first write instead
     finally:
         os.close(fd)
 
 
-def create_store(path: str, size: int | None, unit: int = 4096, force: bool = False,
-                 hist_cap: int = DEFAULT_HIST_CAP,
-                 progress: Callable[[int, int], None] | None = None,
-                 allow_overcommit: bool = False) -> Geometry:
+def create_store(
+    path: str,
+    size: int | None,
+    unit: int = 4096,
+    force: bool = False,
+    hist_cap: int = DEFAULT_HIST_CAP,
+    progress: Callable[[int, int], None] | None = None,
+    allow_overcommit: bool = False,
+) -> Geometry:
     """Create an empty store: every unit reads as zeros, epoch 1, no history.
 
     On a regular file the store is sparse; it is refused when its full size exceeds the free
@@ -98,19 +106,20 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
     is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
     existing = describe_existing(path)
     if existing and not force:
-        raise InitError(f"{path} already holds {existing}; nothing was changed. "
-                        "Use --force to overwrite it.")
+        raise InitError(
+            f"{path} already holds {existing}; nothing was changed. Use --force to overwrite it."
+        )
     if is_block:
         fd = os.open(path, os.O_RDONLY)
         try:
             capacity = block_device_size(fd)
         finally:
             os.close(fd)
-        geo = (plan_geometry(size, unit, hist_cap) if size else
-               geometry_for_capacity(capacity, unit))
+        geo = plan_geometry(size, unit, hist_cap) if size else geometry_for_capacity(capacity, unit)
         if geo.total_size > capacity:
-            raise InitError(f"{path} has {capacity} bytes; a {size}-byte disk needs "
-                            f"{geo.total_size}")
+            raise InitError(
+                f"{path} has {capacity} bytes; a {size}-byte disk needs {geo.total_size}"
+            )
     else:
         if not size:
             raise InitError("a store on a regular file needs --size (for example --size 8G)")
@@ -134,8 +143,12 @@ def create_store(path: str, size: int | None, unit: int = 4096, force: bool = Fa
     return geo
 
 
-def write_fresh_store(backing: Backing, geo: Geometry, zero_meta: bool,
-                      progress: Callable[[int, int], None] | None = None) -> None:
+def write_fresh_store(
+    backing: Backing,
+    geo: Geometry,
+    zero_meta: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     """Make `backing` an empty store. Whatever it held is unreachable before the new
     superblock can be durable: a cut at any point leaves the old store, no store, or the new
     one, never the new superblock over the old map."""
@@ -149,10 +162,11 @@ def write_fresh_store(backing: Backing, geo: Geometry, zero_meta: bool,
     backing.sync()
 
 
-def _zero(backing: Backing, start: int, end: int,
-          progress: Callable[[int, int], None] | None) -> None:
+def _zero(
+    backing: Backing, start: int, end: int, progress: Callable[[int, int], None] | None
+) -> None:
     chunk = bytes(ZERO_CHUNK)
     for off in range(start, end, ZERO_CHUNK):
-        backing.pwrite(chunk[:min(ZERO_CHUNK, end - off)], off)
+        backing.pwrite(chunk[: min(ZERO_CHUNK, end - off)], off)
         if progress:
             progress(off + ZERO_CHUNK - start, end - start)

@@ -61,7 +61,8 @@ class IoGate:
             self._idle_waiters += 1
             try:
                 got = self._cond.wait_for(
-                    lambda: not (self._exclusive or self.active or self._waiting), timeout)
+                    lambda: not (self._exclusive or self.active or self._waiting), timeout
+                )
             finally:
                 self._idle_waiters -= 1
             if got:

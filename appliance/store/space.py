@@ -67,6 +67,7 @@ def allocated(fd: int) -> int:
 
 # ----- creating a store ---------------------------------------------------------------------
 
+
 def overcommit_problem(path: str, geo: Geometry, size: int) -> str | None:
     """Why a sparse store of this geometry may not fit its file system, or None if it fits.
 
@@ -82,12 +83,14 @@ def overcommit_problem(path: str, geo: Geometry, size: int) -> str | None:
         pass
     if geo.total_size <= free:
         return None
-    return (f"{path}: the store can grow to {human(geo.total_size)} (2 x the {human(size)} "
-            f"disk + {human(geo.slot_off[0])} metadata) but its file system has only "
-            f"{human(free)} free; nothing was changed. Choose a smaller --size, free some "
-            "space, or pass --allow-overcommit (config: [store] allow_overcommit = true) to "
-            "create it sparse anyway: writes then fail with \"no space left\" when the file "
-            "system fills, and RESTORE still works and gives the space back")
+    return (
+        f"{path}: the store can grow to {human(geo.total_size)} (2 x the {human(size)} "
+        f"disk + {human(geo.slot_off[0])} metadata) but its file system has only "
+        f"{human(free)} free; nothing was changed. Choose a smaller --size, free some "
+        "space, or pass --allow-overcommit (config: [store] allow_overcommit = true) to "
+        'create it sparse anyway: writes then fail with "no space left" when the file '
+        "system fills, and RESTORE still works and gives the space back"
+    )
 
 
 def allocate_metadata(fd: int, geo: Geometry) -> int:
@@ -103,14 +106,16 @@ def allocate_metadata(fd: int, geo: Geometry) -> int:
 
 # ----- an open store ------------------------------------------------------------------------
 
+
 class StoreSpace:
     """The space side of one open store: allocation report, punching, the "full" state."""
 
     def __init__(self, backing: Backing, geo: Geometry, readonly: bool) -> None:
         self._b, self._geo = backing, geo
         fd = backing.fd
-        self.kind = "memory" if fd is None else (
-            "file" if stat.S_ISREG(os.fstat(fd).st_mode) else "block")
+        self.kind = (
+            "memory" if fd is None else ("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "block")
+        )
         # Block devices have nothing to give back; simulated backings punch like files.
         self.punching = self.kind != "block" and not readonly
         self.punched_bytes = 0  # given back since the store was opened
@@ -134,16 +139,24 @@ class StoreSpace:
             grown = allocate_metadata(fd, self._geo)
         except OSError as e:
             if e.errno in NO_FALLOCATE:
-                log.warning("this file system cannot preallocate the store's metadata: a full "
-                            "file system could stop SAVE (RESTORE still works)")
+                log.warning(
+                    "this file system cannot preallocate the store's metadata: a full "
+                    "file system could stop SAVE (RESTORE still works)"
+                )
             else:  # never refuse to open: RESTORE is how a full disk recovers
-                log.warning("could not allocate the store's metadata (%s): SAVE may fail "
-                            "until the file system has room; RESTORE still works", e)
+                log.warning(
+                    "could not allocate the store's metadata (%s): SAVE may fail "
+                    "until the file system has room; RESTORE still works",
+                    e,
+                )
             return
         if grown:
-            log.info("allocated %s for the store's superblocks, history and map, so a full "
-                     "file system cannot stop SAVE or RESTORE (in-place upgrade of a store "
-                     "created by an older Savepoint)", human(grown))
+            log.info(
+                "allocated %s for the store's superblocks, history and map, so a full "
+                "file system cannot stop SAVE or RESTORE (in-place upgrade of a store "
+                "created by an older Savepoint)",
+                human(grown),
+            )
 
     # ----- errors -------------------------------------------------------------------------
 
@@ -152,15 +165,16 @@ class StoreSpace:
         if e.errno not in FULL_ERRNOS:
             return StoreIOError(f"{what}: {e}")
         free = self._free()
-        reason = (f"backing storage full: {human(free) if free is not None else 'no space'} "
-                  "free on the file system of the store")
+        reason = (
+            f"backing storage full: {human(free) if free is not None else 'no space'} "
+            "free on the file system of the store"
+        )
         with self._lock:
             changed = not self.full_reason
             self.full_reason, self.full_since = reason, self.full_since or time.time()
             self._last_full = self.clock()
         if changed:
-            log.warning("%s; writes fail with ENOSPC until space is freed: %s", reason,
-                        FULL_HINT)
+            log.warning("%s; writes fail with ENOSPC until space is freed: %s", reason, FULL_HINT)
             self._tell()
         return StoreFullError(f"{reason} ({e}); {FULL_HINT}")
 
@@ -178,8 +192,10 @@ class StoreSpace:
             return True
         with self._lock:
             self.full_reason, self.full_since = "", None
-        log.info("backing storage has room again%s: writes work again",
-                 f" ({human(free)} free)" if free is not None else "")
+        log.info(
+            "backing storage has room again%s: writes work again",
+            f" ({human(free)} free)" if free is not None else "",
+        )
         self._tell()
         return False
 
@@ -223,8 +239,11 @@ class StoreSpace:
 
     def _locked_punch(self, store: Store, first: int, end: int) -> bool:
         stripes = store._stripes
-        locks = stripes if end - first >= len(stripes) else \
-            [stripes[i] for i in sorted({u % len(stripes) for u in range(first, end)})]
+        locks = (
+            stripes
+            if end - first >= len(stripes)
+            else [stripes[i] for i in sorted({u % len(stripes) for u in range(first, end)})]
+        )
         taken = []
         try:
             for lock in locks:
@@ -315,22 +334,29 @@ class StoreSpace:
         """Allocation and free space; `margin` < 0 means the store may outgrow its file system."""
         self.poll()
         full = self._geo.total_size
-        info: dict[str, Any] = {"backing": self.kind, "full_size": full,
-                                "full": bool(self.full_reason), "full_reason": self.full_reason,
-                                "punched_bytes": self.punched_bytes}
+        info: dict[str, Any] = {
+            "backing": self.kind,
+            "full_size": full,
+            "full": bool(self.full_reason),
+            "full_reason": self.full_reason,
+            "punched_bytes": self.punched_bytes,
+        }
         fd = self._b.fd
         if self.kind == "file" and fd is not None:
             used, free = allocated(fd), fs_free(fd)
-            info.update(allocated_bytes=used, fs_free_bytes=free,
-                        margin_bytes=free - max(0, full - used))
+            info.update(
+                allocated_bytes=used, fs_free_bytes=free, margin_bytes=free - max(0, full - used)
+            )
         elif self.kind == "block":
             info.update(allocated_bytes=full)
         return info
 
 
-FULL_HINT = ("RESTORE discards the unsaved writes and gives their space back; a SAVE gives back "
-             "the old copies of what it saved once the background pass has run; or free space on "
-             "the file system (or move the store to a larger one)")
+FULL_HINT = (
+    "RESTORE discards the unsaved writes and gives their space back; a SAVE gives back "
+    "the old copies of what it saved once the background pass has run; or free space on "
+    "the file system (or move the store to a larger one)"
+)
 
 
 def overcommit_warning(info: dict[str, Any]) -> str | None:
@@ -338,7 +364,9 @@ def overcommit_warning(info: dict[str, Any]) -> str | None:
     margin = info.get("margin_bytes")
     if margin is None or margin >= 0:
         return None
-    return (f"the store can grow to {human(info['full_size'])} but only "
-            f"{human(info['allocated_bytes'] + info['fs_free_bytes'])} fit on its file system "
-            f"(over-committed by {human(-margin)}): writes will fail with \"no space left\" "
-            "when it fills; RESTORE still works and gives the space back")
+    return (
+        f"the store can grow to {human(info['full_size'])} but only "
+        f"{human(info['allocated_bytes'] + info['fs_free_bytes'])} fit on its file system "
+        f'(over-committed by {human(-margin)}): writes will fail with "no space left" '
+        "when it fills; RESTORE still works and gives the space back"
+    )

@@ -59,7 +59,7 @@ class UnitMap:
                 return
             self._b.pread_into(memoryview(self._scratch), self._geo.meta_off + page * PAGE)
             if self._scratch != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
-                self._meta[page * PAGE:(page + 1) * PAGE] = self._scratch
+                self._meta[page * PAGE : (page + 1) * PAGE] = self._scratch
                 for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
                     if not sector_ok(self._meta, s):
                         self.bad_sectors.add(s)
@@ -129,9 +129,11 @@ class UnitMap:
 
     def raise_bad(self, unit: int) -> None:
         sector = unit // RECS_PER_SECTOR
-        raise StoreIOError(f"map sector {sector} (units from byte "
-                           f"{sector * RECS_PER_SECTOR * self._geo.unit_size}) failed its "
-                           "checksum; run `savepoint inspect --check`")
+        raise StoreIOError(
+            f"map sector {sector} (units from byte "
+            f"{sector * RECS_PER_SECTOR * self._geo.unit_size}) failed its "
+            "checksum; run `savepoint inspect --check`"
+        )
 
     def set(self, unit: int, rec: int) -> None:
         """Caller holds lock."""
@@ -147,7 +149,7 @@ class UnitMap:
         while unit < end:
             n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
             b = word_index(unit) * 4
-            self._meta[b:b + 4 * n] = pattern * n
+            self._meta[b : b + 4 * n] = pattern * n
             self.dirty.add(unit // RECS_PER_SECTOR)
             unit += n
 
@@ -159,22 +161,25 @@ class UnitMap:
         """
         s, i = divmod(first, RECS_PER_SECTOR)
         n = end - first
-        if n <= RECS_PER_SECTOR - i and self.loaded[first // UNITS_PER_PAGE] \
-                and not self.bad_sectors:  # the common case: one sector, already loaded
+        if (
+            n <= RECS_PER_SECTOR - i
+            and self.loaded[first // UNITS_PER_PAGE]
+            and not self.bad_sectors
+        ):  # the common case: one sector, already loaded
             self.cache.hits += 1
             self.cache.touch(first // UNITS_PER_PAGE // self._step)
             w = (s * WORDS_PER_SECTOR + 2 + i) * 4
-            raw4 = self._meta[w:w + 4]
-            return int.from_bytes(raw4, "little") if self._meta[w:w + 4 * n] == raw4 * n \
-                else None
+            raw4 = self._meta[w : w + 4]
+            return int.from_bytes(raw4, "little") if self._meta[w : w + 4 * n] == raw4 * n else None
         for page in range(first // UNITS_PER_PAGE, (end - 1) // UNITS_PER_PAGE + 1):
             if not self.loaded[page]:
                 self.load_page(page)
             else:
                 self.cache.touch(page // self._step)
-        if self.bad_sectors and any(s in self.bad_sectors for s in
-                                    range(first // RECS_PER_SECTOR,
-                                          (end - 1) // RECS_PER_SECTOR + 1)):
+        if self.bad_sectors and any(
+            s in self.bad_sectors
+            for s in range(first // RECS_PER_SECTOR, (end - 1) // RECS_PER_SECTOR + 1)
+        ):
             return None
         raw = self.words[word_index(first)]
         return raw if self.uniform_loaded(first, end, raw) else None
@@ -186,7 +191,7 @@ class UnitMap:
         while unit < end:
             n = min(RECS_PER_SECTOR - unit % RECS_PER_SECTOR, end - unit)
             w = word_index(unit) * 4
-            if self._meta[w:w + 4 * n] != pattern * n:
+            if self._meta[w : w + 4 * n] != pattern * n:
                 return False
             unit += n
         return True
@@ -202,13 +207,13 @@ class UnitMap:
         for i in range(0, len(todo), chunk):
             runs: list[tuple[int, int]] = []  # [first, end) sector ranges
             with self.lock:
-                for s in todo[i:i + chunk]:
+                for s in todo[i : i + chunk]:
                     seal_sector(self._meta, s)
                     if runs and runs[-1][1] == s:
                         runs[-1] = (runs[-1][0], s + 1)
                     else:
                         runs.append((s, s + 1))
-                out += [(a, self._meta[a * SECTOR:b * SECTOR]) for a, b in runs]
+                out += [(a, self._meta[a * SECTOR : b * SECTOR]) for a, b in runs]
         return out
 
     def redirty(self, runs: list[tuple[int, bytes]]) -> None:

@@ -41,13 +41,14 @@ class GadgetSettings(Settings):
     product_id: int = setting(0x0104, "USB idProduct (default: multifunction composite gadget)")
     manufacturer: str = setting("Savepoint", "USB manufacturer string")
     product: str = setting("Savepoint disk", "USB product string")
-    serial: str = setting("SAVEPOINT0001", "USB serial number (savepoint-host finds the port by "
-                                           "it)")
+    serial: str = setting(
+        "SAVEPOINT0001", "USB serial number (savepoint-host finds the port by it)"
+    )
     inquiry_vendor: str = setting("Savepnt", "SCSI INQUIRY vendor, up to 8 characters")
     inquiry_product: str = setting("Savepoint disk", "SCSI INQUIRY product, up to 16 characters")
     inquiry_revision: str = setting("0100", "SCSI INQUIRY revision, up to 4 characters")
     thaw_file: str = setting("", "unprotected LUN 1 backing file (survives RESTORE); empty = none")
-    thaw_size: str | int = setting("", "create thaw_file with this size if missing, e.g. \"256M\"")
+    thaw_size: str | int = setting("", 'create thaw_file with this size if missing, e.g. "256M"')
     acm: bool = setting(True, "add the CDC-ACM serial function (host command channel)")
     configfs: str = setting("/sys/kernel/config", "configfs mount point")
     sysfs: str = setting("/sys", "sysfs mount point")
@@ -107,7 +108,8 @@ class Gadget:
         if cfg["thaw_file"]:
             attrs[f"functions/{MS}/lun.1/removable"] = "1"
             attrs[f"functions/{MS}/lun.1/inquiry_string"] = inquiry_string(
-                {**cfg, "inquiry_product": "Savepoint thaw"})
+                {**cfg, "inquiry_product": "Savepoint thaw"}
+            )
         return attrs
 
     def functions(self) -> list[str]:
@@ -159,14 +161,17 @@ class Gadget:
         udcs = sorted(p.name for p in (self.sysfs / "class" / "udc").glob("*"))
         if wanted:
             if wanted not in udcs:
-                raise PartUnavailable(f"USB device controller {wanted!r} not found "
-                                      f"(have: {', '.join(udcs) or 'none'})",
-                                      "fix [gadget] udc, or load the controller driver")
+                raise PartUnavailable(
+                    f"USB device controller {wanted!r} not found "
+                    f"(have: {', '.join(udcs) or 'none'})",
+                    "fix [gadget] udc, or load the controller driver",
+                )
             return wanted
         if not udcs:
-            raise PartUnavailable("no USB device controller in /sys/class/udc",
-                                  "on a Pi: dtoverlay=dwc2 and modprobe dwc2; "
-                                  "for testing: modprobe dummy_hcd")
+            raise PartUnavailable(
+                "no USB device controller in /sys/class/udc",
+                "on a Pi: dtoverlay=dwc2 and modprobe dwc2; for testing: modprobe dummy_hcd",
+            )
         return udcs[0]
 
     def bound_to(self) -> str:
@@ -236,8 +241,7 @@ def _write_in_child(path: Path, value: str) -> None:
     threads waited on that lock, it could never exit: the NBD socket would stay open, the
     I/O never fail, the lock never come free. A child can wait; the daemon can still die.
     """
-    done = subprocess.run(["tee", str(path)], input=value + "\n", capture_output=True,
-                          text=True)
+    done = subprocess.run(["tee", str(path)], input=value + "\n", capture_output=True, text=True)
     if done.returncode != 0:
         raise OSError(f"writing {value!r} to {path}: {done.stderr.strip()}")
 
@@ -245,8 +249,7 @@ def _write_in_child(path: Path, value: str) -> None:
 def _is_configfs(root: str) -> bool:
     try:
         with open("/proc/self/mounts") as mounts:
-            return any(line.split()[1:3] == [os.path.realpath(root), "configfs"]
-                       for line in mounts)
+            return any(line.split()[1:3] == [os.path.realpath(root), "configfs"] for line in mounts)
     except OSError:
         return False
 
@@ -267,7 +270,7 @@ def _rmdir(path: Path, real: bool) -> None:
 
 class GadgetPart:
     """Part [gadget]: NBD device + configfs gadget + host-connection watch; also StoreHooks
-(its spec says so: the daemon makes it the bus's hooks while it is up)."""
+    (its spec says so: the daemon makes it the bus's hooks while it is up)."""
 
     name = "gadget"
 
@@ -280,14 +283,19 @@ class GadgetPart:
 
     async def start(self) -> None:
         if not (Path(self.cfg["configfs"]) / "usb_gadget").is_dir():
-            raise PartUnavailable("configfs has no usb_gadget directory",
-                                  "modprobe libcomposite and mount configfs at "
-                                  f"{self.cfg['configfs']}")
+            raise PartUnavailable(
+                "configfs has no usb_gadget directory",
+                f"modprobe libcomposite and mount configfs at {self.cfg['configfs']}",
+            )
         udc = self.gadget.udc()
         self.nbd.check()
         await asyncio.to_thread(self._setup, udc)
-        self.watch = UdcWatch(udc, self._host_changed, sysfs=self.cfg["sysfs"],
-                              interval=float(self.cfg["poll_interval"]))
+        self.watch = UdcWatch(
+            udc,
+            self._host_changed,
+            sysfs=self.cfg["sysfs"],
+            interval=float(self.cfg["poll_interval"]),
+        )
         await self.watch.start()
         self._count_host_writes(kthread_wchar())
         log.info("gadget %s bound to %s, LUN 0 on %s", self.cfg["name"], udc, self.nbd.device)
@@ -310,8 +318,9 @@ class GadgetPart:
         try:
             self.nbd.attach()
         except NbdDeviceError as e:
-            raise PartUnavailable(f"cannot attach {self.nbd.device}: {e}",
-                                  "check that the NBD server is running") from e
+            raise PartUnavailable(
+                f"cannot attach {self.nbd.device}: {e}", "check that the NBD server is running"
+            ) from e
         if not adopt:
             self.gadget.create()
         self.gadget.set_file(0, self.nbd.device)
@@ -328,8 +337,10 @@ class GadgetPart:
         if not path or os.path.exists(path):
             return
         if not size:
-            raise PartUnavailable(f"thaw file {path} does not exist",
-                                  "create it, or set [gadget] thaw_size to have it created")
+            raise PartUnavailable(
+                f"thaw file {path} does not exist",
+                "create it, or set [gadget] thaw_size to have it created",
+            )
         from appliance.config import parse_size
 
         with open(path, "wb") as f:
@@ -349,8 +360,10 @@ class GadgetPart:
         if activity is not None:
             activity.use(counter)
             if counter is not None and counter() is None:
-                log.warning("cannot read the mass-storage thread's I/O counters (/proc/PID/io"
-                            " of file-storage): a SAVE cannot wait for a quiet host")
+                log.warning(
+                    "cannot read the mass-storage thread's I/O counters (/proc/PID/io"
+                    " of file-storage): a SAVE cannot wait for a quiet host"
+                )
 
     def _teardown(self) -> None:
         self.gadget.remove()
@@ -376,6 +389,9 @@ class GadgetPart:
         return result
 
 
-SPEC = PartSpec("gadget", GadgetSettings,  # the part works on a table: converted here
-                lambda s, ctx: GadgetPart(s.as_dict(), ctx.bus, ctx.nbd_socket),
-                store_hooks=True)
+SPEC = PartSpec(
+    "gadget",
+    GadgetSettings,  # the part works on a table: converted here
+    lambda s, ctx: GadgetPart(s.as_dict(), ctx.bus, ctx.nbd_socket),
+    store_hooks=True,
+)

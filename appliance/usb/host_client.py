@@ -29,21 +29,26 @@ class HostError(Exception):
 
 def find_port(vid: int = DEFAULT_VID, pid: int = DEFAULT_PID, serial_number: str = "") -> str:
     """The one serial port whose USB IDs (and serial number, if given) match."""
-    found = [p for p in list_ports.comports()
-             if p.vid == vid and p.pid == pid
-             and (not serial_number or p.serial_number == serial_number)]
+    found = [
+        p
+        for p in list_ports.comports()
+        if p.vid == vid and p.pid == pid and (not serial_number or p.serial_number == serial_number)
+    ]
     if not found:
-        raise HostError(f"no Savepoint appliance found (USB {vid:04x}:{pid:04x}"
-                        f"{' serial ' + serial_number if serial_number else ''}): "
-                        "check the cable, or give --port")
+        raise HostError(
+            f"no Savepoint appliance found (USB {vid:04x}:{pid:04x}"
+            f"{' serial ' + serial_number if serial_number else ''}): "
+            "check the cable, or give --port"
+        )
     if len(found) > 1:
         names = ", ".join(f"{p.device} (serial {p.serial_number})" for p in found)
         raise HostError(f"several appliances found: {names}; choose one with --serial")
     return found[0].device
 
 
-def request(port: str, cmd: str, args: dict[str, Any] | None = None,
-            timeout: float = 120.0) -> dict[str, Any]:
+def request(
+    port: str, cmd: str, args: dict[str, Any] | None = None, timeout: float = 120.0
+) -> dict[str, Any]:
     """Send one request line and return the reply object."""
     line = json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n"
     try:
@@ -77,15 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=_hex, default=DEFAULT_PID, help="USB product ID, hex")
     p.add_argument("--serial", default="", help="USB serial number of the appliance")
     p.add_argument("--limit", type=int, help="history: only the last N records")
-    p.add_argument("--volume", action="append", default=[],
-                   help="save: flush this mount point or drive (E:) first; default on Linux: "
-                   "every filesystem on the Savepoint disk (repeatable)")
+    p.add_argument(
+        "--volume",
+        action="append",
+        default=[],
+        help="save: flush this mount point or drive (E:) first; default on Linux: "
+        "every filesystem on the Savepoint disk (repeatable)",
+    )
     p.add_argument("--no-flush", action="store_true", help="save: do not flush the host first")
-    p.add_argument("--now", action="store_true",
-                   help="save: commit at once, without waiting for the host to stop writing")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds to wait for an answer (default 120; save: 660, as a SAVE "
-                   "may wait for the host to go quiet)")
+    p.add_argument(
+        "--now",
+        action="store_true",
+        help="save: commit at once, without waiting for the host to stop writing",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for an answer (default 120; save: 660, as a SAVE "
+        "may wait for the host to go quiet)",
+    )
     p.add_argument("--json", action="store_true", help="print the appliance's JSON reply")
     p.add_argument("--yes", "-y", action="store_true", help="restore: do not ask first")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -97,9 +113,11 @@ def confirmed(args: argparse.Namespace) -> bool:
     if args.command != "restore" or args.yes:
         return True
     if not sys.stdin.isatty():
-        print("savepoint-host: RESTORE discards everything written since the last SAVE; with "
-              "no terminal to confirm on, nothing was done: add --yes to restore anyway",
-              file=sys.stderr)
+        print(
+            "savepoint-host: RESTORE discards everything written since the last SAVE; with "
+            "no terminal to confirm on, nothing was done: add --yes to restore anyway",
+            file=sys.stderr,
+        )
         return False
     answer = input("Discard everything written since the last SAVE? [y/N] ")
     return answer.strip().lower() in ("y", "yes")
@@ -130,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply if args.json else reply.get("data", {}), indent=2, default=str))
     if not reply.get("ok"):
         # the reason is the appliance's own sentence ("SAVE refused: the appliance is LOCKED ...")
-        print(f"savepoint-host: {reply.get('reason') or args.command.upper() + ' refused'}",
-              file=sys.stderr)
+        print(
+            f"savepoint-host: {reply.get('reason') or args.command.upper() + ' refused'}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

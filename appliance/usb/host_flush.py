@@ -84,8 +84,10 @@ def flush_linux(port: str, volumes: list[str]) -> list[str]:
                 os.close(fd)
             lines.append(f"flushed /dev/{disk}")
         except OSError as e:
-            lines.append(f"could not flush /dev/{disk} ({e.strerror}): run as root or as a "
-                         "member of the disk group for a SAVE recorded as synced")
+            lines.append(
+                f"could not flush /dev/{disk} ({e.strerror}): run as root or as a "
+                "member of the disk group for a SAVE recorded as synced"
+            )
     if not disks and not volumes:
         os.sync()
         lines.append("no Savepoint disk found on this USB device: flushed all filesystems")
@@ -113,8 +115,10 @@ def flush_macos(volumes: list[str]) -> list[str]:
 
 def flush_windows(volumes: list[str]) -> list[str]:
     if not volumes:
-        return ["give the Savepoint drive with --volume E: to flush it first "
-                "(or use Safely Remove Hardware)"]
+        return [
+            "give the Savepoint drive with --volume E: to flush it first "
+            "(or use Safely Remove Hardware)"
+        ]
     k32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
     lines = []
     for vol in volumes:
@@ -128,6 +132,7 @@ def flush_windows(volumes: list[str]) -> list[str]:
             continue
         ok = k32.FlushFileBuffers(handle)
         k32.CloseHandle(handle)
-        lines.append(f"flushed {vol}" if ok else f"could not flush {vol} "
-                     f"(error {k32.GetLastError()})")
+        lines.append(
+            f"flushed {vol}" if ok else f"could not flush {vol} (error {k32.GetLastError()})"
+        )
     return lines

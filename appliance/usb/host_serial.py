@@ -52,8 +52,10 @@ OVERLONG = None  # queued in place of a line over MAX_LINE: the answer is an err
 
 def validate_config(cfg: dict[str, Any]) -> None:
     if cfg["source"].split(":", 1)[0] != "host":  # never a gesture source such as "cli"
-        raise ValueError(f"source: {cfg['source']!r} must be \"host\" or \"host:<name>\": "
-                         "the host computer is never a person's gesture")
+        raise ValueError(
+            f'source: {cfg["source"]!r} must be "host" or "host:<name>": '
+            "the host computer is never a person's gesture"
+        )
     if cfg["queue"] < 1:
         raise ValueError(f"queue: {cfg['queue']} must be at least 1")
     if cfg["output_buffer"] < 4096:
@@ -90,14 +92,21 @@ class SerialPart:
         self._lines: asyncio.Queue[bytes | None] = asyncio.Queue(int(self.cfg.queue))
         self._tasks = TaskSet()
         self._reopening: asyncio.Task[Any] | None = None
-        self.counters = {"requests": 0, "request_errors": 0, "replies_dropped": 0,
-                         "overlong_lines": 0, "restarts": 0, "hangups": 0}
+        self.counters = {
+            "requests": 0,
+            "request_errors": 0,
+            "replies_dropped": 0,
+            "overlong_lines": 0,
+            "restarts": 0,
+            "hangups": 0,
+        }
 
     async def start(self) -> None:
         device = self.cfg.device
         if not os.path.exists(device):
-            raise PartUnavailable(f"{device} does not exist",
-                                  "enable the CDC-ACM function: [gadget] acm = true")
+            raise PartUnavailable(
+                f"{device} does not exist", "enable the CDC-ACM function: [gadget] acm = true"
+            )
         await self._open()
         self._tasks.spawn(self._supervise(), "serial")
         extras = getattr(self.bus, "status_extras", None)
@@ -118,8 +127,14 @@ class SerialPart:
         self._close()
 
     def _status(self) -> dict[str, Any]:
-        return {"serial": {"device": self.cfg.device, "open": self._reader is not None,
-                           "waiting": self._lines.qsize(), **self.counters}}
+        return {
+            "serial": {
+                "device": self.cfg.device,
+                "open": self._reader is not None,
+                "waiting": self._lines.qsize(),
+                **self.counters,
+            }
+        }
 
     # -- the tty -------------------------------------------------------------------
     async def _open(self) -> None:
@@ -234,8 +249,9 @@ class SerialPart:
         except Exception as e:  # one request must not take the channel down
             self.counters["request_errors"] += 1
             log.exception("request from the host failed")
-            return _error(f"internal error serving this request ({type(e).__name__}); "
-                          "the channel is still up")
+            return _error(
+                f"internal error serving this request ({type(e).__name__}); the channel is still up"
+            )
 
     def _reply(self, reply: dict[str, Any]) -> None:
         data = json.dumps(reply, default=str).encode() + b"\n"
@@ -244,10 +260,14 @@ class SerialPart:
             return  # the host left before the answer: nobody to tell
         if writer.get_write_buffer_size() + len(data) > int(self.cfg.output_buffer):
             self.counters["replies_dropped"] += 1  # the host is not reading: never wait for it
-            if self.counters["replies_dropped"] in (1, 10, 100) or \
-                    not self.counters["replies_dropped"] % 1000:
-                log.warning("host is not reading its replies: %d dropped so far",
-                            self.counters["replies_dropped"])
+            if (
+                self.counters["replies_dropped"] in (1, 10, 100)
+                or not self.counters["replies_dropped"] % 1000
+            ):
+                log.warning(
+                    "host is not reading its replies: %d dropped so far",
+                    self.counters["replies_dropped"],
+                )
             return
         with contextlib.suppress(OSError, RuntimeError):
             writer.write(data)
@@ -257,5 +277,6 @@ def _error(reason: str) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "data": {}}
 
 
-SPEC = PartSpec("serial", SerialSettings, lambda s, ctx: SerialPart(s, ctx.bus),
-                validate=validate_config)
+SPEC = PartSpec(
+    "serial", SerialSettings, lambda s, ctx: SerialPart(s, ctx.bus), validate=validate_config
+)

@@ -24,9 +24,15 @@ class NbdDeviceError(RuntimeError):
 
 
 class NbdDevice:
-    def __init__(self, device: str, socket_path: str, export_name: str = "savepoint",
-                 sysfs: str = "/sys", client: str = "nbd-client",
-                 block_size: int = 512) -> None:
+    def __init__(
+        self,
+        device: str,
+        socket_path: str,
+        export_name: str = "savepoint",
+        sysfs: str = "/sys",
+        client: str = "nbd-client",
+        block_size: int = 512,
+    ) -> None:
         self.device = device
         self.socket_path = socket_path
         self.export_name = export_name
@@ -44,8 +50,9 @@ class NbdDevice:
     def check(self) -> None:
         """PartUnavailable unless the device and nbd-client exist."""
         if not self._block().exists():
-            raise PartUnavailable(f"{self.device} does not exist",
-                                  "load the kernel NBD module: modprobe nbd")
+            raise PartUnavailable(
+                f"{self.device} does not exist", "load the kernel NBD module: modprobe nbd"
+            )
         if shutil.which(self.client) is None:
             raise PartUnavailable(f"{self.client} not found", "apt-get install nbd-client")
 
@@ -68,8 +75,16 @@ class NbdDevice:
         self.check()
         if self.connected():
             self.detach()
-        cmd = [self.client, "-unix", self.socket_path, self.device, "-N", self.export_name,
-               "-b", str(self.block_size)]
+        cmd = [
+            self.client,
+            "-unix",
+            self.socket_path,
+            self.device,
+            "-N",
+            self.export_name,
+            "-b",
+            str(self.block_size),
+        ]
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -38,9 +38,15 @@ def read_state(sysfs: str | Path, udc: str) -> str:
 
 
 class UdcWatch:
-    def __init__(self, udc: str, on_host: HostCallback, sysfs: str = "/sys",
-                 interval: float = 2.0, on_device: DeviceCallback | None = None,
-                 use_udev: bool = True) -> None:
+    def __init__(
+        self,
+        udc: str,
+        on_host: HostCallback,
+        sysfs: str = "/sys",
+        interval: float = 2.0,
+        on_device: DeviceCallback | None = None,
+        use_udev: bool = True,
+    ) -> None:
         self.udc = udc
         self.on_host = on_host
         self.on_device = on_device

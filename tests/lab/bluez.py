@@ -59,4 +59,5 @@ def check_libraries(root: Path) -> None:
     if done.returncode != 0 or missing:
         raise LabSetupError(
             f"bluetoothd from {root} cannot run on this host (missing: {missing or done.stderr}):"
-            " apt-get install libasound2 libdw1 libglib2.0-0 libdbus-1-3")
+            " apt-get install libasound2 libdw1 libglib2.0-0 libdbus-1-3"
+        )

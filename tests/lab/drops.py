@@ -11,12 +11,10 @@ APPLIANCE = "00:5A:7E:00:00:01"  # hci0's address (tests/lab/inside/ble_stack.py
 CAUSES = {
     # the appliance's side: the link is already encrypted with the bond when bluetoothd
     # attaches its ATT socket; the kernel refuses BT_SECURITY, bluetoothd drops the bearer
-    "BT_SECURITY race": "device_attach_att() bt_io_set: setsockopt(BT_SECURITY): Invalid "
-                        "argument",
+    "BT_SECURITY race": "device_attach_att() bt_io_set: setsockopt(BT_SECURITY): Invalid argument",
     # the fob's side: its ATT connect callback runs before the mgmt Device Connected event,
     # so Connected is never signalled true; bleak reads "disconnected" and disconnects
-    "Connected never signalled": f"device_add_connection() Device {APPLIANCE} is already "
-                                 "connected",
+    "Connected never signalled": f"device_add_connection() Device {APPLIANCE} is already connected",
 }
 FOB_CONNECT = f"device_connect_le() Connection attempt to: {APPLIANCE}"  # one per fob link
 
@@ -32,4 +30,4 @@ def unexplained(drops: list[str], log: str) -> list[str]:
     """The drops no known cause explains: any after connecting, and those while connecting
     beyond the links that met a known race."""
     connecting = [d for d in drops if "while connecting" in d]
-    return [d for d in drops if d not in connecting] + connecting[len(causes(log)):]
+    return [d for d in drops if d not in connecting] + connecting[len(causes(log)) :]

@@ -17,8 +17,6 @@ from tests.lab.vm import job_script, results_dir, run
 pytestmark = pytest.mark.lab
 
 
-
-
 def inner_results(junit: str) -> list[tuple[str, str, str]]:
     """(test name, outcome, message) for each test case in the inner JUnit XML."""
     out = []
@@ -44,22 +42,29 @@ TIMEOUT = 1800
 def test_lab_scenarios() -> None:
     extra = shlex.split(os.environ.get("SAVEPOINT_LAB_ARGS", ""))
     timeout = float(os.environ.get("SAVEPOINT_LAB_TIMEOUT", TIMEOUT))
-    result = run(job_script(["tests/lab/inside", "-v", "--durations=0", *extra]), results_dir(),
-                 timeout=timeout)
+    result = run(
+        job_script(["tests/lab/inside", "-v", "--durations=0", *extra]),
+        results_dir(),
+        timeout=timeout,
+    )
     print(result.log("job.log"))
     print(f"lab VM: {result.seconds:.1f} s under {result.accel}; logs in {result.results}")
     junit = result.log("junit.xml")
     if not junit:
         tail = "\n".join(result.log("console.log").splitlines()[-40:])
-        killed = f"killed at SAVEPOINT_LAB_TIMEOUT={timeout:g} s; " if result.seconds >= timeout \
-            else ""
-        pytest.fail(f"the lab VM produced no results ({killed}job exit {result.returncode}); "
-                    f"job log:\n{result.log('job.log')[-3000:]}\nconsole:\n{tail}")
+        killed = (
+            f"killed at SAVEPOINT_LAB_TIMEOUT={timeout:g} s; " if result.seconds >= timeout else ""
+        )
+        pytest.fail(
+            f"the lab VM produced no results ({killed}job exit {result.returncode}); "
+            f"job log:\n{result.log('job.log')[-3000:]}\nconsole:\n{tail}"
+        )
     cases = inner_results(junit)
     assert cases, "no scenario ran inside the VM"
     bad = [c for c in cases if c[1] in ("failure", "error")]
     skipped = [c for c in cases if c[1] == "skipped" and not extra]
-    report = "\n\n".join(f"{name} {outcome}:\n{text[-2500:]}" for name, outcome, text in
-                         bad + skipped)
+    report = "\n\n".join(
+        f"{name} {outcome}:\n{text[-2500:]}" for name, outcome, text in bad + skipped
+    )
     assert not bad and not skipped, f"{len(bad)} lab scenario(s) failed:\n{report}"
     assert result.returncode == 0, f"pytest inside the VM exited {result.returncode}"

@@ -136,7 +136,9 @@ echo "guest: $(uname -r), $(nproc) cpus, modules loaded at $(cut -d' ' -f1 /proc
 def job_script(pytest_args: list[str]) -> str:
     """The shell the guest runs: the prelude, then pytest on the inside scenarios."""
     quoted = " ".join(shlex.quote(a) for a in pytest_args)
-    return job_prelude() + f"""{REPO}/.venv/bin/python -m pytest -p no:cacheprovider \\
+    return (
+        job_prelude()
+        + f"""{REPO}/.venv/bin/python -m pytest -p no:cacheprovider \\
     -o addopts= -o faulthandler_timeout=300 -rA --strict-markers \\
     --junitxml=/lab-results/junit.xml {quoted}
 rc=$?
@@ -144,6 +146,7 @@ dmesg > /lab-results/dmesg.log
 echo "guest: pytest done at $(cut -d' ' -f1 /proc/uptime) s"
 exit $rc
 """
+    )
 
 
 def run(job: str, results: Path, timeout: float = 900) -> RunResult:
@@ -158,11 +161,18 @@ def run(job: str, results: Path, timeout: float = 900) -> RunResult:
     (results / "job.sh").write_text(job)
     accel = os.environ.get("SAVEPOINT_LAB_ACCEL") or ("kvm" if kvm_usable() else "tcg")
     started = time.monotonic()
-    print(f"lab: kernel {kernel.version} and initramfs ready in {started - t0:.1f} s; "
-          f"booting under {accel}", flush=True)
+    print(
+        f"lab: kernel {kernel.version} and initramfs ready in {started - t0:.1f} s; "
+        f"booting under {accel}",
+        flush=True,
+    )
     with open(results / "qemu.log", "w") as qlog:
-        proc = subprocess.Popen(qemu_command(kernel, initrd, results, accel), stdout=qlog,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            qemu_command(kernel, initrd, results, accel),
+            stdout=qlog,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -192,8 +202,10 @@ def results_dir() -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the Savepoint lab VM once.")
     parser.add_argument("--job", help="shell command to run instead of the inside scenarios")
-    parser.add_argument("--results", help="results directory (default: a new one under "
-                        ".lab-cache/results, linked as `last`)")
+    parser.add_argument(
+        "--results",
+        help="results directory (default: a new one under .lab-cache/results, linked as `last`)",
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
     if args.job:
@@ -202,8 +214,10 @@ def main() -> int:
         job = job_script(["tests/lab/inside", *args.pytest_args])
     result = run(job, Path(args.results) if args.results else results_dir())
     print(result.log("job.log"))
-    print(f"lab: exit {result.returncode} in {result.seconds:.1f} s ({result.accel}); "
-          f"logs in {result.results}")
+    print(
+        f"lab: exit {result.returncode} in {result.seconds:.1f} s ({result.accel}); "
+        f"logs in {result.results}"
+    )
     return 0 if result.returncode == 0 else 1
 
 

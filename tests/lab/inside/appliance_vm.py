@@ -42,8 +42,14 @@ class Appliance:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def write_config(self, lock: bool = True, serial: bool = True, thaw: str = "",
-                     thaw_size: str = "", extra: str = "") -> None:
+    def write_config(
+        self,
+        lock: bool = True,
+        serial: bool = True,
+        thaw: str = "",
+        thaw_size: str = "",
+        extra: str = "",
+    ) -> None:
         thaw_lines = f'thaw_file = "{thaw}"\nthaw_size = "{thaw_size}"\n' if thaw else ""
         self.config.write_text(f"""
 [store]
@@ -82,13 +88,14 @@ enabled = {str(serial).lower()}
         log = open(self.log_path(), "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "daemon", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.proc.returncode}; "
-                                     f"see {log.name}")
+                raise AssertionError(f"daemon exited with {self.proc.returncode}; see {log.name}")
             with contextlib.suppress(ControlError, OSError, json.JSONDecodeError):
                 parts = self.request("status")["data"].get("parts", {})
                 gadget = parts.get("gadget", {})
@@ -120,9 +127,12 @@ enabled = {str(serial).lower()}
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """The `savepoint` command line, as a user runs it."""
-        done = subprocess.run([sys.executable, "-m", "appliance.cli", *args,
-                               "--control", self.control], capture_output=True, text=True,
-                              timeout=180)
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance.cli", *args, "--control", self.control],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         if check and done.returncode != 0:
             raise AssertionError(f"savepoint {' '.join(args)} failed: {done.stderr}")
         return done
@@ -165,7 +175,7 @@ def read_direct(dev: str, offset: int = 0, length: int | None = None) -> bytes:
         buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
         done = 0
         while done < length:
-            n = os.preadv(fd, [memoryview(buf)[done:done + 4 * MIB]], offset + done)
+            n = os.preadv(fd, [memoryview(buf)[done : done + 4 * MIB]], offset + done)
             if n <= 0:
                 raise AssertionError(f"short read from {dev} at {offset + done}")
             done += n
@@ -200,8 +210,11 @@ def digest(data: bytes) -> str:
 
 
 def tree_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): digest(p.read_bytes())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): digest(p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def mount(dev: str, where: Path) -> None:

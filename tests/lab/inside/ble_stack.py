@@ -66,18 +66,26 @@ def _link_class() -> type:
         but the kernel connects by public address, so the receiver finds no connection.
         Route by the connection's own address instead."""
 
-        def send_acl_data(self, sender_controller: Any, destination_address: Any,
-                          transport: Any, data: bytes) -> None:
+        def send_acl_data(
+            self, sender_controller: Any, destination_address: Any, transport: Any, data: bytes
+        ) -> None:
             if transport != core.PhysicalTransport.LE:
-                return super().send_acl_data(sender_controller, destination_address,
-                                             transport, data)
-            source = next((c.self_address for c in sender_controller.le_connections.values()
-                           if c.peer_address == destination_address),
-                          sender_controller.random_address)
+                return super().send_acl_data(
+                    sender_controller, destination_address, transport, data
+                )
+            source = next(
+                (
+                    c.self_address
+                    for c in sender_controller.le_connections.values()
+                    if c.peer_address == destination_address
+                ),
+                sender_controller.random_address,
+            )
             destination = self.find_le_controller(destination_address)
             if destination is not None:
                 asyncio.get_running_loop().call_soon(
-                    destination.on_link_acl_data, source, transport, data)
+                    destination.on_link_acl_data, source, transport, data
+                )
 
     return PublicAddressLink
 
@@ -93,8 +101,10 @@ def _controller_class() -> type:
         commands and events all through (legacy adverts are what the fob service uses)."""
 
         le_features = Controller.le_features & ~(
-            LeFeatureMask.LE_EXTENDED_ADVERTISING | LeFeatureMask.LL_PRIVACY
-            | LeFeatureMask.LE_PERIODIC_ADVERTISING)
+            LeFeatureMask.LE_EXTENDED_ADVERTISING
+            | LeFeatureMask.LL_PRIVACY
+            | LeFeatureMask.LE_PERIODIC_ADVERTISING
+        )
 
     return LegacyController
 
@@ -108,8 +118,13 @@ async def attach_controllers(link: Any, controller: type) -> list[Any]:
     for index, address in enumerate(ADDRESSES):
         transport = await open_transport("vhci")  # sequential: hci0 first, then hci1
         transports.append(transport)
-        controller(f"hci{index}", host_source=transport.source, host_sink=transport.sink,
-                   link=link, public_address=address)
+        controller(
+            f"hci{index}",
+            host_source=transport.source,
+            host_sink=transport.sink,
+            link=link,
+            public_address=address,
+        )
         print(f"controller hci{index} {address} attached", flush=True)
     return transports
 
@@ -142,13 +157,18 @@ class BleStack:
     def start(self) -> None:
         self._spawn([str(self.bluez / BTMON)], "ble-btmon.log")
         self._spawn([sys.executable, "-m", "tests.lab.inside.ble_stack"], "ble-controllers.log")
-        wait_for(lambda: all(Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)),
-                 120, "hci0 and hci1 (bumble controllers on /dev/vhci)")  # python starts slowly
+        wait_for(
+            lambda: all(Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)),
+            120,
+            "hci0 and hci1 (bumble controllers on /dev/vhci)",
+        )  # python starts slowly
         self.address = self._start_bus()
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = self.address  # the daemon and the fob
         Path("/var/lib/bluetooth").mkdir(parents=True, exist_ok=True)
-        self._spawn([str(self.bluez / BLUETOOTHD), "-n", "-d", "-f", str(self._main_conf())],
-                    "ble-bluetoothd.log")
+        self._spawn(
+            [str(self.bluez / BLUETOOTHD), "-n", "-d", "-f", str(self._main_conf())],
+            "ble-bluetoothd.log",
+        )
         wait_for(lambda: run(adapters()) >= {"hci0", "hci1"}, 60, "bluetoothd's adapters")
         # bluetoothd powers adapters itself (AutoEnable); a Set while it does so is "Busy"
         with contextlib.suppress(dbus_api.DBusError):
@@ -171,8 +191,9 @@ class BleStack:
         socket = self.tmp / "system_bus_socket"
         conf = self.tmp / "system-bus.conf"
         conf.write_text(BUS_CONFIG.format(socket=socket, policy=self.bluez / POLICY))
-        self._spawn(["dbus-daemon", "--config-file", str(conf), "--nofork", "--nopidfile"],
-                    "ble-dbus.log")
+        self._spawn(
+            ["dbus-daemon", "--config-file", str(conf), "--nofork", "--nopidfile"], "ble-dbus.log"
+        )
         wait_for(socket.exists, 30, "the private system bus")
         return f"unix:path={socket}"
 
@@ -206,9 +227,14 @@ class DeviceStack(BleStack):
         if env is not None:
             kw["env"] = env
         proc = super()._spawn([*cmd[:-1], self.MODULE], log, **kw)
-        wait_for(lambda: proc.poll() is not None or all(
-            Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1)), 120,
-            f"hci0 and hci1 (bumble controllers on /dev/vhci, and {self.DEVICE})")
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or all(Path(f"/sys/class/bluetooth/hci{i}").exists() for i in (0, 1))
+            ),
+            120,
+            f"hci0 and hci1 (bumble controllers on /dev/vhci, and {self.DEVICE})",
+        )
         return proc
 
     @property
@@ -251,16 +277,25 @@ async def adapters(powered: bool = False) -> set[str]:
         objects = await dbus_api.managed_objects(bus)
     finally:
         bus.disconnect()
-    return {p.rsplit("/", 1)[1] for p, i in objects.items() if "org.bluez.Adapter1" in i
-            and (i["org.bluez.Adapter1"].get("Powered") or not powered)}
+    return {
+        p.rsplit("/", 1)[1]
+        for p, i in objects.items()
+        if "org.bluez.Adapter1" in i and (i["org.bluez.Adapter1"].get("Powered") or not powered)
+    }
 
 
 async def set_powered(adapter: str) -> None:
     bus = await dbus_api.connect()
     try:
-        await dbus_api.call(bus, dbus_api.BLUEZ, f"/org/bluez/{adapter}",
-                            "org.freedesktop.DBus.Properties", "Set", "ssv",
-                            ["org.bluez.Adapter1", "Powered", dbus_api.Variant("b", True)])
+        await dbus_api.call(
+            bus,
+            dbus_api.BLUEZ,
+            f"/org/bluez/{adapter}",
+            "org.freedesktop.DBus.Properties",
+            "Set",
+            "ssv",
+            ["org.bluez.Adapter1", "Powered", dbus_api.Variant("b", True)],
+        )
     finally:
         bus.disconnect()
 

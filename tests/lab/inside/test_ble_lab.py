@@ -59,8 +59,10 @@ class Drops:
         self.seen += drops
         log = self.log.read_text(errors="replace")
         unexplained = causes.unexplained(self.seen, log)
-        line = (f"{what}: {len(self.seen)} dropped link(s) so far; causes: "
-                f"{causes.causes(log) or 'none'}; unexplained: {unexplained or 'none'}\n")
+        line = (
+            f"{what}: {len(self.seen)} dropped link(s) so far; causes: "
+            f"{causes.causes(log) or 'none'}; unexplained: {unexplained or 'none'}\n"
+        )
         with open(self.report, "a") as f:
             f.write(line)
         print(line, end="")
@@ -70,13 +72,20 @@ class Drops:
 SETUP_CODE = "482913"
 
 
-def fob(capsys: pytest.CaptureFixture[str], keys: Path, action: str, drops: Drops,
-        *extra: str, rc_wanted: int = 0) -> str:
+def fob(
+    capsys: pytest.CaptureFixture[str],
+    keys: Path,
+    action: str,
+    drops: Drops,
+    *extra: str,
+    rc_wanted: int = 0,
+) -> str:
     """`savepoint-fob ACTION` on the fob's adapter: the CLI's own main(), in this process
     (a python start costs 10-15 s under TCG; the BLE work is the same)."""
     capsys.readouterr()
-    rc = fob_client.main([action, "--adapter", FOB_ADAPTER, "--keys", str(keys),
-                          "--timeout", "40", *extra])
+    rc = fob_client.main(
+        [action, "--adapter", FOB_ADAPTER, "--keys", str(keys), "--timeout", "40", *extra]
+    )
     out = capsys.readouterr()
     assert rc == rc_wanted, f"savepoint-fob {action} exited {rc}: {out.err}{out.out}"
     if rc:
@@ -92,8 +101,14 @@ async def restore_watching_status(keys: Path) -> tuple[Report, list[Status]]:
     creds = store.pick()
     notes: list[Status] = []
     connect = fob_client.bleak_connect(FOB_ADAPTER, creds.address)
-    run = CommandRun(connect, creds, Cmd.RESTORE, store.save,
-                     Retry(connect_timeout=40, notify_wait=10), watch=notes.append)
+    run = CommandRun(
+        connect,
+        creds,
+        Cmd.RESTORE,
+        store.save,
+        Retry(connect_timeout=40, notify_wait=10),
+        watch=notes.append,
+    )
     return await run.run(), notes
 
 
@@ -107,17 +122,20 @@ async def bluez_devices() -> set[str]:
     return {path for path, ifaces in objects.items() if "org.bluez.Device1" in ifaces}
 
 
-def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appliance,
-                                                  tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_fob_pairs_saves_and_restores_over_bluez(
+    ble: BleStack, appliance: Appliance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
-        cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\nsetup_code = "{SETUP_CODE}"\n'
-                  "pairing_window = 600\n"  # TCG: four pairings take more than 60 s
-                  f'registry = "{tmp_path / "fobs.json"}"\n')
+        cfg.write(
+            f'[ble]\nenabled = true\nadapter = "hci0"\nsetup_code = "{SETUP_CODE}"\n'
+            "pairing_window = 600\n"  # TCG: four pairings take more than 60 s
+            f'registry = "{tmp_path / "fobs.json"}"\n'
+        )
     dev = appliance.start()
-    wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,
-             "ble part up in the daemon")
+    wait_for(
+        lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30, "ble part up in the daemon"
+    )
     keys = tmp_path / "fob.json"
     drops = Drops(ble)
 
@@ -161,11 +179,15 @@ def test_fob_pairs_saves_and_restores_over_bluez(ble: BleStack, appliance: Appli
     assert read_direct(dev, 2 * MIB, MIB) == saved
 
     history = appliance.request("history")["data"]["history"]
-    from_fob = [(h["action"], h.get("source")) for h in history
-                if str(h.get("source", "")).startswith("fob:")]
+    from_fob = [
+        (h["action"], h.get("source"))
+        for h in history
+        if str(h.get("source", "")).startswith("fob:")
+    ]
     assert from_fob == [  # each exactly once, whatever the links did
         ("save", f"fob:{fobs['fobs'][0]['fob_id']}"),
-        ("restore", f"fob:{fobs['fobs'][0]['fob_id']}")]
+        ("restore", f"fob:{fobs['fobs'][0]['fob_id']}"),
+    ]
 
     # revoke forgets the fob: its frames are refused and hci0 drops the bond
     assert FOB_DEVICE in run(bluez_devices())

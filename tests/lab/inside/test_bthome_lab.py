@@ -64,8 +64,11 @@ class ButtonStack(DeviceStack):
         sent = self.controller_log().count("button broadcast done")
         self.advert_file.write_text(service_data.hex())
         self.controllers.send_signal(signal.SIGUSR1)
-        wait_for(lambda: self.controller_log().count("button broadcast done") > sent, 30,
-                 "the button's broadcast")
+        wait_for(
+            lambda: self.controller_log().count("button broadcast done") > sent,
+            30,
+            "the button's broadcast",
+        )
 
 
 def counts(appliance: Appliance) -> dict[str, int]:
@@ -79,8 +82,9 @@ def press(ble: ButtonStack, appliance: Appliance, data: bytes, line: str) -> Non
     wait_for(lambda: appliance.log().count(line) > seen, 30, f"'{line}' in the daemon log")
 
 
-def test_bthome_button_saves_restores_and_ignores_replays(appliance: Appliance,
-                                                          tmp_path: Path) -> None:
+def test_bthome_button_saves_restores_and_ignores_replays(
+    appliance: Appliance, tmp_path: Path
+) -> None:
     with ButtonStack.running(tmp_path) as ble:
         try:
             bthome_scenario(ble, appliance, tmp_path)
@@ -91,39 +95,59 @@ def test_bthome_button_saves_restores_and_ignores_replays(appliance: Appliance,
 def bthome_scenario(ble: ButtonStack, appliance: Appliance, tmp_path: Path) -> None:
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
-        cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\n'  # as installed: fobs too
-                  f'registry = "{tmp_path / "fobs.json"}"\n'
-                  f'[bthome]\nenabled = true\nadapter = "hci0"\n'
-                  f'registry = "{tmp_path / "buttons.json"}"\n')
+        cfg.write(
+            f'[ble]\nenabled = true\nadapter = "hci0"\n'  # as installed: fobs too
+            f'registry = "{tmp_path / "fobs.json"}"\n'
+            f'[bthome]\nenabled = true\nadapter = "hci0"\n'
+            f'registry = "{tmp_path / "buttons.json"}"\n'
+        )
     appliance.start()
-    wait_for(lambda: [appliance.status()["parts"][n]["state"] for n in ("ble", "bthome")]
-             == ["up", "up"], 30, "ble and bthome parts up")
+    wait_for(
+        lambda: (
+            [appliance.status()["parts"][n]["state"] for n in ("ble", "bthome")] == ["up", "up"]
+        ),
+        30,
+        "ble and bthome parts up",
+    )
     assert appliance.status()["buttons"]["scan"] == "passive", appliance.log()
     done = appliance.cli("buttons", "add", BUTTON, "--key", KEY.hex(), "--name", "desk")
     assert "enrolled" in done.stdout
     source = f"bthome:{BUTTON}"
 
     epoch = appliance.status()["epoch"]
-    press(ble, appliance, adv.press(KEY, BUTTON, 1, "double_press", battery=77),
-          f"SAVE from {source}: refused: SAVE refused: the appliance is LOCKED")
+    press(
+        ble,
+        appliance,
+        adv.press(KEY, BUTTON, 1, "double_press", battery=77),
+        f"SAVE from {source}: refused: SAVE refused: the appliance is LOCKED",
+    )
     assert appliance.status()["epoch"] == epoch
 
     appliance.cli("unlock")
     saved = adv.press(KEY, BUTTON, 2, "double_press", battery=77)
     press(ble, appliance, saved, f"SAVE from {source}: done")
-    press(ble, appliance, adv.press(KEY, BUTTON, 3, "long_press", battery=76),
-          f"RESTORE from {source}: done")
+    press(
+        ble,
+        appliance,
+        adv.press(KEY, BUTTON, 3, "long_press", battery=76),
+        f"RESTORE from {source}: done",
+    )
     assert appliance.status()["epoch"] == epoch + 2
     history = appliance.request("history")["data"]["history"]
     assert [(h["action"], h["source"]) for h in history[-2:]] == [
-        ("save", source), ("restore", source)]
+        ("save", source),
+        ("restore", source),
+    ]
     log = appliance.log()
     assert log.count(f"SAVE from {source}: done") == 1, "one press ran more than one SAVE"
 
     old = counts(appliance).get("old_counter", 0)
     ble.broadcast(saved)  # the recorded double press, replayed
-    wait_for(lambda: counts(appliance).get("old_counter", 0) > old, 30,
-             "the replayed advert counted as an old counter")
+    wait_for(
+        lambda: counts(appliance).get("old_counter", 0) > old,
+        30,
+        "the replayed advert counted as an old counter",
+    )
     assert appliance.status()["epoch"] == epoch + 2
     assert appliance.log().count(f"SAVE from {source}: done") == 1
 
@@ -150,8 +174,11 @@ async def run_world() -> None:
     _transports = await attach_controllers(link, controller)  # as ble_stack's: hci0, hci1
 
     button_controller = controller("button", link=link, public_address=BUTTON)
-    device = Device(name="SBBT-002C", address=Address(BUTTON),
-                    host=Host(button_controller, AsyncPipeSink(button_controller)))
+    device = Device(
+        name="SBBT-002C",
+        address=Address(BUTTON),
+        host=Host(button_controller, AsyncPipeSink(button_controller)),
+    )
     await device.power_on()
     print(f"button {BUTTON} powered", flush=True)
     advert_file = Path(os.environ["BTHOME_ADVERT_FILE"])
@@ -162,8 +189,11 @@ async def run_world() -> None:
         async with busy:
             data = bytes.fromhex(advert_file.read_text().strip())
             await device.start_advertising(
-                own_address_type=OwnAddressType.PUBLIC, advertising_data=adv.advertising_data(data),
-                advertising_interval_min=100, advertising_interval_max=100)
+                own_address_type=OwnAddressType.PUBLIC,
+                advertising_data=adv.advertising_data(data),
+                advertising_interval_min=100,
+                advertising_interval_max=100,
+            )
             print(f"button broadcasting {data.hex()}", flush=True)
             await asyncio.sleep(BURST)
             await device.stop_advertising()

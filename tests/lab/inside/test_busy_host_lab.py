@@ -48,7 +48,8 @@ FAT_BENIGN = re.compile(
     r"^(fsck\.fat |(0x41: )?Dirty bit is set|\s*Automatically removing dirty bit|Leaving "
     r"filesystem unchanged|.*: \d+ files, \d+/\d+ clusters|There are differences between "
     r"boot sector and its backup|This is mostly harmless|\s+65:01/00$|\s+Not automatically "
-    r"fixing this)")
+    r"fixing this)"
+)
 
 
 def report(line: str) -> None:
@@ -59,8 +60,10 @@ def report(line: str) -> None:
 
 @contextlib.contextmanager
 def quick_host_writeback() -> Iterator[None]:
-    knobs = {k: Path(f"/proc/sys/vm/{k}") for k in ("dirty_expire_centisecs",
-                                                   "dirty_writeback_centisecs")}
+    knobs = {
+        k: Path(f"/proc/sys/vm/{k}")
+        for k in ("dirty_expire_centisecs", "dirty_writeback_centisecs")
+    }
     old = {k: p.read_text() for k, p in knobs.items()}
     for p in knobs.values():
         p.write_text("50")
@@ -100,15 +103,19 @@ def fsck(kind: str, image: Path) -> list[str]:
     """What fsck reports about the saved image beyond a mounted volume's dirty bit."""
     if kind == "vfat":
         out = sh(f"fsck.vfat -n {image}", check=False)
-        return [ln for ln in (out.stdout + out.stderr).splitlines()
-                if ln.strip() and not FAT_BENIGN.match(ln)]
+        return [
+            ln
+            for ln in (out.stdout + out.stderr).splitlines()
+            if ln.strip() and not FAT_BENIGN.match(ln)
+        ]
     sh(f"e2fsck -E journal_only -y {image}", check=False)  # the next mount replays it too
     out = sh(f"e2fsck -fn {image}", check=False)
     return [] if out.returncode == 0 else (out.stdout + out.stderr).splitlines()[1:]
 
 
-def missing_files(kind: str, image: Path, where: Path,
-                  files: list[tuple[str, str, float]]) -> list[str]:
+def missing_files(
+    kind: str, image: Path, where: Path, files: list[tuple[str, str, float]]
+) -> list[str]:
     where.mkdir(exist_ok=True)
     opts = "ro,noload" if kind == "ext4" else "ro"
     sh(f"mount -t {kind} -o loop,{opts} {image} {where}")
@@ -153,9 +160,15 @@ def trial(app: Appliance, dev: str, kind: str, tmp: Path, n: int) -> dict[str, A
     before = [f for f in writer.finished if f[2] < went_quiet]
     in_cache = sum(went_quiet <= f[2] < save["data"]["time"] for f in writer.finished)
     problems = fsck(kind, image)
-    return {"latency": latency, "record": save["data"], "problems": problems,
-            "missing": missing_files(kind, image, tmp / f"saved{n}", before),
-            "before": len(before), "copied": len(writer.finished), "in_cache": in_cache}
+    return {
+        "latency": latency,
+        "record": save["data"],
+        "problems": problems,
+        "missing": missing_files(kind, image, tmp / f"saved{n}", before),
+        "before": len(before),
+        "copied": len(writer.finished),
+        "in_cache": in_cache,
+    }
 
 
 def run_trials(app: Appliance, tmp: Path, kind: str, config: str) -> list[dict[str, Any]]:
@@ -167,17 +180,18 @@ def run_trials(app: Appliance, tmp: Path, kind: str, config: str) -> list[dict[s
 
 
 @pytest.mark.parametrize("kind", ["vfat", "ext4"])
-def test_busy_host_settled_save_is_clean(appliance: Appliance, tmp_path: Path,
-                                         kind: str) -> None:
+def test_busy_host_settled_save_is_clean(appliance: Appliance, tmp_path: Path, kind: str) -> None:
     appliance.size = SIZE
     results = run_trials(appliance, tmp_path, kind, SETTLED)
     for r in results:
         rec = r["record"]
-        report(f"busy host, settle 2 s, {kind}: SAVE latency {r['latency']:.1f} s (waited "
-               f"{rec['waited']:.1f} s, host quiet {rec['quiet']} s), {r['before']} of "
-               f"{r['copied']} files copied before the host went quiet, all saved; "
-               f"{r['in_cache']} finished while it was quiet; fsck: "
-               f"{'clean' if not r['problems'] else r['problems']}")
+        report(
+            f"busy host, settle 2 s, {kind}: SAVE latency {r['latency']:.1f} s (waited "
+            f"{rec['waited']:.1f} s, host quiet {rec['quiet']} s), {r['before']} of "
+            f"{r['copied']} files copied before the host went quiet, all saved; "
+            f"{r['in_cache']} finished while it was quiet; fsck: "
+            f"{'clean' if not r['problems'] else r['problems']}"
+        )
     for r in results:
         assert not r["problems"], f"the saved {kind} image needs repair: {r['problems']}"
         assert not r["missing"], f"files copied before the SAVE are not in it: {r['missing']}"
@@ -192,9 +206,11 @@ def test_busy_host_unsettled_dirty_rate(appliance: Appliance, tmp_path: Path, ki
     results = run_trials(appliance, tmp_path, kind, UNSETTLED)
     dirty = sum(bool(r["problems"]) for r in results)
     lost = sum(bool(r["missing"]) for r in results)
-    report(f"busy host, settle 0, {kind}: {dirty} of {len(results)} saved images need repair, "
-           f"{lost} miss files copied before the SAVE; latencies "
-           + ", ".join(f"{r['latency']:.1f} s" for r in results))
+    report(
+        f"busy host, settle 0, {kind}: {dirty} of {len(results)} saved images need repair, "
+        f"{lost} miss files copied before the SAVE; latencies "
+        + ", ".join(f"{r['latency']:.1f} s" for r in results)
+    )
     for r in results:
         if r["problems"]:
             report("  fsck: " + "; ".join(r["problems"][:6]))
@@ -244,8 +260,10 @@ def test_busy_host_never_stops_writing(appliance: Appliance) -> None:
         os.close(fd)
     history = appliance.cli("history").stdout
     assert "BUSY (saved anyway)" in history and "forced" in history, history
-    report(f"host never quiet: SAVE committed after {busy_latency:.1f} s (max_wait 6 s), "
-           f"marked busy; a second press committed after {first['data']['waited']:.1f} s")
+    report(
+        f"host never quiet: SAVE committed after {busy_latency:.1f} s (max_wait 6 s), "
+        f"marked busy; a second press committed after {first['data']['waited']:.1f} s"
+    )
 
 
 class Served(Appliance):
@@ -257,9 +275,22 @@ class Served(Appliance):
 
         log = open(RESULTS / "daemon-serve-busy-host.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", str(self.store), "--size", SIZE,
-             "--socket", self.nbd_socket, "--control", self.control],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "appliance.cli",
+                "serve",
+                str(self.store),
+                "--size",
+                SIZE,
+                "--socket",
+                self.nbd_socket,
+                "--control",
+                self.control,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while not Path(self.control).exists() or not Path(self.nbd_socket).exists():
@@ -285,9 +316,11 @@ def test_busy_host_off_a_pi_serve_vfat(tmp_path: Path) -> None:
         served.close()
     for r in results:
         rec = r["record"]
-        report(f"busy host off a Pi (serve, kernel NBD client), settle 2 s, vfat: SAVE latency "
-               f"{r['latency']:.1f} s (waited {rec['waited']:.1f} s), fsck: "
-               f"{'clean' if not r['problems'] else r['problems']}")
+        report(
+            f"busy host off a Pi (serve, kernel NBD client), settle 2 s, vfat: SAVE latency "
+            f"{r['latency']:.1f} s (waited {rec['waited']:.1f} s), fsck: "
+            f"{'clean' if not r['problems'] else r['problems']}"
+        )
     for r in results:
         assert not r["problems"] and not r["missing"], r
         assert r["record"]["quiet"] >= 2, r["record"]
@@ -308,8 +341,12 @@ def test_busy_host_agent_flushes_before_save(appliance: Appliance, tmp_path: Pat
     data = os.urandom(700_000)
     (mnt / "late.bin").write_bytes(data)  # in the host's page cache only
     appliance.cli("unlock")
-    done = subprocess.run([sys.executable, "-m", "appliance.usb.host_client", "save", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance.usb.host_client", "save", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert f"flushed {mnt}" in done.stderr and f"flushed {dev}" in done.stderr, done.stderr
     record = json.loads(done.stdout)["data"]
@@ -320,5 +357,7 @@ def test_busy_host_agent_flushes_before_save(appliance: Appliance, tmp_path: Pat
     assert fsck("vfat", image) == []
     assert missing_files("vfat", image, tmp_path / "saved", [("late.bin", digest(data), 0)]) == []
     assert record["host_synced"] is True and record["source"] == "host", record
-    report(f"savepoint-host save: flushed the mounted volume and the disk, SAVE recorded "
-           f"synced, quiet {record['quiet']} s, waited {record['waited']:.1f} s")
+    report(
+        f"savepoint-host save: flushed the mounted volume and the disk, SAVE recorded "
+        f"synced, quiet {record['quiet']} s, waited {record['waited']:.1f} s"
+    )

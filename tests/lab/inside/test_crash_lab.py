@@ -25,6 +25,7 @@ from tests.lab.inside.appliance_vm import (
 
 def in_background(appliance: Appliance, cmd: str) -> threading.Thread:
     """Send a command and ignore the answer: the daemon is about to die under it."""
+
     def send() -> Any:
         try:
             appliance.request(cmd)
@@ -55,8 +56,18 @@ def test_sigkill_mid_writes_save_and_restore(appliance: Appliance) -> None:
     saved = digest(read_direct(dev))
 
     # (a) in the middle of the host's writes
-    writer = subprocess.Popen(["dd", "if=/dev/urandom", f"of={dev}", "bs=256k", "count=96",
-                               "oflag=direct", "status=none"], stderr=subprocess.DEVNULL)
+    writer = subprocess.Popen(
+        [
+            "dd",
+            "if=/dev/urandom",
+            f"of={dev}",
+            "bs=256k",
+            "count=96",
+            "oflag=direct",
+            "status=none",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(1.5)
     appliance.kill()
     writer.wait(timeout=120)

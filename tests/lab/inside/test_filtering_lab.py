@@ -18,8 +18,7 @@ UNSUPPORTED = {
 }  # fmt: skip
 
 
-def sg_raw(dev: str, opcode: int, data_out: Path | None = None
-           ) -> subprocess.CompletedProcess[str]:
+def sg_raw(dev: str, opcode: int, data_out: Path | None = None) -> subprocess.CompletedProcess[str]:
     length = 6 if opcode < 0x20 else 16 if 0x80 <= opcode < 0xA0 else 10
     cdb = [f"{opcode:02x}"] + ["00"] * (length - 1)
     cmd = ["sg_raw", "-t", "20"]
@@ -33,8 +32,7 @@ def refused(done: subprocess.CompletedProcess[str]) -> bool:
     return done.returncode != 0 and "Illegal Request" in out
 
 
-def test_vendor_and_unsupported_scsi_commands_refused(appliance: Appliance,
-                                                      tmp_path: Path) -> None:
+def test_vendor_and_unsupported_scsi_commands_refused(appliance: Appliance, tmp_path: Path) -> None:
     dev = appliance.start(lock=False)
     write_direct(dev, 0, os.urandom(4 * MIB))
     assert appliance.request("save")["ok"]
@@ -50,8 +48,10 @@ def test_vendor_and_unsupported_scsi_commands_refused(appliance: Appliance,
             done = sg_raw(dev, opcode, data)
             if not refused(done):
                 what = "with 512 bytes out" if data else "no data"
-                accepted.append(f"{opcode:#04x} ({what}): rc {done.returncode} "
-                                f"{(done.stdout + done.stderr).strip()[-200:]}")
+                accepted.append(
+                    f"{opcode:#04x} ({what}): rc {done.returncode} "
+                    f"{(done.stdout + done.stderr).strip()[-200:]}"
+                )
     assert not accepted, "commands not refused:\n" + "\n".join(accepted)
 
     assert digest(read_direct(dev)) == image, "a refused command changed the disk"

@@ -19,8 +19,12 @@ from tests.lab.inside.appliance_vm import Appliance
 
 
 def savepoint_host(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.usb.host_client", *args],
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.usb.host_client", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_host_command_channel(appliance: Appliance) -> None:
@@ -76,8 +80,10 @@ def test_host_that_never_reads_cannot_freeze_the_appliance(appliance: Appliance)
             assert time.monotonic() < deadline, serial
             time.sleep(0.5)
         worst = max(during + [timed_status(appliance)])
-        print(f"control STATUS: {before * 1000:.0f} ms before, worst {worst * 1000:.0f} ms "
-              f"while the host did not read; serial counters {serial}")
+        print(
+            f"control STATUS: {before * 1000:.0f} ms before, worst {worst * 1000:.0f} ms "
+            f"while the host did not read; serial counters {serial}"
+        )
         assert worst < 3.0, f"the control socket took {worst:.1f} s while the host did not read"
         assert serial["replies_dropped"] > 0 and serial["restarts"] == 0, serial
         writer.join(10)

@@ -66,16 +66,24 @@ def test_itag_press_saves_but_never_restores(appliance: Appliance, tmp_path: Pat
 def itag_scenario(ble: ITagStack, appliance: Appliance, tmp_path: Path) -> None:
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
-        cfg.write(f'[ble]\nenabled = true\nadapter = "hci0"\n'
-                  f'registry = "{tmp_path / "fobs.json"}"\n'
-                  f'itags = [{{address = "{ITAG}", action = "save"}}]\n')
+        cfg.write(
+            f'[ble]\nenabled = true\nadapter = "hci0"\n'
+            f'registry = "{tmp_path / "fobs.json"}"\n'
+            f'itags = [{{address = "{ITAG}", action = "save"}}]\n'
+        )
     appliance.start()
-    wait_for(lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30,
-             "ble part up in the daemon")
+    wait_for(
+        lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30, "ble part up in the daemon"
+    )
     started = time.monotonic()
-    wait_for(lambda: "itag subscribed notify=True" in ble.controller_log()
-             and f"iTag {ITAG} connected" in appliance.log(), 120,
-             "the daemon connected and subscribed to the iTag's 0xFFE1")
+    wait_for(
+        lambda: (
+            "itag subscribed notify=True" in ble.controller_log()
+            and f"iTag {ITAG} connected" in appliance.log()
+        ),
+        120,
+        "the daemon connected and subscribed to the iTag's 0xFFE1",
+    )
     print(f"iTag connected and subscribed {time.monotonic() - started:.1f} s after BLE up")
 
     epoch = appliance.status()["epoch"]
@@ -104,23 +112,32 @@ async def run_world() -> None:
     _transports = await attach_controllers(link, controller)  # as ble_stack's: hci0, hci1
 
     itag_controller = controller("itag", link=link, public_address=ITAG)
-    device = Device(name="iTAG", address=Address(ITAG),
-                    host=Host(itag_controller, AsyncPipeSink(itag_controller)))
+    device = Device(
+        name="iTAG",
+        address=Address(ITAG),
+        host=Host(itag_controller, AsyncPipeSink(itag_controller)),
+    )
     P = gatt.Characteristic.Properties
-    button = gatt.Characteristic(BUTTON_UUID, P.READ | P.NOTIFY,
-                                 gatt.Characteristic.READABLE, b"\x00")
+    button = gatt.Characteristic(
+        BUTTON_UUID, P.READ | P.NOTIFY, gatt.Characteristic.READABLE, b"\x00"
+    )
     device.add_service(gatt.Service(SERVICE_UUID, [button]))
-    button.on("subscription", lambda _conn, notify, _indicate:
-              print(f"itag subscribed notify={notify}", flush=True))
+    button.on(
+        "subscription",
+        lambda _conn, notify, _indicate: print(f"itag subscribed notify={notify}", flush=True),
+    )
     device.on("connection", lambda conn: print(f"itag connected {conn.peer_address}", flush=True))
     await device.power_on()
-    advert = AdvertisingData([
-        (AdvertisingData.FLAGS, bytes([0x06])),
-        (AdvertisingData.COMPLETE_LOCAL_NAME, b"iTAG"),
-        (AdvertisingData.COMPLETE_LIST_OF_16_BIT_SERVICE_CLASS_UUIDS, bytes.fromhex("e0ff")),
-    ])
-    await device.start_advertising(own_address_type=OwnAddressType.PUBLIC, auto_restart=True,
-                                   advertising_data=bytes(advert))
+    advert = AdvertisingData(
+        [
+            (AdvertisingData.FLAGS, bytes([0x06])),
+            (AdvertisingData.COMPLETE_LOCAL_NAME, b"iTAG"),
+            (AdvertisingData.COMPLETE_LIST_OF_16_BIT_SERVICE_CLASS_UUIDS, bytes.fromhex("e0ff")),
+        ]
+    )
+    await device.start_advertising(
+        own_address_type=OwnAddressType.PUBLIC, auto_restart=True, advertising_data=bytes(advert)
+    )
     print(f"itag {ITAG} advertising", flush=True)
 
     loop = asyncio.get_running_loop()

@@ -89,10 +89,11 @@ class NotifyReader:
             seen = self.messages[start:]
             for n, message in enumerate(seen):
                 if wanted in message.splitlines():
-                    return seen[:n + 1]
+                    return seen[: n + 1]
             time.sleep(0.05)
-        raise AssertionError(f"no {wanted} from the daemon in {timeout:g} s; "
-                             f"got {self.messages[start:]}")
+        raise AssertionError(
+            f"no {wanted} from the daemon in {timeout:g} s; got {self.messages[start:]}"
+        )
 
     def close(self) -> None:
         self.closed.set()
@@ -105,8 +106,10 @@ def stacks(pid: int) -> str:
     out = [sh("ps -eo pid,ppid,stat,wchan:24,args --forest", check=False).stdout]
     for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
         with contextlib.suppress(OSError):
-            out.append(f"-- task {task.name} ({(task / 'comm').read_text().strip()}):\n"
-                       f"{(task / 'stack').read_text()}")
+            out.append(
+                f"-- task {task.name} ({(task / 'comm').read_text().strip()}):\n"
+                f"{(task / 'stack').read_text()}"
+            )
     return "\n".join(out)
 
 
@@ -127,14 +130,24 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(notify_path)
     notify = NotifyReader(notify_path)
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "LANG": "C.UTF-8", "NOTIFY_SOCKET": notify_path,
-           "WATCHDOG_USEC": str(int(unit["WatchdogSec"][0]) * 1_000_000),
-           "RUNTIME_DIRECTORY": str(runtime), "STATE_DIRECTORY": str(state)}
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "LANG": "C.UTF-8",
+        "NOTIFY_SOCKET": notify_path,
+        "WATCHDOG_USEC": str(int(unit["WatchdogSec"][0]) * 1_000_000),
+        "RUNTIME_DIRECTORY": str(runtime),
+        "STATE_DIRECTORY": str(state),
+    }
     env.update(dict(e.split("=", 1) for e in unit.get("Environment", [])))
     log = open(RESULTS / "daemon-unit.log", "wb")
-    proc = subprocess.Popen(command_line(unit), cwd=unit["WorkingDirectory"][0], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command_line(unit),
+        cwd=unit["WorkingDirectory"][0],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         # systemd passes the main PID for the watchdog; setpriv execs, so it is proc.pid.
         seen = notify.receive("READY=1", float(unit["TimeoutStartSec"][0]))
@@ -146,8 +159,12 @@ def test_daemon_as_its_systemd_unit_runs_it(tmp_path: Path) -> None:
         assert Path("/sys/kernel/config/usb_gadget/savepoint/UDC").read_text().strip()
         disk = host_disk("disk")
         assert int(Path(f"/sys/block/{Path(disk).name}/size").read_text()) * 512 == 32 << 20
-        status = subprocess.run([str(VENV_BIN / "savepoint"), "status", "--json"],
-                                capture_output=True, text=True, timeout=120)
+        status = subprocess.run(
+            [str(VENV_BIN / "savepoint"), "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert '"locked"' in status.stdout, status.stdout + status.stderr  # LOCKED at boot
         notify.receive("WATCHDOG=1", 60, start=len(notify.messages))
 
@@ -205,17 +222,31 @@ def test_systemd_unit_sandbox_refuses_what_the_unit_forbids() -> None:
     script = Path("/var/lib/savepoint/probe.sh")  # inside ReadWritePaths: visible in there
     script.write_text(PROBE + f"{sys.executable} -c '{PROBE_PY}'\n")
     try:
-        res = subprocess.run(unit_sandbox.command(UNIT, ["sh", str(script)]),
-                             capture_output=True, text=True, timeout=120,
-                             cwd="/", env={**os.environ, "PYTHONPATH": str(UNIT.parents[1])})
+        res = subprocess.run(
+            unit_sandbox.command(UNIT, ["sh", str(script)]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(UNIT.parents[1])},
+        )
     finally:
         script.unlink()
     out = res.stdout + res.stderr
     (RESULTS / "unit-sandbox-probe.log").write_text(
-        out + "\nnot reproduced here: " + "; ".join(unit_sandbox.NOT_REPRODUCED) + "\n")
+        out + "\nnot reproduced here: " + "; ".join(unit_sandbox.NOT_REPRODUCED) + "\n"
+    )
     assert res.returncode == 0, out
-    for line in ("mount=32", "etc=1", "sys=2", "state-file=600", "unshare=1", "configfs=ok",
-                 "wx=Operation not permitted", "packet=Address family not supported by protocol",
-                 "x25519=32"):
+    for line in (
+        "mount=32",
+        "etc=1",
+        "sys=2",
+        "state-file=600",
+        "unshare=1",
+        "configfs=ok",
+        "wx=Operation not permitted",
+        "packet=Address family not supported by protocol",
+        "x25519=32",
+    ):
         assert line in out.splitlines(), f"{line!r} not in:\n{out}"
     assert "Read-only file system" in out and "permission denied" in out.lower()

@@ -23,17 +23,33 @@ import subprocess
 import sys
 from pathlib import Path
 
-NOT_REPRODUCED = ("DevicePolicy/DeviceAllow (cgroup device program)",
-                  "IPAddressDeny/IPAddressAllow (cgroup socket program)",
-                  "ProtectHostname (UTS namespace; sethostname is filtered anyway)",
-                  "ProtectKernelLogs (/dev/kmsg, /proc/kmsg; syslog() needs CAP_SYSLOG, dropped)",
-                  "LockPersonality")
+NOT_REPRODUCED = (
+    "DevicePolicy/DeviceAllow (cgroup device program)",
+    "IPAddressDeny/IPAddressAllow (cgroup socket program)",
+    "ProtectHostname (UTS namespace; sethostname is filtered anyway)",
+    "ProtectKernelLogs (/dev/kmsg, /proc/kmsg; syslog() needs CAP_SYSLOG, dropped)",
+    "LockPersonality",
+)
 API_FS = ("/proc", "/sys", "/dev")
 CLONE_NEWNS = 0x00020000
-NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
-                   0x40000000, 0x00000080)  # mnt, cgroup, uts, ipc, user, pid, net, time
-FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17,
-            "AF_BLUETOOTH": 31}
+NAMESPACE_FLAGS = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+    0x00000080,
+)  # mnt, cgroup, uts, ipc, user, pid, net, time
+FAMILIES = {
+    "AF_UNIX": 1,
+    "AF_INET": 2,
+    "AF_INET6": 10,
+    "AF_NETLINK": 16,
+    "AF_PACKET": 17,
+    "AF_BLUETOOTH": 31,
+}
 AF_MAX = 46
 PROT_WRITE, PROT_EXEC, SHM_EXEC = 2, 4, 0o100000
 
@@ -54,12 +70,14 @@ def command(unit: Path, argv: list[str]) -> list[str]:
 
 # ----- system calls -----------------------------------------------------------------------------
 
+
 def syscall_group(name: str) -> set[str]:
     """The system calls of a systemd @group (or one call), as this systemd-analyze lists it."""
     if not name.startswith("@"):
         return {name}
-    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     calls: set[str] = set()
     for line in out[1:]:
         item = line.strip()
@@ -82,8 +100,12 @@ def allowed_syscalls(unit: dict[str, list[str]]) -> set[str]:
 
 
 class _Cmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64),
-                ("b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("a", ctypes.c_uint64),
+        ("b", ctypes.c_uint64),
+    ]
 
 
 EQ, MASKED_EQ = 4, 7
@@ -105,8 +127,12 @@ class Filter:
             Filter.lib.seccomp_init.restype = ctypes.c_void_p
             Filter.lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
             Filter.lib.seccomp_rule_add_array.argtypes = [
-                ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                ctypes.POINTER(_Cmp)]
+                ctypes.c_void_p,
+                ctypes.c_uint32,
+                ctypes.c_int,
+                ctypes.c_uint,
+                ctypes.POINTER(_Cmp),
+            ]
             Filter.lib.seccomp_load.argtypes = [ctypes.c_void_p]
         self.ctx = Filter.lib.seccomp_init(default)
 
@@ -158,6 +184,7 @@ def load_filters(unit: dict[str, list[str]], allowed: list[str]) -> None:
 
 # ----- the file system ----------------------------------------------------------------------
 
+
 def mount_points() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4].replace("\\040", " ") for line in f]
@@ -189,8 +216,10 @@ def build_mounts(unit: dict[str, list[str]], keep: list[str]) -> list[str]:
     made = []
     for path in private + hidden:
         if any(under(k, path) for k in keep):
-            skipped.append(f"{'PrivateTmp' if path in private else 'ProtectHome'} on {path}: "
-                           "this checkout or its venv lives there")
+            skipped.append(
+                f"{'PrivateTmp' if path in private else 'ProtectHome'} on {path}: "
+                "this checkout or its venv lives there"
+            )
         elif os.path.isdir(path):
             opts = "mode=1777" if path in private else "mode=0755,ro"
             sh("mount", "-t", "tmpfs", "-o", opts, "tmpfs", path)
@@ -219,19 +248,35 @@ def stage_one(unit_path: Path, argv: list[str]) -> None:
     # somewhere the sandbox hides (/tmp).
     plan = json.dumps({"unit": unit, "allowed": sorted(allowed_syscalls(unit))})
     here = Path(__file__).resolve().parents[3]
-    skipped = build_mounts(unit, [str(here), sys.prefix, sys.base_prefix,
-                                  os.path.realpath(sys.executable)])
+    skipped = build_mounts(
+        unit, [str(here), sys.prefix, sys.base_prefix, os.path.realpath(sys.executable)]
+    )
     for note in skipped:
         print(f"unit_sandbox: not applied: {note}", file=sys.stderr, flush=True)
     os.umask(int(unit.get("UMask", ["0022"])[0], 8))
     os.chdir(unit.get("WorkingDirectory", ["/"])[0])
-    caps = ",".join(f"+{c.lower().removeprefix('cap_')}"
-                    for c in unit["CapabilityBoundingSet"][0].split())
+    caps = ",".join(
+        f"+{c.lower().removeprefix('cap_')}" for c in unit["CapabilityBoundingSet"][0].split()
+    )
     group = [f"--regid={unit['Group'][0]}", "--clear-groups"] if "Group" in unit else []
     nnp = ["--no-new-privs"] if unit.get("NoNewPrivileges") == ["yes"] else []
-    os.execvp("setpriv", ["setpriv", f"--bounding-set=-all,{caps}", "--inh-caps=-all",
-                          "--ambient-caps=-all", *nnp, *group,
-                          sys.executable, __file__, "filters", plan, "--", *argv])
+    os.execvp(
+        "setpriv",
+        [
+            "setpriv",
+            f"--bounding-set=-all,{caps}",
+            "--inh-caps=-all",
+            "--ambient-caps=-all",
+            *nnp,
+            *group,
+            sys.executable,
+            __file__,
+            "filters",
+            plan,
+            "--",
+            *argv,
+        ],
+    )
 
 
 def stage_two(plan: str, argv: list[str]) -> None:

@@ -217,3 +217,24 @@ def test_the_first_pass_after_a_cut_recounts_what_the_map_holds() -> None:
         pass
     assert after.status()["dirty_units"] == 2
     assert after.save("test")["units"] == 2
+
+
+# ----- finding 7: a failed hole punch is data the next flush must sync -------------------
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
+def test_a_flush_after_a_failed_trim_keeps_what_the_trim_zeroed(err: int) -> None:
+    """TRIM punches the unit's working copy; the punch fails half-way, so reads already
+    show some sectors zeroed. The flush that follows must make what reads show durable."""
+    b = new_backing(64 * U, U, 64)
+    s = Store(b)
+    s.write(0, data(U, 1))
+    s.flush()
+    b.inject({"discard"}, err)
+    b.rng = random.Random(3)  # which sectors of the failed punch land
+    with pytest.raises(StoreIOError):
+        s.trim(0, U)
+    seen = s.read(0, U)
+    assert seen != data(U, 1), "the failed punch landed nowhere: the test shows nothing"
+    s.flush()  # succeeds: everything reads showed before it must survive a cut
+    assert Store(CrashBacking(b.durable_image())).read(0, U) == seen

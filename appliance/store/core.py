@@ -475,8 +475,10 @@ class Store:
                 rec = self._record(unit)
                 sec = (rec >> 31) ^ 1
                 if punch and rec & HAS[sec]:
-                    self._b.discard(g.slot_off[sec] + unit * us, us)
-                    self._unsynced = True
+                    try:
+                        self._b.discard(g.slot_off[sec] + unit * us, us)
+                    finally:  # as in _write_data: a punch that failed half-way zeroed some
+                        self._unsynced = True  # of what reads show, so the next flush syncs
                 with self.map.lock:
                     self._mark_written(unit, rec, (rec & ~WEPOCH_MASK & ~HAS[sec]) | self.epoch)
 

@@ -22,7 +22,10 @@ import tempfile
 import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, TOP)
 GiB = 1 << 30
+
+from benchmarks.bench_nbd import fio_job  # noqa: E402
 
 
 def rss(pid: int | str = "self") -> tuple[int, int]:
@@ -58,26 +61,8 @@ def serve(path: str, sock: str, budget: int) -> None:
 
 
 def fio_randwrite(uri: str, size: int, writes: int) -> float:
-    out = subprocess.run(
-        [
-            "fio",
-            "--name=b",
-            "--ioengine=nbd",
-            f"--uri={uri}",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            f"--size={size}",
-            f"--io_size={writes * 4096}",
-            "--norandommap",
-            "--randrepeat=0",
-            "--output-format=json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out[out.index("{") :])["jobs"][0]["write"]["iops"]
+    extra = (f"--io_size={writes * 4096}", "--norandommap")
+    return fio_job(uri, "randwrite", size, *extra)["write"]["iops"]
 
 
 def run_one(work: str, size: int, writes: int, budget: int) -> dict[str, float]:

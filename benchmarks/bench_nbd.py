@@ -105,7 +105,8 @@ class Server:
         self.proc.wait(60)
 
 
-def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: int) -> float:
+def fio_job(uri: str, rw: str, size: int, *extra: str, bs: str = "4k", qd: int = 16) -> dict:
+    """One fio job over NBD (the nbd engine); its JSON result for the job."""
     out = subprocess.run(
         [
             "fio",
@@ -116,16 +117,19 @@ def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: int) -> flo
             f"--bs={bs}",
             f"--iodepth={qd}",
             f"--size={size}",
-            f"--runtime={runtime}",
-            "--time_based",
             "--output-format=json",
             "--randrepeat=0",
+            *extra,
         ],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    job = json.loads(out[out.index("{") :])["jobs"][0]
+    return json.loads(out[out.index("{") :])["jobs"][0]
+
+
+def run_fio(uri: str, rw: str, bs: str, qd: int, size: int, runtime: int) -> float:
+    job = fio_job(uri, rw, size, f"--runtime={runtime}", "--time_based", bs=bs, qd=qd)
     side = job["read"] if "read" in rw else job["write"]
     return side["io_bytes"]
 

@@ -26,7 +26,7 @@ TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, TOP)
 
 from appliance.store import Store, create_store  # noqa: E402
-from benchmarks.bench_nbd import parse_size  # noqa: E402
+from benchmarks.bench_nbd import fio_job, parse_size  # noqa: E402
 from benchmarks.bench_store import mark_written  # noqa: E402
 
 HIST_CAP = 1024  # the ring of a real store holds 65,536; a smaller one fills in seconds
@@ -81,26 +81,7 @@ def pending(ctl: str) -> int:
 
 
 def fio(uri: str, size: int, runtime: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            "fio",
-            "--name=b",
-            "--ioengine=nbd",
-            f"--uri={uri}",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            f"--size={size}",
-            f"--runtime={runtime}",
-            "--time_based",
-            "--output-format=json",
-            "--randrepeat=0",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    w = json.loads(out[out.index("{") :])["jobs"][0]["write"]
+    w = fio_job(uri, "randwrite", size, f"--runtime={runtime}", "--time_based")["write"]
     clat = w["clat_ns"]
     return {
         "iops": w["iops"],

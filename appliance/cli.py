@@ -17,8 +17,9 @@ from typing import Any
 from appliance import __version__
 from appliance.cli_support import create_for_serve, join_negative_sizes, own_command, sockets_taken
 from appliance.cli_talk import add_talk_commands, fail
-from appliance.config import ConfigError, default_control_path, serve_config
+from appliance.config import ConfigError, serve_config
 from appliance.parts import cli_specs
+from appliance.runtime_dirs import default_control_path
 from appliance.sizes import human
 from appliance.store.cli import add_store_commands, parse_size
 

@@ -14,7 +14,6 @@ from typing import Any
 from appliance import runtime_dirs
 from appliance.cli_show import show, when
 from appliance.cli_support import RESTORE_NEEDS_YES, restore_needs_yes
-from appliance.config import find_control_path
 from appliance.control.socket import ControlClient, ControlError
 from appliance.parts import Subcommands
 from appliance.sizes import human
@@ -152,7 +151,7 @@ def control_path(args: argparse.Namespace) -> str:
     """--control as given; else the default, after checking nobody else made its directory."""
     if args.control or "SAVEPOINT_CONTROL" in os.environ:
         return args.control or os.environ["SAVEPOINT_CONTROL"]
-    path = find_control_path()
+    path = runtime_dirs.find_control_path()
     try:
         runtime_dirs.check_client(os.path.dirname(path))
     except runtime_dirs.UnsafeDir as e:

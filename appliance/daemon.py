@@ -21,14 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from appliance import runtime_dirs
-from appliance.config import (
-    SYSTEM_RUNTIME_DIR,
-    default_control_path,
-    default_nbd_path,
-    parse_hostport,
-    part_config,
-    runtime_dir,
-)
+from appliance.config import part_config
+from appliance.config_sections import parse_hostport
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Event, Part, PartUnavailable, StoreHooks
 from appliance.control.host_quiet import HostActivity
@@ -36,6 +30,12 @@ from appliance.control.restore_policies import RestorePolicies
 from appliance.control.socket import ControlLimits, ControlServer, socket_group
 from appliance.nbd.server import NbdServer
 from appliance.parts import PartContext, PartSpec, all_parts, load_spec
+from appliance.runtime_dirs import (
+    SYSTEM_RUNTIME_DIR,
+    default_control_path,
+    default_nbd_path,
+    runtime_dir,
+)
 from appliance.store import InitError, Store, StoreError, create_store
 from appliance.store.space import FULL_HINT, overcommit_warning
 from appliance.systemd_notify import Notifier

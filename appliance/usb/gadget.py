@@ -344,7 +344,7 @@ class GadgetPart:
                 f"thaw file {path} does not exist",
                 "create it, or set [gadget] thaw_size to have it created",
             )
-        from appliance.config import parse_size
+        from appliance.sizes import parse_size
 
         with open(path, "wb") as f:
             f.truncate(parse_size(size))

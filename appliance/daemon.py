@@ -15,12 +15,12 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from appliance import runtime_dirs
+from appliance.background import background_pass
 from appliance.config import part_config
 from appliance.config_sections import parse_hostport
 from appliance.control.bus import CommandBus
@@ -28,6 +28,7 @@ from appliance.control.commands import Event, Part, PartUnavailable, StoreHooks
 from appliance.control.host_quiet import HostActivity
 from appliance.control.restore_policies import RestorePolicies
 from appliance.control.socket import ControlLimits, ControlServer, socket_group
+from appliance.logs import setup_logging
 from appliance.nbd.server import NbdServer
 from appliance.parts import PartContext, PartSpec, all_parts, load_spec
 from appliance.runtime_dirs import (
@@ -43,55 +44,10 @@ from appliance.systemd_notify import Notifier
 log = logging.getLogger("savepoint.daemon")
 
 TICK = 1.0  # seconds between relock/schedule/watchdog checks
-BACKGROUND_UNITS = 4096  # map units per background step: short, so I/O never waits long
-BACKGROUND_UNITS_LOADED = 1008  # one map page per step while I/O runs (a nearly full ring)
-BACKGROUND_BACKOFF, BACKGROUND_BACKOFF_MAX = 1.0, 60.0  # seconds between retries of a failed pass
 
 
 class StartupError(Exception):
     """The daemon cannot run at all (store or NBD); the message says what to do."""
-
-
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JournalFormatter()
-        if under_journald()
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def under_journald() -> bool:
-    """True when stderr is the journal stream systemd gave us (sd_journal_stream_fd docs)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-class JournalFormatter(logging.Formatter):
-    """'<prio>name: message': journald keeps the priority and adds its own timestamp."""
-
-    PRIO = {
-        logging.DEBUG: 7,
-        logging.INFO: 6,
-        logging.WARNING: 4,
-        logging.ERROR: 3,
-        logging.CRITICAL: 2,
-    }
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = self.PRIO.get(record.levelno, 6)
-        text = f"{record.name}: {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
 
 
 class Daemon:
@@ -184,7 +140,11 @@ class Daemon:
             asyncio.create_task(self.activity.watch(), name="host-activity"),
         ]
         if self.cfg["store"]["background"]:
-            self._tasks.append(asyncio.create_task(self._background(store), name="background"))
+            self._tasks.append(
+                asyncio.create_task(
+                    background_pass(store, self.bus, self._io_busy), name="background"
+                )
+            )
         if self.on_ready:
             self.on_ready(self)
 
@@ -275,6 +235,9 @@ class Daemon:
         self.nbd = nbd
         assert self.bus is not None
         self.bus.set_part("nbd", "up", " ".join(nbd.uris))
+
+    def _io_busy(self) -> bool:
+        return self.nbd is not None and self.nbd.inflight > 0
 
     def _nbd_status(self) -> dict[str, Any]:
         if self.nbd is None:
@@ -385,52 +348,6 @@ class Daemon:
             except Exception:  # the loop must keep pinging: log and go on
                 log.exception("periodic check failed")
             await asyncio.sleep(interval)
-
-    async def _background(self, store: Store) -> None:
-        """The store's lazy map normaliser: while no I/O and no command is running, or, once
-        few history records are left, under load too (short steps, I/O flows between them).
-        An error is logged, shown as a fault, and retried with backoff: the pass never stops."""
-        assert self.bus is not None
-        failures = 0
-        while True:
-            urgent = store.pass_urgent()
-            io = self.nbd is not None and self.nbd.inflight > 0
-            if not urgent and (self.bus.busy or io):
-                await asyncio.sleep(0.05)
-                continue
-            loaded = urgent and (self.bus.busy or io)
-            started = time.monotonic()
-            try:
-                more = await asyncio.to_thread(
-                    store.background_step, BACKGROUND_UNITS_LOADED if loaded else BACKGROUND_UNITS
-                )
-            except Exception as e:  # noqa: BLE001 - the pass must survive any store error
-                failures += 1
-                delay = min(BACKGROUND_BACKOFF_MAX, BACKGROUND_BACKOFF * 2 ** (failures - 1))
-                self._background_failed(e, failures, delay)
-                await asyncio.sleep(delay)
-                continue
-            if failures:
-                log.info("background pass works again after %d failed attempts", failures)
-                self.bus.set_part("background", "up")
-                failures = 0
-            if not more:
-                await asyncio.sleep(TICK)
-            elif loaded:  # half the time to the pass, half to the I/O (one GIL for both)
-                await asyncio.sleep(max(0.002, time.monotonic() - started))
-            else:
-                await asyncio.sleep(0.01)
-
-    def _background_failed(self, error: Exception, failures: int, delay: float) -> None:
-        assert self.bus is not None
-        reason = f"background pass failed: {error}"
-        hint = (
-            f"retrying in {delay:g} s (attempt {failures}); check the backing storage "
-            "(journalctl -k, free space); SAVE and RESTORE still work until the history "
-            "ring is full"
-        )
-        (log.exception if failures == 1 else log.warning)("%s; %s", reason, hint)
-        self.bus.set_part("background", "failed", reason, hint)
 
     async def _status_line(self) -> str:
         assert self.bus is not None

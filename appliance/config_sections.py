@@ -142,6 +142,10 @@ class RestoreSettings(Settings):
     )
     at: str = setting("03:00", "local time of day for the `schedule` policy, HH:MM")
 
+    def policies(self) -> list[str]:
+        """The policy as a list (the config may give one name)."""
+        return [self.policy] if isinstance(self.policy, str) else list(self.policy)
+
 
 @dataclass(frozen=True)
 class LogSettings(Settings):
@@ -157,6 +161,33 @@ CORE_SECTIONS: dict[str, type[Settings]] = {
     "restore": RestoreSettings,
     "log": LogSettings,
 }
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """The daemon's own sections, typed: what `validate()` returns as checked tables, as their
+    dataclasses (the daemon reads attributes, and mypy checks them)."""
+
+    store: StoreSettings
+    nbd: NbdSettings
+    control: ControlSettings
+    lock: LockSettings
+    save: SaveSettings
+    restore: RestoreSettings
+    log: LogSettings
+
+    @classmethod
+    def of(cls, cfg: dict[str, Any]) -> CoreConfig:
+        """From a config `validate()` returned (its core sections are complete and checked)."""
+        return cls(
+            store=StoreSettings(**cfg["store"]),
+            nbd=NbdSettings(**cfg["nbd"]),
+            control=ControlSettings(**cfg["control"]),
+            lock=LockSettings(**cfg["lock"]),
+            save=SaveSettings(**cfg["save"]),
+            restore=RestoreSettings(**cfg["restore"]),
+            log=LogSettings(**cfg["log"]),
+        )
 
 
 def _check_store(store: dict[str, Any]) -> None:

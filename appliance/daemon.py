@@ -22,7 +22,7 @@ from typing import Any
 from appliance import runtime_dirs
 from appliance.background import background_pass
 from appliance.config import part_config
-from appliance.config_sections import parse_hostport
+from appliance.config_sections import CoreConfig, parse_hostport
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Event, Part, PartUnavailable, StoreHooks
 from appliance.control.host_quiet import HostActivity
@@ -61,6 +61,7 @@ class Daemon:
         on_ready: Callable[[Daemon], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.core = CoreConfig.of(cfg)  # the daemon's own sections, typed
         self.clock, self.wall = clock, wall
         self.notifier = notifier or Notifier()
         self.on_ready = on_ready
@@ -71,8 +72,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.policies: RestorePolicies | None = None
         self.parts: list[tuple[PartSpec, Part]] = []  # started parts, in start order
-        self.nbd_socket = cfg["nbd"]["socket"] or default_nbd_path()
-        self.control_socket = cfg["control"]["socket"] or default_control_path()
+        self.nbd_socket = self.core.nbd.socket or default_nbd_path()
+        self.control_socket = self.core.control.socket or default_control_path()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()  # one-off status publications
@@ -100,30 +101,29 @@ class Daemon:
     async def start(self) -> None:
         self._prepare_runtime_dir()
         self.store = store = await asyncio.to_thread(self._open_store)
-        lock = self.cfg["lock"]
+        lock, save = self.core.lock, self.core.save
         self.bus = CommandBus(
             store,
             self.cfg["policy"],
-            lock_enabled=lock["enabled"],
-            relock_after=lock["relock_after"],
-            single_use=lock["single_use"],
+            lock_enabled=lock.enabled,
+            relock_after=lock.relock_after,
+            single_use=lock.single_use,
             clock=self.clock,
             wall=self.wall,
             activity=self.activity,
-            settle=self.cfg["save"]["settle"],
-            max_wait=self.cfg["save"]["max_wait"],
+            settle=save.settle,
+            max_wait=save.max_wait,
         )
         self.bus.status_extras.append(self._nbd_status)
         self._watch_storage(store)
         self.policies = RestorePolicies(
-            self.bus, self.cfg["restore"]["policy"], self.cfg["restore"]["at"], now=self.wall
+            self.bus, self.core.restore.policies(), self.core.restore.at, now=self.wall
         )
         await self.policies.on_boot()  # before any host can read the disk
         await self._start_nbd(store)
-        ccfg = self.cfg["control"]
-        self.control = ControlServer(
-            self.bus, self.control_socket, ccfg["group"], limits=ControlLimits.from_config(ccfg)
-        )
+        ccfg = self.core.control
+        limits = ControlLimits.from_config(ccfg.as_dict())
+        self.control = ControlServer(self.bus, self.control_socket, ccfg.group, limits=limits)
         try:
             await self.control.start()
         except (OSError, RuntimeError) as e:
@@ -139,7 +139,7 @@ class Daemon:
             asyncio.create_task(self._ticker(line), name="tick"),
             asyncio.create_task(self.activity.watch(), name="host-activity"),
         ]
-        if self.cfg["store"]["background"]:
+        if self.core.store.background:
             self._tasks.append(
                 asyncio.create_task(
                     background_pass(store, self.bus, self._io_busy), name="background"
@@ -182,7 +182,7 @@ class Daemon:
         for path in (self.nbd_socket, self.control_socket):
             folder = os.path.dirname(path)
             if folder == runtime_dir():
-                gid = socket_group(self.cfg["control"]["group"])
+                gid = socket_group(self.core.control.group)
                 try:
                     runtime_dirs.prepare(folder, gid if folder == SYSTEM_RUNTIME_DIR else None)
                 except (runtime_dirs.UnsafeDir, OSError) as e:
@@ -191,42 +191,41 @@ class Daemon:
                 os.makedirs(folder, mode=0o755, exist_ok=True)
 
     def _open_store(self) -> Store:
-        cfg = self.cfg["store"]
-        path = cfg["path"]
+        cfg = self.core.store  # validated: unit and map_cache are bytes, size bytes or ""
+        path = cfg.path
         if not path:
             raise StartupError("[store] path is not set: give the backing file or device")
-        if cfg["create"] and not os.path.exists(path):
-            if cfg["size"] == "":
+        if cfg.create and not os.path.exists(path):
+            if cfg.size == "":
                 raise StartupError(
                     f"{path} does not exist: give a size to create it "
                     "(savepoint serve {path} --size 1G)"
                 )
+            size, unit = int(cfg.size), int(cfg.unit)
             try:
-                create_store(
-                    path, cfg["size"], cfg["unit"], allow_overcommit=cfg["allow_overcommit"]
-                )
+                create_store(path, size, unit, allow_overcommit=cfg.allow_overcommit)
             except (StoreError, InitError, OSError, ValueError) as e:
                 raise StartupError(f"cannot create the store at {path}: {e}") from None
-            log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
+            log.info("created store %s: %d bytes, unit %d", path, size, unit)
         try:
-            return Store.open(path, map_cache=cfg["map_cache"])
+            return Store.open(path, map_cache=int(cfg.map_cache))
         except (StoreError, OSError) as e:
             raise StartupError(f"cannot open the store at {path}: {e}") from None
 
     async def _start_nbd(self, store: Store) -> None:
-        ncfg = self.cfg["nbd"]
-        gid = socket_group(ncfg["group"])
+        ncfg = self.core.nbd
+        gid = socket_group(ncfg.group)
         try:
-            tcp = parse_hostport(ncfg["tcp"]) if ncfg["tcp"] else None
+            tcp = parse_hostport(ncfg.tcp) if ncfg.tcp else None
             nbd = NbdServer(
                 store,
                 unix_path=self.nbd_socket,
                 tcp=tcp,
-                allow_remote=ncfg["allow_remote"],
+                allow_remote=ncfg.allow_remote,
                 socket_mode=0o600,
-                group=ncfg["group"] if gid is not None else None,
-                export_name=ncfg["export_name"],
-                max_connections=ncfg["max_connections"],
+                group=ncfg.group if gid is not None else None,
+                export_name=ncfg.export_name,
+                max_connections=ncfg.max_connections,
             )
             nbd.activity = self.activity
             nbd.start()
@@ -360,7 +359,7 @@ class Daemon:
 
 
 def run_daemon(cfg: dict[str, Any], on_ready: Callable[[Daemon], None] | None = None) -> int:
-    setup_logging(cfg["log"]["level"])
+    setup_logging(CoreConfig.of(cfg).log.level)
     daemon = Daemon(cfg, on_ready=on_ready)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(daemon.run())

@@ -24,7 +24,12 @@ from appliance.sizes import human
 from appliance.store.cli import add_store_commands, parse_size
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_parts: bool = True) -> argparse.ArgumentParser:
+    """Every command; without the parts' (`with_parts=False`) no part's spec is imported."""
+    return _build(with_parts)[0]
+
+
+def _build(with_parts: bool) -> tuple[argparse.ArgumentParser, set[str]]:
     parser = argparse.ArgumentParser(prog="savepoint", description="A disk with SAVE and RESTORE.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,21 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.set_defaults(func=cmd_daemon)
     add_talk_commands(sub)  # save, restore, ..., pair
-    for spec in cli_specs():  # the parts' own commands: fobs, buttons, ...
+    for spec in cli_specs() if with_parts else ():  # the parts' own: fobs, buttons, ...
         assert spec.cli is not None
         spec.cli(sub)
     add_store_commands(sub)  # init, inspect
-    return parser
+    return parser, set(sub.choices)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(join_negative_sizes(sys.argv[1:] if argv is None else argv))
+    argv = join_negative_sizes(sys.argv[1:] if argv is None else argv)
+    args = parser_for(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """The core commands' parser when argv names one (`status`, `save`: run often, from
+    scripts too), so no part's spec module is imported; else (--help, a part's command, a
+    typo) the parser with every part's commands."""
+    core, commands = _build(with_parts=False)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    return core if command in commands else build_parser()
 
 
 # -- running the daemon ---------------------------------------------------------------------

@@ -120,7 +120,8 @@ try:
 except SystemExit as e:
     code = e.code
 heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(HEAVY)))
-print(json.dumps({"code": code, "heavy": heavy}))
+specs = sorted(m for m in sys.modules if m.endswith(".spec"))
+print(json.dumps({"code": code, "heavy": heavy, "specs": specs}))
 """
 
 
@@ -144,7 +145,10 @@ def test_the_cli_loads_every_spec_but_no_bluetooth_mqtt_or_gpio_library():
     for argv in (["--help"], ["status"], ["fobs", "--help"]):
         seen = _cli_imports(*argv)
         assert seen["heavy"] == [], f"savepoint {' '.join(argv)} imported {seen['heavy']}"
-    assert _cli_imports("status")["code"] == 1  # no daemon there: it says so and fails
+    status = _cli_imports("status")
+    assert status["code"] == 1  # no daemon there: it says so and fails
+    assert status["specs"] == [], "a core command needs no part's spec: it stays fast"
+    assert "ble.spec" in _cli_imports("--help")["specs"]
 
 
 def test_part_commands_come_from_their_specs_into_help_man_page_and_completion():

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from appliance.config import default_control_path
+from appliance.runtime_dirs import default_control_path
 
 SIZE_OPTIONS = ("--size", "--unit")
 
@@ -52,8 +52,8 @@ def own_command() -> str:
 def sockets_taken(args: argparse.Namespace) -> str:
     """Why serve cannot start here (another daemon on these sockets), before creating a thing."""
     from appliance import runtime_dirs
-    from appliance.config import default_nbd_path
     from appliance.preflight import socket_in_use
+    from appliance.runtime_dirs import default_nbd_path
 
     def probe(path: str, given: str | None) -> bool:
         try:  # a runtime dir another user made is the daemon's to refuse: never connect there

@@ -21,7 +21,7 @@ def watch(client: ControlClient, as_json: bool, path: str, every: float = 1.0) -
     signal.signal(signal.SIGINT, signal.default_int_handler)
     reply = client.request("watch")
     if not reply.get("ok"):
-        from appliance.cli import fail
+        from appliance.cli_talk import fail
 
         return fail(reply.get("reason") or "watch refused")
     lock = threading.Lock()
@@ -34,7 +34,7 @@ def watch(client: ControlClient, as_json: bool, path: str, every: float = 1.0) -
             if as_json:
                 print(json.dumps(event), flush=True)
             else:
-                from appliance.cli import describe_event
+                from appliance.cli_show import describe_event
 
                 print(f"{time.strftime('%H:%M:%S')} {describe_event(event)}", flush=True)
 

@@ -8,7 +8,8 @@ import os
 import sys
 from dataclasses import fields
 
-from appliance.config import CORE_SECTIONS, PART_ENABLED_DOC, PARTS, part_settings, type_name
+from appliance.config import PART_ENABLED_DOC, PARTS, part_settings, type_name
+from appliance.config_sections import CORE_SECTIONS
 from appliance.control.policy import ACTIONS, default_policy
 from appliance.settings import NoSettings, Settings, accepted_types, default_of, doc_of
 

@@ -15,27 +15,28 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from appliance import runtime_dirs
-from appliance.config import (
-    SYSTEM_RUNTIME_DIR,
-    default_control_path,
-    default_nbd_path,
-    parse_hostport,
-    part_config,
-    runtime_dir,
-)
+from appliance.background import background_pass
+from appliance.config import part_config
+from appliance.config_sections import CoreConfig, parse_hostport
 from appliance.control.bus import CommandBus
 from appliance.control.commands import Event, Part, PartUnavailable, StoreHooks
 from appliance.control.host_quiet import HostActivity
 from appliance.control.restore_policies import RestorePolicies
 from appliance.control.socket import ControlLimits, ControlServer, socket_group
+from appliance.logs import setup_logging
 from appliance.nbd.server import NbdServer
 from appliance.parts import PartContext, PartSpec, all_parts, load_spec
+from appliance.runtime_dirs import (
+    SYSTEM_RUNTIME_DIR,
+    default_control_path,
+    default_nbd_path,
+    runtime_dir,
+)
 from appliance.store import InitError, Store, StoreError, create_store
 from appliance.store.space import FULL_HINT, overcommit_warning
 from appliance.systemd_notify import Notifier
@@ -43,55 +44,10 @@ from appliance.systemd_notify import Notifier
 log = logging.getLogger("savepoint.daemon")
 
 TICK = 1.0  # seconds between relock/schedule/watchdog checks
-BACKGROUND_UNITS = 4096  # map units per background step: short, so I/O never waits long
-BACKGROUND_UNITS_LOADED = 1008  # one map page per step while I/O runs (a nearly full ring)
-BACKGROUND_BACKOFF, BACKGROUND_BACKOFF_MAX = 1.0, 60.0  # seconds between retries of a failed pass
 
 
 class StartupError(Exception):
     """The daemon cannot run at all (store or NBD); the message says what to do."""
-
-
-def setup_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JournalFormatter()
-        if under_journald()
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def under_journald() -> bool:
-    """True when stderr is the journal stream systemd gave us (sd_journal_stream_fd docs)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-class JournalFormatter(logging.Formatter):
-    """'<prio>name: message': journald keeps the priority and adds its own timestamp."""
-
-    PRIO = {
-        logging.DEBUG: 7,
-        logging.INFO: 6,
-        logging.WARNING: 4,
-        logging.ERROR: 3,
-        logging.CRITICAL: 2,
-    }
-
-    def format(self, record: logging.LogRecord) -> str:
-        prio = self.PRIO.get(record.levelno, 6)
-        text = f"{record.name}: {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
 
 
 class Daemon:
@@ -105,6 +61,7 @@ class Daemon:
         on_ready: Callable[[Daemon], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.core = CoreConfig.of(cfg)  # the daemon's own sections, typed
         self.clock, self.wall = clock, wall
         self.notifier = notifier or Notifier()
         self.on_ready = on_ready
@@ -115,8 +72,8 @@ class Daemon:
         self.control: ControlServer | None = None
         self.policies: RestorePolicies | None = None
         self.parts: list[tuple[PartSpec, Part]] = []  # started parts, in start order
-        self.nbd_socket = cfg["nbd"]["socket"] or default_nbd_path()
-        self.control_socket = cfg["control"]["socket"] or default_control_path()
+        self.nbd_socket = self.core.nbd.socket or default_nbd_path()
+        self.control_socket = self.core.control.socket or default_control_path()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._side_tasks: set[asyncio.Task[Any]] = set()  # one-off status publications
@@ -144,30 +101,29 @@ class Daemon:
     async def start(self) -> None:
         self._prepare_runtime_dir()
         self.store = store = await asyncio.to_thread(self._open_store)
-        lock = self.cfg["lock"]
+        lock, save = self.core.lock, self.core.save
         self.bus = CommandBus(
             store,
             self.cfg["policy"],
-            lock_enabled=lock["enabled"],
-            relock_after=lock["relock_after"],
-            single_use=lock["single_use"],
+            lock_enabled=lock.enabled,
+            relock_after=lock.relock_after,
+            single_use=lock.single_use,
             clock=self.clock,
             wall=self.wall,
             activity=self.activity,
-            settle=self.cfg["save"]["settle"],
-            max_wait=self.cfg["save"]["max_wait"],
+            settle=save.settle,
+            max_wait=save.max_wait,
         )
         self.bus.status_extras.append(self._nbd_status)
         self._watch_storage(store)
         self.policies = RestorePolicies(
-            self.bus, self.cfg["restore"]["policy"], self.cfg["restore"]["at"], now=self.wall
+            self.bus, self.core.restore.policies(), self.core.restore.at, now=self.wall
         )
         await self.policies.on_boot()  # before any host can read the disk
         await self._start_nbd(store)
-        ccfg = self.cfg["control"]
-        self.control = ControlServer(
-            self.bus, self.control_socket, ccfg["group"], limits=ControlLimits.from_config(ccfg)
-        )
+        ccfg = self.core.control
+        limits = ControlLimits.from_config(ccfg.as_dict())
+        self.control = ControlServer(self.bus, self.control_socket, ccfg.group, limits=limits)
         try:
             await self.control.start()
         except (OSError, RuntimeError) as e:
@@ -183,8 +139,12 @@ class Daemon:
             asyncio.create_task(self._ticker(line), name="tick"),
             asyncio.create_task(self.activity.watch(), name="host-activity"),
         ]
-        if self.cfg["store"]["background"]:
-            self._tasks.append(asyncio.create_task(self._background(store), name="background"))
+        if self.core.store.background:
+            self._tasks.append(
+                asyncio.create_task(
+                    background_pass(store, self.bus, self._io_busy), name="background"
+                )
+            )
         if self.on_ready:
             self.on_ready(self)
 
@@ -222,7 +182,7 @@ class Daemon:
         for path in (self.nbd_socket, self.control_socket):
             folder = os.path.dirname(path)
             if folder == runtime_dir():
-                gid = socket_group(self.cfg["control"]["group"])
+                gid = socket_group(self.core.control.group)
                 try:
                     runtime_dirs.prepare(folder, gid if folder == SYSTEM_RUNTIME_DIR else None)
                 except (runtime_dirs.UnsafeDir, OSError) as e:
@@ -231,42 +191,41 @@ class Daemon:
                 os.makedirs(folder, mode=0o755, exist_ok=True)
 
     def _open_store(self) -> Store:
-        cfg = self.cfg["store"]
-        path = cfg["path"]
+        cfg = self.core.store  # validated: unit and map_cache are bytes, size bytes or ""
+        path = cfg.path
         if not path:
             raise StartupError("[store] path is not set: give the backing file or device")
-        if cfg["create"] and not os.path.exists(path):
-            if cfg["size"] == "":
+        if cfg.create and not os.path.exists(path):
+            if cfg.size == "":
                 raise StartupError(
                     f"{path} does not exist: give a size to create it "
                     "(savepoint serve {path} --size 1G)"
                 )
+            size, unit = int(cfg.size), int(cfg.unit)
             try:
-                create_store(
-                    path, cfg["size"], cfg["unit"], allow_overcommit=cfg["allow_overcommit"]
-                )
+                create_store(path, size, unit, allow_overcommit=cfg.allow_overcommit)
             except (StoreError, InitError, OSError, ValueError) as e:
                 raise StartupError(f"cannot create the store at {path}: {e}") from None
-            log.info("created store %s: %d bytes, unit %d", path, cfg["size"], cfg["unit"])
+            log.info("created store %s: %d bytes, unit %d", path, size, unit)
         try:
-            return Store.open(path, map_cache=cfg["map_cache"])
+            return Store.open(path, map_cache=int(cfg.map_cache))
         except (StoreError, OSError) as e:
             raise StartupError(f"cannot open the store at {path}: {e}") from None
 
     async def _start_nbd(self, store: Store) -> None:
-        ncfg = self.cfg["nbd"]
-        gid = socket_group(ncfg["group"])
+        ncfg = self.core.nbd
+        gid = socket_group(ncfg.group)
         try:
-            tcp = parse_hostport(ncfg["tcp"]) if ncfg["tcp"] else None
+            tcp = parse_hostport(ncfg.tcp) if ncfg.tcp else None
             nbd = NbdServer(
                 store,
                 unix_path=self.nbd_socket,
                 tcp=tcp,
-                allow_remote=ncfg["allow_remote"],
+                allow_remote=ncfg.allow_remote,
                 socket_mode=0o600,
-                group=ncfg["group"] if gid is not None else None,
-                export_name=ncfg["export_name"],
-                max_connections=ncfg["max_connections"],
+                group=ncfg.group if gid is not None else None,
+                export_name=ncfg.export_name,
+                max_connections=ncfg.max_connections,
             )
             nbd.activity = self.activity
             nbd.start()
@@ -275,6 +234,9 @@ class Daemon:
         self.nbd = nbd
         assert self.bus is not None
         self.bus.set_part("nbd", "up", " ".join(nbd.uris))
+
+    def _io_busy(self) -> bool:
+        return self.nbd is not None and self.nbd.inflight > 0
 
     def _nbd_status(self) -> dict[str, Any]:
         if self.nbd is None:
@@ -386,52 +348,6 @@ class Daemon:
                 log.exception("periodic check failed")
             await asyncio.sleep(interval)
 
-    async def _background(self, store: Store) -> None:
-        """The store's lazy map normaliser: while no I/O and no command is running, or, once
-        few history records are left, under load too (short steps, I/O flows between them).
-        An error is logged, shown as a fault, and retried with backoff: the pass never stops."""
-        assert self.bus is not None
-        failures = 0
-        while True:
-            urgent = store.pass_urgent()
-            io = self.nbd is not None and self.nbd.inflight > 0
-            if not urgent and (self.bus.busy or io):
-                await asyncio.sleep(0.05)
-                continue
-            loaded = urgent and (self.bus.busy or io)
-            started = time.monotonic()
-            try:
-                more = await asyncio.to_thread(
-                    store.background_step, BACKGROUND_UNITS_LOADED if loaded else BACKGROUND_UNITS
-                )
-            except Exception as e:  # noqa: BLE001 - the pass must survive any store error
-                failures += 1
-                delay = min(BACKGROUND_BACKOFF_MAX, BACKGROUND_BACKOFF * 2 ** (failures - 1))
-                self._background_failed(e, failures, delay)
-                await asyncio.sleep(delay)
-                continue
-            if failures:
-                log.info("background pass works again after %d failed attempts", failures)
-                self.bus.set_part("background", "up")
-                failures = 0
-            if not more:
-                await asyncio.sleep(TICK)
-            elif loaded:  # half the time to the pass, half to the I/O (one GIL for both)
-                await asyncio.sleep(max(0.002, time.monotonic() - started))
-            else:
-                await asyncio.sleep(0.01)
-
-    def _background_failed(self, error: Exception, failures: int, delay: float) -> None:
-        assert self.bus is not None
-        reason = f"background pass failed: {error}"
-        hint = (
-            f"retrying in {delay:g} s (attempt {failures}); check the backing storage "
-            "(journalctl -k, free space); SAVE and RESTORE still work until the history "
-            "ring is full"
-        )
-        (log.exception if failures == 1 else log.warning)("%s; %s", reason, hint)
-        self.bus.set_part("background", "failed", reason, hint)
-
     async def _status_line(self) -> str:
         assert self.bus is not None
         st = await self.bus.snapshot()
@@ -443,7 +359,7 @@ class Daemon:
 
 
 def run_daemon(cfg: dict[str, Any], on_ready: Callable[[Daemon], None] | None = None) -> int:
-    setup_logging(cfg["log"]["level"])
+    setup_logging(CoreConfig.of(cfg).log.level)
     daemon = Daemon(cfg, on_ready=on_ready)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(daemon.run())

@@ -7,7 +7,9 @@ module, and is listed in `PARTS` below (or, from another package, under the entr
 "savepoint.parts"). The config takes a `[name]` section validated by the spec's settings
 dataclass (appliance/settings.py; plus `enabled`); the daemon calls `spec.make(section,
 context)`, then `start()`, and at the end `stop()`. It never names a part: whatever a part
-needs comes from its `PartContext`.
+needs comes from its `PartContext`. A spec may also bring `savepoint` subcommands (`cli`):
+the CLI adds those of every spec, so a spec's module imports only light things (its settings,
+its CLI) and its `make` imports the part itself (ble/spec.py is the example).
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import importlib
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from appliance.control.commands import CommandSink, Part
 from appliance.settings import Settings
 
+if TYPE_CHECKING:
+    import argparse
+
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subcommands = Any
+
 S = TypeVar("S", bound=Settings)
 
 # name (config section, status row) -> "module:attribute" of its spec, in start order
+# A spec's module stays light (no bleak, dbus-fast, gpiozero, MQTT client): the CLI imports
+# every spec for its commands; `make` imports the heavy part module when the part starts.
 PARTS: dict[str, str] = {
     "gadget": "appliance.usb.gadget:SPEC",
     "serial": "appliance.usb.host_serial:SPEC",
-    "gpio": "gpio.part:SPEC",
-    "ble": "ble.part:SPEC",
-    "bthome": "ble.bthome_part:SPEC",
-    "mqtt": "mqtt.part:SPEC",
+    "gpio": "gpio.spec:SPEC",
+    "ble": "ble.spec:BLE",
+    "bthome": "ble.spec:BTHOME",
+    "mqtt": "mqtt.spec:SPEC",
 }
 ENTRY_POINT_GROUP = "savepoint.parts"
 
@@ -58,6 +69,8 @@ class PartSpec(Generic[S]):
     validate: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError: bad section
     # True: while the part is up, the bus calls its before_save/around_restore (StoreHooks)
     store_hooks: bool = False
+    # adds the part's `savepoint` subcommands (e.g. `fobs`) to the CLI's subparsers
+    cli: Callable[[Subcommands], None] | None = None
 
 
 def all_parts() -> dict[str, str]:
@@ -65,6 +78,20 @@ def all_parts() -> dict[str, str]:
     found = dict(PARTS)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name, ep.value)
+    return found
+
+
+def cli_specs() -> list[PartSpec[Any]]:
+    """The specs of every installed part that adds CLI subcommands (a part whose module cannot
+    be imported adds none: the rest of the CLI still works)."""
+    found = []
+    for name in all_parts():
+        try:
+            spec = load_spec(name)
+        except Exception:  # noqa: BLE001 - a broken part must not break `savepoint --help`
+            continue
+        if spec.cli is not None:
+            found.append(spec)
     return found
 
 

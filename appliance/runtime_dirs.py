@@ -12,7 +12,33 @@ from __future__ import annotations
 import os
 import stat
 
-from appliance.config import SYSTEM_RUNTIME_DIR
+SYSTEM_RUNTIME_DIR = "/run/savepoint"  # the installed daemon's (systemd RuntimeDirectory)
+
+
+def runtime_dir() -> str:
+    """Where sockets live: /run/savepoint for root, $XDG_RUNTIME_DIR/savepoint otherwise."""
+    if os.geteuid() == 0:
+        return SYSTEM_RUNTIME_DIR
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/savepoint-{os.geteuid()}"
+    return os.path.join(base, "savepoint") if "XDG_RUNTIME_DIR" in os.environ else base
+
+
+def default_control_path() -> str:
+    return os.environ.get("SAVEPOINT_CONTROL") or os.path.join(runtime_dir(), "control.sock")
+
+
+def find_control_path() -> str:
+    """The control socket a CLI command talks to: SAVEPOINT_CONTROL, else this user's own
+    daemon, else the system daemon's (/run/savepoint, open to the `savepoint` group)."""
+    own = default_control_path()
+    if "SAVEPOINT_CONTROL" in os.environ or os.path.exists(own):
+        return own
+    system = os.path.join(SYSTEM_RUNTIME_DIR, "control.sock")
+    return system if os.path.exists(system) else own
+
+
+def default_nbd_path() -> str:
+    return os.path.join(runtime_dir(), "nbd.sock")
 
 
 class UnsafeDir(Exception):

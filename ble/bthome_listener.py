@@ -27,6 +27,7 @@ from typing import Any
 from appliance.control.commands import Action, Command, CommandSink, Event
 from ble.bthome_frame import Rejected, check_frame, decode
 from ble.bthome_registry import ButtonRegistry, RegistryError
+from ble.spec import DEFAULT_GESTURES
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ ACTIONS = {
     "status": Action.STATUS,
     "unlock": Action.UNLOCK,
     "none": None,
-}
-DEFAULT_GESTURES = {
-    "press": "status",
-    "double_press": "save",
-    "triple_press": "lock",
-    "long_press": "restore",
 }
 MAX_PENDING = 2  # commands of one button waiting for the bus; more presses are dropped
 MAX_EVENTS = 4  # button events acted on per advert (a 4-button remote sends up to 4)

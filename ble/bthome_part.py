@@ -16,46 +16,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
-from appliance.parts import PartSpec
-from appliance.settings import Settings, setting
 from ble.bthome_frame import SERVICE_UUID, UUID16
 from ble.bthome_listener import DEFAULT_GESTURES, ButtonListener, parse_gestures
 from ble.bthome_registry import ButtonRegistry, RegistryError
+from ble.spec import BTHomeSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BTHomeSettings(Settings):
-    """The [bthome] section: BTHome buttons, their registry and what their gestures do."""
-
-    adapter: str = setting("hci0", "Bluetooth adapter that listens for the buttons")
-    registry: str = setting(
-        "/var/lib/savepoint/buttons.json", "enrolled buttons, their keys and counters (mode 0600)"
-    )
-    gestures: dict[str, str] = setting(
-        dict(DEFAULT_GESTURES),
-        "button event -> save, restore, lock, status, unlock or none, "
-        'over these defaults; a key may name one button of a remote: "button_2:press"',
-    )
-    allow_unlock: bool = setting(
-        False,
-        "let a gesture UNLOCK: anyone holding an enrolled button "
-        "can then SAVE over the disk (docs/buttons.md)",
-    )
-    battery_low: int = setting(20, "battery percent below which a button raises a warning")
-    absent_after: float = setting(
-        1209600,
-        "seconds without an advert before a button raises a not-seen warning (14 days); 0 = never",
-    )
-    scan: str = setting(
-        "passive",
-        "passive (advertisement monitor; falls back to active when BlueZ has none) or active",
-    )
 
 
 CHECK_EVERY = 60.0  # seconds between not-seen checks
@@ -326,8 +295,3 @@ class BTHomePart:
         if callable(publish):
             publish(Event("buttons", {"op": op, "address": record.address, "name": record.name}))
         return {"button": info, "op": op}
-
-
-SPEC = PartSpec(
-    "bthome", BTHomeSettings, lambda s, ctx: BTHomePart(s, ctx.bus), validate=validate_config
-)

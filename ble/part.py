@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from appliance.control.commands import CommandSink, Event, PartUnavailable
-from appliance.parts import PartContext, PartSpec, TaskSet
-from appliance.settings import Settings, setting
+from appliance.parts import PartContext, TaskSet
 from ble import dbus_api
 from ble.dbus_api import BLUEZ, DBusError, MessageBus, Variant
 from ble.gatt_service import (
@@ -32,39 +30,9 @@ from ble.gatt_service import (
 from ble.itag import ITag, ITagWatcher, LinkFactory, bleak_links, parse_itags
 from ble.keys import FobRecord, FobRegistry, RegistryError
 from ble.protocol import FobProtocol
+from ble.spec import MAX_NAME, BleSettings
 
 log = logging.getLogger(__name__)
-MAX_NAME = 8  # flags (3) + 128-bit UUID (18) + name header (2) leave 8 of 31 bytes
-
-
-@dataclass(frozen=True)
-class BleSettings(Settings):
-    """The [ble] section: the fob's GATT service, pairing and the iTag triggers."""
-
-    adapter: str = setting("hci0", "Bluetooth adapter that serves the fob service")
-    name: str = setting(
-        "Savepnt", f"advertised name, at most {MAX_NAME} characters (legacy advert)"
-    )
-    registry: str = setting(
-        "/var/lib/savepoint/fobs.json", "paired fobs and their keys (mode 0600)"
-    )
-    setup_code: str = setting(
-        "",
-        "code from the label that a fob must give to pair (SPAKE2: 3 "
-        "wrong codes close the window); empty: Just Works, the PAIR "
-        "gesture is the only gate (docs/fob-protocol.md)",
-    )
-    pairing_window: float = setting(60, "seconds the pairing window stays open at most")
-    challenge_ttl: float = setting(
-        10, "seconds a challenge nonce stays valid (every fob command needs one)"
-    )
-    bus_address: str = setting("", "D-Bus address to use instead of the system bus (tests)")
-    itags: list[Any] = setting(
-        [],
-        "iTag keyfinders as extra triggers: [{address = "
-        '"AA:BB:CC:DD:EE:FF", action = "save" or "status"}]; they can '
-        "never RESTORE or UNLOCK",
-    )
 
 
 def validate_config(cfg: dict[str, Any]) -> list[ITag]:
@@ -378,6 +346,3 @@ class BlePart:
 def _make(settings: BleSettings, ctx: PartContext) -> BlePart:
     ctx.bus.pairing_window = float(settings.pairing_window)  # type: ignore[attr-defined]
     return BlePart(settings.as_dict(), ctx.bus)  # the part works on a table
-
-
-SPEC = PartSpec("ble", BleSettings, _make, validate=validate_config)

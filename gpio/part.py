@@ -20,7 +20,7 @@ from gpiozero import LED, PWMLED, RGBLED, Device
 from gpiozero.exc import BadPinFactory, GPIOZeroError, PinFactoryFallback
 
 from appliance.control.commands import Action, Command, CommandSink, Event, Outcome, PartUnavailable
-from appliance.parts import PartSpec, TaskSet
+from appliance.parts import TaskSet
 from gpio import settings
 from gpio.button import ButtonInput
 from gpio.gestures import Cue, HoldKey, KeySwitch, MainButton, Output
@@ -41,9 +41,9 @@ _KEYS = {"save_pin": Action.SAVE, "restore_pin": Action.RESTORE, "unlock_pin": A
 class GpioPart:
     name = "gpio"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink) -> None:
-        settings.validate_config(cfg)
-        self.cfg = settings.with_defaults(cfg)
+    def __init__(self, cfg: settings.Given, bus: CommandSink) -> None:
+        self.cfg = settings.GpioSettings.of(cfg)
+        settings.validate_config(self.cfg)
         self.bus = bus
         self.timings = settings.timings(self.cfg)
         self.led_timings = settings.led_timings(self.cfg)
@@ -103,24 +103,28 @@ class GpioPart:
 
     def _build_inputs(self) -> None:
         cfg, t = self.cfg, self.timings
-        high = cfg["active_high"]
-        if cfg["button_pin"] != "":
+        high = cfg.active_high
+        if cfg.button_pin != "":
             self.inputs["button"] = ButtonInput(
                 "button",
-                cfg["button_pin"],
+                cfg.button_pin,
                 high,
                 lambda held, now: MainButton(t, held, now),
                 self._on_input,
             )
         for key, action in _KEYS.items():
-            if cfg[key] != "":
+            if getattr(cfg, key) != "":
                 self.inputs[action.value] = ButtonInput(
-                    action.value, cfg[key], high, partial(HoldKey, action, t), self._on_input
+                    action.value,
+                    getattr(cfg, key),
+                    high,
+                    partial(HoldKey, action, t),
+                    self._on_input,
                 )
-        if cfg["key_switch_pin"] != "":
+        if cfg.key_switch_pin != "":
             self.inputs["key_switch"] = ButtonInput(
                 "key_switch",
-                cfg["key_switch_pin"],
+                cfg.key_switch_pin,
                 high,
                 lambda held, now: KeySwitch(t.debounce, held, now),
                 self._on_input,
@@ -129,12 +133,12 @@ class GpioPart:
 
     def _build_led(self) -> None:
         cfg = self.cfg
-        if cfg["rgb_pins"]:
-            out = LedOutput(rgb=RGBLED(*cfg["rgb_pins"], pwm=cfg["led_pwm"]))
+        if cfg.rgb_pins:
+            out = LedOutput(rgb=RGBLED(*cfg.rgb_pins, pwm=cfg.led_pwm))
         else:
-            kind = PWMLED if cfg["led_pwm"] else LED
-            main = kind(cfg["led_pin"]) if cfg["led_pin"] != "" else None
-            alert = kind(cfg["led2_pin"]) if cfg["led2_pin"] != "" else None
+            kind = PWMLED if cfg.led_pwm else LED
+            main = kind(cfg.led_pin) if cfg.led_pin != "" else None
+            alert = kind(cfg.led2_pin) if cfg.led2_pin != "" else None
             out = LedOutput(main, alert)
         if out.devices():
             self.led = Player(out)
@@ -212,11 +216,3 @@ class GpioPart:
             return
         showing = asyncio.get_running_loop().time() < self._status_until
         self.led.play(choose(self.view, self.cue, showing, self.led_timings))
-
-
-SPEC = PartSpec(
-    "gpio",
-    settings.GpioSettings,
-    lambda s, ctx: GpioPart(s.as_dict(), ctx.bus),
-    validate=settings.validate_config,
-)

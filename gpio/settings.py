@@ -59,8 +59,7 @@ PIN_KEYS = (
 _PIN_NAME = re.compile(r"^(GPIO\d{1,2}|BCM\d{1,2}|BOARD\d{1,2}|J8:\d{1,2}|WPI\d{1,2})$", re.I)
 
 
-def with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    return GpioSettings.merged(cfg)
+Given = GpioSettings | dict[str, Any]  # a dict: a table already checked (a test's, say)
 
 
 def _check_pin(key: str, value: Any) -> None:
@@ -76,43 +75,44 @@ def _check_pin(key: str, value: Any) -> None:
         raise ValueError(f'{key}: bad pin {value!r}: use a BCM number (17) or a name ("GPIO17")')
 
 
-def validate_config(cfg: dict[str, Any]) -> None:
+def validate_config(given: Given) -> None:
     """ValueError saying which key is wrong and how to fix it; changes nothing."""
-    cfg = with_defaults(cfg)
-    for key in PIN_KEYS:
-        _check_pin(key, cfg[key])
-    rgb = cfg["rgb_pins"]
+    cfg = GpioSettings.of(given)
+    pins = {key: getattr(cfg, key) for key in PIN_KEYS}
+    for key, pin in pins.items():
+        _check_pin(key, pin)
+    rgb = cfg.rgb_pins
     if rgb and len(rgb) != 3:
         raise ValueError(f"rgb_pins: give three pins [red, green, blue], got {rgb!r}")
     for pin in rgb:
         _check_pin("rgb_pins", pin)
-    used = [cfg[k] for k in PIN_KEYS if cfg[k] != ""] + list(rgb)
-    if rgb and cfg["led_pin"] != "":
-        used.remove(cfg["led_pin"])  # rgb_pins replaces led_pin
+    used = [p for p in pins.values() if p != ""] + list(rgb)
+    if rgb and cfg.led_pin != "":
+        used.remove(cfg.led_pin)  # rgb_pins replaces led_pin
     dupes = {str(p) for p in used if used.count(p) > 1}
     if dupes:
         raise ValueError(
             f"pin {', '.join(sorted(dupes))} is used twice; give each input and LED its own pin"
         )
     for key in SECONDS:
-        if cfg[key] < 0:
-            raise ValueError(f"{key}: {cfg[key]} is negative; give seconds (0 or more)")
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}: {getattr(cfg, key)} is negative; give seconds (0 or more)")
     timings(cfg).check()
     t = led_timings(cfg)
     if t.fast <= 0 or t.slow <= 0:
         raise ValueError("led_fast and led_slow must be more than 0 seconds")
 
 
-def timings(cfg: dict[str, Any]) -> Timings:
-    cfg = with_defaults(cfg)
-    return Timings(**{k: float(cfg[k]) for k in Timings.__dataclass_fields__})
+def timings(given: Given) -> Timings:
+    cfg = GpioSettings.of(given)
+    return Timings(**{k: float(getattr(cfg, k)) for k in Timings.__dataclass_fields__})
 
 
-def led_timings(cfg: dict[str, Any]) -> LedTimings:
-    cfg = with_defaults(cfg)
+def led_timings(given: Given) -> LedTimings:
+    cfg = GpioSettings.of(given)
     return LedTimings(
-        slow=float(cfg["led_slow"]),
-        fast=float(cfg["led_fast"]),
-        no_host=float(cfg["led_no_host"]),
-        status_show=float(cfg["status_show"]),
+        slow=float(cfg.led_slow),
+        fast=float(cfg.led_fast),
+        no_host=float(cfg.led_no_host),
+        status_show=float(cfg.status_show),
     )

@@ -29,7 +29,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from appliance.control.commands import Action, Command, CommandSink, Event, PartUnavailable
-from appliance.parts import PartSpec
 from mqtt import discovery, settings
 from mqtt.messages import (
     RateLimit,
@@ -429,11 +428,3 @@ def _stop_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-SPEC = PartSpec(
-    "mqtt",
-    settings.MqttSettings,
-    lambda s, ctx: MqttPart(s.as_dict(), ctx.bus),
-    validate=settings.validate_config,
-)

@@ -198,7 +198,7 @@ def test_only_the_local_admin_may_enrol(tmp_path, store):
 
 
 def test_a_warning_flashes_the_led_and_reads_well_in_watch():
-    from appliance.cli import describe_event
+    from appliance.cli_show import describe_event
     from appliance.control.commands import Event
     from gpio.led import DaemonView, LedTimings, signals
 

@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 
 from appliance.config import (
-    CORE_SECTIONS,
     PARTS,
     ConfigError,
     load,
-    parse_size,
     part_settings,
     serve_config,
     validate,
 )
 from appliance.config_docs import markdown_tables
+from appliance.config_sections import CORE_SECTIONS, parse_size
 from appliance.settings import NoSettings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -145,39 +144,39 @@ def test_docs_list_every_key_with_its_default():
 
 
 def test_default_socket_paths(monkeypatch):
-    from appliance import config
+    from appliance import runtime_dirs
 
     monkeypatch.delenv("SAVEPOINT_CONTROL", raising=False)
-    monkeypatch.setattr(config.os, "geteuid", lambda: 0)
-    assert config.default_control_path() == "/run/savepoint/control.sock"
-    assert config.default_nbd_path() == "/run/savepoint/nbd.sock"
-    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(runtime_dirs.os, "geteuid", lambda: 0)
+    assert runtime_dirs.default_control_path() == "/run/savepoint/control.sock"
+    assert runtime_dirs.default_nbd_path() == "/run/savepoint/nbd.sock"
+    monkeypatch.setattr(runtime_dirs.os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert config.default_control_path() == "/run/user/1000/savepoint/control.sock"
-    assert config.default_nbd_path() == "/run/user/1000/savepoint/nbd.sock"
+    assert runtime_dirs.default_control_path() == "/run/user/1000/savepoint/control.sock"
+    assert runtime_dirs.default_nbd_path() == "/run/user/1000/savepoint/nbd.sock"
     monkeypatch.setenv("SAVEPOINT_CONTROL", "/elsewhere/c.sock")
-    assert config.default_control_path() == "/elsewhere/c.sock"
+    assert runtime_dirs.default_control_path() == "/elsewhere/c.sock"
 
 
 def test_the_cli_finds_its_own_daemon_then_the_system_daemon(tmp_path, monkeypatch) -> None:
     """A `savepoint` group member (not root) reaches the installed daemon in /run/savepoint."""
-    from appliance import config
+    from appliance import runtime_dirs
 
-    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(runtime_dirs.os, "geteuid", lambda: 1000)
     monkeypatch.delenv("SAVEPOINT_CONTROL", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
-    monkeypatch.setattr(config, "SYSTEM_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setattr(runtime_dirs, "SYSTEM_RUNTIME_DIR", str(tmp_path / "run"))
     own = tmp_path / "xdg" / "savepoint" / "control.sock"
     system = tmp_path / "run" / "control.sock"
-    assert config.find_control_path() == str(own)  # nothing runs: the error names our own
+    assert runtime_dirs.find_control_path() == str(own)  # nothing runs: the error names our own
     system.parent.mkdir()
     system.touch()
-    assert config.find_control_path() == str(system)
+    assert runtime_dirs.find_control_path() == str(system)
     own.parent.mkdir(parents=True)
     own.touch()
-    assert config.find_control_path() == str(own)  # `savepoint serve` of this user wins
+    assert runtime_dirs.find_control_path() == str(own)  # `savepoint serve` of this user wins
     monkeypatch.setenv("SAVEPOINT_CONTROL", str(tmp_path / "mine.sock"))
-    assert config.find_control_path() == str(tmp_path / "mine.sock")
+    assert runtime_dirs.find_control_path() == str(tmp_path / "mine.sock")
 
 
 @pytest.mark.parametrize(

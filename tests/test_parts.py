@@ -109,3 +109,79 @@ def test_a_parts_tasks_are_kept_until_done():
         assert len(tasks) == 0
 
     asyncio.run(scenario())
+
+
+HEAVY = ("bleak", "dbus_fast", "bthome_ble", "paho", "aiomqtt", "gpiozero")
+PROBE = """
+import json, sys
+from appliance.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(HEAVY)))
+specs = sorted(m for m in sys.modules if m.endswith(".spec"))
+print(json.dumps({"code": code, "heavy": heavy, "specs": specs}))
+"""
+
+
+def _cli_imports(*argv: str) -> dict[str, Any]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = PROBE.replace("json.loads(HEAVY)", repr(list(HEAVY)))
+    env = {**os.environ, "SAVEPOINT_CONTROL": f"{short_dir()}/none.sock"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, env=env, timeout=60
+    )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_the_cli_loads_every_spec_but_no_bluetooth_mqtt_or_gpio_library():
+    """`savepoint --help` and `status` build every part's commands from its spec; on a Pi
+    importing bleak, dbus-fast, bthome-ble or gpiozero costs seconds, so no spec may."""
+    for argv in (["--help"], ["status"], ["fobs", "--help"]):
+        seen = _cli_imports(*argv)
+        assert seen["heavy"] == [], f"savepoint {' '.join(argv)} imported {seen['heavy']}"
+    status = _cli_imports("status")
+    assert status["code"] == 1  # no daemon there: it says so and fails
+    assert status["specs"] == [], "a core command needs no part's spec: it stays fast"
+    assert "ble.spec" in _cli_imports("--help")["specs"]
+
+
+def test_part_commands_come_from_their_specs_into_help_man_page_and_completion():
+    from appliance.cli import build_parser
+    from appliance.manpages import completion, manpage
+
+    specs = {spec.name for spec in parts.cli_specs()}
+    assert specs == {"ble", "bthome"}
+    parser = build_parser()
+    helps = parser.format_help()
+    assert "fobs" in helps and "buttons" in helps
+    fobs = parser.parse_args(["fobs", "rename", "3", "keyring"])
+    assert (fobs.op, fobs.id, fobs.name) == ("rename", 3, "keyring")
+    buttons = parser.parse_args(["buttons", "add", "AA:BB", "--key", "00" * 16])
+    assert (buttons.op, buttons.address) == ("add", "AA:BB")
+    page = manpage(parser)
+    assert "list, rename or revoke paired BLE fobs" in page
+    assert "list, add, rename or remove BTHome buttons" in page
+    assert {"fobs", "buttons"} <= set(completion(parser, "bash").split())
+
+
+def test_a_part_that_cannot_load_leaves_the_rest_of_the_cli_working(monkeypatch):
+    monkeypatch.setitem(parts.PARTS, "gone", "no_such_module:SPEC")
+    monkeypatch.setitem(parts.PARTS, "demo", "tests.test_parts:WITH_CLI")
+    from appliance.cli import build_parser
+
+    args = build_parser().parse_args(["demo-hello"])
+    assert args.func(args) == 7
+
+
+def _add_demo_command(sub: Any) -> None:
+    p = sub.add_parser("demo-hello", help="a part's own command")
+    p.set_defaults(func=lambda args: 7)
+
+
+WITH_CLI = PartSpec("demo", DemoSettings, DemoPart, cli=_add_demo_command)

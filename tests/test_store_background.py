@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import appliance.daemon as daemon_mod
+import appliance.background as background
 import appliance.store.core as store_mod
 from appliance.config import serve_config
 from appliance.daemon import Daemon
@@ -27,7 +27,7 @@ U = 4096
 def test_the_daemons_pass_survives_io_errors_shows_a_fault_and_finishes(
     monkeypatch, caplog
 ) -> None:
-    monkeypatch.setattr(daemon_mod, "BACKGROUND_BACKOFF", 0.05)
+    monkeypatch.setattr(background, "BACKGROUND_BACKOFF", 0.05)
     d = short_dir()
     cfg = serve_config(f"{d}/disk.img", 16 << 20, U, f"{d}/nbd.sock", None, False, f"{d}/c.sock")
 

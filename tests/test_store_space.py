@@ -364,7 +364,7 @@ def test_reclaim_leaves_an_untrusted_map_sector_alone(tmp_path):
 
 
 def test_status_shows_allocation_margin_and_the_fault_with_what_to_do(capsys):
-    from appliance.cli import print_status
+    from appliance.cli_show import print_status
     from appliance.store.space import FULL_HINT
 
     space = {

@@ -191,7 +191,7 @@ def export_through_daemon(args: argparse.Namespace) -> None:
             if not isinstance(sb, Exception)
         }
     try:
-        from appliance.cli import control_path
+        from appliance.cli_talk import control_path
 
         with ControlClient(control_path(args), timeout=60) as client:
             st = client.request("status").get("data") or {}

@@ -11,6 +11,7 @@ The configfs and sysfs roots are parameters so unit tests can run on plain direc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -59,16 +60,16 @@ MS = "mass_storage.usb0"
 ACM = "acm.usb0"
 
 
-def defaults(**overrides: Any) -> dict[str, Any]:
-    return GadgetSettings.merged(overrides)
+def defaults(**overrides: Any) -> GadgetSettings:
+    return GadgetSettings.of(overrides)
 
 
-def inquiry_string(cfg: dict[str, Any]) -> str:
+def inquiry_string(cfg: GadgetSettings) -> str:
     """f_mass_storage takes one 28-byte string: vendor(8) product(16) revision(4)."""
     parts = (("inquiry_vendor", 8), ("inquiry_product", 16), ("inquiry_revision", 4))
     out = ""
     for key, width in parts:
-        value = str(cfg[key])
+        value = str(getattr(cfg, key))
         if len(value) > width or not value.isascii():
             raise ValueError(f"[gadget] {key} {value!r}: use at most {width} ASCII characters")
         out += value.ljust(width)
@@ -78,11 +79,11 @@ def inquiry_string(cfg: dict[str, Any]) -> str:
 class Gadget:
     """The configfs tree of one gadget: build, bind, eject, tear down."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: GadgetSettings) -> None:
         self.cfg = cfg
-        self.root = Path(cfg["configfs"]) / "usb_gadget" / cfg["name"]
-        self.sysfs = Path(cfg["sysfs"])
-        self.real = _is_configfs(cfg["configfs"])  # False: a unit test's plain directories
+        self.root = Path(cfg.configfs) / "usb_gadget" / cfg.name
+        self.sysfs = Path(cfg.sysfs)
+        self.real = _is_configfs(cfg.configfs)  # False: a unit test's plain directories
 
     # -- attributes -----------------------------------------------------------------
     def lun(self, n: int) -> Path:
@@ -92,11 +93,11 @@ class Gadget:
         """Every attribute this config writes, relative to the gadget root."""
         cfg = self.cfg
         attrs = {
-            "idVendor": f"0x{cfg['vendor_id']:04x}", "idProduct": f"0x{cfg['product_id']:04x}",
+            "idVendor": f"0x{cfg.vendor_id:04x}", "idProduct": f"0x{cfg.product_id:04x}",
             "bcdUSB": "0x0200", "bcdDevice": "0x0100",
-            "strings/0x409/manufacturer": cfg["manufacturer"],
-            "strings/0x409/product": cfg["product"],
-            "strings/0x409/serialnumber": cfg["serial"],
+            "strings/0x409/manufacturer": cfg.manufacturer,
+            "strings/0x409/product": cfg.product,
+            "strings/0x409/serialnumber": cfg.serial,
             "configs/c.1/strings/0x409/configuration": "Savepoint",
             "configs/c.1/MaxPower": "250",
             f"functions/{MS}/stall": "1",
@@ -105,15 +106,15 @@ class Gadget:
             f"functions/{MS}/lun.0/nofua": "0",
             f"functions/{MS}/lun.0/inquiry_string": inquiry_string(cfg),
         }  # fmt: skip
-        if cfg["thaw_file"]:
+        if cfg.thaw_file:
             attrs[f"functions/{MS}/lun.1/removable"] = "1"
             attrs[f"functions/{MS}/lun.1/inquiry_string"] = inquiry_string(
-                {**cfg, "inquiry_product": "Savepoint thaw"}
+                dataclasses.replace(cfg, inquiry_product="Savepoint thaw")
             )
         return attrs
 
     def functions(self) -> list[str]:
-        return [MS, ACM] if self.cfg["acm"] else [MS]
+        return [MS, ACM] if self.cfg.acm else [MS]
 
     def exists(self) -> bool:
         return self.root.is_dir()
@@ -125,7 +126,7 @@ class Gadget:
         linked = sorted(p.name for p in (self.root / "configs" / "c.1").glob("*.usb0"))
         if linked != sorted(self.functions()):
             return False
-        if not self.cfg["thaw_file"] and self.lun(1).exists():
+        if not self.cfg.thaw_file and self.lun(1).exists():
             return False
         for rel, value in self.desired().items():
             try:
@@ -133,7 +134,7 @@ class Gadget:
                     return False
             except OSError:
                 return False
-        return self.file(1) == self.cfg["thaw_file"] if self.cfg["thaw_file"] else True
+        return self.file(1) == self.cfg.thaw_file if self.cfg.thaw_file else True
 
     # -- building -----------------------------------------------------------------
     def create(self) -> None:
@@ -141,7 +142,7 @@ class Gadget:
         config = self.root / "configs" / "c.1"
         for d in (strings, config / "strings" / "0x409", *self._function_dirs(), self.lun(0)):
             d.mkdir(parents=True, exist_ok=True)
-        if self.cfg["thaw_file"]:
+        if self.cfg.thaw_file:
             self.lun(1).mkdir(exist_ok=True)
         for rel, value in self.desired().items():
             _write(self.root / rel, value)
@@ -149,15 +150,15 @@ class Gadget:
             link = config / fn
             if not link.is_symlink():
                 link.symlink_to(self.root / "functions" / fn)
-        if self.cfg["thaw_file"]:
-            self.set_file(1, self.cfg["thaw_file"])
+        if self.cfg.thaw_file:
+            self.set_file(1, self.cfg.thaw_file)
 
     def _function_dirs(self) -> list[Path]:
         return [self.root / "functions" / fn for fn in self.functions()]
 
     def udc(self) -> str:
         """The configured UDC, or the first one the kernel offers."""
-        wanted = self.cfg["udc"]
+        wanted = self.cfg.udc
         udcs = sorted(p.name for p in (self.sysfs / "class" / "udc").glob("*"))
         if wanted:
             if wanted not in udcs:
@@ -274,18 +275,20 @@ class GadgetPart:
 
     name = "gadget"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink, nbd_socket: str) -> None:
-        self.cfg = defaults(**cfg)
+    def __init__(
+        self, cfg: GadgetSettings | dict[str, Any], bus: CommandSink, nbd_socket: str
+    ) -> None:
+        self.cfg = GadgetSettings.of(cfg)  # a dict: a table already checked (a test's)
         self.bus = bus
         self.gadget = Gadget(self.cfg)
-        self.nbd = NbdDevice(self.cfg["nbd_device"], nbd_socket, sysfs=self.cfg["sysfs"])
+        self.nbd = NbdDevice(self.cfg.nbd_device, nbd_socket, sysfs=self.cfg.sysfs)
         self.watch: UdcWatch | None = None
 
     async def start(self) -> None:
-        if not (Path(self.cfg["configfs"]) / "usb_gadget").is_dir():
+        if not (Path(self.cfg.configfs) / "usb_gadget").is_dir():
             raise PartUnavailable(
                 "configfs has no usb_gadget directory",
-                f"modprobe libcomposite and mount configfs at {self.cfg['configfs']}",
+                f"modprobe libcomposite and mount configfs at {self.cfg.configfs}",
             )
         udc = self.gadget.udc()
         self.nbd.check()
@@ -293,12 +296,12 @@ class GadgetPart:
         self.watch = UdcWatch(
             udc,
             self._host_changed,
-            sysfs=self.cfg["sysfs"],
-            interval=float(self.cfg["poll_interval"]),
+            sysfs=self.cfg.sysfs,
+            interval=float(self.cfg.poll_interval),
         )
         await self.watch.start()
         self._count_host_writes(kthread_wchar())
-        log.info("gadget %s bound to %s, LUN 0 on %s", self.cfg["name"], udc, self.nbd.device)
+        log.info("gadget %s bound to %s, LUN 0 on %s", self.cfg.name, udc, self.nbd.device)
 
     def _setup(self, udc: str) -> None:
         self._prepare_thaw_file()
@@ -311,7 +314,7 @@ class GadgetPart:
             self._detach()
         adopt = not crashed and self.gadget.matches()
         if adopt:  # keep the host's USB connection; only the medium changes
-            log.info("adopting the gadget %s left by a previous run", self.cfg["name"])
+            log.info("adopting the gadget %s left by a previous run", self.cfg.name)
             self.gadget.forced_eject(0)
         else:
             self.gadget.remove()
@@ -333,7 +336,7 @@ class GadgetPart:
             log.warning("%s", e)
 
     def _prepare_thaw_file(self) -> None:
-        path, size = self.cfg["thaw_file"], self.cfg["thaw_size"]
+        path, size = self.cfg.thaw_file, self.cfg.thaw_size
         if not path or os.path.exists(path):
             return
         if not size:
@@ -341,7 +344,7 @@ class GadgetPart:
                 f"thaw file {path} does not exist",
                 "create it, or set [gadget] thaw_size to have it created",
             )
-        from appliance.config import parse_size
+        from appliance.sizes import parse_size
 
         with open(path, "wb") as f:
             f.truncate(parse_size(size))
@@ -391,7 +394,7 @@ class GadgetPart:
 
 SPEC = PartSpec(
     "gadget",
-    GadgetSettings,  # the part works on a table: converted here
-    lambda s, ctx: GadgetPart(s.as_dict(), ctx.bus, ctx.nbd_socket),
+    GadgetSettings,
+    lambda s, ctx: GadgetPart(s, ctx.bus, ctx.nbd_socket),
     store_hooks=True,
 )

@@ -206,6 +206,9 @@ class BlePart:
         )
         await self._bluez("/org/bluez", "AgentManager1", "RequestDefaultAgent", "o", [AGENT_PATH])
         await self._set_adapter("Powered", True)
+        # outside a window the kernel refuses bonding requests before the agent is asked
+        # (bluetoothd may start pairable, or come back so after a restart)
+        await self._set_adapter("Pairable", bool(self.proto and self.proto.pairing_open))
         await self._bluez(
             self.adapter_path, "GattManager1", "RegisterApplication", "oa{sv}", [APP_PATH, {}]
         )

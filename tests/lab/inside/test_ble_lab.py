@@ -7,9 +7,11 @@ sees through the gadget changes accordingly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,7 @@ from tests.lab.inside.appliance_vm import (
     read_direct,
     write_direct,
 )
-from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, wait_for
+from tests.lab.inside.ble_stack import ADDRESSES, BleStack, run, set_adapter, wait_for
 
 FOB_ADAPTER = "hci1"
 FOB_DEVICE = "/org/bluez/hci0/dev_" + ADDRESSES[1].replace(":", "_")  # the fob, seen from hci0
@@ -112,6 +114,81 @@ async def restore_watching_status(keys: Path) -> tuple[Report, list[Status]]:
     return await run.run(), notes
 
 
+async def just_works_bond() -> str:
+    """What any phone does: connect to the appliance from hci1 and ask BlueZ to bond (Just
+    Works: both sides NoInputNoOutput); returns how it ended."""
+    from bleak import BleakClient
+
+    device = await fob_client._find(ADDRESSES[0], FOB_ADAPTER, 40)
+    client = BleakClient(device, timeout=40, bluez={"adapter": FOB_ADAPTER})
+    await client.connect()
+    try:
+        await client.pair()
+    except Exception as e:  # BleakError, or the D-Bus error bleak passes on
+        return f"refused: {e}"
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+    return "bonded"
+
+
+async def bond_on_hci0() -> dict[str, Any]:
+    """hci0's view of the fob: BlueZ's Paired/Bonded and whether a key is on disk."""
+    bus = await dbus_api.connect()
+    try:
+        objects = await dbus_api.managed_objects(bus)
+    finally:
+        bus.disconnect()
+    props = objects.get(FOB_DEVICE, {}).get("org.bluez.Device1", {})
+    info = Path("/var/lib/bluetooth", ADDRESSES[0], ADDRESSES[1], "info")
+    keys = info.read_text() if info.exists() else ""
+    return {
+        "paired": bool(props.get("Paired")),
+        "bonded": bool(props.get("Bonded")),
+        "ltk_on_disk": "[LongTermKey]" in keys or "[PeripheralLongTermKey]" in keys,
+    }
+
+
+def agent_refusals(appliance: Appliance) -> int:
+    """How often the daemon's agent refused the fob (it logs every decision BlueZ asks it
+    for, ble/gatt_service.py)."""
+    return appliance.log().count(f"refused pairing from {FOB_DEVICE}: pairing window closed")
+
+
+async def hci0_pairable() -> bool:
+    bus = await dbus_api.connect()
+    try:
+        objects = await dbus_api.managed_objects(bus)
+    finally:
+        bus.disconnect()
+    return bool(objects["/org/bluez/hci0"]["org.bluez.Adapter1"]["Pairable"])
+
+
+def check_closed_window_refuses_bonds(appliance: Appliance) -> list[str]:
+    """Outside the pairing window no device may bond, whether or not BlueZ asks the agent:
+    once as the part leaves hci0 (Pairable off: the kernel refuses a bonding request), and
+    once with Pairable forced on (as `bluetoothctl pairable on` would leave it): then BlueZ
+    must ask the agent, and the agent refuses. Returns what happened (ble-closed-window.txt)."""
+    assert run(hci0_pairable()) is False, "the part leaves hci0 pairable outside the window"
+    seen = []
+    for pairable in (False, True):
+        if pairable:
+            run(set_adapter("hci0", "Pairable", True))
+        before = agent_refusals(appliance)
+        how = asyncio.run(asyncio.wait_for(just_works_bond(), 120))
+        bond = run(bond_on_hci0())
+        asked = agent_refusals(appliance) > before
+        seen.append(f"Pairable={pairable}: {how}; agent asked: {asked}; hci0 {bond}")
+        assert how.startswith("refused"), seen[-1]
+        assert bond == {"paired": False, "bonded": False, "ltk_on_disk": False}, seen[-1]
+        if pairable:
+            assert asked, f"BlueZ decided without asking the agent: {seen[-1]}"
+    run(set_adapter("hci0", "Pairable", False))
+    (RESULTS / "ble-closed-window.txt").write_text("\n".join(seen) + "\n")
+    print(*seen, sep="\n")
+    return seen
+
+
 async def bluez_devices() -> set[str]:
     """BlueZ's device objects (what `bluetoothctl devices` lists), on every adapter."""
     bus = await dbus_api.connect()
@@ -138,6 +215,8 @@ def test_fob_pairs_saves_and_restores_over_bluez(
     )
     keys = tmp_path / "fob.json"
     drops = Drops(ble)
+    assert appliance.status()["pairing"]["open"] is False
+    check_closed_window_refuses_bonds(appliance)  # no gesture yet: nobody may bond
 
     appliance.cli("pair")  # the window a user opens with the button or `savepoint pair`
     for attempt in range(3):  # SPAKE2: one online guess each; the third closes the window

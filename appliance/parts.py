@@ -58,6 +58,9 @@ class PartSpec(Generic[S]):
     validate: Callable[[dict[str, Any]], Any] | None = None  # raises ValueError: bad section
     # True: while the part is up, the bus calls its before_save/around_restore (StoreHooks)
     store_hooks: bool = False
+    # events of the part's own state for `savepoint history` (fob pairings, say): dicts with
+    # time, action, source, detail; read from its files, so they show while the part is down
+    history: Callable[[S], list[dict[str, Any]]] | None = None
 
 
 def all_parts() -> dict[str, str]:

@@ -46,7 +46,7 @@ class PairingWindow:
         self,
         registry: FobRegistry,
         setup_code: str,
-        report: Callable[[Result, int], None],
+        report: Callable[[Result, int], object],
         closed: Callable[[str], None],
         failed: Callable[[str], object],
     ) -> None:

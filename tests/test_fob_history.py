@@ -165,14 +165,18 @@ def test_an_unreadable_registry_is_one_event_not_a_failed_history(tmp_path, stor
 def test_refusals_kept_are_bounded_and_survive_a_restart(tmp_path) -> None:
     path = tmp_path / "fobs.json"
     proto = FobProtocol(FobRegistry(path), RecordingBus(), setup_code=CODE)
-    for window in range(MAX_EVENTS // 4 + 2):  # each window: 3 refusals and its closing
-        proto.set_pairing(True)
-        for _ in range(3):
-            with pytest.raises(Exception, match="confirmation failed"):
-                refused_pairing(proto)
-        assert not proto.pairing_open, window
-    events = FobRegistry(path).events  # a restart reads what was kept
-    assert len(events) == MAX_EVENTS and events[-1]["action"] == "closed"
+    proto.set_pairing(True)
+    for _ in range(3):
+        with pytest.raises(Exception, match="confirmation failed"):
+            refused_pairing(proto)
+    assert not proto.pairing_open
+    window = FobRegistry(path).events  # a restart reads what was kept
+    assert [e["action"] for e in window] == ["refused"] * 3 + ["closed"]
+    registry = FobRegistry(path)
+    for i in range(MAX_EVENTS):
+        registry.note("refused", "AA:BB:CC:DD:EE:FF", f"attempt {i}")
+    events = FobRegistry(path).events
+    assert len(events) == MAX_EVENTS and events[-1]["detail"] == f"attempt {MAX_EVENTS - 1}"
     assert registry_history(tmp_path / "none.json") == []
     assert not (tmp_path / "none.json").exists()  # reading the history creates nothing
     path.write_text(json.dumps({**json.loads(path.read_text()), "events": [{"time": 1}]}))

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ble import dbus_api, fob_client
-from ble.fob_session import CommandRun, Report, Retry
+from ble import dbus_api, fob_client, frames
+from ble.fob_session import CommandRun, LinkLost, Report, Retry
 from ble.frames import Cmd, Result, Status
 from tests.lab import drops as causes
 from tests.lab.inside.appliance_vm import (
@@ -189,6 +189,27 @@ def check_closed_window_refuses_bonds(appliance: Appliance) -> list[str]:
     return seen
 
 
+async def encryption_around_challenge() -> tuple[bool | None, bool | None]:
+    """What savepoint-fob's check (ble/link_security.py) sees on a fresh link of the paired
+    fob: before and after its Challenge read (the read the appliance serves encrypted only)."""
+    connect = fob_client.bleak_connect(FOB_ADAPTER, ADDRESSES[0])
+    for attempt in range(3):  # the BlueZ races at connection (docs/lab.md) drop some links
+        try:
+            link = await connect(40)
+        except LinkLost:
+            if attempt == 2:
+                raise
+            continue
+        try:
+            before = link.encrypted()
+            await link.read(frames.CHALLENGE_UUID)
+            return before, link.encrypted()
+        finally:
+            with contextlib.suppress(Exception):
+                await link.close()
+    raise AssertionError("unreachable")
+
+
 async def bluez_devices() -> set[str]:
     """BlueZ's device objects (what `bluetoothctl devices` lists), on every adapter."""
     bus = await dbus_api.connect()
@@ -230,6 +251,10 @@ def test_fob_pairs_saves_and_restores_over_bluez(
     pairing = appliance.status()["pairing"]
     assert not pairing["open"] and pairing["closed_by"] == "fob 1 paired", pairing  # one fob
     assert oct(keys.stat().st_mode & 0o777) == "0o600"
+    before, after = asyncio.run(asyncio.wait_for(encryption_around_challenge(), 180))
+    with (RESULTS / "ble-closed-window.txt").open("a") as f:
+        f.write(f"fob link encrypted before its challenge read: {before}, after: {after}\n")
+    assert after is True, f"the kernel does not report the fob's link encrypted ({after})"
     fobs = appliance.request("fobs", {"op": "list"})["data"]
     assert len(fobs["fobs"]) == 1, fobs
 

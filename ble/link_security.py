@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import array
 import contextlib
-import fcntl
 import socket
 import struct
+import sys
 
+AF_BLUETOOTH, BTPROTO_HCI = 31, 1  # Linux's numbers; Python built without them lacks the names
 HCIGETCONNLIST = 0x800448D4  # _IOR('H', 212, int)
 HCI_LM_ENCRYPT = 0x0004
 LE_LINK = 0x80
@@ -38,6 +39,8 @@ def parse_conn_list(raw: bytes) -> dict[str, int]:
 
 
 def _conn_list(sock: socket.socket, dev_id: int) -> bytes:
+    import fcntl  # not on Windows
+
     buf = array.array("B", _REQ.pack(dev_id, MAX_CONNS) + bytes(MAX_CONNS * _INFO.size))
     fcntl.ioctl(sock.fileno(), HCIGETCONNLIST, buf, True)
     return buf.tobytes()
@@ -46,13 +49,11 @@ def _conn_list(sock: socket.socket, dev_id: int) -> bytes:
 def encrypted(address: str, adapter: str = "") -> bool | None:
     """Whether the kernel's LE link to `address` is encrypted; None when it cannot tell (not
     Linux, no Bluetooth sockets, or no such link listed)."""
-    family = getattr(socket, "AF_BLUETOOTH", None)
-    proto = getattr(socket, "BTPROTO_HCI", None)
-    if family is None or proto is None:
+    if not sys.platform.startswith("linux"):
         return None
     ids = [int(adapter[3:])] if adapter.startswith("hci") and adapter[3:].isdigit() else None
     try:
-        sock = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, proto)
+        sock = socket.socket(AF_BLUETOOTH, socket.SOCK_RAW | socket.SOCK_CLOEXEC, BTPROTO_HCI)
     except OSError:
         return None
     with sock:

@@ -229,9 +229,8 @@ async def bluez_devices() -> set[str]:
     return {path for path, ifaces in objects.items() if "org.bluez.Device1" in ifaces}
 
 
-def test_fob_pairs_saves_and_restores_over_bluez(
-    ble: BleStack, appliance: Appliance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def start_with_ble(appliance: Appliance, tmp_path: Path) -> str:
+    """The daemon with the fob service on hci0; returns the host's /dev/sdX."""
     appliance.write_config(lock=True, serial=False)
     with appliance.config.open("a") as cfg:
         cfg.write(
@@ -243,10 +242,21 @@ def test_fob_pairs_saves_and_restores_over_bluez(
     wait_for(
         lambda: appliance.status()["parts"]["ble"]["state"] == "up", 30, "ble part up in the daemon"
     )
+    return dev
+
+
+def test_no_bond_outside_the_pairing_window(ble: BleStack, appliance: Appliance, tmp_path: Path):
+    start_with_ble(appliance, tmp_path)
+    assert appliance.status()["pairing"]["open"] is False  # no gesture yet: nobody may bond
+    check_closed_window_refuses_bonds(appliance)
+
+
+def test_fob_pairs_saves_and_restores_over_bluez(
+    ble: BleStack, appliance: Appliance, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev = start_with_ble(appliance, tmp_path)
     keys = tmp_path / "fob.json"
     drops = Drops(ble)
-    assert appliance.status()["pairing"]["open"] is False
-    check_closed_window_refuses_bonds(appliance)  # no gesture yet: nobody may bond
 
     appliance.cli("pair")  # the window a user opens with the button or `savepoint pair`
     for attempt in range(3):  # SPAKE2: one online guess each; the third closes the window
@@ -261,7 +271,7 @@ def test_fob_pairs_saves_and_restores_over_bluez(
     assert not pairing["open"] and pairing["closed_by"] == "fob 1 paired", pairing  # one fob
     assert oct(keys.stat().st_mode & 0o777) == "0o600"
     before, after = asyncio.run(asyncio.wait_for(encryption_around_challenge(), 180))
-    with (RESULTS / "ble-closed-window.txt").open("a") as f:
+    with (RESULTS / "ble-encryption.txt").open("w") as f:
         f.write(f"fob link encrypted before its challenge read: {before}, after: {after}\n")
     assert after is True, f"the kernel does not report the fob's link encrypted ({after})"
     fobs = appliance.request("fobs", {"op": "list"})["data"]
@@ -310,3 +320,13 @@ def test_fob_pairs_saves_and_restores_over_bluez(
     assert FOB_DEVICE not in run(bluez_devices())
     [revoked] = appliance.request("fobs", {"op": "list"})["data"]["fobs"]
     assert revoked["revoked"] and revoked["address"] == ADDRESSES[1]
+
+    # `savepoint history`: who tried, who paired, when, among the SAVE and RESTORE records
+    events = appliance.request("history")["data"]["events"]
+    assert [(e["action"], e["source"]) for e in events] == [
+        *[("refused", ADDRESSES[1])] * 3,
+        ("closed", "ble"),
+        ("paired", f"fob:{fob_id}"),
+        ("revoked", f"fob:{fob_id}"),
+    ], events
+    assert events[4]["detail"].endswith(f"from {ADDRESSES[1]}")

@@ -58,7 +58,7 @@ def show(command: str, data: dict[str, Any]) -> None:
     elif command == "history":
         from appliance.store.cli import print_history
 
-        print_history(data.get("history", []))
+        print_history(data.get("history", []), data.get("events"))
     elif command == "save" and data.get("hurried"):
         print("the waiting SAVE commits now")
     elif command in ("save", "restore"):

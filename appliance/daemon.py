@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -304,7 +305,10 @@ class Daemon:
             )
             return
         try:
-            part = spec.make(part_config(spec, pcfg), PartContext(self.bus, self.nbd_socket))
+            settings = part_config(spec, pcfg)
+            if spec.history is not None:  # its past shows in `history` even if it fails now
+                self.bus.history_sources[name] = functools.partial(spec.history, settings)
+            part = spec.make(settings, PartContext(self.bus, self.nbd_socket))
             if spec.store_hooks and not isinstance(part, StoreHooks):
                 raise TypeError(
                     f"{type(part).__name__} declares store_hooks but lacks "

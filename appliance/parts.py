@@ -71,6 +71,9 @@ class PartSpec(Generic[S]):
     store_hooks: bool = False
     # adds the part's `savepoint` subcommands (e.g. `fobs`) to the CLI's subparsers
     cli: Callable[[Subcommands], None] | None = None
+    # events of the part's own state for `savepoint history` (fob pairings, say): dicts with
+    # time, action, source, detail; read from its files, so they show while the part is down
+    history: Callable[[S], list[dict[str, Any]]] | None = None
 
 
 def all_parts() -> dict[str, str]:

@@ -32,21 +32,22 @@ CHECK_EVERY = 60.0  # seconds between not-seen checks
 
 def validate_config(cfg: dict[str, Any]) -> None:
     """The checks `savepoint daemon --check` and start-up share; ValueError names the key."""
-    gestures(cfg)
-    if not 0 <= int(cfg.get("battery_low", 20)) <= 100:
+    gestures(BTHomeSettings.of(cfg))
+
+
+def gestures(settings: BTHomeSettings) -> dict[str, Any]:
+    """The configured gestures over the defaults (a key given overrides that default only),
+    after the section's other checks; ValueError names the key."""
+    if not 0 <= int(settings.battery_low) <= 100:
         raise ValueError("battery_low must be a percentage, 0-100")
-    if float(cfg.get("absent_after", 0)) < 0:
+    if float(settings.absent_after) < 0:
         raise ValueError("absent_after must be 0 (never) or a number of seconds")
-    if cfg.get("scan", "passive") not in ("passive", "active"):
-        raise ValueError(f"scan {cfg.get('scan')!r} is not passive or active")
-
-
-def gestures(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The configured gestures over the defaults: a key given overrides that default only."""
-    given = cfg.get("gestures", {})
+    if settings.scan not in ("passive", "active"):
+        raise ValueError(f"scan {settings.scan!r} is not passive or active")
+    given = settings.gestures
     if not isinstance(given, dict):
         raise ValueError(f"gestures must be a table like {DEFAULT_GESTURES}")
-    return parse_gestures({**DEFAULT_GESTURES, **given}, bool(cfg.get("allow_unlock")))
+    return parse_gestures({**DEFAULT_GESTURES, **given}, bool(settings.allow_unlock))
 
 
 # (adapter, mode, callback(address, service data, rssi, name)) -> stop()
@@ -130,9 +131,7 @@ class BTHomePart:
 
     async def start(self) -> None:
         try:
-            table = self.cfg.as_dict()
-            validate_config(table)
-            mapping = gestures(table)
+            mapping = gestures(self.cfg)
         except ValueError as e:
             raise PartUnavailable(f"[bthome] {e}", "fix [bthome] in the config") from e
         try:

@@ -115,6 +115,10 @@ class _Borrowed:
     async def write(self, uuid: str, data: bytes) -> None:
         await self.link.write(uuid, data)
 
+    def encrypted(self) -> bool | None:
+        check = getattr(self.link, "encrypted", None)
+        return None if check is None else check()
+
 
 async def command(
     link: GattLink, creds: FobCredentials, cmd: Cmd, store: KeyStore | None
@@ -137,9 +141,16 @@ def describe(status: Status) -> str:
 class BleakLink:
     """GattLink over a connected BleakClient: link losses become LinkLost, ATT errors Refused."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, adapter: str = "") -> None:
         self.client = client
         self.address = str(client.address)
+        self.adapter = adapter
+
+    def encrypted(self) -> bool | None:
+        """Asked of the kernel (Linux); None where bleak's platform cannot tell."""
+        from ble.link_security import encrypted
+
+        return encrypted(self.address, self.adapter)
 
     async def read(self, uuid: str) -> bytes:
         return bytes(await self._guard(self.client.read_gatt_char(uuid)))
@@ -222,7 +233,7 @@ def bleak_connect(adapter: str, address: str, bond: bool = False) -> Callable[[f
         except BaseException:
             await _disconnect(client)
             raise
-        return BleakLink(client)
+        return BleakLink(client, adapter)
 
     return connect
 

@@ -46,6 +46,12 @@ class GattLink(Protocol):
     async def write(self, uuid: str, data: bytes) -> None: ...
 
 
+class CheckedLink(GattLink, Protocol):
+    """A link that can tell whether it is encrypted (True/False), or None: cannot tell."""
+
+    def encrypted(self) -> bool | None: ...
+
+
 class WatchedLink(GattLink, Protocol):
     async def subscribe(self, uuid: str, callback: Callable[[bytes], None]) -> None: ...
 
@@ -146,6 +152,7 @@ class CommandRun:
         self.step = "reading the challenge"
         nonce = await link.read(frames.CHALLENGE_UUID) if self.cmd in NEEDS_NONCE else b""
         self._nonce = nonce
+        self._check_encrypted(link)
         self.creds.counter += 1
         self.save(self.creds)  # before sending: a used counter must never be sent again
         frame = frames.build_frame(bytes.fromhex(self.creds.key),
@@ -161,6 +168,16 @@ class CommandRun:
             mine = _mine(self, await self._status(link))
             self.answered = Result.FAILED if mine is None else mine
         return self.answered
+
+    def _check_encrypted(self, link: GattLink) -> None:
+        """The appliance serves the challenge only over an encrypted link: a link still
+        unencrypted after it is not the appliance's. Nothing is sent, no counter used."""
+        check = getattr(link, "encrypted", None)
+        if check is not None and check() is False:
+            raise FobError(
+                f"the link is not encrypted after reading the challenge: not your appliance "
+                f"(an impostor?); {self.cmd.name} was not sent"
+            )
 
     async def _resolve(self, link: GattLink, deadline: float) -> Result | None:
         """The frame `sent` may have arrived: its result, or None when it never ran."""

@@ -42,6 +42,7 @@ CONFIRM_FOB = b"savepoint-confirm-fob"
 ID_FOB = b"savepoint-fob"  # SPAKE2 identities: the fob is side A, the appliance side B
 ID_APPLIANCE = b"savepoint-appliance"
 MAX_FOB_ID = 0xFFFF
+MAX_EVENTS = 64  # refused pairings and closed windows kept for `savepoint history`
 _ADDRESS = re.compile(r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$")
 Entropy = Callable[[int], bytes]
 
@@ -117,6 +118,7 @@ class FobRecord:
     device: str = ""  # the peer it paired from: BlueZ device path (bumble: its address)
     address: str = ""  # that peer's BLE address, when known (records before 0.2 have none)
     protocol: int = 1  # records written before protocol 2 have none: those fobs must re-pair
+    revoked_at: float = 0.0  # 0: not revoked, or revoked before this was kept
 
     def public(self) -> dict[str, Any]:
         """What `savepoint fobs list` shows: everything but the key."""
@@ -131,6 +133,7 @@ class FobRegistry:
         self.fobs: dict[int, FobRecord] = {}
         self.next_id = 1
         self.appliance_id = b""
+        self.events: builtins.list[dict[str, Any]] = []  # what no fob record says (refusals)
         self._load()
 
     def _load(self) -> None:
@@ -143,6 +146,7 @@ class FobRegistry:
             self.appliance_id = bytes.fromhex(doc["appliance_id"])
             self.next_id = int(doc["next_id"])
             self.fobs = {int(k): FobRecord(**v) for k, v in doc["fobs"].items()}
+            self.events = [_event(e) for e in doc.get("events", [])][-MAX_EVENTS:]
         except (ValueError, KeyError, TypeError) as e:
             raise RegistryError(
                 f"fob registry {self.path} is unreadable ({e}); "
@@ -154,6 +158,7 @@ class FobRegistry:
             "appliance_id": self.appliance_id.hex(),
             "next_id": self.next_id,
             "fobs": {str(i): asdict(r) for i, r in sorted(self.fobs.items())},
+            "events": self.events,
         }
         atomic_write(self.path, json.dumps(doc, indent=1).encode())
 
@@ -206,8 +211,27 @@ class FobRegistry:
         record = self._need(fob_id)
         record.revoked = True
         record.key = ""
+        record.revoked_at = time.time()
         self._save()
         return record
+
+    def note(self, action: str, source: str, detail: str) -> None:
+        """Keep an event no fob record shows (a refused pairing, a window closed early)."""
+        self.events = [*self.events, _event({"time": time.time(), "action": action,
+                       "source": source, "detail": detail})][-MAX_EVENTS:]  # fmt: skip
+        self._save()
+
+    def history(self) -> builtins.list[dict[str, Any]]:
+        """Pairings, revocations and kept events for `savepoint history`, oldest first."""
+        rows = list(self.events)
+        for r in self.fobs.values():
+            where = r.address or r.device or "an unknown device"
+            rows.append({"time": r.paired_at, "action": "paired", "source": f"fob:{r.fob_id}",
+                         "detail": f'"{r.name}" from {where}'})  # fmt: skip
+            if r.revoked_at:
+                rows.append({"time": r.revoked_at, "action": "revoked",
+                             "source": f"fob:{r.fob_id}", "detail": f'"{r.name}"'})  # fmt: skip
+        return sorted(rows, key=lambda e: e["time"])
 
     def sharing_address(self, record: FobRecord) -> builtins.list[int]:  # list: a method here
         """Other live fobs paired from the same device (one phone paired twice, say)."""
@@ -223,6 +247,19 @@ class FobRegistry:
             known = ", ".join(str(i) for i in self.fobs) or "none"
             raise RegistryError(f"no fob with id {fob_id} (known: {known})")
         return record
+
+
+def _event(e: dict[str, Any]) -> dict[str, Any]:
+    """One kept event, checked (time, action, source, detail); TypeError/ValueError if bad."""
+    return {"time": float(e["time"]), "action": str(e["action"]), "source": str(e["source"]),
+            "detail": str(e["detail"])}  # fmt: skip
+
+
+def registry_history(path: str | os.PathLike[str]) -> builtins.list[dict[str, Any]]:
+    """The registry's history without creating it (no registry yet: nothing happened)."""
+    if not Path(path).exists():
+        return []
+    return FobRegistry(path).history()
 
 
 def address_of(peer: str) -> str:

@@ -38,11 +38,17 @@ log = logging.getLogger(__name__)
 def validate_config(cfg: dict[str, Any]) -> list[ITag]:
     """The checks the config loader (`savepoint daemon --check`) and start-up share; returns
     the configured iTags. ValueError names the key (without the "[ble] " the caller adds)."""
-    name = cfg.get("name", "")
-    if not 0 < len(str(name).encode()) <= MAX_NAME:
-        raise ValueError(f"name {name!r} does not fit a legacy advert: use 1-{MAX_NAME} characters")
+    return checked(BleSettings.of(cfg))
+
+
+def checked(settings: BleSettings) -> list[ITag]:
+    """validate_config on the settings themselves: the configured iTags, or ValueError."""
+    if not 0 < len(settings.name.encode()) <= MAX_NAME:
+        raise ValueError(
+            f"name {settings.name!r} does not fit a legacy advert: use 1-{MAX_NAME} characters"
+        )
     try:
-        return parse_itags(cfg.get("itags", []))
+        return parse_itags(settings.itags)
     except ValueError as e:
         raise ValueError(str(e).removeprefix("[ble] ")) from None
 
@@ -53,10 +59,10 @@ MAX_WINDOW_BONDS = 8  # devices one pairing window may bond (one of them becomes
 class BlePart:
     name = "ble"
 
-    def __init__(self, cfg: dict[str, Any], bus: CommandSink) -> None:
-        self.cfg = BleSettings.merged(cfg)
+    def __init__(self, cfg: BleSettings | dict[str, Any], bus: CommandSink) -> None:
+        self.cfg = BleSettings.of(cfg)
         self.bus = bus
-        self.adapter_path = f"/org/bluez/{self.cfg['adapter']}"
+        self.adapter_path = f"/org/bluez/{self.cfg.adapter}"
         self.proto: FobProtocol | None = None
         self.app: Application | None = None
         self.agent: PairingAgent | None = None
@@ -67,18 +73,18 @@ class BlePart:
         self._unwatch = lambda: None
         self._close_timer: asyncio.TimerHandle | None = None
         self._window_devices: set[str] = set()  # bonded by the agent in this window
-        self.itag_links: LinkFactory = bleak_links(str(self.cfg["adapter"]))
+        self.itag_links: LinkFactory = bleak_links(self.cfg.adapter)
         self.itags: list[ITagWatcher] = []
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         try:
-            tags = validate_config(self.cfg)
+            tags = checked(self.cfg)
         except ValueError as e:
             key = "itags" if str(e).startswith("itags") else "name"
             raise PartUnavailable(f"[ble] {e}", f"fix [ble] {key} in the config") from e
         try:
-            registry = FobRegistry(self.cfg["registry"])
+            registry = FobRegistry(self.cfg.registry)
         except (OSError, RegistryError) as e:
             raise PartUnavailable(
                 f"cannot open the fob registry: {e}",
@@ -87,15 +93,15 @@ class BlePart:
         self.proto = FobProtocol(
             registry,
             self.bus,
-            setup_code=str(self.cfg["setup_code"]),
-            challenge_ttl=float(self.cfg["challenge_ttl"]),
+            setup_code=self.cfg.setup_code,
+            challenge_ttl=float(self.cfg.challenge_ttl),
         )
         self.proto.forget_bond = self._forget_bond
         self.proto.on_window_closed = self._window_closed_by_protocol
         self.proto.on_pair_failed = lambda peer: self._tasks.spawn(self._drop_bonds({peer}))
         self.dbus = await self._connect()
         try:
-            await self._bring_up(str(self.cfg["name"]))
+            await self._bring_up(self.cfg.name)
         except BaseException:
             self.dbus.disconnect()
             raise
@@ -114,7 +120,7 @@ class BlePart:
 
     async def _connect(self) -> MessageBus:
         try:
-            return await dbus_api.connect(str(self.cfg["bus_address"]))
+            return await dbus_api.connect(self.cfg.bus_address)
         except (OSError, DBusError, ValueError) as e:
             raise PartUnavailable(
                 f"cannot reach the system D-Bus: {e}", "is dbus running? (systemctl status dbus)"
@@ -166,7 +172,7 @@ class BlePart:
         if "org.bluez.GattManager1" not in adapter:
             found = [p.rsplit("/", 1)[1] for p, i in objects.items() if "org.bluez.Adapter1" in i]
             raise PartUnavailable(
-                f"no Bluetooth LE adapter {self.cfg['adapter']} (found: {found or 'none'})",
+                f"no Bluetooth LE adapter {self.cfg.adapter} (found: {found or 'none'})",
                 "plug in or power the adapter (bluetoothctl list), or set [ble] adapter",
             )
         await self._bluez(
@@ -174,6 +180,9 @@ class BlePart:
         )
         await self._bluez("/org/bluez", "AgentManager1", "RequestDefaultAgent", "o", [AGENT_PATH])
         await self._set_adapter("Powered", True)
+        # outside a window the kernel refuses bonding requests before the agent is asked
+        # (bluetoothd may start pairable, or come back so after a restart)
+        await self._set_adapter("Pairable", bool(self.proto and self.proto.pairing_open))
         await self._bluez(
             self.adapter_path, "GattManager1", "RegisterApplication", "oa{sv}", [APP_PATH, {}]
         )
@@ -185,7 +194,7 @@ class BlePart:
             [ADV_PATH, {}],
         )
         self.registered.set()
-        log.info("fob service registered on %s", self.cfg["adapter"])
+        log.info("fob service registered on %s", self.cfg.adapter)
 
     async def _unregister(self) -> None:
         for iface, member, path in (
@@ -216,7 +225,7 @@ class BlePart:
                 ["org.bluez.Adapter1", prop, Variant("b", value)],
             )
         except DBusError as e:
-            log.warning("could not set %s=%s on %s: %s", prop, value, self.cfg["adapter"], e)
+            log.warning("could not set %s=%s on %s: %s", prop, value, self.cfg.adapter, e)
 
     def _owner_changed(self, new_owner: str) -> None:
         if not new_owner:
@@ -252,12 +261,12 @@ class BlePart:
             return f"kept: BlueZ did not answer; {by_hand}"
         except DBusError as e:
             if e.type == "org.bluez.Error.DoesNotExist":
-                return f"already gone: {addr} is not bonded on {self.cfg['adapter']}"
+                return f"already gone: {addr} is not bonded on {self.cfg.adapter}"
             if e.type.startswith("org.freedesktop.DBus.Error."):
                 return f"kept: BlueZ is not reachable ({e.text}); {by_hand}"
             return f"kept: BlueZ refused ({e.type}: {e.text}); {by_hand}"
-        log.info("revoked fob %d: removed %s from %s", record.fob_id, addr, self.cfg["adapter"])
-        return f"removed: {addr} is no longer bonded on {self.cfg['adapter']}"
+        log.info("revoked fob %d: removed %s from %s", record.fob_id, addr, self.cfg.adapter)
+        return f"removed: {addr} is no longer bonded on {self.cfg.adapter}"
 
     # --- bus events -----------------------------------------------------------------------
     async def _pump_events(self, queue: asyncio.Queue[Event]) -> None:
@@ -280,7 +289,7 @@ class BlePart:
         if not is_open:
             self._tasks.spawn(self._drop_unfinished_bonds())
         if is_open:
-            limit = float(self.cfg["pairing_window"])
+            limit = float(self.cfg.pairing_window)
             until = float(data.get("until") or 0) or time.time() + limit
             delay = max(0.0, min(until - time.time(), limit))
             loop = asyncio.get_running_loop()
@@ -345,4 +354,4 @@ class BlePart:
 
 def _make(settings: BleSettings, ctx: PartContext) -> BlePart:
     ctx.bus.pairing_window = float(settings.pairing_window)  # type: ignore[attr-defined]
-    return BlePart(settings.as_dict(), ctx.bus)  # the part works on a table
+    return BlePart(settings, ctx.bus)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import secrets
 import time
@@ -31,35 +30,16 @@ from ble.frames import (
     Result,
     Status,
 )
-from ble.keys import (
-    CONFIRM_APPLIANCE,
-    CONFIRM_FOB,
-    ApplianceExchange,
-    FobRecord,
-    FobRegistry,
-    RegistryError,
-    confirm_tag,
-)
+from ble.keys import FobRecord, FobRegistry, RegistryError
+from ble.pairing import MAX_PAIR_FAILURES, MAX_PENDING_PAIRINGS, PairingWindow
 
 log = logging.getLogger(__name__)
 CHALLENGE_TTL = 10.0
 NONCES_PER_PEER = 4  # live challenges per peer: one device can only push out its own
 MAX_PEERS = 32  # peers with live challenges or a Status session (least recent dropped)
-MAX_PAIR_FAILURES = 3  # wrong confirmations per window; then the window closes
-MAX_PENDING_PAIRINGS = 8  # exchanges started but not confirmed (they reveal nothing)
 MAX_COUNTER_JUMP = 2**16  # a counter further ahead than this is refused, not accepted
 MAX_OUTCOMES = 32  # accepted frames whose outcome a fob can still ask for (Outcome char)
 MAX_QUERIES = 16  # peers with an Outcome query pending
-
-
-@dataclass
-class _Pairing:
-    """One fob's key exchange in progress, keyed by its BLE peer (device path or address)."""
-
-    msg0: bytes = b""
-    fob_id: int = 0
-    key: bytes = b""
-    reply: frames.PairReply | None = None
 
 
 @dataclass
@@ -85,11 +65,9 @@ class FobProtocol:
     ) -> None:
         self.registry = registry
         self.bus = bus
-        self.setup_code = setup_code
         self.challenge_ttl = challenge_ttl
         self.clock = clock
         self.status = Status()
-        self.pairing_open = False
         self.on_status: Callable[[bytes], None] = lambda _value: None
         # set by BlePart: forget a revoked fob's BLE bond; returns what happened, for the user
         self.forget_bond: Callable[[FobRecord], Awaitable[str]] | None = None
@@ -99,9 +77,11 @@ class FobProtocol:
         self._live: OrderedDict[str, dict[bytes, float]] = OrderedDict()  # peer -> nonce -> exp
         self._spent: deque[bytes] = deque(maxlen=64)  # used or expired: "stale", not "bad MAC"
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._pairings: OrderedDict[str, _Pairing] = OrderedDict()
-        self._finished: dict[str, frames.PairReply] = {}  # this window's pairing, for its read
-        self._failures = 0
+        self.window = PairingWindow(
+            registry, setup_code, lambda result, fob: self._finish(0, result, fob),
+            closed=lambda why: self.on_window_closed(why),
+            failed=lambda peer: self.on_pair_failed(peer),
+        )  # fmt: skip
         self._verify_lock = asyncio.Lock()
         # (fob id, counter) of accepted frames -> (command, result; None while running)
         self._outcomes: OrderedDict[tuple[int, int], tuple[int, Result | None]] = OrderedDict()
@@ -244,87 +224,17 @@ class FobProtocol:
             return FrameOutcome(FrameState.NO_QUERY).encode()
         return self.frame_outcome(*query).encode()
 
-    # --- Pairing (SPAKE2; the fob confirms first; one fob per window) ------------------------
+    # --- Pairing (ble/pairing.py: SPAKE2, the fob confirms first, one fob per window) -------
+    @property
+    def pairing_open(self) -> bool:
+        return self.window.open
+
     def pair_write(self, peer: str, data: bytes) -> None:
         """One write to the Pair characteristic; raises FrameError when refused."""
-        if not self.pairing_open:
-            self._pairings.pop(peer, None)
-            self._finish(0, Result.PAIRING_CLOSED, 0)
-            raise FrameError(Result.PAIRING_CLOSED, "pairing window is closed; press PAIR first")
-        if len(data) < 2 or data[0] != frames.VERSION:
-            result = Result.OLD_PROTOCOL if data[:1] == bytes([frames.V1]) else Result.BAD_FRAME
-            raise FrameError(result, "pair message has a wrong length or version "
-                                     f"(protocol {frames.VERSION} expected)")  # fmt: skip
-        op, body = data[1], bytes(data[2:])
-        state = self._pairings.get(peer, _Pairing())
-        if op == frames.PAIR_MSG0 and len(body) == frames.MSG_SPLIT:
-            self._pending(peer, _Pairing(msg0=body))
-        elif op == frames.PAIR_MSG1 and len(body) == frames.MSG_LEN - frames.MSG_SPLIT \
-                and state.msg0:  # fmt: skip
-            self._answer(peer, state.msg0 + body)
-        elif op == frames.PAIR_CONFIRM and len(body) == 2 + frames.CONFIRM_LEN and state.key:
-            self._confirm(peer, state, int.from_bytes(body[:2], "big"), body[2:])
-        else:
-            self._pairings.pop(peer, None)
-            raise FrameError(Result.BAD_FRAME, f"unexpected pair message 0x{op:02x}")
-
-    def _pending(self, peer: str, state: _Pairing) -> None:
-        self._pairings[peer] = state
-        self._pairings.move_to_end(peer)
-        while len(self._pairings) > MAX_PENDING_PAIRINGS:
-            self._pairings.popitem(last=False)
-
-    def _answer(self, peer: str, fob_msg: bytes) -> None:
-        """The appliance's SPAKE2 message; no confirmation yet (that would allow guessing)."""
-        exchange = ApplianceExchange(self.setup_code)
-        appliance_id = self.registry.appliance_id
-        try:
-            fob_id = self.registry.peek_id()
-            key = exchange.key(fob_msg, appliance_id, fob_id)
-        except (ValueError, RegistryError) as e:
-            self._pairings.pop(peer, None)
-            raise FrameError(Result.PAIRING_FAILED, str(e)) from e
-        reply = frames.PairReply(Result.OK, fob_id, appliance_id, exchange.message)
-        self._pending(peer, _Pairing(fob_id=fob_id, key=key, reply=reply))
-
-    def _confirm(self, peer: str, state: _Pairing, fob_id: int, tag: bytes) -> None:
-        del self._pairings[peer]
-        good = hmac.compare_digest(tag, confirm_tag(state.key, CONFIRM_FOB))
-        if fob_id != state.fob_id or not good:
-            self._failures += 1
-            left = MAX_PAIR_FAILURES - self._failures
-            log.warning("pairing from %s failed: wrong setup code (%d attempt(s) left)",
-                        peer or "a peer", max(left, 0))  # fmt: skip
-            self._finish(0, Result.PAIRING_FAILED, fob_id)
-            self.on_pair_failed(peer)
-            if left <= 0:
-                self._close_window(f"{MAX_PAIR_FAILURES} wrong setup codes")
-            raise FrameError(Result.PAIRING_FAILED, "fob key confirmation failed (setup code?)")
-        try:
-            record = self.registry.add(fob_id, state.key, device=peer)
-        except (OSError, RegistryError) as e:  # another pairing took the id: try again
-            raise FrameError(Result.PAIRING_FAILED, f"cannot store the fob: {e}") from e
-        log.info("paired fob %d from %s", fob_id, record.address or peer or "an unknown peer")
-        assert state.reply is not None
-        self._finished[peer] = frames.PairReply(
-            Result.OK, fob_id, state.reply.appliance_id, state.reply.appliance_msg,
-            confirm_tag(state.key, CONFIRM_APPLIANCE),
-        )  # fmt: skip
-        self._finish(0, Result.OK, fob_id)
-        self._close_window(f"fob {fob_id} paired")
-
-    def _close_window(self, why: str) -> None:
-        self.set_pairing(False)
-        self.on_window_closed(why)
+        self.window.write(peer, data)
 
     def pair_read(self, peer: str) -> bytes:
-        if peer in self._finished:
-            return self._finished[peer].encode()
-        state = self._pairings.get(peer)
-        if state and state.reply:
-            return state.reply.encode()
-        closed = Result.NONE if self.pairing_open else Result.PAIRING_CLOSED
-        return frames.PairReply(closed).encode()
+        return self.window.read(peer)
 
     # --- Status ---------------------------------------------------------------------------
     def status_value(self) -> bytes:
@@ -368,12 +278,8 @@ class FobProtocol:
         self._notify()
 
     def set_pairing(self, open_: bool) -> None:
-        if open_ and not self.pairing_open:  # a new gesture: a fresh count, a fresh id
-            self._failures = 0
-            self._finished.clear()
-        self.pairing_open = self.status.pairing = open_
-        if not open_:
-            self._pairings.clear()
+        self.window.set_open(open_)
+        self.status.pairing = open_
         self._notify()
 
     def _apply_state(self, data: dict[str, Any]) -> None:
@@ -386,7 +292,7 @@ class FobProtocol:
         s.host_connected = bool(data.get("host_connected", s.host_connected))
         if "pairing" in data:
             pairing = data["pairing"]
-            self.pairing_open = s.pairing = bool(
+            self.window.open = s.pairing = bool(
                 pairing.get("open") if isinstance(pairing, dict) else pairing
             )
 
@@ -425,4 +331,4 @@ def _peek(data: bytes) -> tuple[int, int]:
     return 0, 0
 
 
-__all__ = ["FobProtocol", "Cmd", "Result"]
+__all__ = ["MAX_PAIR_FAILURES", "MAX_PENDING_PAIRINGS", "Cmd", "FobProtocol", "Result"]

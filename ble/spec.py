@@ -100,6 +100,14 @@ def _validate_ble(table: dict[str, Any]) -> Any:
     return part.validate_config(table)
 
 
+def _fob_history(settings: BleSettings) -> list[dict[str, Any]]:
+    """Pairings, revocations and refused pairings for `savepoint history`, from the registry
+    file (so they show while BlueZ is down too)."""
+    from ble.keys import registry_history
+
+    return registry_history(settings.registry)
+
+
 def _make_bthome(settings: BTHomeSettings, ctx: PartContext) -> Part:
     from ble.bthome_part import BTHomePart
 
@@ -112,7 +120,14 @@ def _validate_bthome(table: dict[str, Any]) -> Any:
     return bthome_part.validate_config(table)
 
 
-BLE = PartSpec("ble", BleSettings, _make_ble, validate=_validate_ble, cli=add_fobs_command)
+BLE = PartSpec(
+    "ble",
+    BleSettings,
+    _make_ble,
+    validate=_validate_ble,
+    cli=add_fobs_command,
+    history=_fob_history,
+)
 BTHOME = PartSpec(
     "bthome", BTHomeSettings, _make_bthome, validate=_validate_bthome, cli=add_buttons_command
 )

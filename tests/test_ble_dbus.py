@@ -178,8 +178,10 @@ def test_reregisters_after_bluetoothd_restart(private_bus, tmp_path):
         await fake.stop()
         await asyncio.sleep(0.05)
         assert not part.registered.is_set()
+        fake.adapter["Pairable"] = True  # a bluetoothd that comes back pairable
         await fake.start()  # a new connection: new unique name, like a new bluetoothd
         await asyncio.wait_for(part.registered.wait(), 3)
+        assert fake.adapter["Pairable"] is False  # no window: the kernel refuses bonding
         assert fake.reg and len(fake.reg.chars) == 5 and fake.reg.agent
         sink.publish(Event("pairing", {"open": True}))
         await asyncio.sleep(0.05)

@@ -116,3 +116,43 @@ def test_wrong_setup_code_says_so_and_keeps_the_old_key(tmp_path):
         assert store.pick().key == good.key
 
     asyncio.run(body())
+
+
+class UnencryptedLink(DirectLink):
+    """An impostor's link: it serves a challenge without asking for encryption."""
+
+    def encrypted(self) -> bool | None:
+        return False
+
+
+def test_fob_refuses_to_send_over_an_unencrypted_link(tmp_path):
+    bus = RecordingBus()
+    proto = FobProtocol(FobRegistry(tmp_path / "app.json"), bus)
+    proto.set_pairing(True)
+    store = fob_client.KeyStore(tmp_path / "fob.json")
+
+    async def body() -> None:
+        store.save(await fob_client.pair(DirectLink(proto)))
+        try:
+            await fob_client.send(UnencryptedLink(proto), store.pick(), Cmd.RESTORE, store)
+        except fob_client.FobError as e:
+            assert "not encrypted" in str(e) and "RESTORE was not sent" in str(e)
+        else:
+            raise AssertionError("sent over an unencrypted link")
+        assert bus.commands == [] and store.pick().counter == 0  # nothing sent, nothing used
+        status = await fob_client.send(DirectLink(proto), store.pick(), Cmd.STATUS, store)
+        assert status.last_result == Result.OK
+
+    asyncio.run(body())
+
+
+def test_link_security_reads_the_kernels_connection_list():
+    from ble import link_security as ls
+
+    appliance = bytes.fromhex("01 00 00 7e 5a 00")  # bdaddr_t is little-endian
+    raw = ls._REQ.pack(0, 2) + ls._INFO.pack(64, appliance, ls.LE_LINK, 1, 1, 0x5)
+    raw += ls._INFO.pack(65, bytes(6), 0x01, 0, 1, 0x4)  # a BR/EDR link is not ours
+    assert ls.parse_conn_list(raw) == {"00:5A:7E:00:00:01": 0x5}
+    no_enc = ls._REQ.pack(0, 1) + ls._INFO.pack(64, appliance, ls.LE_LINK, 1, 1, 0x1)
+    assert not ls.parse_conn_list(no_enc)["00:5A:7E:00:00:01"] & ls.HCI_LM_ENCRYPT
+    assert ls.encrypted("00:5A:7E:00:00:09", "hci9") is None  # no such adapter or link

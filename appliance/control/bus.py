@@ -76,6 +76,8 @@ class CommandBus:
         self.host_connected: bool | None = None  # None: no part can tell
         self.parts: dict[str, dict[str, str]] = {}
         self.status_extras: list[Callable[[], dict[str, Any]]] = []
+        # part name -> its history events (PartSpec.history), for the local control socket
+        self.history_sources: dict[str, Callable[[], list[dict[str, Any]]]] = {}
         self.host_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self.busy = False  # a command is running (the background pass waits)
         self.pairing_until: float | None = None  # wall-clock time the pairing window closes
@@ -208,10 +210,27 @@ class CommandBus:
             limit = command.args.get("limit")
             if limit is not None and (not isinstance(limit, int) or limit < 1):
                 raise ValueError(f"history limit must be a positive integer, got {limit!r}")
-            return {"history": await asyncio.to_thread(self.store.history, limit)}
+            data = {"history": await asyncio.to_thread(self.store.history, limit)}
+            if command.source == "cli" and self.history_sources:  # not the host's business
+                data["events"] = await asyncio.to_thread(self._part_events, limit)
+            return data
         if action is Action.PAIR:
             return self._open_pairing()
         raise ValueError(f"unknown action {action!r}")
+
+    def _part_events(self, limit: int | None) -> list[dict[str, Any]]:
+        """The parts' history events, oldest first (the last `limit`); a part whose files
+        cannot be read is one event saying so, not a failed `history`."""
+        events: list[dict[str, Any]] = []
+        for name, source in self.history_sources.items():
+            try:
+                events += [{**e, "part": name} for e in source()]
+            except Exception as e:  # its registry is unreadable: SAVE/RESTORE still show
+                log.warning("history of part %s: %s", name, e)
+                events.append({"time": self.wall(), "part": name, "action": "unreadable",
+                               "source": name, "detail": str(e)})  # fmt: skip
+        events.sort(key=lambda e: float(e.get("time", 0)))
+        return events[-limit:] if limit else events
 
     async def _save(self, source: str, now: bool = False) -> dict[str, Any]:
         self.publish(Event("progress", {"action": "save", "phase": "start"}))

@@ -304,11 +304,17 @@ def _print_check(c: dict) -> None:
     print("check: OK" if c["ok"] else f"check: {len(c['problems'])} problem(s) found")
 
 
-def print_history(records: list[dict]) -> None:
+def print_history(records: list[dict], events: list[dict] | None = None) -> None:
+    """SAVE/RESTORE records and the parts' events (fob pairings...), interleaved by time."""
     if not records:
         print("  (no SAVE or RESTORE yet)")
-    for r in records:
+    rows = sorted([*records, *(events or [])], key=lambda r: float(r.get("time", 0)))
+    for r in rows:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+        if "epoch" not in r:  # a part's event: who and what, no units
+            print(f"  {r.get('part', ''):<12}  {when}  {r['action']:<7}  {r['source']:<16} "
+                  f"{r.get('detail', '')}".rstrip())  # fmt: skip
+            continue
         print(
             f"  epoch {r['epoch']:>6}  {when}  {r['action']:<7}  {r['source']:<16} "
             f"{r['units']:>8} units  {human(r['bytes']):>10}  {host_column(r)}".rstrip()

@@ -285,6 +285,11 @@ async def adapters(powered: bool = False) -> set[str]:
 
 
 async def set_powered(adapter: str) -> None:
+    await set_adapter(adapter, "Powered", True)
+
+
+async def set_adapter(adapter: str, prop: str, value: bool) -> None:
+    """Set a boolean Adapter1 property (Powered, Pairable) as bluetoothctl would."""
     bus = await dbus_api.connect()
     try:
         await dbus_api.call(
@@ -294,7 +299,7 @@ async def set_powered(adapter: str) -> None:
             "org.freedesktop.DBus.Properties",
             "Set",
             "ssv",
-            ["org.bluez.Adapter1", "Powered", dbus_api.Variant("b", True)],
+            ["org.bluez.Adapter1", prop, dbus_api.Variant("b", value)],
         )
     finally:
         bus.disconnect()

@@ -1,20 +1,20 @@
 """An SD card made with `install.sh --root`, booted by systemd in the lab VM (issue 20).
 
 The card is the lab's root (the host's Debian over 9p under a tmpfs overlay, standing in for
-Raspberry Pi OS), with what Pi OS has and the host lacks: a boot partition's config.txt, and
-the packages Pi OS Lite ships that the installer wants (bluez, python3-pyudev: installed with
-dpkg from debs fetched on the host; bluez's udev and kmod dependencies are forced, the lab has
-neither). The job mounts that root a second time at /mnt/card, as another machine would mount
-the card, and runs `install.sh --root /mnt/card` there: files only, no apt, pip or systemctl.
+Raspberry Pi OS) with what Pi OS has and the host lacks: a boot partition's config.txt, the
+packages Pi OS Lite ships that the installer wants (bluez, python3-pyudev: debs fetched on the
+host, unpacked and recorded as installed), and the project's dependencies on the system
+Python's path (installed once on the host with pip --target; the VM has no network). The job
+mounts that root a second time at /mnt/card, as another machine mounts a card, and runs
+`install.sh --root /mnt/card` with the system Python: files only, no apt, pip or systemctl.
 Then /init execs systemd on it (guest_init.sh), and the first boot runs as on a Pi:
-savepoint-firstboot.service builds the virtualenv, writes the man pages, creates the store and
-disables itself; savepoint.service starts the daemon under its own sandbox.
+savepoint-firstboot.service creates the virtualenv (pip finds the dependencies installed and
+builds the package, its build backend from a local wheelhouse), writes the man pages, creates
+the store and disables itself; savepoint.service then starts the daemon in its sandbox.
 
-Two lab stand-ins, both outside the installer's files: the Pi's network is a wheelhouse built
-on the host (`pip wheel`, cached in .lab-cache/wheels; the VM has no network), given to the
-first-boot unit by a drop-in; and `savepoint-lab-report.service`, ordered after both units,
-runs `python3 -m tests.lab.firstboot --report`, which writes what a user would check to
-/lab-results/firstboot.json and powers the VM off.
+`savepoint-lab-report.service`, ordered after both, runs `python3 -m tests.lab.firstboot
+--report`: it writes what a user would check to /lab-results/firstboot.json (and the journal
+beside it), stops the daemon as `systemctl stop` does, and powers the VM off.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def pi_os_debs(cache: Path = CACHE) -> list[Path]:
 
 def dpkg_status(deb: Path) -> str:
     """The dpkg status stanza of an installed `deb`: the card's Pi OS has it installed. The
-    lab unpacks it with dpkg -x instead of dpkg -i, which reads every installed package's
-    file list: minutes over 9p under TCG."""
+    lab unpacks it with tar instead of dpkg -i, which reads every installed package's file
+    list (minutes over 9p under TCG) and cannot meet bluez's udev and kmod dependencies."""
     fields = ("Package", "Version", "Architecture", "Maintainer", "Depends", "Description")
     text = _run(["dpkg-deb", "-f", str(deb), *fields], REPO)
     return "Status: install ok installed\n" + text.rstrip("\n") + "\n\n"
@@ -118,7 +118,11 @@ def job(debs: list[Path], site: Path, wheels: Path) -> str:
     lean = " ".join(
         f"/etc/systemd/system/{t}.wants/*" for t in ("multi-user.target", "timers.target")
     )
-    unpack = "\n".join(f"dpkg-deb -x {shlex.quote(str(d))} /" for d in debs)
+    # tar keeps /lib -> usr/lib (merged /usr) a symlink; dpkg-deb -x would make it a directory
+    unpack = "\n".join(
+        f"dpkg-deb --fsys-tarfile {shlex.quote(str(d))} | tar -x --keep-directory-symlink -C /"
+        for d in debs
+    )
     status = "".join(dpkg_status(d) for d in debs)
     sitedir = "/usr/local/lib/python3.11/dist-packages"
     return (
@@ -134,6 +138,9 @@ cat >> /var/lib/dpkg/status <<'EOF'
 mkdir -p {sitedir} && echo {site} > {sitedir}/savepoint-lab-deps.pth
 rm -f {lean}  # the host's own services (databases, brokers) only slow the boot down
 ln -sf /lib/systemd/system/multi-user.target /etc/systemd/system/default.target
+# A card's /tmp is empty at boot (systemd-tmpfiles empties it: here that would walk the
+# host's over 9p), and it is no container: the host root's marker goes.
+mount -t tmpfs tmpfs /tmp && rm -f /.dockerenv
 up "card prepared"
 # The card, mounted as on another machine; the installer writes files only.
 mkdir -p /mnt/card && mount --bind / /mnt/card

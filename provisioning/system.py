@@ -105,22 +105,24 @@ def venv_change(root: Path, src: Path) -> Change | None:
     if stamp.exists() and stamp.read_text().strip() == digest:
         return None
     fresh = not on(root, VENV_HOME).exists()
+    # A card made with --root has /opt/savepoint/src but no venv yet: that is an install.
+    update = (on(root, VENV) / "bin/python").exists()
 
     def apply(manifest: Manifest) -> None:
         make_dirs(manifest, VENV_HOME)
         if fresh:  # record the whole tree only when we created it
             manifest.add({"type": "tree", "path": VENV_HOME})
         venv = on(root, VENV)
-        if not (venv / "bin/python").exists():
+        if not update:
             # System site packages: gpiozero's lgpio backend comes from python3-lgpio (apt).
             run(["python3", "-m", "venv", "--system-site-packages", str(venv)])
         pip = str(venv / "bin/pip")
         run([pip, "install", str(src)])  # the project and its dependencies
-        if not fresh:  # same version number, new code: pip would call it satisfied
+        if update:  # same version number, new code: pip would call it satisfied
             run([pip, "install", "--no-deps", "--force-reinstall", str(src)])
         stamp.write_text(digest + "\n")
 
-    verb = "install" if fresh else "update"
+    verb = "update" if update else "install"
     return Change(f"+ {VENV} ({verb} the savepoint package from {src})", apply)
 
 

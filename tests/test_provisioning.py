@@ -573,3 +573,35 @@ def test_a_card_prepared_with_root_finishes_on_its_first_boot(root: Path) -> Non
     assert info.returncode == 0 and "disk size   16.0 MiB" in info.stdout
     install(root, "--uninstall", "--yes")
     assert not (root / "opt/savepoint").exists() and not unit.exists()
+
+
+def test_the_first_boot_installs_the_venv_with_one_pip_run(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A card made with --root already holds /opt/savepoint/src, so its first boot is an
+    install, not an update: one pip run, not a second `--force-reinstall` (minutes on a Zero
+    2 W). Commands are recorded, not run: pip builds the package for a minute here."""
+    from provisioning import changes, system
+
+    ran: list[list[str]] = []
+    monkeypatch.setattr(system, "run", lambda cmd, **kw: ran.append(cmd))
+    (root / "opt/savepoint/src").mkdir(parents=True)
+    change = system.venv_change(root, REPO)
+    assert change is not None and "(install the savepoint package" in change.summary
+    change.apply(changes.Manifest(root))
+    pip = str(root / "opt/savepoint/venv/bin/pip")
+    assert ran == [
+        ["python3", "-m", "venv", "--system-site-packages", str(root / "opt/savepoint/venv")],
+        [pip, "install", str(REPO)],
+    ]
+    (root / "opt/savepoint/venv/bin").mkdir(parents=True)  # later: new code, same venv
+    (root / "opt/savepoint/venv/bin/python").touch()
+    (root / "opt/savepoint/installed-source").write_text("older sources\n")
+    ran.clear()
+    change = system.venv_change(root, REPO)
+    assert change is not None and "(update the savepoint package" in change.summary
+    change.apply(changes.Manifest(root))
+    assert ran == [
+        [pip, "install", str(REPO)],
+        [pip, "install", "--no-deps", "--force-reinstall", str(REPO)],
+    ]

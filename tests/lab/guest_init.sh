@@ -1,6 +1,7 @@
 #!/bin/busybox sh
 # /init of the lab initramfs: mount the host's root read-only over 9p with a tmpfs overlay,
-# mount the results share, then switch to that root and run /lab-results/job.sh there.
+# mount the results share, then switch to that root and run /lab-results/job.sh there
+# (and then systemd, when the job asks for it).
 /bin/busybox mkdir -p /proc /sys /dev /usr/bin /sbin /usr/sbin
 /bin/busybox --install -s
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -25,5 +26,7 @@ exec switch_root /newroot /bin/sh -c '
     /bin/sh /lab-results/job.sh >/lab-results/job.log 2>&1
     echo $? >/lab-results/job.rc
     sync
+    # A job that prepared a root for systemd (tests/lab/firstboot.py) boots it: PID 1 stays 1.
+    [ -e /run/lab-boot-systemd ] && exec /lib/systemd/systemd
     echo o >/proc/sysrq-trigger
     sleep 30'

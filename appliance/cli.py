@@ -30,7 +30,7 @@ from appliance.config import (
     find_control_path,
     serve_config,
 )
-from appliance.control.socket import ControlClient, ControlError
+from appliance.control.client import ControlClient, ControlError
 from appliance.store.cli import add_store_commands, human, parse_size
 
 SAVE_TIMEOUT = 660  # a SAVE may wait up to [save] max_wait (at most 600 s) for a quiet host

@@ -14,7 +14,7 @@ from typing import Any
 from appliance import runtime_dirs
 from appliance.cli_show import show, when
 from appliance.cli_support import RESTORE_NEEDS_YES, restore_needs_yes
-from appliance.control.socket import ControlClient, ControlError
+from appliance.control.client import ControlClient, ControlError
 from appliance.parts import Subcommands
 from appliance.sizes import human
 

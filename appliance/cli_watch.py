@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from appliance.control.socket import ControlClient, ControlError
+from appliance.control.client import ControlClient, ControlError
 from appliance.sizes import human
 
 WATCHED = ("dirty_units", "pending_units", "nbd_clients")  # what no event announces

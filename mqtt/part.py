@@ -8,9 +8,9 @@ again. While the broker is unreachable the part is "failed: broker unreachable" 
 appliance goes on as before. Another task follows the bus, so SAVE/RESTORE outcomes that
 happen while offline are sent on reconnect (the last 64).
 
-Bounds: a command is at most `max_payload` bytes (larger: an error reply), packets over
-MAX_PACKET are dropped by the broker (MQTT 5 Maximum Packet Size), at most QUEUE_IN
-messages wait (more are dropped and counted), and `rate`/`burst` limit the commands run.
+Bounds: a command is at most `max_payload` bytes (larger: an error reply) and `rate`/`burst`
+limit the commands run; the connection's own bounds (packet size, queue, reading in turns
+with the rest of the daemon) are in mqtt/connection.py.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from appliance.control.commands import Action, Command, CommandSink, Event, PartUnavailable
-from mqtt import discovery, settings
+from mqtt import connection, discovery, settings
 from mqtt.messages import (
     RateLimit,
     RequestError,
@@ -43,11 +41,8 @@ from mqtt.messages import (
 
 log = logging.getLogger("savepoint.mqtt")  # not "mqtt": aiomqtt's own logger
 
-MAX_PACKET = 128 * 1024  # the broker drops anything larger before it reaches us
-QUEUE_IN = 32  # messages waiting to be handled; at most QUEUE_IN * MAX_PACKET of memory
 EVENTS_KEPT = 64  # SAVE/RESTORE outcomes kept for the event topic while offline
 STOP_WAIT = 5.0  # seconds stop() waits for the part's tasks to end
-ACK_WAIT = 5.0  # seconds to wait for a PUBACK; a lost one is counted, not fatal
 REPLIES_WAITING = 32  # replies waiting for their PUBACK; more and the consumer waits
 
 
@@ -56,17 +51,17 @@ class MqttPart:
 
     def __init__(
         self,
-        cfg: dict[str, Any],
+        cfg: settings.MqttSettings | dict[str, Any],
         bus: CommandSink,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.cfg = settings.with_defaults(cfg)
+        self.cfg = settings.MqttSettings.of(cfg)
         self.bus, self.clock, self.wall = bus, clock, wall
         self.node = settings.node_id(self.cfg)
-        self.topics = Topics(self.cfg["topic_prefix"], self.node)
-        self.limit = RateLimit(float(self.cfg["rate"]), int(self.cfg["burst"]), clock)
+        self.topics = Topics(self.cfg.topic_prefix, self.node)
+        self.limit = RateLimit(self.cfg.rate, self.cfg.burst, clock)
         self.client: aiomqtt.Client | None = None
         self.counts = {
             "connects": 0,
@@ -92,10 +87,10 @@ class MqttPart:
     async def start(self) -> None:
         try:
             settings.validate_config(self.cfg)
-            if not self.cfg["broker"]:
+            if not self.cfg.broker:
                 raise ValueError("broker is not set: give mqtts://HOST[:PORT]")
-            self.broker = settings.parse_broker(self.cfg["broker"])
-            self.username, self.password = settings.read_secrets(self.cfg["secrets"])
+            self.broker = settings.parse_broker(self.cfg.broker)
+            self.username, self.password = settings.read_secrets(self.cfg.secrets)
             self.tls = settings.tls_context(self.cfg) if self.broker.tls else None
         except settings.SecretsError as e:
             raise PartUnavailable(str(e), "fix [mqtt] secrets") from e
@@ -157,33 +152,15 @@ class MqttPart:
 
     # -- the connection ----------------------------------------------------------------------
     def _client(self) -> aiomqtt.Client:
-        props = Properties(PacketTypes.CONNECT)
-        props.MaximumPacketSize = MAX_PACKET
-        counts = self.counts
-
-        class CountingQueue(asyncio.Queue):  # aiomqtt drops on full: count what it drops
-            def put_nowait(self, item: Any) -> None:
-                if self.full():
-                    counts["dropped"] += 1
-                super().put_nowait(item)
-
-        return aiomqtt.Client(
-            self.broker.host,
-            self.broker.port,
+        return connection.make_client(
+            self.broker,
+            self.topics,
+            self.node,
             username=self.username,
             password=self.password,
-            identifier=f"savepoint-{self.node}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            will=aiomqtt.Will(self.topics.availability, "offline", qos=1, retain=True),
-            clean_start=True,
-            keepalive=int(self.cfg["keepalive"]),
-            timeout=10,
-            tls_context=self.tls,
-            properties=props,
-            queue_type=CountingQueue,
-            max_queued_incoming_messages=QUEUE_IN,
-            max_queued_outgoing_messages=256,
-            logger=_QUIET,
+            tls=self.tls,
+            keepalive=self.cfg.keepalive,
+            counts=self.counts,
         )
 
     async def _run(self) -> None:
@@ -198,25 +175,25 @@ class MqttPart:
                     self._set_state("up", f"connected to {where} as {self.node}")
                     await self._session(client)
             except aiomqtt.MqttError as e:
-                _stop_if_cancelled()  # a disconnect that timed out while stopping: stop
-                reason, hint = _why(e)
+                connection.stop_if_cancelled()  # a disconnect that timed out while stopping
+                reason, hint = connection.why(e)
                 if self.client is not None:
                     log.warning("lost the broker %s: %s", where, e)
                 elif self._state != "failed":
                     log.warning("cannot reach the broker %s: %s", where, e)
                 self._set_state("failed", reason, f"{where}: {e}; {hint}")
             except Exception as e:  # a bug must not end the part for good: report, retry
-                _stop_if_cancelled()
+                connection.stop_if_cancelled()
                 log.exception("mqtt session crashed")
                 self._set_state("failed", f"crashed: {e}", "see the log; retrying")
             finally:
                 self.client = None
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))
-            delay = min(delay * 2, float(self.cfg["reconnect_max"]))
+            delay = min(delay * 2, self.cfg.reconnect_max)
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(self.topics.availability, "online", qos=1, retain=True)
-        subs = [(self.topics.command, 1)] + [(self.topics.group(g), 1) for g in self.cfg["groups"]]
+        subs = [(self.topics.command, 1)] + [(self.topics.group(g), 1) for g in self.cfg.groups]
         await client.subscribe(subs)
         self._status_sent = None  # the broker may have lost it: send the status again
         self._wake.set()
@@ -236,29 +213,15 @@ class MqttPart:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _discovery(self, client: aiomqtt.Client) -> None:
-        payloads = discovery.configs(
-            self.topics, str(self.cfg["name"]), str(self.cfg["discovery_prefix"])
-        )
+        payloads = discovery.configs(self.topics, self.cfg.name, self.cfg.discovery_prefix)
         for topic, payload in payloads.items():
-            body = dumps(payload) if self.cfg["discovery"] else b""  # empty: HA removes it
+            body = dumps(payload) if self.cfg.discovery else b""  # empty: HA removes it
             await self._publish(client, topic, body, retain=True)
 
     async def _publish(
         self, client: aiomqtt.Client, topic: str, body: bytes | str, *, retain: bool = False
     ) -> None:
-        """QoS 1, but a PUBACK that does not come within ACK_WAIT is counted, not fatal.
-
-        Under a flood to this client, mosquitto 2.0.11 logs "Sending PUBACK" for our
-        publish and the client never reads it (docs/fleet.md); waiting for it with
-        aiomqtt's timeout ended the session and lost every command acknowledged meanwhile.
-        A connection that is really gone still ends the session: the message iterator
-        raises and paho's keepalive notices."""
-        try:
-            await client.publish(topic, body, qos=1, retain=retain, timeout=ACK_WAIT)
-        except aiomqtt.MqttCodeError:  # not queued at all: the connection is gone
-            raise
-        except aiomqtt.MqttError:  # only "Operation timed out" is left
-            self.counts["unacked"] += 1
+        await connection.publish(client, topic, body, self.counts, retain=retain)
 
     # -- state out -------------------------------------------------------------------------
     async def _follow(self, queue: asyncio.Queue[Event]) -> None:
@@ -282,10 +245,10 @@ class MqttPart:
         sent_at = -1e9
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), float(self.cfg["poll_interval"]))
+                await asyncio.wait_for(self._wake.wait(), self.cfg.poll_interval)
             self._wake.clear()
             await self._send_events(client)
-            wait = float(self.cfg["status_interval"]) - (self.clock() - sent_at)
+            wait = self.cfg.status_interval - (self.clock() - sent_at)
             if wait > 0:  # throttle: changes during the wait go out together
                 await asyncio.sleep(wait)
                 await self._send_events(client)
@@ -350,15 +313,15 @@ class MqttPart:
                     client,
                     None,
                     f"too many commands: at most "
-                    f"{self.cfg['rate']:g}/s after a burst of "
-                    f"{self.cfg['burst']}; dropped, nothing ran",
+                    f"{self.cfg.rate:g}/s after a burst of "
+                    f"{self.cfg.burst}; dropped, nothing ran",
                 )
             return
         source = (
             "mqtt" if topic == self.topics.command else f"mqtt:{topic.split('/')[-2]}"
         )  # <prefix>/group/<name>/cmd
         try:
-            rid, action, args = parse_request(body, int(self.cfg["max_payload"]))
+            rid, action, args = parse_request(body, self.cfg.max_payload)
             if retained:  # a retained RESTORE would run again at every reconnect
                 raise RequestError(
                     "retained command ignored: publish commands without the "
@@ -399,32 +362,3 @@ class MqttPart:
         await self._send_reply(
             client, dumps({"id": rid, "node": self.node, "ok": False, "reason": error})
         )
-
-
-def _why(error: aiomqtt.MqttError) -> tuple[str, str]:
-    text = str(error).lower()
-    if "not authorized" in text or "bad user name" in text or "password" in text:
-        return (
-            "broker refused the login",
-            "check username and password in [mqtt] secrets and the broker's password file",
-        )
-    if "certificate" in text or "ssl" in text or "tls" in text:
-        return (
-            "TLS with the broker failed",
-            "check [mqtt] ca_file (it must have signed the broker's certificate) and that "
-            "the broker's name matches its certificate",
-        )
-    return ("broker unreachable", "the appliance works on; retrying with backoff")
-
-
-# aiomqtt logs every dropped message; our own counts say it once, in status
-_QUIET = logging.getLogger("savepoint.mqtt.client")
-_QUIET.setLevel(logging.ERROR)
-
-
-def _stop_if_cancelled() -> None:
-    """aiomqtt's context exit can raise MqttError (its disconnect timed out) while a
-    cancellation is under way; that error replaces the CancelledError, so re-raise it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

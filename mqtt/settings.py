@@ -73,35 +73,31 @@ class Broker:
     tls: bool
 
 
-def with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
-    return MqttSettings.merged(cfg)
-
-
-def validate_config(cfg: dict[str, Any]) -> None:
+def validate_config(cfg: MqttSettings | dict[str, Any]) -> None:
     """The checks the config loader and start-up share; ValueError names the key."""
-    cfg = with_defaults(cfg)
-    if cfg["broker"]:
-        parse_broker(cfg["broker"])
-    if cfg["node_id"] and (not NAME_RE.fullmatch(cfg["node_id"]) or cfg["node_id"] == "group"):
+    c = MqttSettings.of(cfg)
+    if c.broker:
+        parse_broker(c.broker)
+    if c.node_id and (not NAME_RE.fullmatch(c.node_id) or c.node_id == "group"):
         raise ValueError(
-            f"node_id {cfg['node_id']!r}: use 1-32 of A-Z a-z 0-9 _ - "
+            f"node_id {c.node_id!r}: use 1-32 of A-Z a-z 0-9 _ - "
             '(not "group": group topics use that level)'
         )
-    for group in cfg["groups"]:
+    for group in c.groups:
         if not isinstance(group, str) or not NAME_RE.fullmatch(group):
             raise ValueError(f"groups: {group!r} is not a name of 1-32 of A-Z a-z 0-9 _ -")
-    for key in ("topic_prefix", "discovery_prefix"):
-        if not PREFIX_RE.fullmatch(cfg[key]):
+    for key, prefix in (("topic_prefix", c.topic_prefix), ("discovery_prefix", c.discovery_prefix)):
+        if not PREFIX_RE.fullmatch(prefix):
             raise ValueError(
-                f"{key} {cfg[key]!r}: use up to 4 levels of A-Z a-z 0-9 _ - "
+                f"{key} {prefix!r}: use up to 4 levels of A-Z a-z 0-9 _ - "
                 "(no wildcards, no leading or trailing /)"
             )
-    if not 64 <= cfg["max_payload"] <= 65536:
+    if not 64 <= c.max_payload <= 65536:
         raise ValueError("max_payload must be between 64 and 65536 bytes")
     for key in ("status_interval", "poll_interval", "rate", "reconnect_max"):
-        if cfg[key] <= 0:
+        if getattr(c, key) <= 0:
             raise ValueError(f"{key} must be more than 0")
-    if cfg["burst"] < 1 or not 5 <= cfg["keepalive"] <= 3600:
+    if c.burst < 1 or not 5 <= c.keepalive <= 3600:
         raise ValueError("burst must be at least 1 and keepalive 5 to 3600 seconds")
 
 
@@ -138,9 +134,10 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def node_id(cfg: dict[str, Any]) -> str:
-    if cfg["node_id"]:
-        return str(cfg["node_id"])
+def node_id(cfg: MqttSettings) -> str:
+    """The appliance's name in topics: node_id, or the host's name made fit."""
+    if cfg.node_id:
+        return cfg.node_id
     name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:32]
     return name if name and name != "group" else "savepoint"
 
@@ -192,10 +189,10 @@ def read_secrets(path: str) -> tuple[str | None, str | None]:
     return data.get("username"), data.get("password")
 
 
-def tls_context(cfg: dict[str, Any]) -> ssl.SSLContext:
+def tls_context(cfg: MqttSettings) -> ssl.SSLContext:
     """Verify the broker's certificate and name, always; a client certificate if given."""
-    ctx = ssl.create_default_context(cafile=cfg["ca_file"] or None)
+    ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg["client_cert"]:
-        ctx.load_cert_chain(cfg["client_cert"], cfg["client_key"] or None)
+    if cfg.client_cert:
+        ctx.load_cert_chain(cfg.client_cert, cfg.client_key or None)
     return ctx

@@ -11,7 +11,7 @@ from mqtt.settings import MqttSettings, validate_config
 def _make(settings: MqttSettings, ctx: PartContext) -> Part:
     from mqtt.part import MqttPart
 
-    return MqttPart(settings.as_dict(), ctx.bus)  # the part works on a table
+    return MqttPart(settings, ctx.bus)
 
 
 SPEC = PartSpec("mqtt", MqttSettings, _make, validate=validate_config)

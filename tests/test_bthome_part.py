@@ -176,7 +176,7 @@ def test_buttons_cli_enrols_lists_renames_removes(tmp_path, store):
 
 
 def test_only_the_local_admin_may_enrol(tmp_path, store):
-    from appliance.control.socket import dispatch
+    from appliance.control.requests import dispatch
 
     async def go():
         bus = CommandBus(store)

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from appliance.control.commands import Action
-from appliance.control.socket import dispatch
+from appliance.control.requests import dispatch
 from tests.support import RecordingBus
 from tests.test_daemon_support import Served, cli
 

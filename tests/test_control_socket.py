@@ -13,7 +13,8 @@ import stat
 import pytest
 
 from appliance.control.bus import CommandBus
-from appliance.control.socket import ControlServer, dispatch
+from appliance.control.requests import dispatch
+from appliance.control.socket import ControlServer
 from tests.test_daemon_support import short_dir
 
 

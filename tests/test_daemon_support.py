@@ -50,7 +50,7 @@ def cli(
 
 def request(control: str, cmd: str, **args: object) -> dict:
     """One request over the control socket, in process (a CLI subprocess costs a second)."""
-    from appliance.control.socket import ControlClient, ControlError
+    from appliance.control.client import ControlClient, ControlError
 
     try:
         with ControlClient(control, timeout=60) as client:

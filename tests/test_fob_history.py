@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from appliance.control.bus import CommandBus
-from appliance.control.socket import dispatch
+from appliance.control.requests import dispatch
 from ble.keys import MAX_EVENTS, FobRegistry, RegistryError, registry_history
 from ble.protocol import FobProtocol
 from tests.fake_bluez import DEVICE, AttError, FakeBluez

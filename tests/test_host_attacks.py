@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from appliance.control.socket import ControlClient
+from appliance.control.client import ControlClient
 from tests.test_daemon import start_daemon, write_config
 from tests.test_daemon_support import short_dir
 

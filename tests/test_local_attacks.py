@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import pytest
 
 from appliance import runtime_dirs
-from appliance.control.socket import ControlClient
+from appliance.control.client import ControlClient
 from tests.test_daemon import start_daemon, write_config
 from tests.test_daemon_support import SAVEPOINT, env, pattern_matches, qemu_io, short_dir
 

@@ -74,6 +74,27 @@ def test_the_config_checks_the_mqtt_section():
             validate({**base, "mqtt": {"enabled": True, **bad}})
 
 
+def test_the_part_takes_its_settings_instance_and_a_bad_one_fails_its_start():
+    """The daemon hands the part the validated MqttSettings (no table in between); a section
+    that would not have passed the loader still fails the part's start, with the key."""
+    from appliance.control.commands import PartUnavailable
+    from appliance.parts import PartContext
+    from mqtt.spec import SPEC
+    from tests.support import RecordingBus, run
+
+    given = settings.MqttSettings(node_id="pi7", topic_prefix="lab/site", rate=0.5, burst=3)
+    part = SPEC.make(given, PartContext(RecordingBus(), "/nonexistent/nbd.sock"))
+    assert part.cfg is given
+    assert part.topics.command == "lab/site/pi7/cmd" and part.limit.rate == 0.5
+    assert part.limit.burst == 3
+    bad = SPEC.make(
+        settings.MqttSettings(broker="mqtts://b", node_id="a/b"),
+        PartContext(RecordingBus(), "/nonexistent/nbd.sock"),
+    )
+    with pytest.raises(PartUnavailable, match="node_id 'a/b'"):
+        run(bad.start())
+
+
 def test_policy_mqtt_may_restore_and_lock_save_only_unlocked_never_unlock():
     table = default_policy()
 
@@ -175,8 +196,8 @@ def test_discovery_is_one_device_with_sensors_binary_sensors_and_buttons():
 
 def test_node_id_defaults_to_the_hostname(monkeypatch):
     monkeypatch.setattr(settings.socket, "gethostname", lambda: "lab pc.example.org")
-    assert settings.node_id(settings.with_defaults({})) == "lab-pc"
-    assert os.path.basename(settings.node_id(settings.with_defaults({"node_id": "x"}))) == "x"
+    assert settings.node_id(settings.MqttSettings()) == "lab-pc"
+    assert os.path.basename(settings.node_id(settings.MqttSettings(node_id="x"))) == "x"
 
 
 def test_serve_config_takes_part_sections_but_not_the_store():

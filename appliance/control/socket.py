@@ -1,13 +1,11 @@
-"""The local control socket: JSON lines over a Unix socket, and the client the CLI uses.
+"""The local control socket: JSON request lines over a Unix socket, served by the daemon.
 
-Request:  {"cmd": "save"|"restore"|"unlock"|"lock"|"status"|"history"|"pair"|"watch"|<part>,
-           "args": {...}}
-Reply:    {"ok": true|false, "reason": "...", "data": {...}}
-"watch" replies once, sends the current state as a "state" event, then streams
-{"event": kind, "data": {...}} lines until the client closes. Malformed or unknown
-requests get {"ok": false, "reason": ...}; the connection and the daemon stay up.
-`dispatch()` is the same grammar for other channels (host serial).
-Grammar and examples: docs/protocol.md.
+Each line is a request of the grammar in appliance/control/requests.py, answered by one reply
+line; "watch" (this socket only) replies once, sends the current state as a "state" event,
+then streams {"event": kind, "data": {...}} lines until the client closes. Malformed or
+unknown requests get {"ok": false, "reason": ...}; the connection and the daemon stay up.
+Who may do what (admins, readers) is appliance/control/roles.py; how many clients, for how
+long, is ControlLimits. The client is appliance/control/client.py. Examples: docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -23,69 +21,11 @@ import socket
 from dataclasses import dataclass, fields
 from typing import Any
 
-from appliance.control.commands import Action, Command, CommandSink
+from appliance.control.commands import CommandSink
+from appliance.control.requests import MAX_LINE, dispatch, error_reply, parse_request
 from appliance.control.roles import Peer, Roles, peer_of
 
 log = logging.getLogger("savepoint.control")
-
-MAX_LINE = 64 * 1024
-
-
-def _error(reason: str) -> dict[str, Any]:
-    return {"ok": False, "reason": reason, "data": {}}
-
-
-def parse_request(line: bytes | str) -> tuple[str, dict[str, Any]]:
-    """(cmd, args) from one request line; ValueError with a user-facing reason otherwise."""
-    try:
-        req = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
-            f"malformed request: not JSON ({e.msg if hasattr(e, 'msg') else e}); "
-            'send one object per line, e.g. {"cmd": "status"}'
-        ) from None
-    except RecursionError:  # json's C decoder gives up on ~1,000 nested brackets
-        raise ValueError(
-            "malformed request: nested too deeply; a request is one flat object "
-            'like {"cmd": "status"}'
-        ) from None
-    if not isinstance(req, dict):
-        raise ValueError('malformed request: expected an object like {"cmd": "status"}')
-    cmd, args = req.get("cmd"), req.get("args", {})
-    if not isinstance(cmd, str) or not cmd:
-        raise ValueError('malformed request: "cmd" must be a command name, e.g. "status"')
-    if not isinstance(args, dict):
-        raise ValueError('malformed request: "args" must be an object')
-    unknown = set(req) - {"cmd", "args", "id"}
-    if unknown:
-        raise ValueError(f"malformed request: unknown field(s) {', '.join(sorted(unknown))}")
-    return cmd, args
-
-
-async def dispatch(
-    bus: CommandSink, line: bytes | str, source: str, authenticated: bool = True
-) -> dict[str, Any]:
-    """Run one request line through the bus; always returns a reply object."""
-    try:
-        cmd, args = parse_request(line)
-    except ValueError as e:
-        return _error(str(e))
-    try:
-        action = Action(cmd)
-    except ValueError:
-        handler = getattr(bus, "handler", lambda _name: None)(cmd)
-        if handler is None:
-            known = ", ".join(a.value for a in Action)
-            also = ", watch" if source == "cli" else ""  # watch streams events: local socket only
-            return _error(f"unknown command {cmd!r} (known: {known}{also})")
-        if source != "cli":  # part commands (fob list/rename/revoke) are for the local admin
-            return _error(f"{cmd!r} is only available on the appliance's local control socket")
-        try:
-            return {"ok": True, "reason": "", "data": await handler(args)}
-        except Exception as e:  # a part's handler failing must not take the channel down
-            return _error(f"{cmd} failed: {e}")
-    outcome = await bus.submit(Command(action, source, authenticated, args))
-    return {"ok": outcome.ok, "reason": outcome.reason, "data": outcome.data}
 
 
 def socket_group(name: str) -> int | None:
@@ -266,7 +206,7 @@ class ControlServer:
                 _note(writer, f"closed: no request for {self.limits.idle_timeout:g} s")
                 return
             except asyncio.LimitOverrunError:
-                await self._send(writer, _error(f"request longer than {MAX_LINE} bytes"))
+                await self._send(writer, error_reply(f"request longer than {MAX_LINE} bytes"))
                 return  # cannot find the next line boundary reliably: close this client
             except asyncio.IncompleteReadError as e:
                 if not e.partial.strip():
@@ -286,12 +226,12 @@ class ControlServer:
         try:
             cmd, args = parse_request(line)
         except ValueError as e:
-            return _error(str(e))
+            return error_reply(str(e))
         refusal = self.roles.refusal(client.peer, cmd, args)
         if refusal:
             self.counters["denied"] += 1
             log.warning("%s from uid %d refused: not an admin", cmd.upper(), client.uid)
-            return _error(refusal)
+            return error_reply(refusal)
         return await dispatch(self.bus, line, self.source)
 
     async def _send(
@@ -313,7 +253,7 @@ class ControlServer:
             self.counters["refused"] += 1
             await self._send(
                 writer,
-                _error(
+                error_reply(
                     f"too many watchers ({self.limits.max_watchers}); "
                     "stop one, or raise [control] max_watchers"
                 ),
@@ -367,7 +307,7 @@ class ControlServer:
 def _note(writer: asyncio.StreamWriter, reason: str) -> None:
     """A last line for a client being closed; never waited for."""
     with contextlib.suppress(Exception):
-        writer.write(json.dumps(_error(reason)).encode() + b"\n")
+        writer.write(json.dumps(error_reply(reason)).encode() + b"\n")
 
 
 def _is_watch(line: bytes) -> bool:
@@ -375,54 +315,3 @@ def _is_watch(line: bytes) -> bool:
         return parse_request(line)[0] == "watch"
     except ValueError:
         return False
-
-
-class ControlError(Exception):
-    """The daemon could not be reached or broke the protocol; the message is for the user."""
-
-
-class ControlClient:
-    """Blocking client for the CLI: one request, one reply; or a stream of watch events."""
-
-    def __init__(self, path: str, timeout: float | None = 120) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            self.sock.close()
-            raise ControlError(
-                f"no savepoint daemon at {path} (start one with "
-                "`savepoint serve` or `savepoint daemon`, or pass --control)"
-            ) from None
-        except PermissionError:
-            self.sock.close()
-            raise ControlError(
-                f"{path}: permission denied (join the `savepoint` group "
-                "or run as the daemon's user)"
-            ) from None
-        self.file = self.sock.makefile("rb")
-
-    def request(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        self.sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
-        return self.read()
-
-    def read(self) -> dict[str, Any]:
-        try:
-            line = self.file.readline()
-        except TimeoutError:
-            raise ControlError(f"the daemon at {self.path} did not answer in time") from None
-        if not line:
-            raise ControlError(f"the daemon at {self.path} closed the connection")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

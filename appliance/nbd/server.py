@@ -1,7 +1,8 @@
 """The NBD server: serves one store to any NBD client (kernel, qemu, libnbd tools).
 
-Listening sockets, lifecycle and URIs live here; the wire format and the handshake are in
-appliance/nbd/protocol.py, the transmission phase (the hot path) in appliance/nbd/session.py.
+Listening sockets, lifecycle and URIs live here; the wire format is appliance/nbd/protocol.py,
+the handshake appliance/nbd/handshake.py, the transmission phase (the hot path)
+appliance/nbd/session.py and what each other command means appliance/nbd/commands.py.
 
 Each connection is served by one blocking thread (a `Session`): it reads many pipelined
 requests per recv_into into a page-aligned buffer, serves them in order and batches the replies
@@ -22,8 +23,8 @@ import stat
 import threading
 from urllib.parse import quote
 
-from appliance.nbd import protocol as p
 from appliance.nbd.export import BlockExport, WriteActivity
+from appliance.nbd.handshake import Export
 from appliance.nbd.session import HANDSHAKE_TIMEOUT, Session
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
 
@@ -80,7 +81,7 @@ class NbdServer:
         self.allow_remote = allow_remote
         self.socket_mode = socket_mode | (0o060 if group else 0)
         self.group = group
-        self.export = p.Export(
+        self.export = Export(
             name=export_name,
             size=store.size,
             min_block=1,

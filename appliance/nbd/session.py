@@ -21,16 +21,13 @@ from typing import Protocol
 
 from appliance.nbd import protocol as p
 from appliance.nbd import replies as nbd_replies
+from appliance.nbd.commands import block_status, check, execute, failure
 from appliance.nbd.export import BlockExport, WriteActivity
+from appliance.nbd.handshake import Aborted, Export, Handshake, Negotiated
 from appliance.nbd.replies import Replies, pages
-from appliance.store import OutOfRangeError, StoreError, StoreIOError
-from appliance.store.space import StoreFullError
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds from accept() to the end of option haggling, in all
 RECV_SIZE = 4 << 20  # receive buffer: many pipelined requests per recv_into
-MAX_EXTENTS = 1 << 20
-WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
-SIZED_WRITES = (p.CMD_WRITE, p.CMD_WRITE_ZEROES)  # past the end: ENOSPC, not EINVAL
 HEAD = p.REQUEST.size
 
 
@@ -40,7 +37,7 @@ class SessionHost(Protocol):
 
     store: BlockExport
     log: logging.Logger
-    export: p.Export
+    export: Export
     handshake_timeout: float
     stopping: bool
     activity: WriteActivity | None  # the session reports the host's writes to it
@@ -56,7 +53,7 @@ class Session:
         self.closing = False
         self.in_transmission = False
         self.inflight = 0  # 1 while requests are being served, 0 while waiting for the client
-        self.neg = p.Negotiated()
+        self.neg = Negotiated()
         self._main = threading.Thread(target=self._run, name=f"nbd-{peer}", daemon=True)
 
     # ----- lifecycle ----------------------------------------------------------------------------
@@ -131,10 +128,10 @@ class Session:
             within_deadline()  # sendall's timeout is its total time (a client that never reads)
             self.sock.sendall(data)
 
-        hs = p.Handshake(self.server.export, recv_exact, send, lambda: self.server.stopping)
+        hs = Handshake(self.server.export, recv_exact, send, lambda: self.server.stopping)
         try:
             self.neg = hs.run()
-        except p.Aborted:
+        except Aborted:
             return False
         except p.ProtocolError as exc:
             self.log.warning(
@@ -238,7 +235,7 @@ class Session:
                         if length:
                             store.write(offset, payload, fua=bool(flags))
                     except Exception as exc:  # mapped to an NBD error
-                        self._reply_error(out, cookie, *self._failure(cmd, offset, length, exc))
+                        self._reply_error(out, cookie, *failure(self.log, cmd, offset, length, exc))
                     else:
                         pack_reply(out.buf, out.header(16), p.SIMPLE_REPLY_MAGIC, 0, cookie)
                 else:
@@ -268,52 +265,7 @@ class Session:
             raise p.ProtocolError("connection closed in the middle of a write payload")
         return rv[start : start + length], start + length, start + length
 
-    # ----- serving one request ------------------------------------------------------------------
-
-    def _check(self, flags: int, cmd: int, offset: int, length: int) -> tuple[int, str]:
-        """(NBD error, message) for a request the spec says to refuse; (0, '') if valid."""
-        allowed = p.ALLOWED_CMD_FLAGS.get(cmd)
-        if allowed is None:
-            return p.EINVAL, f"unknown command {cmd}"
-        if not self.neg.structured:
-            allowed &= ~p.CMD_FLAG_DF
-        if flags & ~allowed:
-            return p.EINVAL, f"flags 0x{flags:x} are not valid for command {cmd}"
-        if self.server.stopping:
-            return p.ESHUTDOWN, "the server is shutting down"
-        if cmd in WRITES and self.server.export.read_only:
-            return p.EPERM, "the disk is read-only"
-        if cmd == p.CMD_BLOCK_STATUS and not self.neg.contexts:
-            return p.EINVAL, "no metadata context was negotiated (NBD_OPT_SET_META_CONTEXT)"
-        if cmd != p.CMD_FLUSH and offset + length > self.server.export.size:
-            code = p.ENOSPC if cmd in SIZED_WRITES else p.EINVAL
-            return code, (
-                f"request at {offset}+{length} is past the end of the "
-                f"{self.server.export.size}-byte disk"
-            )
-        if cmd == p.CMD_READ and length > p.MAX_PAYLOAD:
-            return p.EINVAL, f"read of {length} bytes exceeds the 32 MiB maximum"
-        if cmd == p.CMD_BLOCK_STATUS and length == 0:
-            return p.EINVAL, "block status of zero bytes"
-        return 0, ""
-
-    def _failure(self, cmd: int, offset: int, length: int, exc: Exception) -> tuple[int, str]:
-        """The NBD error for a store call that raised; logs what the operator must see."""
-        if isinstance(exc, OutOfRangeError):
-            return (p.ENOSPC if cmd in SIZED_WRITES else p.EINVAL), str(exc)
-        if isinstance(exc, StoreFullError):  # logged once by the store, not per request
-            return p.ENOSPC, str(exc)  # QEMU's werror=enospc pauses the VM on this
-        if isinstance(exc, StoreIOError):
-            self.log.error(
-                "NBD command %d at %d+%d failed with an I/O error: %s", cmd, offset, length, exc
-            )
-            return p.EIO, str(exc)
-        if isinstance(exc, StoreError):
-            self.log.error("NBD command %d at %d+%d failed: %s", cmd, offset, length, exc)
-            return (p.EPERM if "read-only" in str(exc) else p.EIO), str(exc)
-        # A bug must cost one request, never a silent hang.
-        self.log.error("NBD command %d at %d+%d crashed", cmd, offset, length, exc_info=exc)
-        return p.EIO, f"internal server error: {exc}"
+    # ----- serving one request (the checks and the slow commands: commands.py) ------------------
 
     def _other(
         self,
@@ -327,45 +279,26 @@ class Session:
     ) -> None:
         """Everything but a valid READ or WRITE: refusals, FLUSH, TRIM, zeroes, block status."""
         out.send()  # FLUSH and friends may be slow: the replies before them go first
-        error, message = self._check(flags, cmd, offset, length)
+        server = self.server
+        error, message = check(self.neg, server.export, server.stopping, flags, cmd, offset, length)
         if not error:
             try:
                 if cmd == p.CMD_READ:
                     return self._read(out, cookie, offset, length)
                 if cmd == p.CMD_BLOCK_STATUS:
-                    return self._block_status(out, cookie, flags, offset, length)
-                self._execute(flags, cmd, offset, length, payload)
+                    chunks = block_status(
+                        self.store, self.neg.contexts, cookie, flags, offset, length
+                    )
+                    for chunk in chunks:
+                        out.add(chunk)
+                    return None
+                execute(self.store, server.activity, flags, cmd, offset, length, payload)
             except Exception as exc:  # mapped to an NBD error
-                error, message = self._failure(cmd, offset, length, exc)
+                error, message = failure(self.log, cmd, offset, length, exc)
         if error:
             self._reply_error(out, cookie, error, message)
         else:
             p.SIMPLE_REPLY.pack_into(out.buf, out.header(16), p.SIMPLE_REPLY_MAGIC, 0, cookie)
-
-    def _execute(
-        self, flags: int, cmd: int, offset: int, length: int, payload: memoryview | None
-    ) -> None:
-        fua = bool(flags & p.CMD_FLAG_FUA)
-        st = self.store
-        activity = self.server.activity
-        if activity is not None and cmd != p.CMD_CACHE:
-            (activity.flushed if cmd == p.CMD_FLUSH else activity.wrote)()
-        if cmd == p.CMD_WRITE:
-            if length and payload is not None:  # a WRITE always comes with its payload
-                st.write(offset, payload, fua=fua)
-        elif cmd == p.CMD_FLUSH:
-            st.flush()
-        elif cmd == p.CMD_TRIM:
-            if length:
-                st.trim(offset, length)
-                if fua:
-                    st.flush()
-        elif cmd == p.CMD_WRITE_ZEROES:
-            # Metadata only for whole units, so FAST_ZERO is honestly fast, and the unit's
-            # slots stay provisioned, which is what NO_HOLE asks for.
-            if length:
-                st.write_zeroes(offset, length, fua=fua)
-        # CMD_CACHE: the range was checked; the store has nothing to prefetch into.
 
     def _read(self, out: Replies, cookie: bytes, offset: int, length: int) -> None:
         """Read into the send buffer behind its header (one OFFSET_DATA chunk, so DF holds)."""
@@ -381,7 +314,9 @@ class Session:
                 self.store.readinto(offset, out.view[at + head : at + head + length])
         except Exception as exc:  # mapped to an NBD error
             out.pos = at  # drop the slot
-            return self._reply_error(out, cookie, *self._failure(p.CMD_READ, offset, length, exc))
+            return self._reply_error(
+                out, cookie, *failure(self.log, p.CMD_READ, offset, length, exc)
+            )
         if structured:
             p.CHUNK_DATA.pack_into(
                 out.buf,
@@ -403,7 +338,9 @@ class Session:
         try:
             self.store.readinto(offset, data)
         except Exception as exc:  # mapped to an NBD error
-            return self._reply_error(out, cookie, *self._failure(p.CMD_READ, offset, length, exc))
+            return self._reply_error(
+                out, cookie, *failure(self.log, p.CMD_READ, offset, length, exc)
+            )
         out.add(
             p.data_chunk_header(cookie, offset, length)
             if self.neg.structured
@@ -411,22 +348,6 @@ class Session:
         )
         out.send()
         self.sock.sendall(data)
-
-    def _block_status(
-        self, out: Replies, cookie: bytes, flags: int, offset: int, length: int
-    ) -> None:
-        extents: list[tuple[int, int]] = []
-        for _, n, zero in self.store.block_status(offset, length):
-            state = (p.STATE_HOLE | p.STATE_ZERO) if zero else 0
-            if extents and extents[-1][1] == state:
-                extents[-1] = (extents[-1][0] + n, state)
-            else:
-                extents.append((n, state))
-        if flags & p.CMD_FLAG_REQ_ONE:
-            extents = extents[:1]
-        ids = list(self.neg.contexts)
-        for cid in ids:
-            out.add(p.block_status_chunk(cookie, cid, extents[:MAX_EXTENTS], cid == ids[-1]))
 
     def _reply_error(self, out: Replies, cookie: bytes, error: int, message: str) -> None:
         # A simple reply is allowed for anything but a successful READ, even when structured.

@@ -180,7 +180,7 @@ def export_through_daemon(args: argparse.Namespace) -> None:
     """A served store: read its NBD export, after checking it is this store."""
     import uuid
 
-    from appliance.control.socket import ControlClient, ControlError
+    from appliance.control.client import ControlClient, ControlError
     from appliance.store.format import SB_SIZE, superblock_copies
     from appliance.store.images import ImageError, export_served
 

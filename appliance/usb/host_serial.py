@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.control.commands import CommandSink, PartUnavailable
-from appliance.control.socket import MAX_LINE, dispatch
+from appliance.control.requests import MAX_LINE, dispatch
 from appliance.parts import PartSpec, TaskSet
 from appliance.settings import Settings, setting
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.control.socket import ControlClient, ControlError
+from appliance.control.client import ControlClient, ControlError
 from appliance.usb.gadget import Gadget, defaults
 from appliance.usb.nbd_device import NbdDevice
 

@@ -9,7 +9,8 @@ daemon must run the pass under load); the other is served with the pass switched
 served by the real daemon (`savepoint daemon`) and driven by fio with 4 KiB random writes over
 NBD at queue depth 16; prints IOPS, p99 and worst latency of both, their ratio, and how far the
 pass got during the run, and the 1-minute load average after each run (on a shared
-machine a stall in both runs is scheduling noise, not the pass). The goal: no request waits more than 50 ms for the pass.
+machine a stall in both runs is scheduling noise, not the pass). The goal: no request waits
+more than 50 ms for the pass.
 """
 
 from __future__ import annotations

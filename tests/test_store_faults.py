@@ -243,10 +243,12 @@ def test_a_command_on_a_full_ring_commits_when_hole_punches_fail(
     s.write(40 * U, data(U, 99))
     fault = b.inject({"discard"}, errno.EIO, persistent=persistent)
     with caplog.at_level(logging.WARNING, logger="savepoint.store"):
-        rec = getattr(s, action)("test")
+        rec = getattr(s, action)("test")  # its pass leaves the punches for later (urgent)
+        while s.background_step():  # ...which is now: they fail, and the pass goes on
+            pass
         s.write(41 * U, data(U, 100))  # and the store goes on
         s.save("test")
-    assert rec["action"] == action and fault.fired >= (2 if persistent else 1)
+    assert rec["action"] == action and fault.fired >= 1
     saved = [data(U, i) for i in range(7)] + [
         data(U, 99) if action == "save" else bytes(U),
         data(U, 100),

@@ -12,6 +12,10 @@ and punching"):
   dead slot of every record it normalises, so after a SAVE the old saved copies go, and after
   a RESTORE the discarded writes go; map pages already in RAM are reclaimed first after a
   RESTORE, so a store that filled its disk recovers with one RESTORE.
+- A punch only gives space back, it never carries data or state: one that fails is logged
+  (once per errno), counted and shown as a fault, and whatever punched goes on. Its span is
+  owed: one range of units (bounded: a watermark, not a list) that a later background step
+  walks again, after a back-off, until a walk punches it all.
 - A data write that meets ENOSPC raises StoreFullError (NBD answers ENOSPC, not EIO) and sets
   the "full" state, which status shows and which clears by itself once the file system has
   room again (`poll`).
@@ -25,7 +29,6 @@ import os
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +45,7 @@ FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 RESUME_FREE = 16 << 20  # free bytes that end the "full" state: room for a burst of writes
 QUIET = 2.0  # seconds without ENOSPC before the state may end (no flapping under a quota)
 NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
-MAX_WAITING = 4096  # spans kept for a later punch while writers hold their stripes
+PUNCH_RETRY, PUNCH_RETRY_MAX = 30.0, 3600.0  # seconds before a failed punch is tried again
 
 
 class StoreFullError(StoreIOError):
@@ -127,7 +130,15 @@ class StoreSpace:
         self._lock = threading.Lock()
         self._reclaim_page: int | None = None  # next map page to reclaim after a RESTORE
         self._reclaiming = False  # reclaim_step punches whole pages itself
-        self._waiting: deque[tuple[int, int]] = deque(maxlen=MAX_WAITING)  # busy spans
+        # [lo, hi): units whose dead slots a failed (or overflowing) punch may have left
+        self._owed: tuple[int, int] | None = None
+        self._walk: list[int] | None = None  # [next, end] of the walk through an owed range
+        self._walk_failed = False
+        self._retry_at = 0.0  # clock() when the owed range may be walked
+        self._retry_delay = PUNCH_RETRY
+        self.punch_fault = ""  # non-empty while a punch failed and its span is still owed
+        self.punch_failures = 0
+        self._punch_logged: set[int] = set()  # errnos already logged
         if self.kind == "file" and not readonly:
             self._allocate_on_open()
 
@@ -216,7 +227,7 @@ class StoreSpace:
 
     # ----- punching -----------------------------------------------------------------------
 
-    def punch_dead(self, store: Store, first: int, end: int) -> None:
+    def punch_dead(self, store: Store, first: int, end: int, later: bool = False) -> None:
         """Give back the dead slots of units first..end-1, a range the pass just normalised
         records in: the secondary of every unit not written this epoch is dead (normalised
         now or long ago), so one call covers a run of units sharing the dead slot.
@@ -225,19 +236,24 @@ class StoreSpace:
         "written this epoch" only under its stripe lock, and only such a unit's secondary is
         live, so no write can land in a slot between the check and its punch. The caller is
         inside the store's I/O gate, so the epoch cannot change meanwhile either. A span with a
-        stripe a writer holds waits for the next call, never for the lock (the pass must not
-        slow I/O down, and may run inside a write in tests); it is checked again then, at
-        whatever the epoch is by then.
+        stripe a writer holds is owed, never waited for (the pass must not slow I/O down, and
+        may run inside a write in tests), as is a span whose punch failed: retry_step walks it
+        again later, checked at whatever the epoch is by then.
+
+        later: the pass runs under load (a nearly full history ring), so the span is owed too
+        unless the storage is full: a punch can hold every writer of the file back for as
+        long as the disk takes (stripe locks; ext4 also takes the file's inode lock).
         """
         if not self.punching or first >= end or self._reclaiming:
             return
-        self._waiting.append((first, end))
-        for _ in range(len(self._waiting)):
-            first, end = self._waiting.popleft()
-            if not self._locked_punch(store, first, end):
-                self._waiting.append((first, end))
+        if later and not self.full_reason:
+            self._owe(first, end)
+            return
+        if not self._locked_punch(store, first, end):
+            self._owe(first, end)  # a writer holds a stripe: a later step walks it again
 
     def _locked_punch(self, store: Store, first: int, end: int) -> bool:
+        """False if a writer holds one of the span's stripes (nothing was punched)."""
         stripes = store._stripes
         locks = (
             stripes
@@ -250,42 +266,136 @@ class StoreSpace:
                 if not lock.acquire(blocking=False):
                     return False
                 taken.append(lock)
-            self._punch_run(store, first, end)
+            if not self._punch_run(store, first, end):
+                self._owe(first, end, failed=True)
             return True
         finally:
             for lock in reversed(taken):
                 lock.release()
 
-    def _punch_run(self, store: Store, first: int, end: int) -> None:
+    def _punch_run(self, store: Store, first: int, end: int) -> bool:
+        """Punch the dead slots of first..end-1; False if a punch failed (the rest is left)."""
         epoch, us, slot_off = store.epoch, store.unit_size, self._geo.slot_off
         if end - first > 1 and store.map.uniform(first, end) is not None:
             slot = self._dead_slot(store._record(first), epoch)  # sequential writes: one check
-            if slot >= 0:
-                self._b.discard(slot_off[slot] + first * us, (end - first) * us)
-                self.punched_bytes += (end - first) * us
-            return
+            return slot < 0 or self._discard(slot_off[slot] + first * us, (end - first) * us)
         run_slot, run_start, bad = -1, first, store.map.bad_sectors
         for u in range(first, end + 1):
             slot = -1
             if u < end and not (bad and u // RECS_PER_SECTOR in bad):  # untrusted: leave it
                 slot = self._dead_slot(store._record(u), epoch)
             if slot != run_slot:
-                if run_slot >= 0:
-                    self._b.discard(slot_off[run_slot] + run_start * us, (u - run_start) * us)
-                    self.punched_bytes += (u - run_start) * us
+                if run_slot >= 0 and not self._discard(
+                    slot_off[run_slot] + run_start * us, (u - run_start) * us
+                ):
+                    return False
                 run_slot, run_start = slot, u
+        return True
 
     def undo_write(self, offset: int, length: int) -> None:
         """Give back what a failed write into a dead slot allocated (ENOSPC half-way).
 
         The slot is named by no record (the caller holds its stripe locks), so nothing reads it.
         """
-        if not self.punching:
-            return
+        if self.punching:
+            self.give_back(offset, length)
+
+    def give_back(self, offset: int, length: int) -> bool:
+        """Punch a byte range of a slot that reads no longer need (a failed write's blocks, a
+        trimmed working copy); a failure is a fault and owes the units, never an error."""
+        if self._discard(offset, length):
+            return True
+        us, n = self._geo.unit_size, self._geo.unit_count
+        for base in self._geo.slot_off:
+            if base <= offset < base + n * us:
+                self._owe((offset - base) // us, -(-(offset + length - base) // us), failed=True)
+        return False
+
+    # ----- punch faults and the owed range ------------------------------------------------
+
+    def _discard(self, offset: int, length: int) -> bool:
+        """The backing's hole punch; False (logged, counted, a fault) if it failed."""
         try:
             self._b.discard(offset, length)
-        except OSError as e:  # the write's own error is the one to report
-            log.warning("could not give back the blocks of a failed write: %s", e)
+        except OSError as e:
+            self._punch_failed(e)
+            return False
+        self.punched_bytes += length
+        return True
+
+    def _punch_failed(self, e: OSError) -> None:
+        code = e.errno or 0
+        reason = (
+            f"backing cannot free space: {errno.errorcode.get(code, code)} ({e.strerror or e}); "
+            "the store still works, its file may grow"
+        )
+        with self._lock:
+            self.punch_failures += 1
+            changed, self.punch_fault = reason != self.punch_fault, reason
+            first = code not in self._punch_logged
+            self._punch_logged.add(code)
+        if first:
+            log.warning("%s: %s", reason, PUNCH_HINT)
+        if changed:
+            self._tell()
+
+    def _owe(self, first: int, end: int, failed: bool = False) -> None:
+        """Remember units whose dead slots may still hold blocks: one range, so bounded (a
+        walk may then visit units that need nothing; punching those again changes nothing)."""
+        with self._lock:
+            lo, hi = self._owed or (first, end)
+            self._owed = (min(lo, first), max(hi, end))
+            if failed:  # else due at the next step (after a failure's back-off, if any)
+                self._retry_at = max(self._retry_at, self.clock() + self._retry_delay)
+                self._walk_failed = True
+
+    def retry_due(self) -> bool:
+        """Whether retry_step has work now: a walk under way, or an owed range whose back-off
+        is over."""
+        return self.punching and (
+            self._walk is not None or (self._owed is not None and self.clock() >= self._retry_at)
+        )
+
+    def retry_step(self, store: Store, budget: int) -> bool:
+        """Walk about `budget` units of the owed range (in map pages the pass may drop again),
+        punching their dead slots; False if there was nothing to do. The caller is inside
+        the store's I/O gate with the pass lock held, as for the pass itself."""
+        if not self.retry_due():
+            return False
+        if self._walk is None:
+            with self._lock:
+                assert self._owed is not None
+                self._walk, self._owed, self._walk_failed = list(self._owed), None, False
+        walk = self._walk
+        while walk[0] < walk[1] and budget > 0:
+            page = walk[0] // UNITS_PER_PAGE
+            stop = min((page + 1) * UNITS_PER_PAGE, walk[1])
+            if not store.map.loaded[page]:
+                store.map.load_page(page, transient=True)
+            self.punch_dead(store, walk[0], stop)
+            budget -= stop - walk[0]
+            walk[0] = stop
+            if store.map.cache.over():
+                break
+        if walk[0] >= walk[1]:
+            self._walked()
+        return True
+
+    def _walked(self) -> None:
+        """A walk through the owed range ended: clear the fault, or back off further."""
+        self._walk = None
+        with self._lock:
+            if self._walk_failed:
+                self._retry_delay = min(2 * self._retry_delay, PUNCH_RETRY_MAX)
+                self._retry_at = self.clock() + self._retry_delay
+                return
+            self._retry_delay = PUNCH_RETRY
+            cleared = self._owed is None and bool(self.punch_fault)
+            if cleared:
+                self.punch_fault = ""
+        if cleared:
+            log.info("the backing frees space again: the store's file shrinks back")
+            self._tell()
 
     @staticmethod
     def _dead_slot(rec: int, epoch: int) -> int:
@@ -340,6 +450,8 @@ class StoreSpace:
             "full": bool(self.full_reason),
             "full_reason": self.full_reason,
             "punched_bytes": self.punched_bytes,
+            "punch_fault": self.punch_fault,
+            "punch_failures": self.punch_failures,
         }
         fd = self._b.fd
         if self.kind == "file" and fd is not None:
@@ -356,6 +468,13 @@ FULL_HINT = (
     "RESTORE discards the unsaved writes and gives their space back; a SAVE gives back "
     "the old copies of what it saved once the background pass has run; or free space on "
     "the file system (or move the store to a larger one)"
+)
+
+PUNCH_HINT = (
+    "nothing is lost and SAVE/RESTORE work; the background pass tries again with a back-off "
+    "and the fault clears once a retry gives the space back. An I/O error here often means a "
+    "failing disk: look at the system log (dmesg) and the disk's health, and keep an eye on "
+    "the free space of its file system"
 )
 
 

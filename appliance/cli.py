@@ -186,7 +186,7 @@ def print_serving(daemon: Any, args: argparse.Namespace) -> None:
         else f" --control {daemon.control_socket}"
     )
     print(f"Control: {own_command()} save|restore|status|history|watch{control}")
-    from appliance.store.space import overcommit_warning
+    from appliance.store.filesystem import overcommit_warning
 
     warning = overcommit_warning(st.get("space") or {})
     if warning:

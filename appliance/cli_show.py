@@ -191,11 +191,12 @@ def _storage_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     part = (st.get("parts") or {}).get("storage") or {}
-    if space.get("full") or part.get("state") == "failed":
-        reason = space.get("full_reason") or part.get("reason") or "backing storage full"
-        rows.append(("FAULT", reason))
-        if part.get("hint"):
-            rows.append(("what to do", part["hint"]))
+    faults = [r for r in (space.get("full_reason"), space.get("punch_fault")) if r]
+    if not faults and (space.get("full") or part.get("state") == "failed"):
+        faults = [part.get("reason") or "backing storage full"]
+    rows += [("FAULT", reason) for reason in faults]
+    if faults and part.get("hint"):
+        rows.append(("what to do", part["hint"]))
     return rows
 
 

@@ -39,7 +39,7 @@ from appliance.runtime_dirs import (
     runtime_dir,
 )
 from appliance.store import InitError, Store, StoreError, create_store
-from appliance.store.space import FULL_HINT, overcommit_warning
+from appliance.store.filesystem import FULL_HINT, PUNCH_HINT, overcommit_warning
 from appliance.systemd_notify import Notifier
 
 log = logging.getLogger("savepoint.daemon")
@@ -263,21 +263,26 @@ class Daemon:
         self._storage_changed()
 
     def _storage_changed(self) -> None:
-        """The store entered or left the "full" state: the part row, LED and watch follow."""
+        """The store entered or left the "full" state, or its hole punches started or stopped
+        failing: the part row, LED and watch follow ("full" wins: it stops writes)."""
         if self.bus is None or self.store is None:
             return
         space = self.store.space
-        was = self.bus.parts.get("storage", {}).get("state")
-        if space.full_reason:
-            if was != "failed":
-                self.bus.set_part("storage", "failed", space.full_reason, FULL_HINT)
+        part = self.bus.parts.get("storage", {})
+        was = part.get("state")
+        reason, hint = (
+            (space.full_reason, FULL_HINT) if space.full_reason else (space.punch_fault, PUNCH_HINT)
+        )
+        if reason:
+            if was != "failed" or part.get("reason") != reason:
+                self.bus.set_part("storage", "failed", reason, hint)
         else:
             self.bus.set_part("storage", "up", space.kind)
             if was == "failed":
                 self.bus.publish(
                     Event("fault", {"part": "storage", "cleared": True, "reason": "", "hint": ""})
                 )
-        if was is not None and (was == "failed") != bool(space.full_reason):
+        if was is not None and (was == "failed") != bool(reason):
             task = asyncio.get_running_loop().create_task(self._publish_state())
             self._side_tasks.add(task)
             task.add_done_callback(self._side_tasks.discard)

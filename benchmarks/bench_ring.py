@@ -8,7 +8,9 @@ epoch 1, then a SAVE). One also has a nearly full history ring (hundreds of REST
 daemon must run the pass under load); the other is served with the pass switched off. Each is
 served by the real daemon (`savepoint daemon`) and driven by fio with 4 KiB random writes over
 NBD at queue depth 16; prints IOPS, p99 and worst latency of both, their ratio, and how far the
-pass got during the run. The goal: no request waits more than 50 ms for the pass.
+pass got during the run, and the 1-minute load average after each run (on a shared
+machine a stall in both runs is scheduling noise, not the pass). The goal: no request waits
+more than 50 ms for the pass.
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ def main() -> None:
                 sock = ctl[:-4] + ".sock"
                 rows[name] = fio(f"nbd+unix:///?socket={sock}", size, args.runtime)
                 after = pending(ctl)
-                rows[name].update(before=before, after=after, **state)
+                load = os.getloadavg()[0]  # the machine is shared: a stall may be its noise
+                rows[name].update(before=before, after=after, load=load, **state)
             finally:
                 proc.terminate()
                 proc.wait(120)
@@ -125,12 +128,12 @@ def report(rows: dict[str, dict]) -> None:
     print(f"4 KiB random writes, QD16, every unit pending; ring of {HIST_CAP} records")
     print(
         f"{'run':12s} {'ring free':>9s} {'pending before':>15s} {'after':>9s} {'IOPS':>8s} "
-        f"{'p99 ms':>7s} {'max ms':>7s}"
+        f"{'p99 ms':>7s} {'max ms':>7s} {'load':>5s}"
     )
     for name, r in rows.items():
         print(
             f"{name:12s} {r['ring_free']:9d} {r['before']:15d} {r['after']:9d} "
-            f"{r['iops']:8.0f} {r['p99_ms']:7.2f} {r['max_ms']:7.1f}"
+            f"{r['iops']:8.0f} {r['p99_ms']:7.2f} {r['max_ms']:7.1f} {r['load']:5.2f}"
         )
     a, b = rows["forced pass"], rows["no pass"]
     print(

@@ -162,7 +162,8 @@ def choose(view: DaemonView, cue: Cue, showing_status: bool, t: LedTimings) -> P
     p = patterns(t)
     if cue != Cue.IDLE:
         return p[cue.value]
-    if STORAGE in view.faults:  # the one fault a user fixes at once (RESTORE, free space)
+    if view.faults.get(STORAGE, "").startswith("backing storage full"):  # fixed at once:
+        # RESTORE or free space (its other faults, e.g. a failing hole punch, are faults)
         return p["storage_full"]
     if view.faults:
         return p["fault"]

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from appliance.store.space import fs_free
+from appliance.store.filesystem import fs_free
 from gpio.gestures import Cue
 from gpio.led import DaemonView, LedTimings, choose
 from tests.nbd_helpers import wait_for

@@ -103,6 +103,15 @@ def state(**kw: object) -> Event:
             Cue.IDLE,
             "clean",
         ),
+        # the storage part failing for another reason (a hole punch) is an ordinary fault
+        (
+            [
+                state(),
+                Event("fault", {"part": "storage", "reason": "backing cannot free space: EIO"}),
+            ],
+            Cue.IDLE,
+            "fault",
+        ),
         # our own absence is not a fault we could show
         ([state(), Event("fault", {"part": "gpio", "reason": "no GPIO chip"})], Cue.IDLE, "clean"),
         # a held button outranks everything: the user needs to see what a release would do

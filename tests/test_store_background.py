@@ -143,3 +143,85 @@ def test_pass_urgent_when_few_history_records_are_left(free: int) -> None:
     while store.background_step():
         pass
     assert not store.pass_urgent() and store.ring_free() == 15
+
+
+def test_the_daemon_shows_failing_hole_punches_as_a_storage_fault_that_clears(
+    monkeypatch, caplog, capsys
+) -> None:
+    from appliance.cli_show import print_status
+    from appliance.store import backing as store_backing
+    from appliance.store import space as store_space
+
+    monkeypatch.setattr(store_space, "PUNCH_RETRY", 0.2)
+    d = short_dir()
+    cfg = serve_config(f"{d}/disk.img", 16 << 20, U, f"{d}/nbd.sock", None, False, f"{d}/c.sock")
+    real, failing = store_backing.fallocate, [True]
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if mode & store_backing.FALLOC_FL_PUNCH_HOLE and failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd, mode, offset, length)
+
+    monkeypatch.setattr(store_backing, "fallocate", fallocate)
+
+    async def until(what, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+
+    async def scenario() -> None:
+        daemon = Daemon(cfg)
+        await daemon.start()
+        try:
+            store, bus = daemon.store, daemon.bus
+            assert bus is not None
+            for fill in (b"a", b"b"):
+                store.write(0, fill * (1 << 20))
+                store.save("test")  # the old copies are dead once the pass ran
+            await until(lambda: bus.parts["storage"]["state"] == "failed")
+            part = bus.parts["storage"]
+            assert part["reason"].startswith("backing cannot free space: EIO")
+            assert "the store still works" in part["reason"] and "dmesg" in part["hint"]
+            assert "failed: storage" in await daemon._status_line()
+            print_status({"mode": "unlocked", **store.status(), "parts": bus.parts})
+            background = bus.parts.get("background", {}).get("state")
+            assert background != "failed", "a failed punch failed the pass"
+            failing[0] = False  # the disk answers again: a retry gives the space back
+            await until(lambda: bus.parts["storage"]["state"] == "up")
+            assert store.status()["space"]["punch_fault"] == ""
+        finally:
+            await daemon.shutdown()
+
+    asyncio.run(scenario())
+    out = capsys.readouterr().out
+    assert "FAULT        backing cannot free space: EIO (Input/output error)" in out
+    assert "what to do   nothing is lost" in out
+
+
+def test_the_pass_under_a_filling_ring_leaves_its_punches_to_a_later_idle_step() -> None:
+    """While the ring is nearly full the pass runs under load, and a hole punch can hold every
+    writer of the file back (stripe locks, the file system's inode lock): it owes them."""
+    from tests.crashsim import CrashBacking, new_backing
+
+    units = 2 * UNITS_PER_PAGE
+    b = new_backing(units * U, U, 16)
+    store = Store(b)
+    for fill in (b"a", b"b"):
+        store.write(0, fill * (units * U))
+        store.save("test")  # the first copies are dead now
+    while not store.pass_urgent():
+        store.restore("test")
+    store.close()
+    punches: list[int] = []
+    again = CrashBacking(
+        bytearray(b.image), guard=lambda k, o, n: punches.append(n) if k == "discard" else None
+    )
+    store = Store(again)
+    while store.pass_urgent():
+        store.background_step(UNITS_PER_PAGE)
+    assert store.ring_free() == 15 and punches == [], "the urgent pass punched under load"
+    while store.background_step(UNITS_PER_PAGE):
+        pass
+    assert sum(punches) == units * U  # one dead copy of every unit given back
+    assert store.read_saved(0, units * U) == b"b" * (units * U)

@@ -179,6 +179,9 @@ class Chain:
             self._run(op)
         except (StoreError, OSError) as e:
             self.log.append(("failed", repr(e)))
+            fault = self.backing.fault
+            if fault is not None and fault.kinds == {"discard"}:  # docs/format.md, "Faults"
+                self.fail(f"{op[0]} failed because a hole punch failed: {e!r}")
             if op[0] in ("write", "trim", "zero"):
                 model.visible[:] = before
                 model.dirty = dirty

@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import rule
 
 from appliance.nbd import protocol as p
-from appliance.store import Store, StoreFullError, create_store
+from appliance.store import Store, StoreFullError, create_store, filesystem
 from appliance.store import space as store_space
-from appliance.store.space import allocated, fs_free
+from appliance.store.filesystem import allocated, fs_free
 from tests.nbd_helpers import MiB, RawClient, serve
+from tests.support import FakeClock
 from tests.test_daemon_support import SAVEPOINT, env
 from tests.test_store_crash import Chain
 from tests.test_store_model import HIST_CAP, UNITS, StoreMachine, U
@@ -101,7 +102,7 @@ def test_init_refuses_a_store_larger_than_the_free_space_unless_told(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "allocated now" in proc.stdout
     with Store.open(path) as st:
-        warning = store_space.overcommit_warning(st.status()["space"])
+        warning = filesystem.overcommit_warning(st.status()["space"])
     assert warning and "over-committed by" in warning
 
 
@@ -365,7 +366,7 @@ def test_reclaim_leaves_an_untrusted_map_sector_alone(tmp_path):
 
 def test_status_shows_allocation_margin_and_the_fault_with_what_to_do(capsys):
     from appliance.cli_show import print_status
-    from appliance.store.space import FULL_HINT
+    from appliance.store.filesystem import FULL_HINT
 
     space = {
         "backing": "file",
@@ -416,3 +417,113 @@ def test_a_backing_that_cannot_tell_its_free_space_clears_after_a_quiet_time():
     assert not st.space.poll()
     st.write(0, b"x" * 4096)
     assert st.read(0, 4096) == b"x" * 4096
+
+
+# ----- a punch that fails: the store goes on, a later pass gives the space back ------------
+
+
+def _failing_punches(monkeypatch, times: int) -> dict[str, int]:
+    """The file system's hole punch fails with EIO `times` times (the real FileBacking path)."""
+    from appliance.store import backing as store_backing
+
+    real, state = store_backing.fallocate, {"left": times, "failed": 0}
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if mode & store_backing.FALLOC_FL_PUNCH_HOLE and state["left"]:
+            state["left"] -= 1
+            state["failed"] += 1
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd, mode, offset, length)
+
+    monkeypatch.setattr(store_backing, "fallocate", fallocate)
+    return state
+
+
+def test_a_full_ring_command_commits_on_a_file_whose_punches_all_fail(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.img")
+    create_store(path, 16 * MiB, hist_cap=8)
+    with Store.open(path) as st:
+        for i in range(7):
+            st.write(i * MiB, bytes([i + 1]) * MiB)
+            st.save("test")
+        assert st.ring_free() == 0
+        failing = _failing_punches(monkeypatch, 1 << 30)
+        st.write(8 * MiB, b"w" * 4096)
+        assert st.save("test")["action"] == "save"
+        while st.ring_free() > 0:  # fill it again, with RESTOREs this time
+            st.restore("test")
+        assert st.restore("test")["action"] == "restore"
+        assert failing["failed"] >= 2
+        assert "backing cannot free space: EIO" in st.status()["space"]["punch_fault"]
+    with Store.open(path) as st:
+        assert st.read_saved(8 * MiB, 4096) == b"w" * 4096
+        assert [st.read_saved(i * MiB, 1) for i in range(7)] == [bytes([i + 1]) for i in range(7)]
+
+
+def test_a_failed_punch_is_retried_by_a_later_pass_and_the_file_shrinks(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.img")
+    create_store(path, 64 * MiB)
+    new = os.urandom(8 * MiB)
+    with Store.open(path) as st:
+        st.write(0, os.urandom(8 * MiB))
+        st.save("test")
+        _finish_pass(st)
+        st.write(0, new)
+        st.save("test")  # the 8 MiB of old copies are dead now
+        clock = FakeClock()
+        st.space.clock = clock
+        told = []
+        st.space.listeners.append(lambda: told.append(st.space.punch_fault))
+        failing = _failing_punches(monkeypatch, 1)
+        _finish_pass(st)
+        assert failing["failed"] == 1
+        assert _slot_bytes(st) > 8 * MiB, "the failed span was given back: the test shows nothing"
+        assert st.status()["space"]["punch_fault"].startswith("backing cannot free space: EIO")
+        assert not st.background_step(), "a failed punch is retried at once, not after a while"
+        clock.advance(store_space.PUNCH_RETRY)
+        _finish_pass(st)  # the disk answers again: the next pass punches the span
+        assert _slot_bytes(st) == 8 * MiB
+        assert st.status()["space"]["punch_fault"] == ""
+        assert [bool(t) for t in told] == [True, False]
+        assert st.read_saved(0, 8 * MiB) == new
+
+
+def test_a_punch_that_keeps_failing_is_retried_with_backoff(tmp_path, monkeypatch):
+    path = str(tmp_path / "s.img")
+    create_store(path, 16 * MiB)
+    with Store.open(path) as st:
+        for _ in range(2):
+            st.write(0, os.urandom(4 * MiB))
+            st.save("test")
+        clock = FakeClock()
+        st.space.clock = clock
+        failing = _failing_punches(monkeypatch, 1 << 30)
+        _finish_pass(st)
+        tries = [failing["failed"]]
+        for _ in range(4):  # each retry fails; the next waits twice as long
+            clock.advance(store_space.PUNCH_RETRY * 2 ** (len(tries) - 1) - 1)
+            _finish_pass(st)
+            assert failing["failed"] == tries[-1], "retried before its time"
+            clock.advance(1)
+            _finish_pass(st)
+            assert failing["failed"] > tries[-1], "not retried when due"
+            tries.append(failing["failed"])
+        assert st.status()["space"]["punch_failures"] == failing["failed"]
+
+
+def test_spans_busy_with_writers_are_punched_by_a_later_step(tmp_path):
+    """A writer holds a stripe lock through the whole pass: no span can be punched. They are
+    owed (one range, however many spans) and the first step after it let go punches them."""
+    path = str(tmp_path / "s.img")
+    create_store(path, 64 * MiB)
+    with Store.open(path) as st:
+        for _ in range(2):
+            st.write(0, os.urandom(16 * MiB))  # 4 map pages
+            st.save("test")
+        with st._stripes[0]:
+            for _ in range(20):  # the whole pass, and retries while the writer holds on
+                st.background_step(4096)
+            assert st.sb.resolved_below == st.epoch and _slot_bytes(st) == 32 * MiB
+        _finish_pass(st)
+        assert _slot_bytes(st) == 16 * MiB
+        assert st.status()["space"]["punch_fault"] == ""  # busy is no fault

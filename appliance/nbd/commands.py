@@ -17,7 +17,7 @@ from appliance.nbd import protocol as p
 from appliance.nbd.export import BlockExport, WriteActivity
 from appliance.nbd.handshake import Export, Negotiated
 from appliance.store import OutOfRangeError, StoreError, StoreIOError
-from appliance.store.space import StoreFullError
+from appliance.store.errors import StoreFullError
 
 MAX_EXTENTS = 1 << 20  # extents in one block status reply
 WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)

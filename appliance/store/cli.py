@@ -105,7 +105,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _print_space(target: str) -> None:
     """For a store file: what it takes now and what its file system has left."""
-    from appliance.store.space import allocated, fs_free
+    from appliance.store.filesystem import allocated, fs_free
 
     if not os.path.isfile(target):
         return

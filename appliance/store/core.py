@@ -37,6 +37,7 @@ from appliance.store.errors import (
     NotAStoreError,
     OutOfRangeError,
     StoreError,
+    StoreFullError,
     StoreIOError,
 )
 from appliance.store.format import (
@@ -60,7 +61,7 @@ from appliance.store.format import (
 from appliance.store.history_ring import HistoryRing
 from appliance.store.init import InitError, create_store
 from appliance.store.io_gate import IoGate
-from appliance.store.space import StoreFullError, StoreSpace
+from appliance.store.space import StoreSpace
 from appliance.store.unit_map import UnitMap, word_index
 
 __all__ = [
@@ -475,10 +476,10 @@ class Store:
                 rec = self._record(unit)
                 sec = (rec >> 31) ^ 1
                 if punch and rec & HAS[sec]:
-                    try:
-                        self._b.discard(g.slot_off[sec] + unit * us, us)
+                    try:  # [space] a failed punch is a fault, not an error: the record says
+                        self.space.give_back(g.slot_off[sec] + unit * us, us)  # "no data"
                     finally:  # as in _write_data: a punch that failed half-way zeroed some
-                        self._unsynced = True  # of what reads show, so the next flush syncs
+                        self._unsynced = True  # of the slot, so the next flush syncs it
                 with self.map.lock:
                     self._mark_written(unit, rec, (rec & ~WEPOCH_MASK & ~HAS[sec]) | self.epoch)
 
@@ -719,7 +720,7 @@ class Store:
     def background_step(self, max_units: int = 65536) -> bool:
         """Normalise up to max_units map records; True while work remains. Call when idle, or
         in a loop when pass_urgent(): I/O goes on between (and during) steps."""
-        if self.readonly or (self.sb.resolved_below >= self.epoch and not self._count_due):
+        if self.readonly or not (self._pass_due() or self.space.retry_due()):
             return False
         with self._pass_lock:
             try:
@@ -732,8 +733,13 @@ class Store:
                         if alone:
                             self.map.drop_transient()
 
+    def _pass_due(self) -> bool:
+        return self.sb.resolved_below < self.epoch or self._count_due
+
     def _pass_step(self, max_units: int) -> bool:
         self.space.reclaim_step(self, max_units)  # [space] after RESTORE: RAM pages first
+        if not self._pass_due():  # [space] then units whose punch failed or had to wait
+            return self.space.retry_step(self, max_units) and self.space.retry_due()
         if self._pass_pos == 0:
             self._pass_start = self.epoch
             with self.map.lock:
@@ -771,8 +777,8 @@ class Store:
                 pending = self._pending  # [space]
                 self._normalise_page(unit, page_end, epoch)
                 normalised = self._pending != pending  # [space]
-            if normalised:  # [space] give back the dead slots of the range
-                self.space.punch_dead(self, unit, page_end)
+            if normalised:  # [space] give back the dead slots of the range (later while the
+                self.space.punch_dead(self, unit, page_end, later=self.pass_urgent())  # ring fills)
             budget -= page_end - unit
             unit = page_end
             if self.map.cache.over():

@@ -23,3 +23,7 @@ class OutOfRangeError(StoreError):
 
 class StoreIOError(StoreError):
     pass
+
+
+class StoreFullError(StoreIOError):
+    """A data write found no space on the backing storage (ENOSPC / EDQUOT)."""

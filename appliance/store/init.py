@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 from appliance.store.backing import Backing, FileBacking, block_device_size
+from appliance.store.filesystem import NO_FALLOCATE, allocate_metadata, human, overcommit_problem
 from appliance.store.format import (
     DEFAULT_HIST_CAP,
     SB_OFFSETS,
@@ -21,7 +22,6 @@ from appliance.store.format import (
     plan_geometry,
     superblock_copies,
 )
-from appliance.store.space import NO_FALLOCATE, allocate_metadata, human, overcommit_problem
 
 ZERO_CHUNK = 1 << 20
 
@@ -101,7 +101,7 @@ def create_store(
     """Create an empty store: every unit reads as zeros, epoch 1, no history.
 
     On a regular file the store is sparse; it is refused when its full size exceeds the free
-    space of the file system, unless allow_overcommit (store_space.overcommit_problem).
+    space of the file system, unless allow_overcommit (filesystem.overcommit_problem).
     """
     is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
     existing = describe_existing(path)

@@ -1,20 +1,15 @@
 """Space on the store's backing file: allocation, punching dead slots, and "storage full".
 
-A store on a regular file is sparse: its slots take space only where units were written.
-Three rules keep a full file system from breaking a promise (docs/format.md, "Allocation
-and punching"):
-
-- Everything a command writes (superblocks, history ring, unit map) is allocated when the
-  store is created, and when a store made before this rule is opened read-write. A full file
-  system then fails data writes only: SAVE and RESTORE always work.
-- A slot is *dead* when its unit's normalised record does not route to it: the secondary slot
-  of a unit not written in the current epoch. The background pass punches (gives back) the
-  dead slot of every record it normalises, so after a SAVE the old saved copies go, and after
-  a RESTORE the discarded writes go; map pages already in RAM are reclaimed first after a
-  RESTORE, so a store that filled its disk recovers with one RESTORE.
-- A data write that meets ENOSPC raises StoreFullError (NBD answers ENOSPC, not EIO) and sets
-  the "full" state, which status shows and which clears by itself once the file system has
-  room again (`poll`).
+The rules (docs/format.md, "Allocation and punching"): everything a command writes is
+allocated at init (and on a read-write open of an older store), so a full file system fails
+data writes only and SAVE/RESTORE always work. A slot is *dead* when its unit's normalised
+record does not route to it; the background pass punches (gives back) the dead slot of every
+record it normalises, and after a RESTORE the pages in RAM are reclaimed first, so a store
+that filled its disk recovers with one RESTORE. A punch only gives space back: one that fails
+is logged once per errno, counted and shown as a fault, and its span is owed (one range of
+units, bounded) for a later step to walk again after a back-off. A data write that meets
+ENOSPC raises StoreFullError (NBD answers ENOSPC) and sets the "full" state, which clears by
+itself once the file system has room again (`poll`).
 """
 
 from __future__ import annotations
@@ -25,12 +20,20 @@ import os
 import stat
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from appliance.store.backing import Backing, fallocate
-from appliance.store.errors import StoreIOError
+from appliance.store.backing import Backing
+from appliance.store.errors import StoreFullError, StoreIOError
+from appliance.store.filesystem import (
+    FULL_HINT,
+    NO_FALLOCATE,
+    PUNCH_HINT,
+    allocate_metadata,
+    allocated,
+    fs_free,
+    human,
+)
 from appliance.store.format import RECS_PER_SECTOR, UNITS_PER_PAGE, WEPOCH_MASK, Geometry
 
 if TYPE_CHECKING:
@@ -41,70 +44,7 @@ log = logging.getLogger("savepoint.store")
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 RESUME_FREE = 16 << 20  # free bytes that end the "full" state: room for a burst of writes
 QUIET = 2.0  # seconds without ENOSPC before the state may end (no flapping under a quota)
-NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
-MAX_WAITING = 4096  # spans kept for a later punch while writers hold their stripes
-
-
-class StoreFullError(StoreIOError):
-    """A data write found no space on the backing storage (ENOSPC / EDQUOT)."""
-
-
-def human(n: float) -> str:
-    from appliance.store.cli import human as fmt
-
-    return fmt(n)
-
-
-def fs_free(fd_or_path: int | str) -> int:
-    """Bytes an unprivileged writer may still allocate on the file system."""
-    st = os.fstatvfs(fd_or_path) if isinstance(fd_or_path, int) else os.statvfs(fd_or_path)
-    return st.f_bavail * st.f_frsize
-
-
-def allocated(fd: int) -> int:
-    return os.fstat(fd).st_blocks * 512
-
-
-# ----- creating a store ---------------------------------------------------------------------
-
-
-def overcommit_problem(path: str, geo: Geometry, size: int) -> str | None:
-    """Why a sparse store of this geometry may not fit its file system, or None if it fits.
-
-    The free space counts what the target itself holds now, since init replaces it.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    free = fs_free(folder)
-    try:
-        st = os.stat(path)
-        if stat.S_ISREG(st.st_mode):
-            free += st.st_blocks * 512
-    except FileNotFoundError:
-        pass
-    if geo.total_size <= free:
-        return None
-    return (
-        f"{path}: the store can grow to {human(geo.total_size)} (2 x the {human(size)} "
-        f"disk + {human(geo.slot_off[0])} metadata) but its file system has only "
-        f"{human(free)} free; nothing was changed. Choose a smaller --size, free some "
-        "space, or pass --allow-overcommit (config: [store] allow_overcommit = true) to "
-        'create it sparse anyway: writes then fail with "no space left" when the file '
-        "system fills, and RESTORE still works and gives the space back"
-    )
-
-
-def allocate_metadata(fd: int, geo: Geometry) -> int:
-    """Allocate superblocks, history ring and map (everything a command writes).
-
-    Returns the bytes newly allocated; raises OSError (ENOSPC, or EOPNOTSUPP on a file system
-    that cannot preallocate).
-    """
-    before = allocated(fd)
-    fallocate(fd, 0, 0, geo.slot_off[0])  # mode 0 keeps the size; the file is that long already
-    return max(0, allocated(fd) - before)
-
-
-# ----- an open store ------------------------------------------------------------------------
+PUNCH_RETRY, PUNCH_RETRY_MAX = 30.0, 3600.0  # seconds before a failed punch is tried again
 
 
 class StoreSpace:
@@ -127,7 +67,15 @@ class StoreSpace:
         self._lock = threading.Lock()
         self._reclaim_page: int | None = None  # next map page to reclaim after a RESTORE
         self._reclaiming = False  # reclaim_step punches whole pages itself
-        self._waiting: deque[tuple[int, int]] = deque(maxlen=MAX_WAITING)  # busy spans
+        # [lo, hi): units whose dead slots a failed (or overflowing) punch may have left
+        self._owed: tuple[int, int] | None = None
+        self._walk: list[int] | None = None  # [next, end] of the walk through an owed range
+        self._walk_failed = False
+        self._retry_at = 0.0  # clock() when the owed range may be walked
+        self._retry_delay = PUNCH_RETRY
+        self.punch_fault = ""  # non-empty while a punch failed and its span is still owed
+        self.punch_failures = 0
+        self._punch_logged: set[int] = set()  # errnos already logged
         if self.kind == "file" and not readonly:
             self._allocate_on_open()
 
@@ -216,7 +164,7 @@ class StoreSpace:
 
     # ----- punching -----------------------------------------------------------------------
 
-    def punch_dead(self, store: Store, first: int, end: int) -> None:
+    def punch_dead(self, store: Store, first: int, end: int, later: bool = False) -> None:
         """Give back the dead slots of units first..end-1, a range the pass just normalised
         records in: the secondary of every unit not written this epoch is dead (normalised
         now or long ago), so one call covers a run of units sharing the dead slot.
@@ -225,19 +173,24 @@ class StoreSpace:
         "written this epoch" only under its stripe lock, and only such a unit's secondary is
         live, so no write can land in a slot between the check and its punch. The caller is
         inside the store's I/O gate, so the epoch cannot change meanwhile either. A span with a
-        stripe a writer holds waits for the next call, never for the lock (the pass must not
-        slow I/O down, and may run inside a write in tests); it is checked again then, at
-        whatever the epoch is by then.
+        stripe a writer holds is owed, never waited for (the pass must not slow I/O down, and
+        may run inside a write in tests), as is a span whose punch failed: retry_step walks it
+        again later, checked at whatever the epoch is by then.
+
+        later: the pass runs under load (a nearly full history ring), so the span is owed too
+        unless the storage is full: a punch can hold every writer of the file back for as
+        long as the disk takes (stripe locks; ext4 also takes the file's inode lock).
         """
         if not self.punching or first >= end or self._reclaiming:
             return
-        self._waiting.append((first, end))
-        for _ in range(len(self._waiting)):
-            first, end = self._waiting.popleft()
-            if not self._locked_punch(store, first, end):
-                self._waiting.append((first, end))
+        if later and not self.full_reason:
+            self._owe(first, end)
+            return
+        if not self._locked_punch(store, first, end):
+            self._owe(first, end)  # a writer holds a stripe: a later step walks it again
 
     def _locked_punch(self, store: Store, first: int, end: int) -> bool:
+        """False if a writer holds one of the span's stripes (nothing was punched)."""
         stripes = store._stripes
         locks = (
             stripes
@@ -250,42 +203,133 @@ class StoreSpace:
                 if not lock.acquire(blocking=False):
                     return False
                 taken.append(lock)
-            self._punch_run(store, first, end)
+            if not self._punch_run(store, first, end):
+                self._owe(first, end, failed=True)
             return True
         finally:
             for lock in reversed(taken):
                 lock.release()
 
-    def _punch_run(self, store: Store, first: int, end: int) -> None:
+    def _punch_run(self, store: Store, first: int, end: int) -> bool:
+        """Punch the dead slots of first..end-1; False if a punch failed (the rest is left)."""
         epoch, us, slot_off = store.epoch, store.unit_size, self._geo.slot_off
         if end - first > 1 and store.map.uniform(first, end) is not None:
             slot = self._dead_slot(store._record(first), epoch)  # sequential writes: one check
-            if slot >= 0:
-                self._b.discard(slot_off[slot] + first * us, (end - first) * us)
-                self.punched_bytes += (end - first) * us
-            return
+            return slot < 0 or self._discard(slot_off[slot] + first * us, (end - first) * us)
         run_slot, run_start, bad = -1, first, store.map.bad_sectors
         for u in range(first, end + 1):
             slot = -1
             if u < end and not (bad and u // RECS_PER_SECTOR in bad):  # untrusted: leave it
                 slot = self._dead_slot(store._record(u), epoch)
             if slot != run_slot:
-                if run_slot >= 0:
-                    self._b.discard(slot_off[run_slot] + run_start * us, (u - run_start) * us)
-                    self.punched_bytes += (u - run_start) * us
+                if run_slot >= 0 and not self._discard(
+                    slot_off[run_slot] + run_start * us, (u - run_start) * us
+                ):
+                    return False
                 run_slot, run_start = slot, u
+        return True
 
     def undo_write(self, offset: int, length: int) -> None:
-        """Give back what a failed write into a dead slot allocated (ENOSPC half-way).
+        """Give back what a failed write into a dead slot allocated (ENOSPC half-way): no
+        record names the slot (the caller holds its stripe locks), so nothing reads it."""
+        if self.punching:
+            self.give_back(offset, length)
 
-        The slot is named by no record (the caller holds its stripe locks), so nothing reads it.
-        """
-        if not self.punching:
-            return
+    def give_back(self, offset: int, length: int) -> bool:
+        """Punch a byte range of a slot that reads no longer need (a failed write's blocks, a
+        trimmed working copy); a failure is a fault and owes the units, never an error."""
+        if self._discard(offset, length):
+            return True
+        us, n = self._geo.unit_size, self._geo.unit_count
+        for base in self._geo.slot_off:
+            if base <= offset < base + n * us:
+                self._owe((offset - base) // us, -(-(offset + length - base) // us), failed=True)
+        return False
+
+    # ----- punch faults and the owed range ------------------------------------------------
+
+    def _discard(self, offset: int, length: int) -> bool:
+        """The backing's hole punch; False (logged, counted, a fault) if it failed."""
         try:
             self._b.discard(offset, length)
-        except OSError as e:  # the write's own error is the one to report
-            log.warning("could not give back the blocks of a failed write: %s", e)
+        except OSError as e:
+            self._punch_failed(e)
+            return False
+        self.punched_bytes += length
+        return True
+
+    def _punch_failed(self, e: OSError) -> None:
+        code = e.errno or 0
+        reason = (
+            f"backing cannot free space: {errno.errorcode.get(code, code)} ({e.strerror or e}); "
+            "the store still works, its file may grow"
+        )
+        with self._lock:
+            self.punch_failures += 1
+            changed, self.punch_fault = reason != self.punch_fault, reason
+            first = code not in self._punch_logged
+            self._punch_logged.add(code)
+        if first:
+            log.warning("%s: %s", reason, PUNCH_HINT)
+        if changed:
+            self._tell()
+
+    def _owe(self, first: int, end: int, failed: bool = False) -> None:
+        """Remember units whose dead slots may still hold blocks: one range, so bounded (a
+        walk may then visit units that need nothing; punching those again changes nothing)."""
+        with self._lock:
+            lo, hi = self._owed or (first, end)
+            self._owed = (min(lo, first), max(hi, end))
+            if failed:  # else due at the next step (after a failure's back-off, if any)
+                self._retry_at = max(self._retry_at, self.clock() + self._retry_delay)
+                self._walk_failed = True
+
+    def retry_due(self) -> bool:
+        """Whether retry_step has work now: a walk under way, or an owed range, backed off."""
+        return self.punching and (
+            self._walk is not None or (self._owed is not None and self.clock() >= self._retry_at)
+        )
+
+    def retry_step(self, store: Store, budget: int) -> bool:
+        """Walk about `budget` units of the owed range (in map pages the pass may drop again),
+        punching their dead slots; False if there was nothing to do. The caller is inside
+        the store's I/O gate with the pass lock held, as for the pass itself."""
+        if not self.retry_due():
+            return False
+        if self._walk is None:
+            with self._lock:
+                assert self._owed is not None
+                self._walk, self._owed, self._walk_failed = list(self._owed), None, False
+        walk = self._walk
+        while walk[0] < walk[1] and budget > 0:
+            page = walk[0] // UNITS_PER_PAGE
+            stop = min((page + 1) * UNITS_PER_PAGE, walk[1])
+            if not store.map.loaded[page]:
+                store.map.load_page(page, transient=True)
+            self.punch_dead(store, walk[0], stop)
+            budget -= stop - walk[0]
+            walk[0] = stop
+            if store.map.cache.over():
+                break
+        if walk[0] >= walk[1]:
+            self._walked()
+        return True
+
+    def _walked(self) -> None:
+        """A walk through the owed range ended: clear the fault, or back off further."""
+        self._walk = None
+        with self._lock:
+            if self._walk_failed:
+                self._retry_delay = min(2 * self._retry_delay, PUNCH_RETRY_MAX)
+                self._retry_at = self.clock() + self._retry_delay
+                return
+            self._retry_delay = PUNCH_RETRY
+            cleared = self._owed is None and bool(self.punch_fault)
+            if cleared:
+                self.punch_fault = ""
+        if cleared:
+            log.info("the backing frees space again: the store's file shrinks back")
+            self._tell()
 
     @staticmethod
     def _dead_slot(rec: int, epoch: int) -> int:
@@ -340,6 +384,8 @@ class StoreSpace:
             "full": bool(self.full_reason),
             "full_reason": self.full_reason,
             "punched_bytes": self.punched_bytes,
+            "punch_fault": self.punch_fault,
+            "punch_failures": self.punch_failures,
         }
         fd = self._b.fd
         if self.kind == "file" and fd is not None:
@@ -350,23 +396,3 @@ class StoreSpace:
         elif self.kind == "block":
             info.update(allocated_bytes=full)
         return info
-
-
-FULL_HINT = (
-    "RESTORE discards the unsaved writes and gives their space back; a SAVE gives back "
-    "the old copies of what it saved once the background pass has run; or free space on "
-    "the file system (or move the store to a larger one)"
-)
-
-
-def overcommit_warning(info: dict[str, Any]) -> str | None:
-    """The start-up warning for an over-committed store on a file, or None."""
-    margin = info.get("margin_bytes")
-    if margin is None or margin >= 0:
-        return None
-    return (
-        f"the store can grow to {human(info['full_size'])} but only "
-        f"{human(info['allocated_bytes'] + info['fs_free_bytes'])} fit on its file system "
-        f'(over-committed by {human(-margin)}): writes will fail with "no space left" '
-        "when it fills; RESTORE still works and gives the space back"
-    )

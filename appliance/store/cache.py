@@ -49,7 +49,7 @@ class MapCache:
 
     def used(self) -> int:
         """Groups' worth of memory in use: resident groups and parked sectors."""
-        return len(self._lru) + self.parked // self.group_bytes
+        return len(self._lru) - (-self.parked // self.group_bytes)  # a part counts whole
 
     def over(self) -> bool:
         return self.used() > self.high

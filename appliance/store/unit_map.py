@@ -36,6 +36,7 @@ from appliance.store.format import (
 )
 
 _ZERO_PAGE = bytes(PAGE)
+MEMORY_PAGE = mmap.PAGESIZE  # what madvise frees: 4 KiB, or 16 KiB on a Pi 5 (tests vary it)
 _RECS = RECS_PER_SECTOR * 4  # record bytes of a sector, after its 8 header bytes
 _ZERO_RECS = bytes(_RECS)
 _SPARSE = struct.Struct("<BI")  # a parked record: index in its sector, record
@@ -62,7 +63,7 @@ class UnitMap:
         self.dirty: set[int] = set()
         self._transient: set[int] = set()  # pages only the background pass has loaded
         self.lock = threading.Lock()  # guards every record change and the dirty set
-        self._step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
+        self._step = max(1, MEMORY_PAGE // PAGE)  # madvise works in whole memory pages
         self.cache = MapCache(budget, self._step * PAGE)
         self._scratch = bytearray(PAGE)  # a page read lands here first (under lock)
         # Sectors of unloaded pages whose records are not on disk yet: sector -> encoding.

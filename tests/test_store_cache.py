@@ -226,3 +226,23 @@ def test_16k_memory_pages_group_four_map_pages(store_path: str, monkeypatch) -> 
     with Store.open(store_path) as st:
         for unit, data in written.items():
             assert st.read(unit * U, U) == data
+
+
+def test_the_pass_counts_unsaved_units_when_a_restore_reclaim_runs_ahead(tmp_path) -> None:
+    """After RESTORE the reclaim normalises loaded pages first, some ahead of the pass's
+    cursor; a page the cache dropped meanwhile must still be counted when the pass gets
+    there (status and the next SAVE record said 1 unit where 2 were written)."""
+    path = str(tmp_path / "d.img")
+    create_store(path, PAGES * UNITS_PER_PAGE * U, unit=U, hist_cap=64)
+    with Store.open(path, map_cache=3 * PAGE) as st:
+        st.restore("test")
+        st.write(1007 * U, b"a" * U)  # map page 0
+        st.write(1008 * U, b"b" * U)  # map page 1
+        st.flush()
+        for unit in (1008, 0, 4 * UNITS_PER_PAGE, 5 * UNITS_PER_PAGE):
+            st.read(unit * U, U)  # page 1 is dropped; 0, 4 and 5 stay
+        assert st.status()["dirty_units"] == 2
+        while st.background_step(1):
+            pass
+        assert st.status()["dirty_units"] == 2
+        assert st.save("test")["units"] == 2

@@ -807,7 +807,10 @@ class Store:
                         m.set(u, self._record(u))
                         self._pending -= 1
             self._pass_dirtied += self._pending != before
-            if stop > self._c_pos:  # count each sector once, even if a step is retried
+            # Count each sector once (a step may be retried), and only at the cursor: the
+            # reclaim after RESTORE normalises loaded pages ahead of it, and skipping to them
+            # would leave the sectors between uncounted.
+            if unit <= self._c_pos < stop:
                 self._count_sector(unit, stop, epoch)
             unit = stop
 

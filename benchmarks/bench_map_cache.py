@@ -178,7 +178,8 @@ def main() -> None:
             pairs.append((small, big))
             print(
                 f"round {r + 1}: IOPS 1 GiB {small['iops']:.0f}, 1 TiB {big['iops']:.0f}, "
-                f"ratio {big['iops'] / small['iops']:.2f}x",
+                f"ratio {big['iops'] / small['iops']:.2f}x; peak RSS {small['rss_peak'] >> 20} / "
+                f"{big['rss_peak'] >> 20} MiB",
                 flush=True,
             )
         report(args.writes, budget, pairs)

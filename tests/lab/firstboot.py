@@ -125,6 +125,7 @@ def job(debs: list[Path], site: Path, wheels: Path) -> str:
     )
     status = "".join(dpkg_status(d) for d in debs)
     sitedir = "/usr/local/lib/python3.11/dist-packages"
+    keep = shlex.quote(str(REPO))  # the lab cache is inside it
     return (
         job_prelude()
         + f"""set -e
@@ -139,8 +140,13 @@ mkdir -p {sitedir} && echo {site} > {sitedir}/savepoint-lab-deps.pth
 rm -f {lean}  # the host's own services (databases, brokers) only slow the boot down
 ln -sf /lib/systemd/system/multi-user.target /etc/systemd/system/default.target
 # A card's /tmp is empty at boot (systemd-tmpfiles empties it: here that would walk the
-# host's over 9p), and it is no container: the host root's marker goes.
+# host's over 9p), and it is no container: the host root's marker goes. A checkout or lab
+# cache under /tmp (a CI clone, say) stays visible: bound aside first, then back in place.
+keep={keep}
+case "$keep" in /tmp/*) mkdir -p /run/lab-keep && mount --bind "$keep" /run/lab-keep ;; esac
 mount -t tmpfs tmpfs /tmp && rm -f /.dockerenv
+case "$keep" in /tmp/*) mkdir -p "$keep" && mount --bind /run/lab-keep "$keep" ;; esac
+cd {shlex.quote(str(REPO))}
 up "card prepared"
 # The card, mounted as on another machine; the installer writes files only.
 mkdir -p /mnt/card && mount --bind / /mnt/card

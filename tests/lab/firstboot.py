@@ -38,6 +38,8 @@ SIZE = "64M"  # the store the card asks for (--size), created by the first boot
 PI_OS_PACKAGES = ["bluez", "python3-pyudev"]  # on Raspberry Pi OS Lite, not on the lab root
 REPORT = "/lab-results/firstboot.json"
 UNIT_DIR = "/etc/systemd/system"
+GUEST_SITE = "/usr/local/lib/savepoint-lab-deps"  # in the VM: the dependencies (bound there)
+GUEST_WHEELS = "/usr/local/lib/savepoint-lab-wheels"  # in the VM: the build backend's wheels
 WAIT_ACTIVE = 300  # seconds the report waits for savepoint.service to settle
 
 
@@ -106,7 +108,7 @@ def job(debs: list[Path], site: Path, wheels: Path) -> str:
     """The guest shell: make the card, install into it with --root, hand over to systemd."""
     offline = (
         "[Service]\nEnvironment=PIP_NO_INDEX=1 PIP_CONFIG_FILE=/dev/null "
-        f"PIP_FIND_LINKS={wheels}\nTimeoutStartSec=20min\n"
+        f"PIP_FIND_LINKS={GUEST_WHEELS}\nTimeoutStartSec=20min\n"
     )
     report = _unit(
         "Lab: report the first boot and power off",
@@ -136,7 +138,11 @@ mkdir -p /boot/firmware && printf '[all]\\n' > /boot/firmware/config.txt
 {unpack}
 cat >> /var/lib/dpkg/status <<'EOF'
 {status}EOF
-mkdir -p {sitedir} && echo {site} > {sitedir}/savepoint-lab-deps.pth
+# The dependencies and wheels outside /tmp: the daemon's unit has a private /tmp of its own.
+mkdir -p {GUEST_SITE} {GUEST_WHEELS}
+mount --bind {shlex.quote(str(site))} {GUEST_SITE}
+mount --bind {shlex.quote(str(wheels))} {GUEST_WHEELS}
+mkdir -p {sitedir} && echo {GUEST_SITE} > {sitedir}/savepoint-lab-deps.pth
 rm -f {lean}  # the host's own services (databases, brokers) only slow the boot down
 ln -sf /lib/systemd/system/multi-user.target /etc/systemd/system/default.target
 # A card's /tmp is empty at boot (systemd-tmpfiles empties it: here that would walk the

@@ -91,4 +91,6 @@ def test_a_flood_is_read_in_turns_with_the_rest_of_the_loop(broker):
     gaps, taken = asyncio.run(flood_and_count_between_ticks(broker))
     print(f"\n{taken} messages read; at most {max(gaps)} between two ticks of another task")
     assert taken >= FLOOD * 0.9  # the flood was read (most of it dropped: the queue is full)
-    assert max(gaps) <= connection.PACKETS_PER_TURN
+    # One loop iteration may run a queued turn and then the socket's readiness callback (the
+    # selector put it in the same iteration's queue): at most two turns between ticks.
+    assert max(gaps) <= 2 * connection.PACKETS_PER_TURN

@@ -63,18 +63,7 @@ class RecordingBus:
     async def submit(self, command: Command) -> Outcome:
         self.commands.append(command)
         outcome = await self.decide(command)
-        self.publish(
-            Event(
-                "outcome",
-                {
-                    "ok": outcome.ok,
-                    "action": outcome.action.value,
-                    "source": outcome.source,
-                    "reason": outcome.reason,
-                    "data": outcome.data,
-                },
-            )
-        )
+        self.publish(Event("outcome", {**outcome.summary(), "data": outcome.data}))
         return outcome
 
     async def decide(self, command: Command) -> Outcome:

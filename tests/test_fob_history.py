@@ -18,30 +18,22 @@ from ble.protocol import FobProtocol
 from tests.fake_bluez import DEVICE, AttError, FakeBluez
 from tests.support import RecordingBus
 from tests.test_ble_dbus import OTHER, pair_over_gatt
+from tests.test_daemon import write_config
 from tests.test_daemon_support import SAVEPOINT, cli, env, qemu_io, short_dir, status
 
 CODE = "4829"
 
 
 def config(d: str, bus_address: str) -> str:
-    path = os.path.join(d, "config.toml")
-    with open(path, "w") as f:
-        f.write(f"""
-[store]
-path = "{d}/disk.img"
-create = true
-size = "16M"
-[nbd]
-socket = "{d}/nbd.sock"
-[control]
-socket = "{d}/c.sock"
-[ble]
+    return write_config(
+        d,
+        f"""[ble]
 enabled = true
 bus_address = "{bus_address}"
 registry = "{d}/fobs.json"
 setup_code = "{CODE}"
-""")
-    return path
+""",
+    )
 
 
 async def until(check, seconds: float = 20) -> None:

@@ -256,25 +256,8 @@ class CommandBus(SaveRestore):
                 log.info("%s from %s: done %s", name, outcome.source, _brief(outcome.data))
         else:
             log.warning("%s from %s: refused: %s", name, outcome.source, outcome.reason)
-        self.last_outcome = {
-            "ok": outcome.ok,
-            "action": outcome.action.value,
-            "source": outcome.source,
-            "reason": outcome.reason,
-            "time": self.wall(),
-        }
-        self.publish(
-            Event(
-                "outcome",
-                {
-                    "ok": outcome.ok,
-                    "action": outcome.action.value,
-                    "source": outcome.source,
-                    "reason": outcome.reason,
-                    "data": outcome.data,
-                },
-            )
-        )
+        self.last_outcome = {**outcome.summary(), "time": self.wall()}
+        self.publish(Event("outcome", {**outcome.summary(), "data": outcome.data}))
 
     # -- time ------------------------------------------------------------------------
     def _relock_seconds(self) -> float:

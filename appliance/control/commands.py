@@ -44,6 +44,15 @@ class Outcome:
     reason: str = ""  # why it was refused or failed; empty when ok
     data: dict[str, Any] = field(default_factory=dict)  # status, history, epoch, ...
 
+    def summary(self) -> dict[str, Any]:
+        """What an "outcome" event and `last_outcome` say of it (without the data)."""
+        return {
+            "ok": self.ok,
+            "action": self.action.value,
+            "source": self.source,
+            "reason": self.reason,
+        }
+
 
 @dataclass
 class Event:

@@ -61,8 +61,8 @@ class StoreSettings(Settings):
     map_cache: str | int = setting(
         "32M",
         "RAM for the unit map, whatever the disk size (at "
-        "least 64K): clean map pages beyond it are dropped, least "
-        "recently used first (docs/config.md: how to choose)",
+        "least 64K): map pages beyond it are dropped, least recently "
+        "used first, changed ones parked (docs/config.md: how to choose)",
     )
 
 

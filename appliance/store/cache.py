@@ -6,9 +6,11 @@ budget in bytes, whatever the disk size, so a 2 TB disk behind a Pi Zero 2 W (51
 grows the daemon past it. The cache counts memory pages (`group` = one `mmap.PAGESIZE` page,
 holding one or more 4 KiB map pages), since that is what madvise gives back.
 
-Eviction itself (unit_map.UnitMap.evict) skips dirty pages: they are pinned until a flush makes
-them clean. The store forces that flush when pinned pages keep the cache over its budget
-(store.Store._shrink), so eviction never writes a map sector out of flush's order.
+Eviction itself (unit_map.UnitMap.evict) parks the changed sectors of a dirty page (a compact
+copy of their records, counted here in `parked` bytes) and unloads it; nothing is written, so
+flush's order (data synced before the map sectors describing it) is untouched. Parked sectors
+may use at most half the budget; past it dirty pages are pinned, and the store forces a flush
+(store.Store._shrink) that writes them all.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class MapCache:
         margin = self.limit // 4  # writes that go on during the flush that makes room
         self.high, self.low = self.limit - margin, self.limit - 2 * margin
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.parked = 0  # bytes of parked sectors (unit_map): records not yet on disk
+        self.park_limit = budget // 2  # the rest stays for pages, so lookups still hit
         self.hits = self.misses = self.evictions = 0
         # The hot path: a lookup of a resident page moves it to the warm end (C, no lock: the
         # GIL makes it atomic, and a group is only ever removed with the store's gate held).
@@ -43,8 +47,12 @@ class MapCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def used(self) -> int:
+        """Groups' worth of memory in use: resident groups and parked sectors."""
+        return len(self._lru) - (-self.parked // self.group_bytes)  # a part counts whole
+
     def over(self) -> bool:
-        return len(self._lru) > self.high
+        return self.used() > self.high
 
     def add(self, group: int, cold: bool = False) -> None:
         """A group became resident. cold: loaded by the background pass, so evicted first."""
@@ -63,7 +71,8 @@ class MapCache:
     def status(self) -> dict[str, object]:
         looked = self.hits + self.misses
         return {
-            "size": len(self._lru) * self.group_bytes,
+            "size": len(self._lru) * self.group_bytes + self.parked,
+            "parked": self.parked,
             "budget": self.budget,
             "hits": self.hits,
             "misses": self.misses,

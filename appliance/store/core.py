@@ -542,6 +542,7 @@ class Store:
                 with self.map.lock:
                     self.map.redirty(runs)
                 raise
+            self.map.flushed()
 
     def _flush_runs(
         self, runs: list[tuple[int, bytes]], counters: dict[str, int], advance_resolved: int | None
@@ -554,9 +555,11 @@ class Store:
                 self._unsynced = True
                 raise
         stale = self._unsettled or any(getattr(self.sb, k) != v for k, v in counters.items())
-        if not runs and advance_resolved is None and not stale:
+        if not runs and not self.map.writing_parked() and advance_resolved is None and not stale:
             return
         for start, blob in runs:
+            self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
+        for start, blob in self.map.flying_runs():  # parked sectors, made one run at a time
             self._b.pwrite(blob, self.geo.meta_off + start * SECTOR)
         if advance_resolved is not None:
             self._b.sync()  # normalised records durable before the ring may forget epochs
@@ -588,20 +591,21 @@ class Store:
             self._gate.enter()
 
     def _shrink(self) -> None:
-        """The map cache is over its high-water mark: unload clean pages, least recently used
-        first. Dirty pages are pinned; when they keep it over, flush (data synced, then the
+        """The map cache is over its high-water mark: unload pages, least recently used first,
+        parking the changed sectors of dirty ones (a compact copy, written by the next flush).
+        When parked sectors reach their limit and keep it over, flush (data synced, then the
         map sectors: flush's own order, with requests going on as during FLUSH) and unload
         again. Unloading is done alone in the gate: no request is between its check of a
         page and its use. One request makes room at a time; the others go on unless the
         cache is at its hard limit, where they wait for it."""
         m, cache = self.map, self.map.cache
-        if not self._shrink_lock.acquire(blocking=len(cache) > cache.limit):
+        if not self._shrink_lock.acquire(blocking=cache.used() > cache.limit):
             return
         try:
             if not cache.over():
                 return
             with self._gate.exclusive():
-                if m.evict(cache.low) <= cache.low or self.readonly or not m.dirty:
+                if m.evict(cache.low) <= cache.low or self.readonly or not (m.dirty or m.parked):
                     return  # (damaged sectors pin their pages: a few, until a check)
             self._gate.enter()
             try:
@@ -809,7 +813,10 @@ class Store:
                         m.set(u, self._record(u))
                         self._pending -= 1
             self._pass_dirtied += self._pending != before
-            if stop > self._c_pos:  # count each sector once, even if a step is retried
+            # Count each sector once (a step may be retried), and only at the cursor: the
+            # reclaim after RESTORE normalises loaded pages ahead of it, and skipping to them
+            # would leave the sectors between uncounted.
+            if unit <= self._c_pos < stop:
                 self._count_sector(unit, stop, epoch)
             unit = stop
 

@@ -1,15 +1,23 @@
 """The unit map in RAM: one u32 record per unit, mirroring the on-disk map sectors.
 
 Pages are loaded from disk on first use, so opening a 1 TiB store reads nothing but its
-superblock and history. Changed sectors are remembered and written out by flush. Clean pages
-are unloaded again, least recently used first, when the map cache (cache.py) is over its
-budget; dirty ones stay until a flush wrote them.
+superblock and history. Changed sectors are remembered and written out by flush. Pages are
+unloaded again, least recently used first, when the map cache (cache.py) is over its budget.
+A page with changed sectors is unloaded too: those sectors are *parked* first, a compact copy
+of their records (5 bytes per non-zero record, or the whole sector), until a flush writes
+them. Random writes over a large disk change one record per page; parked, it costs about
+100 bytes instead of a memory page, so the cache does not force a data sync every few
+thousand writes (docs/format.md, "Map cache").
 """
 
 from __future__ import annotations
 
 import mmap
+import struct
 import threading
+from collections.abc import Iterator
+
+import crc32c
 
 from appliance.store.backing import Backing
 from appliance.store.cache import DEFAULT_BUDGET, MapCache
@@ -28,6 +36,13 @@ from appliance.store.format import (
 )
 
 _ZERO_PAGE = bytes(PAGE)
+MEMORY_PAGE = mmap.PAGESIZE  # what madvise frees: 4 KiB, or 16 KiB on a Pi 5 (tests vary it)
+_RECS = RECS_PER_SECTOR * 4  # record bytes of a sector, after its 8 header bytes
+_ZERO_RECS = bytes(_RECS)
+_SPARSE = struct.Struct("<BI")  # a parked record: index in its sector, record
+_SPARSE_MAX = _RECS // _SPARSE.size  # more non-zero records than this: park the whole sector
+PARK_OVERHEAD = 100  # bytes a parked sector costs beyond its encoding (dict slot, key, object)
+FLUSH_RUN = 256  # sectors per map write a flush coalesces at most (128 KiB)
 
 
 def word_index(unit: int) -> int:
@@ -48,9 +63,14 @@ class UnitMap:
         self.dirty: set[int] = set()
         self._transient: set[int] = set()  # pages only the background pass has loaded
         self.lock = threading.Lock()  # guards every record change and the dirty set
-        self._step = max(1, mmap.PAGESIZE // PAGE)  # madvise works in whole memory pages
+        self._step = max(1, MEMORY_PAGE // PAGE)  # madvise works in whole memory pages
         self.cache = MapCache(budget, self._step * PAGE)
         self._scratch = bytearray(PAGE)  # a page read lands here first (under lock)
+        # Sectors of unloaded pages whose records are not on disk yet: sector -> encoding.
+        # A flush swaps the dict for an empty one (_flying) and forgets it once written; no
+        # page is unloaded meanwhile (unloading needs the store's gate alone, a flush is in it).
+        self.parked: dict[int, bytes] = {}
+        self._flying: dict[int, bytes] = {}
 
     def load_page(self, page: int, transient: bool = False) -> None:
         """transient: loaded by the background pass only, so drop_transient may unload it."""
@@ -58,11 +78,17 @@ class UnitMap:
             if self.loaded[page]:
                 return
             self._b.pread_into(memoryview(self._scratch), self._geo.meta_off + page * PAGE)
+            sectors = range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE)
             if self._scratch != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
                 self._meta[page * PAGE : (page + 1) * PAGE] = self._scratch
-                for s in range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE):
-                    if not sector_ok(self._meta, s):
+                for s in sectors:
+                    if not sector_ok(self._meta, s) and not self._has_parked(s):
                         self.bad_sectors.add(s)
+            parked, flying = self.parked, self._flying
+            if parked or flying:
+                for s in sectors:
+                    if s in parked or s in flying:
+                        self._unpark(s)
             group = page // self._step
             if group in self.cache:
                 self.cache.touch(group)
@@ -71,6 +97,33 @@ class UnitMap:
             self.loaded[page] = 1  # after the cache knows it: a lock-free reader touches it
             if transient:
                 self._transient.add(page)
+
+    def _has_parked(self, sector: int) -> bool:
+        return sector in self.parked or sector in self._flying
+
+    def _unpark(self, sector: int) -> None:
+        """Caller holds lock; the sector's page is being loaded. Its parked records are newer
+        than the disk's: they go back into the page, and the sector is dirty again."""
+        enc = self.parked.pop(sector, None)
+        if enc is None:
+            enc = self._flying.get(sector)  # being written: the flush keeps its copy
+            if enc is None:
+                return
+        else:
+            self.cache.parked -= len(enc) + PARK_OVERHEAD
+        base = sector * SECTOR + 8
+        self._meta[base : base + _RECS] = decode_parked(enc)
+        self.dirty.add(sector)
+
+    def _park(self, sectors: range) -> None:
+        """Caller holds lock. Copy a group's changed sectors out before it is unloaded."""
+        for s in sectors:
+            if s in self.dirty:
+                base = s * SECTOR + 8
+                enc = encode_parked(self._meta[base : base + _RECS])
+                self.parked[s] = enc
+                self.cache.parked += len(enc) + PARK_OVERHEAD
+                self.dirty.discard(s)
 
     def transient_pages(self) -> int:
         return len(self._transient)
@@ -86,16 +139,27 @@ class UnitMap:
             self._transient.clear()
 
     def evict(self, keep: int) -> int:
-        """Unload clean groups, least recently used first, until at most `keep` are resident;
-        returns how many remain. Dirty and damaged pages stay. The caller guarantees that no
-        request is reading records (the store holds its I/O gate exclusively)."""
+        """Unload groups, least recently used first, until the cache uses at most `keep`
+        groups' worth (parked sectors included); returns what it uses then. Dirty sectors are
+        parked while the parked ones stay within the cache's park limit; past it dirty pages
+        stay, as damaged ones do, until a flush. The caller guarantees that no request is
+        reading records (the store holds its I/O gate exclusively)."""
+        cache = self.cache
         with self.lock:
-            for group in self.cache.coldest():
-                if len(self.cache) <= keep:
+            for group in cache.coldest():
+                if cache.used() <= keep:
                     break
-                if not self._pinned(group):
-                    self._unload(group)
-            return len(self.cache)
+                pages = self._pages(group)
+                sectors = range(pages.start * SECTORS_PER_PAGE, pages.stop * SECTORS_PER_PAGE)
+                if not self.bad_sectors.isdisjoint(sectors):
+                    continue
+                if not self.dirty.isdisjoint(sectors):
+                    worst = sum(s in self.dirty for s in sectors) * (_RECS + PARK_OVERHEAD)
+                    if cache.parked + worst > cache.park_limit:
+                        continue
+                    self._park(sectors)
+                self._unload(group)
+            return cache.used()
 
     def _pages(self, group: int) -> range:
         return range(group * self._step, min((group + 1) * self._step, len(self.loaded)))
@@ -203,6 +267,8 @@ class UnitMap:
         with self.lock:
             todo = sorted(self.dirty)
             self.dirty.clear()
+            assert not self._flying, "one flush at a time (the store's flush lock)"
+            self._flying, self.parked = self.parked, {}
         out: list[tuple[int, bytes]] = []
         for i in range(0, len(todo), chunk):
             runs: list[tuple[int, int]] = []  # [first, end) sector ranges
@@ -216,10 +282,45 @@ class UnitMap:
                 out += [(a, self._meta[a * SECTOR : b * SECTOR]) for a, b in runs]
         return out
 
+    def flying_runs(self) -> Iterator[tuple[int, bytes]]:
+        """The parked sectors take_dirty took, sealed, as (first sector, bytes) runs of
+        adjacent sectors in disk order, made as they are written (memory: one run)."""
+        todo = sorted(self._flying)
+        i = 0
+        while i < len(todo):
+            j = i + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + 1 and j - i < FLUSH_RUN:
+                j += 1
+            blob = bytearray((j - i) * SECTOR)
+            for k in range(i, j):
+                base = (k - i) * SECTOR
+                blob[base + 8 : base + SECTOR] = decode_parked(self._flying[todo[k]])
+                struct.pack_into("<I", blob, base + 4, todo[k])  # seal_sector, numbered
+                crc = crc32c.crc32c(memoryview(blob)[base + 4 : base + SECTOR])
+                struct.pack_into("<I", blob, base, crc)
+            yield todo[i], bytes(blob)
+            i = j
+
+    def writing_parked(self) -> bool:
+        return bool(self._flying)
+
+    def flushed(self) -> None:
+        """The flush that took the parked sectors wrote them: forget them."""
+        with self.lock:
+            self.cache.parked -= sum(len(e) + PARK_OVERHEAD for e in self._flying.values())
+            self._flying = {}
+
     def redirty(self, runs: list[tuple[int, bytes]]) -> None:
-        """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock."""
+        """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock.
+        Parked ones whose page is still unloaded are parked again; loaded ones are dirty."""
         for first, blob in runs:
             self.dirty.update(range(first, first + len(blob) // SECTOR))
+        for s, enc in self._flying.items():
+            if not self.loaded[s // SECTORS_PER_PAGE]:
+                self.parked[s] = enc
+            else:
+                self.cache.parked -= len(enc) + PARK_OVERHEAD  # _unpark made it dirty
+        self._flying = {}
 
     def count_stale(self, first: int, end: int, epoch: int) -> int:
         """Records of units first..end-1 with 0 < wepoch < epoch (loaded). Caller holds lock."""
@@ -228,3 +329,27 @@ class UnitMap:
             w = self.words[word_index(u)] & WEPOCH_MASK
             n += 0 < w < epoch
         return n
+
+
+def encode_parked(recs: bytes) -> bytes:
+    """A sector's record bytes, compactly: (index, record) per non-zero record, or all of
+    them when most are set. The two never have the same length (504 is no multiple of 5)."""
+    body = recs.lstrip(b"\0")  # the span of non-zero records, found at C speed
+    if not body:
+        return b""
+    first, end = (len(recs) - len(body)) // 4, -(-len(recs.rstrip(b"\0")) // 4)
+    words = memoryview(recs).cast("I")[first:end].tolist()
+    nonzero = [(first + i, r) for i, r in enumerate(words) if r]
+    if len(nonzero) > _SPARSE_MAX:
+        return bytes(recs)
+    return b"".join([_SPARSE.pack(i, r) for i, r in nonzero])
+
+
+def decode_parked(enc: bytes) -> bytes:
+    if len(enc) == _RECS:
+        return enc
+    out = bytearray(_RECS)
+    words = memoryview(out).cast("I")
+    for i, r in _SPARSE.iter_unpack(enc):
+        words[i] = r
+    return bytes(out)

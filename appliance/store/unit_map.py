@@ -43,6 +43,7 @@ _SPARSE = struct.Struct("<BI")  # a parked record: index in its sector, record
 _SPARSE_MAX = _RECS // _SPARSE.size  # more non-zero records than this: park the whole sector
 PARK_OVERHEAD = 100  # bytes a parked sector costs beyond its encoding (dict slot, key, object)
 FLUSH_RUN = 256  # sectors per map write a flush coalesces at most (128 KiB)
+READ_TRIES = 4  # reads of a missing page without the lock before one under it
 
 
 def word_index(unit: int) -> int:
@@ -65,7 +66,9 @@ class UnitMap:
         self.lock = threading.Lock()  # guards every record change and the dirty set
         self._step = max(1, MEMORY_PAGE // PAGE)  # madvise works in whole memory pages
         self.cache = MapCache(budget, self._step * PAGE)
-        self._scratch = bytearray(PAGE)  # a page read lands here first (under lock)
+        # Bumped (under lock) whenever what a page read without the lock would miss may have
+        # changed: parked sectors written by a flush (or given back by a failed one), parked.
+        self._gen = 0
         # Sectors of unloaded pages whose records are not on disk yet: sector -> encoding.
         # A flush swaps the dict for an empty one (_flying) and forgets it once written; no
         # page is unloaded meanwhile (unloading needs the store's gate alone, a flush is in it).
@@ -73,30 +76,47 @@ class UnitMap:
         self._flying: dict[int, bytes] = {}
 
     def load_page(self, page: int, transient: bool = False) -> None:
-        """transient: loaded by the background pass only, so drop_transient may unload it."""
-        with self.lock:
-            if self.loaded[page]:
-                return
-            self._b.pread_into(memoryview(self._scratch), self._geo.meta_off + page * PAGE)
-            sectors = range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE)
-            if self._scratch != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
-                self._meta[page * PAGE : (page + 1) * PAGE] = self._scratch
-                for s in sectors:
-                    if not sector_ok(self._meta, s) and not self._has_parked(s):
-                        self.bad_sectors.add(s)
-            parked, flying = self.parked, self._flying
-            if parked or flying:
-                for s in sectors:
-                    if s in parked or s in flying:
-                        self._unpark(s)
-            group = page // self._step
-            if group in self.cache:
-                self.cache.touch(group)
-            else:
-                self.cache.add(group, cold=transient)
-            self.loaded[page] = 1  # after the cache knows it: a lock-free reader touches it
-            if transient:
-                self._transient.add(page)
+        """transient: loaded by the background pass only, so drop_transient may unload it.
+
+        The page is read without the lock (writers of other pages go on meanwhile) and
+        installed under it only if no flush wrote parked sectors and nothing was parked in
+        between (`_gen`): else the read may predate records that are now only on disk."""
+        buf = bytearray(PAGE)
+        for _ in range(READ_TRIES):
+            gen = self._gen  # before the read (one attribute load: atomic under the GIL)
+            self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
+            with self.lock:
+                if self.loaded[page]:
+                    return  # another request loaded it meanwhile
+                if gen == self._gen:
+                    self._install(page, buf, transient)
+                    return
+        with self.lock:  # the map kept changing: read under the lock, as a flush cannot
+            if not self.loaded[page]:
+                self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
+                self._install(page, buf, transient)
+
+    def _install(self, page: int, buf: bytearray, transient: bool) -> None:
+        """Caller holds lock; buf is the page as on disk now. Parked sectors go back in."""
+        sectors = range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE)
+        if buf != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
+            self._meta[page * PAGE : (page + 1) * PAGE] = buf
+            for s in sectors:
+                if not sector_ok(self._meta, s) and not self._has_parked(s):
+                    self.bad_sectors.add(s)
+        parked, flying = self.parked, self._flying
+        if parked or flying:
+            for s in sectors:
+                if s in parked or s in flying:
+                    self._unpark(s)
+        group = page // self._step
+        if group in self.cache:
+            self.cache.touch(group)
+        else:
+            self.cache.add(group, cold=transient)
+        self.loaded[page] = 1  # after the cache knows it: a lock-free reader touches it
+        if transient:
+            self._transient.add(page)
 
     def _has_parked(self, sector: int) -> bool:
         return sector in self.parked or sector in self._flying
@@ -117,6 +137,7 @@ class UnitMap:
 
     def _park(self, sectors: range) -> None:
         """Caller holds lock. Copy a group's changed sectors out before it is unloaded."""
+        self._gen += 1
         for s in sectors:
             if s in self.dirty:
                 base = s * SECTOR + 8
@@ -309,6 +330,7 @@ class UnitMap:
         with self.lock:
             self.cache.parked -= sum(len(e) + PARK_OVERHEAD for e in self._flying.values())
             self._flying = {}
+            self._gen += 1  # a page read before this may hold neither the disk's nor these
 
     def redirty(self, runs: list[tuple[int, bytes]]) -> None:
         """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock.
@@ -321,6 +343,7 @@ class UnitMap:
             else:
                 self.cache.parked -= len(enc) + PARK_OVERHEAD  # _unpark made it dirty
         self._flying = {}
+        self._gen += 1
 
     def count_stale(self, first: int, end: int, epoch: int) -> int:
         """Records of units first..end-1 with 0 < wepoch < epoch (loaded). Caller holds lock."""

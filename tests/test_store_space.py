@@ -20,6 +20,7 @@ from appliance.nbd import protocol as p
 from appliance.store import Store, StoreFullError, create_store, filesystem
 from appliance.store import space as store_space
 from appliance.store.filesystem import allocated, fs_free
+from appliance.store.format import PAGE
 from tests.nbd_helpers import MiB, RawClient, serve
 from tests.support import FakeClock
 from tests.test_daemon_support import SAVEPOINT, env
@@ -216,6 +217,28 @@ def test_one_restore_gives_back_the_space_of_the_discarded_writes(tmp_path):
         st.background_step(8192)  # one daemon-sized step: the pages in RAM go first
         assert _slot_bytes(st) == saved
         assert st.status()["space"]["punched_bytes"] >= 16 * MiB
+
+
+def test_a_pass_that_ends_with_punches_owed_says_work_remains(tmp_path):
+    """A nearly full ring makes the pass owe its punches (they could hold writers back); the
+    step that ends the pass must still say work remains, or a caller that steps "until done"
+    (SAVE on a full ring, a test, a tool) leaves the discarded write's blocks allocated. Page 0
+    left RAM before the RESTORE (parked), so the reclaim of the pages in RAM does not find it."""
+    path = str(tmp_path / "s.img")
+    create_store(path, 64 * MiB, hist_cap=8)
+    with Store.open(path, map_cache=2 * PAGE) as st:
+        st.write(0, os.urandom(4096))
+        st.read(0, 64 * MiB)  # every map page once: page 0 is parked and dropped
+        for _ in range(6):
+            st.restore("test")
+        assert st.pass_urgent()
+        _finish_pass(st)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert not holds_data(fd, st.geo.slot_off[1], 4096), "the RESTORE kept its blocks"
+        finally:
+            os.close(fd)
+        assert st.status()["space"]["punch_fault"] == ""
 
 
 def test_after_save_the_old_copies_are_given_back_not_the_saved_ones(tmp_path):

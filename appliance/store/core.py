@@ -767,7 +767,8 @@ class Store:
         self._count_due = False
         if self.sb.resolved_below >= self.epoch:
             self._pending = 0
-        return self.sb.resolved_below < self.epoch
+        # Punches the pass owed (a nearly full ring defers them) are work too.
+        return self.sb.resolved_below < self.epoch or self.space.retry_due()
 
     def _normalise(self, unit: int, budget: int) -> int:
         """Normalise records from `unit` on; returns where to continue."""

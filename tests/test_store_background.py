@@ -16,7 +16,7 @@ import appliance.store.core as store_mod
 from appliance.config import serve_config
 from appliance.daemon import Daemon
 from appliance.store import Store
-from appliance.store.format import UNITS_PER_PAGE
+from appliance.store.format import RECS_PER_SECTOR, UNITS_PER_PAGE
 from appliance.store.init import create_store
 from tests.support import memory_backing
 from tests.test_daemon_support import short_dir
@@ -225,3 +225,80 @@ def test_the_pass_under_a_filling_ring_leaves_its_punches_to_a_later_idle_step()
         pass
     assert sum(punches) == units * U  # one dead copy of every unit given back
     assert store.read_saved(0, units * U) == b"b" * (units * U)
+
+
+class _CountingLock:
+    """map.lock, recording how many records the pass normalised in each hold (the store's
+    pending count drops by one per record it normalises)."""
+
+    def __init__(self, store: Store) -> None:
+        self._lock, self._store, self.per_hold = threading.Lock(), store, []
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._before = self._store._pending
+
+    def __exit__(self, *exc: object) -> None:
+        self.per_hold.append(self._before - self._store._pending)
+        self._lock.release()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        return self._lock.acquire(blocking)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def test_the_pass_normalises_at_most_one_map_sector_per_map_lock_hold() -> None:
+    """A writer never waits for a whole map page (1,008 records) of normalising: on a loaded
+    machine the holder may lose the CPU in the middle, and every writer waits for it."""
+    units = 3 * UNITS_PER_PAGE
+    store = Store(memory_backing(units * U, U, 64))
+    store.write_zeroes(0, units * U)  # every unit written in one epoch: uniform sectors
+    store.write(5 * U, b"not uniform")  # and one sector of mixed records
+    store.save("test")
+    lock = store.map.lock = _CountingLock(store)  # type: ignore[assignment]
+    while store.background_step(UNITS_PER_PAGE):
+        pass
+    assert store.status()["pending_units"] == 0 and max(lock.per_hold) > 0
+    assert max(lock.per_hold) <= RECS_PER_SECTOR, f"{max(lock.per_hold)} records in one hold"
+    assert sum(lock.per_hold) == units
+    assert store.read(5 * U, 11) == b"not uniform"
+
+
+def test_a_save_does_not_wait_for_the_data_sync_of_the_passs_flush(monkeypatch) -> None:
+    """The pass's flush syncs what the host wrote (seconds on a slow disk). It does so with
+    the I/O gate left, so a SAVE arriving meanwhile, and the I/O queued behind it, go on."""
+    units = 4 * UNITS_PER_PAGE
+    store = Store(memory_backing(units * U, U, 64))
+    for p in range(4):
+        store.write(p * UNITS_PER_PAGE * U, b"page %d" % p)
+    store.save("test")  # four pending units, one per map page
+    monkeypatch.setattr(store_mod, "PASS_FLUSH_SECTORS", 1)  # each step flushes
+    store.write(7 * U, b"unsynced")
+    real_sync, in_sync, release = store._b.sync, threading.Event(), threading.Event()
+
+    def sync() -> None:  # the pass's first sync hangs until the test lets it go
+        if not in_sync.is_set():
+            in_sync.set()
+            assert release.wait(10)
+        real_sync()
+
+    store._b.sync = sync  # type: ignore[method-assign]
+    step = threading.Thread(target=store.background_step, args=(UNITS_PER_PAGE,))
+    step.start()
+    try:
+        assert in_sync.wait(10)
+        cmd = threading.Thread(target=lambda: (store.write(9 * U, b"new"), store.save("cli")))
+        cmd.start()
+        cmd.join(5)
+        saved = not cmd.is_alive()
+    finally:
+        release.set()
+        step.join(10)
+    cmd.join(10)
+    assert saved, "the SAVE waited for the pass's data sync"
+    while store.background_step(UNITS_PER_PAGE):
+        pass
+    assert store.read_saved(9 * U, 3) == b"new" and store.read_saved(7 * U, 8) == b"unsynced"
+    assert store.status()["pending_units"] == 0 and store.sb.resolved_below == store.epoch

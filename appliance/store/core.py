@@ -83,6 +83,7 @@ PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms 
 PASS_FLUSH_SECTORS = 4096  # the pass writes what it normalised every 2 MiB of map sectors
 PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
 PASS_DROP_WAIT = 0.02  # seconds the pass waits for an idle moment to drop its pages
+FLUSH_SEAL_CHUNK = 64  # map sectors a flush seals per map-lock hold (writers wait for it)
 log = logging.getLogger("savepoint.store")
 
 
@@ -529,7 +530,7 @@ class Store:
         """Pending work (dirty sectors, unsynced data) is forgotten only once it is durable:
         if any step fails, the next flush does it all again."""
         with self._flush_lock:
-            runs = self.map.take_dirty()  # these records only describe completed writes
+            runs = self.map.take_dirty(FLUSH_SEAL_CHUNK)  # records of completed writes only
             with self.map.lock:
                 counters = {
                     "dirty_units": self.dirty_units,
@@ -755,9 +756,11 @@ class Store:
                 self._pass_dirtied >= PASS_FLUSH_SECTORS
                 or self.map.transient_pages() > PASS_RESIDENT_PAGES
             ):
+                self._sync_outside_gate()
                 self._flush_locked()  # a bounded write now (not the whole map at the end),
                 self._pass_dirtied = 0  # after which the pages the pass loaded can be dropped
             return True
+        self._sync_outside_gate()
         with self.map.lock:
             if self._c_live:  # the whole map is behind the cursor: the counts are exact
                 self.dirty_units, self._pending = self._c_ddm, self._c_pend
@@ -770,6 +773,19 @@ class Store:
         # Punches the pass owed (a nearly full ring defers them) are work too.
         return self.sb.resolved_below < self.epoch or self.space.retry_due()
 
+    def _sync_outside_gate(self) -> None:
+        """Caller is inside the gate (a pass step) and about to flush. Sync the data written
+        so far with the gate left first: a SAVE or RESTORE arriving meanwhile (and the I/O
+        queued behind it) then waits for the flush's short rest, not for a sync of all the
+        host wrote since the last one. An extra sync orders and forgets nothing."""
+        if not self._unsynced:
+            return
+        self._gate.leave()
+        try:
+            self._b.sync()
+        finally:
+            self._gate.enter()
+
     def _normalise(self, unit: int, budget: int) -> int:
         """Normalise records from `unit` on; returns where to continue."""
         count, epoch = self.geo.unit_count, self.epoch
@@ -778,48 +794,52 @@ class Store:
             page_end = min((page + 1) * UNITS_PER_PAGE, count)
             if not self.map.loaded[page]:
                 self.map.load_page(page, transient=True)
-            with self.map.lock:
-                pending = self._pending  # [space]
-                self._normalise_page(unit, page_end, epoch)
-                normalised = self._pending != pending  # [space]
-            if normalised:  # [space] give back the dead slots of the range (later while the
-                self.space.punch_dead(self, unit, page_end, later=self.pass_urgent())  # ring fills)
+            if self._normalise_page(unit, page_end, epoch):  # [space] give back the dead
+                self.space.punch_dead(self, unit, page_end, later=self.pass_urgent())  # slots
             budget -= page_end - unit
             unit = page_end
             if self.map.cache.over():
                 break  # background_step makes room (flushing if it must) before the next
         return unit
 
-    def _normalise_page(self, unit: int, end: int, epoch: int) -> None:
-        """Caller holds map.lock. A sector of identical records (the common case: written
-        together, or never) is normalised with one comparison and one fill."""
-        m = self.map
+    def _normalise_page(self, unit: int, end: int, epoch: int) -> int:
+        """Normalise the records of one loaded page; returns how many changed. map.lock is
+        taken per map sector (126 records), never for the page: on a loaded machine a thread
+        can lose the CPU while it holds the lock, and every writer then waits for it."""
+        m, changed = self.map, 0
         while unit < end:
-            s = unit // RECS_PER_SECTOR
-            stop = min((s + 1) * RECS_PER_SECTOR, end)
-            if s in m.bad_sectors:
-                unit = stop
-                continue
-            raw = m.words[word_index(unit)]
-            before = self._pending
-            if m.uniform_loaded(unit, stop, raw):
-                w = raw & WEPOCH_MASK
-                if w and w < epoch:
-                    m.fill(unit, stop, self._record(unit))
-                    self._pending -= stop - unit
-            else:
-                for u in range(unit, stop):
-                    w = m.words[word_index(u)] & WEPOCH_MASK
-                    if w and w < epoch:
-                        m.set(u, self._record(u))
-                        self._pending -= 1
-            self._pass_dirtied += self._pending != before
-            # Count each sector once (a step may be retried), and only at the cursor: the
-            # reclaim after RESTORE normalises loaded pages ahead of it, and skipping to them
-            # would leave the sectors between uncounted.
-            if unit <= self._c_pos < stop:
-                self._count_sector(unit, stop, epoch)
+            stop = min((unit // RECS_PER_SECTOR + 1) * RECS_PER_SECTOR, end)
+            with m.lock:  # the page stays loaded between sectors: unloading needs the gate
+                changed += self._normalise_sector(unit, stop, epoch)
             unit = stop
+        return changed
+
+    def _normalise_sector(self, unit: int, stop: int, epoch: int) -> int:
+        """Caller holds map.lock; unit..stop-1 lie in one sector. A sector of identical records
+        (the common case: written together, or never) takes one comparison and one fill."""
+        m, before = self.map, self._pending
+        if unit // RECS_PER_SECTOR in m.bad_sectors:
+            return 0
+        raw = m.words[word_index(unit)]
+        if m.uniform_loaded(unit, stop, raw):
+            w = raw & WEPOCH_MASK
+            if w and w < epoch:
+                m.fill(unit, stop, self._record(unit))
+                self._pending -= stop - unit
+        else:
+            for u in range(unit, stop):
+                w = m.words[word_index(u)] & WEPOCH_MASK
+                if w and w < epoch:
+                    m.set(u, self._record(u))
+                    self._pending -= 1
+        self._pass_dirtied += self._pending != before
+        # Count each sector once (a step may be retried), and only at the cursor: the
+        # reclaim after RESTORE normalises loaded pages ahead of it, and skipping to them
+        # would leave the sectors between uncounted. In the same hold as the normalising:
+        # a writer behind the cursor adjusts the counts itself.
+        if unit <= self._c_pos < stop:
+            self._count_sector(unit, stop, epoch)
+        return before - self._pending
 
     def _count_sector(self, unit: int, stop: int, epoch: int) -> None:
         """Caller holds map.lock; units unit..stop-1 were just normalised."""

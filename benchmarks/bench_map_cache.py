@@ -107,6 +107,8 @@ def run_plain(work: str, size: int, writes: int, peer: str) -> float:
     from benchmarks.bench_nbd import Server
 
     path, sock = f"{work}/{peer}{size}.raw", f"{work}/{peer}{size}.sock"
+    if os.path.exists(sock):  # nbdkit leaves its socket: a stale one would be connected to
+        os.unlink(sock)
     with open(path, "wb") as f:
         f.truncate(size)
     bench_nbd = os.path.join(TOP, "benchmarks", "bench_nbd.py")

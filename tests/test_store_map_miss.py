@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from appliance.store import Store
+from appliance.store.cache import decode_parked, encode_parked
 from appliance.store.format import PAGE, RECS_PER_SECTOR, UNITS_PER_PAGE
 from appliance.store.init import create_store
-from appliance.store.unit_map import decode_parked, encode_parked
 
 U = 4096
 PAGES = 8

@@ -20,7 +20,13 @@ from collections.abc import Iterator
 import crc32c
 
 from appliance.store.backing import Backing
-from appliance.store.cache import DEFAULT_BUDGET, MapCache
+from appliance.store.cache import (
+    DEFAULT_BUDGET,
+    PARK_OVERHEAD,
+    MapCache,
+    decode_parked,
+    encode_parked,
+)
 from appliance.store.errors import StoreIOError
 from appliance.store.format import (
     PAGE,
@@ -39,9 +45,6 @@ _ZERO_PAGE = bytes(PAGE)
 MEMORY_PAGE = mmap.PAGESIZE  # what madvise frees: 4 KiB, or 16 KiB on a Pi 5 (tests vary it)
 _RECS = RECS_PER_SECTOR * 4  # record bytes of a sector, after its 8 header bytes
 _ZERO_RECS = bytes(_RECS)
-_SPARSE = struct.Struct("<BI")  # a parked record: index in its sector, record
-_SPARSE_MAX = _RECS // _SPARSE.size  # more non-zero records than this: park the whole sector
-PARK_OVERHEAD = 100  # bytes a parked sector costs beyond its encoding (dict slot, key, object)
 FLUSH_RUN = 256  # sectors per map write a flush coalesces at most (128 KiB)
 READ_TRIES = 4  # reads of a missing page without the lock before one under it
 # What a map page holds on disk, as far as the map knows: unknown (ask the backing), zeros (a
@@ -387,29 +390,3 @@ class UnitMap:
             w = self.words[word_index(u)] & WEPOCH_MASK
             n += 0 < w < epoch
         return n
-
-
-def encode_parked(recs: bytes) -> bytes:
-    """A sector's record bytes, compactly: (index, record) per non-zero record, or all of
-    them when most are set. The two never have the same length (504 is no multiple of 5)."""
-    body = recs.lstrip(b"\0")  # the span of non-zero records, found at C speed
-    if not body:
-        return b""
-    first, end = (len(recs) - len(body)) // 4, -(-len(recs.rstrip(b"\0")) // 4)
-    if end - first == 1:  # one record: what random writes over a large disk leave
-        return _SPARSE.pack(first, int.from_bytes(recs[first * 4 : end * 4], "little"))
-    words = memoryview(recs).cast("I")[first:end].tolist()
-    nonzero = [(first + i, r) for i, r in enumerate(words) if r]
-    if len(nonzero) > _SPARSE_MAX:
-        return bytes(recs)
-    return b"".join([_SPARSE.pack(i, r) for i, r in nonzero])
-
-
-def decode_parked(enc: bytes) -> bytes:
-    if len(enc) == _RECS:
-        return enc
-    out = bytearray(_RECS)
-    words = memoryview(out).cast("I")
-    for i, r in _SPARSE.iter_unpack(enc):
-        words[i] = r
-    return bytes(out)

@@ -8,6 +8,12 @@ bench_nbd.py runs it), and fio (nbd engine, QD16) writes `--writes` random 4 KiB
 the whole disk. Prints the time to open each store, its RSS at rest, IOPS, RSS and peak RSS
 after the writes, the map cache's hit rate, and the 1 TiB / 1 GiB ratios. The stores are
 sparse files (about 1 GiB of map is allocated for the 1 TiB one).
+
+The file system pays for the large disk too: a sparse file written at 100,000 scattered places
+grows an extent tree, and a store's slots are sparse files. So each round also runs the same
+job against plain sparse files of both sizes on the same file system, served by this NBD
+server without a store (`plain`: the ceiling for the store's ratio) and by `nbdkit file`, and
+prints their 1 TiB / 1 GiB ratios beside the store's.
 """
 
 from __future__ import annotations
@@ -93,6 +99,31 @@ def run_one(work: str, size: int, writes: int, budget: int) -> dict[str, float]:
     return res
 
 
+PEERS = ("plain", "nbdkit")  # the same job over plain sparse files: the file system's own cost
+
+
+def run_plain(work: str, size: int, writes: int, peer: str) -> float:
+    """IOPS of the job over a plain sparse file of `size` bytes, served by `peer`."""
+    from benchmarks.bench_nbd import Server
+
+    path, sock = f"{work}/{peer}{size}.raw", f"{work}/{peer}{size}.sock"
+    if os.path.exists(sock):  # nbdkit leaves its socket: a stale one would be connected to
+        os.unlink(sock)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    bench_nbd = os.path.join(TOP, "benchmarks", "bench_nbd.py")
+    argv = {
+        "plain": [sys.executable, bench_nbd, "--serve-plain", path, sock],
+        "nbdkit": ["nbdkit", "-f", "-U", sock, "file", f"file={path}"],
+    }[peer]
+    server = Server(peer, argv, sock)
+    try:
+        return fio_randwrite(server.uri, size, writes)
+    finally:
+        server.close()
+        os.unlink(path)
+
+
 def unit_tradeoff(work: str, writes: int) -> None:
     """Per unit size: the whole map of a 1 TiB disk, SAVE after `writes` random 4 KiB writes
     (flushes their map sectors), the background pass after it, and the 4 KiB first writes
@@ -154,12 +185,14 @@ def main() -> None:
     ap.add_argument(
         "--units", action="store_true", help="only the unit-size trade-off (in-process, no NBD)"
     )
+    ap.add_argument("--no-peers", action="store_true", help="no plain-file runs (faster)")
     ap.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         return serve(args.serve[0], args.serve[1], int(args.serve[2]))
-    if not shutil.which("fio"):
-        sys.exit("fio is not installed (apt-get install fio)")
+    for tool in ("fio", "nbdkit"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (apt-get install fio nbdkit)")
     sys.path.insert(0, TOP)
     from appliance.sizes import parse_size
 
@@ -175,11 +208,19 @@ def main() -> None:
         for r in range(args.rounds):  # side by side, fresh stores each round: noise hits both
             small = run_one(work, GiB, args.writes, budget)
             big = run_one(work, 1 << 40, args.writes, budget)
+            for peer in () if args.no_peers else PEERS:
+                small[peer] = run_plain(work, GiB, args.writes, peer)
+                big[peer] = run_plain(work, 1 << 40, args.writes, peer)
             pairs.append((small, big))
+            peers = "".join(
+                f"; {p} {small[p]:.0f} / {big[p]:.0f}, {big[p] / small[p]:.2f}x"
+                for p in PEERS
+                if p in small
+            )
             print(
                 f"round {r + 1}: IOPS 1 GiB {small['iops']:.0f}, 1 TiB {big['iops']:.0f}, "
-                f"ratio {big['iops'] / small['iops']:.2f}x; peak RSS {small['rss_peak'] >> 20} / "
-                f"{big['rss_peak'] >> 20} MiB",
+                f"ratio {big['iops'] / small['iops']:.2f}x{peers}; peak RSS "
+                f"{small['rss_peak'] >> 20} / {big['rss_peak'] >> 20} MiB",
                 flush=True,
             )
         report(args.writes, budget, pairs)
@@ -210,6 +251,15 @@ def report(writes: int, budget: int, pairs: list[tuple[dict, dict]]) -> None:
         f"IOPS 1 TiB / 1 GiB: median {ratios[len(ratios) // 2]:.2f}x "
         f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}; goal: at least 0.7x)"
     )
+    for peer in PEERS:
+        if peer in small:
+            peer_ratios = sorted(b[peer] / s[peer] for s, b in pairs)
+            mid = peer_ratios[len(peer_ratios) // 2]
+            print(
+                f"  {peer} sparse file, same job: median {mid:.2f}x "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in peer_ratios)}); "
+                f"the store's ratio against it: {ratios[len(ratios) // 2] / mid:.2f}"
+            )
     extra = (big["rss_peak"] - small["rss_peak"]) / mib
     print(
         f"peak RSS 1 TiB - 1 GiB: {extra:.1f} MiB (goal: within the {budget / mib:.0f} MiB budget)"

@@ -122,6 +122,17 @@ class CrashBacking(MemoryBacking):
                 raise err
             self._read(buf, offset)
 
+    def next_data(self, offset: int) -> int:
+        """Fails as a read does (the map's miss asks it instead of reading a zero page)."""
+        if self.dead:
+            raise PowerCut("read after the power cut")
+        with self._lock:
+            err = self._failing("pread")
+            if err:
+                raise err
+            window = self._peek(offset, 1 << 20)
+        return offset + len(window) - len(window.lstrip(b"\0"))
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         with self._lock:
             cut = self._tick()

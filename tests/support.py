@@ -159,8 +159,17 @@ class MemoryBacking:
     def sync(self) -> None:
         pass
 
+    def next_data(self, offset: int) -> int:
+        """As FileBacking's: here the first non-zero byte, looked for within 1 MiB."""
+        with self._lock:
+            window = self._peek(offset, 1 << 20)
+        return offset + len(window) - len(window.lstrip(b"\0"))
+
     def close(self) -> None:
         pass
+
+    def _peek(self, offset: int, length: int) -> bytes:
+        return bytes(self.image[offset : offset + length])
 
     def _read(self, buf: memoryview, offset: int) -> None:
         buf[:] = self.image[offset : offset + len(buf)]

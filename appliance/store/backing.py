@@ -31,6 +31,8 @@ class Backing(Protocol):
     def sync(self) -> None: ...
     def discard(self, offset: int, length: int) -> None: ...
     def close(self) -> None: ...
+    # Optional: def next_data(self, offset: int) -> int (FileBacking.next_data); a backing
+    # without it has every map page read.
 
 
 class FileBacking:
@@ -67,6 +69,17 @@ class FileBacking:
 
     def sync(self) -> None:
         os.fdatasync(self._fd)
+
+    def next_data(self, offset: int) -> int:
+        """An offset >= `offset` before which the file reads as zeros (lseek SEEK_DATA: holes
+        and unwritten extents), so the map need not read a page that lies wholly before it.
+        `offset` itself where unknown (a block device, a file system without SEEK_DATA)."""
+        if self.is_block:
+            return offset
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_DATA)  # we only pread/pwrite: no position
+        except OSError as e:
+            return self.size if e.errno == errno.ENXIO else offset  # ENXIO: no data after it
 
     def discard(self, offset: int, length: int) -> None:
         """Give the space back where the file system can; correctness never depends on it."""

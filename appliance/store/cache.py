@@ -11,15 +11,23 @@ copy of their records, counted here in `parked` bytes) and unloads it; nothing i
 flush's order (data synced before the map sectors describing it) is untouched. Parked sectors
 may use at most half the budget; past it dirty pages are pinned, and the store forces a flush
 (store.Store._shrink) that writes them all.
+encode_parked/decode_parked are that compact copy.
 """
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from appliance.store.format import RECS_PER_SECTOR
+
 DEFAULT_BUDGET = 32 << 20  # bytes: fits a Pi Zero 2 W (512 MiB) whatever the disk size
 MIN_GROUPS = 1  # the tests run with one: eviction (and the flushes it forces) all the time
+_RECS = RECS_PER_SECTOR * 4  # record bytes of a sector, after its 8 header bytes
+_SPARSE = struct.Struct("<BI")  # a parked record: index in its sector, record
+_SPARSE_MAX = _RECS // _SPARSE.size  # more non-zero records than this: park the whole sector
+PARK_OVERHEAD = 100  # bytes a parked sector costs beyond its encoding (dict slot, key, object)
 
 
 class MapCache:
@@ -79,3 +87,29 @@ class MapCache:
             "evictions": self.evictions,
             "hit_rate": self.hits / looked if looked else 1.0,
         }
+
+
+def encode_parked(recs: bytes) -> bytes:
+    """A sector's record bytes, compactly: (index, record) per non-zero record, or all of
+    them when most are set. The two never have the same length (504 is no multiple of 5)."""
+    body = recs.lstrip(b"\0")  # the span of non-zero records, found at C speed
+    if not body:
+        return b""
+    first, end = (len(recs) - len(body)) // 4, -(-len(recs.rstrip(b"\0")) // 4)
+    if end - first == 1:  # one record: what random writes over a large disk leave
+        return _SPARSE.pack(first, int.from_bytes(recs[first * 4 : end * 4], "little"))
+    words = memoryview(recs).cast("I")[first:end].tolist()
+    nonzero = [(first + i, r) for i, r in enumerate(words) if r]
+    if len(nonzero) > _SPARSE_MAX:
+        return bytes(recs)
+    return b"".join([_SPARSE.pack(i, r) for i, r in nonzero])
+
+
+def decode_parked(enc: bytes) -> bytes:
+    if len(enc) == _RECS:
+        return enc
+    out = bytearray(_RECS)
+    words = memoryview(out).cast("I")
+    for i, r in _SPARSE.iter_unpack(enc):
+        words[i] = r
+    return bytes(out)

@@ -20,7 +20,13 @@ from collections.abc import Iterator
 import crc32c
 
 from appliance.store.backing import Backing
-from appliance.store.cache import DEFAULT_BUDGET, MapCache
+from appliance.store.cache import (
+    DEFAULT_BUDGET,
+    PARK_OVERHEAD,
+    MapCache,
+    decode_parked,
+    encode_parked,
+)
 from appliance.store.errors import StoreIOError
 from appliance.store.format import (
     PAGE,
@@ -39,11 +45,11 @@ _ZERO_PAGE = bytes(PAGE)
 MEMORY_PAGE = mmap.PAGESIZE  # what madvise frees: 4 KiB, or 16 KiB on a Pi 5 (tests vary it)
 _RECS = RECS_PER_SECTOR * 4  # record bytes of a sector, after its 8 header bytes
 _ZERO_RECS = bytes(_RECS)
-_SPARSE = struct.Struct("<BI")  # a parked record: index in its sector, record
-_SPARSE_MAX = _RECS // _SPARSE.size  # more non-zero records than this: park the whole sector
-PARK_OVERHEAD = 100  # bytes a parked sector costs beyond its encoding (dict slot, key, object)
 FLUSH_RUN = 256  # sectors per map write a flush coalesces at most (128 KiB)
 READ_TRIES = 4  # reads of a missing page without the lock before one under it
+# What a map page holds on disk, as far as the map knows: unknown (ask the backing), zeros (a
+# hole, or never written: a miss need not read it), or data (read it on a miss).
+_UNKNOWN, _ZERO, _DATA = 0, 1, 2
 
 
 def word_index(unit: int) -> int:
@@ -60,6 +66,10 @@ class UnitMap:
         self._meta = mmap.mmap(-1, geo.meta_len, flags=mmap.MAP_PRIVATE)
         self.words = memoryview(self._meta).cast("I")
         self.loaded = bytearray(geo.meta_len // PAGE)
+        # Per map page, _UNKNOWN/_ZERO/_DATA: a 1 TiB disk's map is mostly holes, and a random
+        # write misses a page never written: skipping its read saves a pread (and a page of
+        # page cache) per miss. Set under lock; a flush marks the pages it writes _DATA first.
+        self._disk = bytearray(len(self.loaded))
         self.bad_sectors: set[int] = set()
         self.dirty: set[int] = set()
         self._transient: set[int] = set()  # pages only the background pass has loaded
@@ -80,26 +90,47 @@ class UnitMap:
 
         The page is read without the lock (writers of other pages go on meanwhile) and
         installed under it only if no flush wrote parked sectors and nothing was parked in
-        between (`_gen`): else the read may predate records that are now only on disk."""
+        between (`_gen`): else the read may predate records that are now only on disk.
+        A page known to be zeros on disk is not read (the same rule holds for that knowledge)."""
         buf = bytearray(PAGE)
         for _ in range(READ_TRIES):
             gen = self._gen  # before the read (one attribute load: atomic under the GIL)
-            self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
+            zero = self._zero_on_disk(page)
+            if not zero:
+                self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
             with self.lock:
                 if self.loaded[page]:
                     return  # another request loaded it meanwhile
                 if gen == self._gen:
-                    self._install(page, buf, transient)
+                    self._install(page, None if zero else buf, transient)
                     return
         with self.lock:  # the map kept changing: read under the lock, as a flush cannot
             if not self.loaded[page]:
                 self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
                 self._install(page, buf, transient)
 
-    def _install(self, page: int, buf: bytearray, transient: bool) -> None:
-        """Caller holds lock; buf is the page as on disk now. Parked sectors go back in."""
+    def _zero_on_disk(self, page: int) -> bool:
+        """Whether the page reads as zeros on disk: asked of the backing once (its holes,
+        lseek SEEK_DATA), which also answers for the pages after it up to its next data."""
+        state = self._disk[page]
+        if state == _UNKNOWN:
+            off, end = self._geo.meta_off + page * PAGE, self._geo.meta_off + self._geo.meta_len
+            next_data = getattr(self._b, "next_data", None)  # optional: else every page is read
+            holes_end = page if next_data is None else (min(next_data(off), end) - off) // PAGE
+            with self.lock:  # only unknown pages change: a flush's _DATA must stay
+                if holes_end > 0:
+                    stop = page + holes_end
+                    self._disk[page:stop] = self._disk[page:stop].replace(b"\0", b"\1")
+                elif not self._disk[page]:
+                    self._disk[page] = _DATA
+                state = self._disk[page]
+        return state == _ZERO
+
+    def _install(self, page: int, buf: bytearray | None, transient: bool) -> None:
+        """Caller holds lock; buf is the page as on disk now (None: zeros). Parked sectors go
+        back in."""
         sectors = range(page * SECTORS_PER_PAGE, (page + 1) * SECTORS_PER_PAGE)
-        if buf != _ZERO_PAGE:  # never-written pages stay unbacked zeros: no RAM
+        if buf is not None and buf != _ZERO_PAGE:  # zero pages stay unbacked zeros: no RAM
             self._meta[page * PAGE : (page + 1) * PAGE] = buf
             for s in sectors:
                 if not sector_ok(self._meta, s) and not self._has_parked(s):
@@ -138,13 +169,14 @@ class UnitMap:
     def _park(self, sectors: range) -> None:
         """Caller holds lock. Copy a group's changed sectors out before it is unloaded."""
         self._gen += 1
-        for s in sectors:
-            if s in self.dirty:
-                base = s * SECTOR + 8
-                enc = encode_parked(self._meta[base : base + _RECS])
-                self.parked[s] = enc
-                self.cache.parked += len(enc) + PARK_OVERHEAD
-                self.dirty.discard(s)
+        changed = self.dirty.intersection(sectors)
+        self.dirty -= changed
+        added = 0
+        for s in changed:
+            base = s * SECTOR + 8
+            enc = self.parked[s] = encode_parked(self._meta[base : base + _RECS])
+            added += len(enc) + PARK_OVERHEAD
+        self.cache.parked += added
 
     def transient_pages(self) -> int:
         return len(self._transient)
@@ -172,14 +204,16 @@ class UnitMap:
                     break
                 pages = self._pages(group)
                 sectors = range(pages.start * SECTORS_PER_PAGE, pages.stop * SECTORS_PER_PAGE)
-                if not self.bad_sectors.isdisjoint(sectors):
+                if self.bad_sectors and not self.bad_sectors.isdisjoint(sectors):
                     continue
                 if not self.dirty.isdisjoint(sectors):
-                    worst = sum(s in self.dirty for s in sectors) * (_RECS + PARK_OVERHEAD)
+                    worst = len(sectors) * (_RECS + PARK_OVERHEAD)  # bound first: cheap
                     if cache.parked + worst > cache.park_limit:
-                        continue
+                        worst = sum(s in self.dirty for s in sectors) * (_RECS + PARK_OVERHEAD)
+                        if cache.parked + worst > cache.park_limit:
+                            continue
                     self._park(sectors)
-                self._unload(group)
+                self._unload(group, pages)
             return cache.used()
 
     def _pages(self, group: int) -> range:
@@ -191,11 +225,10 @@ class UnitMap:
         sectors = range(pages.start * SECTORS_PER_PAGE, pages.stop * SECTORS_PER_PAGE)
         return not (self.dirty.isdisjoint(sectors) and self.bad_sectors.isdisjoint(sectors))
 
-    def _unload(self, group: int) -> None:
+    def _unload(self, group: int, pages: range | None = None) -> None:
         """Caller holds lock. Give the memory back; the next use reads the page again."""
-        pages = self._pages(group)
-        for p in pages:
-            self.loaded[p] = 0
+        pages = self._pages(group) if pages is None else pages
+        self.loaded[pages.start : pages.stop] = bytes(len(pages))
         self._meta.madvise(mmap.MADV_DONTNEED, pages.start * PAGE, len(pages) * PAGE)
         self.cache.forget(group)
 
@@ -290,6 +323,11 @@ class UnitMap:
             self.dirty.clear()
             assert not self._flying, "one flush at a time (the store's flush lock)"
             self._flying, self.parked = self.parked, {}
+            disk = self._disk  # written from now on: a later miss reads them
+            for s in todo:
+                disk[s // SECTORS_PER_PAGE] = _DATA
+            for s in self._flying:
+                disk[s // SECTORS_PER_PAGE] = _DATA
         out: list[tuple[int, bytes]] = []
         for i in range(0, len(todo), chunk):
             runs: list[tuple[int, int]] = []  # [first, end) sector ranges
@@ -352,27 +390,3 @@ class UnitMap:
             w = self.words[word_index(u)] & WEPOCH_MASK
             n += 0 < w < epoch
         return n
-
-
-def encode_parked(recs: bytes) -> bytes:
-    """A sector's record bytes, compactly: (index, record) per non-zero record, or all of
-    them when most are set. The two never have the same length (504 is no multiple of 5)."""
-    body = recs.lstrip(b"\0")  # the span of non-zero records, found at C speed
-    if not body:
-        return b""
-    first, end = (len(recs) - len(body)) // 4, -(-len(recs.rstrip(b"\0")) // 4)
-    words = memoryview(recs).cast("I")[first:end].tolist()
-    nonzero = [(first + i, r) for i, r in enumerate(words) if r]
-    if len(nonzero) > _SPARSE_MAX:
-        return bytes(recs)
-    return b"".join([_SPARSE.pack(i, r) for i, r in nonzero])
-
-
-def decode_parked(enc: bytes) -> bytes:
-    if len(enc) == _RECS:
-        return enc
-    out = bytearray(_RECS)
-    words = memoryview(out).cast("I")
-    for i, r in _SPARSE.iter_unpack(enc):
-        words[i] = r
-    return bytes(out)

@@ -113,25 +113,24 @@ class CrashBacking(MemoryBacking):
 
     # ----- the Backing protocol ---------------------------------------------------------------
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
+    def _read_fault(self) -> None:
+        """Caller holds _lock: raise what a read meets now (a cut, or an injected fault)."""
         if self.dead:
             raise PowerCut("read after the power cut")
+        err = self._failing("pread")
+        if err:
+            raise err
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
         with self._lock:
-            err = self._failing("pread")
-            if err:
-                raise err
+            self._read_fault()
             self._read(buf, offset)
 
     def next_data(self, offset: int) -> int:
         """Fails as a read does (the map's miss asks it instead of reading a zero page)."""
-        if self.dead:
-            raise PowerCut("read after the power cut")
         with self._lock:
-            err = self._failing("pread")
-            if err:
-                raise err
-            window = self._peek(offset, 1 << 20)
-        return offset + len(window) - len(window.lstrip(b"\0"))
+            self._read_fault()
+        return super().next_data(offset)
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         with self._lock:

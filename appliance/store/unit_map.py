@@ -26,6 +26,8 @@ from appliance.store.cache import (
     MapCache,
     decode_parked,
     encode_parked,
+    park_record,
+    parked_record,
 )
 from appliance.store.errors import StoreIOError
 from appliance.store.format import (
@@ -106,8 +108,13 @@ class UnitMap:
                     return
         with self.lock:  # the map kept changing: read under the lock, as a flush cannot
             if not self.loaded[page]:
-                self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
-                self._install(page, buf, transient)
+                self._load_locked(page, transient)
+
+    def _load_locked(self, page: int, transient: bool = False) -> None:
+        """Caller holds lock: read and install the page (rare: the lock waits for a pread)."""
+        buf = bytearray(PAGE)
+        self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
+        self._install(page, buf, transient)
 
     def _zero_on_disk(self, page: int) -> bool:
         """Whether the page reads as zeros on disk: asked of the backing once (its holes,
@@ -151,6 +158,61 @@ class UnitMap:
 
     def _has_parked(self, sector: int) -> bool:
         return sector in self.parked or sector in self._flying
+
+    def _parked_enc(self, sector: int) -> bytes | None:
+        """Caller holds lock. The newest copy of an unloaded page's sector not yet on disk:
+        parked (changed since the flush that is writing it took it), else being written."""
+        enc = self.parked.get(sector)
+        return self._flying.get(sector) if enc is None else enc
+
+    def _unloaded_record(self, unit: int, page: int) -> int | None:
+        """A record on an unloaded page, when RAM knows it: its sector's parked copy, or 0
+        on a page that is zeros on disk. None: the page must be read. Random writes over a
+        large disk meet pages never written: answered so, they cost no page and no eviction."""
+        self._zero_on_disk(page)  # learn it once (one lseek for a run of holes)
+        with self.lock:
+            if self.loaded[page]:
+                return None  # another request loaded it: read it there
+            enc = self._parked_enc(unit // RECS_PER_SECTOR)
+            if enc is None and self._disk[page] != _ZERO:
+                return None
+        self.cache.hits += 1  # answered without a read: a hit, as a loaded page's would be
+        return 0 if enc is None else parked_record(enc, unit % RECS_PER_SECTOR)
+
+    def record_locked(self, unit: int) -> int:
+        """Caller holds lock: the unit's raw record, loaded or not (a page is read, under
+        the lock, only if a flush wrote its parked sector since the caller looked)."""
+        page = unit // UNITS_PER_PAGE
+        if not self.loaded[page]:
+            enc = self._parked_enc(unit // RECS_PER_SECTOR)
+            if enc is not None:
+                return parked_record(enc, unit % RECS_PER_SECTOR)
+            if self._disk[page] == _ZERO:
+                return 0
+            self._load_locked(page)
+        if self.bad_sectors and unit // RECS_PER_SECTOR in self.bad_sectors:
+            self.raise_bad(unit)
+        return self.words[word_index(unit)]
+
+    def _set_unloaded(self, unit: int, page: int, rec: int) -> bool:
+        """Caller holds lock; the unit's page is unloaded. Park the record in its sector's
+        compact copy (True), or load the page for set to change (False): a zero page while
+        the cache has room (it is cheaper to change in place from then on), a page whose
+        sector is on disk only."""
+        s = unit // RECS_PER_SECTOR
+        old = self.parked.get(s)
+        enc = self._flying.get(s) if old is None else old
+        if self._disk[page] == _ZERO and self.cache.used() < self.cache.low:
+            self._install(page, None, False)  # zeros and the parked sectors: no read
+            return False
+        if enc is None:
+            if self._disk[page] != _ZERO:
+                self._load_locked(page)
+                return False
+            enc = b""
+        new = self.parked[s] = park_record(enc, unit % RECS_PER_SECTOR, rec)
+        self.cache.parked += len(new) - (len(old) if old is not None else -PARK_OVERHEAD)
+        return True
 
     def _unpark(self, sector: int) -> None:
         """Caller holds lock; the sector's page is being loaded. Its parked records are newer
@@ -239,6 +301,9 @@ class UnitMap:
             self.cache.hits += 1  # unlocked: a lost count only blurs the hit rate
             self.cache.touch(page // self._step)
         else:
+            rec = self._unloaded_record(unit, page)
+            if rec is not None:
+                return rec
             self.load_page(page)
         s, i = divmod(unit, RECS_PER_SECTOR)  # word_index, inlined: this is the hot path
         if self.bad_sectors and s in self.bad_sectors:
@@ -254,7 +319,11 @@ class UnitMap:
         )
 
     def set(self, unit: int, rec: int) -> None:
-        """Caller holds lock."""
+        """Caller holds lock. A unit on an unloaded page is parked when it can be (no page,
+        no eviction later): see _set_unloaded."""
+        page = unit // UNITS_PER_PAGE
+        if not self.loaded[page] and self._set_unloaded(unit, page, rec):
+            return  # (an unloaded page has no damaged sector: those pin their page)
         if unit // RECS_PER_SECTOR in self.bad_sectors:
             self.raise_bad(unit)
         self.words[word_index(unit)] = rec
@@ -376,10 +445,10 @@ class UnitMap:
         for first, blob in runs:
             self.dirty.update(range(first, first + len(blob) // SECTOR))
         for s, enc in self._flying.items():
-            if not self.loaded[s // SECTORS_PER_PAGE]:
+            if not self.loaded[s // SECTORS_PER_PAGE] and s not in self.parked:
                 self.parked[s] = enc
-            else:
-                self.cache.parked -= len(enc) + PARK_OVERHEAD  # _unpark made it dirty
+            else:  # _unpark made it dirty, or a write parked a newer copy since
+                self.cache.parked -= len(enc) + PARK_OVERHEAD
         self._flying = {}
         self._gen += 1
 

@@ -7,7 +7,9 @@ A page with changed sectors is unloaded too: those sectors are *parked* first, a
 of their records (5 bytes per non-zero record, or the whole sector), until a flush writes
 them. Random writes over a large disk change one record per page; parked, it costs about
 100 bytes instead of a memory page, so the cache does not force a data sync every few
-thousand writes (docs/format.md, "Map cache").
+thousand writes (docs/format.md, "Map cache"). Once the cache is full, a write that misses
+a page never written on disk parks its record without loading the page at all, and a lookup
+of an unloaded page's unit answers from its sector's parked copy (or 0 on such a page).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ copy of their records, counted here in `parked` bytes) and unloads it; nothing i
 flush's order (data synced before the map sectors describing it) is untouched. Parked sectors
 may use at most half the budget; past it dirty pages are pinned, and the store forces a flush
 (store.Store._shrink) that writes them all.
-encode_parked/decode_parked are that compact copy.
+encode_parked/decode_parked are that compact copy; parked_record/park_record read and change
+one record of it in place of a page (a write that misses a page never written parks its record
+directly: unit_map.UnitMap.set).
 """
 
 from __future__ import annotations
@@ -113,3 +115,35 @@ def decode_parked(enc: bytes) -> bytes:
     for i, r in _SPARSE.iter_unpack(enc):
         words[i] = r
     return bytes(out)
+
+
+def _sparse_pos(enc: bytes, i: int) -> int:
+    """Where record i is in a sparse encoding (entry number), or -1. The index bytes are
+    every fifth byte: one C search, no Python loop."""
+    return enc[:: _SPARSE.size].find(i)
+
+
+def parked_record(enc: bytes, i: int) -> int:
+    """Record i of a parked sector's encoding (0 if it holds none)."""
+    if len(enc) == _RECS:
+        return int.from_bytes(enc[i * 4 : i * 4 + 4], "little")
+    pos = _sparse_pos(enc, i)
+    return 0 if pos < 0 else _SPARSE.unpack_from(enc, pos * _SPARSE.size)[1]
+
+
+def park_record(enc: bytes, i: int, rec: int) -> bytes:
+    """The encoding with record i set to rec: a record is added, replaced or dropped (0);
+    past _SPARSE_MAX records the encoding becomes the whole sector, as encode_parked makes."""
+    if len(enc) == _RECS:
+        return enc[: i * 4] + rec.to_bytes(4, "little") + enc[i * 4 + 4 :]
+    pos, size = _sparse_pos(enc, i), _SPARSE.size
+    if pos >= 0:
+        tail = enc[(pos + 1) * size :]
+        return enc[: pos * size] + (_SPARSE.pack(i, rec) if rec else b"") + tail
+    if not rec:
+        return enc
+    if len(enc) // size < _SPARSE_MAX:
+        return enc + _SPARSE.pack(i, rec)
+    whole = bytearray(decode_parked(enc))
+    whole[i * 4 : i * 4 + 4] = rec.to_bytes(4, "little")
+    return bytes(whole)

@@ -431,7 +431,7 @@ class Store:
 
     def _mark_written(self, unit: int, old: int, new: int) -> None:
         """Caller holds map.lock. old is the normalised record the write started from."""
-        raw = self.map.words[word_index(unit)] & WEPOCH_MASK  # loaded: the caller read it
+        raw = self.map.record_locked(unit) & WEPOCH_MASK  # loaded or parked: read it again
         behind = unit < self._c_pos
         if raw and raw < self.epoch:
             self._pending -= 1

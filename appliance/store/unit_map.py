@@ -7,17 +7,15 @@ A page with changed sectors is unloaded too: those sectors are *parked* first, a
 of their records (5 bytes per non-zero record, or the whole sector), until a flush writes
 them. Random writes over a large disk change one record per page; parked, it costs about
 100 bytes instead of a memory page, so the cache does not force a data sync every few
-thousand writes (docs/format.md, "Map cache").
+thousand writes (docs/format.md, "Map cache"). Once the cache is full, a write that misses
+a page never written on disk parks its record without loading the page at all, and a lookup
+of an unloaded page's unit answers from its sector's parked copy (or 0 on such a page).
 """
 
 from __future__ import annotations
 
 import mmap
-import struct
 import threading
-from collections.abc import Iterator
-
-import crc32c
 
 from appliance.store.backing import Backing
 from appliance.store.cache import (
@@ -26,6 +24,8 @@ from appliance.store.cache import (
     MapCache,
     decode_parked,
     encode_parked,
+    park_record,
+    parked_record,
 )
 from appliance.store.errors import StoreIOError
 from appliance.store.format import (
@@ -37,19 +37,15 @@ from appliance.store.format import (
     WEPOCH_MASK,
     WORDS_PER_SECTOR,
     Geometry,
-    seal_sector,
     sector_ok,
 )
+from appliance.store.map_flush import _DATA, _UNKNOWN, _ZERO, MapFlush
 
 _ZERO_PAGE = bytes(PAGE)
 MEMORY_PAGE = mmap.PAGESIZE  # what madvise frees: 4 KiB, or 16 KiB on a Pi 5 (tests vary it)
 _RECS = RECS_PER_SECTOR * 4  # record bytes of a sector, after its 8 header bytes
 _ZERO_RECS = bytes(_RECS)
-FLUSH_RUN = 256  # sectors per map write a flush coalesces at most (128 KiB)
 READ_TRIES = 4  # reads of a missing page without the lock before one under it
-# What a map page holds on disk, as far as the map knows: unknown (ask the backing), zeros (a
-# hole, or never written: a miss need not read it), or data (read it on a miss).
-_UNKNOWN, _ZERO, _DATA = 0, 1, 2
 
 
 def word_index(unit: int) -> int:
@@ -58,7 +54,7 @@ def word_index(unit: int) -> int:
     return s * WORDS_PER_SECTOR + 2 + i
 
 
-class UnitMap:
+class UnitMap(MapFlush):
     def __init__(self, backing: Backing, geo: Geometry, budget: int = DEFAULT_BUDGET) -> None:
         self._b, self._geo = backing, geo
         # Anonymous mmap: zero pages cost no RAM until a map page is loaded from disk.
@@ -106,8 +102,13 @@ class UnitMap:
                     return
         with self.lock:  # the map kept changing: read under the lock, as a flush cannot
             if not self.loaded[page]:
-                self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
-                self._install(page, buf, transient)
+                self._load_locked(page, transient)
+
+    def _load_locked(self, page: int, transient: bool = False) -> None:
+        """Caller holds lock: read and install the page (rare: the lock waits for a pread)."""
+        buf = bytearray(PAGE)
+        self._b.pread_into(memoryview(buf), self._geo.meta_off + page * PAGE)
+        self._install(page, buf, transient)
 
     def _zero_on_disk(self, page: int) -> bool:
         """Whether the page reads as zeros on disk: asked of the backing once (its holes,
@@ -151,6 +152,61 @@ class UnitMap:
 
     def _has_parked(self, sector: int) -> bool:
         return sector in self.parked or sector in self._flying
+
+    def _parked_enc(self, sector: int) -> bytes | None:
+        """Caller holds lock. The newest copy of an unloaded page's sector not yet on disk:
+        parked (changed since the flush that is writing it took it), else being written."""
+        enc = self.parked.get(sector)
+        return self._flying.get(sector) if enc is None else enc
+
+    def _unloaded_record(self, unit: int, page: int) -> int | None:
+        """A record on an unloaded page, when RAM knows it: its sector's parked copy, or 0
+        on a page that is zeros on disk. None: the page must be read. Random writes over a
+        large disk meet pages never written: answered so, they cost no page and no eviction."""
+        self._zero_on_disk(page)  # learn it once (one lseek for a run of holes)
+        with self.lock:
+            if self.loaded[page]:
+                return None  # another request loaded it: read it there
+            enc = self._parked_enc(unit // RECS_PER_SECTOR)
+            if enc is None and self._disk[page] != _ZERO:
+                return None
+        self.cache.hits += 1  # answered without a read: a hit, as a loaded page's would be
+        return 0 if enc is None else parked_record(enc, unit % RECS_PER_SECTOR)
+
+    def record_locked(self, unit: int) -> int:
+        """Caller holds lock: the unit's raw record, loaded or not (a page is read, under
+        the lock, only if a flush wrote its parked sector since the caller looked)."""
+        page = unit // UNITS_PER_PAGE
+        if not self.loaded[page]:
+            enc = self._parked_enc(unit // RECS_PER_SECTOR)
+            if enc is not None:
+                return parked_record(enc, unit % RECS_PER_SECTOR)
+            if self._disk[page] == _ZERO:
+                return 0
+            self._load_locked(page)
+        if self.bad_sectors and unit // RECS_PER_SECTOR in self.bad_sectors:
+            self.raise_bad(unit)
+        return self.words[word_index(unit)]
+
+    def _set_unloaded(self, unit: int, page: int, rec: int) -> bool:
+        """Caller holds lock; the unit's page is unloaded. Park the record in its sector's
+        compact copy (True), or load the page for set to change (False): a zero page while
+        the cache has room (it is cheaper to change in place from then on), a page whose
+        sector is on disk only."""
+        s = unit // RECS_PER_SECTOR
+        old = self.parked.get(s)
+        enc = self._flying.get(s) if old is None else old
+        if self._disk[page] == _ZERO and self.cache.used() < self.cache.low:
+            self._install(page, None, False)  # zeros and the parked sectors: no read
+            return False
+        if enc is None:
+            if self._disk[page] != _ZERO:
+                self._load_locked(page)
+                return False
+            enc = b""
+        new = self.parked[s] = park_record(enc, unit % RECS_PER_SECTOR, rec)
+        self.cache.parked += len(new) - (len(old) if old is not None else -PARK_OVERHEAD)
+        return True
 
     def _unpark(self, sector: int) -> None:
         """Caller holds lock; the sector's page is being loaded. Its parked records are newer
@@ -239,6 +295,9 @@ class UnitMap:
             self.cache.hits += 1  # unlocked: a lost count only blurs the hit rate
             self.cache.touch(page // self._step)
         else:
+            rec = self._unloaded_record(unit, page)
+            if rec is not None:
+                return rec
             self.load_page(page)
         s, i = divmod(unit, RECS_PER_SECTOR)  # word_index, inlined: this is the hot path
         if self.bad_sectors and s in self.bad_sectors:
@@ -254,7 +313,11 @@ class UnitMap:
         )
 
     def set(self, unit: int, rec: int) -> None:
-        """Caller holds lock."""
+        """Caller holds lock. A unit on an unloaded page is parked when it can be (no page,
+        no eviction later): see _set_unloaded."""
+        page = unit // UNITS_PER_PAGE
+        if not self.loaded[page] and self._set_unloaded(unit, page, rec):
+            return  # (an unloaded page has no damaged sector: those pin their page)
         if unit // RECS_PER_SECTOR in self.bad_sectors:
             self.raise_bad(unit)
         self.words[word_index(unit)] = rec
@@ -313,75 +376,6 @@ class UnitMap:
                 return False
             unit += n
         return True
-
-    def take_dirty(self, chunk: int = 512) -> list[tuple[int, bytes]]:
-        """Seal and copy the changed sectors as (first sector, bytes) runs. Takes the lock
-        itself, `chunk` sectors at a time, so a flush of a large map never holds writers
-        back for long: a sector changed meanwhile is dirty again and goes in the next flush."""
-        with self.lock:
-            todo = sorted(self.dirty)
-            self.dirty.clear()
-            assert not self._flying, "one flush at a time (the store's flush lock)"
-            self._flying, self.parked = self.parked, {}
-            disk = self._disk  # written from now on: a later miss reads them
-            for s in todo:
-                disk[s // SECTORS_PER_PAGE] = _DATA
-            for s in self._flying:
-                disk[s // SECTORS_PER_PAGE] = _DATA
-        out: list[tuple[int, bytes]] = []
-        for i in range(0, len(todo), chunk):
-            runs: list[tuple[int, int]] = []  # [first, end) sector ranges
-            with self.lock:
-                for s in todo[i : i + chunk]:
-                    seal_sector(self._meta, s)
-                    if runs and runs[-1][1] == s:
-                        runs[-1] = (runs[-1][0], s + 1)
-                    else:
-                        runs.append((s, s + 1))
-                out += [(a, self._meta[a * SECTOR : b * SECTOR]) for a, b in runs]
-        return out
-
-    def flying_runs(self) -> Iterator[tuple[int, bytes]]:
-        """The parked sectors take_dirty took, sealed, as (first sector, bytes) runs of
-        adjacent sectors in disk order, made as they are written (memory: one run)."""
-        todo = sorted(self._flying)
-        i = 0
-        while i < len(todo):
-            j = i + 1
-            while j < len(todo) and todo[j] == todo[j - 1] + 1 and j - i < FLUSH_RUN:
-                j += 1
-            blob = bytearray((j - i) * SECTOR)
-            for k in range(i, j):
-                base = (k - i) * SECTOR
-                blob[base + 8 : base + SECTOR] = decode_parked(self._flying[todo[k]])
-                struct.pack_into("<I", blob, base + 4, todo[k])  # seal_sector, numbered
-                crc = crc32c.crc32c(memoryview(blob)[base + 4 : base + SECTOR])
-                struct.pack_into("<I", blob, base, crc)
-            yield todo[i], bytes(blob)
-            i = j
-
-    def writing_parked(self) -> bool:
-        return bool(self._flying)
-
-    def flushed(self) -> None:
-        """The flush that took the parked sectors wrote them: forget them."""
-        with self.lock:
-            self.cache.parked -= sum(len(e) + PARK_OVERHEAD for e in self._flying.values())
-            self._flying = {}
-            self._gen += 1  # a page read before this may hold neither the disk's nor these
-
-    def redirty(self, runs: list[tuple[int, bytes]]) -> None:
-        """Sectors taken by a flush that failed: the next flush writes them. Caller holds lock.
-        Parked ones whose page is still unloaded are parked again; loaded ones are dirty."""
-        for first, blob in runs:
-            self.dirty.update(range(first, first + len(blob) // SECTOR))
-        for s, enc in self._flying.items():
-            if not self.loaded[s // SECTORS_PER_PAGE]:
-                self.parked[s] = enc
-            else:
-                self.cache.parked -= len(enc) + PARK_OVERHEAD  # _unpark made it dirty
-        self._flying = {}
-        self._gen += 1
 
     def count_stale(self, first: int, end: int, epoch: int) -> int:
         """Records of units first..end-1 with 0 < wepoch < epoch (loaded). Caller holds lock."""

@@ -302,3 +302,36 @@ def test_a_save_does_not_wait_for_the_data_sync_of_the_passs_flush(monkeypatch) 
         pass
     assert store.read_saved(9 * U, 3) == b"new" and store.read_saved(7 * U, 8) == b"unsynced"
     assert store.status()["pending_units"] == 0 and store.sb.resolved_below == store.epoch
+
+
+def test_a_forced_pass_over_a_map_within_the_cache_syncs_only_at_its_end(tmp_path) -> None:
+    """Each of the pass's flushes is a few syncs, and on ext4 every sync makes the host's
+    allocating writes wait for a journal commit: a map that fits in a quarter of the map
+    cache is written once, at the end, however many pages it has."""
+    pages = 600
+    path = str(tmp_path / "s.img")
+    create_store(path, pages * UNITS_PER_PAGE * U, unit=U, hist_cap=64)
+    with Store.open(path) as s:
+        for p in range(pages):  # one pending unit in every map page
+            s.write(p * UNITS_PER_PAGE * U, b"page %d" % p)
+        s.save("test")
+    with Store.open(path) as s:
+        syncs, real_sync = [], s._b.sync
+
+        def sync() -> None:
+            syncs.append(s._pass_pos)
+            real_sync()
+
+        s._b.sync = sync  # type: ignore[method-assign]
+        steps = 0
+        while s.background_step(UNITS_PER_PAGE):
+            s.write(steps * U, b"host")  # I/O goes on: there is always data to sync
+            steps += 1
+        assert steps >= pages - 1 and s.status()["pending_units"] == 0
+        # the data outside the gate, the data again (written meanwhile), then the map
+        # records before the ring may forget, then the superblock: four, all at the end
+        assert len(syncs) <= 4, f"syncs at pass positions {syncs}"
+        assert set(syncs) == {pages * UNITS_PER_PAGE}, f"syncs at pass positions {syncs}"
+    with Store.open(path) as s:  # and all of it is durable
+        assert s.sb.resolved_below == s.epoch
+        assert s.read(599 * UNITS_PER_PAGE * U, 8) == b"page 599"

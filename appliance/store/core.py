@@ -80,8 +80,12 @@ __all__ = [
 HAS = (HAS0_BIT, HAS1_BIT)
 _STRIPES = 64
 PASS_SLICE = 8192  # units per background step a waiting command runs: a few ms of map work
-PASS_FLUSH_SECTORS = 4096  # the pass writes what it normalised every 2 MiB of map sectors
-PASS_RESIDENT_PAGES = 256  # map pages the pass may keep loaded beyond what I/O loaded (1 MiB)
+# The pass writes what it normalised when its pages pass a quarter of the map cache (2,048
+# pages by default: all of an 8 GiB store's map, so one flush at the end) or, once it changed
+# PASS_FLUSH_MIN sectors, the cache's low mark: each flush's syncs stall allocating writes.
+PASS_FLUSH_MIN = 1024  # map sectors (128 pages)
+PASS_FLUSH_SECTORS = 65536  # and at the latest every 32 MiB of map sectors it changed
+PASS_RESIDENT_PAGES = 8192  # map pages the pass may keep loaded beyond what I/O loaded, at most
 PASS_DROP_WAIT = 0.02  # seconds the pass waits for an idle moment to drop its pages
 FLUSH_SEAL_CHUNK = 64  # map sectors a flush seals per map-lock hold (writers wait for it)
 log = logging.getLogger("savepoint.store")
@@ -732,7 +736,7 @@ class Store:
                 with self._io():
                     return self._pass_step(max_units)
             finally:
-                if self.map.transient_pages() > PASS_RESIDENT_PAGES or not self._pass_pos:
+                if self.map.transient_pages() > self._pass_share() or not self._pass_pos:
                     # no reader between its check and use of a page; never hold I/O back
                     with self._gate.exclusive_if_idle(PASS_DROP_WAIT) as alone:
                         if alone:
@@ -752,10 +756,7 @@ class Store:
                 self._c_live = True
         self._pass_pos = self._normalise(self._pass_pos, max_units)  # may stop early: cache
         if self._pass_pos < self.geo.unit_count:
-            if (
-                self._pass_dirtied >= PASS_FLUSH_SECTORS
-                or self.map.transient_pages() > PASS_RESIDENT_PAGES
-            ):
+            if self._pass_flush_due():
                 self._sync_outside_gate()
                 self._flush_locked()  # a bounded write now (not the whole map at the end),
                 self._pass_dirtied = 0  # after which the pages the pass loaded can be dropped
@@ -772,6 +773,20 @@ class Store:
             self._pending = 0
         # Punches the pass owed (a nearly full ring defers them) are work too.
         return self.sb.resolved_below < self.epoch or self.space.retry_due()
+
+    def _pass_share(self) -> int:
+        """Map pages the pass may keep loaded beyond what I/O loaded: a quarter of the cache."""
+        return min(PASS_RESIDENT_PAGES, self.map.cache.limit // 4)
+
+    def _pass_flush_due(self) -> bool:
+        """Flush seldom (each flush's syncs hold allocating writes back on ext4), but before
+        the pass's pages crowd the cache: past its low mark a request would make room itself."""
+        if self._pass_dirtied >= PASS_FLUSH_SECTORS:
+            return True
+        cache = self.map.cache
+        return self.map.transient_pages() > self._pass_share() or (
+            self._pass_dirtied >= PASS_FLUSH_MIN and cache.used() >= cache.low
+        )
 
     def _sync_outside_gate(self) -> None:
         """Caller is inside the gate (a pass step) and about to flush. Sync the data written

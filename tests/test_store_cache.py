@@ -246,3 +246,20 @@ def test_the_pass_counts_unsaved_units_when_a_restore_reclaim_runs_ahead(tmp_pat
             pass
         assert st.status()["dirty_units"] == 2
         assert st.save("test")["units"] == 2
+
+
+def test_the_pass_keeps_a_quarter_of_the_cache_whatever_the_memory_page(
+    store_path: str, monkeypatch
+) -> None:
+    """The cache counts memory pages; the pass's share is in map pages. On a 16 KiB-page
+    kernel (a Pi 5) a quarter of the budget is still a quarter, not a sixteenth (which
+    would make the pass flush, and stall allocating writes, four times as often)."""
+    from appliance.store import unit_map
+
+    budget = 64 * PAGE
+    with Store.open(store_path, map_cache=budget) as st:
+        assert st._pass_share() == budget // PAGE // 4
+    monkeypatch.setattr(unit_map, "MEMORY_PAGE", 16384)
+    with Store.open(store_path, map_cache=budget) as st:
+        assert st.map.cache.group_bytes == 16384
+        assert st._pass_share() == budget // PAGE // 4

@@ -45,6 +45,7 @@ from appliance.store.format import (
     HAS0_BIT,
     HAS1_BIT,
     MAX_EPOCH,
+    PAGE,
     RECS_PER_SECTOR,
     RESTORE,
     SAVE,
@@ -775,8 +776,10 @@ class Store:
         return self.sb.resolved_below < self.epoch or self.space.retry_due()
 
     def _pass_share(self) -> int:
-        """Map pages the pass may keep loaded beyond what I/O loaded: a quarter of the cache."""
-        return min(PASS_RESIDENT_PAGES, self.map.cache.limit // 4)
+        """Map pages the pass may keep loaded beyond what I/O loaded: a quarter of the cache
+        (whose limit counts memory pages: four map pages each on a 16 KiB-page kernel)."""
+        cache = self.map.cache
+        return min(PASS_RESIDENT_PAGES, cache.limit * cache.group_bytes // PAGE // 4)
 
     def _pass_flush_due(self) -> bool:
         """Flush seldom (each flush's syncs hold allocating writes back on ext4), but before

@@ -110,14 +110,20 @@ def test_a_command_on_a_full_ring_waits_for_the_pass_while_io_flows(monkeypatch)
     assert store.read_saved(0, 12) == b"epochflowing"  # written while it waited: saved too
 
 
-def test_the_pass_keeps_a_bounded_number_of_map_pages_loaded(tmp_path, monkeypatch) -> None:
-    pages = 24
+def _a_pending_unit_per_page(tmp_path, pages: int) -> str:
+    """A saved store with one unit written in every map page: the pass has all to do."""
     path = str(tmp_path / "s.img")
     create_store(path, pages * UNITS_PER_PAGE * U, unit=U, hist_cap=64)
     with Store.open(path) as s:
-        for p in range(pages):  # one pending unit in every map page
+        for p in range(pages):
             s.write(p * UNITS_PER_PAGE * U, b"page %d" % p)
         s.save("test")
+    return path
+
+
+def test_the_pass_keeps_a_bounded_number_of_map_pages_loaded(tmp_path, monkeypatch) -> None:
+    pages = 24
+    path = _a_pending_unit_per_page(tmp_path, pages)
     monkeypatch.setattr(store_mod, "PASS_RESIDENT_PAGES", 4)
     with Store.open(path) as s:
         assert sum(s.map.loaded) == 0
@@ -309,12 +315,7 @@ def test_a_forced_pass_over_a_map_within_the_cache_syncs_only_at_its_end(tmp_pat
     allocating writes wait for a journal commit: a map that fits in a quarter of the map
     cache is written once, at the end, however many pages it has."""
     pages = 600
-    path = str(tmp_path / "s.img")
-    create_store(path, pages * UNITS_PER_PAGE * U, unit=U, hist_cap=64)
-    with Store.open(path) as s:
-        for p in range(pages):  # one pending unit in every map page
-            s.write(p * UNITS_PER_PAGE * U, b"page %d" % p)
-        s.save("test")
+    path = _a_pending_unit_per_page(tmp_path, pages)
     with Store.open(path) as s:
         syncs, real_sync = [], s._b.sync
 
